@@ -1,0 +1,1 @@
+//! Typed specs for the three nstream model kinds.
