@@ -1,1 +1,41 @@
-//! Typed specs for the three nstream model kinds.
+//! Typed specs for the three nstream model kinds (MegaModel, BaseModel, EmbeddingModel):
+//! serde + kube CustomResources, validation with field paths, Kubernetes quantities, CRD
+//! generation and YAML loading with file:line diagnostics.
+//!
+//! ```
+//! let yaml = r#"
+//! apiVersion: llm.nstream.ai/v1
+//! kind: EmbeddingModel
+//! metadata:
+//!   name: all-minilm-l6-v2
+//! spec:
+//!   embeddingModelName: all-MiniLM-L6-v2
+//!   embeddingModelServingInfo:
+//!     hfModelId: sentence-transformers/all-MiniLM-L6-v2
+//!     modelProvider: HUGGINGFACE
+//! "#;
+//! let documents = nstream_core::parse_str(yaml, "example.yaml");
+//! assert!(documents[0].valid_resource().is_some());
+//! ```
+
+pub mod crd;
+pub mod document;
+pub mod patterns;
+pub mod quantity;
+pub mod replicas;
+pub mod secret;
+pub mod spec;
+pub mod status;
+pub mod validate;
+
+pub use document::{Diagnostic, LoadError, LoadedDocument, ModelResource, Origin, Outcome, load_path, parse_bytes, parse_str};
+pub use quantity::{Amount, QuantityError, ResourceQuantity, parse_quantity};
+pub use replicas::Replicas;
+pub use secret::{SecretKeyRef, SecretSource, SecretString};
+pub use spec::{
+    AnthropicTemplate, ApiKeyFields, AzureOpenAiTemplate, BaseModel, BaseModelSpec, EmbeddingModel, EmbeddingModelSpec,
+    MegaModel, MegaModelProvider, MegaModelSpec, ModelHub, ModelTemplate, OpenAiTemplate, Resources, ServingInfo,
+    ServingTemplate,
+};
+pub use status::ModelStatus;
+pub use validate::{Check, Problem};

@@ -1,0 +1,39 @@
+//! The nstream command line: validate specs, print CRDs, serve models locally.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// nstream: MegaModel, BaseModel and EmbeddingModel as Kubernetes resources, served behind one
+/// OpenAI-compatible API, on a laptop or a cluster.
+#[derive(Parser, Debug)]
+#[command(name = "nstream", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check model specs: every problem of every document, with file, line and field path.
+    Validate(commands::validate::ValidateArgs),
+    /// Print the CustomResourceDefinitions of the three kinds as YAML.
+    Crds(commands::crds::CrdsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate(args) => commands::validate::run(&args),
+        Command::Crds(args) => commands::crds::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}

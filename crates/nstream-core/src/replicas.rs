@@ -1,0 +1,145 @@
+//! The replica count of a serving template, which the spec shows quoted (`"1"`) and users also
+//! write bare (`1`).
+
+use std::borrow::Cow;
+use std::fmt;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A replica count given as an integer or as a string of digits.
+///
+/// The text form is kept as written so that a spec round-trips unchanged; [`Replicas::count`]
+/// reads the number, and validation reports a text that is not one.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Replicas {
+    /// Written as a YAML/JSON integer.
+    Number(i64),
+    /// Written as a string, as the specification's example does.
+    Text(String),
+}
+
+impl Replicas {
+    /// The number of replicas, when the value is a non-negative whole number that fits an `i32`
+    /// (what a Deployment accepts).
+    pub fn count(&self) -> Option<i32> {
+        let value = match self {
+            Self::Number(number) => *number,
+            Self::Text(text) => {
+                let trimmed = text.trim();
+                if trimmed.is_empty() || !trimmed.bytes().all(|byte| byte.is_ascii_digit()) {
+                    return None;
+                }
+                trimmed.parse().ok()?
+            }
+        };
+        i32::try_from(value).ok().filter(|count| *count >= 0)
+    }
+}
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Self::Number(1)
+    }
+}
+
+impl From<i32> for Replicas {
+    fn from(count: i32) -> Self {
+        Self::Number(i64::from(count))
+    }
+}
+
+impl fmt::Debug for Replicas {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Number(number) => write!(formatter, "{number}"),
+            Self::Text(text) => write!(formatter, "{text:?}"),
+        }
+    }
+}
+
+impl fmt::Display for Replicas {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Number(number) => write!(formatter, "{number}"),
+            Self::Text(text) => formatter.write_str(text),
+        }
+    }
+}
+
+impl Serialize for Replicas {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Number(number) => serializer.serialize_i64(*number),
+            Self::Text(text) => serializer.serialize_str(text),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Replicas {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ReplicasVisitor;
+
+        impl serde::de::Visitor<'_> for ReplicasVisitor {
+            type Value = Replicas;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a whole number of replicas, such as 1 or \"1\"")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                Ok(Replicas::Text(value.to_string()))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Self::Value, E> {
+                Ok(Replicas::Number(value))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Self::Value, E> {
+                i64::try_from(value)
+                    .map(Replicas::Number)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(value), &self))
+            }
+        }
+
+        deserializer.deserialize_any(ReplicasVisitor)
+    }
+}
+
+impl JsonSchema for Replicas {
+    fn schema_name() -> Cow<'static, str> {
+        "Replicas".into()
+    }
+
+    fn json_schema(_generator: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Number of server replicas, as an integer or a string of digits (\"1\").",
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]{1,9}$"}]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_quoted_and_bare_numbers() {
+        let bare: Replicas = serde_yaml::from_str("1").unwrap();
+        let quoted: Replicas = serde_yaml::from_str("\"1\"").unwrap();
+        assert_eq!(bare.count(), Some(1));
+        assert_eq!(quoted.count(), Some(1));
+        assert_eq!(serde_yaml::to_string(&quoted).unwrap().trim(), "'1'");
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_count() {
+        for text in ["-1", "one", "", "1.5", "99999999999"] {
+            assert_eq!(Replicas::Text(text.to_string()).count(), None, "{text}");
+        }
+        assert_eq!(Replicas::Number(-1).count(), None);
+        assert!(serde_yaml::from_str::<Replicas>("1.5").is_err());
+        assert!(serde_yaml::from_str::<Replicas>("[1]").is_err());
+    }
+}

@@ -1,0 +1,425 @@
+//! The three custom resources of `llm.nstream.ai/v1`: field names are those of the
+//! specification (`shared/spec/models.md`), in camelCase.
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+use validator::Validate;
+
+use crate::patterns;
+use crate::quantity::ResourceQuantity;
+use crate::replicas::Replicas;
+use crate::secret::{SecretKeyRef, SecretSource, SecretString};
+use crate::status::ModelStatus;
+
+/// The API group of every nstream resource.
+pub const GROUP: &str = "llm.nstream.ai";
+/// The API version of every nstream resource.
+pub const VERSION: &str = "v1";
+/// `apiVersion` as written in YAML.
+pub const API_VERSION: &str = "llm.nstream.ai/v1";
+
+/// The default OpenAI endpoint.
+pub const OPENAI_DEFAULT_ENDPOINT: &str = "https://api.openai.com/v1";
+/// The default Anthropic endpoint.
+pub const ANTHROPIC_DEFAULT_ENDPOINT: &str = "https://api.anthropic.com";
+/// The `anthropic-version` sent when a template does not name one.
+pub const ANTHROPIC_DEFAULT_VERSION: &str = "2023-06-01";
+
+// ---------------------------------------------------------------------------------------------
+// MegaModel
+// ---------------------------------------------------------------------------------------------
+
+/// A hosted foundation model (Azure OpenAI, OpenAI or Anthropic) used to generate ground truth.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
+#[kube(
+    group = "llm.nstream.ai",
+    version = "v1",
+    kind = "MegaModel",
+    namespaced,
+    status = "ModelStatus",
+    derive = "PartialEq",
+    shortname = "mm",
+    shortname = "mega",
+    category = "nstream",
+    doc = "A hosted foundation model (Azure OpenAI, OpenAI, Anthropic) that generates ground truth.",
+    printcolumn(name = "Provider", type_ = "string", json_path = ".spec.modelProvider"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = "1"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new(
+    "(self.modelProvider == 'AzureOpenAI') == has(self.modelTemplate.azureOpenAI) && (self.modelProvider == 'OpenAI') == has(self.modelTemplate.openAI) && (self.modelProvider == 'Anthropic') == has(self.modelTemplate.anthropic)"
+).message("modelTemplate must hold exactly the template of modelProvider: azureOpenAI for AzureOpenAI, openAI for OpenAI, anthropic for Anthropic"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MegaModelSpec {
+    /// Who hosts the model.
+    pub model_provider: MegaModelProvider,
+    /// How to reach the model: the template of `modelProvider`, and only that one.
+    #[validate(nested)]
+    pub model_template: ModelTemplate,
+}
+
+/// A hosted model provider.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum MegaModelProvider {
+    /// Azure OpenAI Service: a deployment of an OpenAI model in an Azure resource.
+    AzureOpenAI,
+    /// OpenAI's API, or any OpenAI-compatible endpoint (Gemini's OpenAI endpoint, vLLM, a gateway).
+    OpenAI,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+impl MegaModelProvider {
+    /// The name of the template field this provider reads.
+    pub fn template_field(self) -> &'static str {
+        match self {
+            Self::AzureOpenAI => "azureOpenAI",
+            Self::OpenAI => "openAI",
+            Self::Anthropic => "anthropic",
+        }
+    }
+
+    /// The name as written in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AzureOpenAI => "AzureOpenAI",
+            Self::OpenAI => "OpenAI",
+            Self::Anthropic => "Anthropic",
+        }
+    }
+}
+
+/// The connection template of a MegaModel: exactly one field is set, the one of its provider.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Validate)]
+#[serde(deny_unknown_fields)]
+pub struct ModelTemplate {
+    /// Azure OpenAI: endpoint, deployment, api-version and key.
+    #[serde(rename = "azureOpenAI", default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    pub azure_open_ai: Option<AzureOpenAiTemplate>,
+    /// OpenAI or an OpenAI-compatible endpoint: endpoint, model and key.
+    #[serde(rename = "openAI", default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    pub open_ai: Option<OpenAiTemplate>,
+    /// Anthropic: endpoint, model, anthropic-version and key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    pub anthropic: Option<AnthropicTemplate>,
+}
+
+impl ModelTemplate {
+    /// The names of the templates that are set, in field order.
+    pub fn present(&self) -> Vec<&'static str> {
+        let mut present = Vec::new();
+        if self.azure_open_ai.is_some() {
+            present.push("azureOpenAI");
+        }
+        if self.open_ai.is_some() {
+            present.push("openAI");
+        }
+        if self.anthropic.is_some() {
+            present.push("anthropic");
+        }
+        present
+    }
+}
+
+/// An Azure OpenAI deployment, exactly as the specification lists its fields.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
+#[x_kube(validation = Rule::new("has(self.apikey) != has(self.apikeySecretRef)").message("set exactly one of apikey and apikeySecretRef"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AzureOpenAiTemplate {
+    /// The `api-version` query parameter, such as `2023-10-01-preview` or `2024-10-21`.
+    #[validate(regex(path = *patterns::AZURE_API_VERSION))]
+    #[schemars(regex(pattern = patterns::AZURE_API_VERSION_PATTERN))]
+    pub api_version: String,
+    /// The API key, inline. Prefer `apikeySecretRef` on a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apikey: Option<SecretString>,
+    /// The API key, from a Kubernetes Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    pub apikey_secret_ref: Option<SecretKeyRef>,
+    /// The deployment name chosen when the model was deployed in Azure.
+    #[validate(regex(path = *patterns::AZURE_DEPLOYMENT))]
+    #[schemars(regex(pattern = patterns::AZURE_DEPLOYMENT_PATTERN))]
+    pub deployment: String,
+    /// The resource endpoint, such as `https://my-resource.openai.azure.com`.
+    #[validate(url)]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub endpoint: String,
+}
+
+/// OpenAI's API or any OpenAI-compatible endpoint (Gemini, vLLM, LiteLLM, a corporate gateway).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
+#[x_kube(validation = Rule::new("has(self.apikey) != has(self.apikeySecretRef)").message("set exactly one of apikey and apikeySecretRef"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpenAiTemplate {
+    /// Base URL of the API, `https://api.openai.com/v1` when omitted. For Gemini use
+    /// `https://generativelanguage.googleapis.com/v1beta/openai`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(url)]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub endpoint: Option<String>,
+    /// The API key, inline. Prefer `apikeySecretRef` on a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apikey: Option<SecretString>,
+    /// The API key, from a Kubernetes Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    pub apikey_secret_ref: Option<SecretKeyRef>,
+    /// The model to call, such as `gpt-4o`.
+    #[validate(length(min = 1, max = 256), regex(path = *patterns::DISPLAY_NAME))]
+    #[schemars(length(min = 1, max = 256))]
+    pub model: String,
+    /// The `OpenAI-Organization` header, for keys that belong to several organisations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(min = 1, max = 256))]
+    pub organization: Option<String>,
+    /// The `OpenAI-Project` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(min = 1, max = 256))]
+    pub project: Option<String>,
+}
+
+impl OpenAiTemplate {
+    /// The endpoint, or OpenAI's when none is set.
+    pub fn endpoint_or_default(&self) -> &str {
+        self.endpoint.as_deref().unwrap_or(OPENAI_DEFAULT_ENDPOINT)
+    }
+}
+
+/// Anthropic's Messages API.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
+#[x_kube(validation = Rule::new("has(self.apikey) != has(self.apikeySecretRef)").message("set exactly one of apikey and apikeySecretRef"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnthropicTemplate {
+    /// Base URL of the API, `https://api.anthropic.com` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(url)]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub endpoint: Option<String>,
+    /// The API key, inline. Prefer `apikeySecretRef` on a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apikey: Option<SecretString>,
+    /// The API key, from a Kubernetes Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    pub apikey_secret_ref: Option<SecretKeyRef>,
+    /// The model to call, such as `claude-sonnet-4-5`.
+    #[validate(length(min = 1, max = 256), regex(path = *patterns::DISPLAY_NAME))]
+    #[schemars(length(min = 1, max = 256))]
+    pub model: String,
+    /// The `anthropic-version` header, `2023-06-01` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(regex(path = *patterns::ANTHROPIC_VERSION))]
+    #[schemars(regex(pattern = patterns::ANTHROPIC_VERSION_PATTERN))]
+    pub anthropic_version: Option<String>,
+    /// `max_tokens` for requests that do not set it (Anthropic requires one); 4096 when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 1_000_000))]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_tokens: Option<u32>,
+}
+
+impl AnthropicTemplate {
+    /// The endpoint, or Anthropic's when none is set.
+    pub fn endpoint_or_default(&self) -> &str {
+        self.endpoint.as_deref().unwrap_or(ANTHROPIC_DEFAULT_ENDPOINT)
+    }
+
+    /// The `anthropic-version` header value.
+    pub fn version_or_default(&self) -> &str {
+        self.anthropic_version.as_deref().unwrap_or(ANTHROPIC_DEFAULT_VERSION)
+    }
+}
+
+/// Access to the key fields every provider template has, for the rules they share.
+pub trait ApiKeyFields {
+    /// The inline key.
+    fn apikey(&self) -> Option<&SecretString>;
+    /// The Secret reference.
+    fn apikey_secret_ref(&self) -> Option<&SecretKeyRef>;
+
+    /// Where the key comes from; `None` when neither (or, wrongly, both) is set.
+    fn api_key_source(&self) -> Option<SecretSource<'_>> {
+        match (self.apikey(), self.apikey_secret_ref()) {
+            (Some(inline), None) => Some(SecretSource::Inline(inline)),
+            (None, Some(reference)) => Some(SecretSource::Reference(reference)),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! api_key_fields {
+    ($($template:ty),*) => {$(
+        impl ApiKeyFields for $template {
+            fn apikey(&self) -> Option<&SecretString> {
+                self.apikey.as_ref()
+            }
+            fn apikey_secret_ref(&self) -> Option<&SecretKeyRef> {
+                self.apikey_secret_ref.as_ref()
+            }
+        }
+    )*};
+}
+api_key_fields!(AzureOpenAiTemplate, OpenAiTemplate, AnthropicTemplate);
+
+// ---------------------------------------------------------------------------------------------
+// BaseModel and EmbeddingModel
+// ---------------------------------------------------------------------------------------------
+
+/// A Hugging Face causal language model served with candle and fine-tuned on ground truth.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
+#[kube(
+    group = "llm.nstream.ai",
+    version = "v1",
+    kind = "BaseModel",
+    namespaced,
+    status = "ModelStatus",
+    derive = "PartialEq",
+    shortname = "bm",
+    category = "nstream",
+    doc = "A Hugging Face causal language model, served with candle and fine-tuned on a MegaModel's ground truth.",
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.baseModelServingInfo.hfModelId"),
+    printcolumn(name = "Replicas", type_ = "string", json_path = ".spec.baseModelServingTemplate.replicas"),
+    printcolumn(name = "Ready-Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = "1"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BaseModelSpec {
+    /// Name of the base model; also the name clients pass as `model` (defaults to the resource name
+    /// when the resource is served).
+    #[validate(length(min = 1, max = 256), regex(path = *patterns::DISPLAY_NAME))]
+    #[schemars(length(min = 1, max = 256))]
+    pub base_model_name: String,
+    /// Where the weights come from.
+    #[validate(nested)]
+    pub base_model_serving_info: ServingInfo,
+    /// How many servers, and how big.
+    #[serde(default)]
+    #[validate(nested)]
+    pub base_model_serving_template: ServingTemplate,
+}
+
+/// A Hugging Face sentence-embedding model served with candle for similarity search.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
+#[kube(
+    group = "llm.nstream.ai",
+    version = "v1",
+    kind = "EmbeddingModel",
+    namespaced,
+    status = "ModelStatus",
+    derive = "PartialEq",
+    shortname = "em",
+    category = "nstream",
+    doc = "A Hugging Face sentence-embedding model served with candle for similarity search.",
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.embeddingModelServingInfo.hfModelId"),
+    printcolumn(name = "Replicas", type_ = "string", json_path = ".spec.embeddingModelServingTemplate.replicas"),
+    printcolumn(name = "Ready-Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = "1"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EmbeddingModelSpec {
+    /// Name of the embedding model, such as `all-MiniLM-L6-v2`.
+    #[validate(length(min = 1, max = 256), regex(path = *patterns::DISPLAY_NAME))]
+    #[schemars(length(min = 1, max = 256))]
+    pub embedding_model_name: String,
+    /// Where the weights come from.
+    #[validate(nested)]
+    pub embedding_model_serving_info: ServingInfo,
+    /// How many servers, and how big.
+    #[serde(default)]
+    #[validate(nested)]
+    pub embedding_model_serving_template: ServingTemplate,
+}
+
+/// Where a Hugging Face model's files come from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
+#[x_kube(validation = Rule::new("!(has(self.modelProviderToken) && has(self.modelProviderTokenSecretRef))").message("set at most one of modelProviderToken and modelProviderTokenSecretRef"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServingInfo {
+    /// The repository on the hub, `org/name`, such as `sentence-transformers/all-MiniLM-L6-v2`.
+    #[validate(regex(path = *patterns::HF_REPO_ID))]
+    #[schemars(regex(pattern = patterns::HF_REPO_ID_PATTERN))]
+    pub hf_model_id: String,
+    /// The model hub; only `HUGGINGFACE` today.
+    pub model_provider: ModelHub,
+    /// A hub token, inline (gated or private models). Prefer `modelProviderTokenSecretRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_provider_token: Option<SecretString>,
+    /// A hub token, from a Kubernetes Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    pub model_provider_token_secret_ref: Option<SecretKeyRef>,
+    /// A branch, tag or commit of the repository; `main` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(regex(path = *patterns::REVISION))]
+    #[schemars(regex(pattern = patterns::REVISION_PATTERN))]
+    pub revision: Option<String>,
+    /// Which weights file to use when the repository holds several (GGUF repositories hold one per
+    /// quantisation): a file name or a glob such as `*Q4_K_M.gguf`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 512))]
+    pub model_file: Option<String>,
+}
+
+impl ServingInfo {
+    /// Where the hub token comes from, if there is one.
+    pub fn token_source(&self) -> Option<SecretSource<'_>> {
+        match (&self.model_provider_token, &self.model_provider_token_secret_ref) {
+            (Some(inline), None) => Some(SecretSource::Inline(inline)),
+            (None, Some(reference)) => Some(SecretSource::Reference(reference)),
+            _ => None,
+        }
+    }
+}
+
+/// A model hub.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum ModelHub {
+    /// The Hugging Face hub (or its cache, offline).
+    #[serde(rename = "HUGGINGFACE")]
+    HuggingFace,
+}
+
+/// Replicas and resources of the servers of one model.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Validate)]
+#[x_kube(validation = Rule::new("!has(self.resourceRequest) || !has(self.resourceLimit) || ((!has(self.resourceRequest.cpu) || !has(self.resourceLimit.cpu) || quantity(string(self.resourceRequest.cpu)).compareTo(quantity(string(self.resourceLimit.cpu))) <= 0) && (!has(self.resourceRequest.memory) || !has(self.resourceLimit.memory) || quantity(string(self.resourceRequest.memory)).compareTo(quantity(string(self.resourceLimit.memory))) <= 0) && (!has(self.resourceRequest.gpu) || !has(self.resourceLimit.gpu) || quantity(string(self.resourceRequest.gpu)).compareTo(quantity(string(self.resourceLimit.gpu))) <= 0))").message("each resourceRequest must be at most its resourceLimit"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServingTemplate {
+    /// Number of server replicas; 1 when omitted. The specification writes it quoted (`"1"`).
+    #[serde(default)]
+    pub replicas: Replicas,
+    /// The most each replica may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_limit: Option<Resources>,
+    /// What each replica is guaranteed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_request: Option<Resources>,
+}
+
+/// CPU, memory and GPUs, as Kubernetes quantities.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Validate)]
+#[x_kube(validation = Rule::new("(!has(self.cpu) || (isQuantity(string(self.cpu)) && quantity(string(self.cpu)).sign() > 0)) && (!has(self.memory) || (isQuantity(string(self.memory)) && quantity(string(self.memory)).sign() > 0)) && (!has(self.gpu) || (isQuantity(string(self.gpu)) && quantity(string(self.gpu)).isInteger() && quantity(string(self.gpu)).sign() >= 0))").message("cpu and memory must be positive Kubernetes quantities (500m, 2, 8Gi) and gpu a whole number"))]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU cores: `2`, `500m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<ResourceQuantity>,
+    /// Memory in bytes: `8Gi`, `512Mi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ResourceQuantity>,
+    /// Whole GPUs (`nvidia.com/gpu`): `1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<ResourceQuantity>,
+}

@@ -1,0 +1,124 @@
+//! The status every nstream resource reports: Kubernetes conditions, replicas and the endpoint.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition type: the model answers requests.
+pub const READY: &str = "Ready";
+/// Condition type: the model is being rolled out, downloaded or loaded.
+pub const PROGRESSING: &str = "Progressing";
+/// Condition type: something is wrong (crash loop, image pull, invalid spec, provider rejects the key).
+pub const DEGRADED: &str = "Degraded";
+
+/// The observed state of a MegaModel, BaseModel or EmbeddingModel.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStatus {
+    /// `Ready`, `Progressing` and `Degraded`, each with a reason and a message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Replicas that exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Replicas that pass their readiness probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// The URL clients call (the Service's OpenAI-compatible base URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// The status of a condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionStatus {
+    /// The condition holds.
+    True,
+    /// The condition does not hold.
+    False,
+    /// It is not known yet.
+    Unknown,
+}
+
+impl ConditionStatus {
+    /// The value Kubernetes stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+impl ModelStatus {
+    /// The condition of a type, if set.
+    pub fn condition(&self, condition_type: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|condition| condition.type_ == condition_type)
+    }
+
+    /// Whether the `Ready` condition is `True`.
+    pub fn is_ready(&self) -> bool {
+        self.condition(READY).is_some_and(|condition| condition.status == "True")
+    }
+
+    /// Sets a condition. `lastTransitionTime` moves only when the status changes, as Kubernetes
+    /// convention asks, so an unchanged condition causes no write.
+    pub fn set_condition(
+        &mut self,
+        condition_type: &str,
+        status: ConditionStatus,
+        reason: &str,
+        message: &str,
+        observed_generation: Option<i64>,
+        now: Time,
+    ) {
+        let status = status.as_str();
+        match self.conditions.iter_mut().find(|condition| condition.type_ == condition_type) {
+            Some(existing) => {
+                if existing.status != status {
+                    existing.last_transition_time = now;
+                    existing.status = status.to_string();
+                }
+                existing.reason = reason.to_string();
+                existing.message = message.to_string();
+                existing.observed_generation = observed_generation;
+            }
+            None => self.conditions.push(Condition {
+                type_: condition_type.to_string(),
+                status: status.to_string(),
+                reason: reason.to_string(),
+                message: message.to_string(),
+                observed_generation,
+                last_transition_time: now,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn time(seconds: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(seconds).unwrap())
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_status_change() {
+        let mut status = ModelStatus::default();
+        status.set_condition(READY, ConditionStatus::False, "Loading", "loading weights", Some(1), time(10));
+        status.set_condition(READY, ConditionStatus::False, "Loading", "still loading", Some(1), time(20));
+        assert_eq!(status.condition(READY).unwrap().last_transition_time, time(10));
+        assert_eq!(status.condition(READY).unwrap().message, "still loading");
+        assert!(!status.is_ready());
+        status.set_condition(READY, ConditionStatus::True, "Available", "1/1 replicas ready", Some(1), time(30));
+        assert_eq!(status.condition(READY).unwrap().last_transition_time, time(30));
+        assert!(status.is_ready());
+        assert_eq!(status.conditions.len(), 1);
+    }
+}

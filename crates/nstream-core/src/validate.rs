@@ -1,0 +1,346 @@
+//! Validation that helps: every problem of a resource at once, each with its field path, what
+//! was found and what was expected.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use serde::Serialize;
+use validator::{Validate, ValidationErrors, ValidationErrorsKind};
+
+use crate::patterns;
+use crate::quantity::ResourceQuantity;
+use crate::secret::SecretString;
+use crate::spec::{
+    ApiKeyFields, BaseModelSpec, EmbeddingModelSpec, MegaModelProvider, MegaModelSpec, Resources, ServingInfo,
+    ServingTemplate,
+};
+
+/// One thing wrong with a resource.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// Where, as a field path from the document root: `spec.baseModelServingTemplate.replicas`.
+    pub path: String,
+    /// What is there (never the value of a secret).
+    pub found: String,
+    /// What would be accepted.
+    pub expected: String,
+}
+
+impl Problem {
+    /// A problem at a path.
+    pub fn new(path: impl Into<String>, found: impl Into<String>, expected: impl Into<String>) -> Self {
+        Self { path: path.into(), found: found.into(), expected: expected.into() }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}: found {}, expected {}", self.path, self.found, self.expected)
+    }
+}
+
+/// Resources (or parts of them) that can list their problems.
+pub trait Check {
+    /// Every problem, with paths under `prefix` (such as `spec`).
+    fn problems(&self, prefix: &str) -> Vec<Problem>;
+}
+
+/// Field names as they appear in YAML: the validator crate reports Rust names.
+fn yaml_field_name(rust_name: &str) -> String {
+    match rust_name {
+        "azure_open_ai" => return "azureOpenAI".to_string(),
+        "open_ai" => return "openAI".to_string(),
+        _ => {}
+    }
+    let mut name = String::with_capacity(rust_name.len());
+    let mut upper_next = false;
+    for character in rust_name.chars() {
+        if character == '_' {
+            upper_next = true;
+        } else if upper_next {
+            name.push(character.to_ascii_uppercase());
+            upper_next = false;
+        } else {
+            name.push(character);
+        }
+    }
+    name
+}
+
+/// What a validator rule expects, in words.
+fn expectation(path: &str, error: &validator::ValidationError) -> String {
+    let parameter = |name: &str| error.params.get(name).map(|value| value.to_string());
+    match error.code.as_ref() {
+        "length" => match (parameter("min"), parameter("max")) {
+            (Some(min), Some(max)) => format!("between {min} and {max} characters"),
+            (Some(min), None) => format!("at least {min} characters"),
+            (None, Some(max)) => format!("at most {max} characters"),
+            (None, None) => "a different length".to_string(),
+        },
+        "range" => match (parameter("min"), parameter("max")) {
+            (Some(min), Some(max)) => format!("a number from {min} to {max}"),
+            _ => "a number in range".to_string(),
+        },
+        "url" => "an http:// or https:// URL".to_string(),
+        "regex" => {
+            let field = path.rsplit('.').next().unwrap_or(path);
+            match field {
+                "hfModelId" => "a Hugging Face repository id `org/name`, such as sentence-transformers/all-MiniLM-L6-v2".to_string(),
+                "apiVersion" => "an Azure OpenAI api-version such as 2023-10-01-preview or 2024-10-21".to_string(),
+                "deployment" => "an Azure deployment name: letters, digits, `.`, `_`, `-`, at most 64".to_string(),
+                "anthropicVersion" => "a date such as 2023-06-01".to_string(),
+                "revision" => "a branch, tag or commit without spaces".to_string(),
+                "name" => format!("a Kubernetes resource name matching {}", patterns::DNS_SUBDOMAIN_PATTERN),
+                "key" => format!("a Secret key matching {}", patterns::SECRET_KEY_PATTERN),
+                _ => "text without leading or trailing whitespace".to_string(),
+            }
+        }
+        other => format!("a value that passes `{other}`"),
+    }
+}
+
+/// How to show a found value: quoted, shortened; never for secret fields.
+fn describe_found(path: &str, value: Option<&serde_json::Value>) -> String {
+    let field = path.rsplit('.').next().unwrap_or(path);
+    if matches!(field, "apikey" | "modelProviderToken") {
+        return "a secret value (not shown)".to_string();
+    }
+    match value {
+        Some(serde_json::Value::String(text)) => quote(text),
+        Some(other) => other.to_string(),
+        None => "an invalid value".to_string(),
+    }
+}
+
+/// A found text, quoted and cut to a readable length.
+pub(crate) fn quote(text: &str) -> String {
+    const LIMIT: usize = 80;
+    if text.chars().count() > LIMIT {
+        let cut: String = text.chars().take(LIMIT).collect();
+        format!("{cut:?}…")
+    } else {
+        format!("{text:?}")
+    }
+}
+
+/// Flattens the validator crate's nested errors into problems with YAML paths.
+fn collect(errors: &ValidationErrors, prefix: &str, problems: &mut Vec<Problem>) {
+    for (field, kind) in errors.errors() {
+        let path = format!("{prefix}.{}", yaml_field_name(field));
+        match kind {
+            ValidationErrorsKind::Field(field_errors) => {
+                for error in field_errors {
+                    let found = describe_found(&path, error.params.get("value"));
+                    problems.push(Problem::new(&path, found, expectation(&path, error)));
+                }
+            }
+            ValidationErrorsKind::Struct(nested) => collect(nested, &path, problems),
+            ValidationErrorsKind::List(items) => {
+                for (index, nested) in items {
+                    collect(nested, &format!("{path}[{index}]"), problems);
+                }
+            }
+        }
+    }
+}
+
+/// Field-rule problems from the validator derive.
+fn field_rules(value: &impl Validate, prefix: &str) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if let Err(errors) = value.validate() {
+        collect(&errors, prefix, &mut problems);
+    }
+    problems
+}
+
+fn check_secret(secret: Option<&SecretString>, path: &str, problems: &mut Vec<Problem>) {
+    if let Some(shape) = secret.and_then(SecretString::shape_problem) {
+        problems.push(Problem::new(path, shape, "the secret exactly, without surrounding whitespace"));
+    }
+}
+
+fn check_api_key(template: &dyn ApiKeyFields, path: &str, problems: &mut Vec<Problem>) {
+    match (template.apikey(), template.apikey_secret_ref()) {
+        (Some(_), Some(_)) => problems.push(Problem::new(
+            path,
+            "both apikey and apikeySecretRef",
+            "exactly one of apikey and apikeySecretRef",
+        )),
+        (None, None) => problems.push(Problem::new(
+            format!("{path}.apikey"),
+            "no key",
+            "apikey, or apikeySecretRef naming a Secret and key",
+        )),
+        _ => {}
+    }
+    check_secret(template.apikey(), &format!("{path}.apikey"), problems);
+}
+
+impl Check for MegaModelSpec {
+    fn problems(&self, prefix: &str) -> Vec<Problem> {
+        let mut problems = field_rules(self, prefix);
+        let template_path = format!("{prefix}.modelTemplate");
+        let wanted = self.model_provider.template_field();
+        let present = self.model_template.present();
+        if !present.contains(&wanted) {
+            problems.push(Problem::new(
+                format!("{template_path}.{wanted}"),
+                if present.is_empty() { "no template".to_string() } else { format!("only {}", present.join(", ")) },
+                format!("the {wanted} template, because modelProvider is {}", self.model_provider.as_str()),
+            ));
+        }
+        for other in present.iter().filter(|field| **field != wanted) {
+            problems.push(Problem::new(
+                format!("{template_path}.{other}"),
+                format!("the {other} template set too"),
+                format!("only the {wanted} template, because modelProvider is {}", self.model_provider.as_str()),
+            ));
+        }
+        let template = &self.model_template;
+        let keyed: [(Option<&dyn ApiKeyFields>, &str); 3] = [
+            (template.azure_open_ai.as_ref().map(|t| t as &dyn ApiKeyFields), "azureOpenAI"),
+            (template.open_ai.as_ref().map(|t| t as &dyn ApiKeyFields), "openAI"),
+            (template.anthropic.as_ref().map(|t| t as &dyn ApiKeyFields), "anthropic"),
+        ];
+        for (fields, name) in keyed {
+            if let Some(fields) = fields {
+                check_api_key(fields, &format!("{template_path}.{name}"), &mut problems);
+            }
+        }
+        if self.model_provider == MegaModelProvider::AzureOpenAI
+            && let Some(azure) = &template.azure_open_ai
+            && azure.endpoint.contains("/openai/deployments/")
+        {
+            problems.push(Problem::new(
+                format!("{template_path}.azureOpenAI.endpoint"),
+                quote(&azure.endpoint),
+                "the resource endpoint only (https://NAME.openai.azure.com); the deployment goes in `deployment`",
+            ));
+        }
+        problems
+    }
+}
+
+fn check_serving_info(info: &ServingInfo, path: &str, problems: &mut Vec<Problem>) {
+    if info.model_provider_token.is_some() && info.model_provider_token_secret_ref.is_some() {
+        problems.push(Problem::new(
+            path,
+            "both modelProviderToken and modelProviderTokenSecretRef",
+            "at most one of modelProviderToken and modelProviderTokenSecretRef",
+        ));
+    }
+    check_secret(info.model_provider_token.as_ref(), &format!("{path}.modelProviderToken"), problems);
+}
+
+/// Checks one quantity: that it parses and is within bounds for its resource. Returns whether it
+/// is valid.
+fn check_quantity(name: &str, quantity: &ResourceQuantity, path: &str, problems: &mut Vec<Problem>) -> bool {
+    let expected = match name {
+        "gpu" => "a whole number of GPUs, such as 1",
+        "memory" => "a positive Kubernetes quantity of bytes, such as 512Mi or 24Gi",
+        _ => "a positive Kubernetes quantity of cores, such as 500m or 8",
+    };
+    match quantity.amount() {
+        Err(error) => {
+            problems.push(Problem::new(path, format!("{} ({error})", quote(quantity.as_str())), expected));
+            false
+        }
+        Ok(amount) => {
+            let bad = match name {
+                "gpu" => amount.as_whole().is_none_or(|count| count < 0),
+                _ => !amount.is_positive(),
+            };
+            if bad {
+                problems.push(Problem::new(path, quote(quantity.as_str()), expected));
+            }
+            !bad
+        }
+    }
+}
+
+fn resource_fields(resources: &Resources) -> [(&'static str, Option<&ResourceQuantity>); 3] {
+    [("cpu", resources.cpu.as_ref()), ("memory", resources.memory.as_ref()), ("gpu", resources.gpu.as_ref())]
+}
+
+fn check_serving_template(template: &ServingTemplate, path: &str, problems: &mut Vec<Problem>) {
+    if template.replicas.count().is_none() {
+        problems.push(Problem::new(
+            format!("{path}.replicas"),
+            quote(&template.replicas.to_string()),
+            "a whole number of replicas from 0 to 2147483647, such as 1 or \"1\"",
+        ));
+    }
+    let mut all_valid = true;
+    for (section, resources) in [("resourceLimit", &template.resource_limit), ("resourceRequest", &template.resource_request)] {
+        if let Some(resources) = resources {
+            for (name, quantity) in resource_fields(resources) {
+                if let Some(quantity) = quantity {
+                    all_valid &= check_quantity(name, quantity, &format!("{path}.{section}.{name}"), problems);
+                }
+            }
+        }
+    }
+    // Comparing is only meaningful once every quantity is valid; otherwise it repeats a problem.
+    if let (true, Some(limit), Some(request)) = (all_valid, &template.resource_limit, &template.resource_request) {
+        for ((name, limit), (_, request)) in resource_fields(limit).into_iter().zip(resource_fields(request)) {
+            if let (Some(limit), Some(request)) = (limit, request)
+                && request.compare(limit) == Some(Ordering::Greater)
+            {
+                problems.push(Problem::new(
+                    format!("{path}.resourceRequest.{name}"),
+                    format!("{} above resourceLimit.{name} {}", quote(request.as_str()), quote(limit.as_str())),
+                    format!("a request at most its limit ({})", limit.as_str()),
+                ));
+            }
+        }
+    }
+}
+
+impl Check for BaseModelSpec {
+    fn problems(&self, prefix: &str) -> Vec<Problem> {
+        let mut problems = field_rules(self, prefix);
+        check_serving_info(&self.base_model_serving_info, &format!("{prefix}.baseModelServingInfo"), &mut problems);
+        check_serving_template(&self.base_model_serving_template, &format!("{prefix}.baseModelServingTemplate"), &mut problems);
+        problems
+    }
+}
+
+impl Check for EmbeddingModelSpec {
+    fn problems(&self, prefix: &str) -> Vec<Problem> {
+        let mut problems = field_rules(self, prefix);
+        check_serving_info(&self.embedding_model_serving_info, &format!("{prefix}.embeddingModelServingInfo"), &mut problems);
+        check_serving_template(
+            &self.embedding_model_serving_template,
+            &format!("{prefix}.embeddingModelServingTemplate"),
+            &mut problems,
+        );
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_names_become_yaml_names() {
+        assert_eq!(yaml_field_name("base_model_serving_template"), "baseModelServingTemplate");
+        assert_eq!(yaml_field_name("hf_model_id"), "hfModelId");
+        assert_eq!(yaml_field_name("azure_open_ai"), "azureOpenAI");
+        assert_eq!(yaml_field_name("apikey"), "apikey");
+        assert_eq!(yaml_field_name("hfModelId"), "hfModelId");
+    }
+
+    #[test]
+    fn secrets_are_never_described() {
+        let value = serde_json::Value::String("sk-123".into());
+        assert_eq!(describe_found("spec.x.apikey", Some(&value)), "a secret value (not shown)");
+        assert_eq!(describe_found("spec.x.model", Some(&value)), "\"sk-123\"");
+    }
+
+    #[test]
+    fn long_values_are_cut() {
+        let long = "x".repeat(200);
+        assert!(quote(&long).chars().count() < 90);
+    }
+}
