@@ -1,0 +1,231 @@
+//! `ApiError`: the one place where failures become OpenAI-shaped HTTP responses.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use nstream_backend::BackendError;
+use serde::Serialize;
+
+/// An error answer: `{"error":{"message","type","param","code"}}` with the right status and,
+/// when the client should come back later, a `Retry-After` header.
+///
+/// Server-side failures (5xx) carry a detail that is logged when the response is built and never
+/// sent to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    error_type: &'static str,
+    param: Option<String>,
+    code: Option<&'static str>,
+    retry_after_seconds: Option<u64>,
+    detail: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorFields<'a>,
+}
+
+/// The OpenAI error object, also sent as an SSE event when a stream fails midway.
+#[derive(Serialize)]
+pub(crate) struct ErrorFields<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    error_type: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            error_type,
+            param: None,
+            code: None,
+            retry_after_seconds: None,
+            detail: None,
+        }
+    }
+
+    fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// 400 about the request as a whole or, with `param`, about one field.
+    pub fn bad_request(message: impl Into<String>, param: Option<String>) -> Self {
+        let mut error = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+        error.param = param;
+        error
+    }
+
+    /// 404 for a `model` that is not served.
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        )
+        .with_param("model")
+        .with_code("model_not_found")
+    }
+
+    /// 404 for a path no route serves.
+    pub fn route_not_found(method: &str, path: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("Invalid URL ({method} {path})"))
+            .with_code("unknown_url")
+    }
+
+    /// 405 for a known path with the wrong method.
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!("Method {method} is not allowed on {path}"),
+        )
+        .with_code("method_not_allowed")
+    }
+
+    /// 401 for a missing or wrong bearer key.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message).with_code("invalid_api_key")
+    }
+
+    /// 413 for a body over the configured limit.
+    pub fn payload_too_large(limit_bytes: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "Request body is larger than the server's limit of {limit_bytes} bytes; send fewer or shorter inputs per request"
+            ),
+        )
+        .with_code("request_too_large")
+    }
+
+    /// 415 for a body that is not declared as JSON.
+    pub fn unsupported_media_type(received: Option<&str>) -> Self {
+        let received = received.map_or_else(
+            || "no Content-Type header".to_owned(),
+            |content_type| format!("Content-Type `{content_type}`"),
+        );
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            format!("Expected a request with `Content-Type: application/json`, got {received}"),
+        )
+        .with_code("unsupported_media_type")
+    }
+
+    /// 500 whose `detail` is logged, not returned.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        let mut error = Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "The server had an internal error while processing the request",
+        )
+        .with_code("internal_error");
+        error.detail = Some(detail.into());
+        error
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The client-facing message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The `param` field.
+    pub fn param(&self) -> Option<&str> {
+        self.param.as_deref()
+    }
+
+    /// The `code` field.
+    pub fn code(&self) -> Option<&'static str> {
+        self.code
+    }
+
+    pub(crate) fn fields(&self) -> ErrorFields<'_> {
+        ErrorFields {
+            message: &self.message,
+            error_type: self.error_type,
+            param: self.param.as_deref(),
+            code: self.code,
+        }
+    }
+
+    /// Logs 5xx errors with their hidden detail; 4xx are the client's business, logged at debug.
+    pub(crate) fn log(&self) {
+        if self.status.is_server_error() {
+            tracing::error!(
+                status = self.status.as_u16(),
+                code = self.code,
+                detail = self.detail.as_deref().unwrap_or(&self.message),
+                "request failed"
+            );
+        } else {
+            tracing::debug!(status = self.status.as_u16(), code = self.code, message = %self.message, "request rejected");
+        }
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(error: BackendError) -> Self {
+        let status = StatusCode::from_u16(error.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Self {
+            status,
+            message: error.public_message(),
+            error_type: error.error_type(),
+            param: error.param().map(str::to_owned),
+            code: error.code(),
+            retry_after_seconds: error.retry_after_seconds(),
+            detail: error.is_server_error().then(|| error.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
+        let body = ErrorBody { error: self.fields() };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_seconds {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn backend_errors_keep_their_mapping_and_hide_internals() {
+        let overloaded = ApiError::from(BackendError::Overloaded { retry_after: Duration::from_secs(2) });
+        assert_eq!(overloaded.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let response = overloaded.into_response();
+        assert_eq!(response.headers().get(header::RETRY_AFTER), Some(&HeaderValue::from(2u64)));
+
+        let internal = ApiError::from(BackendError::Internal("secret path /root/x".into()));
+        assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!internal.message().contains("/root"));
+    }
+}

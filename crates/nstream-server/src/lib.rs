@@ -1,0 +1,187 @@
+//! The OpenAI-compatible HTTP server of nstream: routes, errors, auth, limits, metrics, shutdown.
+//!
+//! [`app`] builds the whole router from an [`AppState`] (models, settings, metrics) and is tested
+//! without a socket; [`serve`] runs it on a listener with graceful shutdown; the binaries add
+//! flags and logging around them.
+//!
+//! # Routes
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/embeddings` | float or base64 vectors; `dimensions` truncates (and renormalises normalised models) |
+//! | `POST /v1/chat/completions` | JSON, or SSE when `stream` is true (`data: {chunk}` ... `data: [DONE]`) |
+//! | `POST /v1/completions` | legacy completions, same streaming |
+//! | `GET /v1/models`, `GET /v1/models/{id}` | OpenAI's list shape, plus an `nstream` object per model |
+//! | `GET /health` | 200 while the process answers (liveness) |
+//! | `GET /ready` | 200 when every model reports ready, else 503 with each model's state (readiness) |
+//! | `GET /metrics` | Prometheus/OpenMetrics text (see [`Metrics`]) |
+//!
+//! # Errors
+//!
+//! Every failure, including bad JSON, unknown routes, 405, 413 and 415, is answered as
+//! `{"error":{"message","type","param","code"}}` by [`ApiError`]; backend errors map through
+//! [`nstream_backend::BackendError::status_code`]. A backend reporting `Overloaded` yields 503
+//! with `Retry-After`. Internal details are logged, never returned.
+//!
+//! # Cross-cutting layers
+//!
+//! - `x-request-id`: kept from the request or generated (UUID v4), echoed on the response and
+//!   recorded on the request's tracing span.
+//! - Bearer auth on `/v1/*` when [`ServerConfig::api_key`] is set; probes and metrics stay open.
+//! - Body limit [`ServerConfig::max_body_bytes`] (413), at most
+//!   [`ServerConfig::max_embedding_inputs`] inputs per embeddings request (400).
+//! - A panic in a handler becomes a 500 JSON error rather than a dropped connection.
+//! - No CORS layer: browsers cannot call the API cross-origin unless a proxy in front allows it.
+
+mod config;
+mod error;
+mod extract;
+mod metrics;
+mod routes;
+mod state;
+mod stream;
+
+use std::future::Future;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use config::{ApiKey, ServerConfig};
+pub use error::ApiError;
+pub use extract::OpenAiJson;
+pub use metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, TokenKind};
+pub use state::{AppState, ModelRegistry, ServerError};
+
+/// The whole HTTP application for `state`.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/embeddings", post(routes::embeddings))
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::list_models))
+        .route("/v1/models/{*id}", get(routes::get_model))
+        // `route_layer`: only matched routes need a key, so unknown paths still answer 404.
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    let operations = Router::new()
+        .route("/health", get(routes::health))
+        .route("/ready", get(routes::ready))
+        .route("/metrics", get(routes::metrics));
+
+    let request_id_header = header::HeaderName::from_static("x-request-id");
+    Router::new()
+        .merge(api)
+        .merge(operations)
+        .fallback(routes::route_not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config().max_body_bytes))
+        // Inside the routes, so `MatchedPath` is known when the request is counted.
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(
+            // Outermost first: the id is set before the span is made and copied to the response.
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(request_id_header.clone(), MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::new(request_id_header))
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(CatchPanicLayer::custom(panic_response)),
+        )
+        .with_state(state)
+}
+
+fn request_span(request: &Request) -> tracing::Span {
+    let request_id = request.headers().get("x-request-id").and_then(|value| value.to_str().ok()).unwrap_or_default();
+    // The path only: query strings can carry secrets.
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        request_id,
+    )
+}
+
+fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic payload");
+    ApiError::internal(format!("handler panicked: {detail}")).into_response()
+}
+
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = &state.config().api_key else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+        .map(str::trim);
+    match presented {
+        Some(key) if expected.matches(key) => next.run(request).await,
+        Some(_) => ApiError::unauthorized("Incorrect API key provided").into_response(),
+        None => ApiError::unauthorized("You didn't provide an API key; send it as `Authorization: Bearer <key>`")
+            .into_response(),
+    }
+}
+
+async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let model = response.extensions().get::<routes::ModelLabel>().map_or("", |label| label.0.as_str());
+    state.metrics().record_request(&route, model, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then stops accepting connections and
+/// waits for in-flight requests (streams included) to finish before returning.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM (what Kubernetes sends). Pass it to
+/// [`serve`]. If a handler cannot be installed, that signal is logged and ignored.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("received Ctrl-C, shutting down"),
+        () = terminate => tracing::info!("received SIGTERM, shutting down"),
+    }
+}

@@ -1,0 +1,225 @@
+//! Prometheus metrics of the server, and the registry backends add their own metrics to.
+//!
+//! # Design
+//!
+//! One [`prometheus_client::registry::Registry`] per process lives inside [`Metrics`]. The server
+//! registers its request metrics there at construction; the binary then hands the same registry
+//! to each backend while building it ([`Metrics::with_registry`]), so a backend crate such as
+//! `nstream-embed` registers its queue-depth gauge or batch-size histogram without depending on
+//! this crate or on axum: it only needs `prometheus-client` and a `&mut Registry`. `/metrics`
+//! encodes the whole registry in the OpenMetrics text format, which Prometheus scrapes natively.
+//!
+//! ```
+//! use prometheus_client::metrics::gauge::Gauge;
+//! use nstream_server::Metrics;
+//!
+//! let metrics = Metrics::new();
+//! let queue_depth = Gauge::<i64>::default();
+//! metrics.with_registry(|registry| {
+//!     registry.register("nstream_embed_queue_depth", "Requests waiting for the worker", queue_depth.clone());
+//! });
+//! queue_depth.set(3);
+//! assert!(metrics.encode().unwrap().contains("nstream_embed_queue_depth 3"));
+//! ```
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    model: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    kind: String,
+}
+
+/// Which tokens a count is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Tokens read: prompts and embedding inputs.
+    Prompt,
+    /// Tokens generated.
+    Completion,
+}
+
+impl TokenKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Prompt => "prompt",
+            Self::Completion => "completion",
+        }
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to about 65 s: embeddings answer in milliseconds, long generations in tens of seconds.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// The server's metrics and the shared registry; cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<MetricsInner>,
+}
+
+struct MetricsInner {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    embedding_inputs: Family<ModelLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Metrics { .. }")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with the server's metrics registered:
+    ///
+    /// - `nstream_server_requests_total{route,model,status}`: answered requests.
+    /// - `nstream_server_request_duration_seconds{route,model}`: time to the response head
+    ///   (for streams: to the first chunk, i.e. time to first token).
+    /// - `nstream_server_embedding_inputs_total{model}`: inputs embedded.
+    /// - `nstream_server_tokens_total{model,kind}`: prompt and completion tokens, from the
+    ///   backends' usage.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
+        let embedding_inputs = Family::<ModelLabels, Counter>::default();
+        let tokens = Family::<TokenLabels, Counter>::default();
+        // prometheus-client appends `_total` to counters and the unit suffix to histograms.
+        registry.register(
+            "nstream_server_requests",
+            "HTTP requests answered, by route, model and status",
+            requests.clone(),
+        );
+        registry.register_with_unit(
+            "nstream_server_request_duration",
+            "Time from request to response head, by route and model",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        registry.register("nstream_server_embedding_inputs", "Inputs embedded, by model", embedding_inputs.clone());
+        registry.register(
+            "nstream_server_tokens",
+            "Tokens processed, by model and kind (prompt or completion)",
+            tokens.clone(),
+        );
+        Self {
+            inner: Arc::new(MetricsInner {
+                registry: Mutex::new(registry),
+                requests,
+                request_duration,
+                embedding_inputs,
+                tokens,
+            }),
+        }
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // Registration cannot leave the registry half-changed, so a poisoned lock is still usable.
+        self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `register` with the shared registry, for backends to add their own metrics (named
+    /// `nstream_<component>_<name>_<unit>`). Do not call it from inside `register`.
+    pub fn with_registry<R>(&self, register: impl FnOnce(&mut Registry) -> R) -> R {
+        register(&mut self.registry())
+    }
+
+    /// The whole registry in the OpenMetrics text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry())?;
+        Ok(text)
+    }
+
+    /// Counts one answered request and its duration.
+    pub fn record_request(&self, route: &str, model: &str, status: u16, duration: Duration) {
+        self.inner
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                model: model.to_owned(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.inner
+            .request_duration
+            .get_or_create(&RouteLabels { route: route.to_owned(), model: model.to_owned() })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Counts embedded inputs.
+    pub fn record_embedding_inputs(&self, model: &str, count: u64) {
+        self.inner.embedding_inputs.get_or_create(&ModelLabels { model: model.to_owned() }).inc_by(count);
+    }
+
+    /// Counts tokens.
+    pub fn record_tokens(&self, model: &str, kind: TokenKind, count: u32) {
+        if count == 0 {
+            return;
+        }
+        self.inner
+            .tokens
+            .get_or_create(&TokenLabels { model: model.to_owned(), kind: kind.as_str().to_owned() })
+            .inc_by(u64::from(count));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_the_documented_names() {
+        let metrics = Metrics::new();
+        metrics.record_request("/v1/embeddings", "bge", 200, Duration::from_millis(3));
+        metrics.record_embedding_inputs("bge", 2);
+        metrics.record_tokens("bge", TokenKind::Prompt, 7);
+        let text = metrics.encode().expect("encodes");
+        assert!(
+            text.contains(r#"nstream_server_requests_total{route="/v1/embeddings",model="bge",status="200"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("nstream_server_request_duration_seconds_bucket"), "{text}");
+        assert!(text.contains(r#"nstream_server_embedding_inputs_total{model="bge"} 2"#));
+        assert!(text.contains(r#"nstream_server_tokens_total{model="bge",kind="prompt"} 7"#));
+    }
+}
