@@ -1,0 +1,238 @@
+//! The synchronous engine: tokenizer + encoder + pooling, one batch at a time.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use nstream_hub::{Hub, ModelSource};
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::bert::BertEncoder;
+use crate::config::{BertConfig, SentenceLayout, read_text};
+use crate::error::{Error, Result};
+use crate::pooling::{normalize, pool};
+
+/// One input of an embeddings request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EmbedInput {
+    /// Text, tokenized with the model's tokenizer (special tokens added).
+    Text(String),
+    /// Token ids, used as given (OpenAI allows token arrays).
+    Tokens(Vec<u32>),
+}
+
+/// An input ready for the encoder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedInput {
+    /// The token ids the model sees (after truncation).
+    pub ids: Vec<u32>,
+    /// Whether the input was cut at the model's maximum length.
+    pub truncated: bool,
+}
+
+/// What the engine knows of its model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The embedding dimension.
+    pub dimension: usize,
+    /// The longest input in tokens (special tokens included).
+    pub max_seq_length: usize,
+    /// The layout read from the sentence-transformers files.
+    pub layout: SentenceLayout,
+    /// The vocabulary size (token ids must be below it).
+    pub vocab_size: usize,
+}
+
+/// Tokenizer + BERT encoder + pooling. Not thread-aware: [`crate::EmbeddingBackend`] owns one on
+/// its worker thread.
+pub struct Embedder {
+    tokenizer: Tokenizer,
+    truncating_tokenizer: Tokenizer,
+    encoder: BertEncoder,
+    info: ModelInfo,
+    pad_id: u32,
+}
+
+impl Embedder {
+    /// Loads a sentence-transformers BERT model through `hub` (cache first; see nstream-hub).
+    pub fn load(hub: &Hub, source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        let config = hub.resolve_file(source, "config.json")?;
+        let tokenizer = hub.resolve_file(source, "tokenizer.json")?;
+        let weights = hub.resolve_file(source, "model.safetensors")?;
+        let optional_text = |file: &str| -> Result<Option<String>> {
+            hub.resolve_optional(source, file)?.map(|path| read_text(&path)).transpose()
+        };
+        let modules = optional_text("modules.json")?;
+        let pooling = match SentenceLayout::pooling_path(modules.as_deref())? {
+            Some(folder) if !folder.is_empty() => optional_text(&format!("{folder}/config.json"))?,
+            _ => optional_text("1_Pooling/config.json")?,
+        };
+        let sentence_bert = optional_text("sentence_bert_config.json")?;
+        Self::from_parts(
+            &read_text(&config)?,
+            &tokenizer,
+            &weights,
+            modules.as_deref(),
+            pooling.as_deref(),
+            sentence_bert.as_deref(),
+            device,
+            dtype,
+        )
+    }
+
+    /// Loads from local files: `config.json` text, `tokenizer.json` and safetensors paths, and the
+    /// optional sentence-transformers texts.
+    #[expect(clippy::too_many_arguments, reason = "each is one model file; a struct would only rename them")]
+    pub fn from_parts(
+        config_json: &str,
+        tokenizer_path: &Path,
+        weights_path: &Path,
+        modules_json: Option<&str>,
+        pooling_json: Option<&str>,
+        sentence_bert_json: Option<&str>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let config = BertConfig::from_json(config_json)?;
+        let layout =
+            SentenceLayout::from_files(modules_json, pooling_json, sentence_bert_json, config.max_position_embeddings)?;
+
+        let mut tokenizer =
+            Tokenizer::from_file(tokenizer_path).map_err(|error| Error::Tokenizer(error.to_string()))?;
+        tokenizer.with_padding(None);
+        tokenizer.with_truncation(None).map_err(|error| Error::Tokenizer(error.to_string()))?;
+        let mut truncating_tokenizer = tokenizer.clone();
+        truncating_tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: layout.max_seq_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|error| Error::Tokenizer(error.to_string()))?;
+        let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(0);
+
+        let tensors = candle_core::safetensors::load(weights_path, &Device::Cpu)
+            .map_err(|error| Error::InvalidModel { file: "model.safetensors".into(), message: error.to_string() })?;
+        let encoder = BertEncoder::load(&tensors, &config, dtype, device)?;
+        let info = ModelInfo {
+            dimension: encoder.hidden_size(),
+            max_seq_length: layout.max_seq_length,
+            layout,
+            vocab_size: config.vocab_size,
+        };
+        tracing::info!(?info, ?dtype, device = ?device, "embedding model loaded");
+        Ok(Self { tokenizer, truncating_tokenizer, encoder, info, pad_id })
+    }
+
+    /// What the model is.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Tokenizes (or checks) one input. Longer inputs are cut at the maximum length when `truncate`
+    /// is set, and rejected otherwise. `index` is the input's position, for error messages.
+    pub fn encode(&self, input: &EmbedInput, truncate: bool, index: usize) -> Result<EncodedInput> {
+        encode_input(&self.tokenizer, &self.truncating_tokenizer, &self.info, input, truncate, index)
+    }
+
+    /// A cheap clone of what tokenization needs, for use off the worker thread.
+    pub fn input_encoder(&self) -> InputEncoder {
+        InputEncoder {
+            tokenizer: self.tokenizer.clone(),
+            truncating_tokenizer: self.truncating_tokenizer.clone(),
+            info: self.info.clone(),
+        }
+    }
+
+    /// Embeds a batch in one forward pass: pads to the batch's longest input, pools, normalises
+    /// when the model says so. Inputs must be non-empty and within the maximum length.
+    pub fn embed_batch(&self, inputs: &[&EncodedInput]) -> Result<Vec<Vec<f32>>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lengths: Vec<usize> = inputs.iter().map(|input| input.ids.len()).collect();
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        if lengths.contains(&0) || longest > self.info.max_seq_length {
+            return Err(Error::Inference(format!(
+                "batch lengths {lengths:?} outside 1..={}",
+                self.info.max_seq_length
+            )));
+        }
+        let mut ids = Vec::with_capacity(inputs.len() * longest);
+        for input in inputs {
+            ids.extend_from_slice(&input.ids);
+            ids.extend(std::iter::repeat_n(self.pad_id, longest - input.ids.len()));
+        }
+        let device = self.encoder.device();
+        let ids = Tensor::from_vec(ids, (inputs.len(), longest), device)?;
+        let hidden = self.encoder.forward(&ids, &lengths)?;
+        let mut pooled = pool(&hidden, &lengths, self.info.layout.pooling)?;
+        if self.info.layout.normalize {
+            pooled = normalize(&pooled)?;
+        }
+        Ok(pooled.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+    }
+}
+
+/// Tokenization without the model, so callers can tokenize on their own threads.
+#[derive(Clone)]
+pub struct InputEncoder {
+    tokenizer: Tokenizer,
+    truncating_tokenizer: Tokenizer,
+    info: ModelInfo,
+}
+
+impl InputEncoder {
+    /// As [`Embedder::encode`].
+    pub fn encode(&self, input: &EmbedInput, truncate: bool, index: usize) -> Result<EncodedInput> {
+        encode_input(&self.tokenizer, &self.truncating_tokenizer, &self.info, input, truncate, index)
+    }
+
+    /// What the model is.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+fn encode_input(
+    tokenizer: &Tokenizer,
+    truncating_tokenizer: &Tokenizer,
+    info: &ModelInfo,
+    input: &EmbedInput,
+    truncate: bool,
+    index: usize,
+) -> Result<EncodedInput> {
+    let max_tokens = info.max_seq_length;
+    match input {
+        EmbedInput::Text(text) => {
+            let tokenizer_error = |error: tokenizers::Error| Error::Tokenizer(format!("input {index}: {error}"));
+            let encoding = truncating_tokenizer.encode(text.as_str(), true).map_err(tokenizer_error)?;
+            let truncated = !encoding.get_overflowing().is_empty();
+            if truncated && !truncate {
+                let tokens = tokenizer.encode(text.as_str(), true).map_err(tokenizer_error)?.len();
+                return Err(Error::InputTooLong { index, tokens, max_tokens });
+            }
+            let ids = encoding.get_ids().to_vec();
+            if ids.is_empty() {
+                return Err(Error::InvalidInput { index, message: "the text has no tokens".into() });
+            }
+            Ok(EncodedInput { ids, truncated })
+        }
+        EmbedInput::Tokens(ids) => {
+            if ids.is_empty() {
+                return Err(Error::InvalidInput { index, message: "the token array is empty".into() });
+            }
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= info.vocab_size) {
+                return Err(Error::InvalidInput {
+                    index,
+                    message: format!("token id {bad} is outside the vocabulary of {} tokens", info.vocab_size),
+                });
+            }
+            if ids.len() > max_tokens && !truncate {
+                return Err(Error::InputTooLong { index, tokens: ids.len(), max_tokens });
+            }
+            let truncated = ids.len() > max_tokens;
+            Ok(EncodedInput { ids: ids[..ids.len().min(max_tokens)].to_vec(), truncated })
+        }
+    }
+}
