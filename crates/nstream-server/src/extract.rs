@@ -73,10 +73,14 @@ fn json_error(path: String, error: serde_json::Error) -> ApiError {
         }
         Category::Data => {
             let parent = (path != ".").then_some(path);
-            // Missing and unknown fields are reported at their parent; name the field itself.
+            // A missing field is reported at its parent; name the field itself.
             let named_field =
                 quoted_field(&message, "unknown field `").or_else(|| quoted_field(&message, "missing field `"));
             let param = match (parent, named_field) {
+                // serde_path_to_error already ends the path with an unknown field's name.
+                (Some(parent), Some(field)) if parent == field || parent.ends_with(&format!(".{field}")) => {
+                    Some(parent)
+                }
                 (Some(parent), Some(field)) => Some(format!("{parent}.{field}")),
                 (None, Some(field)) => Some(field.to_owned()),
                 (parent, None) => parent,
