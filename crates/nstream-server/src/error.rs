@@ -12,7 +12,11 @@ use serde::Serialize;
 /// Server-side failures (5xx) carry a detail that is logged when the response is built and never
 /// sent to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
+pub struct ApiError(Box<Details>);
+
+/// Boxed so `Result<_, ApiError>` stays one pointer wide on the happy path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Details {
     status: StatusCode,
     message: String,
     error_type: &'static str,
@@ -39,7 +43,7 @@ pub(crate) struct ErrorFields<'a> {
 
 impl ApiError {
     fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(Details {
             status,
             message: message.into(),
             error_type,
@@ -47,23 +51,23 @@ impl ApiError {
             code: None,
             retry_after_seconds: None,
             detail: None,
-        }
+        }))
     }
 
     fn with_param(mut self, param: impl Into<String>) -> Self {
-        self.param = Some(param.into());
+        self.0.param = Some(param.into());
         self
     }
 
     fn with_code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
+        self.0.code = Some(code);
         self
     }
 
     /// 400 about the request as a whole or, with `param`, about one field.
     pub fn bad_request(message: impl Into<String>, param: Option<String>) -> Self {
         let mut error = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
-        error.param = param;
+        error.0.param = param;
         error
     }
 
@@ -133,50 +137,50 @@ impl ApiError {
             "The server had an internal error while processing the request",
         )
         .with_code("internal_error");
-        error.detail = Some(detail.into());
+        error.0.detail = Some(detail.into());
         error
     }
 
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
-        self.status
+        self.0.status
     }
 
     /// The client-facing message.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// The `param` field.
     pub fn param(&self) -> Option<&str> {
-        self.param.as_deref()
+        self.0.param.as_deref()
     }
 
     /// The `code` field.
     pub fn code(&self) -> Option<&'static str> {
-        self.code
+        self.0.code
     }
 
     pub(crate) fn fields(&self) -> ErrorFields<'_> {
         ErrorFields {
-            message: &self.message,
-            error_type: self.error_type,
-            param: self.param.as_deref(),
-            code: self.code,
+            message: &self.0.message,
+            error_type: self.0.error_type,
+            param: self.0.param.as_deref(),
+            code: self.0.code,
         }
     }
 
     /// Logs 5xx errors with their hidden detail; 4xx are the client's business, logged at debug.
     pub(crate) fn log(&self) {
-        if self.status.is_server_error() {
+        if self.0.status.is_server_error() {
             tracing::error!(
-                status = self.status.as_u16(),
-                code = self.code,
-                detail = self.detail.as_deref().unwrap_or(&self.message),
+                status = self.0.status.as_u16(),
+                code = self.0.code,
+                detail = self.0.detail.as_deref().unwrap_or(&self.0.message),
                 "request failed"
             );
         } else {
-            tracing::debug!(status = self.status.as_u16(), code = self.code, message = %self.message, "request rejected");
+            tracing::debug!(status = self.0.status.as_u16(), code = self.0.code, message = %self.0.message, "request rejected");
         }
     }
 }
@@ -184,7 +188,7 @@ impl ApiError {
 impl From<BackendError> for ApiError {
     fn from(error: BackendError) -> Self {
         let status = StatusCode::from_u16(error.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        Self {
+        Self(Box::new(Details {
             status,
             message: error.public_message(),
             error_type: error.error_type(),
@@ -192,7 +196,7 @@ impl From<BackendError> for ApiError {
             code: error.code(),
             retry_after_seconds: error.retry_after_seconds(),
             detail: error.is_server_error().then(|| error.to_string()),
-        }
+        }))
     }
 }
 
@@ -200,11 +204,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
         let body = ErrorBody { error: self.fields() };
-        let mut response = (self.status, Json(body)).into_response();
-        if let Some(seconds) = self.retry_after_seconds {
+        let mut response = (self.0.status, Json(body)).into_response();
+        if let Some(seconds) = self.0.retry_after_seconds {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        if self.status == StatusCode::UNAUTHORIZED {
+        if self.0.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
