@@ -39,6 +39,10 @@ mod model;
 mod usage;
 
 pub use backend::{ChatCompletionStream, CompletionStream, ModelBackend};
+// The request and response types every backend touches, also reachable from the crate root.
+pub use chat::{ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse};
+pub use completion::{CompletionChunk, CompletionRequest, CompletionResponse};
+pub use embedding::{EmbeddingRequest, EmbeddingResponse};
 pub use error::{BackendError, Result};
 #[cfg(feature = "fake")]
 pub use fake::{FakeBackend, FakeBackendStats};
