@@ -11,6 +11,7 @@
 //! tests (CLS, max, mean-sqrt-len and last-token pooling; no Normalize module; no
 //! sentence-transformers files at all; a `bert.`-prefixed state dict).
 
+mod backend;
 pub mod batching;
 pub mod bert;
 pub mod config;

@@ -54,13 +54,22 @@ pub struct EmbedOptions {
     pub threads: Option<usize>,
 }
 
+impl EmbedOptions {
+    /// Batching for a GPU: large batches keep it busy (text-embeddings-inference's defaults).
+    pub fn for_cuda(ordinal: usize) -> Self {
+        Self { device: DeviceSpec::Cuda(ordinal), max_batch_tokens: 16_384, max_batch_requests: 128, ..Self::default() }
+    }
+}
+
+/// CPU-tuned: on 2 cores small batches won (2,048 padded tokens / 16 inputs ran the fixture
+/// corpus 1.5x faster than 16,384 / 64, because padding costs more than per-batch overhead).
 impl Default for EmbedOptions {
     fn default() -> Self {
         Self {
             device: DeviceSpec::Cpu,
             dtype: None,
-            max_batch_tokens: 16_384,
-            max_batch_requests: 64,
+            max_batch_tokens: 2048,
+            max_batch_requests: 16,
             queue_capacity: 256,
             max_inputs_per_request: 2048,
             threads: None,
@@ -281,6 +290,11 @@ impl EmbeddingBackend {
         self.encoder.info()
     }
 
+    /// Whether the worker thread still takes requests.
+    pub fn is_running(&self) -> bool {
+        !self.sender.is_closed()
+    }
+
     /// The live counters.
     pub fn metrics(&self) -> &Arc<EmbedMetrics> {
         &self.metrics
@@ -395,6 +409,8 @@ impl Worker {
                 }
             }
         }
+        // Before replying, so a caller that got its answer never sees its own job still queued.
+        self.metrics.queue_depth.fetch_sub(job_count, Ordering::Relaxed);
         for (job, result) in live.into_iter().zip(results) {
             let answer = result.and_then(|slots| {
                 slots
@@ -410,7 +426,6 @@ impl Worker {
             // The caller may have gone meanwhile; nothing to do then.
             let _ = job.reply.send(answer);
         }
-        self.metrics.queue_depth.fetch_sub(job_count, Ordering::Relaxed);
     }
 
     fn run_batch(&self, inputs: &[&EncodedInput]) -> Result<Vec<Vec<f32>>> {

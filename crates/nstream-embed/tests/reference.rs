@@ -204,3 +204,27 @@ fn layout_variants_and_padding_invariance() {
     assert!(cosine(&batched[0], &normalised) > 0.999_999);
     assert!(cosine(&batched[1], &embed_one(&reference, "short")) > 0.999_999);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_openai_shaped_requests_through_model_backend() {
+    use nstream_backend::{BackendError, EmbeddingRequest, Input, ModelBackend};
+    let Some(hub) = hub() else { return };
+    let backend = EmbeddingBackend::load_with("minilm", &hub, &ModelSource::new(REPO), EmbedOptions::default(), None)
+        .expect("loads");
+    let model: Arc<dyn ModelBackend> = backend;
+    let description = model.describe();
+    assert_eq!((description.embedding_dimension, description.context_length), (Some(384), Some(256)));
+
+    let request = EmbeddingRequest::new("minilm", Input::TextBatch(vec!["one".into(), "two words".into()]));
+    let response = model.embed(request).await.expect("embeds");
+    assert_eq!(response.data.len(), 2);
+    assert_eq!(response.usage.prompt_tokens, 3 + 4);
+    assert_eq!(response.data[1].embedding.len(), 384);
+
+    let mut strict = EmbeddingRequest::new("minilm", Input::Text("word ".repeat(300)));
+    strict.truncate = false;
+    assert!(matches!(model.embed(strict).await, Err(BackendError::ContextLengthExceeded { max_tokens: 256, .. })));
+    let mut shorter = EmbeddingRequest::new("minilm", Input::Text("x".into()));
+    shorter.dimensions = Some(128);
+    assert!(matches!(model.embed(shorter).await, Err(BackendError::InvalidRequest { .. })));
+}
