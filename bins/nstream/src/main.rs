@@ -21,6 +21,11 @@ enum Command {
     Validate(commands::validate::ValidateArgs),
     /// Print the CustomResourceDefinitions of the three kinds as YAML.
     Crds(commands::crds::CrdsArgs),
+    /// Local mode: serve every servable model of a file on one port, routed by model name.
+    Up(commands::up::UpArgs),
+    /// Embed texts with an EmbeddingModel (a YAML file or a hub repository id) and print the
+    /// vectors or their cosine similarities.
+    Embed(commands::embed::EmbedArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +33,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => commands::validate::run(&args),
         Command::Crds(args) => commands::crds::run(&args),
+        Command::Up(args) => commands::up::run(&args),
+        Command::Embed(args) => commands::embed::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -24,7 +24,12 @@ fn stdout(output: &Output) -> String {
 
 #[test]
 fn valid_examples_pass() {
-    for file in ["examples/gpt-4-mega.yaml", "examples/llama3-8b-instruct.yaml", "examples/all-minilm-l6-v2.yaml", "examples/quickstart.yaml"] {
+    for file in [
+        "examples/gpt-4-mega.yaml",
+        "examples/llama3-8b-instruct.yaml",
+        "examples/all-minilm-l6-v2.yaml",
+        "examples/quickstart.yaml",
+    ] {
         let output = nstream(&["validate", "-f", file], None);
         assert!(output.status.success(), "{file}: {}", stdout(&output));
         assert!(stdout(&output).contains("valid"), "{}", stdout(&output));
@@ -42,7 +47,18 @@ fn the_invalid_folder_fails_with_one_line_per_problem() {
 
 #[test]
 fn json_output_is_a_report_for_machines() {
-    let output = nstream(&["validate", "-o", "json", "-f", "examples/invalid/18-cpu-request-above-limit.yaml", "-f", "examples/quickstart.yaml"], None);
+    let output = nstream(
+        &[
+            "validate",
+            "-o",
+            "json",
+            "-f",
+            "examples/invalid/18-cpu-request-above-limit.yaml",
+            "-f",
+            "examples/quickstart.yaml",
+        ],
+        None,
+    );
     assert_eq!(output.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     assert_eq!(report["valid"], false);
@@ -57,7 +73,8 @@ fn json_output_is_a_report_for_machines() {
 
 #[test]
 fn standard_input_is_read_with_a_dash() {
-    let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/claude-mega.yaml")).unwrap();
+    let yaml =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/claude-mega.yaml")).unwrap();
     let output = nstream(&["validate", "-f", "-"], Some(&yaml));
     assert!(output.status.success(), "{}", stdout(&output));
     assert!(stdout(&output).starts_with("-:"));

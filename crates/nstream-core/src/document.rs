@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::patterns;
 use crate::spec::{API_VERSION, BaseModel, EmbeddingModel, MegaModel};
 use crate::validate::{Check, Problem, quote};
-use crate::patterns;
 
 /// The kinds nstream serves.
 pub const KINDS: [&str; 3] = ["MegaModel", "BaseModel", "EmbeddingModel"];
@@ -143,7 +143,7 @@ pub struct Diagnostic {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     /// An nstream resource, valid when it has no diagnostics.
-    Resource(ModelResource),
+    Resource(Box<ModelResource>),
     /// A document of another API (a Secret, a Namespace) that nstream leaves alone.
     Foreign {
         /// Its `apiVersion`.
@@ -346,14 +346,17 @@ fn parse_document(text: &str, origin: Origin) -> LoadedDocument {
     let kind = field("kind");
     let ours_by_version = api_version.as_deref().is_some_and(|version| version.starts_with("llm.nstream"));
     let ours_by_kind = kind.as_deref().is_some_and(|kind| suggestion(kind, &KINDS).is_some());
-    if !ours_by_version && !ours_by_kind {
-        if let (Some(api_version), Some(kind)) = (api_version.clone(), kind.clone()) {
-            return LoadedDocument { origin, outcome: Outcome::Foreign { api_version, kind }, diagnostics };
-        }
+    if !ours_by_version
+        && !ours_by_kind
+        && let (Some(api_version), Some(kind)) = (api_version.clone(), kind.clone())
+    {
+        return LoadedDocument { origin, outcome: Outcome::Foreign { api_version, kind }, diagnostics };
     }
     match api_version.as_deref() {
         Some(API_VERSION) => {}
-        Some(other) => diagnostics.push(located("apiVersion", format!("found {}, expected {API_VERSION}", quote(other)))),
+        Some(other) => {
+            diagnostics.push(located("apiVersion", format!("found {}, expected {API_VERSION}", quote(other))))
+        }
         None => diagnostics.push(located("apiVersion", format!("missing, expected apiVersion: {API_VERSION}"))),
     }
     for key in mapping.keys() {
@@ -382,15 +385,20 @@ fn parse_document(text: &str, origin: Origin) -> LoadedDocument {
             }
             diagnostics.push(located("kind", message));
             let name = document_name(mapping);
-            return LoadedDocument { origin, outcome: Outcome::Unreadable { kind: other.map(str::to_string), name }, diagnostics };
+            return LoadedDocument {
+                origin,
+                outcome: Outcome::Unreadable { kind: other.map(str::to_string), name },
+                diagnostics,
+            };
         }
     };
     match typed {
         Ok(resource) => {
             for problem in resource.problems() {
-                diagnostics.push(located(&problem.path, format!("found {}, expected {}", problem.found, problem.expected)));
+                diagnostics
+                    .push(located(&problem.path, format!("found {}, expected {}", problem.found, problem.expected)));
             }
-            LoadedDocument { origin, outcome: Outcome::Resource(resource), diagnostics }
+            LoadedDocument { origin, outcome: Outcome::Resource(Box::new(resource)), diagnostics }
         }
         Err(error) => {
             diagnostics.push(yaml_diagnostic(&error, offset));

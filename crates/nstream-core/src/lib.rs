@@ -28,7 +28,9 @@ pub mod spec;
 pub mod status;
 pub mod validate;
 
-pub use document::{Diagnostic, LoadError, LoadedDocument, ModelResource, Origin, Outcome, load_path, parse_bytes, parse_str};
+pub use document::{
+    Diagnostic, LoadError, LoadedDocument, ModelResource, Origin, Outcome, load_path, parse_bytes, parse_str,
+};
 pub use quantity::{Amount, QuantityError, ResourceQuantity, parse_quantity};
 pub use replicas::Replicas;
 pub use secret::{SecretKeyRef, SecretSource, SecretString};

@@ -23,7 +23,9 @@ pub enum QuantityError {
     #[error("`{0}` does not start with a number")]
     MissingNumber(String),
     /// The suffix after the number is not one Kubernetes knows.
-    #[error("`{suffix}` is not a quantity suffix (use n, u, m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei or an exponent such as e3)")]
+    #[error(
+        "`{suffix}` is not a quantity suffix (use n, u, m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei or an exponent such as e3)"
+    )]
     UnknownSuffix {
         /// The suffix as written.
         suffix: String,
@@ -108,11 +110,7 @@ pub fn parse_quantity(text: &str) -> Result<Amount, QuantityError> {
     if digits.len() > 36 {
         return Err(QuantityError::TooLarge);
     }
-    let mantissa: i128 = if digits.is_empty() {
-        0
-    } else {
-        digits.parse().map_err(|_| QuantityError::TooLarge)?
-    };
+    let mantissa: i128 = if digits.is_empty() { 0 } else { digits.parse().map_err(|_| QuantityError::TooLarge)? };
     let fraction_length = i64::try_from(fraction_digits.len()).map_err(|_| QuantityError::TooLarge)?;
     let exponent = decimal_exponent
         .checked_add(9)

@@ -81,13 +81,7 @@ impl SecretKeyRef {
     pub fn environment_variable(&self) -> String {
         let normalise = |text: &str| {
             text.chars()
-                .map(|character| {
-                    if character.is_ascii_alphanumeric() {
-                        character.to_ascii_uppercase()
-                    } else {
-                        '_'
-                    }
-                })
+                .map(|character| if character.is_ascii_alphanumeric() { character.to_ascii_uppercase() } else { '_' })
                 .collect::<String>()
         };
         format!("NSTREAM_SECRET_{}_{}", normalise(&self.name), normalise(&self.key))

@@ -1,6 +1,11 @@
 //! The three custom resources of `llm.nstream.ai/v1`: field names are those of the
 //! specification (`shared/spec/models.md`), in camelCase.
 
+#![expect(
+    clippy::duplicated_attributes,
+    reason = "kube's printcolumn(...) repeats type_ and priority once per column, which this lint misreads"
+)]
+
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 use validator::Validate;
@@ -44,7 +49,12 @@ pub const ANTHROPIC_DEFAULT_VERSION: &str = "2023-06-01";
     doc = "A hosted foundation model (Azure OpenAI, OpenAI, Anthropic) that generates ground truth.",
     printcolumn(name = "Provider", type_ = "string", json_path = ".spec.modelProvider"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = "1"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = "1"
+    ),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -287,7 +297,12 @@ api_key_fields!(AzureOpenAiTemplate, OpenAiTemplate, AnthropicTemplate);
     printcolumn(name = "Replicas", type_ = "string", json_path = ".spec.baseModelServingTemplate.replicas"),
     printcolumn(name = "Ready-Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = "1"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = "1"
+    ),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -323,7 +338,12 @@ pub struct BaseModelSpec {
     printcolumn(name = "Replicas", type_ = "string", json_path = ".spec.embeddingModelServingTemplate.replicas"),
     printcolumn(name = "Ready-Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = "1"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = "1"
+    ),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]

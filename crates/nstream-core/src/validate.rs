@@ -85,7 +85,10 @@ fn expectation(path: &str, error: &validator::ValidationError) -> String {
         "regex" => {
             let field = path.rsplit('.').next().unwrap_or(path);
             match field {
-                "hfModelId" => "a Hugging Face repository id `org/name`, such as sentence-transformers/all-MiniLM-L6-v2".to_string(),
+                "hfModelId" => {
+                    "a Hugging Face repository id `org/name`, such as sentence-transformers/all-MiniLM-L6-v2"
+                        .to_string()
+                }
                 "apiVersion" => "an Azure OpenAI api-version such as 2023-10-01-preview or 2024-10-21".to_string(),
                 "deployment" => "an Azure deployment name: letters, digits, `.`, `_`, `-`, at most 64".to_string(),
                 "anthropicVersion" => "a date such as 2023-06-01".to_string(),
@@ -271,7 +274,9 @@ fn check_serving_template(template: &ServingTemplate, path: &str, problems: &mut
         ));
     }
     let mut all_valid = true;
-    for (section, resources) in [("resourceLimit", &template.resource_limit), ("resourceRequest", &template.resource_request)] {
+    for (section, resources) in
+        [("resourceLimit", &template.resource_limit), ("resourceRequest", &template.resource_request)]
+    {
         if let Some(resources) = resources {
             for (name, quantity) in resource_fields(resources) {
                 if let Some(quantity) = quantity {
@@ -300,7 +305,11 @@ impl Check for BaseModelSpec {
     fn problems(&self, prefix: &str) -> Vec<Problem> {
         let mut problems = field_rules(self, prefix);
         check_serving_info(&self.base_model_serving_info, &format!("{prefix}.baseModelServingInfo"), &mut problems);
-        check_serving_template(&self.base_model_serving_template, &format!("{prefix}.baseModelServingTemplate"), &mut problems);
+        check_serving_template(
+            &self.base_model_serving_template,
+            &format!("{prefix}.baseModelServingTemplate"),
+            &mut problems,
+        );
         problems
     }
 }
@@ -308,7 +317,11 @@ impl Check for BaseModelSpec {
 impl Check for EmbeddingModelSpec {
     fn problems(&self, prefix: &str) -> Vec<Problem> {
         let mut problems = field_rules(self, prefix);
-        check_serving_info(&self.embedding_model_serving_info, &format!("{prefix}.embeddingModelServingInfo"), &mut problems);
+        check_serving_info(
+            &self.embedding_model_serving_info,
+            &format!("{prefix}.embeddingModelServingInfo"),
+            &mut problems,
+        );
         check_serving_template(
             &self.embedding_model_serving_template,
             &format!("{prefix}.embeddingModelServingTemplate"),

@@ -36,7 +36,8 @@ fn printed_crds_deserialise_as_custom_resource_definitions() {
             version.additional_printer_columns.iter().flatten().map(|column| column.name.as_str()).collect();
         assert!(columns.contains(&"Ready") && columns.contains(&"Age"), "{columns:?}");
         assert!(!definition.spec.names.short_names.clone().unwrap_or_default().is_empty());
-        let schema = serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        let schema =
+            serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
         assert_structural(&schema, "openAPIV3Schema");
         kinds.push(definition.spec.names.kind);
     }

@@ -26,7 +26,7 @@ fn load_valid(path: &Path) -> Vec<ModelResource> {
         .map(|document| {
             assert!(document.diagnostics.is_empty(), "{}: {:?}", path.display(), document.diagnostics);
             match document.outcome {
-                Outcome::Resource(resource) => resource,
+                Outcome::Resource(resource) => *resource,
                 other => panic!("{}: not a resource: {other:?}", path.display()),
             }
         })
@@ -44,7 +44,7 @@ fn every_valid_example_round_trips() {
             assert_eq!(again.len(), 1);
             assert!(again[0].diagnostics.is_empty(), "{}: {:?}\n{yaml}", path.display(), again[0].diagnostics);
             let Outcome::Resource(reparsed) = &again[0].outcome else { panic!("{yaml}") };
-            assert_eq!(reparsed, &resource, "{} changed in a round trip", path.display());
+            assert_eq!(**reparsed, resource, "{} changed in a round trip", path.display());
             assert_eq!(reparsed.to_yaml().unwrap(), yaml, "serialisation is stable");
         }
     }

@@ -19,15 +19,41 @@ const SEED_DOCUMENTS: [&str; 3] = [
 
 /// Tokens that steer mutations towards the interesting parts of the grammar.
 const FRAGMENTS: [&str; 24] = [
-    "---\n", "...\n", ": ", "- ", "\n  ", "\"", "'", "{", "}", "[", "]", "&anchor ", "*anchor", "!!binary ", "? ",
-    "|\n", ">-\n", "1e400", "-1", "0.5", "99999999999999999999Ei", "\u{feff}", "\t", "~",
+    "---\n",
+    "...\n",
+    ": ",
+    "- ",
+    "\n  ",
+    "\"",
+    "'",
+    "{",
+    "}",
+    "[",
+    "]",
+    "&anchor ",
+    "*anchor",
+    "!!binary ",
+    "? ",
+    "|\n",
+    ">-\n",
+    "1e400",
+    "-1",
+    "0.5",
+    "99999999999999999999Ei",
+    "\u{feff}",
+    "\t",
+    "~",
 ];
 
 fn mutation() -> impl Strategy<Value = (usize, usize, Vec<u8>)> {
-    (0_usize..3, 0_usize..4000, prop_oneof![
-        proptest::collection::vec(any::<u8>(), 0..16),
-        (0_usize..FRAGMENTS.len()).prop_map(|index| FRAGMENTS[index].as_bytes().to_vec()),
-    ])
+    (
+        0_usize..3,
+        0_usize..4000,
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..16),
+            (0_usize..FRAGMENTS.len()).prop_map(|index| FRAGMENTS[index].as_bytes().to_vec()),
+        ],
+    )
 }
 
 proptest! {

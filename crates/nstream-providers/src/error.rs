@@ -33,8 +33,8 @@ pub enum ProviderError {
     Embedding {
         /// The resource name.
         name: String,
-        /// The cause.
-        source: nstream_embed::Error,
+        /// The cause (boxed: the embed error is large and this one travels far).
+        source: Box<nstream_embed::Error>,
     },
     /// The model file has invalid documents.
     #[error("{path} has invalid documents:\n{report}")]

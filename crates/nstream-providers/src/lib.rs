@@ -1,12 +1,14 @@
 //! Spec -> running model: turns nstream resources into `Arc<dyn ModelBackend>` (the one place
 //! that knows every provider), reads local-mode secrets, and serves a file of models.
 
+mod args;
 mod error;
 mod load;
 mod secrets;
 mod serve;
 
+pub use args::{DeviceArg, DtypeArg, ServeArgs};
 pub use error::{ProviderError, Result};
-pub use load::{LoadOptions, LoadedModel, load_model, model_source, servable};
+pub use load::{LoadOptions, LoadedModel, load_embedding_repo, load_model, model_source, servable};
 pub use secrets::{SecretLookup, resolve_secret};
 pub use serve::{ServeSettings, load_models, serve_file, serve_models};

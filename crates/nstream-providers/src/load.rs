@@ -59,7 +59,7 @@ pub fn load_model(resource: &ModelResource, options: &LoadOptions, secrets: &Sec
         ModelResource::EmbeddingModel(model) => {
             let source = model_source(&model.spec.embedding_model_serving_info, secrets)?;
             let backend = EmbeddingBackend::load(name.clone(), &source, options.embed.clone())
-                .map_err(|source| ProviderError::Embedding { name: name.clone(), source })?;
+                .map_err(|source| ProviderError::Embedding { name: name.clone(), source: Box::new(source) })?;
             Ok(LoadedModel { name, backend })
         }
         other => Err(ProviderError::NotServable {
@@ -68,4 +68,13 @@ pub fn load_model(resource: &ModelResource, options: &LoadOptions, secrets: &Sec
             reason: servable(other).unwrap_or_default().to_string(),
         }),
     }
+}
+
+/// Loads an embedding model straight from a hub repository id (`org/name`), for the CLI's
+/// `nstream embed --model org/name`. Blocking.
+pub fn load_embedding_repo(repo_id: &str, options: &LoadOptions) -> Result<LoadedModel> {
+    let name = repo_id.to_string();
+    let backend = EmbeddingBackend::load(name.clone(), &ModelSource::new(repo_id), options.embed.clone())
+        .map_err(|source| ProviderError::Embedding { name: name.clone(), source: Box::new(source) })?;
+    Ok(LoadedModel { name, backend })
 }

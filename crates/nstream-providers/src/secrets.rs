@@ -7,10 +7,13 @@ use nstream_core::{SecretKeyRef, SecretSource, SecretString};
 
 use crate::error::{ProviderError, Result};
 
+/// Reads an environment variable by name.
+type VariableLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// Where local mode looks up Secret references. Built from the process environment in
 /// production and from a map in tests.
 pub struct SecretLookup {
-    variable: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    variable: VariableLookup,
     secrets_dir: Option<PathBuf>,
 }
 
@@ -24,7 +27,10 @@ impl SecretLookup {
     }
 
     /// A lookup over a function and an optional folder (for tests).
-    pub fn new(variable: impl Fn(&str) -> Option<String> + Send + Sync + 'static, secrets_dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        variable: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+        secrets_dir: Option<PathBuf>,
+    ) -> Self {
         Self { variable: Box::new(variable), secrets_dir }
     }
 

@@ -54,7 +54,11 @@ fn report(documents: &[LoadedDocument]) -> String {
 
 /// Loads every servable model of valid documents; refuses a file with any invalid document, and
 /// skips (with a warning) kinds this build cannot serve yet. Blocking.
-pub fn load_models(documents: &[LoadedDocument], options: &LoadOptions, secrets: &SecretLookup) -> Result<Vec<LoadedModel>> {
+pub fn load_models(
+    documents: &[LoadedDocument],
+    options: &LoadOptions,
+    secrets: &SecretLookup,
+) -> Result<Vec<LoadedModel>> {
     if documents.iter().any(|document| !document.diagnostics.is_empty()) {
         let path = documents.first().map(|document| document.origin.file.clone()).unwrap_or_default();
         return Err(ProviderError::InvalidFile { path, report: report(documents) });

@@ -1,4 +1,13 @@
 //! One module per subcommand.
 
 pub mod crds;
+pub mod embed;
+pub mod up;
 pub mod validate;
+
+/// Logs to stderr at `info` unless RUST_LOG says otherwise.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

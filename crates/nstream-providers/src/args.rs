@@ -1,0 +1,102 @@
+//! The serving flags shared by `nstream up` and `nstream-server`, declared once.
+
+use clap::{Args, ValueEnum};
+use nstream_core::SecretString;
+use nstream_embed::{DeviceSpec, EmbedOptions, Precision};
+
+use crate::load::LoadOptions;
+use crate::serve::ServeSettings;
+
+/// Where models run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU (needs a build with the `cuda` feature).
+    Cuda,
+}
+
+/// The precision of weights and activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    /// 32-bit floats (the CPU default).
+    F32,
+    /// Half precision (the CUDA default).
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Keeps a flag's value in a redacting type, so printing the parsed flags never shows it.
+fn parse_secret(value: &str) -> Result<SecretString, String> {
+    if value.is_empty() { Err("the key is empty".to_string()) } else { Ok(SecretString::new(value)) }
+}
+
+/// Serving flags; every one can also be set by its `NSTREAM_*` environment variable.
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "NSTREAM_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "NSTREAM_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer <key>` on /v1 routes (health, ready and metrics stay open).
+    #[arg(long, env = "NSTREAM_API_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub api_key: Option<SecretString>,
+    /// Largest request body in bytes; larger ones get a 413.
+    #[arg(long, env = "NSTREAM_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most inputs in one embeddings request.
+    #[arg(long, env = "NSTREAM_MAX_EMBEDDING_INPUTS", default_value_t = 2048)]
+    pub max_embedding_inputs: usize,
+    /// Where models run.
+    #[arg(long, env = "NSTREAM_DEVICE", value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Precision; f32 on CPU and f16 on CUDA when omitted.
+    #[arg(long, env = "NSTREAM_DTYPE", value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// CPU threads per model (defaults to the cores available).
+    #[arg(long, env = "NSTREAM_THREADS")]
+    pub threads: Option<usize>,
+    /// Embeddings: most padded tokens (inputs × longest) in one forward pass.
+    #[arg(long, env = "NSTREAM_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Embeddings: most inputs in one forward pass.
+    #[arg(long, env = "NSTREAM_MAX_BATCH_REQUESTS")]
+    pub max_batch_requests: Option<usize>,
+    /// Requests that may wait for a model; more get a 503 with Retry-After.
+    #[arg(long, env = "NSTREAM_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
+}
+
+impl ServeArgs {
+    /// The settings these flags describe.
+    pub fn settings(&self) -> ServeSettings {
+        let mut embed = match self.device {
+            DeviceArg::Cpu => EmbedOptions::default(),
+            DeviceArg::Cuda => EmbedOptions::for_cuda(0),
+        };
+        embed.dtype = self.dtype.map(|dtype| match dtype {
+            DtypeArg::F32 => Precision::F32,
+            DtypeArg::F16 => Precision::F16,
+            DtypeArg::Bf16 => Precision::BF16,
+        });
+        if matches!(self.device, DeviceArg::Cpu) {
+            embed.device = DeviceSpec::Cpu;
+        }
+        embed.threads = self.threads.or(embed.threads);
+        embed.max_batch_tokens = self.max_batch_tokens.unwrap_or(embed.max_batch_tokens);
+        embed.max_batch_requests = self.max_batch_requests.unwrap_or(embed.max_batch_requests);
+        embed.queue_capacity = self.queue_capacity.unwrap_or(embed.queue_capacity);
+        embed.max_inputs_per_request = self.max_embedding_inputs;
+        ServeSettings {
+            host: self.host.clone(),
+            port: self.port,
+            api_key: self.api_key.clone(),
+            max_body_bytes: self.max_body_bytes,
+            max_embedding_inputs: self.max_embedding_inputs,
+            load: LoadOptions { embed },
+        }
+    }
+}
