@@ -4,11 +4,13 @@
 mod args;
 mod error;
 mod load;
+mod metrics;
 mod secrets;
 mod serve;
 
 pub use args::{DeviceArg, DtypeArg, ServeArgs};
 pub use error::{ProviderError, Result};
 pub use load::{LoadOptions, LoadedModel, load_embedding_repo, load_model, model_source, servable};
+pub use metrics::EmbedMetricsExporter;
 pub use secrets::{SecretLookup, resolve_secret};
 pub use serve::{ServeSettings, load_models, serve_file, serve_models};

@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
+use crate::metrics::EmbedMetricsExporter;
 use nstream_backend::ModelBackend;
 use nstream_core::{ModelResource, ServingInfo};
 use nstream_embed::{EmbedOptions, EmbeddingBackend};
-use nstream_hub::{ModelSource, SecretToken};
+use nstream_hub::{Hub, ModelSource, SecretToken};
 
 use crate::error::{ProviderError, Result};
 use crate::secrets::{SecretLookup, resolve_secret};
@@ -51,15 +52,25 @@ pub fn model_source(info: &ServingInfo, secrets: &SecretLookup) -> Result<ModelS
     Ok(source)
 }
 
-/// Loads one resource (downloading weights when online and not cached). Blocking: call it from
-/// a blocking context.
-pub fn load_model(resource: &ModelResource, options: &LoadOptions, secrets: &SecretLookup) -> Result<LoadedModel> {
+/// Loads one resource (downloading weights when online and not cached), exporting its metrics
+/// through `exporter` when given. Blocking: call it from a blocking context.
+pub fn load_model(
+    resource: &ModelResource,
+    options: &LoadOptions,
+    secrets: &SecretLookup,
+    exporter: Option<&EmbedMetricsExporter>,
+) -> Result<LoadedModel> {
     let name = resource.name().unwrap_or_default().to_string();
     match resource {
         ModelResource::EmbeddingModel(model) => {
             let source = model_source(&model.spec.embedding_model_serving_info, secrets)?;
-            let backend = EmbeddingBackend::load(name.clone(), &source, options.embed.clone())
-                .map_err(|source| ProviderError::Embedding { name: name.clone(), source: Box::new(source) })?;
+            let observer = exporter.as_ref().map(|exporter| exporter.observer(&name));
+            let backend =
+                EmbeddingBackend::load_with(name.clone(), &Hub::from_env(), &source, options.embed.clone(), observer)
+                    .map_err(|source| ProviderError::Embedding { name: name.clone(), source: Box::new(source) })?;
+            if let Some(exporter) = exporter {
+                exporter.track(&name, backend.metrics().clone());
+            }
             Ok(LoadedModel { name, backend })
         }
         other => Err(ProviderError::NotServable {

@@ -7,6 +7,7 @@ use nstream_server::{ApiKey, AppState, Metrics, ModelRegistry, ServerConfig};
 
 use crate::error::{ProviderError, Result};
 use crate::load::{LoadOptions, LoadedModel, load_model, servable};
+use crate::metrics::EmbedMetricsExporter;
 use crate::secrets::SecretLookup;
 
 /// Where and how to serve.
@@ -53,16 +54,19 @@ fn report(documents: &[LoadedDocument]) -> String {
 }
 
 /// Loads every servable model of valid documents; refuses a file with any invalid document, and
-/// skips (with a warning) kinds this build cannot serve yet. Blocking.
+/// skips (with a warning) kinds this build cannot serve yet. Each model's metrics go to `metrics`.
+/// Blocking.
 pub fn load_models(
     documents: &[LoadedDocument],
     options: &LoadOptions,
     secrets: &SecretLookup,
+    metrics: &Metrics,
 ) -> Result<Vec<LoadedModel>> {
     if documents.iter().any(|document| !document.diagnostics.is_empty()) {
         let path = documents.first().map(|document| document.origin.file.clone()).unwrap_or_default();
         return Err(ProviderError::InvalidFile { path, report: report(documents) });
     }
+    let exporter = EmbedMetricsExporter::register(metrics);
     let mut models = Vec::new();
     for resource in documents.iter().filter_map(LoadedDocument::valid_resource) {
         if let Some(reason) = servable(resource) {
@@ -71,15 +75,16 @@ pub fn load_models(
         }
         tracing::info!(kind = resource.kind(), name = resource.name(), "loading");
         let started = std::time::Instant::now();
-        let model = load_model(resource, options, secrets)?;
+        let model = load_model(resource, options, secrets, Some(&exporter))?;
         tracing::info!(name = %model.name, seconds = started.elapsed().as_secs_f64(), "loaded");
         models.push(model);
     }
     Ok(models)
 }
 
-/// Serves loaded models until SIGINT/SIGTERM, then finishes in-flight requests.
-pub async fn serve_models(models: Vec<LoadedModel>, settings: &ServeSettings) -> Result<()> {
+/// Serves loaded models until SIGINT/SIGTERM, then finishes in-flight requests. `metrics` is the
+/// registry the models were loaded with.
+pub async fn serve_models(models: Vec<LoadedModel>, settings: &ServeSettings, metrics: Metrics) -> Result<()> {
     let mut registry = ModelRegistry::new();
     let names: Vec<String> = models.iter().map(|model| model.name.clone()).collect();
     for model in models {
@@ -91,7 +96,7 @@ pub async fn serve_models(models: Vec<LoadedModel>, settings: &ServeSettings) ->
     if let Some(key) = &settings.api_key {
         config = config.with_api_key(ApiKey::new(key.expose()));
     }
-    let app = nstream_server::app(AppState::new(registry, config, Metrics::new()));
+    let app = nstream_server::app(AppState::new(registry, config, metrics));
     let address = format!("{}:{}", settings.host, settings.port);
     let listener = tokio::net::TcpListener::bind(&address)
         .await
@@ -108,15 +113,19 @@ pub async fn serve_file(path: &Path, settings: &ServeSettings) -> Result<()> {
     let documents = nstream_core::load_path(path)?;
     let options = settings.load.clone();
     let owned_path = path.to_path_buf();
-    let models = tokio::task::spawn_blocking(move || load_models(&documents, &options, &SecretLookup::from_env()))
-        .await
-        .map_err(|error| ProviderError::NotServable {
-            kind: "file".to_string(),
-            name: owned_path.display().to_string(),
-            reason: format!("the loading task failed: {error}"),
-        })??;
+    let metrics = Metrics::new();
+    let loading_metrics = metrics.clone();
+    let models = tokio::task::spawn_blocking(move || {
+        load_models(&documents, &options, &SecretLookup::from_env(), &loading_metrics)
+    })
+    .await
+    .map_err(|error| ProviderError::NotServable {
+        kind: "file".to_string(),
+        name: owned_path.display().to_string(),
+        reason: format!("the loading task failed: {error}"),
+    })??;
     if models.is_empty() {
         return Err(ProviderError::NothingToServe(path.to_path_buf()));
     }
-    serve_models(models, settings).await
+    serve_models(models, settings, metrics).await
 }

@@ -65,7 +65,7 @@ fn load(args: &EmbedArgs) -> anyhow::Result<LoadedModel> {
                 many.iter().filter_map(|resource| resource.name()).collect::<Vec<_>>().join(", ")
             ),
         };
-        Ok(load_model(resource, &options, &SecretLookup::from_env())?)
+        Ok(load_model(resource, &options, &SecretLookup::from_env(), None)?)
     } else if nstream_core::patterns::HF_REPO_ID.is_match(&args.model) {
         Ok(load_embedding_repo(&args.model, &options)?)
     } else {

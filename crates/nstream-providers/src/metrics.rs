@@ -1,0 +1,138 @@
+//! Embedding-model metrics on the server's Prometheus registry: the worker's counters read at
+//! scrape time, and a histogram of batch sizes fed by the worker after each forward pass.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use nstream_embed::{BatchObserver, BatchStats, EmbedMetrics, MetricsSnapshot};
+use nstream_server::Metrics;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+type ModelLabels = [(&'static str, String); 1];
+
+/// Reads each embedding model's counters when `/metrics` is scraped.
+#[derive(Debug, Default)]
+struct EmbedCollector {
+    models: Mutex<Vec<(String, Arc<EmbedMetrics>)>>,
+}
+
+/// One exported counter or gauge: name, help, type, and how to read it from a snapshot.
+type Series = (&'static str, &'static str, MetricType, fn(&MetricsSnapshot) -> u64);
+
+/// Every exported counter or gauge.
+const SERIES: [Series; 8] = [
+    ("nstream_embed_queue_depth", "Requests waiting for or inside the model worker.", MetricType::Gauge, |s| {
+        s.queue_depth
+    }),
+    ("nstream_embed_requests", "Requests accepted by the model worker.", MetricType::Counter, |s| s.requests_total),
+    ("nstream_embed_overloaded", "Requests refused because the queue was full.", MetricType::Counter, |s| {
+        s.overloaded_total
+    }),
+    ("nstream_embed_inputs", "Inputs embedded.", MetricType::Counter, |s| s.inputs_total),
+    ("nstream_embed_truncated_inputs", "Inputs cut at the model's maximum length.", MetricType::Counter, |s| {
+        s.truncated_total
+    }),
+    ("nstream_embed_batches", "Forward passes run.", MetricType::Counter, |s| s.batches_total),
+    ("nstream_embed_tokens", "Real tokens embedded.", MetricType::Counter, |s| s.tokens_total),
+    ("nstream_embed_padded_tokens", "Tokens computed including padding.", MetricType::Counter, |s| {
+        s.padded_tokens_total
+    }),
+];
+
+impl prometheus_client::collector::Collector for EmbedCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        let snapshots: Vec<(ModelLabels, MetricsSnapshot)> =
+            models.iter().map(|(name, metrics)| ([("model", name.clone())], metrics.snapshot())).collect();
+        for (name, help, metric_type, read) in SERIES {
+            let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+            for (labels, snapshot) in &snapshots {
+                let value = read(snapshot);
+                let metric_encoder = family.encode_family(labels)?;
+                match metric_type {
+                    MetricType::Gauge => {
+                        ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric_encoder)?
+                    }
+                    _ => ConstCounter::new(value).encode(metric_encoder)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Registers embedding metrics on a server's registry and hands out per-model observers.
+#[derive(Clone)]
+pub struct EmbedMetricsExporter {
+    collector: Arc<EmbedCollector>,
+    batch_sizes: Family<ModelLabels, Histogram>,
+    batch_seconds: Family<ModelLabels, Histogram>,
+}
+
+impl EmbedMetricsExporter {
+    /// Registers the collector and histograms on `metrics`' registry.
+    pub fn register(metrics: &Metrics) -> Self {
+        let collector = Arc::new(EmbedCollector::default());
+        let batch_sizes: Family<ModelLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 2.0, 9)));
+        let batch_seconds: Family<ModelLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14)));
+        metrics.with_registry(|registry| {
+            registry.register_collector(Box::new(collector.clone()));
+            registry.register("nstream_embed_batch_size", "Inputs per forward pass.", batch_sizes.clone());
+            registry.register(
+                "nstream_embed_batch_duration_seconds",
+                "Time of one forward pass.",
+                batch_seconds.clone(),
+            );
+        });
+        Self { collector, batch_sizes, batch_seconds }
+    }
+
+    /// An observer for the worker of model `name`.
+    pub fn observer(&self, name: &str) -> BatchObserver {
+        let labels: ModelLabels = [("model", name.to_string())];
+        let sizes = self.batch_sizes.get_or_create(&labels).clone();
+        let seconds = self.batch_seconds.get_or_create(&labels).clone();
+        Arc::new(move |stats: &BatchStats| {
+            sizes.observe(stats.size as f64);
+            seconds.observe(stats.duration.as_secs_f64());
+        })
+    }
+
+    /// Exports the counters of a loaded model.
+    pub fn track(&self, name: &str, metrics: Arc<EmbedMetrics>) {
+        self.collector.models.lock().unwrap_or_else(PoisonError::into_inner).push((name.to_string(), metrics));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    #[test]
+    fn counters_and_batches_appear_with_the_model_label() {
+        let metrics = Metrics::new();
+        let exporter = EmbedMetricsExporter::register(&metrics);
+        let embed_metrics = Arc::new(EmbedMetrics::default());
+        embed_metrics.queue_depth.store(3, Ordering::Relaxed);
+        embed_metrics.inputs_total.store(42, Ordering::Relaxed);
+        exporter.track("minilm", embed_metrics);
+        (exporter.observer("minilm"))(&BatchStats {
+            size: 8,
+            tokens: 80,
+            padded_tokens: 96,
+            duration: Duration::from_millis(5),
+        });
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("nstream_embed_queue_depth{model=\"minilm\"} 3"), "{text}");
+        assert!(text.contains("nstream_embed_inputs_total{model=\"minilm\"} 42"), "{text}");
+        assert!(text.contains("nstream_embed_batch_size_count{model=\"minilm\"} 1"), "{text}");
+    }
+}
