@@ -427,11 +427,16 @@ pub async fn api_error(response: reqwest::Response) -> Result<ApiError> {
     let content_type =
         response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).map(str::to_owned);
     let text = response.text().await.context("reading the error body")?;
+    parse_api_error(status, content_type, &text)
+}
+
+/// [`api_error`] for an answer already read: its status, `Content-Type` and body.
+pub fn parse_api_error(status: u16, content_type: Option<String>, text: &str) -> Result<ApiError> {
     if !content_type.as_deref().is_some_and(|value| value.starts_with("application/json")) {
         bail!("status {status}: content type {content_type:?}, not JSON: {text}");
     }
     let body: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("status {status}: the body is not JSON: {text}"))?;
+        serde_json::from_str(text).with_context(|| format!("status {status}: the body is not JSON: {text}"))?;
     let error =
         body.get("error").and_then(serde_json::Value::as_object).with_context(|| format!("no error: {body}"))?;
     let string = |key: &str| error.get(key).and_then(serde_json::Value::as_str).map(str::to_owned);
@@ -449,6 +454,112 @@ pub async fn api_error(response: reqwest::Response) -> Result<ApiError> {
     })
 }
 
+/// An HTTP answer read off a raw socket.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// The status of the final (non-1xx) answer.
+    pub status: u16,
+    /// Its headers, names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    /// Its body (`Content-Length` bytes, or everything until the connection closed).
+    pub body: String,
+}
+
+impl RawResponse {
+    /// The first value of a header (`name` in lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+}
+
+/// `POST path` with a JSON body over a fresh connection, the way curl sends large bodies: with
+/// `Expect: 100-continue`, uploading while reading, so an answer the server sends before it has
+/// read the whole body (a 413) is received even though the upload then fails. reqwest's client
+/// only reads the answer once the upload finished, so it reports a broken pipe instead.
+pub async fn post_while_reading(server: &Server, path: &str, body: Vec<u8>) -> Result<RawResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let address = server.base_url.trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&address).await.with_context(|| format!("connecting to {address}"))?;
+    let (mut reader, mut writer) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Expect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let upload = tokio::spawn(async move {
+        // The server may stop reading and close: a failed upload is expected, the answer counts.
+        if writer.write_all(head.as_bytes()).await.is_ok() {
+            let _ = writer.write_all(&body).await;
+        }
+    });
+    let mut received = Vec::new();
+    let mut buffer = [0_u8; 16 * 1024];
+    let answer = loop {
+        if let Some(answer) = parse_raw_response(&received)? {
+            break answer;
+        }
+        match tokio::time::timeout(READY_TIMEOUT, reader.read(&mut buffer)).await {
+            Err(_) => bail!("no complete answer within {READY_TIMEOUT:?}; received {:?}", String::from_utf8_lossy(&received)),
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                break parse_raw_response(&received)?.or_else(|| complete_at_close(&received)).with_context(|| {
+                    format!("the connection closed before a complete answer: {:?}", String::from_utf8_lossy(&received))
+                })?;
+            }
+            Ok(Ok(count)) => received.extend_from_slice(&buffer[..count]),
+        }
+    };
+    upload.abort();
+    Ok(answer)
+}
+
+/// The final answer in `bytes` once its head and `Content-Length` body are complete; interim 1xx
+/// answers (`100 Continue`) are skipped.
+fn parse_raw_response(bytes: &[u8]) -> Result<Option<RawResponse>> {
+    let mut rest = bytes;
+    loop {
+        let Some(end) = rest.windows(4).position(|window| window == b"\r\n\r\n") else { return Ok(None) };
+        let (status, headers) = parse_head(&rest[..end])?;
+        rest = &rest[end + 4..];
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let length = headers.iter().find(|(name, _)| name == "content-length").map(|(_, value)| value.parse::<usize>());
+        return match length {
+            Some(Ok(length)) if rest.len() >= length => {
+                Ok(Some(RawResponse { status, headers, body: String::from_utf8_lossy(&rest[..length]).into_owned() }))
+            }
+            Some(Ok(_)) | None => Ok(None),
+            Some(Err(error)) => Err(anyhow!("bad content-length: {error}")),
+        };
+    }
+}
+
+/// An answer without `Content-Length`, complete because the connection closed.
+fn complete_at_close(bytes: &[u8]) -> Option<RawResponse> {
+    let end = bytes.windows(4).rposition(|window| window == b"\r\n\r\n")?;
+    let head_start = bytes[..end].windows(4).rposition(|window| window == b"\r\n\r\n").map_or(0, |start| start + 4);
+    let (status, headers) = parse_head(&bytes[head_start..end]).ok()?;
+    let body = String::from_utf8_lossy(&bytes[end + 4..]).into_owned();
+    (status >= 200).then_some(RawResponse { status, headers, body })
+}
+
+fn parse_head(head: &[u8]) -> Result<(u16, Vec<(String, String)>)> {
+    let head = std::str::from_utf8(head).context("the answer's head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Ok((status, headers))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,5 +571,18 @@ mod tests {
         let text = "2026-01-01T00:00:00Z  INFO nstream_providers::serve: serving on http://[::1]:80/v1 models=[]";
         assert_eq!(served_address(text).as_deref(), Some("[::1]:80"));
         assert_eq!(served_address("loading"), None);
+    }
+
+    #[test]
+    fn skips_interim_answers_and_waits_for_the_whole_body() {
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let head = b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: 4\r\n\r\n";
+        let partial = [&interim[..], &head[..], b"{}"].concat();
+        assert!(parse_raw_response(&partial).expect("parses").is_none());
+        let whole = [&partial[..], b"[]"].concat();
+        let answer = parse_raw_response(&whole).expect("parses").expect("complete");
+        assert_eq!(answer.status, 413);
+        assert_eq!(answer.header("content-type"), Some("application/json"));
+        assert_eq!(answer.body, "{}[]");
     }
 }

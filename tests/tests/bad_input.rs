@@ -3,7 +3,7 @@
 //! one), and the server keeps serving afterwards (the process runs, `/health` answers and a valid
 //! request still embeds).
 
-use nstream_e2e::{ApiError, EMBEDDING_MODEL, Server, api_error};
+use nstream_e2e::{ApiError, EMBEDDING_MODEL, Server, api_error, parse_api_error, post_while_reading};
 use reqwest::header::CONTENT_TYPE;
 use serde_json::{Value, json};
 
@@ -143,10 +143,14 @@ async fn bodies_that_are_not_json_are_refused_clearly() {
 async fn oversized_requests_are_refused_without_hurting_the_server() {
     let mut server = Server::start(&[]).await.expect("the server starts");
 
-    // 10 MB, over the 4 MiB default body limit: 413 before it is parsed.
+    // 10 MB, over the 4 MiB default body limit: 413 before it is parsed. The server answers
+    // before it has read the whole body and then closes, so the client must read while it
+    // uploads (as curl does) to see the answer; see `post_while_reading`.
     let text = "a".repeat(10 * 1024 * 1024);
     let body = serde_json::to_vec(&json!({"model": EMBEDDING_MODEL, "input": text})).expect("serialises");
-    let error = post_raw(&server, Some("application/json"), body).await;
+    let answer = post_while_reading(&server, "/v1/embeddings", body).await.expect("an answer to 10 MB");
+    let error = parse_api_error(answer.status, answer.header("content-type").map(str::to_owned), &answer.body)
+        .expect("an OpenAI-shaped error");
     check("10 MB body", &error, &expect(413, None, &["larger than", "4194304 bytes"]));
     assert_eq!(error.code.as_deref(), Some("request_too_large"));
     server.check_serving().await.expect("still serving after 10 MB");

@@ -1,0 +1,138 @@
+//! The operational surface of the real `nstream-server` and `nstream up`: `/v1/models`, `/health`,
+//! `/ready`, `/metrics` (Prometheus text with `nstream_` series that count real requests), bearer
+//! authentication with `--api-key` (and `NSTREAM_API_KEY`), and a graceful stop on SIGTERM that
+//! exits 0.
+
+use std::process::Command;
+use std::time::Duration;
+
+use nstream_e2e::{Binary, DIMENSION, EMBEDDING_MODEL, Server, api_error, binary_path, quickstart_file};
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use serde_json::{Value, json};
+
+async fn get_json(server: &Server, path: &str) -> (StatusCode, Value) {
+    let response = server.client().get(server.url(path)).send().await.expect("answered");
+    let status = response.status();
+    (status, response.json().await.expect("a JSON answer"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_health_and_ready_describe_the_served_model() {
+    let server = Server::start(&[]).await.expect("the server starts");
+    let (status, models) = get_json(&server, "/v1/models").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models["object"], "list");
+    let data = models["data"].as_array().expect("data");
+    assert_eq!(data.len(), 1, "{models}");
+    assert_eq!(data[0]["id"], EMBEDDING_MODEL);
+    assert_eq!(data[0]["object"], "model");
+    assert!(data[0]["created"].is_u64(), "{models}");
+    assert!(data[0]["owned_by"].is_string(), "{models}");
+    assert_eq!(data[0]["nstream"]["embedding_dimension"], DIMENSION);
+
+    let (status, model) = get_json(&server, &format!("/v1/models/{EMBEDDING_MODEL}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(model["id"], EMBEDDING_MODEL);
+    let response = server.client().get(server.url("/v1/models/nope")).send().await.expect("answered");
+    let error = api_error(response).await.expect("OpenAI shape");
+    assert_eq!(error.status, 404, "{error:?}");
+
+    let (status, health) = get_json(&server, "/health").await;
+    assert_eq!((status, &health["status"]), (StatusCode::OK, &json!("ok")));
+    let (status, ready) = get_json(&server, "/ready").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["models"][EMBEDDING_MODEL]["status"], "ready", "{ready}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_inputs_and_tokens() {
+    let server = Server::start(&[]).await.expect("the server starts");
+    let answer = server.embed(&json!({"model": EMBEDDING_MODEL, "input": ["hello world", "a"]})).await.expect("ok");
+    assert_eq!(answer.status(), StatusCode::OK);
+    let answer = server.embed(&json!({"model": "missing", "input": "a"})).await.expect("answered");
+    assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+
+    let response = server.client().get(server.url("/metrics")).send().await.expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers().get("content-type").and_then(|value| value.to_str().ok()).map(str::to_owned);
+    assert!(content_type.as_deref().is_some_and(|value| value.starts_with("application/openmetrics-text")
+        || value.starts_with("text/plain")), "{content_type:?}");
+    let text = response.text().await.expect("text");
+    for expected in [
+        r#"nstream_server_requests_total{route="/v1/embeddings",model="all-minilm-l6-v2",status="200"} 1"#,
+        r#"nstream_server_embedding_inputs_total{model="all-minilm-l6-v2"} 2"#,
+        // "hello world" is [CLS] hello world [SEP], "a" is [CLS] a [SEP].
+        r#"nstream_server_tokens_total{model="all-minilm-l6-v2",kind="prompt"} 7"#,
+        "nstream_server_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(expected), "/metrics lacks {expected}:\n{text}");
+    }
+    // An unknown model name must not become a label (cardinality stays bounded).
+    assert!(!text.contains(r#"model="missing""#), "{text}");
+    assert!(text.lines().filter(|line| !line.starts_with('#')).all(|line| line.starts_with("nstream_")), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_guards_v1_and_leaves_probes_open() {
+    let mut server = Server::start(&["--api-key", "sk-test-e2e"]).await.expect("the server starts");
+    let body = json!({"model": EMBEDDING_MODEL, "input": "a"});
+    let url = server.url("/v1/embeddings");
+    let requests = [
+        ("no header", server.client().post(&url).json(&body)),
+        ("wrong key", server.client().post(&url).bearer_auth("sk-wrong").json(&body)),
+        ("not bearer", server.client().post(&url).header(AUTHORIZATION, "Basic c2stdGVzdC1lMmU=").json(&body)),
+        ("models without key", server.client().get(server.url("/v1/models"))),
+    ];
+    for (case, request) in requests {
+        let response = request.send().await.expect("answered");
+        assert_eq!(response.headers().get(WWW_AUTHENTICATE).map(|value| value.as_bytes()), Some(&b"Bearer"[..]));
+        let error = api_error(response).await.expect("OpenAI shape");
+        assert_eq!(error.status, 401, "{case}: {error:?}");
+        assert_eq!(error.code.as_deref(), Some("invalid_api_key"), "{case}: {error:?}");
+        assert!(!error.message.contains("sk-test-e2e"), "{case}: the key leaks: {error:?}");
+    }
+    let response = server.client().post(&url).bearer_auth("sk-test-e2e").json(&body).send().await.expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    for path in ["/health", "/ready", "/metrics"] {
+        let response = server.client().get(server.url(path)).send().await.expect("answered");
+        assert_eq!(response.status(), StatusCode::OK, "{path} stays open");
+    }
+    assert!(!server.logs().contains("sk-test-e2e"), "the key is logged:\n{}", server.logs());
+    assert!(server.exit_status().expect("checks").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_from_the_environment() {
+    let mut command = Command::new(binary_path(Binary::Server).expect("the server binary"));
+    command.arg("--model-file").arg(quickstart_file()).args(["--port", "0"]).env("NSTREAM_API_KEY", "sk-from-env");
+    let server = Server::spawn(command).await.expect("the server starts");
+    let models = server.url("/v1/models");
+    let response = server.client().get(&models).send().await.expect("answered");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let response = server.client().get(&models).bearer_auth("sk-from-env").send().await.expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_server_gracefully_with_exit_0() {
+    let mut server = Server::start(&[]).await.expect("the server starts");
+    server.check_serving().await.expect("serving");
+    let status = server.terminate(Duration::from_secs(30)).expect("exits after SIGTERM");
+    assert!(status.success(), "exit status {status}; output:\n{}", server.logs());
+    let logs = server.logs();
+    assert!(logs.contains("SIGTERM"), "{logs}");
+    assert!(logs.contains("stopped"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nstream_up_serves_the_same_api_and_stops_on_sigterm() {
+    let mut server = Server::start_up(&[]).await.expect("nstream up starts");
+    server.check_serving().await.expect("nstream up serves embeddings");
+    let (status, models) = get_json(&server, "/v1/models").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models["data"][0]["id"], EMBEDDING_MODEL);
+    let status = server.terminate(Duration::from_secs(30)).expect("exits after SIGTERM");
+    assert!(status.success(), "exit status {status}; output:\n{}", server.logs());
+}
