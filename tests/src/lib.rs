@@ -206,8 +206,15 @@ fn served_address(line: &str) -> Option<String> {
     Some(rest[..end].to_string()).filter(|address| !address.is_empty())
 }
 
-/// The environment every child gets: offline model files, logs the harness can read.
+/// The environment every child gets: offline model files, logs the harness can read, and no
+/// `NSTREAM_*` settings inherited from the shell running the tests (those a test sets stay).
 fn prepare(command: &mut Command) {
+    let chosen: Vec<_> = command.get_envs().map(|(key, _)| key.to_owned()).collect();
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("NSTREAM_") && !chosen.contains(&key) {
+            command.env_remove(&key);
+        }
+    }
     command
         .env("HF_HUB_OFFLINE", "1")
         .env("RUST_LOG", "info")
@@ -500,7 +507,9 @@ pub async fn post_while_reading(server: &Server, path: &str, body: Vec<u8>) -> R
             break answer;
         }
         match tokio::time::timeout(READY_TIMEOUT, reader.read(&mut buffer)).await {
-            Err(_) => bail!("no complete answer within {READY_TIMEOUT:?}; received {:?}", String::from_utf8_lossy(&received)),
+            Err(_) => {
+                bail!("no complete answer within {READY_TIMEOUT:?}; received {:?}", String::from_utf8_lossy(&received))
+            }
             Ok(Ok(0)) | Ok(Err(_)) => {
                 break parse_raw_response(&received)?.or_else(|| complete_at_close(&received)).with_context(|| {
                     format!("the connection closed before a complete answer: {:?}", String::from_utf8_lossy(&received))

@@ -54,7 +54,11 @@ async fn invalid_fields_are_400_naming_the_field() {
             expect(400, Some("input[1]"), &["empty"]),
         ),
         ("input is a number", json!({"model": EMBEDDING_MODEL, "input": 42}), expect(400, Some("input"), &["input"])),
-        ("input is an object", json!({"model": EMBEDDING_MODEL, "input": {"text": "a"}}), expect(400, Some("input"), &[])),
+        (
+            "input is an object",
+            json!({"model": EMBEDDING_MODEL, "input": {"text": "a"}}),
+            expect(400, Some("input"), &[]),
+        ),
         (
             "strings and token ids mixed",
             json!({"model": EMBEDDING_MODEL, "input": ["a", 1]}),
@@ -116,7 +120,12 @@ async fn bodies_that_are_not_json_are_refused_clearly() {
             b"{\"model\":\"all-minilm-l6-v2\",\"input\":\"caf\xe9\"}".to_vec(),
             expect(400, None, &["UTF-8", "offset"]),
         ),
-        ("malformed JSON", json, br#"{"model": "all-minilm-l6-v2", "input": "a""#.to_vec(), expect(400, None, &["JSON"])),
+        (
+            "malformed JSON",
+            json,
+            br#"{"model": "all-minilm-l6-v2", "input": "a""#.to_vec(),
+            expect(400, None, &["JSON"]),
+        ),
         ("trailing garbage", json, [&valid[..], b" and more"].concat(), expect(400, None, &["JSON"])),
         ("empty body", json, Vec::new(), expect(400, None, &["JSON"])),
         ("missing content type", None, valid.clone(), expect(415, None, &["Content-Type", "application/json"])),

@@ -57,8 +57,12 @@ async fn metrics_count_requests_inputs_and_tokens() {
     let response = server.client().get(server.url("/metrics")).send().await.expect("answered");
     assert_eq!(response.status(), StatusCode::OK);
     let content_type = response.headers().get("content-type").and_then(|value| value.to_str().ok()).map(str::to_owned);
-    assert!(content_type.as_deref().is_some_and(|value| value.starts_with("application/openmetrics-text")
-        || value.starts_with("text/plain")), "{content_type:?}");
+    assert!(
+        content_type
+            .as_deref()
+            .is_some_and(|value| value.starts_with("application/openmetrics-text") || value.starts_with("text/plain")),
+        "{content_type:?}"
+    );
     let text = response.text().await.expect("text");
     for expected in [
         r#"nstream_server_requests_total{route="/v1/embeddings",model="all-minilm-l6-v2",status="200"} 1"#,
