@@ -2,6 +2,7 @@
 
 pub mod model;
 pub mod sampling;
+pub mod template;
 pub mod tokenizer;
 mod error;
 
