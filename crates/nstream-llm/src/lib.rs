@@ -1,9 +1,25 @@
 //! Causal language models on candle: GGUF Llama loading, tokenizer, chat template, sampling, batching.
+//!
+//! [`LlmBackend::load`] resolves a GGUF through nstream-hub (cache first, offline-aware), builds
+//! the model ([`model`], a documented fork of candle's quantized llama with per-sequence KV caches
+//! and positions), the tokenizer from the file's metadata ([`tokenizer`]) and its chat template
+//! ([`template`]), and serves it from a scheduler thread with continuous batching
+//! ([`scheduler`]). It implements [`nstream_backend::ModelBackend`]: chat and legacy completions,
+//! streamed or not, with the OpenAI sampling options ([`sampling`]).
+//!
+//! Checked against llama.cpp on SmolLM2-135M-Instruct Q4_1 (tests/fixtures/llm): token ids equal
+//! on 20 varied texts; teacher-forced greedy steps agree 71/72 with the stored Q4_1 weights and
+//! 67/72 after re-quantising to Q8_0 (the rest are near-ties).
 
+mod backend;
+mod error;
 pub mod model;
 pub mod sampling;
+pub mod scheduler;
 pub mod template;
 pub mod tokenizer;
-mod error;
 
+pub use backend::{DeviceSpec, LlmBackend, LlmInfo, LlmOptions};
 pub use error::{Error, Result};
+pub use model::Requantize;
+pub use scheduler::LlmMetrics;

@@ -1,0 +1,354 @@
+//! The generation scheduler: one thread per model, continuous batching over per-sequence caches.
+//!
+//! Jobs (one or more sequences: a request's prompts × `n`) arrive on a bounded channel; a full
+//! channel is the caller's [`crate::Error::Overloaded`]. Between two decode steps the scheduler
+//! admits queued jobs while the running batch has room, so new sequences join a batch already
+//! decoding. Each step feeds every running sequence at once to [`LlamaModel::forward`]: one token
+//! for those decoding, a prompt chunk (bounded by a token budget) for those still prefilling, so
+//! a long prompt delays the others by one chunk at a time, not by its whole length. A sequence
+//! leaves the batch the moment it finishes, fails, or its receiver is dropped (client gone).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nstream_backend::chat::FinishReason;
+use tokio::sync::mpsc;
+
+use crate::model::{LlamaModel, SequenceCache, StepInput};
+use crate::sampling::{Sampler, SamplingParams, StopMatcher};
+use crate::tokenizer::{GgufTokenizer, IncrementalDecoder};
+
+/// One sequence to generate.
+#[derive(Debug)]
+pub struct SequenceRequest {
+    /// Position of this sequence among the request's choices (reported back on every event).
+    pub index: u32,
+    /// Prompt token ids, non-empty and inside the vocabulary.
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate; prompt plus this must fit the context (checked on admission).
+    pub max_new_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Stop strings (not included in the output).
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Where events go; dropping the receiver cancels the sequence.
+    pub events: mpsc::UnboundedSender<SequenceEvent>,
+}
+
+/// What a sequence reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SequenceEvent {
+    /// New text of choice `index`.
+    Text {
+        /// The choice.
+        index: u32,
+        /// The text (never empty).
+        text: String,
+    },
+    /// Choice `index` ended.
+    Finished {
+        /// The choice.
+        index: u32,
+        /// Stop (end of sequence or stop string) or length.
+        reason: FinishReason,
+        /// Tokens generated, the end-of-sequence token included.
+        completion_tokens: usize,
+    },
+    /// Choice `index` failed (the forward pass returned an error or panicked).
+    Failed {
+        /// The choice.
+        index: u32,
+        /// Why, for logs.
+        message: String,
+    },
+}
+
+/// Sequences admitted together (a request's prompts × `n`).
+#[derive(Debug)]
+pub struct Job {
+    /// The sequences.
+    pub sequences: Vec<SequenceRequest>,
+}
+
+/// How the scheduler batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedulerLimits {
+    /// Most sequences decoding together (a job larger than this still runs, alone).
+    pub max_running_sequences: usize,
+    /// Most prompt tokens prefilled in one step, over all sequences.
+    pub prefill_chunk_tokens: usize,
+}
+
+/// Live counters of a scheduler, shared with the backend (all monotonic except the gauges).
+#[derive(Debug, Default)]
+pub struct LlmMetrics {
+    /// Gauge: jobs waiting in the admission queue.
+    pub queue_depth: AtomicU64,
+    /// Gauge: sequences in the running batch.
+    pub running_sequences: AtomicU64,
+    /// Jobs accepted.
+    pub requests_total: AtomicU64,
+    /// Jobs refused because the queue was full.
+    pub overloaded_total: AtomicU64,
+    /// Prompt tokens prefilled.
+    pub prompt_tokens_total: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens_total: AtomicU64,
+    /// Sequences dropped because their receiver went away.
+    pub cancelled_total: AtomicU64,
+    /// Forward steps run.
+    pub steps_total: AtomicU64,
+    /// Time in forward steps, microseconds.
+    pub step_micros_total: AtomicU64,
+}
+
+struct Running {
+    request: SequenceRequest,
+    cache: SequenceCache,
+    prefilled: usize,
+    last: [u32; 1],
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    generated: usize,
+}
+
+enum Outcome {
+    Continue,
+    Finished(FinishReason),
+}
+
+/// The scheduler's state on its thread.
+pub struct Scheduler {
+    model: LlamaModel,
+    tokenizer: Arc<GgufTokenizer>,
+    receiver: mpsc::Receiver<Job>,
+    limits: SchedulerLimits,
+    metrics: Arc<LlmMetrics>,
+    running: Vec<Running>,
+}
+
+/// The first cache allocation of a sequence: the prompt and a stretch of answer; it doubles
+/// from there when needed.
+const INITIAL_ANSWER_CAPACITY: usize = 128;
+
+impl Scheduler {
+    /// A scheduler over `model` taking jobs from `receiver`.
+    pub fn new(
+        model: LlamaModel,
+        tokenizer: Arc<GgufTokenizer>,
+        receiver: mpsc::Receiver<Job>,
+        limits: SchedulerLimits,
+        metrics: Arc<LlmMetrics>,
+    ) -> Self {
+        Self { model, tokenizer, receiver, limits, metrics, running: Vec::new() }
+    }
+
+    /// Serves until every sender is gone and the batch is empty.
+    pub fn run(mut self) {
+        loop {
+            if !self.admit() {
+                break;
+            }
+            self.drop_cancelled();
+            if self.running.is_empty() {
+                continue;
+            }
+            self.step();
+        }
+        tracing::debug!("generation scheduler stopped: every sender is gone");
+    }
+
+    /// Takes queued jobs while there is room; blocks when nothing runs. False when the channel
+    /// is closed and nothing is left to do.
+    fn admit(&mut self) -> bool {
+        loop {
+            let room = self.limits.max_running_sequences.saturating_sub(self.running.len());
+            if !self.running.is_empty() && room == 0 {
+                return true;
+            }
+            let job = if self.running.is_empty() {
+                match self.receiver.blocking_recv() {
+                    Some(job) => job,
+                    None => return false,
+                }
+            } else {
+                match self.receiver.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => return true,
+                }
+            };
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            for request in job.sequences {
+                if request.events.is_closed() {
+                    self.metrics.cancelled_total.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let limit = request.prompt.len() + request.max_new_tokens;
+                let cache = match self.model.new_cache(request.prompt.len() + INITIAL_ANSWER_CAPACITY, limit) {
+                    Ok(cache) if cache.limit() == limit => cache,
+                    Ok(_) => {
+                        fail(&request, "the sequence does not fit the context".into());
+                        continue;
+                    }
+                    Err(error) => {
+                        fail(&request, error.to_string());
+                        continue;
+                    }
+                };
+                let sampler = Sampler::new(request.sampling.clone(), &request.prompt);
+                let stop = StopMatcher::new(request.stop.clone());
+                self.running.push(Running {
+                    request,
+                    cache,
+                    prefilled: 0,
+                    last: [0],
+                    sampler,
+                    decoder: IncrementalDecoder::default(),
+                    stop,
+                    generated: 0,
+                });
+            }
+            self.metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.running.len();
+        self.running.retain(|sequence| !sequence.request.events.is_closed());
+        let cancelled = before - self.running.len();
+        if cancelled > 0 {
+            self.metrics.cancelled_total.fetch_add(cancelled as u64, Ordering::Relaxed);
+            self.metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// One forward step over the batch, then sampling and bookkeeping.
+    fn step(&mut self) {
+        let started = std::time::Instant::now();
+        let mut budget = self.limits.prefill_chunk_tokens.max(1);
+        // (index in running, tokens fed, whether the step ends its prompt or decodes)
+        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+        for (position, sequence) in self.running.iter().enumerate() {
+            let remaining = sequence.request.prompt.len() - sequence.prefilled;
+            if remaining == 0 {
+                plan.push((position, 1, true));
+            } else if budget > 0 {
+                let chunk = remaining.min(budget);
+                budget -= chunk;
+                plan.push((position, chunk, chunk == remaining));
+            }
+        }
+        let result = {
+            let mut inputs: Vec<StepInput<'_>> = Vec::with_capacity(plan.len());
+            let mut planned = plan.iter().peekable();
+            for (position, sequence) in self.running.iter_mut().enumerate() {
+                let Some(&(_, count, _)) = planned.next_if(|(planned, _, _)| *planned == position) else {
+                    continue;
+                };
+                let Running { request, cache, prefilled, last, .. } = sequence;
+                let tokens: &[u32] = if *prefilled < request.prompt.len() {
+                    &request.prompt[*prefilled..*prefilled + count]
+                } else {
+                    last.as_slice()
+                };
+                inputs.push(StepInput { tokens, cache });
+            }
+            let model = &self.model;
+            std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&mut inputs)))
+                .unwrap_or_else(|_| Err(crate::Error::Inference("the forward pass panicked".into())))
+                .and_then(|logits| Ok(logits.to_vec2::<f32>()?))
+        };
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.metrics.steps_total.fetch_add(1, Ordering::Relaxed);
+        self.metrics.step_micros_total.fetch_add(micros, Ordering::Relaxed);
+
+        let mut finished = vec![false; self.running.len()];
+        match result {
+            Err(error) => {
+                tracing::error!(%error, "generation step failed");
+                for &(position, _, _) in &plan {
+                    fail(&self.running[position].request, error.to_string());
+                    finished[position] = true;
+                }
+            }
+            Ok(rows) => {
+                for (&(position, count, samples), mut logits) in plan.iter().zip(rows) {
+                    let sequence = &mut self.running[position];
+                    if sequence.prefilled < sequence.request.prompt.len() {
+                        sequence.prefilled += count;
+                        self.metrics.prompt_tokens_total.fetch_add(count as u64, Ordering::Relaxed);
+                    }
+                    if !samples {
+                        continue;
+                    }
+                    let token = sequence.sampler.sample(&mut logits);
+                    self.metrics.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
+                    if let Outcome::Finished(reason) = accept(sequence, token, &self.tokenizer) {
+                        let _ = sequence.request.events.send(SequenceEvent::Finished {
+                            index: sequence.request.index,
+                            reason,
+                            completion_tokens: sequence.generated,
+                        });
+                        finished[position] = true;
+                    }
+                }
+            }
+        }
+        let mut position = 0;
+        self.running.retain(|_| {
+            position += 1;
+            !finished[position - 1]
+        });
+        self.metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+    }
+}
+
+fn fail(request: &SequenceRequest, message: String) {
+    let _ = request.events.send(SequenceEvent::Failed { index: request.index, message });
+}
+
+fn send_text(sequence: &Running, text: String) {
+    if !text.is_empty() {
+        let _ = sequence.request.events.send(SequenceEvent::Text { index: sequence.request.index, text });
+    }
+}
+
+/// Takes a sampled token: streams its text, and says whether the sequence is done.
+fn accept(sequence: &mut Running, token: u32, tokenizer: &GgufTokenizer) -> Outcome {
+    sequence.generated += 1;
+    let flush = |sequence: &mut Running| {
+        let tail = sequence.decoder.finish(tokenizer).unwrap_or_default();
+        let (text, stopped) = sequence.stop.push(&tail);
+        send_text(sequence, text);
+        if !stopped {
+            let rest = sequence.stop.finish();
+            send_text(sequence, rest);
+        }
+    };
+    if !sequence.request.ignore_eos && tokenizer.stop_tokens().contains(&token) {
+        flush(sequence);
+        return Outcome::Finished(FinishReason::Stop);
+    }
+    let piece = match sequence.decoder.push(tokenizer, token) {
+        Ok(piece) => piece,
+        Err(error) => {
+            tracing::warn!(%error, token, "cannot decode a generated token");
+            String::new()
+        }
+    };
+    let (text, stopped) = sequence.stop.push(&piece);
+    send_text(sequence, text);
+    if stopped {
+        return Outcome::Finished(FinishReason::Stop);
+    }
+    if sequence.generated >= sequence.request.max_new_tokens || sequence.cache.len() + 1 > sequence.cache.limit() {
+        flush(sequence);
+        return Outcome::Finished(FinishReason::Length);
+    }
+    sequence.last = [token];
+    Outcome::Continue
+}
