@@ -76,7 +76,9 @@ impl AnthropicWire {
                     for call in message.tool_calls.iter().flatten() {
                         let input: Value = serde_json::from_str(&call.function.arguments).unwrap_or_else(|_| json!({}));
                         let input = if input.is_object() { input } else { json!({}) };
-                        blocks.push(json!({"type": "tool_use", "id": call.id, "name": call.function.name, "input": input}));
+                        blocks.push(
+                            json!({"type": "tool_use", "id": call.id, "name": call.function.name, "input": input}),
+                        );
                     }
                     ("assistant", blocks)
                 }
@@ -87,7 +89,10 @@ impl AnthropicWire {
                             "a tool message needs `tool_call_id`",
                         ));
                     };
-                    ("user", vec![json!({"type": "tool_result", "tool_use_id": tool_use_id, "content": message.text()})])
+                    (
+                        "user",
+                        vec![json!({"type": "tool_result", "tool_use_id": tool_use_id, "content": message.text()})],
+                    )
                 }
             };
             if blocks.is_empty() {
@@ -100,14 +105,19 @@ impl AnthropicWire {
             }
         }
         if messages.is_empty() {
-            return Err(BackendError::invalid_param("messages", "Anthropic needs at least one user or assistant message"));
+            return Err(BackendError::invalid_param(
+                "messages",
+                "Anthropic needs at least one user or assistant message",
+            ));
         }
         let mut body = Map::new();
         body.insert("model".into(), json!(self.model));
         body.insert("max_tokens".into(), json!(self.max_tokens(request)));
         body.insert(
             "messages".into(),
-            Value::Array(messages.into_iter().map(|(role, content)| json!({"role": role, "content": content})).collect()),
+            Value::Array(
+                messages.into_iter().map(|(role, content)| json!({"role": role, "content": content})).collect(),
+            ),
         );
         if !system.is_empty() {
             body.insert("system".into(), json!(system.join("\n\n")));
@@ -225,7 +235,8 @@ fn finish_reason(stop_reason: Option<&str>) -> Option<FinishReason> {
 
 /// Anthropic's usage: prompt tokens include cache writes and reads.
 fn usage(value: &Value) -> Usage {
-    let count = |field: &str| value.get(field).and_then(Value::as_u64).map_or(0, |count| count.min(u64::from(u32::MAX)) as u32);
+    let count =
+        |field: &str| value.get(field).and_then(Value::as_u64).map_or(0, |count| count.min(u64::from(u32::MAX)) as u32);
     let prompt = count("input_tokens")
         .saturating_add(count("cache_creation_input_tokens"))
         .saturating_add(count("cache_read_input_tokens"));
@@ -337,7 +348,10 @@ impl StreamTranslator {
                 if let Some(start_usage) = message.get("usage") {
                     self.usage = usage(start_usage);
                 }
-                vec![self.chunk(ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() }, None)]
+                vec![self.chunk(
+                    ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() },
+                    None,
+                )]
             }
             "content_block_start" => {
                 let block = value.get("content_block").unwrap_or(&Value::Null);
@@ -462,7 +476,9 @@ mod tests {
         ]));
         let request = ChatCompletionRequest {
             temperature: Some(1.5),
-            tools: Some(vec![json!({"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}})]),
+            tools: Some(vec![
+                json!({"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}),
+            ]),
             tool_choice: Some(json!("required")),
             parallel_tool_calls: Some(false),
             ..ChatCompletionRequest::new(
@@ -485,14 +501,26 @@ mod tests {
         assert_eq!(body["tools"][0], json!({"name": "weather", "input_schema": {"type": "object"}}));
         let messages = body["messages"].as_array().expect("array");
         assert_eq!(messages.len(), 3, "tool result and next user turn merge: {messages:?}");
-        assert_eq!(messages[1]["content"][1], json!({"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Paris"}}));
-        assert_eq!(messages[2]["content"][0], json!({"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}));
-        assert_eq!(messages[2]["content"][2]["source"], json!({"type": "base64", "media_type": "image/png", "data": "AAAA"}));
+        assert_eq!(
+            messages[1]["content"][1],
+            json!({"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Paris"}})
+        );
+        assert_eq!(
+            messages[2]["content"][0],
+            json!({"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"})
+        );
+        assert_eq!(
+            messages[2]["content"][2]["source"],
+            json!({"type": "base64", "media_type": "image/png", "data": "AAAA"})
+        );
     }
 
     #[test]
     fn rejects_what_anthropic_cannot_do() {
-        let request = ChatCompletionRequest { n: Some(2), ..ChatCompletionRequest::new("m", vec![ChatMessage::new(Role::User, "x")]) };
+        let request = ChatCompletionRequest {
+            n: Some(2),
+            ..ChatCompletionRequest::new("m", vec![ChatMessage::new(Role::User, "x")])
+        };
         assert_eq!(wire().body(&request, false).unwrap_err().param(), Some("n"));
         let only_system = ChatCompletionRequest::new("m", vec![ChatMessage::new(Role::System, "x")]);
         assert_eq!(wire().body(&only_system, false).unwrap_err().param(), Some("messages"));

@@ -195,10 +195,9 @@ impl HostedBackend {
     /// embeddings deployment, a one-word embedding).
     pub async fn check(&self) -> CheckReport {
         let (target, request) = match &self.wire {
-            Wire::OpenAi(wire @ OpenAiWire::OpenAi { model, .. }) => (
-                model.clone(),
-                self.prepare(Method::GET, wire.url(&format!("models/{model}")), None, 0),
-            ),
+            Wire::OpenAi(wire @ OpenAiWire::OpenAi { model, .. }) => {
+                (model.clone(), self.prepare(Method::GET, wire.url(&format!("models/{model}")), None, 0))
+            }
             Wire::OpenAi(wire @ OpenAiWire::Azure { deployment, api_version, .. }) => {
                 // Reasoning deployments accept only max_completion_tokens; versions before it only max_tokens.
                 let limit =
@@ -313,7 +312,10 @@ impl ModelBackend for HostedBackend {
         }
     }
 
-    async fn chat_stream(&self, request: ChatCompletionRequest) -> std::result::Result<ChatCompletionStream, BackendError> {
+    async fn chat_stream(
+        &self,
+        request: ChatCompletionRequest,
+    ) -> std::result::Result<ChatCompletionStream, BackendError> {
         let request = ChatCompletionRequest { stream: true, ..request };
         let include_usage = request.include_usage();
         let prompt_tokens = estimate_prompt_tokens(&request);
@@ -341,8 +343,7 @@ impl ModelBackend for HostedBackend {
                 let tokens = prompt_tokens + u64::from(wire.max_tokens(&request));
                 let prepared = self.prepare(Method::POST, wire.messages_url(), Some(&body), tokens);
                 let answer = self.transport.send(&prepared).await?;
-                let decoder =
-                    Decoder::Anthropic { translator: StreamTranslator::new(&request.model), include_usage };
+                let decoder = Decoder::Anthropic { translator: StreamTranslator::new(&request.model), include_usage };
                 self.stream_state(answer, decoder)
             }
         };
@@ -453,7 +454,8 @@ impl StreamState {
                 match openai::parse_chat_chunk(data, served_as) {
                     Ok(StreamItem::Chunk(chunk)) => {
                         *saw_usage |= chunk.usage.is_some();
-                        *completion_pieces += chunk.choices.iter().filter(|choice| choice.delta.content.is_some()).count() as u64;
+                        *completion_pieces +=
+                            chunk.choices.iter().filter(|choice| choice.delta.content.is_some()).count() as u64;
                         *saw_finish |= chunk.choices.iter().any(|choice| choice.finish_reason.is_some());
                         last_id.clone_from(&chunk.id);
                         *created = chunk.created;
@@ -542,8 +544,9 @@ mod tests {
     #[test]
     fn construction_checks_template_endpoint_and_key() {
         let key = || SecretString::new("azure-key-0123456789abcdef");
-        let backend = HostedBackend::new("m", &azure_spec("https://r.openai.azure.com/"), key(), HostedOptions::default())
-            .expect("valid");
+        let backend =
+            HostedBackend::new("m", &azure_spec("https://r.openai.azure.com/"), key(), HostedOptions::default())
+                .expect("valid");
         assert_eq!(backend.endpoint(), "https://r.openai.azure.com");
         let debug = format!("{backend:?}");
         assert!(!debug.contains("azure-key"), "{debug}");
@@ -552,7 +555,12 @@ mod tests {
             Err(Error::InvalidEndpoint { .. })
         ));
         assert!(matches!(
-            HostedBackend::new("m", &azure_spec("https://r.openai.azure.com"), SecretString::new(" "), HostedOptions::default()),
+            HostedBackend::new(
+                "m",
+                &azure_spec("https://r.openai.azure.com"),
+                SecretString::new(" "),
+                HostedOptions::default()
+            ),
             Err(Error::InvalidApiKey)
         ));
         assert!(matches!(

@@ -64,7 +64,9 @@ impl CheckProblem {
             Self::Unauthorized => {
                 "the provider refused the key: check apikey/apikeySecretRef (a stray newline in a Secret is common); for Azure the key must belong to the resource of `endpoint`"
             }
-            Self::Forbidden => "the key is valid but not allowed here: check the resource's network rules or the project/organization",
+            Self::Forbidden => {
+                "the key is valid but not allowed here: check the resource's network rules or the project/organization"
+            }
             Self::DeploymentNotFound => {
                 "no deployment of that name in this Azure resource: `deployment` is the deployment name (not the model name); a deployment created in the last few minutes may not be visible yet"
             }
@@ -154,16 +156,25 @@ mod tests {
 
     #[test]
     fn classifies_the_usual_failures() {
-        let not_found = parsed(r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#);
+        let not_found = parsed(
+            r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#,
+        );
         assert_eq!(CheckProblem::classify(404, &not_found), CheckProblem::DeploymentNotFound);
         let version = parsed(r#"{"error":{"code":"BadRequest","message":"API version not supported"}}"#);
         assert_eq!(CheckProblem::classify(400, &version), CheckProblem::UnsupportedApiVersion);
         let denied = parsed(r#"{"error":{"code":"401","message":"Access denied due to invalid subscription key"}}"#);
         assert_eq!(CheckProblem::classify(401, &denied), CheckProblem::Unauthorized);
-        assert_eq!(CheckProblem::classify(404, &parsed(r#"{"error":{"code":"404","message":"Resource not found"}}"#)), CheckProblem::ResourceNotFound);
-        let model = parsed(r#"{"error":{"message":"The model `gpt-9` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#);
+        assert_eq!(
+            CheckProblem::classify(404, &parsed(r#"{"error":{"code":"404","message":"Resource not found"}}"#)),
+            CheckProblem::ResourceNotFound
+        );
+        let model = parsed(
+            r#"{"error":{"message":"The model `gpt-9` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#,
+        );
         assert_eq!(CheckProblem::classify(404, &model), CheckProblem::ModelNotFound);
-        let quota = parsed(r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#);
+        let quota = parsed(
+            r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#,
+        );
         assert_eq!(CheckProblem::classify(429, &quota), CheckProblem::QuotaExceeded);
         assert_eq!(CheckProblem::classify(529, &parsed("overloaded")), CheckProblem::RateLimited);
     }
@@ -176,7 +187,10 @@ mod tests {
         report.problem = Some(CheckProblem::DeploymentNotFound);
         report.detail = "DeploymentNotFound: missing".into();
         let line = report.to_string();
-        assert!(line.starts_with("gpt: FAILED (AzureOpenAI gpt4o at https://r.openai.azure.com, HTTP 404, 42 ms)"), "{line}");
+        assert!(
+            line.starts_with("gpt: FAILED (AzureOpenAI gpt4o at https://r.openai.azure.com, HTTP 404, 42 ms)"),
+            "{line}"
+        );
         assert!(line.contains("deployment name (not the model name)"), "{line}");
         assert!(!report.is_ok());
     }

@@ -172,14 +172,16 @@ mod tests {
             br#"{"error":{"message":"filtered","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{}}}}"#,
         );
         assert_eq!(filtered.describe(), "content_filter (ResponsibleAIPolicyViolation): filtered");
-        let management = ProviderError::parse(br#"{"statusCode":429,"message":"Rate limit is exceeded. Try again in 1 seconds."}"#);
+        let management =
+            ProviderError::parse(br#"{"statusCode":429,"message":"Rate limit is exceeded. Try again in 1 seconds."}"#);
         assert_eq!(management.code.as_deref(), Some("429"));
         assert!(management.message.starts_with("Rate limit"));
     }
 
     #[test]
     fn parses_anthropic_errors() {
-        let error = ProviderError::parse(br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#);
+        let error =
+            ProviderError::parse(br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#);
         assert_eq!(error.error_type.as_deref(), Some("overloaded_error"));
         assert_eq!(error.describe(), "overloaded_error: Overloaded");
     }

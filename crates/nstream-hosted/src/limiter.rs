@@ -40,16 +40,12 @@ impl RateLimiter {
     pub fn new(requests_per_minute: Option<u32>, tokens_per_minute: Option<u32>, window: Duration) -> Self {
         let divides_minute = !window.is_zero() && MINUTE.as_nanos() % window.as_nanos() == 0;
         let window = if divides_minute { window } else { MINUTE };
-        let per_window = |per_minute: u32| {
-            (u128::from(per_minute) * window.as_nanos() / MINUTE.as_nanos()) as u64
-        };
+        let per_window = |per_minute: u32| (u128::from(per_minute) * window.as_nanos() / MINUTE.as_nanos()) as u64;
         // A window too short to hold one request (or one token) widens to the whole minute.
         let too_narrow = requests_per_minute.is_some_and(|rpm| per_window(rpm) == 0)
             || tokens_per_minute.is_some_and(|tpm| per_window(tpm) == 0);
         let window = if too_narrow { MINUTE } else { window };
-        let per_window = |per_minute: u32| {
-            (u128::from(per_minute) * window.as_nanos() / MINUTE.as_nanos()) as u64
-        };
+        let per_window = |per_minute: u32| (u128::from(per_minute) * window.as_nanos() / MINUTE.as_nanos()) as u64;
         Self {
             window,
             request_quota: requests_per_minute.map(per_window),
@@ -171,7 +167,10 @@ mod tests {
     }
 
     fn max_in_any_window(times: &[Duration], window: Duration) -> usize {
-        (0..times.len()).map(|start| times[start..].iter().take_while(|time| **time - times[start] < window).count()).max().unwrap_or(0)
+        (0..times.len())
+            .map(|start| times[start..].iter().take_while(|time| **time - times[start] < window).count())
+            .max()
+            .unwrap_or(0)
     }
 
     #[tokio::test(start_paused = true)]

@@ -129,7 +129,9 @@ impl OpenAiWire {
                     if set {
                         return Err(BackendError::invalid_param(
                             field,
-                            format!("`{field}` is an nstream extension for self-hosted models; Azure OpenAI does not accept it"),
+                            format!(
+                                "`{field}` is an nstream extension for self-hosted models; Azure OpenAI does not accept it"
+                            ),
                         ));
                     }
                 }
@@ -233,7 +235,11 @@ fn gate_azure_chat_fields(
 
 /// A malformed answer from the provider (an HTTP 502 for our client).
 pub(crate) fn malformed(what: &str, detail: impl std::fmt::Display) -> BackendError {
-    BackendError::Upstream { status: 502, message: format!("the provider sent a malformed {what}: {detail}"), retry_after: None }
+    BackendError::Upstream {
+        status: 502,
+        message: format!("the provider sent a malformed {what}: {detail}"),
+        retry_after: None,
+    }
 }
 
 /// Reads a `chat.completion`, tolerating missing `id`/`object`/`created`, Azure's
@@ -315,11 +321,17 @@ pub(crate) fn parse_chat_chunk(data: &str, served_as: &str) -> Result<StreamItem
     if !has_usage {
         object.remove("usage");
     }
-    serde_json::from_value(value).map(|chunk| StreamItem::Chunk(Box::new(chunk))).map_err(|error| malformed("stream chunk", error))
+    serde_json::from_value(value)
+        .map(|chunk| StreamItem::Chunk(Box::new(chunk)))
+        .map_err(|error| malformed("stream chunk", error))
 }
 
 /// Reads an embeddings answer into vectors in input order.
-pub(crate) fn parse_embeddings(body: &[u8], served_as: &str, expected: usize) -> Result<EmbeddingResponse, BackendError> {
+pub(crate) fn parse_embeddings(
+    body: &[u8],
+    served_as: &str,
+    expected: usize,
+) -> Result<EmbeddingResponse, BackendError> {
     #[derive(serde::Deserialize)]
     struct Item {
         #[serde(default)]
@@ -406,7 +418,10 @@ mod tests {
             azure("2024-10-21").url("chat/completions"),
             "https://r.openai.azure.com/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"
         );
-        assert_eq!(azure("preview").url("embeddings"), "https://r.openai.azure.com/openai/v1/embeddings?api-version=preview");
+        assert_eq!(
+            azure("preview").url("embeddings"),
+            "https://r.openai.azure.com/openai/v1/embeddings?api-version=preview"
+        );
         assert_eq!(azure("latest").url("chat/completions"), "https://r.openai.azure.com/openai/v1/chat/completions");
     }
 

@@ -108,9 +108,14 @@ impl HostedOptions {
                 reason: format!("{:?} is above max_backoff {:?}", self.initial_backoff, self.max_backoff),
             });
         }
-        for (option, value) in [("requests_per_minute", self.requests_per_minute), ("tokens_per_minute", self.tokens_per_minute)] {
+        for (option, value) in
+            [("requests_per_minute", self.requests_per_minute), ("tokens_per_minute", self.tokens_per_minute)]
+        {
             if value == Some(0) {
-                return Err(Error::InvalidOption { option, reason: "must be at least 1 (omit it for no limit)".into() });
+                return Err(Error::InvalidOption {
+                    option,
+                    reason: "must be at least 1 (omit it for no limit)".into(),
+                });
             }
         }
         Ok(())

@@ -170,7 +170,8 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
         }
         let number: f64 = rest[..number_end].parse().ok()?;
         rest = &rest[number_end..];
-        let unit_end = rest.find(|character: char| character.is_ascii_digit() || character == '.').unwrap_or(rest.len());
+        let unit_end =
+            rest.find(|character: char| character.is_ascii_digit() || character == '.').unwrap_or(rest.len());
         let seconds_per_unit = match &rest[..unit_end] {
             "h" => 3600.0,
             "m" => 60.0,
@@ -323,8 +324,14 @@ mod tests {
         assert_eq!(parse_rfc3339("2023-11-14T22:13:20Z"), Some(epoch(1_700_000_000)));
         assert_eq!(parse_rfc3339("2023-11-15T00:13:20+02:00"), Some(epoch(1_700_000_000)));
         assert_eq!(parse_rfc3339("2023-11-14T22:13:20.5Z"), Some(epoch(1_700_000_000) + Duration::from_millis(500)));
-        for bad in ["", "2023-11-14", "2023-13-14T22:13:20Z", "2023-11-14T22:13:20", "1969-12-31T23:59:59Z", "ééééééééééééééééééééé"]
-        {
+        for bad in [
+            "",
+            "2023-11-14",
+            "2023-13-14T22:13:20Z",
+            "2023-11-14T22:13:20",
+            "1969-12-31T23:59:59Z",
+            "ééééééééééééééééééééé",
+        ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }

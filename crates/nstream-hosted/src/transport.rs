@@ -70,7 +70,11 @@ impl Transport {
         Ok(Self {
             client,
             retry: options.retry_policy(),
-            limiter: RateLimiter::new(options.requests_per_minute, options.tokens_per_minute, options.rate_limit_window),
+            limiter: RateLimiter::new(
+                options.requests_per_minute,
+                options.tokens_per_minute,
+                options.rate_limit_window,
+            ),
             timeout: options.timeout,
             api_key,
             provider,
