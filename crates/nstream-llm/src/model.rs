@@ -84,10 +84,10 @@ pub struct LlamaConfig {
 }
 
 fn metadata<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
-    content.metadata.get(key).ok_or_else(|| Error::InvalidModel {
-        file: "gguf".into(),
-        message: format!("metadata key `{key}` is missing"),
-    })
+    content
+        .metadata
+        .get(key)
+        .ok_or_else(|| Error::InvalidModel { file: "gguf".into(), message: format!("metadata key `{key}` is missing") })
 }
 
 fn metadata_usize(content: &gguf_file::Content, key: &str) -> Result<usize> {
@@ -96,7 +96,8 @@ fn metadata_usize(content: &gguf_file::Content, key: &str) -> Result<usize> {
         file: "gguf".into(),
         message: format!("metadata key `{key}` is not an integer: {error}"),
     })?;
-    usize::try_from(number).map_err(|_| Error::InvalidModel { file: "gguf".into(), message: format!("`{key}` is too large") })
+    usize::try_from(number)
+        .map_err(|_| Error::InvalidModel { file: "gguf".into(), message: format!("`{key}` is too large") })
 }
 
 impl LlamaConfig {
@@ -261,7 +262,8 @@ fn precompute_rope(config: &LlamaConfig, device: &Device) -> Result<(Tensor, Ten
         .collect();
     let half = theta.len();
     let theta = Tensor::from_vec(theta, (1, half), device)?;
-    let positions = Tensor::arange(0u32, MAX_CONTEXT as u32, device)?.to_dtype(DType::F32)?.reshape((MAX_CONTEXT, 1))?;
+    let positions =
+        Tensor::arange(0u32, MAX_CONTEXT as u32, device)?.to_dtype(DType::F32)?.reshape((MAX_CONTEXT, 1))?;
     let angles = positions.matmul(&theta)?;
     Ok((angles.cos()?, angles.sin()?))
 }
@@ -405,11 +407,11 @@ impl LlamaModel {
                 let all_values = cache_values.narrow(1, 0, total)?;
                 // (count, heads, d) -> (kv_heads, group * count, d): query heads h*group..h*group+group
                 // share key/value head h, so no K/V repetition is needed.
-                let query = queries
-                    .narrow(0, row, count)?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .reshape((config.kv_heads, group * count, config.head_dim))?;
+                let query = queries.narrow(0, row, count)?.transpose(0, 1)?.contiguous()?.reshape((
+                    config.kv_heads,
+                    group * count,
+                    config.head_dim,
+                ))?;
                 let mut scores = (query.matmul(&all_keys.t()?)? * scale)?;
                 if count > 1 {
                     let mask = causal_mask(count, start, &self.device)?;

@@ -129,7 +129,11 @@ impl Sampler {
         if params.repetition_penalty != 1.0 {
             for &token in &self.seen {
                 if let Some(logit) = logits.get_mut(token as usize) {
-                    *logit = if *logit > 0.0 { *logit / params.repetition_penalty } else { *logit * params.repetition_penalty };
+                    *logit = if *logit > 0.0 {
+                        *logit / params.repetition_penalty
+                    } else {
+                        *logit * params.repetition_penalty
+                    };
                 }
             }
         }
@@ -164,10 +168,13 @@ impl Sampler {
             candidates.truncate(top_k.max(1));
         }
         let max = candidates[0].1;
-        let mut probabilities: Vec<f64> = candidates
-            .iter()
-            .map(|&(_, logit)| if max == f32::INFINITY { f64::from(u8::from(logit == max)) } else { f64::from(logit - max).exp() })
-            .collect();
+        let mut probabilities: Vec<f64> =
+            candidates
+                .iter()
+                .map(|&(_, logit)| {
+                    if max == f32::INFINITY { f64::from(u8::from(logit == max)) } else { f64::from(logit - max).exp() }
+                })
+                .collect();
         let total: f64 = probabilities.iter().sum();
         probabilities.iter_mut().for_each(|probability| *probability /= total);
         let top_p = f64::from(self.params.top_p);
@@ -298,7 +305,7 @@ mod tests {
         let top_p = SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(1), ..SamplingParams::default() };
         let mut sampler = Sampler::new(top_p, &[]);
         for _ in 0..100 {
-            assert_eq!(sampler.sample(&mut vec![10.0, 6.0, 5.0]), 0);
+            assert_eq!(sampler.sample(&mut [10.0, 6.0, 5.0]), 0);
         }
     }
 
@@ -334,9 +341,9 @@ mod tests {
     #[test]
     fn sampling_survives_degenerate_logits() {
         let mut sampler = Sampler::new(SamplingParams { seed: Some(3), ..SamplingParams::default() }, &[]);
-        assert_eq!(sampler.sample(&mut vec![f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
-        assert_eq!(sampler.sample(&mut vec![f32::NAN, 1.0]), 1);
-        assert_eq!(sampler.sample(&mut vec![0.0, f32::INFINITY]), 1);
+        assert_eq!(sampler.sample(&mut [f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(sampler.sample(&mut [f32::NAN, 1.0]), 1);
+        assert_eq!(sampler.sample(&mut [0.0, f32::INFINITY]), 1);
         assert_eq!(sampler.sample(&mut []), 0);
     }
 

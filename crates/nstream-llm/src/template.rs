@@ -93,9 +93,9 @@ fn python_method(_state: &mut State, value: &Value, method: &str, args: &[Value]
                     .collect::<Vec<_>>(),
             )),
             "keys" => Ok(Value::from(value.try_iter()?.collect::<Vec<_>>())),
-            "values" => {
-                Ok(Value::from(value.try_iter()?.map(|key| value.get_item(&key).unwrap_or_default()).collect::<Vec<_>>()))
-            }
+            "values" => Ok(Value::from(
+                value.try_iter()?.map(|key| value.get_item(&key).unwrap_or_default()).collect::<Vec<_>>(),
+            )),
             "get" => {
                 let key = args.first().cloned().unwrap_or_default();
                 let found = value.get_item(&key).unwrap_or_default();
@@ -208,8 +208,19 @@ mod tests {
     #[test]
     fn bad_or_runaway_templates_are_errors_not_panics() {
         assert!(ChatTemplate::new("{% for %}", "", "").is_err());
-        let endless = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "", "").unwrap();
+        let endless = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
         assert!(endless.render(&[], false, None).is_err());
-        assert!(ChatTemplate::chatml().unwrap().render(&[ChatMessage::new(Role::User, "q")], true, None).unwrap().ends_with("<|im_start|>assistant\n"));
+        assert!(
+            ChatTemplate::chatml()
+                .unwrap()
+                .render(&[ChatMessage::new(Role::User, "q")], true, None)
+                .unwrap()
+                .ends_with("<|im_start|>assistant\n")
+        );
     }
 }

@@ -10,7 +10,6 @@
 //! Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain added
 //! tokens, so `<|im_start|>` in a rendered chat template stays one token.
 
-
 use candle_core::quantized::gguf_file;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -24,11 +23,13 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 use crate::error::{Error, Result};
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Token names that end a turn in the common chat formats; each one present in the vocabulary
 /// stops generation (besides the file's own end-of-sequence and end-of-turn ids).
-const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>"];
+const END_OF_TURN_TOKENS: &[&str] =
+    &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>"];
 
 /// A byte-level BPE tokenizer read from GGUF metadata, with the model's special tokens.
 #[derive(Clone)]
@@ -173,7 +174,10 @@ impl GgufTokenizer {
             .into_iter()
             .flatten()
             .chain(
-                END_OF_TURN_TOKENS.iter().filter_map(|name| tokens.iter().position(|token| token == name)).map(|id| id as u32),
+                END_OF_TURN_TOKENS
+                    .iter()
+                    .filter_map(|name| tokens.iter().position(|token| token == name))
+                    .map(|id| id as u32),
             )
             .filter(|&id| (id as usize) < tokens.len())
             .collect();

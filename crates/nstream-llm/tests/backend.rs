@@ -53,11 +53,8 @@ async fn streamed_chat_equals_the_whole_answer_and_ends_with_usage() {
     let backend = shared();
     let request = ask("Name three fruits.");
     let whole = backend.chat(request.clone()).await.expect("chat");
-    let streamed = ChatCompletionRequest {
-        stream: true,
-        stream_options: Some(StreamOptions { include_usage: true }),
-        ..request
-    };
+    let streamed =
+        ChatCompletionRequest { stream: true, stream_options: Some(StreamOptions { include_usage: true }), ..request };
     let chunks: Vec<_> = backend.chat_stream(streamed).await.expect("stream").collect().await;
     let chunks: Vec<_> = chunks.into_iter().map(|chunk| chunk.expect("chunk")).collect();
     assert_eq!(chunks[0].choices[0].delta.role, Some(Role::Assistant));
@@ -149,7 +146,8 @@ async fn bad_requests_are_clear_errors() {
     let huge_prompt = CompletionRequest::new("smollm2", "word ".repeat(5000));
     assert!(matches!(backend.complete(huge_prompt).await, Err(BackendError::ContextLengthExceeded { .. })));
 
-    let bad_token = CompletionRequest { prompt: Input::Tokens(vec![1, 999_999]), ..CompletionRequest::new("smollm2", "") };
+    let bad_token =
+        CompletionRequest { prompt: Input::Tokens(vec![1, 999_999]), ..CompletionRequest::new("smollm2", "") };
     assert_eq!(backend.complete(bad_token).await.expect_err("token").param(), Some("prompt"));
 
     let logprobs = ChatCompletionRequest { logprobs: Some(true), ..ask("hi") };

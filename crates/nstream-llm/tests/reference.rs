@@ -84,7 +84,10 @@ fn follows_llama_cpp(requantize: Requantize, tolerance: f32, min_agreement: f64)
             let logits: Vec<f32> = logits.squeeze(0).expect("row").to_vec1().expect("logits");
             let best = nstream_llm::sampling::argmax(&logits);
             let gap = logits[best as usize] - logits[want as usize];
-            assert!(gap <= tolerance, "{requantize:?}: step {steps}: llama.cpp's token {want} is {gap} below our {best}");
+            assert!(
+                gap <= tolerance,
+                "{requantize:?}: step {steps}: llama.cpp's token {want} is {gap} below our {best}"
+            );
             steps += 1;
             agreed += usize::from(best == want);
             next = vec![want];
