@@ -38,18 +38,19 @@ impl RateLimiter {
     /// A limiter for at most `requests_per_minute` requests and `tokens_per_minute` tokens, enforced
     /// over sliding windows of `window` (which must divide a minute; otherwise a minute is used).
     pub fn new(requests_per_minute: Option<u32>, tokens_per_minute: Option<u32>, window: Duration) -> Self {
-        let divides_minute = !window.is_zero() && MINUTE.as_nanos() % window.as_nanos() == 0;
-        let window = if divides_minute { window } else { MINUTE };
-        let per_window = |per_minute: u32| (u128::from(per_minute) * window.as_nanos() / MINUTE.as_nanos()) as u64;
+        let divides_minute = !window.is_zero() && MINUTE.as_nanos().is_multiple_of(window.as_nanos());
+        let per_window = |per_minute: u32, window: Duration| {
+            u64::try_from(u128::from(per_minute) * window.as_nanos() / MINUTE.as_nanos()).unwrap_or(u64::MAX)
+        };
+        let mut window = if divides_minute { window } else { MINUTE };
         // A window too short to hold one request (or one token) widens to the whole minute.
-        let too_narrow = requests_per_minute.is_some_and(|rpm| per_window(rpm) == 0)
-            || tokens_per_minute.is_some_and(|tpm| per_window(tpm) == 0);
-        let window = if too_narrow { MINUTE } else { window };
-        let per_window = |per_minute: u32| (u128::from(per_minute) * window.as_nanos() / MINUTE.as_nanos()) as u64;
+        if [requests_per_minute, tokens_per_minute].into_iter().flatten().any(|limit| per_window(limit, window) == 0) {
+            window = MINUTE;
+        }
         Self {
             window,
-            request_quota: requests_per_minute.map(per_window),
-            token_quota: tokens_per_minute.map(per_window),
+            request_quota: requests_per_minute.map(|limit| per_window(limit, window)),
+            token_quota: tokens_per_minute.map(|limit| per_window(limit, window)),
             log: Mutex::new(Log::default()),
         }
     }

@@ -95,7 +95,7 @@ impl Transport {
                 Failure::Timeout => (false, None),
             };
             if !retryable {
-                return Err(self.into_error(failure, budget.retries() + 1, None));
+                return Err(self.backend_error(failure, budget.retries() + 1, None));
             }
             match budget.next_wait(hint) {
                 Ok(wait) => {
@@ -108,7 +108,7 @@ impl Transport {
                     );
                     tokio::time::sleep(wait).await;
                 }
-                Err(give_up) => return Err(self.into_error(failure, budget.retries() + 1, Some(give_up))),
+                Err(give_up) => return Err(self.backend_error(failure, budget.retries() + 1, Some(give_up))),
             }
         }
     }
@@ -120,13 +120,13 @@ impl Transport {
         let response = match tokio::time::timeout_at(deadline, self.build(request).send()).await {
             Err(_) => return Err(BackendError::Timeout),
             Ok(Err(error)) if error.is_timeout() => return Err(BackendError::Timeout),
-            Ok(Err(error)) => return Err(self.into_error(Failure::Connection(describe_reqwest(&error)), 1, None)),
+            Ok(Err(error)) => return Err(self.backend_error(Failure::Connection(describe_reqwest(&error)), 1, None)),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
         match tokio::time::timeout_at(deadline, response.bytes()).await {
             Ok(Ok(body)) => Ok((status, body)),
-            Ok(Err(error)) => Err(self.into_error(Failure::Connection(describe_reqwest(&error)), 1, None)),
+            Ok(Err(error)) => Err(self.backend_error(Failure::Connection(describe_reqwest(&error)), 1, None)),
             Err(_) => Err(BackendError::Timeout),
         }
     }
@@ -164,7 +164,7 @@ impl Transport {
         Err(Failure::Status { status: status.as_u16(), error, retryable, hint })
     }
 
-    fn into_error(&self, failure: Failure, attempts: u32, give_up: Option<GiveUp>) -> BackendError {
+    fn backend_error(&self, failure: Failure, attempts: u32, give_up: Option<GiveUp>) -> BackendError {
         let after = match (give_up, attempts) {
             (Some(GiveUp::WaitBudgetExhausted), _) => {
                 format!(" (gave up after {attempts} attempt(s): the wait asked for exceeds the retry budget)")
