@@ -499,6 +499,10 @@ pub async fn post_while_reading(server: &Server, path: &str, body: Vec<u8>) -> R
         if writer.write_all(head.as_bytes()).await.is_ok() {
             let _ = writer.write_all(&body).await;
         }
+        // Keep the write side open until the answer is read: dropping it half-closes the
+        // connection, which a server may take as the client leaving (curl does not do it either).
+        std::future::pending::<()>().await;
+        drop(writer);
     });
     let mut received = Vec::new();
     let mut buffer = [0_u8; 16 * 1024];

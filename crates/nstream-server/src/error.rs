@@ -211,6 +211,10 @@ impl IntoResponse for ApiError {
         if self.0.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if self.0.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of an oversized body may still be in flight: the connection cannot be reused.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

@@ -83,6 +83,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(routes::route_not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config().max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_declared_oversize))
         // Inside the routes, so `MatchedPath` is known when the request is counted.
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
         .layer(
@@ -114,6 +115,37 @@ fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -> Response 
         .or_else(|| payload.downcast_ref::<&str>().copied())
         .unwrap_or("unknown panic payload");
     ApiError::internal(format!("handler panicked: {detail}")).into_response()
+}
+
+/// How much of an oversized body is read and discarded before the 413 is sent. A client that
+/// writes its whole body before reading (most HTTP libraries) would otherwise see the connection
+/// reset ("broken pipe") instead of the answer; beyond this the connection is simply closed.
+const OVERSIZE_DRAIN_BYTES: usize = 64 * 1024 * 1024;
+
+/// Answers 413 from `Content-Length` alone, before any handler reads the body, then drains a
+/// bounded amount of it so the client gets to read the answer. Bodies without a length are
+/// limited while they are read ([`DefaultBodyLimit`]).
+async fn refuse_declared_oversize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.config().max_body_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    let Some(declared) = declared.filter(|length| *length > limit as u64) else {
+        return next.run(request).await;
+    };
+    if declared <= OVERSIZE_DRAIN_BYTES as u64 {
+        let mut body = request.into_body().into_data_stream();
+        let mut drained = 0_usize;
+        while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut body).await {
+            drained += chunk.len();
+            if drained > OVERSIZE_DRAIN_BYTES {
+                break;
+            }
+        }
+    }
+    ApiError::payload_too_large(limit).into_response()
 }
 
 async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
