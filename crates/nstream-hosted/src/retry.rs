@@ -212,7 +212,11 @@ pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     }
     let offset_seconds = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && &rest[3..4] == ":" => {
+        _ if rest.len() == 6
+            && rest.is_ascii()
+            && (rest.starts_with('+') || rest.starts_with('-'))
+            && &rest[3..4] == ":" =>
+        {
             let hours: i64 = rest[1..3].parse().ok()?;
             let minutes: i64 = rest[4..6].parse().ok()?;
             let magnitude = hours * 3600 + minutes * 60;
@@ -330,6 +334,7 @@ mod tests {
             "2023-13-14T22:13:20Z",
             "2023-11-14T22:13:20",
             "1969-12-31T23:59:59Z",
+            "2023-11-14T22:13:20+0é00",
             "ééééééééééééééééééééé",
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
