@@ -26,6 +26,10 @@ enum Command {
     /// Embed texts with an EmbeddingModel (a YAML file or a hub repository id) and print the
     /// vectors or their cosine similarities.
     Embed(commands::embed::EmbedArgs),
+    /// Chat with a model of a file (a MegaModel today), interactively or once with --prompt.
+    Chat(commands::chat::ChatArgs),
+    /// Check each MegaModel of a file against its provider: key, deployment, api-version, latency.
+    Check(commands::check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,8 @@ fn main() -> ExitCode {
         Command::Crds(args) => commands::crds::run(&args),
         Command::Up(args) => commands::up::run(&args),
         Command::Embed(args) => commands::embed::run(&args),
+        Command::Chat(args) => commands::chat::run(&args),
+        Command::Check(args) => commands::check::run(&args),
     };
     match result {
         Ok(code) => code,

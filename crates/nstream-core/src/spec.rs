@@ -68,6 +68,37 @@ pub struct MegaModelSpec {
     /// How to reach the model: the template of `modelProvider`, and only that one.
     #[validate(nested)]
     pub model_template: ModelTemplate,
+    /// Client-side limits, so every caller of this MegaModel together stays under the
+    /// deployment's quota; provider defaults when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    pub limits: Option<MegaModelLimits>,
+}
+
+/// Client-side rate limits, timeouts and retries of a MegaModel.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Validate)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MegaModelLimits {
+    /// Most requests per minute sent to the provider (retries included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 1_000_000))]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub requests_per_minute: Option<u32>,
+    /// Most tokens per minute (prompt estimate plus max_tokens), as Azure counts quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 1_000_000_000))]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub tokens_per_minute: Option<u32>,
+    /// Time limit of one attempt, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 3600))]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: Option<u32>,
+    /// Retries after a retryable failure (429, 5xx, connection errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 0, max = 20))]
+    #[schemars(range(min = 0, max = 20))]
+    pub max_retries: Option<u32>,
 }
 
 /// A hosted model provider.

@@ -538,6 +538,7 @@ mod tests {
                 }),
                 ..ModelTemplate::default()
             },
+            limits: None,
         }
     }
 

@@ -36,6 +36,14 @@ pub enum ProviderError {
         /// The cause (boxed: the embed error is large and this one travels far).
         source: Box<nstream_embed::Error>,
     },
+    /// A MegaModel's client could not be built.
+    #[error("MegaModel/{name}: {source}")]
+    Hosted {
+        /// The resource name.
+        name: String,
+        /// The cause.
+        source: nstream_hosted::Error,
+    },
     /// The model file has invalid documents.
     #[error("{path} has invalid documents:\n{report}")]
     InvalidFile {
@@ -48,7 +56,7 @@ pub enum ProviderError {
     #[error(transparent)]
     Load(#[from] nstream_core::LoadError),
     /// The file holds no model that can be served.
-    #[error("{0} holds no servable model (EmbeddingModel)")]
+    #[error("{0} holds no servable model (EmbeddingModel or MegaModel)")]
     NothingToServe(PathBuf),
     /// Two models share a name.
     #[error(transparent)]

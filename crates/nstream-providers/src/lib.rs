@@ -10,7 +10,9 @@ mod serve;
 
 pub use args::{DeviceArg, DtypeArg, ServeArgs};
 pub use error::{ProviderError, Result};
-pub use load::{LoadOptions, LoadedModel, load_embedding_repo, load_model, model_source, servable};
+pub use load::{
+    LoadOptions, LoadedModel, hosted_backend, hosted_options, load_embedding_repo, load_model, model_source, servable,
+};
 pub use metrics::EmbedMetricsExporter;
 pub use secrets::{SecretLookup, resolve_secret};
 pub use serve::{ServeSettings, load_models, serve_file, serve_models};

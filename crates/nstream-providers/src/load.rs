@@ -4,8 +4,11 @@ use std::sync::Arc;
 
 use crate::metrics::EmbedMetricsExporter;
 use nstream_backend::ModelBackend;
-use nstream_core::{ModelResource, ServingInfo};
+use std::time::Duration;
+
+use nstream_core::{ApiKeyFields, MegaModelSpec, ModelResource, ServingInfo};
 use nstream_embed::{EmbedOptions, EmbeddingBackend};
+use nstream_hosted::{HostedBackend, HostedOptions};
 use nstream_hub::{Hub, ModelSource, SecretToken};
 
 use crate::error::{ProviderError, Result};
@@ -33,8 +36,42 @@ pub fn servable(resource: &ModelResource) -> Option<&'static str> {
         ModelResource::BaseModel(_) => {
             Some("serving BaseModels (candle causal LMs) is the BaseModel serving issue, not yet landed")
         }
-        ModelResource::MegaModel(_) => Some("the hosted-provider gateway is the MegaModel issue, not yet landed"),
+        ModelResource::MegaModel(_) => None,
     }
+}
+
+/// The client options a MegaModel's `limits` ask for.
+pub fn hosted_options(spec: &MegaModelSpec) -> HostedOptions {
+    let mut options = HostedOptions::default();
+    if let Some(limits) = &spec.limits {
+        options = options.with_rate_limits(limits.requests_per_minute, limits.tokens_per_minute);
+        if let Some(seconds) = limits.timeout_seconds {
+            options = options.with_timeout(Duration::from_secs(u64::from(seconds)));
+        }
+        if let Some(retries) = limits.max_retries {
+            options = options.with_max_retries(retries);
+        }
+    }
+    options
+}
+
+/// A MegaModel's client, its key resolved from the spec or a Secret reference.
+pub fn hosted_backend(name: &str, spec: &MegaModelSpec, secrets: &SecretLookup) -> Result<Arc<HostedBackend>> {
+    let template = &spec.model_template;
+    let fields: Option<&dyn ApiKeyFields> = match spec.model_provider {
+        nstream_core::MegaModelProvider::AzureOpenAI => template.azure_open_ai.as_ref().map(|t| t as &dyn ApiKeyFields),
+        nstream_core::MegaModelProvider::OpenAI => template.open_ai.as_ref().map(|t| t as &dyn ApiKeyFields),
+        nstream_core::MegaModelProvider::Anthropic => template.anthropic.as_ref().map(|t| t as &dyn ApiKeyFields),
+    };
+    let missing = || ProviderError::NotServable {
+        kind: "MegaModel".to_string(),
+        name: name.to_string(),
+        reason: format!("its {} template has no key (run `nstream validate`)", spec.model_provider.template_field()),
+    };
+    let source = fields.and_then(ApiKeyFields::api_key_source).ok_or_else(missing)?;
+    let key = resolve_secret(&source, secrets)?;
+    HostedBackend::new(name, spec, key, hosted_options(spec))
+        .map_err(|source| ProviderError::Hosted { name: name.to_string(), source })
 }
 
 /// The hub source of a serving info, with its token resolved.
@@ -72,6 +109,9 @@ pub fn load_model(
                 exporter.track(&name, backend.metrics().clone());
             }
             Ok(LoadedModel { name, backend })
+        }
+        ModelResource::MegaModel(model) => {
+            Ok(LoadedModel { name: name.clone(), backend: hosted_backend(&name, &model.spec, secrets)? })
         }
         other => Err(ProviderError::NotServable {
             kind: other.kind().to_string(),

@@ -42,30 +42,10 @@ pub enum EmbedOutput {
 fn load(args: &EmbedArgs) -> anyhow::Result<LoadedModel> {
     let options = LoadOptions::default();
     if Path::new(&args.model).exists() {
-        let documents = nstream_core::load_path(Path::new(&args.model))?;
-        if let Some(bad) = documents.iter().find(|document| !document.diagnostics.is_empty()) {
-            bail!("{} is invalid: {} (run `nstream validate -f {}`)", args.model, bad.diagnostics[0], args.model);
-        }
-        let candidates: Vec<&ModelResource> = documents
-            .iter()
-            .filter_map(|document| document.valid_resource())
-            .filter(|resource| matches!(resource, ModelResource::EmbeddingModel(_)))
-            .filter(|resource| args.name.as_deref().is_none_or(|name| resource.name() == Some(name)))
-            .collect();
-        let resource = match candidates.as_slice() {
-            [one] => *one,
-            [] => bail!(
-                "{} holds no EmbeddingModel{}",
-                args.model,
-                args.name.as_ref().map(|name| format!(" named {name}")).unwrap_or_default()
-            ),
-            many => bail!(
-                "{} holds several EmbeddingModels ({}); pick one with --name",
-                args.model,
-                many.iter().filter_map(|resource| resource.name()).collect::<Vec<_>>().join(", ")
-            ),
-        };
-        Ok(load_model(resource, &options, &SecretLookup::from_env(), None)?)
+        let resource = super::model_file::pick(&args.model, args.name.as_deref(), "EmbeddingModel", |resource| {
+            matches!(resource, ModelResource::EmbeddingModel(_))
+        })?;
+        Ok(load_model(&resource, &options, &SecretLookup::from_env(), None)?)
     } else if nstream_core::patterns::HF_REPO_ID.is_match(&args.model) {
         Ok(load_embedding_repo(&args.model, &options)?)
     } else {

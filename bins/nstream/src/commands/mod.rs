@@ -1,7 +1,10 @@
 //! One module per subcommand.
 
+pub mod chat;
+pub mod check;
 pub mod crds;
 pub mod embed;
+mod model_file;
 pub mod up;
 pub mod validate;
 

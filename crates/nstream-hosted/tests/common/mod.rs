@@ -182,6 +182,7 @@ pub fn openai_spec(endpoint: &str) -> MegaModelSpec {
             }),
             ..ModelTemplate::default()
         },
+        limits: None,
     }
 }
 
@@ -198,6 +199,7 @@ pub fn azure_spec(endpoint: &str, api_version: &str) -> MegaModelSpec {
             }),
             ..ModelTemplate::default()
         },
+        limits: None,
     }
 }
 
@@ -215,6 +217,7 @@ pub fn anthropic_spec(endpoint: &str) -> MegaModelSpec {
             }),
             ..ModelTemplate::default()
         },
+        limits: None,
     }
 }
 

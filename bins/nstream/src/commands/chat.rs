@@ -1,0 +1,108 @@
+//! `nstream chat`: talk to a chat model from the terminal, interactively or once for scripts.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use futures_util::StreamExt;
+use nstream_backend::chat::{ChatMessage, Role};
+use nstream_backend::{ChatCompletionRequest, ModelBackend, StreamOptions};
+use nstream_core::ModelResource;
+use nstream_providers::{LoadOptions, SecretLookup, load_model, servable};
+
+/// Arguments of `nstream chat`.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// A YAML file holding the chat model (a MegaModel today).
+    #[arg(short, long, value_name = "FILE")]
+    pub model: String,
+    /// Which model of the file, when it holds several.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Ask one question, print the answer and exit (for scripts); without it, chat interactively.
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+    /// Sampling temperature.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Most tokens per answer.
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+}
+
+/// Streams one answer to stdout and returns its text.
+async fn answer(backend: &dyn ModelBackend, request: ChatCompletionRequest) -> anyhow::Result<String> {
+    let mut stream = backend.chat_stream(request).await?;
+    let mut text = String::new();
+    let mut stdout = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        for choice in &chunk.choices {
+            if let Some(content) = &choice.delta.content {
+                text.push_str(content);
+                write!(stdout, "{content}")?;
+                stdout.flush()?;
+            }
+        }
+        if let Some(usage) = chunk.usage {
+            tracing::debug!(prompt = usage.prompt_tokens, completion = usage.completion_tokens, "usage");
+        }
+    }
+    writeln!(stdout)?;
+    Ok(text)
+}
+
+/// Loads the model and chats.
+pub fn run(args: &ChatArgs) -> anyhow::Result<ExitCode> {
+    let resource = super::model_file::pick(&args.model, args.name.as_deref(), "chat model", |resource| {
+        !matches!(resource, ModelResource::EmbeddingModel(_))
+    })?;
+    if let Some(reason) = servable(&resource) {
+        anyhow::bail!(
+            "{}/{} cannot chat in this build: {reason}",
+            resource.kind(),
+            resource.name().unwrap_or_default()
+        );
+    }
+    let model = load_model(&resource, &LoadOptions::default(), &SecretLookup::from_env(), None)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(ChatMessage::new(Role::System, system.clone()));
+    }
+    let request = |messages: &Vec<ChatMessage>| {
+        let mut request = ChatCompletionRequest::new(&model.name, messages.clone());
+        request.stream = true;
+        request.stream_options = Some(StreamOptions { include_usage: true });
+        request.temperature = args.temperature;
+        request.max_tokens = args.max_tokens;
+        request
+    };
+    if let Some(prompt) = &args.prompt {
+        messages.push(ChatMessage::new(Role::User, prompt.clone()));
+        runtime.block_on(answer(model.backend.as_ref(), request(&messages)))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("chatting with {} (empty line or Ctrl-D to quit)", model.name);
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).context("cannot read standard input")? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(ChatMessage::new(Role::User, line.trim_end().to_string()));
+        match runtime.block_on(answer(model.backend.as_ref(), request(&messages))) {
+            Ok(text) => messages.push(ChatMessage::new(Role::Assistant, text)),
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                messages.pop();
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
