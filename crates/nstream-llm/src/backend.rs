@@ -111,6 +111,9 @@ impl std::fmt::Debug for LlmBackend {
     }
 }
 
+/// Most sequences (prompts × `n`) one request may start.
+const MAX_SEQUENCES_PER_REQUEST: usize = 256;
+
 /// The sequences of one request, ready for the scheduler.
 struct Generation {
     prompts: Vec<Vec<u32>>,
@@ -278,6 +281,15 @@ impl LlmBackend {
     /// Checks every prompt against the context and queues the sequences.
     fn submit(&self, generation: Generation) -> Result<Submitted> {
         let context = self.info.context_length;
+        let total = generation.prompts.len().saturating_mul(generation.choices as usize);
+        if total > MAX_SEQUENCES_PER_REQUEST {
+            return Err(Error::invalid_param(
+                "n",
+                format!(
+                    "a request may generate at most {MAX_SEQUENCES_PER_REQUEST} sequences (prompts × n), not {total}"
+                ),
+            ));
+        }
         let (sender, events) = mpsc::unbounded_channel();
         let mut sequences = Vec::new();
         let mut prompt_tokens = 0;
@@ -285,6 +297,9 @@ impl LlmBackend {
             if prompt.is_empty() {
                 // An empty prompt (legal for completions) starts from the start-of-text token.
                 prompt.extend(self.tokenizer.bos_token().or(self.tokenizer.eos_token()));
+                if prompt.is_empty() {
+                    return Err(Error::invalid_param("prompt", "the prompt is empty and the model has no start token"));
+                }
             }
             if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= self.info.vocab_size) {
                 return Err(Error::invalid_param(
@@ -320,16 +335,20 @@ impl LlmBackend {
             }
         }
         let count = sequences.len();
+        // Counted before sending so the scheduler's decrement can never come first.
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
         match self.sender.try_send(Job { sequences }) {
             Ok(()) => {
-                self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
                 self.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(error) => {
+                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                if let mpsc::error::TrySendError::Closed(_) = error {
+                    return Err(Error::SchedulerStopped);
+                }
                 self.metrics.overloaded_total.fetch_add(1, Ordering::Relaxed);
                 return Err(Error::Overloaded { retry_after: Duration::from_secs(1) });
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::SchedulerStopped),
         }
         Ok(Submitted { events, prompt_tokens, sequences: count })
     }
@@ -433,6 +452,16 @@ impl LlmBackend {
             ignore_eos: request.ignore_eos,
         };
         Ok((generation, texts))
+    }
+}
+
+/// Completions name the `prompt`, not the chat `messages`, as the field at fault.
+fn for_prompt(error: Error) -> BackendError {
+    match BackendError::from(error) {
+        BackendError::ContextLengthExceeded { max_tokens, requested_tokens, .. } => {
+            BackendError::ContextLengthExceeded { max_tokens, requested_tokens, param: Some("prompt".into()) }
+        }
+        other => other,
     }
 }
 
@@ -635,7 +664,7 @@ impl ModelBackend for LlmBackend {
         request.validate()?;
         let (generation, texts) = self.completion_generation(&request).await?;
         let choices_per_prompt = generation.choices as usize;
-        let (choices, usage) = Self::collect(self.submit(generation)?).await?;
+        let (choices, usage) = Self::collect(self.submit(generation).map_err(for_prompt)?).await?;
         let choices = choices
             .into_iter()
             .enumerate()
@@ -662,7 +691,7 @@ impl ModelBackend for LlmBackend {
         request.validate()?;
         let (generation, texts) = self.completion_generation(&request).await?;
         let choices_per_prompt = generation.choices as usize;
-        let submitted = self.submit(generation)?;
+        let submitted = self.submit(generation).map_err(for_prompt)?;
         let id = format!("cmpl-{}", response_id());
         let created = unix_timestamp();
         let model = self.name.clone();

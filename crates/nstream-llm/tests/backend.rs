@@ -144,7 +144,16 @@ async fn bad_requests_are_clear_errors() {
     assert!(matches!(error, BackendError::ContextLengthExceeded { max_tokens: 4096, .. }), "{error:?}");
 
     let huge_prompt = CompletionRequest::new("smollm2", "word ".repeat(5000));
-    assert!(matches!(backend.complete(huge_prompt).await, Err(BackendError::ContextLengthExceeded { .. })));
+    let error = backend.complete(huge_prompt).await.expect_err("context");
+    assert!(matches!(error, BackendError::ContextLengthExceeded { .. }), "{error:?}");
+    assert_eq!(error.param(), Some("prompt"));
+
+    let too_many = CompletionRequest {
+        n: Some(128),
+        prompt: Input::TextBatch(vec!["a".into(); 3]),
+        ..CompletionRequest::new("smollm2", "")
+    };
+    assert_eq!(backend.complete(too_many).await.expect_err("too many").param(), Some("n"));
 
     let bad_token =
         CompletionRequest { prompt: Input::Tokens(vec![1, 999_999]), ..CompletionRequest::new("smollm2", "") };

@@ -107,3 +107,21 @@ fn stored_weights_follow_llama_cpp() {
 fn q8_0_requantised_weights_follow_llama_cpp() {
     follows_llama_cpp(Requantize::Q8_0, 0.5, 0.9);
 }
+
+#[test]
+fn incremental_decoding_never_splits_characters() {
+    let (content, _) = load();
+    let tokenizer = GgufTokenizer::from_gguf(&content).expect("tokenizer");
+    for case in reference()["tokens"].as_array().expect("tokens") {
+        let ids = ids(&case["ids"]);
+        let mut decoder = nstream_llm::tokenizer::IncrementalDecoder::default();
+        let mut text = String::new();
+        for &id in &ids {
+            let piece = decoder.push(&tokenizer, id).expect("push");
+            assert!(!piece.contains('\u{FFFD}'), "{piece:?} in {:?}", case["text"]);
+            text.push_str(&piece);
+        }
+        text.push_str(&decoder.finish(&tokenizer).expect("finish"));
+        assert_eq!(text, tokenizer.decode(&ids, true).expect("decode"));
+    }
+}
