@@ -315,6 +315,9 @@ class _Handler(BaseHTTPRequestHandler):
     fake: FakeProvider
     protocol_version = "HTTP/1.1"
     server_version = "fake-provider/1"
+    # Head and body are separate writes: with Nagle's algorithm the body waits for the client's
+    # delayed ACK (40 ms on Linux) on every keep-alive request.
+    disable_nagle_algorithm = True
 
     def log_message(self, *_: Any) -> None:  # quiet
         pass

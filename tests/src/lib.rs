@@ -36,6 +36,8 @@ use tokio::sync::oneshot;
 
 /// The model `examples/quickstart.yaml` serves.
 pub const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
+/// The chat model of `examples/quickstart.yaml` (SmolLM2-135M-Instruct, a Q4_1 GGUF).
+pub const CHAT_MODEL: &str = "smollm2-135m-instruct";
 /// The length of its vectors.
 pub const DIMENSION: usize = 384;
 
@@ -48,12 +50,24 @@ const POLL_INTERVAL: Duration = Duration::from_millis(25);
 /// The log line a server prints once it listens, followed by its address.
 const SERVING_MARKER: &str = "serving on http://";
 
+/// An HTTP client for talking to the servers under test.
+///
+/// reqwest's features are unified across the workspace and nstream-hosted builds it with
+/// `rustls-no-provider`, so building a client panics unless the process has a rustls crypto
+/// provider; this installs ring first (a no-op when one is installed).
+pub fn http_client() -> Result<reqwest::Client> {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    reqwest::Client::builder().build().context("building the HTTP client")
+}
+
 /// The repository's root folder.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `examples/quickstart.yaml`: one EmbeddingModel, [`EMBEDDING_MODEL`].
+/// `examples/quickstart.yaml`: the EmbeddingModel [`EMBEDDING_MODEL`] and the BaseModel [`CHAT_MODEL`].
 pub fn quickstart_file() -> PathBuf {
     repo_root().join("examples").join("quickstart.yaml")
 }
@@ -279,7 +293,7 @@ impl Server {
             }
             Err(_) => bail!("{command:?} did not serve within {STARTUP_TIMEOUT:?}; its output:\n{}", lock(&logs)),
         };
-        let client = reqwest::Client::builder().build().context("building the HTTP client")?;
+        let client = http_client()?;
         let server = Self { child, base_url: format!("http://{address}"), logs, client };
         server.wait_ready().await?;
         Ok(server)

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use nstream_e2e::{Binary, DIMENSION, EMBEDDING_MODEL, Server, api_error, binary_path, quickstart_file};
+use nstream_e2e::{Binary, CHAT_MODEL, DIMENSION, EMBEDDING_MODEL, Server, api_error, binary_path, quickstart_file};
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use serde_json::{Value, json};
@@ -24,8 +24,11 @@ async fn models_health_and_ready_describe_the_served_model() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(models["object"], "list");
     let data = models["data"].as_array().expect("data");
-    assert_eq!(data.len(), 1, "{models}");
+    assert_eq!(data.len(), 2, "{models}");
     assert_eq!(data[0]["id"], EMBEDDING_MODEL);
+    assert_eq!(data[1]["id"], CHAT_MODEL);
+    assert_eq!(data[1]["nstream"]["kind"], "chat", "{models}");
+    assert_eq!(data[1]["nstream"]["context_length"], 4096, "{models}");
     assert_eq!(data[0]["object"], "model");
     assert!(data[0]["created"].is_u64(), "{models}");
     assert!(data[0]["owned_by"].is_string(), "{models}");
@@ -44,6 +47,7 @@ async fn models_health_and_ready_describe_the_served_model() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["models"][EMBEDDING_MODEL]["status"], "ready", "{ready}");
+    assert_eq!(ready["models"][CHAT_MODEL]["status"], "ready", "{ready}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 use clap::{Args, ValueEnum};
 use nstream_core::SecretString;
 use nstream_embed::{DeviceSpec, EmbedOptions, Precision};
+use nstream_llm::{LlmOptions, Requantize};
 
 use crate::load::LoadOptions;
 use crate::serve::ServeSettings;
@@ -25,6 +26,17 @@ pub enum DtypeArg {
     F16,
     /// bfloat16.
     Bf16,
+}
+
+/// What a BaseModel's GGUF weights become at load on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RequantizeArg {
+    /// Keep every weight as stored.
+    Keep,
+    /// Q4_1/Q5_0/Q5_1 weights become Q8_0 (fastest on CPU: those formats have no SIMD kernels).
+    Q8_0,
+    /// Q4_1/Q5_0/Q5_1 weights become Q4_0 (least memory).
+    Q4_0,
 }
 
 /// Keeps a flag's value in a redacting type, so printing the parsed flags never shows it.
@@ -68,6 +80,18 @@ pub struct ServeArgs {
     /// Requests that may wait for a model; more get a 503 with Retry-After.
     #[arg(long, env = "NSTREAM_QUEUE_CAPACITY")]
     pub queue_capacity: Option<usize>,
+    /// BaseModels: most sequences decoding together (continuous batching).
+    #[arg(long, env = "NSTREAM_MAX_RUNNING_SEQUENCES", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_running_sequences: Option<u16>,
+    /// BaseModels: most prompt tokens prefilled per step (long prompts are prefilled in chunks).
+    #[arg(long, env = "NSTREAM_PREFILL_CHUNK_TOKENS", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub prefill_chunk_tokens: Option<u32>,
+    /// BaseModels: serve at most this context in tokens (prompt plus completion).
+    #[arg(long, env = "NSTREAM_CONTEXT_LENGTH", value_parser = clap::value_parser!(u32).range(16..))]
+    pub context_length: Option<u32>,
+    /// BaseModels: re-quantisation of slow GGUF formats at load (CPU only).
+    #[arg(long, env = "NSTREAM_REQUANTIZE", value_enum, default_value_t = RequantizeArg::Q8_0)]
+    pub requantize: RequantizeArg,
 }
 
 impl ServeArgs {
@@ -90,13 +114,32 @@ impl ServeArgs {
         embed.max_batch_requests = self.max_batch_requests.unwrap_or(embed.max_batch_requests);
         embed.queue_capacity = self.queue_capacity.unwrap_or(embed.queue_capacity);
         embed.max_inputs_per_request = self.max_embedding_inputs;
+        let defaults = LlmOptions::default();
+        let llm = LlmOptions {
+            device: match self.device {
+                DeviceArg::Cpu => nstream_llm::DeviceSpec::Cpu,
+                DeviceArg::Cuda => nstream_llm::DeviceSpec::Cuda(0),
+            },
+            requantize: match self.requantize {
+                RequantizeArg::Keep => Requantize::Keep,
+                RequantizeArg::Q8_0 => Requantize::Q8_0,
+                RequantizeArg::Q4_0 => Requantize::Q4_0,
+            },
+            threads: self.threads,
+            max_running_sequences: self.max_running_sequences.map_or(defaults.max_running_sequences, usize::from),
+            prefill_chunk_tokens: self
+                .prefill_chunk_tokens
+                .map_or(defaults.prefill_chunk_tokens, |tokens| tokens as usize),
+            queue_capacity: self.queue_capacity.unwrap_or(defaults.queue_capacity),
+            context_length: self.context_length.map(|tokens| tokens as usize),
+        };
         ServeSettings {
             host: self.host.clone(),
             port: self.port,
             api_key: self.api_key.clone(),
             max_body_bytes: self.max_body_bytes,
             max_embedding_inputs: self.max_embedding_inputs,
-            load: LoadOptions { embed },
+            load: LoadOptions { embed, llm },
         }
     }
 }

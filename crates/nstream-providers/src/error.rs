@@ -36,6 +36,14 @@ pub enum ProviderError {
         /// The cause (boxed: the embed error is large and this one travels far).
         source: Box<nstream_embed::Error>,
     },
+    /// A causal LM failed to load.
+    #[error("BaseModel/{name}: {source}")]
+    Llm {
+        /// The resource name.
+        name: String,
+        /// The cause (boxed: it travels far).
+        source: Box<nstream_llm::Error>,
+    },
     /// A MegaModel's client could not be built.
     #[error("MegaModel/{name}: {source}")]
     Hosted {
@@ -56,7 +64,7 @@ pub enum ProviderError {
     #[error(transparent)]
     Load(#[from] nstream_core::LoadError),
     /// The file holds no model that can be served.
-    #[error("{0} holds no servable model (EmbeddingModel or MegaModel)")]
+    #[error("{0} holds no servable model (EmbeddingModel, BaseModel or MegaModel)")]
     NothingToServe(PathBuf),
     /// Two models share a name.
     #[error(transparent)]

@@ -8,11 +8,11 @@ mod metrics;
 mod secrets;
 mod serve;
 
-pub use args::{DeviceArg, DtypeArg, ServeArgs};
+pub use args::{DeviceArg, DtypeArg, RequantizeArg, ServeArgs};
 pub use error::{ProviderError, Result};
 pub use load::{
-    LoadOptions, LoadedModel, hosted_backend, hosted_options, load_embedding_repo, load_model, model_source, servable,
+    LoadOptions, LoadedModel, hosted_backend, hosted_options, load_embedding_repo, load_model, model_source,
 };
-pub use metrics::EmbedMetricsExporter;
+pub use metrics::ModelMetricsExporter;
 pub use secrets::{SecretLookup, resolve_secret};
 pub use serve::{ServeSettings, load_models, serve_file, serve_models};

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::metrics::EmbedMetricsExporter;
+use crate::metrics::ModelMetricsExporter;
 use nstream_backend::ModelBackend;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use nstream_core::{ApiKeyFields, MegaModelSpec, ModelResource, ServingInfo};
 use nstream_embed::{EmbedOptions, EmbeddingBackend};
 use nstream_hosted::{HostedBackend, HostedOptions};
 use nstream_hub::{Hub, ModelSource, SecretToken};
+use nstream_llm::{LlmBackend, LlmOptions};
 
 use crate::error::{ProviderError, Result};
 use crate::secrets::{SecretLookup, resolve_secret};
@@ -19,6 +20,8 @@ use crate::secrets::{SecretLookup, resolve_secret};
 pub struct LoadOptions {
     /// Embedding models: device, dtype, batch budget, queue size, threads.
     pub embed: EmbedOptions,
+    /// Causal LMs (BaseModels): device, threads, running sequences, prefill chunk, queue size.
+    pub llm: LlmOptions,
 }
 
 /// A model ready to serve, under the name clients route by.
@@ -27,17 +30,6 @@ pub struct LoadedModel {
     pub name: String,
     /// The backend answering its requests.
     pub backend: Arc<dyn ModelBackend>,
-}
-
-/// Why this build cannot serve a resource, or `None` when it can.
-pub fn servable(resource: &ModelResource) -> Option<&'static str> {
-    match resource {
-        ModelResource::EmbeddingModel(_) => None,
-        ModelResource::BaseModel(_) => {
-            Some("serving BaseModels (candle causal LMs) is the BaseModel serving issue, not yet landed")
-        }
-        ModelResource::MegaModel(_) => None,
-    }
 }
 
 /// The client options a MegaModel's `limits` ask for.
@@ -95,7 +87,7 @@ pub fn load_model(
     resource: &ModelResource,
     options: &LoadOptions,
     secrets: &SecretLookup,
-    exporter: Option<&EmbedMetricsExporter>,
+    exporter: Option<&ModelMetricsExporter>,
 ) -> Result<LoadedModel> {
     let name = resource.name().unwrap_or_default().to_string();
     match resource {
@@ -110,14 +102,18 @@ pub fn load_model(
             }
             Ok(LoadedModel { name, backend })
         }
+        ModelResource::BaseModel(model) => {
+            let source = model_source(&model.spec.base_model_serving_info, secrets)?;
+            let backend = LlmBackend::load_with(name.clone(), &Hub::from_env(), &source, options.llm.clone())
+                .map_err(|source| ProviderError::Llm { name: name.clone(), source: Box::new(source) })?;
+            if let Some(exporter) = exporter {
+                exporter.track_llm(&name, backend.metrics().clone());
+            }
+            Ok(LoadedModel { name, backend })
+        }
         ModelResource::MegaModel(model) => {
             Ok(LoadedModel { name: name.clone(), backend: hosted_backend(&name, &model.spec, secrets)? })
         }
-        other => Err(ProviderError::NotServable {
-            kind: other.kind().to_string(),
-            name,
-            reason: servable(other).unwrap_or_default().to_string(),
-        }),
     }
 }
 

@@ -1,9 +1,12 @@
-//! Embedding-model metrics on the server's Prometheus registry: the worker's counters read at
-//! scrape time, and a histogram of batch sizes fed by the worker after each forward pass.
+//! Model metrics on the server's Prometheus registry: the embedding workers' and LLM schedulers'
+//! counters read at scrape time, and histograms of embedding batches fed after each forward pass.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use nstream_embed::{BatchObserver, BatchStats, EmbedMetrics, MetricsSnapshot};
+use nstream_llm::LlmMetrics;
 use nstream_server::Metrics;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -65,24 +68,91 @@ impl prometheus_client::collector::Collector for EmbedCollector {
     }
 }
 
-/// Registers embedding metrics on a server's registry and hands out per-model observers.
+/// One exported LLM counter or gauge: name, help, type, and which scheduler counter it reads.
+type LlmSeries = (&'static str, &'static str, MetricType, fn(&LlmMetrics) -> &AtomicU64);
+
+/// Every exported LLM counter or gauge.
+const LLM_SERIES: [LlmSeries; 8] = [
+    ("nstream_llm_queue_depth", "Requests waiting for admission to the running batch.", MetricType::Gauge, |m| {
+        &m.queue_depth
+    }),
+    ("nstream_llm_running_sequences", "Sequences in the running batch.", MetricType::Gauge, |m| &m.running_sequences),
+    ("nstream_llm_requests", "Requests accepted by the scheduler.", MetricType::Counter, |m| &m.requests_total),
+    ("nstream_llm_overloaded", "Requests refused because the queue was full.", MetricType::Counter, |m| {
+        &m.overloaded_total
+    }),
+    ("nstream_llm_prompt_tokens", "Prompt tokens prefilled.", MetricType::Counter, |m| &m.prompt_tokens_total),
+    ("nstream_llm_generated_tokens", "Tokens generated.", MetricType::Counter, |m| &m.generated_tokens_total),
+    (
+        "nstream_llm_cancelled_sequences",
+        "Sequences stopped because their client went away.",
+        MetricType::Counter,
+        |m| &m.cancelled_total,
+    ),
+    ("nstream_llm_steps", "Forward steps run (prefill chunks and decode steps).", MetricType::Counter, |m| {
+        &m.steps_total
+    }),
+];
+
+/// Reads each causal LM's scheduler counters when `/metrics` is scraped.
+#[derive(Debug, Default)]
+struct LlmCollector {
+    models: Mutex<Vec<(String, Arc<LlmMetrics>)>>,
+}
+
+impl prometheus_client::collector::Collector for LlmCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, help, metric_type, read) in LLM_SERIES {
+            let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+            for (model, metrics) in models.iter() {
+                let value = read(metrics).load(Ordering::Relaxed);
+                let labels: ModelLabels = [("model", model.clone())];
+                let metric_encoder = family.encode_family(&labels)?;
+                match metric_type {
+                    MetricType::Gauge => {
+                        ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric_encoder)?
+                    }
+                    _ => ConstCounter::new(value).encode(metric_encoder)?,
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "nstream_llm_step_seconds",
+            "Time spent in forward steps.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (model, metrics) in models.iter() {
+            let seconds = metrics.step_micros_total.load(Ordering::Relaxed) as f64 / 1e6;
+            let labels: ModelLabels = [("model", model.clone())];
+            ConstCounter::new(seconds).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Registers model metrics on a server's registry and hands out per-model embedding observers.
 #[derive(Clone)]
-pub struct EmbedMetricsExporter {
+pub struct ModelMetricsExporter {
     collector: Arc<EmbedCollector>,
+    llm_collector: Arc<LlmCollector>,
     batch_sizes: Family<ModelLabels, Histogram>,
     batch_seconds: Family<ModelLabels, Histogram>,
 }
 
-impl EmbedMetricsExporter {
-    /// Registers the collector and histograms on `metrics`' registry.
+impl ModelMetricsExporter {
+    /// Registers the collectors and histograms on `metrics`' registry.
     pub fn register(metrics: &Metrics) -> Self {
         let collector = Arc::new(EmbedCollector::default());
+        let llm_collector = Arc::new(LlmCollector::default());
         let batch_sizes: Family<ModelLabels, Histogram> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 2.0, 9)));
         let batch_seconds: Family<ModelLabels, Histogram> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14)));
         metrics.with_registry(|registry| {
             registry.register_collector(Box::new(collector.clone()));
+            registry.register_collector(Box::new(llm_collector.clone()));
             registry.register("nstream_embed_batch_size", "Inputs per forward pass.", batch_sizes.clone());
             registry.register(
                 "nstream_embed_batch_duration_seconds",
@@ -90,7 +160,7 @@ impl EmbedMetricsExporter {
                 batch_seconds.clone(),
             );
         });
-        Self { collector, batch_sizes, batch_seconds }
+        Self { collector, llm_collector, batch_sizes, batch_seconds }
     }
 
     /// An observer for the worker of model `name`.
@@ -104,22 +174,26 @@ impl EmbedMetricsExporter {
         })
     }
 
-    /// Exports the counters of a loaded model.
+    /// Exports the counters of a loaded embedding model.
     pub fn track(&self, name: &str, metrics: Arc<EmbedMetrics>) {
         self.collector.models.lock().unwrap_or_else(PoisonError::into_inner).push((name.to_string(), metrics));
+    }
+
+    /// Exports the scheduler counters of a loaded causal LM.
+    pub fn track_llm(&self, name: &str, metrics: Arc<LlmMetrics>) {
+        self.llm_collector.models.lock().unwrap_or_else(PoisonError::into_inner).push((name.to_string(), metrics));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     #[test]
     fn counters_and_batches_appear_with_the_model_label() {
         let metrics = Metrics::new();
-        let exporter = EmbedMetricsExporter::register(&metrics);
+        let exporter = ModelMetricsExporter::register(&metrics);
         let embed_metrics = Arc::new(EmbedMetrics::default());
         embed_metrics.queue_depth.store(3, Ordering::Relaxed);
         embed_metrics.inputs_total.store(42, Ordering::Relaxed);
@@ -134,5 +208,20 @@ mod tests {
         assert!(text.contains("nstream_embed_queue_depth{model=\"minilm\"} 3"), "{text}");
         assert!(text.contains("nstream_embed_inputs_total{model=\"minilm\"} 42"), "{text}");
         assert!(text.contains("nstream_embed_batch_size_count{model=\"minilm\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn llm_scheduler_counters_appear_with_the_model_label() {
+        let metrics = Metrics::new();
+        let exporter = ModelMetricsExporter::register(&metrics);
+        let llm_metrics = Arc::new(LlmMetrics::default());
+        llm_metrics.running_sequences.store(4, Ordering::Relaxed);
+        llm_metrics.generated_tokens_total.store(1234, Ordering::Relaxed);
+        llm_metrics.step_micros_total.store(2_500_000, Ordering::Relaxed);
+        exporter.track_llm("smollm2", llm_metrics);
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("nstream_llm_running_sequences{model=\"smollm2\"} 4"), "{text}");
+        assert!(text.contains("nstream_llm_generated_tokens_total{model=\"smollm2\"} 1234"), "{text}");
+        assert!(text.contains("nstream_llm_step_seconds_total{model=\"smollm2\"} 2.5"), "{text}");
     }
 }

@@ -6,8 +6,8 @@ use nstream_core::{LoadedDocument, SecretString};
 use nstream_server::{ApiKey, AppState, Metrics, ModelRegistry, ServerConfig};
 
 use crate::error::{ProviderError, Result};
-use crate::load::{LoadOptions, LoadedModel, load_model, servable};
-use crate::metrics::EmbedMetricsExporter;
+use crate::load::{LoadOptions, LoadedModel, load_model};
+use crate::metrics::ModelMetricsExporter;
 use crate::secrets::SecretLookup;
 
 /// Where and how to serve.
@@ -53,8 +53,8 @@ fn report(documents: &[LoadedDocument]) -> String {
     lines.join("\n")
 }
 
-/// Loads every servable model of valid documents; refuses a file with any invalid document, and
-/// skips (with a warning) kinds this build cannot serve yet. Each model's metrics go to `metrics`.
+/// Loads every model of valid documents; refuses a file with any invalid document. Each model's
+/// metrics go to `metrics`.
 /// Blocking.
 pub fn load_models(
     documents: &[LoadedDocument],
@@ -66,13 +66,9 @@ pub fn load_models(
         let path = documents.first().map(|document| document.origin.file.clone()).unwrap_or_default();
         return Err(ProviderError::InvalidFile { path, report: report(documents) });
     }
-    let exporter = EmbedMetricsExporter::register(metrics);
+    let exporter = ModelMetricsExporter::register(metrics);
     let mut models = Vec::new();
     for resource in documents.iter().filter_map(LoadedDocument::valid_resource) {
-        if let Some(reason) = servable(resource) {
-            tracing::warn!(kind = resource.kind(), name = resource.name(), "skipped: {reason}");
-            continue;
-        }
         tracing::info!(kind = resource.kind(), name = resource.name(), "loading");
         let started = std::time::Instant::now();
         let model = load_model(resource, options, secrets, Some(&exporter))?;

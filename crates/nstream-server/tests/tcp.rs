@@ -30,11 +30,20 @@ async fn start(app: &TestApp) -> RunningServer {
     RunningServer { base_url: format!("http://{address}"), stop, task }
 }
 
+/// A reqwest client. Cargo unifies reqwest's features across the workspace and nstream-hosted
+/// builds it with `rustls-no-provider`, so a client needs a process-wide crypto provider first.
+fn http_client() -> reqwest::Client {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    reqwest::Client::new()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_embeddings_and_streams_chat_over_tcp() {
     let app = TestApp::new();
     let server = start(&app).await;
-    let client = reqwest::Client::new();
+    let client = http_client();
 
     let response = client
         .post(format!("{}/v1/embeddings", server.base_url))
@@ -76,7 +85,7 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
         FakeBackend::chat(CHAT_MODEL).with_latency(Duration::from_millis(700)),
     );
     let server = start(&app).await;
-    let client = reqwest::Client::new();
+    let client = http_client();
     let url = format!("{}/v1/chat/completions", server.base_url);
     let in_flight = tokio::spawn({
         let client = client.clone();

@@ -9,12 +9,12 @@ use futures_util::StreamExt;
 use nstream_backend::chat::{ChatMessage, Role};
 use nstream_backend::{ChatCompletionRequest, ModelBackend, StreamOptions};
 use nstream_core::ModelResource;
-use nstream_providers::{LoadOptions, SecretLookup, load_model, servable};
+use nstream_providers::{LoadOptions, SecretLookup, load_model};
 
 /// Arguments of `nstream chat`.
 #[derive(Args, Debug)]
 pub struct ChatArgs {
-    /// A YAML file holding the chat model (a MegaModel today).
+    /// A YAML file holding the chat model (a BaseModel or a MegaModel).
     #[arg(short, long, value_name = "FILE")]
     pub model: String,
     /// Which model of the file, when it holds several.
@@ -32,6 +32,12 @@ pub struct ChatArgs {
     /// Most tokens per answer.
     #[arg(long)]
     pub max_tokens: Option<u32>,
+    /// Sampling seed, for reproducible answers.
+    #[arg(long)]
+    pub seed: Option<i64>,
+    /// CPU threads for a BaseModel (defaults to the cores available).
+    #[arg(long, env = "NSTREAM_THREADS")]
+    pub threads: Option<usize>,
 }
 
 /// Streams one answer to stdout and returns its text.
@@ -61,14 +67,9 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<ExitCode> {
     let resource = super::model_file::pick(&args.model, args.name.as_deref(), "chat model", |resource| {
         !matches!(resource, ModelResource::EmbeddingModel(_))
     })?;
-    if let Some(reason) = servable(&resource) {
-        anyhow::bail!(
-            "{}/{} cannot chat in this build: {reason}",
-            resource.kind(),
-            resource.name().unwrap_or_default()
-        );
-    }
-    let model = load_model(&resource, &LoadOptions::default(), &SecretLookup::from_env(), None)?;
+    let mut options = LoadOptions::default();
+    options.llm.threads = args.threads;
+    let model = load_model(&resource, &options, &SecretLookup::from_env(), None)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
@@ -80,6 +81,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<ExitCode> {
         request.stream_options = Some(StreamOptions { include_usage: true });
         request.temperature = args.temperature;
         request.max_tokens = args.max_tokens;
+        request.seed = args.seed;
         request
     };
     if let Some(prompt) = &args.prompt {
