@@ -112,10 +112,13 @@ impl JsonSchema for Replicas {
     }
 
     fn json_schema(_generator: &mut SchemaGenerator) -> Schema {
+        // On a cluster the scale subresource (`kubectl scale`, HPAs) reads this field as an int64, and
+        // the API server rejects a quoted number there; local mode still reads "1" (see `count`).
         json_schema!({
-            "description": "Number of server replicas, as an integer or a string of digits (\"1\").",
-            "x-kubernetes-int-or-string": true,
-            "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]{1,9}$"}]
+            "description": "Number of server replicas (an integer; `kubectl scale` sets it). Local mode also reads a string of digits (\"1\").",
+            "type": "integer",
+            "format": "int32",
+            "minimum": 0
         })
     }
 }

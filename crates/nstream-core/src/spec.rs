@@ -320,6 +320,11 @@ api_key_fields!(AzureOpenAiTemplate, OpenAiTemplate, AnthropicTemplate);
     kind = "BaseModel",
     namespaced,
     status = "ModelStatus",
+    scale(
+        spec_replicas_path = ".spec.baseModelServingTemplate.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     derive = "PartialEq",
     shortname = "bm",
     category = "nstream",
@@ -361,6 +366,11 @@ pub struct BaseModelSpec {
     kind = "EmbeddingModel",
     namespaced,
     status = "ModelStatus",
+    scale(
+        spec_replicas_path = ".spec.embeddingModelServingTemplate.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     derive = "PartialEq",
     shortname = "em",
     category = "nstream",
@@ -461,7 +471,7 @@ pub struct ServingTemplate {
 
 /// CPU, memory and GPUs, as Kubernetes quantities.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Validate)]
-#[x_kube(validation = Rule::new("(!has(self.cpu) || (isQuantity(string(self.cpu)) && quantity(string(self.cpu)).sign() > 0)) && (!has(self.memory) || (isQuantity(string(self.memory)) && quantity(string(self.memory)).sign() > 0)) && (!has(self.gpu) || (isQuantity(string(self.gpu)) && quantity(string(self.gpu)).isInteger() && quantity(string(self.gpu)).sign() >= 0))").message("cpu and memory must be positive Kubernetes quantities (500m, 2, 8Gi) and gpu a whole number"))]
+#[x_kube(validation = Rule::new("(!has(self.cpu) || (isQuantity(string(self.cpu)) && quantity(string(self.cpu)).isGreaterThan(quantity('0')))) && (!has(self.memory) || (isQuantity(string(self.memory)) && quantity(string(self.memory)).isGreaterThan(quantity('0')))) && (!has(self.gpu) || (isQuantity(string(self.gpu)) && quantity(string(self.gpu)).isInteger() && !quantity(string(self.gpu)).isLessThan(quantity('0'))))").message("cpu and memory must be positive Kubernetes quantities (500m, 2, 8Gi) and gpu a whole number"))]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// CPU cores: `2`, `500m`.

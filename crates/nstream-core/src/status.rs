@@ -31,6 +31,10 @@ pub struct ModelStatus {
     /// The URL clients call (the Service's OpenAI-compatible base URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The label selector of the pods, as a string (the scale subresource's `labelSelectorPath`,
+    /// which a HorizontalPodAutoscaler reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
 }
 
 /// The status of a condition.

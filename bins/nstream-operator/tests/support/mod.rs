@@ -1,0 +1,354 @@
+//! The harness of the end-to-end tests: a real control plane from `scripts/testbed.sh` (etcd,
+//! kube-apiserver, kube-controller-manager) in a temporary folder, the operator binary as a child
+//! process, and helpers that play the kubelet's part (marking pods Ready or crash-looping).
+
+#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::discovery::ApiResource;
+use kube::{Client, Config};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
+}
+
+/// A running control plane; stopped (by pid, through `testbed.sh down`) when dropped.
+pub struct Testbed {
+    dir: tempfile::TempDir,
+    /// The admin kubeconfig.
+    pub kubeconfig: PathBuf,
+}
+
+impl Testbed {
+    /// Starts etcd, kube-apiserver and kube-controller-manager and installs the CRDs.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("nstream-testbed-").tempdir().expect("temporary folder");
+        let started = Instant::now();
+        let output = Command::new(repo_root().join("scripts/testbed.sh"))
+            .arg("up")
+            .env("NSTREAM_TESTBED_DIR", dir.path().join("run"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/testbed.sh up");
+        let testbed = Self { kubeconfig: dir.path().join("run/kubeconfig"), dir };
+        assert!(output.status.success(), "scripts/testbed.sh up failed (logs above and under the run folder)");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("export KUBECONFIG="), "testbed.sh up printed {stdout:?}");
+        eprintln!("testbed up in {:.1} s", started.elapsed().as_secs_f64());
+        testbed
+    }
+
+    /// A client with the admin certificate.
+    pub async fn client(&self) -> Client {
+        client_for(&self.kubeconfig).await
+    }
+
+    /// A folder for logs and files that lives as long as the testbed.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/testbed.sh"))
+            .arg("down")
+            .env("NSTREAM_TESTBED_DIR", self.dir.path().join("run"))
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A client for a kubeconfig file.
+pub async fn client_for(kubeconfig: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("config");
+    Client::try_from(config).expect("client")
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// The operator binary as a child process.
+pub struct Operator {
+    child: Child,
+    /// Its `/metrics` port.
+    pub metrics_port: u16,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Starts `nstream-operator` with `kubeconfig`, the test settings and `extra` arguments.
+    pub fn start(kubeconfig: &Path, identity: &str, logs: &Path, extra: &[&str]) -> Self {
+        let metrics_port = free_port();
+        let log = logs.join(format!("operator-{identity}-{metrics_port}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_nstream-operator"))
+            .env_clear()
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .args(["--identity", identity, "--lease-namespace", "nstream-system", "--lease-duration-seconds", "4"])
+            .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--server-image", "nstream-server:e2e", "--resync-seconds", "5", "--log-json"])
+            .args(extra)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("starting nstream-operator");
+        Self { child, metrics_port, log }
+    }
+
+    /// Kills the process at once (SIGKILL), as a node failure would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it; its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!("the operator did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The body of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        http_get(self.metrics_port, "/metrics").await.map(|(_, body)| body).unwrap_or_default()
+    }
+
+    /// The value of one metric line that starts with `prefix` (summed over matching lines).
+    pub async fn metric_sum(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal HTTP/1.1 client (status code and body) for loopback servers.
+pub async fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = match text.split_once("\r\n\r\n") {
+        Some((head, rest)) if head.to_ascii_lowercase().contains("transfer-encoding: chunked") => dechunk(rest),
+        Some((_, rest)) => rest.to_string(),
+        None => String::new(),
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut text: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = text.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        text = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `GET` on a loopback port.
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http(port, "GET", path, None).await
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Creates a namespace.
+pub async fn namespace(client: &Client, name: &str) {
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+    }))
+    .expect("namespace");
+    match Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &namespace).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(error) => panic!("creating namespace {name}: {error}"),
+    }
+}
+
+/// Server-side applies a YAML document (any kind) into `namespace`, with strict field validation
+/// as kubectl does; the API server's error when it refuses.
+pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Result<DynamicObject, kube::Error> {
+    let mut object: DynamicObject = serde_yaml::from_str(yaml).expect("a Kubernetes object");
+    object.metadata.namespace = Some(namespace.to_string());
+    apply_object(client, object).await
+}
+
+/// Server-side applies a dynamic object.
+pub async fn apply_object(client: &Client, object: DynamicObject) -> Result<DynamicObject, kube::Error> {
+    let types = object.types.clone().expect("apiVersion and kind");
+    let (group, version) = match types.api_version.split_once('/') {
+        Some((group, version)) => (group.to_string(), version.to_string()),
+        None => (String::new(), types.api_version.clone()),
+    };
+    let plural = format!("{}s", types.kind.to_ascii_lowercase());
+    let resource = ApiResource {
+        group: group.clone(),
+        version: version.clone(),
+        api_version: types.api_version.clone(),
+        kind: types.kind.clone(),
+        plural,
+    };
+    let name = object.metadata.name.clone().expect("a name");
+    let api: Api<DynamicObject> = match &object.metadata.namespace {
+        Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let mut params = PatchParams::apply("e2e-test").force();
+    params.field_validation = Some(kube::api::ValidationDirective::Strict);
+    api.patch(&name, &params, &Patch::Apply(&object)).await
+}
+
+/// Plays the kubelet: marks every pod selected by `labels` in `namespace` Running and Ready
+/// (status subresource), returning how many it marked.
+pub async fn mark_pods_ready(client: &Client, namespace: &str, labels: &str) -> usize {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    let list = pods.list(&ListParams::default().labels(labels)).await.expect("listing pods");
+    let mut marked = 0;
+    for pod in list.items {
+        let ready = pod.status.as_ref().and_then(|status| status.conditions.as_ref()).is_some_and(|conditions| {
+            conditions.iter().any(|condition| condition.type_ == "Ready" && condition.status == "True")
+        });
+        if ready || pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        if pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(ready_status())).await.is_ok() {
+            marked += 1;
+        }
+    }
+    marked
+}
+
+/// A pod status that says Running and Ready.
+pub fn ready_status() -> serde_json::Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    serde_json::json!({"status": {
+        "phase": "Running",
+        "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+            {"type": "Ready", "status": "True", "lastTransitionTime": now}
+        ],
+        "containerStatuses": [{
+            "name": "server", "image": "nstream-server:e2e", "imageID": "", "ready": true, "started": true,
+            "restartCount": 0, "state": {"running": {"startedAt": now}}
+        }]
+    }})
+}
+
+/// A pod status whose server container is in CrashLoopBackOff after `restarts` restarts.
+pub fn crash_looping_status(restarts: i32) -> serde_json::Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    serde_json::json!({"status": {
+        "phase": "Running",
+        "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": "False", "lastTransitionTime": now},
+            {"type": "Ready", "status": "False", "lastTransitionTime": now}
+        ],
+        "containerStatuses": [{
+            "name": "server", "image": "nstream-server:e2e", "imageID": "", "ready": false, "started": false,
+            "restartCount": restarts,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+            "lastState": {"terminated": {"exitCode": 101, "reason": "Error", "startedAt": now, "finishedAt": now}}
+        }]
+    }})
+}
+
+/// The `nstream-server` binary: `NSTREAM_SERVER_BIN`, else built with cargo next to this test
+/// executable (a no-op when it is fresh), as the workspace's end-to-end harness does.
+pub fn server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NSTREAM_SERVER_BIN") {
+        let path = PathBuf::from(path);
+        assert!(path.is_file(), "NSTREAM_SERVER_BIN names {}, which is not a file", path.display());
+        return path;
+    }
+    let executable = std::env::current_exe().expect("the test executable's path");
+    // <target>/<profile>/deps/<test>-<hash>
+    let profile_folder = executable.parent().and_then(Path::parent).expect("<target>/<profile>/deps/").to_path_buf();
+    let target_folder = profile_folder.parent().expect("<target>").to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "nstream-server-bin", "--target-dir"])
+        .arg(&target_folder)
+        .current_dir(repo_root())
+        .status()
+        .expect("running cargo build -p nstream-server-bin");
+    assert!(status.success(), "cargo build -p nstream-server-bin failed");
+    let path = profile_folder.join("nstream-server");
+    assert!(path.is_file(), "{} is missing after cargo build", path.display());
+    path
+}
+
+/// Where the offline Hugging Face cache lives (`HF_HOME`, else ~/.cache/huggingface), as
+/// scripts/offline-models.sh fills it.
+pub fn hf_home() -> PathBuf {
+    std::env::var_os("HF_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/huggingface"))
+}

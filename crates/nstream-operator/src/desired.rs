@@ -1,0 +1,447 @@
+//! The objects a resource should own, built by pure functions: a ConfigMap with the model file,
+//! a Secret for an inline credential, the server Deployment and its Service.
+//!
+//! The server runs with `workingDir: /nstream` and only relative paths (`config/model.yaml`,
+//! `secrets`, `cache/huggingface`), so the same command, arguments and environment run unchanged
+//! in a local folder laid out like the pod's volumes (the end-to-end test does exactly that).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    HTTPGetAction, KeyToPath, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use nstream_core::Resources;
+use sha2::{Digest, Sha256};
+
+use crate::model::{Credential, Served, credentials_secret_name, object_name};
+use crate::settings::{CACHE_CLAIM_ANNOTATION, ModelCache, OperatorSettings};
+
+/// Label: the object name of the resource's server (the Deployment's selector).
+pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+/// Label: which kind the objects serve (each controller watches only its own kind).
+pub const KIND_LABEL: &str = "llm.nstream.ai/kind";
+/// Label: who manages the objects.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// The value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "nstream-operator";
+/// Pod annotation: the name of the resource (label values are too short for every name).
+pub const MODEL_NAME_ANNOTATION: &str = "llm.nstream.ai/model-name";
+/// Pod annotation: a hash of the credential, so a rotated key rolls the pods.
+pub const SECRET_HASH_ANNOTATION: &str = "llm.nstream.ai/secret-hash";
+/// Pod annotation: a hash of the model file, so a spec change rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "llm.nstream.ai/config-hash";
+/// The file name of the model file in the ConfigMap.
+pub const MODEL_FILE_KEY: &str = "model.yaml";
+/// The container's working directory; every path the server is given is relative to it.
+pub const WORKING_DIR: &str = "/nstream";
+/// The name of the server container.
+pub const CONTAINER_NAME: &str = "server";
+/// The extended resource of NVIDIA GPUs.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// The user the server runs as (the images' non-root user).
+pub const SERVER_USER: i64 = 65532;
+
+/// The labels every object of a resource carries.
+pub fn labels(served: &Served) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "nstream-server".to_string()),
+        (INSTANCE_LABEL.to_string(), object_name(served.kind, &served.name)),
+        ("app.kubernetes.io/component".to_string(), served.kind.component().to_string()),
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (KIND_LABEL.to_string(), served.kind.as_str().to_string()),
+    ])
+}
+
+/// The labels that select a resource's pods (immutable once the Deployment exists).
+pub fn selector_labels(served: &Served) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "nstream-server".to_string()),
+        (INSTANCE_LABEL.to_string(), object_name(served.kind, &served.name)),
+    ])
+}
+
+/// The label selector of a resource's pods, as a string (for list calls and the scale subresource).
+pub fn selector_string(served: &Served) -> String {
+    selector_labels(served).iter().map(|(key, value)| format!("{key}={value}")).collect::<Vec<_>>().join(",")
+}
+
+/// The owner reference that ties an object to the resource, so deleting the resource deletes it.
+pub fn owner_reference(served: &Served) -> OwnerReference {
+    OwnerReference {
+        api_version: nstream_core::spec::API_VERSION.to_string(),
+        kind: served.kind.as_str().to_string(),
+        name: served.name.clone(),
+        uid: served.uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn metadata(served: &Served, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(served.namespace.clone()),
+        labels: Some(labels(served)),
+        owner_references: Some(vec![owner_reference(served)]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// A short, stable content hash (hex), for annotations.
+pub fn content_hash(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().take(12).map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The model file the server loads: the resource with any inline credential replaced by a
+/// reference to the operator-owned Secret.
+pub fn model_file(served: &Served) -> String {
+    serde_yaml::to_string(&served.server_document).unwrap_or_default()
+}
+
+/// The ConfigMap holding the model file.
+pub fn config_map(served: &Served) -> ConfigMap {
+    ConfigMap {
+        metadata: metadata(served, object_name(served.kind, &served.name)),
+        data: Some(BTreeMap::from([(MODEL_FILE_KEY.to_string(), model_file(served))])),
+        ..ConfigMap::default()
+    }
+}
+
+/// The Secret the operator owns for an inline credential; `None` when the spec references a Secret
+/// or has no credential. The value lives only here, never in the Deployment.
+pub fn credentials_secret(served: &Served) -> Option<Secret> {
+    let Some(Credential::Inline { value, key }) = &served.credential else {
+        return None;
+    };
+    Some(Secret {
+        metadata: metadata(served, credentials_secret_name(served.kind, &served.name)),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(key.to_string(), ByteString(value.expose().as_bytes().to_vec()))])),
+        ..Secret::default()
+    })
+}
+
+/// The Secret name and key the server reads the credential from.
+pub fn credential_location(served: &Served) -> Option<(String, String)> {
+    match served.credential.as_ref()? {
+        Credential::Inline { key, .. } => Some((credentials_secret_name(served.kind, &served.name), key.to_string())),
+        Credential::Reference(reference) => Some((reference.name.clone(), reference.key.clone())),
+    }
+}
+
+/// The number of whole GPUs each replica asks for (the limit, else the request).
+pub fn gpus(served: &Served) -> u32 {
+    let template = &served.template;
+    let amount = |resources: &Option<Resources>| {
+        resources
+            .as_ref()
+            .and_then(|resources| resources.gpu.as_ref())
+            .and_then(|gpu| gpu.amount().ok()?.as_whole())
+            .and_then(|count| u32::try_from(count).ok())
+    };
+    amount(&template.resource_limit).or_else(|| amount(&template.resource_request)).unwrap_or(0)
+}
+
+fn quantities(resources: &Option<Resources>, gpus: u32) -> Option<BTreeMap<String, Quantity>> {
+    let mut map = BTreeMap::new();
+    if let Some(resources) = resources {
+        if let Some(cpu) = &resources.cpu {
+            map.insert("cpu".to_string(), Quantity(cpu.as_str().to_string()));
+        }
+        if let Some(memory) = &resources.memory {
+            map.insert("memory".to_string(), Quantity(memory.as_str().to_string()));
+        }
+    }
+    // Extended resources must have request == limit; both get the same count.
+    if gpus > 0 {
+        map.insert(GPU_RESOURCE.to_string(), Quantity(gpus.to_string()));
+    }
+    (!map.is_empty()).then_some(map)
+}
+
+/// The container's resources: cpu and memory from the spec, `nvidia.com/gpu` from `gpu`.
+pub fn resource_requirements(served: &Served) -> ResourceRequirements {
+    let gpus = gpus(served);
+    ResourceRequirements {
+        limits: quantities(&served.template.resource_limit, gpus),
+        requests: quantities(&served.template.resource_request, gpus),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The replica count of the spec; `None` when it is not a count (the API server's schema rejects
+/// that, so it only happens with a schema older than the operator).
+pub fn replicas(served: &Served) -> Option<i32> {
+    served.template.replicas.count()
+}
+
+/// The server's command line, relative to [`WORKING_DIR`].
+pub fn server_args(served: &Served, settings: &OperatorSettings) -> Vec<String> {
+    let mut args = vec![
+        "--model-file".to_string(),
+        format!("config/{MODEL_FILE_KEY}"),
+        "--host".to_string(),
+        "0.0.0.0".to_string(),
+        "--port".to_string(),
+        settings.server_port.to_string(),
+        "--log-json".to_string(),
+    ];
+    if gpus(served) > 0 {
+        args.extend(["--device".to_string(), "cuda".to_string()]);
+    }
+    args
+}
+
+/// The server's environment: where secrets and the model cache are, relative to [`WORKING_DIR`].
+pub fn server_env(settings: &OperatorSettings) -> Vec<EnvVar> {
+    let var = |name: &str, value: &str| EnvVar { name: name.into(), value: Some(value.into()), value_from: None };
+    let mut env = vec![
+        var("NSTREAM_SECRETS_DIR", "secrets"),
+        var("HF_HOME", "cache/huggingface"),
+        // The root filesystem is read-only: anything that writes to $HOME writes to /tmp.
+        var("HOME", "/tmp"),
+    ];
+    if settings.hub_offline {
+        env.push(var("HF_HUB_OFFLINE", "1"));
+    }
+    env
+}
+
+fn http_probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}
+
+/// The startup probe: `/health` every 10 s for as long as `startup_timeout` allows, so a slow
+/// download or load is not killed by the liveness probe.
+pub fn startup_probe(settings: &OperatorSettings) -> Probe {
+    const PERIOD: u64 = 10;
+    let attempts = settings.startup_timeout.as_secs().div_ceil(PERIOD).max(1);
+    http_probe("/health", PERIOD as i32, i32::try_from(attempts).unwrap_or(i32::MAX))
+}
+
+fn cache_volume(served: &Served, settings: &OperatorSettings) -> Volume {
+    let claim = served.annotations.get(CACHE_CLAIM_ANNOTATION).cloned().or_else(|| match &settings.model_cache {
+        ModelCache::Claim(claim) => Some(claim.clone()),
+        ModelCache::EmptyDir { .. } => None,
+    });
+    match claim {
+        Some(claim_name) => Volume {
+            name: "cache".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name, read_only: None }),
+            ..Volume::default()
+        },
+        None => {
+            let size_limit = match &settings.model_cache {
+                ModelCache::EmptyDir { size_limit } => size_limit.clone().map(Quantity),
+                ModelCache::Claim(_) => None,
+            };
+            Volume {
+                name: "cache".into(),
+                empty_dir: Some(EmptyDirVolumeSource { size_limit, medium: None }),
+                ..Volume::default()
+            }
+        }
+    }
+}
+
+/// The volumes of the pod and where the container mounts them.
+pub fn volumes(served: &Served, settings: &OperatorSettings) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let name = object_name(served.kind, &served.name);
+    let mount = |volume: &str, path: String, read_only: bool| VolumeMount {
+        name: volume.into(),
+        mount_path: path,
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    };
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: name.clone(),
+                items: Some(vec![KeyToPath { key: MODEL_FILE_KEY.into(), path: MODEL_FILE_KEY.into(), mode: None }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        cache_volume(served, settings),
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+    ];
+    let mut mounts = vec![
+        mount("config", format!("{WORKING_DIR}/config"), true),
+        mount("cache", format!("{WORKING_DIR}/cache"), false),
+        mount("tmp", "/tmp".into(), false),
+    ];
+    if let Some((secret_name, key)) = credential_location(served) {
+        // Mounted as `secrets/<name>/<key>`: the layout nstream-server's NSTREAM_SECRETS_DIR lookup reads.
+        volumes.push(Volume {
+            name: "credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret_name.clone()),
+                items: Some(vec![KeyToPath { key: key.clone(), path: key, mode: None }]),
+                default_mode: Some(0o440),
+                optional: None,
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("credentials", format!("{WORKING_DIR}/secrets/{secret_name}"), true));
+    }
+    (volumes, mounts)
+}
+
+/// The server Deployment. `secret_hash` is the hash of the credential's current value (from the
+/// referenced or the operator-owned Secret), so a rotation rolls the pods.
+pub fn deployment(served: &Served, settings: &OperatorSettings, secret_hash: Option<&str>) -> Deployment {
+    let gpus = gpus(served);
+    let (volumes, volume_mounts) = volumes(served, settings);
+    let mut annotations = BTreeMap::from([
+        (MODEL_NAME_ANNOTATION.to_string(), served.name.clone()),
+        (CONFIG_HASH_ANNOTATION.to_string(), content_hash(model_file(served).as_bytes())),
+    ]);
+    if let Some(hash) = secret_hash {
+        annotations.insert(SECRET_HASH_ANNOTATION.to_string(), hash.to_string());
+    }
+    let container = Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(if gpus > 0 { settings.server_image_cuda.clone() } else { settings.server_image.clone() }),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        command: Some(vec!["nstream-server".into()]),
+        args: Some(server_args(served, settings)),
+        working_dir: Some(WORKING_DIR.into()),
+        env: Some(server_env(settings)),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: i32::from(settings.server_port),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: Some(resource_requirements(served)),
+        startup_probe: Some(startup_probe(settings)),
+        readiness_probe: Some(http_probe("/ready", 5, 3)),
+        liveness_probe: Some(http_probe("/health", 10, 3)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(volume_mounts),
+        ..Container::default()
+    };
+    let (tolerations, node_selector) = if gpus > 0 {
+        let tolerations = settings
+            .gpu_tolerations
+            .iter()
+            .map(|toleration| Toleration {
+                key: Some(toleration.key.clone()),
+                operator: Some("Exists".into()),
+                effect: toleration.effect.clone(),
+                ..Toleration::default()
+            })
+            .collect::<Vec<_>>();
+        let selector = settings.gpu_node_selector.clone();
+        ((!tolerations.is_empty()).then_some(tolerations), (!selector.is_empty()).then_some(selector))
+    } else {
+        (None, None)
+    };
+    // GPU replicas replace one at a time without a surge, so a rollout needs no spare GPU.
+    let rolling_update = if gpus > 0 {
+        RollingUpdateDeployment { max_surge: Some(IntOrString::Int(0)), max_unavailable: Some(IntOrString::Int(1)) }
+    } else {
+        RollingUpdateDeployment { max_surge: Some(IntOrString::Int(1)), max_unavailable: Some(IntOrString::Int(0)) }
+    };
+    let startup_seconds = i32::try_from(settings.startup_timeout.as_secs()).unwrap_or(i32::MAX / 2);
+    Deployment {
+        metadata: metadata(served, object_name(served.kind, &served.name)),
+        spec: Some(DeploymentSpec {
+            replicas: replicas(served),
+            selector: LabelSelector { match_labels: Some(selector_labels(served)), match_expressions: None },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(rolling_update),
+            }),
+            revision_history_limit: Some(3),
+            // A rollout only counts as stuck once a pod had the whole startup budget.
+            progress_deadline_seconds: Some(startup_seconds.saturating_add(300)),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(served)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(SERVER_USER),
+                        run_as_group: Some(SERVER_USER),
+                        fs_group: Some(SERVER_USER),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    tolerations,
+                    node_selector,
+                    termination_grace_period_seconds: Some(30),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The Service in front of the pods.
+pub fn service(served: &Served, settings: &OperatorSettings) -> Service {
+    Service {
+        metadata: metadata(served, object_name(served.kind, &served.name)),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(served)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: i32::from(settings.service_port),
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The OpenAI-compatible base URL clients call: the Service's cluster DNS name.
+pub fn endpoint(served: &Served, settings: &OperatorSettings) -> String {
+    let port = if settings.service_port == 80 { String::new() } else { format!(":{}", settings.service_port) };
+    format!(
+        "http://{}.{}.svc.{}{port}/v1",
+        object_name(served.kind, &served.name),
+        served.namespace,
+        settings.cluster_domain
+    )
+}

@@ -1,0 +1,82 @@
+//! What the operator is configured with (the binary fills it from flags and `NSTREAM_*` variables).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "nstream-operator";
+
+/// Per-resource annotation: a PersistentVolumeClaim (in the resource's namespace) that holds the
+/// model cache, overriding the operator's `model_cache`.
+pub const CACHE_CLAIM_ANNOTATION: &str = "llm.nstream.ai/cache-claim";
+
+/// Where the server keeps downloaded weights.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelCache {
+    /// A per-pod emptyDir (weights are downloaded again when a pod is replaced).
+    EmptyDir {
+        /// `sizeLimit` of the emptyDir, such as `20Gi`.
+        size_limit: Option<String>,
+    },
+    /// An existing PersistentVolumeClaim of that name in each resource's namespace, so restarts and
+    /// new replicas find the weights (ReadWriteMany when replicas > 1).
+    Claim(String),
+}
+
+/// A toleration added to GPU pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuToleration {
+    /// Taint key, such as `nvidia.com/gpu`.
+    pub key: String,
+    /// Taint effect, such as `NoSchedule`; every effect when `None`.
+    pub effect: Option<String>,
+}
+
+/// How the operator builds servers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorSettings {
+    /// The `nstream-server` image for CPU pods.
+    pub server_image: String,
+    /// The `nstream-server` image built with CUDA, for pods that ask for GPUs.
+    pub server_image_cuda: String,
+    /// `imagePullPolicy` of the server container; the cluster default when `None`.
+    pub image_pull_policy: Option<String>,
+    /// The port the server listens on inside the pod.
+    pub server_port: u16,
+    /// The port of the Service in front of the pods.
+    pub service_port: u16,
+    /// The cluster DNS domain, for the endpoint written in status.
+    pub cluster_domain: String,
+    /// How long a server may take to download and load its model before it is restarted.
+    pub startup_timeout: Duration,
+    /// The model cache volume.
+    pub model_cache: ModelCache,
+    /// Set `HF_HUB_OFFLINE=1` in servers: weights must already be in the cache (air-gapped clusters
+    /// with a pre-filled claim).
+    pub hub_offline: bool,
+    /// Tolerations added to pods that ask for GPUs.
+    pub gpu_tolerations: Vec<GpuToleration>,
+    /// Node labels GPU pods must run on (empty: no constraint).
+    pub gpu_node_selector: BTreeMap<String, String>,
+    /// How often each resource is reconciled even when nothing changed (drift correction).
+    pub resync: Duration,
+}
+
+impl Default for OperatorSettings {
+    fn default() -> Self {
+        Self {
+            server_image: format!("ghcr.io/nstream-ai/nstream-server:{}", env!("CARGO_PKG_VERSION")),
+            server_image_cuda: format!("ghcr.io/nstream-ai/nstream-server:{}-cuda", env!("CARGO_PKG_VERSION")),
+            image_pull_policy: None,
+            server_port: 8080,
+            service_port: 80,
+            cluster_domain: "cluster.local".into(),
+            startup_timeout: Duration::from_secs(30 * 60),
+            model_cache: ModelCache::EmptyDir { size_limit: None },
+            hub_offline: false,
+            gpu_tolerations: vec![GpuToleration { key: "nvidia.com/gpu".into(), effect: Some("NoSchedule".into()) }],
+            gpu_node_selector: BTreeMap::new(),
+            resync: Duration::from_secs(5 * 60),
+        }
+    }
+}
