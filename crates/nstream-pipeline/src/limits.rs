@@ -1,0 +1,226 @@
+//! Staying inside the provider's limits: the client-side RPM/TPM limiter (the same sliding-window
+//! [`RateLimiter`] the gateway's hosted backends use), and an adaptive concurrency gate that
+//! halves on 429s and creeps back up on successes.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nstream_hosted::limiter::RateLimiter;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Builds the run's limiter, or `None` when no limit is set.
+///
+/// With only an RPM limit the window is the shortest that divides a minute and still admits
+/// whole requests at (nearly) the full rate: at 600 RPM, one request per 100 ms. Requests are
+/// then paced evenly instead of bursting a window's quota at once, so every shorter window the
+/// provider may enforce (Azure: RPM/6 per 10 s) is respected too. With a TPM limit the window is
+/// 10 seconds, like the gateway's: a token quota needs room for whole requests.
+pub fn rate_limiter(requests_per_minute: Option<u32>, tokens_per_minute: Option<u32>) -> Option<RateLimiter> {
+    if requests_per_minute.is_none() && tokens_per_minute.is_none() {
+        return None;
+    }
+    let window = match (requests_per_minute, tokens_per_minute) {
+        (Some(rpm), None) => pacing_window(rpm),
+        _ => Duration::from_secs(10),
+    };
+    Some(RateLimiter::new(requests_per_minute, tokens_per_minute, window))
+}
+
+/// The shortest window (a whole number of milliseconds dividing a minute) whose request quota
+/// `floor(rpm * window / 60 s)` keeps at least 99% of `rpm`; a minute when none does.
+pub fn pacing_window(requests_per_minute: u32) -> Duration {
+    const MINUTE_MS: u64 = 60_000;
+    let rpm = u64::from(requests_per_minute.max(1));
+    for window_ms in (1..=MINUTE_MS).filter(|window| MINUTE_MS.is_multiple_of(*window)) {
+        let quota = rpm * window_ms / MINUTE_MS;
+        // quota per window, scaled to a minute, against the limit (99% or better).
+        if quota >= 1 && quota * MINUTE_MS * 100 >= rpm * window_ms * 99 {
+            return Duration::from_millis(window_ms);
+        }
+    }
+    Duration::from_secs(60)
+}
+
+/// A concurrency limit that adapts to the provider: multiplicative decrease on a 429 (at most
+/// once per `cooldown`, so one burst of 429s counts once), additive increase on success, and a
+/// shared pause when the provider says how long to wait.
+#[derive(Debug)]
+pub struct AdaptiveGate {
+    maximum: usize,
+    state: Mutex<GateState>,
+    changed: Notify,
+    cooldown: Duration,
+}
+
+#[derive(Debug)]
+struct GateState {
+    limit: f64,
+    in_flight: usize,
+    paused_until: Option<Instant>,
+    last_decrease: Option<Instant>,
+    decreases: u64,
+}
+
+/// A slot of the gate; frees itself on drop.
+#[derive(Debug)]
+pub struct GatePermit<'a> {
+    gate: &'a AdaptiveGate,
+}
+
+impl Drop for GatePermit<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.gate.state.lock() {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+        self.gate.changed.notify_waiters();
+    }
+}
+
+impl AdaptiveGate {
+    /// A gate admitting at most `maximum` requests at once (at least one).
+    pub fn new(maximum: usize) -> Self {
+        let maximum = maximum.max(1);
+        Self {
+            maximum,
+            state: Mutex::new(GateState {
+                limit: maximum as f64,
+                in_flight: 0,
+                paused_until: None,
+                last_decrease: None,
+                decreases: 0,
+            }),
+            changed: Notify::new(),
+            cooldown: Duration::from_secs(1),
+        }
+    }
+
+    /// The current limit (whole requests).
+    pub fn limit(&self) -> usize {
+        self.state.lock().map(|state| state.limit.floor() as usize).unwrap_or(1).max(1)
+    }
+
+    /// How many times a 429 made the gate slow down.
+    pub fn decreases(&self) -> u64 {
+        self.state.lock().map(|state| state.decreases).unwrap_or(0)
+    }
+
+    /// Waits for a slot (and for any pause the provider asked for).
+    pub async fn enter(&self) -> GatePermit<'_> {
+        loop {
+            let notified = self.changed.notified();
+            let wait_until = {
+                let Ok(mut state) = self.state.lock() else { return GatePermit { gate: self } };
+                let now = Instant::now();
+                match state.paused_until {
+                    Some(until) if until > now => Some(until),
+                    _ => {
+                        state.paused_until = None;
+                        if (state.in_flight as f64) < state.limit.floor().max(1.0) {
+                            state.in_flight += 1;
+                            return GatePermit { gate: self };
+                        }
+                        None
+                    }
+                }
+            };
+            match wait_until {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => notified.await,
+            }
+        }
+    }
+
+    /// A request succeeded: grow the limit by one request per limit's worth of successes.
+    pub fn on_success(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            let grown = state.limit + 1.0 / state.limit.max(1.0);
+            state.limit = grown.min(self.maximum as f64);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The provider answered 429: halve the limit and, when it said how long to wait, pause
+    /// every request for that long.
+    pub fn on_rate_limited(&self, retry_after: Option<Duration>) {
+        let Ok(mut state) = self.state.lock() else { return };
+        let now = Instant::now();
+        if let Some(wait) = retry_after {
+            let until = now + wait.min(Duration::from_secs(300));
+            state.paused_until = Some(state.paused_until.map_or(until, |current| current.max(until)));
+        }
+        if state.last_decrease.is_none_or(|last| now.duration_since(last) >= self.cooldown) {
+            let before = state.limit.floor() as usize;
+            state.limit = (state.limit / 2.0).max(1.0);
+            state.last_decrease = Some(now);
+            state.decreases += 1;
+            tracing::info!(
+                from = before,
+                to = state.limit.floor() as usize,
+                "rate limited (429): lowering concurrency"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn pacing_windows_divide_a_minute_and_keep_the_rate() {
+        assert_eq!(pacing_window(600), Duration::from_millis(100));
+        assert_eq!(pacing_window(60), Duration::from_secs(1));
+        assert_eq!(pacing_window(1), Duration::from_secs(60));
+        for rpm in [1u32, 7, 59, 61, 100, 333, 500, 1000, 10_000, 123_457] {
+            let window = pacing_window(rpm);
+            let window_ms = window.as_millis() as u64;
+            assert_eq!(60_000 % window_ms, 0, "{rpm}");
+            let quota = u64::from(rpm) * window_ms / 60_000;
+            assert!(quota >= 1, "{rpm}");
+            let per_minute = quota * 60_000 / window_ms;
+            assert!(per_minute <= u64::from(rpm), "{rpm}: never above");
+            assert!(per_minute * 100 >= u64::from(rpm) * 99, "{rpm}: {per_minute} per minute");
+        }
+        assert!(rate_limiter(None, None).is_none());
+        assert_eq!(rate_limiter(Some(600), Some(1000)).map(|limiter| limiter.window()), Some(Duration::from_secs(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_halves_on_429_and_grows_back() {
+        let gate = Arc::new(AdaptiveGate::new(8));
+        assert_eq!(gate.limit(), 8);
+        gate.on_rate_limited(None);
+        gate.on_rate_limited(None);
+        assert_eq!(gate.limit(), 4, "one burst of 429s halves once");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        gate.on_rate_limited(None);
+        assert_eq!(gate.limit(), 2);
+        assert_eq!(gate.decreases(), 2);
+        for _ in 0..100 {
+            gate.on_success();
+        }
+        assert_eq!(gate.limit(), 8, "additive increase back to the maximum, never above");
+        // Only `limit` requests get in at once.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        gate.on_rate_limited(None);
+        assert_eq!(gate.limit(), 4);
+        let first = gate.enter().await;
+        let _others = [gate.enter().await, gate.enter().await, gate.enter().await];
+        let fifth = tokio::time::timeout(Duration::from_millis(10), gate.enter()).await;
+        assert!(fifth.is_err(), "a fifth request waits at limit 4");
+        drop(first);
+        let _fifth = tokio::time::timeout(Duration::from_millis(10), gate.enter()).await.expect("a slot freed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_pauses_everyone() {
+        let gate = AdaptiveGate::new(4);
+        gate.on_rate_limited(Some(Duration::from_secs(3)));
+        let started = Instant::now();
+        let _permit = gate.enter().await;
+        assert!(Instant::now().duration_since(started) >= Duration::from_secs(3));
+    }
+}
