@@ -15,6 +15,10 @@ echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== Kubernetes testbed for the operator's end-to-end test (etcd, kube-apiserver, kube-controller-manager)"
+# Built from Go modules once (10-20 min cold on 2 cores), cached outside the repository.
+scripts/testbed.sh build
+
 echo "== tests"
 cargo test --workspace --locked
 
