@@ -125,6 +125,9 @@ async fn the_operator_on_a_real_api_server() {
     step("every example applies");
     every_example_applies(&admin).await;
 
+    step("a MegaModel gets a gateway holding its key through a Secret; a missing key Secret is reported");
+    mega_models_get_a_gateway(&admin).await;
+
     step("invalid resources are rejected by the API server itself");
     invalid_resources_are_rejected_by_the_api_server(&admin).await;
 
@@ -144,11 +147,11 @@ async fn the_operator_on_a_real_api_server() {
     let second = Operator::start(&kubeconfig, "operator-b", testbed.path(), &operator_args);
     let mut second = killing_the_leader_mid_way_converges(&admin, &mut first, second, &operator_args).await;
 
-    step("the Deployment's own command, arguments and environment serve embeddings from nstream-server");
-    the_deployment_serves_embeddings(&admin, testbed.path()).await;
-
     step("100 resources at once reach Ready; no writes once converged");
     a_hundred_resources(&admin, &second).await;
+
+    step("the Deployment's own command, arguments and environment serve embeddings from nstream-server");
+    the_deployment_serves_embeddings(&admin, testbed.path()).await;
 
     step("SIGTERM stops the operator gracefully and releases the Lease");
     let exit = second.terminate();
@@ -203,6 +206,37 @@ async fn every_example_applies(client: &Client) {
     }
     assert!(applied >= 6, "only {applied} example resources");
     eprintln!("  {applied} example resources applied");
+}
+
+async fn mega_models_get_a_gateway(client: &Client) {
+    use nstream_core::MegaModel;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), "examples");
+    let deployment = eventually("the gateway of gpt-4-mega", MINUTE, || async {
+        deployments.get_opt("mm-gpt-4-mega").await.ok().flatten()
+    })
+    .await;
+    let secret = Api::<Secret>::namespaced(client.clone(), "examples")
+        .get("mm-gpt-4-mega-credentials")
+        .await
+        .expect("the key Secret");
+    assert!(secret.data.is_some_and(|data| data.contains_key("apikey")));
+    let config =
+        Api::<ConfigMap>::namespaced(client.clone(), "examples").get("mm-gpt-4-mega").await.expect("model file");
+    for text in [serde_json::to_string(&deployment).expect("JSON"), serde_json::to_string(&config).expect("JSON")] {
+        assert!(!text.contains("REPLACE-WITH-YOUR-AZURE-OPENAI-KEY"), "the inline key leaked: {text}");
+    }
+    let megas = Api::<MegaModel>::namespaced(client.clone(), "examples");
+    let status = eventually("claude-mega reports its missing Secret", MINUTE, || async {
+        megas
+            .get("claude-mega")
+            .await
+            .ok()?
+            .status
+            .filter(|status| condition(Some(status), "Degraded") == Some(("True".into(), "SecretNotFound".into())))
+    })
+    .await;
+    let message = status.condition("Degraded").map(|condition| condition.message.clone()).unwrap_or_default();
+    assert!(message.contains("anthropic"), "{message}");
 }
 
 async fn invalid_resources_are_rejected_by_the_api_server(client: &Client) {
