@@ -15,7 +15,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 KUBE_VERSION=1.34.4 # matches k8s-openapi's v1_34 feature in the workspace Cargo.toml
 ETCD_VERSION=3.6.4  # the etcd that Kubernetes 1.34.4 pins
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/nstream/kube-testbed"
-bin="$cache/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION"
+# The pins' hash is part of the folder name: changed pins build new binaries.
+pins="$(cat "$root"/tools/kube-testbed/*/go.sum "$root"/tools/kube-testbed/*/go.mod | sha256sum | cut -c1-12)"
+bin="$cache/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-$pins"
 state="${NSTREAM_TESTBED_DIR:-$cache/run}"
 export PATH="$PATH:/usr/local/go/bin"
 
@@ -32,14 +34,14 @@ build() {
   ldflags="${ldflags%.*}" # gitMinor is "34", not "34.4"
   if [[ ! -x "$bin/etcd" ]]; then
     log "building etcd $ETCD_VERSION"
-    (cd "$root/tools/kube-testbed/etcd" && nice -n 10 go build -mod=mod -trimpath -ldflags "-s -w" -o "$bin/etcd.part" go.etcd.io/etcd/server/v3)
+    (cd "$root/tools/kube-testbed/etcd" && nice -n 10 go build -mod=readonly -trimpath -ldflags "-s -w" -o "$bin/etcd.part" go.etcd.io/etcd/server/v3)
     mv "$bin/etcd.part" "$bin/etcd"
   fi
   for command in kube-apiserver kube-controller-manager; do
     [[ -x "$bin/$command" ]] && continue
     log "building $command $KUBE_VERSION (the first build takes 10-20 minutes)"
     (cd "$root/tools/kube-testbed/apiserver" &&
-      nice -n 10 go build -mod=mod -trimpath -ldflags "$ldflags" -o "$bin/$command.part" "k8s.io/kubernetes/cmd/$command")
+      nice -n 10 go build -mod=readonly -trimpath -ldflags "$ldflags" -o "$bin/$command.part" "k8s.io/kubernetes/cmd/$command")
     mv "$bin/$command.part" "$bin/$command"
   done
   log "built in $((SECONDS - started)) s under $bin"

@@ -153,3 +153,52 @@ pub async fn serve(
     tracing::info!(address = %listener.local_addr()?, "metrics and health endpoints listening");
     axum::serve(listener, app(metrics)).with_graceful_shutdown(shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn get(metrics: &Arc<Metrics>, path: &str) -> (StatusCode, String) {
+        let response = app(metrics.clone())
+            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).to_string())
+    }
+
+    #[tokio::test]
+    async fn health_is_always_up_and_ready_only_once_started() {
+        let metrics = Arc::new(Metrics::default());
+        assert_eq!(get(&metrics, "/healthz").await.0, StatusCode::OK);
+        assert_eq!(get(&metrics, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        metrics.set_ready(true);
+        assert_eq!(get(&metrics, "/readyz").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn metrics_count_reconciles_errors_and_writes_by_label() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.reconciled("EmbeddingModel", Duration::from_millis(12));
+        metrics.failed("EmbeddingModel", "api_409");
+        metrics.wrote("EmbeddingModel", "Deployment");
+        let (status, text) = get(&metrics, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.contains(r#"nstream_operator_reconciles_total{kind="EmbeddingModel"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"nstream_operator_reconcile_errors_total{kind="EmbeddingModel",error="api_409"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"nstream_operator_writes_total{kind="EmbeddingModel",object="Deployment"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("nstream_operator_reconcile_duration_seconds_count"), "{text}");
+    }
+}

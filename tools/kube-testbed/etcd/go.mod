@@ -1,6 +1,6 @@
 module nstream.local/kube-testbed-etcd
 
-go 1.26.8
+go 1.24.0
 
 require go.etcd.io/etcd/server/v3 v3.6.4
 
