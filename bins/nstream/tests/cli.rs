@@ -63,12 +63,14 @@ fn json_output_is_a_report_for_machines() {
     let report: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     assert_eq!(report["valid"], false);
     let documents = report["documents"].as_array().unwrap();
-    assert_eq!(documents.len(), 2);
+    assert_eq!(documents.len(), 3);
     assert_eq!(documents[0]["status"], "invalid");
     assert_eq!(documents[0]["problems"][0]["path"], "spec.baseModelServingTemplate.resourceRequest.cpu");
     assert_eq!(documents[0]["problems"][0]["line"], 19);
     assert_eq!(documents[1]["status"], "valid");
     assert_eq!(documents[1]["kind"], "EmbeddingModel");
+    assert_eq!(documents[2]["status"], "valid");
+    assert_eq!(documents[2]["kind"], "BaseModel");
 }
 
 #[test]
