@@ -190,8 +190,14 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
     let status = health::derive_status(&observed, previous, Time(Timestamp::now()));
     if previous != Some(&status) {
         let api = Api::<K>::namespaced(client.clone(), namespace);
-        let patch = serde_json::json!({ "status": status });
-        api.patch_status(&served.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(Error::Kube)?;
+        // Server-side apply of the whole status: a field the operator no longer sets is removed.
+        let patch = serde_json::json!({
+            "apiVersion": nstream_core::spec::API_VERSION,
+            "kind": kind,
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch_status(&served.name, &params, &Patch::Apply(&patch)).await.map_err(Error::Kube)?;
         context.metrics.wrote(kind, "status");
         let reference = object.object_ref(&());
         for transition in health::transitions(previous, &status) {
