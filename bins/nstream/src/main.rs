@@ -30,6 +30,9 @@ enum Command {
     Chat(commands::chat::ChatArgs),
     /// Check each MegaModel of a file against its provider: key, deployment, api-version, latency.
     Check(commands::check::CheckArgs),
+    /// Run a model over a dataset and write fine-tuning data (OpenAI chat format) with provenance,
+    /// exactly once and resumable.
+    Generate(Box<commands::generate::GenerateArgs>),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => commands::embed::run(&args),
         Command::Chat(args) => commands::chat::run(&args),
         Command::Check(args) => commands::check::run(&args),
+        Command::Generate(args) => commands::generate::run(*args),
     };
     match result {
         Ok(code) => code,

