@@ -374,6 +374,8 @@ mod tests {
         journal.append(&attempt("b", 1)).await.expect("append");
         journal.append(&Entry::Failed { key: "b".into(), record: json!({"error": "x"}) }).await.expect("failed");
         journal.append(&attempt("b", 1)).await.expect("append");
+        let last = json!({"kind": "upstream_error", "status": 502});
+        journal.append(&Entry::AttemptFailed { key: "b".into(), n: 1, error: last.clone() }).await.expect("append");
         drop(journal);
         // A crash in the middle of a write.
         OpenOptions::new()
@@ -389,6 +391,7 @@ mod tests {
         assert_eq!(state.keys["a"], KeyState { attempts: 2, done: Some(done), failed: None });
         assert_eq!(state.keys["b"].attempts, 1, "attempts count from the last failure");
         assert!(state.keys["b"].failed.is_some());
+        assert_eq!(state.last_errors["b"], last);
         assert!(!state.keys.contains_key("c"));
         assert_eq!((state.answered(), state.failed()), (1, 1));
         let mut reader = JournalReader::open(&path).expect("reader");

