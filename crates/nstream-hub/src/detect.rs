@@ -105,11 +105,16 @@ pub struct ResolvedModel {
     pub tokenizer: Option<PathBuf>,
     /// `tokenizer_config.json`, when the repo has one.
     pub tokenizer_config: Option<PathBuf>,
+    /// `generation_config.json` (end-of-sequence ids of causal LMs), when the repo has one.
+    pub generation_config: Option<PathBuf>,
+    /// `chat_template.jinja` (where transformers 5 saves the chat template), when the repo has one.
+    pub chat_template: Option<PathBuf>,
 }
 
 impl Hub {
     /// Detects the repo's weight format (see [`detect_format`]) and resolves the weights with
-    /// `config.json`, `tokenizer.json` and `tokenizer_config.json` when present.
+    /// `config.json`, `tokenizer.json`, `tokenizer_config.json`, `generation_config.json` and
+    /// `chat_template.jinja` when present.
     pub fn resolve_model(&self, source: &ModelSource) -> Result<ResolvedModel> {
         let files = self.list_files(source)?;
         let format = detect_format(&source.repo_id, &files, source.file.as_deref())?;
@@ -133,6 +138,8 @@ impl Hub {
             config: optional("config.json")?,
             tokenizer: optional("tokenizer.json")?,
             tokenizer_config: optional("tokenizer_config.json")?,
+            generation_config: optional("generation_config.json")?,
+            chat_template: optional("chat_template.jinja")?,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! scheduler thread.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use nstream_backend::{
     CompletionRequest, CompletionResponse, CompletionStream, Health, InputItem, ModelBackend, ModelDescription,
     StopSequences, Usage, unix_timestamp,
 };
-use nstream_hub::{Hub, ModelSource, WeightFormat};
+use nstream_hub::{Hub, ModelSource, ResolvedModel, WeightFormat};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
@@ -28,7 +28,7 @@ use crate::model::{LlamaModel, Requantize};
 use crate::sampling::SamplingParams;
 use crate::scheduler::{Job, LlmMetrics, Scheduler, SchedulerLimits, SequenceEvent, SequenceRequest};
 use crate::template::ChatTemplate;
-use crate::tokenizer::GgufTokenizer;
+use crate::tokenizer::{HfTokenizerConfig, LlmTokenizer};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,6 +38,143 @@ pub enum DeviceSpec {
     Cpu,
     /// A CUDA GPU by ordinal (needs the `cuda` feature).
     Cuda(usize),
+}
+
+impl DeviceSpec {
+    fn device(self) -> Result<Device> {
+        Ok(match self {
+            Self::Cpu => Device::Cpu,
+            Self::Cuda(ordinal) => Device::new_cuda(ordinal)?,
+        })
+    }
+}
+
+fn thread_pool(threads: Option<usize>) -> Result<Option<rayon::ThreadPool>> {
+    threads
+        .map(|threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads.max(1))
+                .thread_name(|index| format!("nstream-llm-{index}"))
+                .build()
+                .map_err(|error| Error::Inference(format!("cannot start the thread pool: {error}")))
+        })
+        .transpose()
+}
+
+/// The local files of a Hugging Face safetensors checkpoint.
+#[derive(Clone, Debug)]
+pub struct SafetensorsFiles {
+    /// `config.json`.
+    pub config: PathBuf,
+    /// The weights: one file, or every shard.
+    pub weights: Vec<PathBuf>,
+    /// `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// `tokenizer_config.json`, when present.
+    pub tokenizer_config: Option<PathBuf>,
+    /// `generation_config.json`, when present.
+    pub generation_config: Option<PathBuf>,
+    /// `chat_template.jinja`, when present.
+    pub chat_template: Option<PathBuf>,
+}
+
+impl SafetensorsFiles {
+    /// The files the hub resolved; `config.json` and `tokenizer.json` are required.
+    pub fn from_resolved(resolved: &ResolvedModel) -> Result<Self> {
+        let missing = |file: &str| Error::InvalidModel {
+            file: format!("{}/{file}", resolved.repo_id),
+            message: "the repo has safetensors weights but no such file".into(),
+        };
+        Ok(Self {
+            config: resolved.config.clone().ok_or_else(|| missing("config.json"))?,
+            weights: resolved.weights.clone(),
+            tokenizer: resolved.tokenizer.clone().ok_or_else(|| missing("tokenizer.json"))?,
+            tokenizer_config: resolved.tokenizer_config.clone(),
+            generation_config: resolved.generation_config.clone(),
+            chat_template: resolved.chat_template.clone(),
+        })
+    }
+
+    /// The files of a local checkpoint folder: `model.safetensors`, else the shards named by
+    /// `model.safetensors.index.json`, else the only `*.safetensors` file.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let required = |file: &str| {
+            let path = dir.join(file);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(Error::InvalidModel { file: path.display().to_string(), message: "the file is missing".into() })
+            }
+        };
+        let optional = |file: &str| Some(dir.join(file)).filter(|path| path.is_file());
+        let weights = if let Some(single) = optional("model.safetensors") {
+            vec![single]
+        } else if let Some(index) = optional(nstream_hub::SAFETENSORS_INDEX) {
+            nstream_hub::shard_files(&index)?.iter().map(|shard| dir.join(shard)).collect()
+        } else {
+            let entries =
+                std::fs::read_dir(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
+            let found: Vec<PathBuf> = entries
+                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                .filter(|path| path.extension().is_some_and(|extension| extension == "safetensors"))
+                .collect();
+            match found.as_slice() {
+                [single] => vec![single.clone()],
+                _ => {
+                    return Err(Error::InvalidModel {
+                        file: dir.display().to_string(),
+                        message: format!(
+                            "expected model.safetensors or {} ({} other safetensors files)",
+                            nstream_hub::SAFETENSORS_INDEX,
+                            found.len()
+                        ),
+                    });
+                }
+            }
+        };
+        Ok(Self {
+            config: required("config.json")?,
+            weights,
+            tokenizer: required("tokenizer.json")?,
+            tokenizer_config: optional("tokenizer_config.json"),
+            generation_config: optional("generation_config.json"),
+            chat_template: optional("chat_template.jinja"),
+        })
+    }
+}
+
+/// The end-of-sequence ids of `generation_config.json` (else `config.json`), which may be one id
+/// or a list, and the beginning-of-sequence id.
+fn end_ids(config: &Path, generation_config: Option<&Path>) -> Result<(Vec<u32>, Option<u32>)> {
+    let read = |path: &Path| -> Result<serde_json::Value> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: file.clone(), source })?;
+        serde_json::from_str(&text)
+            .map_err(|error| Error::InvalidModel { file, message: format!("not valid JSON: {error}") })
+    };
+    let ids = |value: Option<&serde_json::Value>| -> Vec<u32> {
+        match value {
+            Some(serde_json::Value::Array(items)) => {
+                items.iter().filter_map(|item| item.as_u64().and_then(|id| u32::try_from(id).ok())).collect()
+            }
+            Some(value) => value.as_u64().and_then(|id| u32::try_from(id).ok()).into_iter().collect(),
+            None => Vec::new(),
+        }
+    };
+    let mut sources = vec![read(config)?];
+    if let Some(path) = generation_config {
+        sources.insert(0, read(path)?);
+    }
+    let mut eos = Vec::new();
+    for source in &sources {
+        for id in ids(source.get("eos_token_id")) {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    let bos = sources.iter().find_map(|source| ids(source.get("bos_token_id")).first().copied());
+    Ok((eos, bos))
 }
 
 /// How to load and serve a causal LM.
@@ -79,7 +216,7 @@ impl Default for LlmOptions {
 /// What a loaded model is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LlmInfo {
-    /// `general.architecture`.
+    /// `general.architecture` (GGUF) or `model_type` (`config.json`).
     pub architecture: String,
     /// The context served, in tokens (prompt plus completion).
     pub context_length: usize,
@@ -87,6 +224,9 @@ pub struct LlmInfo {
     pub vocab_size: usize,
     /// Whether the file's own chat template is used (else ChatML).
     pub has_chat_template: bool,
+    /// The weights as loaded: `gguf` (quantised as stored, or re-quantised), or the compute
+    /// dtype of a safetensors checkpoint (`f32` on CPU; `f32`, `f16` or `bf16` on CUDA).
+    pub weights: String,
 }
 
 /// A causal LM served by its own scheduler thread with continuous batching.
@@ -98,7 +238,7 @@ pub struct LlmInfo {
 pub struct LlmBackend {
     name: String,
     sender: mpsc::Sender<Job>,
-    tokenizer: Arc<GgufTokenizer>,
+    tokenizer: Arc<LlmTokenizer>,
     template: ChatTemplate,
     info: LlmInfo,
     metrics: Arc<LlmMetrics>,
@@ -140,9 +280,10 @@ struct ChoiceResult {
 }
 
 impl LlmBackend {
-    /// Resolves a GGUF through the hub (from the environment: `HF_HOME`, `HF_HUB_OFFLINE`...),
+    /// Resolves a model through the hub (from the environment: `HF_HOME`, `HF_HUB_OFFLINE`...),
     /// loads it (blocking: call it from `spawn_blocking` or before the runtime starts) and
-    /// starts the scheduler thread. `source.file` selects the GGUF when the repo has several.
+    /// starts the scheduler thread. A repo with safetensors weights loads them with its
+    /// `config.json` and `tokenizer.json`; `source.file` selects a GGUF instead (or among several).
     pub fn load(name: impl Into<String>, source: &ModelSource, options: LlmOptions) -> Result<Arc<Self>> {
         Self::load_with(name, &Hub::from_env(), source, options)
     }
@@ -157,11 +298,60 @@ impl LlmBackend {
         let resolved = hub.resolve_model(source)?;
         match (&resolved.format, resolved.weights.first()) {
             (WeightFormat::Gguf { .. }, Some(path)) => Self::from_gguf_file(name, path, options),
+            (WeightFormat::Safetensors { .. } | WeightFormat::ShardedSafetensors { .. }, Some(_)) => {
+                Self::from_safetensors(name, &SafetensorsFiles::from_resolved(&resolved)?, options)
+            }
             (format, _) => Err(Error::Unsupported(format!(
-                "{}: only GGUF weights are supported for now (found {format:?}); select a .gguf file",
+                "{}: no loadable weights (found {format:?}); expected safetensors or a .gguf file",
                 resolved.repo_id
             ))),
         }
+    }
+
+    /// Loads a Hugging Face checkpoint from a local folder (`config.json`, `model.safetensors` or
+    /// the shards of `model.safetensors.index.json`, `tokenizer.json`, and when present
+    /// `tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`).
+    pub fn from_safetensors_dir(name: impl Into<String>, dir: &Path, options: LlmOptions) -> Result<Arc<Self>> {
+        Self::from_safetensors(name, &SafetensorsFiles::from_dir(dir)?, options)
+    }
+
+    /// Loads a safetensors checkpoint and its tokenizer and starts the scheduler thread.
+    pub fn from_safetensors(
+        name: impl Into<String>,
+        files: &SafetensorsFiles,
+        options: LlmOptions,
+    ) -> Result<Arc<Self>> {
+        let name = name.into();
+        let device = options.device.device()?;
+        let pool = thread_pool(options.threads)?;
+        let load = || LlamaModel::from_safetensors(&files.config, &files.weights, &device);
+        let model = match &pool {
+            Some(pool) => pool.install(load)?,
+            None => load()?,
+        };
+        let tokenizer_config =
+            HfTokenizerConfig::read(files.tokenizer_config.as_deref(), files.chat_template.as_deref())?;
+        let (eos_ids, bos_id) = end_ids(&files.config, files.generation_config.as_deref())?;
+        let tokenizer = Arc::new(LlmTokenizer::from_hf(&files.tokenizer, &tokenizer_config, &eos_ids, bos_id)?);
+        let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
+        let template = match &tokenizer_config.chat_template {
+            Some(source) => ChatTemplate::new(
+                source,
+                tokenizer_config.bos_token.clone().unwrap_or_else(|| token_text(tokenizer.bos_token())),
+                tokenizer_config.eos_token.clone().unwrap_or_else(|| token_text(tokenizer.eos_token())),
+            )?,
+            None => ChatTemplate::chatml()?,
+        };
+        let config = model.config();
+        let info = LlmInfo {
+            architecture: config.architecture.clone(),
+            context_length: options.context_length.map_or(config.context_length, |cap| cap.min(config.context_length)),
+            vocab_size: config.vocab_size.min(tokenizer.vocab_size()),
+            has_chat_template: tokenizer_config.chat_template.is_some(),
+            weights: format!("{:?}", model.dtype()).to_lowercase(),
+        };
+        tracing::info!(model = %name, ?info, "loaded safetensors model");
+        Ok(Self::start(name, model, tokenizer, template, info, &options, pool))
     }
 
     /// Loads a local GGUF file and starts the scheduler thread.
@@ -171,26 +361,14 @@ impl LlmBackend {
         let mut file = std::fs::File::open(path).map_err(io_error)?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|error| Error::InvalidModel { file: path.display().to_string(), message: error.to_string() })?;
-        let device = match options.device {
-            DeviceSpec::Cpu => Device::Cpu,
-            DeviceSpec::Cuda(ordinal) => Device::new_cuda(ordinal)?,
-        };
-        let pool = match options.threads {
-            Some(threads) => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads.max(1))
-                    .thread_name(|index| format!("nstream-llm-{index}"))
-                    .build()
-                    .map_err(|error| Error::Inference(format!("cannot start the thread pool: {error}")))?,
-            ),
-            None => None,
-        };
+        let device = options.device.device()?;
+        let pool = thread_pool(options.threads)?;
         let mut load = || LlamaModel::from_gguf(&content, &mut file, &device, options.requantize);
         let model = match &pool {
             Some(pool) => pool.install(&mut load)?,
             None => load()?,
         };
-        let tokenizer = Arc::new(GgufTokenizer::from_gguf(&content)?);
+        let tokenizer = Arc::new(LlmTokenizer::from_gguf(&content)?);
         let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
         let file_template = content.metadata.get("tokenizer.chat_template").and_then(|value| value.to_string().ok());
         let template = match file_template {
@@ -205,6 +383,7 @@ impl LlmBackend {
             context_length: options.context_length.map_or(config.context_length, |cap| cap.min(config.context_length)),
             vocab_size: config.vocab_size.min(tokenizer.vocab_size()),
             has_chat_template: file_template.is_some(),
+            weights: "gguf".into(),
         };
         tracing::info!(model = %name, ?info, requantize = ?options.requantize, "loaded GGUF model");
         Ok(Self::start(name, model, tokenizer, template, info, &options, pool))
@@ -213,7 +392,7 @@ impl LlmBackend {
     fn start(
         name: String,
         model: LlamaModel,
-        tokenizer: Arc<GgufTokenizer>,
+        tokenizer: Arc<LlmTokenizer>,
         template: ChatTemplate,
         info: LlmInfo,
         options: &LlmOptions,
@@ -248,7 +427,7 @@ impl LlmBackend {
     }
 
     /// The tokenizer.
-    pub fn tokenizer(&self) -> &GgufTokenizer {
+    pub fn tokenizer(&self) -> &LlmTokenizer {
         &self.tokenizer
     }
 

@@ -1,9 +1,11 @@
-//! Causal language models on candle: GGUF Llama loading, tokenizer, chat template, sampling, batching.
+//! Causal language models on candle: Llama-family loading (GGUF or safetensors), tokenizer, chat
+//! template, sampling, batching.
 //!
-//! [`LlmBackend::load`] resolves a GGUF through nstream-hub (cache first, offline-aware), builds
+//! [`LlmBackend::load`] resolves a model through nstream-hub (cache first, offline-aware), builds
 //! the model ([`model`], a documented fork of candle's quantized llama with per-sequence KV caches
-//! and positions), the tokenizer from the file's metadata ([`tokenizer`]) and its chat template
-//! ([`template`]), and serves it from a scheduler thread with continuous batching
+//! and positions), the tokenizer (the repo's `tokenizer.json`, or built from GGUF metadata:
+//! [`tokenizer`]) and its chat template ([`template`]), and serves it from a scheduler thread
+//! with continuous batching
 //! ([`scheduler`]). It implements [`nstream_backend::ModelBackend`]: chat and legacy completions,
 //! streamed or not, with the OpenAI sampling options ([`sampling`]).
 //!
@@ -20,9 +22,16 @@
 //! # Ok::<(), nstream_llm::Error>(())
 //! ```
 //!
-//! Only GGUF weights with a byte-level BPE vocabulary are loaded today; safetensors repos get
-//! [`Error::Unsupported`]. On CPU, Q4_1/Q5_0/Q5_1 weights are re-quantised to Q8_0 at load
-//! ([`LlmOptions::requantize`]) because candle's kernels for them are scalar.
+//! Two layouts load: a GGUF (quantised as stored, byte-level BPE vocabulary; on CPU, Q4_1/Q5_0/Q5_1
+//! weights are re-quantised to Q8_0 at load, [`LlmOptions::requantize`], because candle's kernels
+//! for them are scalar), and a Hugging Face checkpoint of `model_type` llama, mistral or qwen2:
+//! `config.json`, safetensors (one file or shards; f32/f16/bf16), `tokenizer.json`,
+//! `tokenizer_config.json` and `chat_template.jinja` for the template and special tokens,
+//! `generation_config.json` for the end ids. Safetensors weights are computed in f32 on CPU and in
+//! the checkpoint's dtype on CUDA. A repo with both gets safetensors unless `file` selects a GGUF.
+//!
+//! Safetensors checkpoints are checked against transformers on tiny random Llama/Qwen2 models
+//! (tests/safetensors.rs): logits within 5e-6, greedy tokens equal.
 //!
 //! Checked against llama.cpp on SmolLM2-135M-Instruct Q4_1 (tests/fixtures/llm): token ids equal
 //! on 20 varied texts; teacher-forced greedy steps agree 71/72 with the stored Q4_1 weights and
@@ -36,7 +45,7 @@ pub mod scheduler;
 pub mod template;
 pub mod tokenizer;
 
-pub use backend::{DeviceSpec, LlmBackend, LlmInfo, LlmOptions};
+pub use backend::{DeviceSpec, LlmBackend, LlmInfo, LlmOptions, SafetensorsFiles};
 pub use error::{Error, Result};
 pub use model::Requantize;
 pub use scheduler::LlmMetrics;

@@ -1,4 +1,5 @@
-//! A Llama-family decoder over quantised GGUF weights, with per-sequence KV caches and positions.
+//! A Llama-family decoder over quantised GGUF weights or Hugging Face safetensors, with
+//! per-sequence KV caches and positions.
 //!
 //! Forked from candle-transformers 0.11.1 `models/quantized_llama.rs` (Apache-2.0/MIT) and cut
 //! down to what continuous batching needs:
@@ -12,6 +13,12 @@
 //! - grouped-query attention reshapes the queries instead of repeating K/V;
 //! - at load, weights whose CPU kernels are scalar (Q4_1 and others) can be re-quantised to a
 //!   format with SIMD kernels ([`Requantize`]).
+//!
+//! - [`LlamaModel::from_safetensors`] builds the same model from a Hugging Face checkpoint
+//!   (`model.layers.N.self_attn.q_proj.weight`...) with unquantised `QMatMul::Tensor` weights,
+//!   optional projection biases (Qwen2) and `rope_scaling` (linear, llama3). GGUF Llama weights
+//!   have Q/K permuted by llama.cpp's converter for interleaved RoPE (`rope_i`); Hugging Face
+//!   ones are not, so they use NeoX RoPE (`rope`, transformers' `rotate_half`).
 //!
 //! Mixture-of-experts and the old GGML format of the original are left out.
 
@@ -79,8 +86,62 @@ pub struct LlamaConfig {
     /// The context served: the file's `context_length` capped at [`MAX_CONTEXT`].
     pub context_length: usize,
     /// RoPE pairs `(i, i + d/2)` (NeoX) instead of `(2i, 2i + 1)` (GGUF Llama after llama.cpp's
-    /// weight permutation).
+    /// weight permutation). Hugging Face checkpoints are never permuted, so they always use NeoX
+    /// pairs (transformers' `rotate_half`).
     pub rope_is_neox: bool,
+    /// How the RoPE frequencies are scaled (Hugging Face `rope_scaling`; none for GGUF).
+    pub rope_scaling: RopeScaling,
+}
+
+/// RoPE frequency scaling, as Hugging Face configs describe it (`rope_scaling` or, since
+/// transformers 5, `rope_parameters`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE (`rope_type: default`).
+    #[default]
+    None,
+    /// Positions divided by `factor` (`rope_type: linear`).
+    Linear {
+        /// The divisor.
+        factor: f32,
+    },
+    /// Llama 3.1's frequency-dependent scaling (`rope_type: llama3`).
+    Llama3 {
+        /// Scale of the low frequencies.
+        factor: f32,
+        /// Wavelengths above `original / low_freq_factor` are fully scaled.
+        low_freq_factor: f32,
+        /// Wavelengths below `original / high_freq_factor` are kept.
+        high_freq_factor: f32,
+        /// The context the model was pre-trained with.
+        original_max_position_embeddings: f32,
+    },
+}
+
+impl RopeScaling {
+    /// The inverse frequencies after scaling (transformers' `_compute_*_parameters`).
+    fn apply(&self, inverse_frequencies: &mut [f32]) {
+        match *self {
+            Self::None => {}
+            Self::Linear { factor } => inverse_frequencies.iter_mut().for_each(|frequency| *frequency /= factor),
+            Self::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: original } => {
+                let low_freq_wavelen = original / low_freq_factor;
+                let high_freq_wavelen = original / high_freq_factor;
+                for frequency in inverse_frequencies.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *frequency;
+                    if wavelen < high_freq_wavelen {
+                        continue;
+                    }
+                    if wavelen > low_freq_wavelen {
+                        *frequency /= factor;
+                    } else {
+                        let smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        *frequency = (1.0 - smooth) * *frequency / factor + smooth * *frequency;
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn metadata<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
@@ -157,19 +218,41 @@ impl LlamaConfig {
             rms_norm_eps,
             context_length,
             rope_is_neox,
+            rope_scaling: RopeScaling::None,
+        })
+    }
+}
+
+/// A projection: a (possibly quantised) weight and an optional bias (Qwen2's q/k/v, Llama's
+/// `attention_bias`/`mlp_bias`; GGUF layers here have none).
+struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(weight: QMatMul) -> Self {
+        Self { weight, bias: None }
+    }
+
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        let output = self.weight.forward(input)?;
+        Ok(match &self.bias {
+            Some(bias) => output.broadcast_add(bias)?,
+            None => output,
         })
     }
 }
 
 struct Layer {
-    attention_q: QMatMul,
-    attention_k: QMatMul,
-    attention_v: QMatMul,
-    attention_output: QMatMul,
+    attention_q: Linear,
+    attention_k: Linear,
+    attention_v: Linear,
+    attention_output: Linear,
     attention_norm: Tensor,
-    ffn_gate: QMatMul,
-    ffn_up: QMatMul,
-    ffn_down: QMatMul,
+    ffn_gate: Linear,
+    ffn_up: Linear,
+    ffn_down: Linear,
     ffn_norm: Tensor,
 }
 
@@ -183,6 +266,8 @@ pub struct LlamaModel {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// The activations' and caches' dtype: f32 for GGUF and on CPU, the checkpoint's on CUDA.
+    dtype: DType,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -255,17 +340,18 @@ pub struct StepInput<'a> {
     pub cache: &'a mut SequenceCache,
 }
 
-fn precompute_rope(config: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let theta: Vec<f32> = (0..config.head_dim)
+fn precompute_rope(config: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let mut theta: Vec<f32> = (0..config.head_dim)
         .step_by(2)
         .map(|index| 1.0 / config.rope_theta.powf(index as f32 / config.head_dim as f32))
         .collect();
+    config.rope_scaling.apply(&mut theta);
     let half = theta.len();
     let theta = Tensor::from_vec(theta, (1, half), device)?;
     let positions =
         Tensor::arange(0u32, MAX_CONTEXT as u32, device)?.to_dtype(DType::F32)?.reshape((MAX_CONTEXT, 1))?;
     let angles = positions.matmul(&theta)?;
-    Ok((angles.cos()?, angles.sin()?))
+    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
 }
 
 impl LlamaModel {
@@ -283,7 +369,7 @@ impl LlamaModel {
         let embeddings = embeddings_q.dequantize(device)?;
         let norm = load_tensor(content, reader, device, "output_norm.weight")?.dequantize(device)?;
         let output = if content.tensor_infos.contains_key("output.weight") {
-            load_matmul(content, reader, device, requantize, "output.weight")?
+            load_matmul(content, reader, device, requantize, "output.weight")?.weight
         } else {
             // Tied embeddings: the output head is the embedding matrix.
             match requantize.target(embeddings_q.dtype()) {
@@ -314,8 +400,8 @@ impl LlamaModel {
                 ffn_norm: load_tensor(content, reader, device, &name("ffn_norm"))?.dequantize(device)?,
             });
         }
-        let (cos, sin) = precompute_rope(&config, device)?;
-        Ok(Self { config, embeddings, layers, norm, output, cos, sin, device: device.clone() })
+        let (cos, sin) = precompute_rope(&config, device, DType::F32)?;
+        Ok(Self { config, embeddings, layers, norm, output, cos, sin, device: device.clone(), dtype: DType::F32 })
     }
 
     /// The hyper-parameters.
@@ -334,7 +420,7 @@ impl LlamaModel {
         let limit = limit.min(self.config.context_length).max(1);
         let capacity = initial.clamp(1, limit);
         let shape = (self.config.kv_heads, capacity, self.config.head_dim);
-        let zeros = || Tensor::zeros(shape, DType::F32, &self.device);
+        let zeros = || Tensor::zeros(shape, self.dtype, &self.device);
         Ok(SequenceCache {
             keys: (0..self.config.layers).map(|_| zeros()).collect::<candle_core::Result<_>>()?,
             values: (0..self.config.layers).map(|_| zeros()).collect::<candle_core::Result<_>>()?,
@@ -414,7 +500,7 @@ impl LlamaModel {
                 ))?;
                 let mut scores = (query.matmul(&all_keys.t()?)? * scale)?;
                 if count > 1 {
-                    let mask = causal_mask(count, start, &self.device)?;
+                    let mask = causal_mask(count, start, &self.device)?.to_dtype(self.dtype)?;
                     scores = scores
                         .reshape((config.kv_heads, group, count, total))?
                         .broadcast_add(&mask)?
@@ -425,7 +511,7 @@ impl LlamaModel {
                 let attended = attended
                     .reshape((config.heads, count, config.head_dim))?
                     .transpose(0, 1)?
-                    .reshape((count, config.hidden_size))?;
+                    .reshape((count, config.heads * config.head_dim))?;
                 outputs.push(attended);
                 row += count;
             }
@@ -450,6 +536,297 @@ impl LlamaModel {
     }
 }
 
+/// The Hugging Face `model_type`s whose checkpoints have the Llama layout served here.
+const HF_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+
+fn hf_invalid(file: &str, message: impl Into<String>) -> Error {
+    Error::InvalidModel { file: file.to_owned(), message: message.into() }
+}
+
+fn hf_usize(config: &serde_json::Value, file: &str, key: &str) -> Result<Option<usize>> {
+    match config.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .and_then(|number| usize::try_from(number).ok())
+            .map(Some)
+            .ok_or_else(|| hf_invalid(file, format!("`{key}` is not a non-negative integer: {value}"))),
+    }
+}
+
+fn hf_f64(config: &serde_json::Value, file: &str, key: &str) -> Result<Option<f64>> {
+    match config.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value) => {
+            value.as_f64().map(Some).ok_or_else(|| hf_invalid(file, format!("`{key}` is not a number: {value}")))
+        }
+    }
+}
+
+fn hf_rope_scaling(config: &serde_json::Value, file: &str) -> Result<RopeScaling> {
+    // transformers 5 writes `rope_parameters` (with `rope_theta` inside); older ones `rope_scaling`.
+    let Some(scaling) =
+        ["rope_scaling", "rope_parameters"].iter().find_map(|key| config.get(*key).filter(|value| value.is_object()))
+    else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|value| value.as_str());
+    let number = |key: &str| -> Result<f32> {
+        hf_f64(scaling, file, key)?
+            .map(|value| value as f32)
+            .ok_or_else(|| hf_invalid(file, format!("rope scaling `{}` needs `{key}`", kind.unwrap_or("?"))))
+    };
+    match kind {
+        None | Some("default") => Ok(RopeScaling::None),
+        Some("linear") => Ok(RopeScaling::Linear { factor: number("factor")? }),
+        Some("llama3") => Ok(RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings")?,
+        }),
+        Some(other) => {
+            Err(Error::Unsupported(format!("{file}: RoPE scaling `{other}` (supported: default, linear, llama3)")))
+        }
+    }
+}
+
+impl LlamaConfig {
+    /// Reads the hyper-parameters from a Hugging Face `config.json` (`model_type` llama, mistral
+    /// or qwen2). `file` names the file in errors. The context served is
+    /// `max_position_embeddings`, capped at [`MAX_CONTEXT`] and at Mistral's `sliding_window`
+    /// (within the window, sliding-window attention is full attention).
+    pub fn from_hf_config(config: &serde_json::Value, file: &str) -> Result<Self> {
+        let model_type = config.get("model_type").and_then(|value| value.as_str()).unwrap_or_default().to_owned();
+        if !HF_MODEL_TYPES.contains(&model_type.as_str()) {
+            return Err(Error::Unsupported(format!(
+                "{file}: model_type {model_type:?} (safetensors checkpoints load for {})",
+                HF_MODEL_TYPES.join(", ")
+            )));
+        }
+        let activation = config.get("hidden_act").and_then(|value| value.as_str()).unwrap_or("silu");
+        if activation != "silu" {
+            return Err(Error::Unsupported(format!("{file}: hidden_act {activation:?} (only silu)")));
+        }
+        let required = |key: &str| -> Result<usize> {
+            hf_usize(config, file, key)?.ok_or_else(|| hf_invalid(file, format!("`{key}` is missing")))
+        };
+        let hidden_size = required("hidden_size")?;
+        let layers = required("num_hidden_layers")?;
+        let heads = required("num_attention_heads")?;
+        let vocab_size = required("vocab_size")?;
+        let kv_heads = hf_usize(config, file, "num_key_value_heads")?.unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || layers == 0 || hidden_size == 0 {
+            return Err(hf_invalid(
+                file,
+                format!(
+                    "inconsistent shape: {heads} heads, {kv_heads} kv heads, {layers} layers, hidden {hidden_size}"
+                ),
+            ));
+        }
+        let head_dim = match hf_usize(config, file, "head_dim")? {
+            Some(head_dim) => head_dim,
+            None if hidden_size % heads == 0 => hidden_size / heads,
+            None => {
+                return Err(hf_invalid(file, format!("hidden_size {hidden_size} is not a multiple of {heads} heads")));
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(hf_invalid(file, format!("head_dim {head_dim} must be even")));
+        }
+        if let Some(factor) = hf_f64(config, file, "partial_rotary_factor")?
+            && factor != 1.0
+        {
+            return Err(Error::Unsupported(format!("{file}: partial RoPE (partial_rotary_factor {factor})")));
+        }
+        let rope_theta = match hf_f64(config, file, "rope_theta")? {
+            Some(theta) => theta,
+            None => match config.get("rope_parameters") {
+                Some(parameters) => hf_f64(parameters, file, "rope_theta")?.unwrap_or(10_000.0),
+                None => 10_000.0,
+            },
+        } as f32;
+        let rms_norm_eps = hf_f64(config, file, "rms_norm_eps")?.unwrap_or(1e-6);
+        let mut context_length = hf_usize(config, file, "max_position_embeddings")?.unwrap_or(MAX_CONTEXT);
+        let sliding = match model_type.as_str() {
+            "qwen2" => config.get("use_sliding_window").and_then(|value| value.as_bool()).unwrap_or(false),
+            _ => true,
+        };
+        if sliding && let Some(window) = hf_usize(config, file, "sliding_window")? {
+            context_length = context_length.min(window);
+        }
+        Ok(Self {
+            architecture: model_type,
+            vocab_size,
+            hidden_size,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            rope_theta,
+            rms_norm_eps,
+            context_length: context_length.clamp(1, MAX_CONTEXT),
+            rope_is_neox: true,
+            rope_scaling: hf_rope_scaling(config, file)?,
+        })
+    }
+}
+
+/// The tensors of a safetensors checkpoint (one file or every shard), converted to one dtype.
+struct SafetensorsWeights {
+    tensors: std::collections::HashMap<String, Tensor>,
+    /// Where a tensor came from, for errors.
+    files: std::collections::HashMap<String, String>,
+    prefix: &'static str,
+    first_file: String,
+}
+
+impl SafetensorsWeights {
+    /// Reads every file (one at a time, so the peak is the model plus one file's bytes) and
+    /// converts each tensor to `dtype` on `device`; `None` keeps the embedding's dtype (f32 when
+    /// it is not a float type).
+    fn read(paths: &[std::path::PathBuf], device: &Device, dtype: Option<DType>) -> Result<(Self, DType)> {
+        let mut tensors = std::collections::HashMap::new();
+        let mut files = std::collections::HashMap::new();
+        let mut dtype = dtype;
+        for path in paths {
+            let file = path.display().to_string();
+            let bytes = std::fs::read(path).map_err(|source| Error::Io { path: file.clone(), source })?;
+            let slice = candle_core::safetensors::SliceSafetensors::new(&bytes)
+                .map_err(|error| hf_invalid(&file, format!("not a safetensors file: {error}")))?;
+            let mut views = slice.tensors();
+            views.sort_by(|a, b| a.0.cmp(&b.0));
+            // The embedding decides the dtype when the caller keeps the checkpoint's.
+            if dtype.is_none()
+                && let Some((_, view)) = views.iter().find(|(name, _)| name.ends_with("embed_tokens.weight"))
+            {
+                dtype = Some(match DType::try_from(view.dtype()) {
+                    Ok(stored @ (DType::BF16 | DType::F16)) => stored,
+                    _ => DType::F32,
+                });
+            }
+            for (name, _) in views {
+                let tensor = slice
+                    .load(&name, device)
+                    .map_err(|error| hf_invalid(&file, format!("tensor `{name}`: {error}")))?;
+                let target = dtype.unwrap_or(DType::F32);
+                let tensor = if tensor.dtype() == target { tensor } else { tensor.to_dtype(target)? };
+                files.insert(name.clone(), file.clone());
+                tensors.insert(name, tensor);
+            }
+        }
+        let first_file = paths.first().map(|path| path.display().to_string()).unwrap_or_default();
+        let prefix =
+            if tensors.contains_key("model.embed_tokens.weight") || !tensors.contains_key("embed_tokens.weight") {
+                "model."
+            } else {
+                ""
+            };
+        Ok((Self { tensors, files, prefix, first_file }, dtype.unwrap_or(DType::F32)))
+    }
+
+    fn file_of(&self, name: &str) -> &str {
+        self.files.get(name).map_or(self.first_file.as_str(), String::as_str)
+    }
+
+    /// Takes a tensor and checks its shape.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.take_optional(name, shape)?
+            .ok_or_else(|| hf_invalid(&self.first_file, format!("tensor `{name}` is missing from the checkpoint")))
+    }
+
+    fn take_optional(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some(tensor) = self.tensors.remove(name) else {
+            return Ok(None);
+        };
+        if tensor.dims() != shape {
+            return Err(hf_invalid(
+                self.file_of(name),
+                format!("tensor `{name}` has shape {:?}, expected {shape:?}", tensor.dims()),
+            ));
+        }
+        Ok(Some(tensor))
+    }
+
+    /// A projection `prefix.weight` of shape `(out, in)` with its bias when the checkpoint has one.
+    fn linear(&mut self, prefix: &str, out: usize, input: usize) -> Result<Linear> {
+        let weight = self.take(&format!("{prefix}.weight"), &[out, input])?;
+        let bias = self.take_optional(&format!("{prefix}.bias"), &[out])?;
+        Ok(Linear { weight: QMatMul::Tensor(weight), bias })
+    }
+}
+
+impl LlamaModel {
+    /// Loads a Hugging Face Llama-layout checkpoint: `config.json` and the safetensors files (one,
+    /// or every shard). Weights are kept unquantised (`QMatMul::Tensor`); on CPU they are converted
+    /// to f32 (candle's CPU matmuls are fastest and exact there), on CUDA the checkpoint's dtype
+    /// (f32, f16 or bf16) is kept. Q/K are used as stored: Hugging Face weights are not permuted
+    /// for interleaved RoPE as llama.cpp's GGUF ones are, so NeoX-style RoPE applies.
+    pub fn from_safetensors(
+        config_path: &std::path::Path,
+        weights: &[std::path::PathBuf],
+        device: &Device,
+    ) -> Result<Self> {
+        let config_file = config_path.display().to_string();
+        let text =
+            std::fs::read_to_string(config_path).map_err(|source| Error::Io { path: config_file.clone(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|error| hf_invalid(&config_file, format!("not valid JSON: {error}")))?;
+        let config = LlamaConfig::from_hf_config(&json, &config_file)?;
+        if weights.is_empty() {
+            return Err(hf_invalid(&config_file, "no safetensors weight file"));
+        }
+        let requested = if device.is_cpu() { Some(DType::F32) } else { None };
+        let (mut weights, dtype) = SafetensorsWeights::read(weights, device, requested)?;
+        let prefix = weights.prefix;
+        let hidden = config.hidden_size;
+        let q_size = config.heads * config.head_dim;
+        let kv_size = config.kv_heads * config.head_dim;
+        let embeddings = weights.take(&format!("{prefix}embed_tokens.weight"), &[config.vocab_size, hidden])?;
+        let norm = weights.take(&format!("{prefix}norm.weight"), &[hidden])?;
+        let output = match weights.take_optional("lm_head.weight", &[config.vocab_size, hidden])? {
+            Some(head) => QMatMul::Tensor(head),
+            // Tied embeddings (`tie_word_embeddings`): the checkpoint stores no head.
+            None => QMatMul::Tensor(embeddings.clone()),
+        };
+        let intermediate = weights
+            .tensors
+            .get(&format!("{prefix}layers.0.mlp.gate_proj.weight"))
+            .map(|tensor| tensor.dims()[0])
+            .ok_or_else(|| {
+                hf_invalid(&weights.first_file, format!("tensor `{prefix}layers.0.mlp.gate_proj.weight` is missing"))
+            })?;
+        let mut layers = Vec::with_capacity(config.layers);
+        for index in 0..config.layers {
+            let name = |part: &str| format!("{prefix}layers.{index}.{part}");
+            layers.push(Layer {
+                attention_q: weights.linear(&name("self_attn.q_proj"), q_size, hidden)?,
+                attention_k: weights.linear(&name("self_attn.k_proj"), kv_size, hidden)?,
+                attention_v: weights.linear(&name("self_attn.v_proj"), kv_size, hidden)?,
+                attention_output: weights.linear(&name("self_attn.o_proj"), hidden, q_size)?,
+                attention_norm: weights.take(&name("input_layernorm.weight"), &[hidden])?,
+                ffn_gate: weights.linear(&name("mlp.gate_proj"), intermediate, hidden)?,
+                ffn_up: weights.linear(&name("mlp.up_proj"), intermediate, hidden)?,
+                ffn_down: weights.linear(&name("mlp.down_proj"), hidden, intermediate)?,
+                ffn_norm: weights.take(&name("post_attention_layernorm.weight"), &[hidden])?,
+            });
+        }
+        let unused: Vec<&String> =
+            weights.tensors.keys().filter(|name| !name.ends_with("rotary_emb.inv_freq")).collect();
+        if !unused.is_empty() {
+            let example = unused[0];
+            tracing::warn!(count = unused.len(), %example, "checkpoint tensors not used by the Llama layout");
+        }
+        let (cos, sin) = precompute_rope(&config, device, dtype)?;
+        Ok(Self { config, embeddings, layers, norm, output, cos, sin, device: device.clone(), dtype })
+    }
+
+    /// The dtype of the activations and KV caches (f32 except for f16/bf16 checkpoints on CUDA).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
 fn load_tensor<R: Read + Seek>(
     content: &gguf_file::Content,
     reader: &mut R,
@@ -467,7 +844,7 @@ fn load_matmul<R: Read + Seek>(
     device: &Device,
     requantize: Requantize,
     name: &str,
-) -> Result<QMatMul> {
+) -> Result<Linear> {
     let weight = load_tensor(content, reader, device, name)?;
     let weight = match requantize.target(weight.dtype()) {
         Some(target) if weight.shape().dims().last().is_some_and(|cols| cols % target.block_size() == 0) => {
@@ -475,7 +852,7 @@ fn load_matmul<R: Read + Seek>(
         }
         _ => weight,
     };
-    Ok(QMatMul::from_qtensor(weight)?)
+    Ok(Linear::new(QMatMul::from_qtensor(weight)?))
 }
 
 /// The additive causal mask of `count` new queries after `start` cached tokens:
@@ -502,6 +879,41 @@ mod tests {
         let mask: Vec<Vec<f32>> = causal_mask(2, 1, &Device::Cpu).unwrap().to_vec2().unwrap();
         assert_eq!(mask[0], [0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(mask[1], [0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn llama3_rope_scaling_matches_transformers() {
+        // transformers 5.24 `ROPE_INIT_FUNCTIONS["llama3"]`, head_dim 32, theta 500000, factor 8,
+        // low/high frequency factors 1/4, original context 8192.
+        let expected = [
+            1.0,
+            0.440_366_6,
+            0.193_922_76,
+            0.085_397_1,
+            0.037_606_03,
+            0.016_560_44,
+            0.007_292_665,
+            0.003_211_446,
+            0.000_524_846,
+            7.784_655e-5,
+            3.428_102_4e-5,
+            1.509_621_8e-5,
+            6.647_869_7e-6,
+            2.927_499_7e-6,
+            1.289_173_2e-6,
+            5.677_088e-7,
+        ];
+        let mut frequencies: Vec<f32> = (0..32).step_by(2).map(|i| 1.0 / 500_000f32.powf(i as f32 / 32.0)).collect();
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        scaling.apply(&mut frequencies);
+        for (ours, theirs) in frequencies.iter().zip(expected) {
+            assert!((ours - theirs).abs() <= theirs * 1e-5, "{ours} vs {theirs}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::model::{LlamaModel, SequenceCache, StepInput};
 use crate::sampling::{Sampler, SamplingParams, StopMatcher};
-use crate::tokenizer::{GgufTokenizer, IncrementalDecoder};
+use crate::tokenizer::{IncrementalDecoder, LlmTokenizer};
 
 /// One sequence to generate.
 #[derive(Debug)]
@@ -124,7 +124,7 @@ enum Outcome {
 /// The scheduler's state on its thread.
 pub struct Scheduler {
     model: LlamaModel,
-    tokenizer: Arc<GgufTokenizer>,
+    tokenizer: Arc<LlmTokenizer>,
     receiver: mpsc::Receiver<Job>,
     limits: SchedulerLimits,
     metrics: Arc<LlmMetrics>,
@@ -139,7 +139,7 @@ impl Scheduler {
     /// A scheduler over `model` taking jobs from `receiver`.
     pub fn new(
         model: LlamaModel,
-        tokenizer: Arc<GgufTokenizer>,
+        tokenizer: Arc<LlmTokenizer>,
         receiver: mpsc::Receiver<Job>,
         limits: SchedulerLimits,
         metrics: Arc<LlmMetrics>,
@@ -318,7 +318,7 @@ fn send_text(sequence: &Running, text: String) {
 }
 
 /// Takes a sampled token: streams its text, and says whether the sequence is done.
-fn accept(sequence: &mut Running, token: u32, tokenizer: &GgufTokenizer) -> Outcome {
+fn accept(sequence: &mut Running, token: u32, tokenizer: &LlmTokenizer) -> Outcome {
     sequence.generated += 1;
     let flush = |sequence: &mut Running| {
         let tail = sequence.decoder.finish(tokenizer).unwrap_or_default();

@@ -1,4 +1,5 @@
-//! The tokenizer of a GGUF file, built from its metadata (no `tokenizer.json` needed).
+//! The model's tokenizer: a Hugging Face `tokenizer.json`, or built from GGUF metadata when only
+//! a GGUF exists ([`LlmTokenizer`] holds either, with the special tokens that matter for serving).
 //!
 //! GGUF files from llama.cpp's converter carry the vocabulary (`tokenizer.ggml.tokens`), the BPE
 //! merges, each token's type and the name of the pre-tokenizer (`tokenizer.ggml.pre`). candle's
@@ -31,9 +32,11 @@ const QWEN2_SPLIT: &str =
 const END_OF_TURN_TOKENS: &[&str] =
     &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>"];
 
-/// A byte-level BPE tokenizer read from GGUF metadata, with the model's special tokens.
+/// A tokenizer with the model's special tokens: from a Hugging Face `tokenizer.json`
+/// ([`LlmTokenizer::from_hf`]) or a byte-level BPE read from GGUF metadata
+/// ([`LlmTokenizer::from_gguf`]).
 #[derive(Clone)]
-pub struct GgufTokenizer {
+pub struct LlmTokenizer {
     inner: Tokenizer,
     tokens: Vec<String>,
     bos_token: Option<u32>,
@@ -43,10 +46,13 @@ pub struct GgufTokenizer {
     pre_tokenizer: String,
 }
 
-impl std::fmt::Debug for GgufTokenizer {
+/// The name this type had when only GGUF tokenizers existed.
+pub type GgufTokenizer = LlmTokenizer;
+
+impl std::fmt::Debug for LlmTokenizer {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
-            .debug_struct("GgufTokenizer")
+            .debug_struct("LlmTokenizer")
             .field("vocab_size", &self.tokens.len())
             .field("pre_tokenizer", &self.pre_tokenizer)
             .field("bos_token", &self.bos_token)
@@ -101,7 +107,7 @@ fn pre_tokenizer(name: &str) -> Result<PreTokenizerWrapper> {
     }
 }
 
-impl GgufTokenizer {
+impl LlmTokenizer {
     /// Builds the tokenizer from a GGUF file's metadata. Only byte-level BPE vocabularies
     /// (`tokenizer.ggml.model = gpt2`) are supported.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
@@ -170,20 +176,48 @@ impl GgufTokenizer {
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|value| value.to_bool().ok())
             .unwrap_or(false);
-        let mut stop_tokens: Vec<u32> = [eos_token, optional_u32(content, "tokenizer.ggml.eot_token_id")]
-            .into_iter()
-            .flatten()
-            .chain(
-                END_OF_TURN_TOKENS
-                    .iter()
-                    .filter_map(|name| tokens.iter().position(|token| token == name))
-                    .map(|id| id as u32),
-            )
-            .filter(|&id| (id as usize) < tokens.len())
-            .collect();
-        stop_tokens.sort_unstable();
-        stop_tokens.dedup();
+        let stop_tokens = stop_tokens(
+            [eos_token, optional_u32(content, "tokenizer.ggml.eot_token_id")].into_iter().flatten(),
+            &tokens,
+        );
         Ok(Self { inner, tokens, bos_token, eos_token, add_bos, stop_tokens, pre_tokenizer: pre_name })
+    }
+
+    /// Loads a Hugging Face `tokenizer.json` (any model the `tokenizers` crate reads: byte-level
+    /// BPE, SentencePiece-style BPE with byte fallback...). `config` is the model's
+    /// `tokenizer_config.json` (special-token names, `add_bos_token`); `eos_ids` the end ids of
+    /// `generation_config.json`/`config.json`, which stop generation besides the end-of-sequence
+    /// token and the chat-format closers. Without `add_bos_token` the beginning-of-sequence token
+    /// is added when the tokenizer's post-processor adds it (Llama 2 and 3 do, SmolLM2 does not).
+    pub fn from_hf(
+        path: &std::path::Path,
+        config: &HfTokenizerConfig,
+        eos_ids: &[u32],
+        bos_id: Option<u32>,
+    ) -> Result<Self> {
+        let file = path.display().to_string();
+        let inner = Tokenizer::from_file(path).map_err(|error| Error::InvalidModel {
+            file: file.clone(),
+            message: format!("not a tokenizer.json: {error}"),
+        })?;
+        let size = inner.get_vocab_size(true);
+        let tokens: Vec<String> = (0..size as u32).map(|id| inner.id_to_token(id).unwrap_or_default()).collect();
+        let id_of = |name: &Option<String>| name.as_deref().and_then(|name| inner.token_to_id(name));
+        let bos_token = id_of(&config.bos_token).or(bos_id);
+        let eos_token = id_of(&config.eos_token).or(eos_ids.first().copied());
+        let add_bos = match config.add_bos_token {
+            Some(add) => add,
+            None => match bos_token {
+                Some(bos) => {
+                    let with = inner.encode("a", true).map_err(|error| Error::Tokenizer(error.to_string()))?;
+                    let without = inner.encode("a", false).map_err(|error| Error::Tokenizer(error.to_string()))?;
+                    with.get_ids().first() == Some(&bos) && without.get_ids().first() != Some(&bos)
+                }
+                None => false,
+            },
+        };
+        let stop_tokens = stop_tokens(eos_token.into_iter().chain(eos_ids.iter().copied()), &tokens);
+        Ok(Self { inner, tokens, bos_token, eos_token, add_bos, stop_tokens, pre_tokenizer: "tokenizer.json".into() })
     }
 
     /// Tokenizes `text`; special tokens written in it (`<|im_start|>`) become their ids. With
@@ -237,9 +271,83 @@ impl GgufTokenizer {
         &self.stop_tokens
     }
 
-    /// The `tokenizer.ggml.pre` name the pre-tokenizer was chosen by.
+    /// Whether [`LlmTokenizer::encode`] prepends the beginning-of-sequence token when asked to.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// The `tokenizer.ggml.pre` name the pre-tokenizer was chosen by (`tokenizer.json` for a
+    /// Hugging Face tokenizer, whose pre-tokenizer is its own).
     pub fn pre_tokenizer_name(&self) -> &str {
         &self.pre_tokenizer
+    }
+}
+
+/// The end ids, plus the chat-format closers present in the vocabulary, sorted and deduplicated.
+fn stop_tokens(ends: impl Iterator<Item = u32>, tokens: &[String]) -> Vec<u32> {
+    let mut stop_tokens: Vec<u32> = ends
+        .chain(
+            END_OF_TURN_TOKENS
+                .iter()
+                .filter_map(|name| tokens.iter().position(|token| token == name))
+                .map(|id| id as u32),
+        )
+        .filter(|&id| (id as usize) < tokens.len())
+        .collect();
+    stop_tokens.sort_unstable();
+    stop_tokens.dedup();
+    stop_tokens
+}
+
+/// What nstream reads from a Hugging Face `tokenizer_config.json` (and `chat_template.jinja`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HfTokenizerConfig {
+    /// `bos_token`, as text.
+    pub bos_token: Option<String>,
+    /// `eos_token`, as text.
+    pub eos_token: Option<String>,
+    /// `add_bos_token`, when the file says.
+    pub add_bos_token: Option<bool>,
+    /// The chat template: `chat_template.jinja` when given, else `chat_template` (a string, or
+    /// the `default` entry of a list of named templates).
+    pub chat_template: Option<String>,
+}
+
+impl HfTokenizerConfig {
+    /// Reads `tokenizer_config.json` and `chat_template.jinja`, each when present.
+    pub fn read(config: Option<&std::path::Path>, chat_template: Option<&std::path::Path>) -> Result<Self> {
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })
+        };
+        let mut parsed = Self::default();
+        if let Some(path) = config {
+            let file = path.display().to_string();
+            let json: serde_json::Value = serde_json::from_str(&read(path)?).map_err(|error| Error::InvalidModel {
+                file: file.clone(),
+                message: format!("not valid JSON: {error}"),
+            })?;
+            // Special tokens are strings or AddedToken objects (`{"content": ...}`).
+            let token = |key: &str| match json.get(key) {
+                Some(serde_json::Value::String(text)) => Some(text.clone()),
+                Some(value) => value.get("content").and_then(|content| content.as_str()).map(str::to_owned),
+                None => None,
+            };
+            parsed.bos_token = token("bos_token");
+            parsed.eos_token = token("eos_token");
+            parsed.add_bos_token = json.get("add_bos_token").and_then(serde_json::Value::as_bool);
+            parsed.chat_template = match json.get("chat_template") {
+                Some(serde_json::Value::String(template)) => Some(template.clone()),
+                Some(serde_json::Value::Array(named)) => named
+                    .iter()
+                    .find(|entry| entry.get("name").and_then(|name| name.as_str()) == Some("default"))
+                    .and_then(|entry| entry.get("template")?.as_str().map(str::to_owned)),
+                _ => None,
+            };
+        }
+        if let Some(path) = chat_template {
+            parsed.chat_template = Some(read(path)?);
+        }
+        Ok(parsed)
     }
 }
 
@@ -255,7 +363,7 @@ pub struct IncrementalDecoder {
 impl IncrementalDecoder {
     /// Adds one id and returns the text it completes (possibly empty while a character is
     /// still incomplete).
-    pub fn push(&mut self, tokenizer: &GgufTokenizer, id: u32) -> Result<String> {
+    pub fn push(&mut self, tokenizer: &LlmTokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let text = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
@@ -270,7 +378,7 @@ impl IncrementalDecoder {
     }
 
     /// Whatever is still held back (an incomplete character at the very end), flushed as is.
-    pub fn finish(&mut self, tokenizer: &GgufTokenizer) -> Result<String> {
+    pub fn finish(&mut self, tokenizer: &LlmTokenizer) -> Result<String> {
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let text = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
         self.prefix_offset = self.ids.len();
