@@ -346,3 +346,35 @@ fn smollm2_served_locally_writes_a_valid_fine_tuning_file() {
     assert_eq!(provenance[0]["cost_usd"], 0.0);
     assert!(provenance[0]["usage"]["completion_tokens"].as_u64().is_some_and(|tokens| (1..=16).contains(&tokens)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_finishes_what_is_in_flight_writes_the_output_and_resume_completes() {
+    const INPUTS: usize = 200;
+    let provider = TestProvider::start(TestProviderConfig {
+        latency: Duration::from_millis(100),
+        ..TestProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let folder = tempfile::tempdir().expect("dir");
+    lay_out(folder.path(), &provider, INPUTS);
+    let child = generate(folder.path(), COMMON).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill -INT");
+    assert!(status.success());
+    let output = tokio::task::block_in_place(|| child.wait_with_output()).expect("exits");
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    assert!(stderr(&output).contains("generate interrupted"), "{}", stderr(&output));
+    let rows = read_jsonl(&folder.path().join("out/train.jsonl"));
+    assert!(!rows.is_empty() && rows.len() < INPUTS, "{} rows", rows.len());
+    assert_eq!(read_jsonl(&folder.path().join("out/train.provenance.jsonl")).len(), rows.len());
+    // Every request sent was answered and written: nothing in flight was dropped.
+    assert_eq!(provider.counts().len(), rows.len());
+
+    let mut args = COMMON.to_vec();
+    args.push("--resume");
+    let output = tokio::task::block_in_place(|| run(folder.path(), &args));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(read_jsonl(&folder.path().join("out/train.jsonl")).len(), INPUTS);
+    assert!(provider.counts().values().all(|count| *count == 1), "each input sent once");
+}

@@ -45,5 +45,5 @@ pub use model::ModelInfo;
 pub use output::OutputPaths;
 pub use price::{Price, PriceTable};
 pub use progress::ProgressMode;
-pub use run::{Parameters, Settings, Stop, Summary, generate};
+pub use run::{Parameters, Settings, Stop, Summary, generate, generate_until};
 pub use validate::AnswerFormat;

@@ -169,6 +169,8 @@ pub enum Stop {
     Complete,
     /// The `--max-cost` budget was reached; pending items were not started.
     Budget,
+    /// Interrupted (Ctrl-C): running requests finished, pending items were not started.
+    Interrupted,
 }
 
 /// The outcome of a run, as in report.json.
@@ -252,7 +254,8 @@ struct Shared {
     price: Option<(String, Price)>,
     counters: Counters,
     budget: Mutex<Budget>,
-    fatal: AtomicBool,
+    /// Set when the run stops (an error or an interrupt): workers send no further attempt.
+    stopping: AtomicBool,
 }
 
 /// What happened to one item in this run.
@@ -265,6 +268,18 @@ enum ItemOutcome {
 ///
 /// Blocking callers wrap it in a runtime; it spawns tasks on the current one.
 pub async fn generate(backend: Arc<dyn ModelBackend>, model: ModelInfo, settings: Settings) -> Result<Summary> {
+    generate_until(backend, model, settings, std::future::pending()).await
+}
+
+/// [`generate`] that stops early when `interrupt` completes (a Ctrl-C): no new item or attempt
+/// starts, requests in flight finish and are journaled, and the output files are written from
+/// what is done. A later `--resume` continues.
+pub async fn generate_until(
+    backend: Arc<dyn ModelBackend>,
+    model: ModelInfo,
+    settings: Settings,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> Result<Summary> {
     settings.validate()?;
     let started = Instant::now();
     let paths = OutputPaths::for_output(&settings.output, settings.report.as_deref());
@@ -419,11 +434,13 @@ pub async fn generate(backend: Arc<dyn ModelBackend>, model: ModelInfo, settings
         price: price.clone(),
         counters: Counters::default(),
         budget: Mutex::new(Budget { max: settings.max_cost, spent: spent_before, reserved: 0.0 }),
-        fatal: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
         settings: settings.clone(),
     });
 
     let mut stop = Stop::Complete;
+    let interrupt = std::pin::pin!(interrupt);
+    let mut interrupt = interrupt;
     let mut tasks: JoinSet<Result<Option<ItemOutcome>>> = JoinSet::new();
     let mut fatal: Option<Error> = None;
     let mut queue = pending.into_iter();
@@ -443,7 +460,16 @@ pub async fn generate(backend: Arc<dyn ModelBackend>, model: ModelInfo, settings
             let shared = Arc::clone(&shared);
             tasks.spawn(async move { shared.process(work, estimate).await });
         }
-        let Some(joined) = tasks.join_next().await else { break };
+        let joined = tokio::select! {
+            joined = tasks.join_next() => joined,
+            () = &mut interrupt, if stop == Stop::Complete => {
+                stop = Stop::Interrupted;
+                shared.stopping.store(true, Ordering::Relaxed);
+                progress.println("interrupted: finishing the requests in flight, then writing the output (--resume continues)");
+                continue;
+            }
+        };
+        let Some(joined) = joined else { break };
         match joined {
             Ok(Ok(Some(outcome))) => {
                 match outcome {
@@ -461,11 +487,11 @@ pub async fn generate(backend: Arc<dyn ModelBackend>, model: ModelInfo, settings
             }
             Ok(Ok(None)) => {}
             Ok(Err(error)) => {
-                shared.fatal.store(true, Ordering::Relaxed);
+                shared.stopping.store(true, Ordering::Relaxed);
                 fatal.get_or_insert(error);
             }
             Err(join_error) => {
-                shared.fatal.store(true, Ordering::Relaxed);
+                shared.stopping.store(true, Ordering::Relaxed);
                 fatal.get_or_insert(Error::Journal {
                     path: paths.journal.clone(),
                     message: format!("a worker stopped unexpectedly: {join_error}"),
@@ -650,7 +676,7 @@ impl Shared {
         let tokens =
             estimate_prompt_tokens(&work.messages) + u64::from(self.settings.parameters.max_tokens.unwrap_or(0));
         loop {
-            if self.fatal.load(Ordering::Relaxed) {
+            if self.stopping.load(Ordering::Relaxed) {
                 return Ok(None);
             }
             if attempt >= max_attempts {

@@ -372,10 +372,24 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     }
 
     let runtime = tokio::runtime::Runtime::new()?;
-    let summary = runtime.block_on(nstream_pipeline::generate(loaded.backend, info, settings))?;
+    // The first Ctrl-C lets requests in flight finish and writes the output; a second one exits
+    // at once (the journal is consistent at every moment, so nothing is lost either way).
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted again: exiting now; --resume continues from the journal");
+                std::process::exit(130);
+            }
+        });
+    };
+    let summary = runtime.block_on(nstream_pipeline::generate_until(loaded.backend, info, settings, interrupt))?;
     print_summary(&summary);
     Ok(match summary.stop {
         Stop::Budget => ExitCode::from(4),
+        Stop::Interrupted => ExitCode::from(130),
         Stop::Complete if summary.failed > 0 => ExitCode::from(3),
         Stop::Complete => ExitCode::SUCCESS,
     })
@@ -386,6 +400,7 @@ fn print_summary(summary: &Summary) {
     let ended = match summary.stop {
         Stop::Complete => "complete",
         Stop::Budget => "stopped: --max-cost reached",
+        Stop::Interrupted => "interrupted",
     };
     eprintln!(
         "generate {ended}: {} inputs ({} distinct): {} answered, {} failed, {} pending; {} generated now, {} from earlier runs, in {:.1}s",
