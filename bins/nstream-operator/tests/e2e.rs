@@ -724,7 +724,15 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
         .split("\n---")
         .find(|document| document.lines().any(|line| line.trim() == "kind: EmbeddingModel"))
         .expect("the quickstart's EmbeddingModel");
-    let applied = apply_yaml(client, "serve", document).await.expect("the quickstart applies");
+    // With an inline hub token: the operator moves it into a Secret it owns, mounts it, and the
+    // server must find it where NSTREAM_SECRETS_DIR points (it resolves the token at load).
+    let document = document.replacen(
+        "    modelProvider: HUGGINGFACE\n",
+        "    modelProvider: HUGGINGFACE\n    modelProviderToken: hf_e2e_inline_token\n",
+        1,
+    );
+    assert!(document.contains("hf_e2e_inline_token"), "the quickstart changed shape");
+    let applied = apply_yaml(client, "serve", &document).await.expect("the quickstart applies");
     let name = applied.name_any();
     let object = format!("em-{name}");
     let deployments = Api::<Deployment>::namespaced(client.clone(), "serve");
@@ -737,6 +745,9 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
     let working_dir = std::path::PathBuf::from(container.working_dir.clone().expect("workingDir"));
     let root = tempfile::Builder::new().prefix("nstream-pod-").tempdir_in(scratch).expect("pod folder");
 
+    let deployment_text = serde_json::to_string(&deployment).expect("JSON");
+    assert!(!deployment_text.contains("hf_e2e_inline_token"), "the inline token leaked into the Deployment");
+    let mut mounted_secret = false;
     // Volumes, as the kubelet would mount them (paths under workingDir).
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), "serve");
     for mount in container.volume_mounts.clone().unwrap_or_default() {
@@ -757,6 +768,15 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
             for item in source.items.unwrap_or_default() {
                 std::fs::write(target.join(&item.path), data.get(&item.key).expect("ConfigMap key")).expect("writing");
             }
+        } else if let Some(source) = volume.secret {
+            std::fs::create_dir_all(&target).expect("mount folder");
+            let name = source.secret_name.clone().expect("secret name");
+            let secret = Api::<Secret>::namespaced(client.clone(), "serve").get(&name).await.expect("the Secret");
+            let data = secret.data.unwrap_or_default();
+            for item in source.items.unwrap_or_default() {
+                std::fs::write(target.join(&item.path), &data.get(&item.key).expect("Secret key").0).expect("writing");
+            }
+            mounted_secret = true;
         } else if volume.empty_dir.is_some() || volume.persistent_volume_claim.is_some() {
             // The model cache: the offline Hugging Face cache plays the pre-filled claim.
             std::fs::create_dir_all(&target).expect("mount folder");
@@ -772,6 +792,7 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
         }
     }
 
+    assert!(mounted_secret, "the token Secret is not mounted");
     let binary = server_binary();
     let command = container.command.clone().expect("command");
     assert_eq!(command, ["nstream-server"]);
