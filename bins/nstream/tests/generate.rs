@@ -378,3 +378,28 @@ async fn ctrl_c_finishes_what_is_in_flight_writes_the_output_and_resume_complete
     assert_eq!(read_jsonl(&folder.path().join("out/train.jsonl")).len(), INPUTS);
     assert!(provider.counts().values().all(|count| *count == 1), "each input sent once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_picked_by_name_and_its_retry_limit_bound_the_attempts() {
+    // Every prompt fails three times: with the MegaModel's maxRetries of 1, two attempts each.
+    let provider = TestProvider::start(TestProviderConfig {
+        server_error_percent: 100,
+        max_faults_per_prompt: 3,
+        ..TestProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let folder = tempfile::tempdir().expect("dir");
+    lay_out(folder.path(), &provider, 3);
+    let models = format!("{}  limits:\n    maxRetries: 1\n", provider.megamodel_yaml("mega"));
+    std::fs::write(folder.path().join("models.yaml"), models).expect("model file");
+    let args = ["-f", "models.yaml", "--model", "mega", "--input", "in.jsonl", "--template", "prompt.j2"];
+    let args: Vec<&str> = args.into_iter().chain(["--output", "o.jsonl", "--initial-backoff-ms", "1"]).collect();
+    let output = tokio::task::block_in_place(|| run(folder.path(), &args));
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(provider.counts().values().all(|count| *count == 2), "{:?}", provider.counts());
+    let failures = read_jsonl(&folder.path().join("o.failures.jsonl"));
+    assert_eq!(failures.len(), 3);
+    assert_eq!(failures[0]["error"]["status"], 502);
+    assert!(failures[0]["error"]["message"].as_str().expect("message").contains("500"), "{}", failures[0]);
+}

@@ -88,7 +88,8 @@ pub struct GenerateArgs {
     /// Extra attempts when an answer is not valid JSON or does not match the schema [default: 2].
     #[arg(long)]
     pub invalid_answer_retries: Option<u32>,
-    /// Requests sent upstream for one input at most, over every run [default: 6].
+    /// Requests sent upstream for one input at most, over every run [default: the MegaModel's
+    /// maxRetries + 1, else 6].
     #[arg(long)]
     pub max_attempts: Option<u32>,
     /// Limit of one request, in seconds [default: 120].
@@ -274,12 +275,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let Some(output) = args.output.clone() else { bail!("--output is required") };
     let timeout = seconds(args.timeout.unwrap_or(120.0), "timeout")?;
     let (mut requests_per_minute, mut tokens_per_minute) = (args.rpm, args.tpm);
+    let mut max_attempts = args.max_attempts;
     if let ModelResource::MegaModel(model) = &mut resource {
         // The pipeline owns retries and limits, so it sees (and journals) every request: the
         // hosted client makes exactly one call per attempt and leaves pacing to the pipeline.
         let limits = model.spec.limits.get_or_insert_with(MegaModelLimits::default);
         requests_per_minute = requests_per_minute.or(limits.requests_per_minute);
         tokens_per_minute = tokens_per_minute.or(limits.tokens_per_minute);
+        max_attempts = max_attempts.or(limits.max_retries.map(|retries| retries.saturating_add(1)));
         limits.requests_per_minute = None;
         limits.tokens_per_minute = None;
         limits.max_retries = Some(0);
@@ -340,7 +343,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     }
     settings.requests_per_minute = requests_per_minute;
     settings.tokens_per_minute = tokens_per_minute;
-    if let Some(attempts) = args.max_attempts {
+    if let Some(attempts) = max_attempts {
         settings.max_attempts = attempts;
     }
     settings.request_timeout = timeout;
