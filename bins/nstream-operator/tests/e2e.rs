@@ -77,13 +77,27 @@ fn template_annotation(deployment: &Deployment, key: &str) -> Option<String> {
 /// tests prove the least-privilege RBAC is enough.
 async fn operator_kubeconfig(testbed: &Testbed, admin: &Client) -> std::path::PathBuf {
     let root = repo_root();
-    for file in ["deploy/operator/namespace.yaml", "deploy/operator/serviceaccount.yaml", "deploy/operator/rbac.yaml"] {
+    // The operator's own Deployment too: its pods must pass the namespace's `restricted` profile
+    // (the kube-controller-manager creates them; nothing runs them here).
+    for file in [
+        "deploy/operator/namespace.yaml",
+        "deploy/operator/serviceaccount.yaml",
+        "deploy/operator/rbac.yaml",
+        "deploy/operator/deployment.yaml",
+    ] {
         let text = std::fs::read_to_string(root.join(file)).expect("deploy file");
         for document in text.split("\n---\n") {
             let object: kube::api::DynamicObject = serde_yaml::from_str(document).expect("a Kubernetes object");
             apply_object(admin, object).await.unwrap_or_else(|error| panic!("applying {file}: {error}"));
         }
     }
+    let operator_pods = Api::<Pod>::namespaced(admin.clone(), "nstream-system");
+    eventually("the operator Deployment's 2 pods are admitted", MINUTE, || async {
+        let pods =
+            operator_pods.list(&ListParams::default().labels("app.kubernetes.io/name=nstream-operator")).await.ok()?;
+        (pods.items.len() == 2).then_some(())
+    })
+    .await;
     let request: TokenRequest = serde_json::from_value(serde_json::json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
         "spec": {"audiences": [], "expirationSeconds": 86400}
@@ -349,7 +363,8 @@ spec:
 }
 
 async fn ready_then_crash_looping(client: &Client) {
-    namespace(client, "ready").await;
+    // Pods are only created if they pass the `restricted` Pod Security profile.
+    restricted_namespace(client, "ready").await;
     apply_yaml(client, "ready", &embedding_model("minilm", 2)).await.expect("applies");
     let status = wait_ready(client, "ready", "minilm", 2 * MINUTE).await;
     let status = if status.ready_replicas == Some(2) {

@@ -218,8 +218,19 @@ where
 
 /// Creates a namespace.
 pub async fn namespace(client: &Client, name: &str) {
+    create_namespace(client, name, serde_json::json!({})).await;
+}
+
+/// Creates a namespace where the Pod Security admission enforces the `restricted` profile, so a
+/// pod that is not non-root, without privilege escalation and with all capabilities dropped is
+/// refused.
+pub async fn restricted_namespace(client: &Client, name: &str) {
+    create_namespace(client, name, serde_json::json!({"pod-security.kubernetes.io/enforce": "restricted"})).await;
+}
+
+async fn create_namespace(client: &Client, name: &str, labels: serde_json::Value) {
     let namespace: Namespace = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}
     }))
     .expect("namespace");
     match Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &namespace).await {
