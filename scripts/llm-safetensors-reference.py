@@ -17,6 +17,10 @@ Models (tests/fixtures/llm/tiny-llama/):
 - `qwen2`: a Qwen2 (q/k/v biases, drawn random since transformers initialises biases to zero),
           4 heads, 2 KV heads, tied embeddings, bfloat16, rope_theta 1000000.
 
+Also `sentencepiece/`: a Llama 2 / Mistral style `tokenizer.json` (BPE with byte fallback, `▁`
+for spaces, a decoder that strips the leading space, a post-processor that adds `<s>`) with its
+ids and decodings from `tokenizers`, for the tokenizer and incremental-decoding tests.
+
 The weights are drawn with a larger initializer range than Llama's 0.02 so that the logits are
 far from ties and greedy decoding is a meaningful comparison.
 
@@ -76,6 +80,38 @@ def build_tokenizer():
     )
     fast.chat_template = CHATML
     return fast
+
+
+def build_sentencepiece_tokenizer():
+    from tokenizers import normalizers, processors
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)
+    ])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens, show_progress=False,
+    )
+    tok.train_from_iterator([" ".join(CORPUS[:6])] * 2, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    folder = os.path.join(ROOT, "sentencepiece")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    texts = ["Hello world", "The capital of France is Paris.", "café 😀 naïve", "  two  spaces"]
+    cases = []
+    for text in texts:
+        with_special = tok.encode(text, add_special_tokens=True).ids
+        ids = tok.encode(text, add_special_tokens=False).ids
+        cases.append({"text": text, "ids": ids, "ids_with_special": with_special,
+                      "decoded": tok.decode(ids, skip_special_tokens=True)})
+    with open(os.path.join(folder, "expected.json"), "w") as f:
+        json.dump({"cases": cases}, f, indent=1, ensure_ascii=False)
+        f.write("\n")
 
 
 def greedy(model, ids, n):
@@ -179,6 +215,7 @@ def main():
     qwen.eval()
     ref = save("qwen2", qwen, tokenizer, torch.bfloat16, versions)
     summary["qwen2"] = [min(c["greedy_top2_margins"]) for c in ref["cases"]]
+    build_sentencepiece_tokenizer()
     print("vocab", vocab, "smallest greedy top-2 margin per case:", json.dumps(summary))
 
 

@@ -201,13 +201,14 @@ impl Scheduler {
                 };
                 let sampler = Sampler::new(request.sampling.clone(), &request.prompt);
                 let stop = StopMatcher::new(request.stop.clone());
+                let decoder = IncrementalDecoder::after_prompt(&self.tokenizer, &request.prompt);
                 self.running.push(Running {
                     request,
                     cache,
                     prefilled: 0,
                     last: [0],
                     sampler,
-                    decoder: IncrementalDecoder::default(),
+                    decoder,
                     stop,
                     generated: 0,
                 });

@@ -360,7 +360,24 @@ pub struct IncrementalDecoder {
     read_offset: usize,
 }
 
+/// Prompt tokens an [`IncrementalDecoder`] keeps as context.
+const DECODER_CONTEXT: usize = 4;
+
 impl IncrementalDecoder {
+    /// A decoder that continues `prompt`: its last few ids are decoded along with the first
+    /// generated ones and their text left out, so tokenizers whose decoder strips a leading space
+    /// (SentencePiece-style: Llama 2, Mistral) keep the space of the first generated word. Falls
+    /// back to no context when the prompt's tail does not decode to whole characters.
+    pub fn after_prompt(tokenizer: &LlmTokenizer, prompt: &[u32]) -> Self {
+        let tail = &prompt[prompt.len().saturating_sub(DECODER_CONTEXT)..];
+        match tokenizer.decode(tail, true) {
+            Ok(text) if !text.contains('\u{FFFD}') => {
+                Self { ids: tail.to_vec(), prefix_offset: 0, read_offset: tail.len() }
+            }
+            _ => Self::default(),
+        }
+    }
+
     /// Adds one id and returns the text it completes (possibly empty while a character is
     /// still incomplete).
     pub fn push(&mut self, tokenizer: &LlmTokenizer, id: u32) -> Result<String> {

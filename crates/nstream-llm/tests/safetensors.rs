@@ -263,3 +263,66 @@ fn hugging_face_rope_settings_are_read() {
     });
     assert!(LlamaConfig::from_hf_config(&yarn, "config.json").is_err());
 }
+
+#[derive(Deserialize)]
+struct TokenizerCase {
+    text: String,
+    ids: Vec<u32>,
+    ids_with_special: Vec<u32>,
+    decoded: String,
+}
+
+#[derive(Deserialize)]
+struct TokenizerExpected {
+    cases: Vec<TokenizerCase>,
+}
+
+/// A Llama 2 / Mistral style tokenizer.json (byte fallback, `▁` spaces, a decoder that strips
+/// the leading space, `<s>` added by the post-processor) encodes and decodes as `tokenizers` does
+/// in Python, and streamed text keeps the space before the first generated word.
+#[test]
+fn sentencepiece_style_tokenizers_encode_and_stream_like_python() {
+    use nstream_llm::tokenizer::IncrementalDecoder;
+    let folder = fixture("sentencepiece");
+    let config = HfTokenizerConfig {
+        bos_token: Some("<s>".into()),
+        eos_token: Some("</s>".into()),
+        ..HfTokenizerConfig::default()
+    };
+    let tokenizer = LlmTokenizer::from_hf(&folder.join("tokenizer.json"), &config, &[], None).expect("tokenizer");
+    assert!(tokenizer.adds_bos(), "the post-processor adds <s>");
+    assert_eq!((tokenizer.bos_token(), tokenizer.eos_token()), (Some(1), Some(2)));
+    let expected: TokenizerExpected =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("expected.json")).expect("expected")).expect("json");
+    for case in &expected.cases {
+        assert_eq!(tokenizer.encode(&case.text, false).expect("encode"), case.ids, "{:?}", case.text);
+        assert_eq!(tokenizer.encode(&case.text, true).expect("encode"), case.ids_with_special, "{:?}", case.text);
+        assert_eq!(tokenizer.decode(&case.ids, true).expect("decode"), case.decoded);
+    }
+
+    let ids = &expected.cases[1].ids; // "The capital of France is Paris."
+    // Generation starts at the last word: its first token begins with `▁`.
+    let split = ids.iter().rposition(|&id| tokenizer.token(id).is_some_and(|token| token.starts_with('▁')));
+    let (prompt, generated) = ids.split_at(split.expect("a word start"));
+    let whole = tokenizer.decode(ids, true).expect("decode");
+    let before = tokenizer.decode(prompt, true).expect("decode");
+    let mut decoder = IncrementalDecoder::after_prompt(&tokenizer, prompt);
+    let mut streamed = String::new();
+    for &id in generated {
+        streamed.push_str(&decoder.push(&tokenizer, id).expect("push"));
+    }
+    streamed.push_str(&decoder.finish(&tokenizer).expect("finish"));
+    assert_eq!(streamed, whole[before.len()..]);
+    assert!(streamed.starts_with(' '), "{streamed:?}");
+    // Without the prompt as context the decoder's strip would eat that space.
+    let mut plain = IncrementalDecoder::default();
+    let alone: String = generated.iter().map(|&id| plain.push(&tokenizer, id).expect("push")).collect();
+    assert_eq!(format!(" {alone}"), streamed);
+
+    // Byte-fallback pieces of one character are held back until the character is whole.
+    let emoji = &expected.cases[2].ids; // "café 😀 naïve"
+    let mut decoder = IncrementalDecoder::after_prompt(&tokenizer, &[]);
+    let pieces: Vec<String> = emoji.iter().map(|&id| decoder.push(&tokenizer, id).expect("push")).collect();
+    assert!(pieces.iter().all(|piece| !piece.contains('\u{FFFD}')), "{pieces:?}");
+    assert_eq!(pieces.concat() + &decoder.finish(&tokenizer).expect("finish"), expected.cases[2].decoded);
+}
