@@ -279,3 +279,35 @@ async fn the_rpm_limit_is_sustained_and_never_exceeded() {
     let counts: HashMap<String, u32> = provider.counts();
     assert!(counts.values().all(|count| *count == 1));
 }
+
+/// The TPM limit: the estimate of each request (prompt characters / 4 + 4 per message, plus
+/// max_tokens, as the gateway counts Azure quota) summed over any 10-second window stays within
+/// TPM / 6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tpm_limit_holds_over_every_window() {
+    const TPM: u32 = 60_000;
+    const MAX_TOKENS: u64 = 100;
+    let provider = TestProvider::start(TestProviderConfig::default()).await.expect("provider");
+    let folder = tempfile::tempdir().expect("dir");
+    write_lines(&folder.path().join("in.txt"), (0..120).map(question));
+    let (model, info) = backend(&provider, Duration::from_secs(5));
+    let mut settings = settings(folder.path(), "in.txt");
+    settings.tokens_per_minute = Some(TPM);
+    settings.parameters.max_tokens = Some(MAX_TOKENS as u32);
+    let summary = generate(model, info, settings).await.expect("run");
+    assert_eq!(summary.answered, 120);
+    // Each request is estimated at no less than the shortest prompt's estimate, so no window
+    // may hold more than quota / that many. Windows are 9.9 s: the limiter's guarantee is on
+    // admission times, and the first request of a run arrives a few milliseconds late (connection
+    // setup) while the burst admitted exactly 10 s after it does not.
+    let least = (0..120).map(|index| (question(index).len() as u64).div_ceil(4) + 4 + MAX_TOKENS).min().unwrap_or(1);
+    let arrivals = provider.arrivals();
+    let window = Duration::from_millis(9_900);
+    let most = (0..arrivals.len())
+        .map(|start| arrivals[start..].iter().take_while(|time| **time - arrivals[start] < window).count())
+        .max()
+        .unwrap_or(0) as u64;
+    println!("TPM {TPM}: at most {most} requests of >= {least} tokens in 9.9 s, run {:.1}s", summary.elapsed_seconds);
+    assert!(most * least <= u64::from(TPM / 6), "{most} requests in 10 s");
+    assert!(summary.elapsed_seconds >= 10.0, "120 requests of ~118 tokens need two windows");
+}
