@@ -74,6 +74,28 @@ QUESTIONS = [
     "Plan a three-day trip to Rome.",
 ]
 
+# Longer prompts (about 200-300 tokens): a passage to work on, so time to first token covers real
+# prompt processing too. Every third request gets one.
+PASSAGE = (
+    "The town of Eastmere sits where two rivers meet, and for most of its history it lived from the "
+    "water. Mills lined both banks in the eighteenth century, grinding grain that barges carried down "
+    "to the coast. When the railway arrived in 1861 the barges disappeared within a decade, and the "
+    "mills turned to weaving, then to paper. The last of them closed in 1974. For twenty years the "
+    "riverside was a row of empty buildings with broken windows, until a group of residents persuaded "
+    "the council to buy the largest mill for a single pound. They repaired the roof with volunteer "
+    "labour and opened a market on the ground floor, a library on the first and small workshops above. "
+    "Today the old mill is the busiest building in town: the market runs six days a week, the library "
+    "lends tools as well as books, and the workshops house a bicycle repairer, two furniture makers and "
+    "a company that builds sensors for measuring river levels. Floods remain the town's great worry. In "
+    "2007 the water rose two metres in a night, and the new sensors now give a warning six hours ahead."
+)
+TASKS = [
+    "Summarise the following text in three sentences.",
+    "List the main events in the following text in chronological order.",
+    "Write five quiz questions, with answers, about the following text.",
+    "What lessons could another town learn from the following text?",
+]
+
 PROCS: list[subprocess.Popen] = []
 TAGS = itertools.count(100000)  # unique request tags, all 6 digits (one token per digit)
 
@@ -300,7 +322,11 @@ def run_streams(port: int, streams: int, per_stream: int, max_tokens: int) -> tu
         try:
             barrier.wait()
             for j in range(per_stream):
-                question = QUESTIONS[(i * per_stream + j) % len(QUESTIONS)]
+                k = i * per_stream + j
+                if k % 3 == 2:
+                    question = f"{TASKS[(k // 3) % len(TASKS)]}\n\n{PASSAGE}"
+                else:
+                    question = QUESTIONS[k % len(QUESTIONS)]
                 # A connection per request: llama-server closes the connection after a streamed
                 # response, so both servers get the same (a local connect is ~0.1 ms).
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -365,7 +391,7 @@ def measure(server: Server, streams: int, args) -> dict:
         "ttft_median_ms": 1000 * median([r["ttft"] for r in results]),
         "ttft_p90_ms": 1000 * p90([r["ttft"] for r in results]),
         "prompt_tokens": sorted({r["prompt_tokens"] for r in results}),
-        "prompt_tokens_by_question": {r["question"]: r["prompt_tokens"] for r in results},
+        "prompt_tokens_by_question": {r["question"][:80]: r["prompt_tokens"] for r in results},
         "load1": load, "server_cpu_cores": server_cpu / wall, "client_cpu_cores": client_cpu / wall,
         "foreign_cpu_cores": max(0.0, busy - server_cpu - client_cpu) / wall,
         "memory_mib": memory_mib(pid), "start_s": server.start_s,
@@ -404,7 +430,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both servers")
     parser.add_argument("--streams", default="1,4,16", help="concurrency levels")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--single-requests", type=int, default=4, help="requests in the 1-stream scenario")
+    parser.add_argument("--single-requests", type=int, default=6, help="requests in the 1-stream scenario")
     parser.add_argument("--requests-per-stream", type=int, default=2, help="requests per stream at 4 and 16")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
     parser.add_argument("--slot-context", type=int, default=512, help="llama-server context per slot")
