@@ -17,6 +17,8 @@ pub mod settings;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
+mod reconcile_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
