@@ -422,6 +422,17 @@ def version_of(argv: list[str]) -> str:
         return "?"
 
 
+def git_state() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + (" with uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server-bin", required=True, help="release nstream-server")
@@ -503,7 +514,9 @@ def main() -> None:
         "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "versions": {
-            "nstream": version_of([args.server_bin, "--version"]),
+            "nstream": version_of([args.server_bin, "--version"]) + f" (repo at {git_state()}; binary built "
+            + dt.datetime.fromtimestamp(Path(args.server_bin).stat().st_mtime, dt.timezone.utc).strftime("%H:%M UTC")
+            + ")",
             "llama-server": version_of([args.llama_server, "--version"]),
             "llama-server build": (Path(args.llama_server).parent.parent / "BUILD-INFO").read_text().strip()
             if (Path(args.llama_server).parent.parent / "BUILD-INFO").exists() else "?",
