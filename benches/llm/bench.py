@@ -450,6 +450,8 @@ def main() -> None:
                         help="servers measured in the first round only (ours-keep's scalar Q4_1 path is slow)")
     parser.add_argument("--max-load", type=float, default=1.0)
     parser.add_argument("--quiet-wait", type=float, default=120.0)
+    parser.add_argument("--max-foreign-cpu", type=float, default=0.3,
+                        help="a row during which other processes used more cores is measured once more")
     parser.add_argument("--results-dir", default=str(HERE / "results"))
     parser.add_argument("--no-write", action="store_true", help="print only; write no results file")
     parser.add_argument("--label", default="", help="suffix for the results file name")
@@ -492,6 +494,12 @@ def main() -> None:
                 server.start()
                 try:
                     row = measure(server, streams, args)
+                    if row["foreign_cpu_cores"] > args.max_foreign_cpu:
+                        log(f"  other processes used {row['foreign_cpu_cores']:.2f} cores; measuring once more")
+                        wait_quiet(args.max_load, args.quiet_wait, first=False)
+                        again = measure(server, streams, args)
+                        row = min(row, again, key=lambda r: r["foreign_cpu_cores"])
+                        row["retried"] = True
                 finally:
                     server.stop()
                 row["round"] = round_ + 1
@@ -598,8 +606,9 @@ def render_markdown(meta: dict, summary: dict, rows: list[dict], names: list[str
                              f"{a['decode_tps'] / b['decode_tps']:.2f}x | {b['ttft_ms'] / a['ttft_ms']:.2f}x |")
     worst_foreign = max((r["foreign_cpu_cores"] for r in rows), default=0)
     worst_load = max((r["load1"] for r in rows), default=0)
+    retried = sum(1 for r in rows if r.get("retried"))
     lines += ["", f"Noise: highest 1-minute load average before a row {worst_load:.2f}; highest foreign CPU during a "
-              f"row {worst_foreign:.2f} cores.", "", "Commands:", ""]
+              f"row {worst_foreign:.2f} cores; rows measured twice for foreign CPU: {retried}.", "", "Commands:", ""]
     for key, command in meta["commands"].items():
         lines.append(f"- {key}: `{command}`")
     return "\n".join(lines)
