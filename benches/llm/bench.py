@@ -14,7 +14,8 @@ Scenarios, one client for every server (standard-library http.client, one connec
 
   * 1 stream: --single-requests requests one after another; time to first token (TTFT) and
     decode tokens/s = (completion tokens - 1) / (last token - first token);
-  * 4 and 16 streams: every stream sends --requests-per-stream requests back to back; aggregate
+  * 4 and 16 streams: every stream sends --requests-per-stream requests back to back (2 at 4
+    streams, 1 at 16: 1,024 and 2,048 tokens at the default max_tokens); aggregate
     generated tokens/s = all completion tokens / wall time of the scenario, plus TTFT under load.
 
 Every request: greedy (temperature 0, seed fixed), ignore_eos, max_tokens = --max-tokens, a chat
@@ -354,6 +355,13 @@ def run_streams(port: int, streams: int, per_stream: int, max_tokens: int) -> tu
     return results, wall
 
 
+def requests_per_stream(spec: str, streams: int) -> int:
+    if ":" not in spec:
+        return int(spec)
+    table = dict(item.split(":") for item in spec.split(","))
+    return int(table.get(str(streams), 1))
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -369,7 +377,7 @@ def measure(server: Server, streams: int, args) -> dict:
     run_streams(port, 1, 1, 16)
     run_streams(port, streams, 1, 8)
     pid = server.proc.pid
-    per_stream = args.single_requests if streams == 1 else args.requests_per_stream
+    per_stream = args.single_requests if streams == 1 else requests_per_stream(args.requests_per_stream, streams)
     load = loadavg()
     busy0, total0 = system_jiffies()
     server0, client0 = process_jiffies(pid), self_cpu_seconds()
@@ -442,7 +450,8 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4,16", help="concurrency levels")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--single-requests", type=int, default=6, help="requests in the 1-stream scenario")
-    parser.add_argument("--requests-per-stream", type=int, default=2, help="requests per stream at 4 and 16")
+    parser.add_argument("--requests-per-stream", default="4:2,16:1",
+                        help="requests per stream: N for every level, or LEVEL:N,... (levels not named: 1)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
     parser.add_argument("--slot-context", type=int, default=512, help="llama-server context per slot")
     parser.add_argument("--servers", default="ours-q8_0,llama-server,ours-keep")
@@ -582,7 +591,7 @@ def render_markdown(meta: dict, summary: dict, rows: list[dict], names: list[str
         f"chat-templated prompts of {min(meta['prompt_tokens'])}-{max(meta['prompt_tokens'])} tokens with a unique "
         f"tag first (prompt token counts identical across servers: {meta['same_prompt_tokens']}); "
         f"{s['threads']} threads for both; 1 stream: {s['single_requests']} requests; 4/16 streams: "
-        f"{s['requests_per_stream']} requests per stream; {s['rounds']} alternating round(s) "
+        f"requests per stream {s['requests_per_stream']}; {s['rounds']} alternating round(s) "
         f"({s['once'] or 'none'} in the first only), medians over rounds",
         "",
         "| server | streams | aggregate tok/s | decode tok/s per stream | TTFT median ms | TTFT p90 ms | peak RSS MiB | rounds (agg. tok/s) |",
