@@ -9,37 +9,66 @@ use nstream_hosted::limiter::RateLimiter;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Builds the run's limiter, or `None` when no limit is set.
+/// Builds the run's limiter, or `None` when no limit is set. `request_tokens` is the largest
+/// estimate of one request (prompt estimate plus max_tokens).
 ///
-/// With only an RPM limit the window is the shortest that divides a minute and still admits
-/// whole requests at (nearly) the full rate: at 600 RPM, one request per 100 ms. Requests are
-/// then paced evenly instead of bursting a window's quota at once, so every shorter window the
-/// provider may enforce (Azure: RPM/6 per 10 s) is respected too. With a TPM limit the window is
-/// 10 seconds, like the gateway's: a token quota needs room for whole requests.
-pub fn rate_limiter(requests_per_minute: Option<u32>, tokens_per_minute: Option<u32>) -> Option<RateLimiter> {
+/// Requests are paced evenly rather than a window's quota bursting at once: the window is the
+/// shortest that divides a minute and still runs at (nearly) the full rate. At 600 RPM that is one
+/// request per 100 ms, so every longer window the provider may enforce (Azure: RPM/6 per 10 s) is
+/// respected too, even with network jitter. With a TPM limit the window must also hold whole
+/// requests of `request_tokens` at 95% of the TPM or better; when no window up to 10 s does, it is
+/// 10 seconds, like the gateway's.
+pub fn rate_limiter(
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+    request_tokens: u64,
+) -> Option<RateLimiter> {
     if requests_per_minute.is_none() && tokens_per_minute.is_none() {
         return None;
     }
-    let window = match (requests_per_minute, tokens_per_minute) {
-        (Some(rpm), None) => pacing_window(rpm),
-        _ => Duration::from_secs(10),
+    let window = match tokens_per_minute {
+        None => pacing_window(requests_per_minute.unwrap_or(1)),
+        Some(tpm) => token_window(requests_per_minute, tpm, request_tokens),
     };
     Some(RateLimiter::new(requests_per_minute, tokens_per_minute, window))
 }
 
+const MINUTE_MS: u64 = 60_000;
+
 /// The shortest window (a whole number of milliseconds dividing a minute) whose request quota
 /// `floor(rpm * window / 60 s)` keeps at least 99% of `rpm`; a minute when none does.
 pub fn pacing_window(requests_per_minute: u32) -> Duration {
-    const MINUTE_MS: u64 = 60_000;
     let rpm = u64::from(requests_per_minute.max(1));
     for window_ms in (1..=MINUTE_MS).filter(|window| MINUTE_MS.is_multiple_of(*window)) {
-        let quota = rpm * window_ms / MINUTE_MS;
-        // quota per window, scaled to a minute, against the limit (99% or better).
-        if quota >= 1 && quota * MINUTE_MS * 100 >= rpm * window_ms * 99 {
+        if request_efficiency(rpm, window_ms) >= 99 {
             return Duration::from_millis(window_ms);
         }
     }
     Duration::from_secs(60)
+}
+
+/// Percent of `rpm` that a window of `window_ms` admits (0 when it admits no request).
+fn request_efficiency(rpm: u64, window_ms: u64) -> u64 {
+    let quota = rpm * window_ms / MINUTE_MS;
+    if quota == 0 { 0 } else { quota * MINUTE_MS * 100 / (rpm * window_ms) }
+}
+
+/// The shortest window up to 10 s that admits whole requests of `request_tokens` at 95% of the
+/// TPM or better (and 95% of the RPM when there is one); else 10 seconds.
+pub fn token_window(requests_per_minute: Option<u32>, tokens_per_minute: u32, request_tokens: u64) -> Duration {
+    let tpm = u64::from(tokens_per_minute.max(1));
+    let request_tokens = request_tokens.max(1);
+    for window_ms in (100..=10_000).filter(|window| MINUTE_MS.is_multiple_of(*window)) {
+        let token_quota = tpm * window_ms / MINUTE_MS;
+        let whole_requests = token_quota / request_tokens;
+        // Tokens the window lets through, against the TPM's share of the window.
+        let token_efficiency = whole_requests * request_tokens * MINUTE_MS * 100 / (tpm * window_ms);
+        let requests_fine = requests_per_minute.is_none_or(|rpm| request_efficiency(u64::from(rpm), window_ms) >= 95);
+        if whole_requests >= 1 && token_efficiency >= 95 && requests_fine {
+            return Duration::from_millis(window_ms);
+        }
+    }
+    Duration::from_secs(10)
 }
 
 /// A concurrency limit that adapts to the provider: multiplicative decrease on a 429 (at most
@@ -184,8 +213,34 @@ mod tests {
             assert!(per_minute <= u64::from(rpm), "{rpm}: never above");
             assert!(per_minute * 100 >= u64::from(rpm) * 99, "{rpm}: {per_minute} per minute");
         }
-        assert!(rate_limiter(None, None).is_none());
-        assert_eq!(rate_limiter(Some(600), Some(1000)).map(|limiter| limiter.window()), Some(Duration::from_secs(10)));
+        assert!(rate_limiter(None, None, 100).is_none());
+        assert_eq!(
+            rate_limiter(Some(600), None, 100).map(|limiter| limiter.window()),
+            Some(Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn token_windows_hold_whole_requests_near_the_full_rate() {
+        // 60,000 TPM, requests of 115 tokens: 120 ms holds one (115 of 120 tokens, 95.8%).
+        assert_eq!(token_window(None, 60_000, 115), Duration::from_millis(120));
+        // Requests of 700 tokens: windows must divide a minute; 5 s holds seven (4,900 of 5,000).
+        assert_eq!(token_window(None, 60_000, 700), Duration::from_secs(5));
+        // An RPM limit too: the window must suit both.
+        let both = token_window(Some(30), 60_000, 115);
+        assert!(both >= Duration::from_secs(2), "{both:?}");
+        // Requests larger than a 10 s share fall back to 10 s (admitted alone, as the gateway does).
+        assert_eq!(token_window(None, 6_000, 5_000), Duration::from_secs(10));
+        for (tpm, tokens) in [(1_000u32, 10u64), (90_000, 1_024), (2_000_000, 300), (60_000, 115)] {
+            let window = token_window(None, tpm, tokens).as_millis() as u64;
+            assert_eq!(60_000 % window, 0);
+            let quota = u64::from(tpm) * window / 60_000;
+            assert!(quota >= tokens, "{tpm}/{tokens}: a window holds a whole request");
+        }
+        assert_eq!(
+            rate_limiter(None, Some(60_000), 115).map(|limiter| limiter.window()),
+            Some(Duration::from_millis(120))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -420,13 +420,18 @@ pub async fn generate_until(
         pending.len()
     );
 
+    let largest_request = pending
+        .iter()
+        .map(|work| estimate_prompt_tokens(&work.messages) + u64::from(settings.parameters.max_tokens.unwrap_or(0)))
+        .max()
+        .unwrap_or(1);
     let progress =
         Progress::new(settings.progress, pending.len() as u64, skipped_done as u64, settings.progress_interval);
     let shared = Arc::new(Shared {
         backend,
         model: model.clone(),
         journal,
-        limiter: rate_limiter(settings.requests_per_minute, settings.tokens_per_minute),
+        limiter: rate_limiter(settings.requests_per_minute, settings.tokens_per_minute, largest_request),
         gate: AdaptiveGate::new(settings.concurrency),
         check,
         template_hash: prompts.hash().to_owned(),
