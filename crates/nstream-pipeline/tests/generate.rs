@@ -309,3 +309,33 @@ async fn the_tpm_limit_holds_over_every_window() {
     assert!(most * least <= u64::from(TPM / 6), "{most} requests in 10 s");
     assert!(summary.elapsed_seconds >= 10.0, "120 requests of ~118 tokens need two windows");
 }
+
+/// An Azure OpenAI MegaModel through the same provider (it answers any path): the deployment
+/// and api-version reach the provenance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_megamodel_generates_with_its_deployment_in_provenance() {
+    let provider = TestProvider::start(TestProviderConfig::default()).await.expect("provider");
+    let endpoint = provider.url.trim_end_matches("/v1");
+    let yaml = format!(
+        "apiVersion: llm.nstream.ai/v1\nkind: MegaModel\nmetadata:\n  name: azure-mega\nspec:\n  modelProvider: AzureOpenAI\n  modelTemplate:\n    azureOpenAI:\n      apiVersion: 2024-10-21\n      apikey: azure-test-key-0123456789\n      deployment: gpt-4o-prod\n      endpoint: {endpoint}\n"
+    );
+    let documents = nstream_core::parse_str(&yaml, "azure.yaml");
+    let resource = documents[0].valid_resource().expect("valid").clone();
+    let ModelResource::MegaModel(model) = &resource else { panic!("not a MegaModel") };
+    let options = HostedOptions::default().with_max_retries(0);
+    let backend: Arc<dyn ModelBackend> =
+        HostedBackend::new("azure-mega", &model.spec, SecretString::new("azure-test-key-0123456789"), options)
+            .expect("backend");
+    let folder = tempfile::tempdir().expect("dir");
+    write_lines(&folder.path().join("in.txt"), (0..10).map(question));
+    let summary =
+        generate(backend, ModelInfo::from_resource(&resource), settings(folder.path(), "in.txt")).await.expect("run");
+    assert_eq!((summary.answered, summary.failed), (10, 0));
+    let provenance = read_jsonl(&summary.files.provenance);
+    assert_eq!(provenance[0]["model"]["provider"], "AzureOpenAI");
+    assert_eq!(provenance[0]["model"]["deployment"], "gpt-4o-prod");
+    assert_eq!(provenance[0]["model"]["api_version"], "2024-10-21");
+    assert_eq!(provenance[0]["price_entry"], "gpt-4o", "priced by the deployment's name");
+    let journal = std::fs::read_to_string(&summary.files.journal).expect("journal");
+    assert!(!journal.contains("azure-test-key"), "the key stays out of the journal");
+}
