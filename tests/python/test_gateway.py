@@ -15,15 +15,13 @@ The server binary is found as in test_openai_client.py ($NSTREAM_SERVER_BIN, els
 from __future__ import annotations
 
 import os
-import subprocess
-from pathlib import Path
 from typing import Iterator
 
 import openai
 import pytest
 
 from fake_provider import FakeProvider, Faults, mask
-from test_openai_client import ROOT, RunningServer, server_binary
+from test_openai_client import RunningServer, nstream_server
 
 KEYS = {
     "openai": "sk-proj-GATEWAYSECRET-openai-7f3a9c1d2e",
@@ -91,23 +89,8 @@ def gateway(fake: FakeProvider, tmp_path_factory: pytest.TempPathFactory) -> Ite
     for provider in PROVIDERS:
         env[f"NSTREAM_SECRET_GOOD_{provider.upper()}"] = KEYS[provider]
         env[f"NSTREAM_SECRET_WRONG_{provider.upper()}"] = WRONG_KEYS[provider]
-    process = subprocess.Popen(
-        [str(server_binary()), "--model-file", str(path), "--port", "0", "--log-json"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    )
-    server = RunningServer(process)
-    try:
-        server.wait_ready()
+    with nstream_server(model_file=path, env=env) as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, f"nstream-server exited {code} after SIGTERM:\n{server.logs}"
     assert_no_secret(server.logs, "nstream-server's logs")
 
 

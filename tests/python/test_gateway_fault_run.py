@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -23,7 +22,7 @@ import openai
 import pytest
 
 from fake_provider import FakeProvider, Faults
-from test_openai_client import ROOT, RunningServer, server_binary
+from test_openai_client import RunningServer, nstream_server
 
 KEY = "sk-proj-FAULTRUNSECRET-4c1d"
 REQUESTS = 1_000
@@ -56,23 +55,8 @@ spec:
 """)
     env = {key: value for key, value in os.environ.items() if not key.startswith("NSTREAM_")}
     env.update(HF_HUB_OFFLINE="1", NO_COLOR="1", RUST_LOG="info", NSTREAM_SECRET_FAULT_OPENAI=KEY)
-    process = subprocess.Popen(
-        [str(server_binary()), "--model-file", str(path), "--port", "0", "--log-json"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    )
-    server = RunningServer(process)
-    try:
-        server.wait_ready()
+    with nstream_server(model_file=path, env=env) as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, f"nstream-server exited {code} after SIGTERM:\n{server.logs}"
     assert KEY not in server.logs
 
 

@@ -121,9 +121,13 @@ class RunningServer:
 
 
 @contextmanager
-def nstream_server(*extra: str) -> Iterator[RunningServer]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RUST_LOG="info", NO_COLOR="1")
-    command = [str(server_binary()), "--model-file", str(QUICKSTART), "--port", "0", "--log-json", *extra]
+def nstream_server(
+    *extra: str, model_file: Path = QUICKSTART, env: dict[str, str] | None = None
+) -> Iterator[RunningServer]:
+    """nstream-server on a free port serving `model_file`; `env` replaces the inherited environment."""
+    if env is None:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", RUST_LOG="info", NO_COLOR="1")
+    command = [str(server_binary()), "--model-file", str(model_file), "--port", "0", "--log-json", *extra]
     process = subprocess.Popen(
         command,
         cwd=ROOT,
