@@ -2,8 +2,8 @@
 //! template, sampling, batching.
 //!
 //! [`LlmBackend::load`] resolves a model through nstream-hub (cache first, offline-aware), builds
-//! the model ([`model`], a documented fork of candle's quantized llama with per-sequence KV caches
-//! and positions), the tokenizer (the repo's `tokenizer.json`, or built from GGUF metadata:
+//! the model ([`model`], a documented fork of candle's quantized llama with a pooled KV cache
+//! and per-sequence positions), the tokenizer (the repo's `tokenizer.json`, or built from GGUF metadata:
 //! [`tokenizer`]) and its chat template ([`template`]), and serves it from a scheduler thread
 //! with continuous batching
 //! ([`scheduler`]). It implements [`nstream_backend::ModelBackend`]: chat and legacy completions,
@@ -46,7 +46,7 @@ pub mod scheduler;
 pub mod template;
 pub mod tokenizer;
 
-pub use backend::{DeviceSpec, LlmBackend, LlmInfo, LlmOptions, SafetensorsFiles};
+pub use backend::{CUDA_PREFILL_CHUNK_TOKENS, DeviceSpec, LlmBackend, LlmInfo, LlmOptions, SafetensorsFiles};
 pub use error::{Error, Result};
 pub use model::Requantize;
 pub use scheduler::LlmMetrics;

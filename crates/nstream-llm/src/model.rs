@@ -1,16 +1,21 @@
-//! A Llama-family decoder over quantised GGUF weights or Hugging Face safetensors, with
-//! per-sequence KV caches and positions.
+//! A Llama-family decoder over quantised GGUF weights or Hugging Face safetensors, with a pooled
+//! KV cache (a slot per sequence) and per-sequence positions.
 //!
 //! Forked from candle-transformers 0.11.1 `models/quantized_llama.rs` (Apache-2.0/MIT) and cut
 //! down to what continuous batching needs:
 //!
 //! - the weights ([`LlamaModel`]) hold no mutable state, so one model serves many sequences;
-//! - each sequence owns a [`SequenceCache`]: preallocated K/V tensors per layer that grow by
-//!   doubling (never `Tensor::cat` per token) and its own position;
+//! - the K/V memory is one preallocated pool per layer, `(slots, kv_heads, capacity, head_dim)`,
+//!   growing by doubling (never `Tensor::cat` per token); each sequence owns a slot of it
+//!   through its [`SequenceCache`], with its own position;
 //! - [`LlamaModel::forward`] runs one step for several sequences at once: every projection and
 //!   MLP is one matrix product over all the step's rows (prefill chunks and single decode tokens
-//!   mixed), RoPE takes a position per row, and attention runs per sequence against its cache;
+//!   mixed), RoPE takes a position per row, the new K/V rows go into the pool with one scatter,
+//!   the decoding sequences attend together in one batched product over their slots (masked to
+//!   each one's length) and prefill chunks attend one by one with a causal mask;
 //! - grouped-query attention reshapes the queries instead of repeating K/V;
+//! - projections that read the same input (q/k/v on the CPU, gate/up everywhere) are stacked into
+//!   one matrix product when that changes no weight bit;
 //! - at load, weights whose CPU kernels are scalar (Q4_1 and others) can be re-quantised to a
 //!   format with SIMD kernels ([`Requantize`]).
 //!
@@ -223,8 +228,8 @@ impl LlamaConfig {
     }
 }
 
-/// A projection: a (possibly quantised) weight and an optional bias (Qwen2's q/k/v, Llama's
-/// `attention_bias`/`mlp_bias`; GGUF layers here have none).
+/// A projection: a (possibly quantised) weight and an optional bias (Qwen2's q/k/v, from GGUF or
+/// safetensors; Llama's `attention_bias`/`mlp_bias`).
 struct Linear {
     weight: QMatMul,
     bias: Option<Tensor>,
@@ -244,14 +249,82 @@ impl Linear {
     }
 }
 
+/// Projections that read the same input, as separate matrix products or as one over their
+/// weights stacked by rows (one product, one quantisation of the activations, one thread-pool
+/// dispatch instead of several), whose output columns are then split.
+enum Projections {
+    /// One product per projection.
+    Separate(Vec<Linear>),
+    /// One product; the outputs are `widths` columns each, in order.
+    Fused {
+        /// The stacked projection.
+        linear: Linear,
+        /// Output columns of each part.
+        widths: Vec<usize>,
+    },
+}
+
+impl Projections {
+    /// Each part's output, `(rows, width)`; fused parts are column slices of one product (strided:
+    /// callers that need contiguous memory copy).
+    fn forward(&self, input: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|part| part.forward(input)).collect(),
+            Self::Fused { linear, widths } => {
+                let output = linear.forward(input)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&width| {
+                        let part = output.narrow(D::Minus1, start, width)?;
+                        start += width;
+                        Ok(part)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Stacks unquantised projections (`QMatMul::Tensor`) into one; `None` when a part is
+    /// quantised or the dtypes differ. A missing bias stacks as zeros when another part has one.
+    fn fuse_tensors(parts: Vec<Linear>) -> Result<Self> {
+        let weights: Option<Vec<Tensor>> = parts
+            .iter()
+            .map(|part| match &part.weight {
+                QMatMul::Tensor(weight) => Some(weight.clone()),
+                _ => None,
+            })
+            .collect();
+        let Some(weights) = weights else { return Ok(Self::Separate(parts)) };
+        if weights.windows(2).any(|pair| pair[0].dtype() != pair[1].dtype()) {
+            return Ok(Self::Separate(parts));
+        }
+        let widths: Vec<usize> = weights.iter().map(|weight| weight.dim(0)).collect::<candle_core::Result<_>>()?;
+        let bias = if parts.iter().any(|part| part.bias.is_some()) {
+            let biases = parts
+                .iter()
+                .zip(&weights)
+                .map(|(part, weight)| match &part.bias {
+                    Some(bias) => Ok(bias.clone()),
+                    None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device()),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        let linear = Linear { weight: QMatMul::Tensor(Tensor::cat(&weights, 0)?), bias };
+        Ok(Self::Fused { linear, widths })
+    }
+}
+
 struct Layer {
-    attention_q: Linear,
-    attention_k: Linear,
-    attention_v: Linear,
+    /// Q, K and V.
+    attention_qkv: Projections,
     attention_output: Linear,
     attention_norm: Tensor,
-    ffn_gate: Linear,
-    ffn_up: Linear,
+    /// The MLP's gate and up projections.
+    ffn_gate_up: Projections,
     ffn_down: Linear,
     ffn_norm: Tensor,
 }
@@ -268,6 +341,11 @@ pub struct LlamaModel {
     device: Device,
     /// The activations' and caches' dtype: f32 for GGUF and on CPU, the checkpoint's on CUDA.
     dtype: DType,
+    /// The K/V memory of every live sequence.
+    pool: std::sync::Arc<std::sync::Mutex<KvPool>>,
+    /// Decode attention as one batched tensor product even on the CPU (see
+    /// [`LlamaModel::with_batched_decode_attention`]).
+    batched_decode: bool,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -276,16 +354,140 @@ impl std::fmt::Debug for LlamaModel {
     }
 }
 
-/// One sequence's attention memory: per layer, K and V of shape `(kv_heads, capacity, head_dim)`.
+/// The attention memory of every sequence of a model: per layer, K and V of shape
+/// `(slots, kv_heads, capacity, head_dim)`, one slot per live [`SequenceCache`].
 ///
-/// Allocated for a first stretch and doubled when full, up to the sequence's own limit (prompt
-/// plus `max_tokens`), so a short answer never pays for the whole context.
-pub struct SequenceCache {
+/// One tensor per layer, rather than one per sequence, lets a decode step write every new K/V row
+/// with one scatter and attend for every decoding sequence with one batched matrix product. It
+/// grows by doubling (slots when every slot is taken, capacity when a sequence needs more, up to
+/// the context length) and is released when the last sequence is dropped, so an idle model holds
+/// no cache and a short answer never pays for the whole context.
+struct KvPool {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
-    len: usize,
+    slots: usize,
     capacity: usize,
+    /// Free slots; the lowest is taken first so the live ones stay packed at the front.
+    free: std::collections::BTreeSet<usize>,
+    live: usize,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    context_length: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl KvPool {
+    fn new(config: &LlamaConfig, dtype: DType, device: &Device) -> Self {
+        Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+            slots: 0,
+            capacity: 0,
+            free: std::collections::BTreeSet::new(),
+            live: 0,
+            layers: config.layers,
+            kv_heads: config.kv_heads,
+            head_dim: config.head_dim,
+            context_length: config.context_length,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Reallocates every layer's K and V at `slots` × `capacity`, keeping what they hold.
+    fn resize(&mut self, slots: usize, capacity: usize) -> Result<()> {
+        let shape = (slots, self.kv_heads, capacity, self.head_dim);
+        for tensors in [&mut self.keys, &mut self.values] {
+            if tensors.is_empty() {
+                *tensors = (0..self.layers)
+                    .map(|_| Tensor::zeros(shape, self.dtype, &self.device))
+                    .collect::<candle_core::Result<_>>()?;
+                continue;
+            }
+            for tensor in tensors.iter_mut() {
+                let mut grown = tensor.clone();
+                if capacity != self.capacity {
+                    let wider =
+                        Tensor::zeros((self.slots, self.kv_heads, capacity, self.head_dim), self.dtype, &self.device)?;
+                    wider.slice_set(&grown, 2, 0)?;
+                    grown = wider;
+                }
+                if slots != self.slots {
+                    let taller = Tensor::zeros(shape, self.dtype, &self.device)?;
+                    taller.slice_set(&grown, 0, 0)?;
+                    grown = taller;
+                }
+                *tensor = grown;
+            }
+        }
+        self.free.extend(self.slots..slots);
+        self.slots = slots;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Takes a slot, growing the pool when none is free; an empty pool starts over at
+    /// `capacity` (so memory left by a long burst goes back when the model is idle).
+    fn acquire(&mut self, capacity: usize) -> Result<usize> {
+        if self.live == 0 && (self.slots > 0 || !self.keys.is_empty()) {
+            self.keys.clear();
+            self.values.clear();
+            self.free.clear();
+            self.slots = 0;
+            self.capacity = 0;
+        }
+        if self.keys.is_empty() {
+            self.resize(1, capacity.clamp(1, self.context_length))?;
+        } else {
+            self.reserve(capacity)?;
+        }
+        if self.free.is_empty() {
+            self.resize(self.slots * 2, self.capacity)?;
+        }
+        let slot = self.free.pop_first().ok_or_else(|| Error::Inference("no free cache slot".into()))?;
+        self.live += 1;
+        Ok(slot)
+    }
+
+    fn release(&mut self, slot: usize) {
+        if slot < self.slots && self.free.insert(slot) {
+            self.live = self.live.saturating_sub(1);
+        }
+    }
+
+    /// Makes room for `needed` tokens per slot (doubling, capped at the context length).
+    fn reserve(&mut self, needed: usize) -> Result<()> {
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        if needed > self.context_length {
+            return Err(Error::Inference(format!("sequence cache overflow: {needed} > {}", self.context_length)));
+        }
+        let capacity = needed.max(self.capacity.saturating_mul(2)).min(self.context_length);
+        self.resize(self.slots, capacity)
+    }
+}
+
+/// One sequence's claim on the model's K/V memory: a slot of the pool, its length (the position
+/// of its next token) and its limit. Dropping it frees the slot.
+pub struct SequenceCache {
+    slot: usize,
+    len: usize,
     limit: usize,
+    pool: std::sync::Arc<std::sync::Mutex<KvPool>>,
+}
+
+impl std::fmt::Debug for SequenceCache {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SequenceCache")
+            .field("slot", &self.slot)
+            .field("len", &self.len)
+            .field("limit", &self.limit)
+            .finish()
+    }
 }
 
 impl SequenceCache {
@@ -299,37 +501,22 @@ impl SequenceCache {
         self.len == 0
     }
 
-    /// Tokens the cache holds without growing.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// The most tokens this sequence may ever hold.
     pub fn limit(&self) -> usize {
         self.limit
     }
+}
 
-    fn reserve(&mut self, needed: usize) -> Result<()> {
-        if needed <= self.capacity {
-            return Ok(());
-        }
-        if needed > self.limit {
-            return Err(Error::Inference(format!("sequence cache overflow: {needed} > {}", self.limit)));
-        }
-        let capacity = needed.max(self.capacity.saturating_mul(2)).min(self.limit);
-        for tensors in [&mut self.keys, &mut self.values] {
-            for tensor in tensors.iter_mut() {
-                let (heads, _, head_dim) = tensor.dims3()?;
-                let grown = Tensor::zeros((heads, capacity, head_dim), tensor.dtype(), tensor.device())?;
-                if self.len > 0 {
-                    grown.slice_set(&tensor.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                }
-                *tensor = grown;
-            }
-        }
-        self.capacity = capacity;
-        Ok(())
+impl Drop for SequenceCache {
+    fn drop(&mut self) {
+        lock(&self.pool).release(self.slot);
     }
+}
+
+/// Locks the pool; a panic in an earlier step leaves nothing half-written that matters (a
+/// failed step never advances a cache's length), so a poisoned lock is taken as is.
+fn lock(pool: &std::sync::Mutex<KvPool>) -> std::sync::MutexGuard<'_, KvPool> {
+    pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One sequence's part of a [`LlamaModel::forward`] step: the new tokens and its cache.
@@ -381,27 +568,43 @@ impl LlamaModel {
         for index in 0..config.layers {
             let name = |part: &str| format!("blk.{index}.{part}.weight");
             let mut matmul = |part: &str| load_matmul(content, reader, device, requantize, &name(part));
-            let attention_q = matmul("attn_q")?;
-            let attention_k = matmul("attn_k")?;
-            let attention_v = matmul("attn_v")?;
             let attention_output = matmul("attn_output")?;
-            let ffn_gate = matmul("ffn_gate")?;
-            let ffn_up = matmul("ffn_up")?;
             let ffn_down = matmul("ffn_down")?;
+            let mut attention_qkv = load_projections(
+                content,
+                reader,
+                device,
+                requantize,
+                &[name("attn_q"), name("attn_k"), name("attn_v")],
+            )?;
+            // Qwen2 GGUFs carry q/k/v biases (`blk.N.attn_q.bias`...).
+            let biases = ["attn_q", "attn_k", "attn_v"].map(|part| format!("blk.{index}.{part}.bias"));
+            if biases.iter().any(|bias| content.tensor_infos.contains_key(bias)) {
+                let Projections::Separate(parts) = &mut attention_qkv else {
+                    return Err(Error::InvalidModel {
+                        file: "gguf".into(),
+                        message: "q/k/v biases on fused projections".into(),
+                    });
+                };
+                for (part, bias) in parts.iter_mut().zip(&biases) {
+                    if content.tensor_infos.contains_key(bias) {
+                        part.bias = Some(load_tensor(content, reader, device, bias)?.dequantize(device)?);
+                    }
+                }
+            }
+            let ffn_gate_up =
+                load_projections(content, reader, device, requantize, &[name("ffn_gate"), name("ffn_up")])?;
             layers.push(Layer {
-                attention_q,
-                attention_k,
-                attention_v,
+                attention_qkv,
                 attention_output,
                 attention_norm: load_tensor(content, reader, device, &name("attn_norm"))?.dequantize(device)?,
-                ffn_gate,
-                ffn_up,
+                ffn_gate_up,
                 ffn_down,
                 ffn_norm: load_tensor(content, reader, device, &name("ffn_norm"))?.dequantize(device)?,
             });
         }
         let (cos, sin) = precompute_rope(&config, device, DType::F32)?;
-        Ok(Self { config, embeddings, layers, norm, output, cos, sin, device: device.clone(), dtype: DType::F32 })
+        Ok(Self::assemble(config, embeddings, layers, norm, output, (cos, sin), device, DType::F32))
     }
 
     /// The hyper-parameters.
@@ -414,24 +617,56 @@ impl LlamaModel {
         &self.device
     }
 
-    /// An empty cache for a sequence that will hold at most `limit` tokens (capped at the
-    /// context length), preallocated for `initial` of them.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: LlamaConfig,
+        embeddings: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        output: QMatMul,
+        (cos, sin): (Tensor, Tensor),
+        device: &Device,
+        dtype: DType,
+    ) -> Self {
+        let pool = std::sync::Arc::new(std::sync::Mutex::new(KvPool::new(&config, dtype, device)));
+        Self {
+            config,
+            embeddings,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+            device: device.clone(),
+            dtype,
+            pool,
+            batched_decode: false,
+        }
+    }
+
+    /// Runs decode attention as one batched tensor product over the pool (what CUDA and half
+    /// precision use) on the CPU too, instead of the CPU's per-sequence kernel: for tests that
+    /// check the GPU's code path on machines without one.
+    pub fn with_batched_decode_attention(mut self) -> Self {
+        self.batched_decode = true;
+        self
+    }
+
+    /// A cache slot for a sequence that will hold at most `limit` tokens (capped at the context
+    /// length); the pool makes room for `initial` of them now and grows later as needed.
     pub fn new_cache(&self, initial: usize, limit: usize) -> Result<SequenceCache> {
         let limit = limit.min(self.config.context_length).max(1);
-        let capacity = initial.clamp(1, limit);
-        let shape = (self.config.kv_heads, capacity, self.config.head_dim);
-        let zeros = || Tensor::zeros(shape, self.dtype, &self.device);
-        Ok(SequenceCache {
-            keys: (0..self.config.layers).map(|_| zeros()).collect::<candle_core::Result<_>>()?,
-            values: (0..self.config.layers).map(|_| zeros()).collect::<candle_core::Result<_>>()?,
-            len: 0,
-            capacity,
-            limit,
-        })
+        let slot = lock(&self.pool).acquire(initial.clamp(1, limit))?;
+        Ok(SequenceCache { slot, len: 0, limit, pool: std::sync::Arc::clone(&self.pool) })
     }
 
     /// Runs one step for several sequences: appends each input's tokens to its cache and returns
     /// the logits after each input's last token, shape `(inputs, vocab_size)`, f32.
+    ///
+    /// Every projection and the MLP run once over all the step's rows. New K/V rows go into the
+    /// pool with one scatter per layer; the sequences decoding one token attend together in one
+    /// batched product over the pool's slots (padded to the longest, masked), and those
+    /// prefilling a chunk attend one by one with a causal mask.
     ///
     /// On error the caches are left at their old length (what was written past it is ignored).
     pub fn forward(&self, inputs: &mut [StepInput<'_>]) -> Result<Tensor> {
@@ -439,87 +674,173 @@ impl LlamaModel {
         if inputs.is_empty() || inputs.iter().any(|input| input.tokens.is_empty()) {
             return Err(Error::Inference("a forward step needs at least one token per sequence".into()));
         }
+        if inputs.iter().any(|input| !std::sync::Arc::ptr_eq(&input.cache.pool, &self.pool)) {
+            return Err(Error::Inference("a cache of another model was passed to forward".into()));
+        }
+        let mut pool = lock(&self.pool);
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
-        for input in inputs.iter_mut() {
+        let mut needed = 0;
+        for input in inputs.iter() {
             let start = input.cache.len;
             let end = start + input.tokens.len();
             if end > input.cache.limit {
                 return Err(Error::Inference(format!("sequence too long: {end} > {}", input.cache.limit)));
             }
-            input.cache.reserve(end)?;
             if let Some(&bad) = input.tokens.iter().find(|&&token| token as usize >= config.vocab_size) {
                 return Err(Error::Inference(format!("token id {bad} is outside the vocabulary")));
             }
+            needed = needed.max(end);
             tokens.extend_from_slice(input.tokens);
             positions.extend((start..end).map(|position| position as u32));
         }
+        pool.reserve(needed)?;
+        let (kv_heads, head_dim, capacity) = (config.kv_heads, config.head_dim, pool.capacity);
         let rows = tokens.len();
         let token_ids = Tensor::from_vec(tokens, rows, &self.device)?;
         let position_ids = Tensor::from_vec(positions, rows, &self.device)?;
-        let half = config.head_dim / 2;
+
+        let decode = DecodeBatch::new(inputs, &self.device, self.dtype, self.batched_decode)?;
+        // New K/V rows of decoding sequences go into the pool with one scatter along the
+        // positions: one value per (slot, head), `u32::MAX` (skipped) where a slot does not
+        // decode. Every (slot, head, dimension) is its own GPU thread, so the write costs the
+        // same for 1 or 64 sequences. Prefill chunks are block copies, one per sequence.
+        let decode_writes = match &decode {
+            None => None,
+            Some(decode) => {
+                let mut slot_rows = vec![0u32; pool.slots];
+                let mut positions = vec![u32::MAX; pool.slots * kv_heads * head_dim];
+                for &(row, slot, length) in &decode.sequences {
+                    slot_rows[slot] = row as u32;
+                    positions[slot * kv_heads * head_dim..(slot + 1) * kv_heads * head_dim].fill((length - 1) as u32);
+                }
+                Some((
+                    Tensor::from_vec(slot_rows, pool.slots, &self.device)?,
+                    Tensor::from_vec(positions, (pool.slots, kv_heads, 1, head_dim), &self.device)?,
+                ))
+            }
+        };
+        let prefill_masks = inputs
+            .iter()
+            .filter(|input| input.tokens.len() > 1)
+            .map(|input| {
+                causal_mask(input.tokens.len(), input.cache.len, &self.device)?
+                    .to_dtype(self.dtype)
+                    .map_err(Error::from)
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+
+        let half = head_dim / 2;
         let cos = self.cos.index_select(&position_ids, 0)?.reshape((rows, 1, half))?;
         let sin = self.sin.index_select(&position_ids, 0)?.reshape((rows, 1, half))?;
         let rope = |x: &Tensor, heads: usize| -> Result<Tensor> {
             // Each row is its own "batch" of one position, so every row gets its own angle.
-            let x = x.reshape((rows, heads, 1, config.head_dim))?;
+            let x = x.reshape((rows, heads, 1, head_dim))?;
             let rotated = if config.rope_is_neox {
                 candle_nn::rotary_emb::rope(&x, &cos, &sin)?
             } else {
                 candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
             };
-            Ok(rotated.reshape((rows, heads, config.head_dim))?)
+            Ok(rotated.reshape((rows, heads, head_dim))?)
         };
-        let scale = 1.0 / (config.head_dim as f64).sqrt();
-        let group = config.heads / config.kv_heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let group = config.heads / kv_heads;
 
         let mut hidden = self.embeddings.index_select(&token_ids, 0)?;
         for (layer_index, layer) in self.layers.iter().enumerate() {
             let normed = candle_nn::ops::rms_norm(&hidden, &layer.attention_norm, config.rms_norm_eps as f32)?;
-            let queries = rope(&layer.attention_q.forward(&normed)?, config.heads)?;
-            let keys = rope(&layer.attention_k.forward(&normed)?, config.kv_heads)?;
-            let values = layer.attention_v.forward(&normed)?.reshape((rows, config.kv_heads, config.head_dim))?;
-            let mut outputs = Vec::with_capacity(inputs.len());
+            let [queries, keys, values]: [Tensor; 3] = layer
+                .attention_qkv
+                .forward(&normed)?
+                .try_into()
+                .map_err(|_| Error::Inference("q/k/v projections are not three".into()))?;
+            let queries = rope(&queries.contiguous()?, config.heads)?;
+            let keys = rope(&keys.contiguous()?, kv_heads)?;
+            let values = values.contiguous()?;
+            let pool_keys = &pool.keys[layer_index];
+            let pool_values = &pool.values[layer_index];
+            let values = values.reshape((rows, kv_heads, head_dim))?;
+            if let Some((slot_rows, positions)) = &decode_writes {
+                let shape = (pool.slots, kv_heads, 1, head_dim);
+                pool_keys.scatter_set(positions, &keys.index_select(slot_rows, 0)?.reshape(shape)?, 2)?;
+                pool_values.scatter_set(positions, &values.index_select(slot_rows, 0)?.reshape(shape)?, 2)?;
+            }
             let mut row = 0;
-            for input in inputs.iter_mut() {
+            for input in inputs.iter() {
                 let count = input.tokens.len();
-                let start = input.cache.len;
-                let total = start + count;
-                let cache_keys = &input.cache.keys[layer_index];
-                let cache_values = &input.cache.values[layer_index];
-                cache_keys.slice_set(&keys.narrow(0, row, count)?.transpose(0, 1)?.contiguous()?, 1, start)?;
-                cache_values.slice_set(&values.narrow(0, row, count)?.transpose(0, 1)?.contiguous()?, 1, start)?;
-                let all_keys = cache_keys.narrow(1, 0, total)?;
-                let all_values = cache_values.narrow(1, 0, total)?;
-                // (count, heads, d) -> (kv_heads, group * count, d): query heads h*group..h*group+group
-                // share key/value head h, so no K/V repetition is needed.
-                let query = queries.narrow(0, row, count)?.transpose(0, 1)?.contiguous()?.reshape((
-                    config.kv_heads,
-                    group * count,
-                    config.head_dim,
-                ))?;
-                let mut scores = (query.matmul(&all_keys.t()?)? * scale)?;
                 if count > 1 {
-                    let mask = causal_mask(count, start, &self.device)?.to_dtype(self.dtype)?;
-                    scores = scores
-                        .reshape((config.kv_heads, group, count, total))?
-                        .broadcast_add(&mask)?
-                        .reshape((config.kv_heads, group * count, total))?;
+                    for (pool_part, part) in [(pool_keys, &keys), (pool_values, &values)] {
+                        let block = part.narrow(0, row, count)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+                        pool_part.narrow(0, input.cache.slot, 1)?.slice_set(&block, 2, input.cache.len)?;
+                    }
                 }
-                let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-                let attended = weights.matmul(&all_values.contiguous()?)?;
-                let attended = attended
-                    .reshape((config.heads, count, config.head_dim))?
-                    .transpose(0, 1)?
-                    .reshape((count, config.heads * config.head_dim))?;
-                outputs.push(attended);
                 row += count;
             }
-            let attended = if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 0)? };
+
+            let mut parts = Vec::new();
+            if let Some(decode) = &decode {
+                parts.push(match &decode.batched {
+                    None => {
+                        cpu_decode_attention(&queries, pool_keys, pool_values, &decode.sequences, config, capacity)?
+                    }
+                    Some(batched) => {
+                        // (rows, heads, d) -> per slot (slots, kv_heads, group, d): query heads
+                        // h*group..h*group+group share key/value head h, so no K/V repetition.
+                        let query =
+                            queries.reshape((rows, kv_heads, group, head_dim))?.index_select(&batched.query_rows, 0)?;
+                        let all_keys = pool_keys.narrow(0, 0, batched.slots)?.narrow(2, 0, batched.longest)?;
+                        let all_values = pool_values.narrow(0, 0, batched.slots)?.narrow(2, 0, batched.longest)?;
+                        let scores = (query.matmul(&all_keys.t()?)? * scale)?.broadcast_add(&batched.mask)?;
+                        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+                        let attended =
+                            weights.matmul(&all_values)?.reshape((batched.slots, config.heads * head_dim))?;
+                        attended.index_select(&batched.output_rows, 0)?
+                    }
+                });
+            }
+            let mut row = 0;
+            let mut masks = prefill_masks.iter();
+            for input in inputs.iter() {
+                let count = input.tokens.len();
+                if count > 1 {
+                    let start = input.cache.len;
+                    let total = start + count;
+                    let slot_keys = pool_keys.narrow(0, input.cache.slot, 1)?.squeeze(0)?.narrow(1, 0, total)?;
+                    let slot_values = pool_values.narrow(0, input.cache.slot, 1)?.squeeze(0)?.narrow(1, 0, total)?;
+                    let query = queries.narrow(0, row, count)?.transpose(0, 1)?.contiguous()?.reshape((
+                        kv_heads,
+                        group * count,
+                        head_dim,
+                    ))?;
+                    let mask = masks.next().ok_or_else(|| Error::Inference("a prefill mask is missing".into()))?;
+                    let scores = (query.matmul(&slot_keys.t()?)? * scale)?
+                        .reshape((kv_heads, group, count, total))?
+                        .broadcast_add(mask)?
+                        .reshape((kv_heads, group * count, total))?;
+                    let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+                    let attended = weights
+                        .matmul(&slot_values)?
+                        .reshape((config.heads, count, head_dim))?
+                        .transpose(0, 1)?
+                        .reshape((count, config.heads * head_dim))?;
+                    parts.push(attended);
+                }
+                row += count;
+            }
+            let attended = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
+            // The parts hold the decoding rows first, then each prefill chunk: back to row order.
+            let attended = match decode.as_ref().and_then(|decode| decode.reorder.as_ref()) {
+                Some(reorder) => attended.index_select(reorder, 0)?,
+                None => attended,
+            };
             hidden = (layer.attention_output.forward(&attended)? + &hidden)?;
             let normed = candle_nn::ops::rms_norm(&hidden, &layer.ffn_norm, config.rms_norm_eps as f32)?;
-            let gate = candle_nn::ops::silu(&layer.ffn_gate.forward(&normed)?)?;
-            let up = layer.ffn_up.forward(&normed)?;
+            let [gate, up]: [Tensor; 2] = layer
+                .ffn_gate_up
+                .forward(&normed)?
+                .try_into()
+                .map_err(|_| Error::Inference("gate/up projections are not two".into()))?;
+            let gate = candle_nn::ops::silu(&gate)?;
             hidden = (layer.ffn_down.forward(&(gate * up)?)? + &hidden)?;
         }
         let mut last_rows = Vec::with_capacity(inputs.len());
@@ -534,6 +855,167 @@ impl LlamaModel {
         let normed = candle_nn::ops::rms_norm(&last, &self.norm, config.rms_norm_eps as f32)?;
         Ok(self.output.forward(&normed)?.to_dtype(DType::F32)?)
     }
+}
+
+/// The sequences of a step that decode one token.
+struct DecodeBatch {
+    /// `(step row, slot, length after this step)` of each, in step order.
+    sequences: Vec<(usize, usize, usize)>,
+    /// The tensors of one batched product over the pool (any device but the CPU in f32, which
+    /// has [`cpu_decode_attention`]).
+    batched: Option<BatchedDecode>,
+    /// When prefill chunks share the step: for each step row, its row in
+    /// `[decoded rows; prefill chunks in order]`.
+    reorder: Option<Tensor>,
+}
+
+/// The decoding sequences laid out for one batched attention over the pool's first `slots`
+/// slots (live slots are packed at the front).
+struct BatchedDecode {
+    /// Slots covered: the highest decoding slot plus one.
+    slots: usize,
+    /// The longest decoding sequence after this step, so the keys attended.
+    longest: usize,
+    /// For each slot, the step row holding its query (row 0 for slots not decoding).
+    query_rows: Tensor,
+    /// `(slots, 1, 1, longest)`, 0 where a slot's query may look, -inf past its length. Slots
+    /// not decoding see their position 0 so that no softmax row is all -inf.
+    mask: Tensor,
+    /// The slots of the decoding sequences, in step order.
+    output_rows: Tensor,
+}
+
+impl DecodeBatch {
+    fn new(inputs: &[StepInput<'_>], device: &Device, dtype: DType, force_batched: bool) -> Result<Option<Self>> {
+        let mut sequences = Vec::new();
+        let mut row = 0;
+        for input in inputs {
+            if input.tokens.len() == 1 {
+                sequences.push((row, input.cache.slot, input.cache.len + 1));
+            }
+            row += input.tokens.len();
+        }
+        if sequences.is_empty() {
+            return Ok(None);
+        }
+        let reorder = if sequences.len() == inputs.len() {
+            None
+        } else {
+            let mut reorder = Vec::with_capacity(row);
+            let mut decoded = 0u32;
+            let mut prefilled = sequences.len() as u32;
+            for input in inputs {
+                if input.tokens.len() == 1 {
+                    reorder.push(decoded);
+                    decoded += 1;
+                } else {
+                    reorder.extend(prefilled..prefilled + input.tokens.len() as u32);
+                    prefilled += input.tokens.len() as u32;
+                }
+            }
+            Some(Tensor::from_vec(reorder, row, device)?)
+        };
+        let batched = if device.is_cpu() && dtype == DType::F32 && !force_batched {
+            None
+        } else {
+            let slots = sequences.iter().map(|&(_, slot, _)| slot + 1).max().unwrap_or(1);
+            let longest = sequences.iter().map(|&(_, _, length)| length).max().unwrap_or(1);
+            let mut query_rows = vec![0u32; slots];
+            let mut lengths = vec![1usize; slots];
+            for &(row, slot, length) in &sequences {
+                query_rows[slot] = row as u32;
+                lengths[slot] = length;
+            }
+            let mask: Vec<f32> = lengths
+                .iter()
+                .flat_map(|&length| (0..longest).map(move |key| if key < length { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
+            let output_rows: Vec<u32> = sequences.iter().map(|&(_, slot, _)| slot as u32).collect();
+            Some(BatchedDecode {
+                slots,
+                longest,
+                query_rows: Tensor::from_vec(query_rows, slots, device)?,
+                mask: Tensor::from_vec(mask, (slots, 1, 1, longest), device)?.to_dtype(dtype)?,
+                output_rows: Tensor::from_vec(output_rows, sequences.len(), device)?,
+            })
+        };
+        Ok(Some(Self { sequences, batched, reorder }))
+    }
+}
+
+/// Decode attention on the CPU in f32, straight from the pool's memory: for each decoding
+/// sequence and query head, scores against its own keys only, softmax, weighted sum of its
+/// values. Each (sequence, head) is computed the same way whatever else is in the step, so a
+/// sequence's numbers never depend on its neighbours (seeded sampling reproduces under load),
+/// and nothing is padded or masked. Returns `(sequences, heads * head_dim)`.
+fn cpu_decode_attention(
+    queries: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    sequences: &[(usize, usize, usize)],
+    config: &LlamaConfig,
+    capacity: usize,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (heads, kv_heads, head_dim) = (config.heads, config.kv_heads, config.head_dim);
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let queries = queries.contiguous()?;
+    let (query_storage, query_layout) = queries.storage_and_layout();
+    let (key_storage, key_layout) = keys.storage_and_layout();
+    let (value_storage, value_layout) = values.storage_and_layout();
+    let (
+        candle_core::Storage::Cpu(query_storage),
+        candle_core::Storage::Cpu(key_storage),
+        candle_core::Storage::Cpu(value_storage),
+    ) = (&*query_storage, &*key_storage, &*value_storage)
+    else {
+        return Err(Error::Inference("CPU decode attention on tensors that are not on the CPU".into()));
+    };
+    if !key_layout.is_contiguous() || !value_layout.is_contiguous() {
+        return Err(Error::Inference("the K/V pool is not contiguous".into()));
+    }
+    let query_data = &query_storage.as_slice::<f32>()?[query_layout.start_offset()..];
+    let key_data = &key_storage.as_slice::<f32>()?[key_layout.start_offset()..];
+    let value_data = &value_storage.as_slice::<f32>()?[value_layout.start_offset()..];
+    let mut output = vec![0f32; sequences.len() * heads * head_dim];
+    output.par_chunks_mut(head_dim).enumerate().for_each(|(index, out)| {
+        let (sequence, head) = (index / heads, index % heads);
+        let (row, slot, length) = sequences[sequence];
+        let query = &query_data[(row * heads + head) * head_dim..][..head_dim];
+        let base = (slot * kv_heads + head / group) * capacity * head_dim;
+        let keys = &key_data[base..base + length * head_dim];
+        let values = &value_data[base..base + length * head_dim];
+        let mut scores: Vec<f32> = keys.chunks_exact(head_dim).map(|key| dot(query, key) * scale).collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for score in scores.iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
+        }
+        for (weight, value) in scores.iter().zip(values.chunks_exact(head_dim)) {
+            let weight = weight / sum;
+            for (out, value) in out.iter_mut().zip(value) {
+                *out += weight * value;
+            }
+        }
+    });
+    Ok(Tensor::from_vec(output, (sequences.len(), heads * head_dim), &Device::Cpu)?)
+}
+
+/// A dot product in eight independent lanes (so the compiler vectorises it), summed in a fixed
+/// order: the same inputs give the same bits every time.
+fn dot(left: &[f32], right: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut left_chunks = left.chunks_exact(8);
+    let mut right_chunks = right.chunks_exact(8);
+    for (a, b) in (&mut left_chunks).zip(&mut right_chunks) {
+        for lane in 0..8 {
+            lanes[lane] += a[lane] * b[lane];
+        }
+    }
+    let tail: f32 = left_chunks.remainder().iter().zip(right_chunks.remainder()).map(|(a, b)| a * b).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// The Hugging Face `model_type`s whose checkpoints have the Llama layout served here.
@@ -800,13 +1282,23 @@ impl LlamaModel {
         for index in 0..config.layers {
             let name = |part: &str| format!("{prefix}layers.{index}.{part}");
             layers.push(Layer {
-                attention_q: weights.linear(&name("self_attn.q_proj"), q_size, hidden)?,
-                attention_k: weights.linear(&name("self_attn.k_proj"), kv_size, hidden)?,
-                attention_v: weights.linear(&name("self_attn.v_proj"), kv_size, hidden)?,
+                attention_qkv: {
+                    let parts = vec![
+                        weights.linear(&name("self_attn.q_proj"), q_size, hidden)?,
+                        weights.linear(&name("self_attn.k_proj"), kv_size, hidden)?,
+                        weights.linear(&name("self_attn.v_proj"), kv_size, hidden)?,
+                    ];
+                    // On CUDA the split outputs would each need a copy before RoPE: as many
+                    // launches as three products, so only the CPU (where a product is a
+                    // thread-pool dispatch) stacks them.
+                    if device.is_cpu() { Projections::fuse_tensors(parts)? } else { Projections::Separate(parts) }
+                },
                 attention_output: weights.linear(&name("self_attn.o_proj"), hidden, q_size)?,
                 attention_norm: weights.take(&name("input_layernorm.weight"), &[hidden])?,
-                ffn_gate: weights.linear(&name("mlp.gate_proj"), intermediate, hidden)?,
-                ffn_up: weights.linear(&name("mlp.up_proj"), intermediate, hidden)?,
+                ffn_gate_up: Projections::fuse_tensors(vec![
+                    weights.linear(&name("mlp.gate_proj"), intermediate, hidden)?,
+                    weights.linear(&name("mlp.up_proj"), intermediate, hidden)?,
+                ])?,
                 ffn_down: weights.linear(&name("mlp.down_proj"), hidden, intermediate)?,
                 ffn_norm: weights.take(&name("post_attention_layernorm.weight"), &[hidden])?,
             });
@@ -818,7 +1310,7 @@ impl LlamaModel {
             tracing::warn!(count = unused.len(), %example, "checkpoint tensors not used by the Llama layout");
         }
         let (cos, sin) = precompute_rope(&config, device, dtype)?;
-        Ok(Self { config, embeddings, layers, norm, output, cos, sin, device: device.clone(), dtype })
+        Ok(Self::assemble(config, embeddings, layers, norm, output, (cos, sin), device, dtype))
     }
 
     /// The dtype of the activations and KV caches (f32 except for f16/bf16 checkpoints on CUDA).
@@ -846,13 +1338,55 @@ fn load_matmul<R: Read + Seek>(
     name: &str,
 ) -> Result<Linear> {
     let weight = load_tensor(content, reader, device, name)?;
-    let weight = match requantize.target(weight.dtype()) {
-        Some(target) if weight.shape().dims().last().is_some_and(|cols| cols % target.block_size() == 0) => {
-            QTensor::quantize(&weight.dequantize(device)?, target)?
-        }
-        _ => weight,
+    let weight = match requantize_target(&weight, requantize) {
+        Some(target) => QTensor::quantize(&weight.dequantize(device)?, target)?,
+        None => weight,
     };
     Ok(Linear::new(QMatMul::from_qtensor(weight)?))
+}
+
+/// The format a weight is re-quantised to at load, if any (only whole blocks per row).
+fn requantize_target(weight: &QTensor, requantize: Requantize) -> Option<GgmlDType> {
+    requantize
+        .target(weight.dtype())
+        .filter(|target| weight.shape().dims().last().is_some_and(|cols| cols % target.block_size() == 0))
+}
+
+/// Projections that read the same input (q/k/v, gate/up). When every part is re-quantised at
+/// load anyway, they are stacked by rows before quantising: the blocks of a row do not depend on
+/// the other rows, so the fused weights hold exactly the bits the separate ones would. Weights
+/// kept as stored stay separate (re-quantising them would change them).
+fn load_projections<R: Read + Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    device: &Device,
+    requantize: Requantize,
+    names: &[String],
+) -> Result<Projections> {
+    let weights =
+        names.iter().map(|name| load_tensor(content, reader, device, name)).collect::<Result<Vec<QTensor>>>()?;
+    let targets: Vec<Option<GgmlDType>> = weights.iter().map(|weight| requantize_target(weight, requantize)).collect();
+    if let Some(Some(target)) = targets.first()
+        && targets.iter().all(|other| *other == Some(*target))
+    {
+        let widths = weights.iter().map(|weight| weight.shape().dims()[0]).collect();
+        let dense =
+            weights.iter().map(|weight| weight.dequantize(device)).collect::<candle_core::Result<Vec<Tensor>>>()?;
+        let fused = QTensor::quantize(&Tensor::cat(&dense, 0)?, *target)?;
+        return Ok(Projections::Fused { linear: Linear::new(QMatMul::from_qtensor(fused)?), widths });
+    }
+    weights
+        .into_iter()
+        .zip(targets)
+        .map(|(weight, target)| {
+            let weight = match target {
+                Some(target) => QTensor::quantize(&weight.dequantize(device)?, target)?,
+                None => weight,
+            };
+            Ok(Linear::new(QMatMul::from_qtensor(weight)?))
+        })
+        .collect::<Result<Vec<Linear>>>()
+        .map(Projections::Separate)
 }
 
 /// The additive causal mask of `count` new queries after `start` cached tokens:

@@ -105,6 +105,17 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether the next token is simply the largest logit (temperature 0, no penalty, no bias),
+    /// so the caller may pick it where the logits are (on the GPU) and [`Sampler::record`] it.
+    pub fn is_plain_greedy(&self) -> bool {
+        let params = &self.params;
+        params.temperature <= 0.0
+            && params.repetition_penalty == 1.0
+            && params.presence_penalty == 0.0
+            && params.frequency_penalty == 0.0
+            && params.logit_bias.is_empty()
+    }
+
     /// Picks the next token from `logits` (modified in place) and records it for the penalties.
     /// Returns 0 only if `logits` is empty.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {

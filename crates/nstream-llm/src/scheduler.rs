@@ -1,4 +1,4 @@
-//! The generation scheduler: one thread per model, continuous batching over per-sequence caches.
+//! The generation scheduler: one thread per model, continuous batching over the model's KV pool.
 //!
 //! Jobs (one or more sequences: a request's prompts × `n`) arrive on a bounded channel; a full
 //! channel is the caller's [`crate::Error::Overloaded`]. Between two decode steps the scheduler
@@ -243,6 +243,10 @@ impl Scheduler {
                 plan.push((position, chunk, chunk == remaining));
             }
         }
+        // When every sequence that samples this step is plain greedy, the tokens are picked
+        // where the logits are: a GPU sends back one id per row, not the vocabulary.
+        let greedy =
+            plan.iter().all(|&(position, _, samples)| !samples || self.running[position].sampler.is_plain_greedy());
         let result = {
             let mut inputs: Vec<StepInput<'_>> = Vec::with_capacity(plan.len());
             let mut planned = plan.iter().peekable();
@@ -261,7 +265,13 @@ impl Scheduler {
             let model = &self.model;
             std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&mut inputs)))
                 .unwrap_or_else(|_| Err(crate::Error::Inference("the forward pass panicked".into())))
-                .and_then(|logits| Ok(logits.to_vec2::<f32>()?))
+                .and_then(|logits| {
+                    Ok(if greedy {
+                        Picks::Tokens(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+                    } else {
+                        Picks::Logits(logits.to_vec2::<f32>()?)
+                    })
+                })
         };
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.metrics.steps_total.fetch_add(1, Ordering::Relaxed);
@@ -276,8 +286,13 @@ impl Scheduler {
                     finished[position] = true;
                 }
             }
-            Ok(rows) => {
-                for (&(position, count, samples), mut logits) in plan.iter().zip(rows) {
+            Ok(picks) => {
+                let mut rows = match picks {
+                    Picks::Tokens(tokens) => Either::Tokens(tokens.into_iter()),
+                    Picks::Logits(rows) => Either::Logits(rows.into_iter()),
+                };
+                for &(position, count, samples) in &plan {
+                    let pick = rows.next();
                     let sequence = &mut self.running[position];
                     if sequence.prefilled < sequence.request.prompt.len() {
                         sequence.prefilled += count;
@@ -286,7 +301,18 @@ impl Scheduler {
                     if !samples {
                         continue;
                     }
-                    let token = sequence.sampler.sample(&mut logits);
+                    let token = match pick {
+                        Some(Pick::Token(token)) => {
+                            sequence.sampler.record(token);
+                            token
+                        }
+                        Some(Pick::Logits(mut logits)) => sequence.sampler.sample(&mut logits),
+                        None => {
+                            fail(&sequence.request, "the forward pass returned too few rows".into());
+                            finished[position] = true;
+                            continue;
+                        }
+                    };
                     self.metrics.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
                     if let Outcome::Finished(reason) = accept(sequence, token, &self.tokenizer) {
                         let _ = sequence.request.events.send(SequenceEvent::Finished {
@@ -305,6 +331,36 @@ impl Scheduler {
             !finished[position - 1]
         });
         self.metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// What a step hands back for sampling: a token per row picked on the device (every sampling
+/// sequence plain greedy), or every row's logits.
+enum Picks {
+    Tokens(Vec<u32>),
+    Logits(Vec<Vec<f32>>),
+}
+
+/// One row of [`Picks`].
+enum Pick {
+    Token(u32),
+    Logits(Vec<f32>),
+}
+
+/// Iterates the rows of [`Picks`] as [`Pick`]s.
+enum Either {
+    Tokens(std::vec::IntoIter<u32>),
+    Logits(std::vec::IntoIter<Vec<f32>>),
+}
+
+impl Iterator for Either {
+    type Item = Pick;
+
+    fn next(&mut self) -> Option<Pick> {
+        match self {
+            Self::Tokens(tokens) => tokens.next().map(Pick::Token),
+            Self::Logits(rows) => rows.next().map(Pick::Logits),
+        }
     }
 }
 

@@ -326,3 +326,86 @@ fn sentencepiece_style_tokenizers_encode_and_stream_like_python() {
     assert!(pieces.iter().all(|piece| !piece.contains('\u{FFFD}')), "{pieces:?}");
     assert_eq!(pieces.concat() + &decoder.finish(&tokenizer).expect("finish"), expected.cases[2].decoded);
 }
+
+/// Runs a prompt through a fresh cache alone, one prefill then one token at a time, and returns
+/// the logits after every step.
+fn alone(model: &LlamaModel, prompt: &[u32], decoded: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache(4, prompt.len() + decoded.len()).expect("cache");
+    let mut steps = vec![model.forward(&mut [StepInput { tokens: prompt, cache: &mut cache }]).expect("prefill")];
+    for token in decoded {
+        steps.push(model.forward(&mut [StepInput { tokens: &[*token], cache: &mut cache }]).expect("decode"));
+    }
+    steps.into_iter().map(|logits| logits.squeeze(0).expect("row").to_vec1::<f32>().expect("logits")).collect()
+}
+
+/// Decoding sequences attend together in one batched product over the K/V pool, padded to the
+/// longest and masked; prefill chunks attend one by one. A step mixing both, with slots out of
+/// step order and the pool growing underneath, gives each sequence the logits it gets alone (f32
+/// weights, so only summation order differs).
+#[test]
+fn a_mixed_batch_step_equals_each_sequence_alone() {
+    let (model, _) = load_parts("f32");
+    mixed_batch_step(&model);
+    // The batched tensor path that CUDA runs, on the CPU.
+    mixed_batch_step(&load_parts("f32").0.with_batched_decode_attention());
+}
+
+fn mixed_batch_step(model: &LlamaModel) {
+    let long: Vec<u32> = (0..200).map(|index| 3 + (index * 37) % 380).collect();
+    let short: Vec<u32> = vec![5, 6, 7, 8, 9];
+    let chunk: Vec<u32> = (0..17).map(|index| 20 + index * 11).collect();
+    let next = [42u32, 242];
+    let expected_long = alone(model, &long, &next);
+    let expected_short = alone(model, &short, &next);
+    let expected_chunk = alone(model, &chunk, &[]);
+
+    // A freed slot in front, so slots are not the step order, and the pool grows (slots and
+    // capacity) while the sequences run.
+    let placeholder = model.new_cache(4, 8).expect("cache");
+    let mut short_cache = model.new_cache(4, 64).expect("cache");
+    let mut long_cache = model.new_cache(4, 250).expect("cache");
+    drop(placeholder);
+    let mut chunk_cache = model.new_cache(4, 64).expect("cache");
+    model.forward(&mut [StepInput { tokens: &long, cache: &mut long_cache }]).expect("prefill long");
+    model.forward(&mut [StepInput { tokens: &short, cache: &mut short_cache }]).expect("prefill short");
+    let rows: Vec<Vec<f32>> = model
+        .forward(&mut [
+            StepInput { tokens: &next[..1], cache: &mut short_cache },
+            StepInput { tokens: &chunk, cache: &mut chunk_cache },
+            StepInput { tokens: &next[..1], cache: &mut long_cache },
+        ])
+        .expect("mixed step")
+        .to_vec2()
+        .expect("rows");
+    let close = |ours: &[f32], theirs: &[f32], what: &str| {
+        let difference = max_abs_diff(ours, theirs);
+        assert!(difference < 1e-4, "{what}: logits differ by {difference}");
+    };
+    close(&rows[0], &expected_short[1], "short decode");
+    close(&rows[1], &expected_chunk[0], "prefill chunk");
+    close(&rows[2], &expected_long[1], "long decode");
+    let rows: Vec<Vec<f32>> = model
+        .forward(&mut [
+            StepInput { tokens: &next[1..], cache: &mut long_cache },
+            StepInput { tokens: &next[1..], cache: &mut short_cache },
+        ])
+        .expect("decode step")
+        .to_vec2()
+        .expect("rows");
+    close(&rows[0], &expected_long[2], "long second decode");
+    close(&rows[1], &expected_short[2], "short second decode");
+}
+
+/// A cache from one model cannot be fed to another, and a dropped cache's slot is reused.
+#[test]
+fn caches_belong_to_their_model() {
+    let (model, _) = load_parts("f32");
+    let (other, _) = load_parts("f32");
+    let mut foreign = other.new_cache(4, 8).expect("cache");
+    let error = model.forward(&mut [StepInput { tokens: &[1], cache: &mut foreign }]).expect_err("foreign cache");
+    assert!(error.to_string().contains("another model"), "{error}");
+    let first = model.new_cache(4, 8).expect("cache");
+    let description = format!("{first:?}");
+    drop(first);
+    assert_eq!(format!("{:?}", model.new_cache(4, 8).expect("cache")), description, "the freed slot is reused");
+}

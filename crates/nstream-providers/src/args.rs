@@ -83,7 +83,8 @@ pub struct ServeArgs {
     /// BaseModels: most sequences decoding together (continuous batching).
     #[arg(long, env = "NSTREAM_MAX_RUNNING_SEQUENCES", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub max_running_sequences: Option<u16>,
-    /// BaseModels: most prompt tokens prefilled per step (long prompts are prefilled in chunks).
+    /// BaseModels: most prompt tokens prefilled per step (long prompts are prefilled in chunks);
+    /// 256 on the CPU and 2048 on CUDA when omitted.
     #[arg(long, env = "NSTREAM_PREFILL_CHUNK_TOKENS", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub prefill_chunk_tokens: Option<u32>,
     /// BaseModels: serve at most this context in tokens (prompt plus completion).
@@ -127,9 +128,13 @@ impl ServeArgs {
             },
             threads: self.threads,
             max_running_sequences: self.max_running_sequences.map_or(defaults.max_running_sequences, usize::from),
-            prefill_chunk_tokens: self
-                .prefill_chunk_tokens
-                .map_or(defaults.prefill_chunk_tokens, |tokens| tokens as usize),
+            prefill_chunk_tokens: self.prefill_chunk_tokens.map_or(
+                match self.device {
+                    DeviceArg::Cpu => defaults.prefill_chunk_tokens,
+                    DeviceArg::Cuda => nstream_llm::CUDA_PREFILL_CHUNK_TOKENS,
+                },
+                |tokens| tokens as usize,
+            ),
             queue_capacity: self.queue_capacity.unwrap_or(defaults.queue_capacity),
             context_length: self.context_length.map(|tokens| tokens as usize),
         };
