@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use nstream_providers::ServeArgs;
 
-/// Serve the models of one YAML file (EmbeddingModels today) on one port, routed by model name.
+/// Serve the models of one YAML file (EmbeddingModels, BaseModels, MegaModels) on one port, routed
+/// by model name.
 #[derive(Parser, Debug)]
 #[command(name = "nstream-server", version, about)]
 struct Cli {
@@ -20,9 +21,13 @@ struct Cli {
     serve: ServeArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    nstream_providers::pin_candle_threads(cli.serve.threads);
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if cli.log_json {

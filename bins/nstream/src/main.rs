@@ -37,6 +37,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The commands that run models in this process: pin candle's thread count first.
+    match &cli.command {
+        Command::Up(args) => nstream_providers::pin_candle_threads(args.serve.threads),
+        Command::Chat(args) => nstream_providers::pin_candle_threads(args.threads),
+        Command::Embed(_) | Command::Generate(_) => nstream_providers::pin_candle_threads(None),
+        Command::Validate(_) | Command::Crds(_) | Command::Check(_) => {}
+    }
     let result = match cli.command {
         Command::Validate(args) => commands::validate::run(&args),
         Command::Crds(args) => commands::crds::run(&args),

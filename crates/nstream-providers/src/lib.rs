@@ -7,6 +7,7 @@ mod load;
 mod metrics;
 mod secrets;
 mod serve;
+mod threads;
 
 pub use args::{DeviceArg, DtypeArg, RequantizeArg, ServeArgs};
 pub use error::{ProviderError, Result};
@@ -16,3 +17,4 @@ pub use load::{
 pub use metrics::ModelMetricsExporter;
 pub use secrets::{SecretLookup, resolve_secret};
 pub use serve::{ServeSettings, load_models, serve_file, serve_models};
+pub use threads::pin_candle_threads;
