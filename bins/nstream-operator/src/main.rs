@@ -54,6 +54,10 @@ struct Cli {
     /// Seconds between reconciles of an unchanged resource (drift correction).
     #[arg(long, env = "NSTREAM_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// Seconds between live checks of a MegaModel's provider (key accepted, model or deployment
+    /// found) when neither its spec nor its key changed; 0 turns the checks off (no egress).
+    #[arg(long, env = "NSTREAM_PROVIDER_CHECK_INTERVAL_SECONDS", default_value_t = 600)]
+    provider_check_interval_seconds: u64,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "NSTREAM_METRICS_ADDRESS", default_value = "0.0.0.0:8081")]
     metrics_address: SocketAddr,
@@ -115,6 +119,7 @@ impl Cli {
             })
             .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
         settings.resync = Duration::from_secs(self.resync_seconds.max(1));
+        settings.provider_check_interval = Duration::from_secs(self.provider_check_interval_seconds);
         Ok(settings)
     }
 }

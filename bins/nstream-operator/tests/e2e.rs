@@ -77,15 +77,36 @@ fn template_annotation(deployment: &Deployment, key: &str) -> Option<String> {
 /// tests prove the least-privilege RBAC is enough.
 async fn operator_kubeconfig(testbed: &Testbed, admin: &Client) -> std::path::PathBuf {
     let root = repo_root();
-    // The operator's own Deployment too: its pods must pass the namespace's `restricted` profile
-    // (the kube-controller-manager creates them; nothing runs them here).
-    for file in [
-        "deploy/operator/namespace.yaml",
-        "deploy/operator/serviceaccount.yaml",
-        "deploy/operator/rbac.yaml",
-        "deploy/operator/deployment.yaml",
-    ] {
+    // What `kubectl apply -k deploy/` installs: the kustomization's resources, in its order, with
+    // its image override (no kustomize binary here, so its two features in use are applied by
+    // hand). The operator's own Deployment too: its pods must pass the namespace's `restricted`
+    // profile (the kube-controller-manager creates them; nothing runs them here).
+    let kustomization: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("deploy/kustomization.yaml")).expect("kustomization"))
+            .expect("kustomization YAML");
+    let resources: Vec<String> = kustomization["resources"]
+        .as_sequence()
+        .expect("resources")
+        .iter()
+        .map(|resource| format!("deploy/{}", resource.as_str().expect("a path")))
+        .collect();
+    for folder in ["deploy/crds", "deploy/operator"] {
+        for entry in std::fs::read_dir(root.join(folder)).expect("deploy folder") {
+            let file = format!("{folder}/{}", entry.expect("entry").file_name().to_string_lossy());
+            assert!(resources.contains(&file), "deploy/kustomization.yaml does not list {file}");
+        }
+    }
+    let image_override = &kustomization["images"][0];
+    let image = format!(
+        "{}:{}",
+        image_override["name"].as_str().expect("image name"),
+        image_override["newTag"].as_str().expect("image tag")
+    );
+    for file in &resources {
         let text = std::fs::read_to_string(root.join(file)).expect("deploy file");
+        if file.ends_with("deployment.yaml") {
+            assert!(text.contains(&format!("image: {image}")), "{file} does not use the kustomization's {image}");
+        }
         for document in text.split("\n---\n") {
             let object: kube::api::DynamicObject = serde_yaml::from_str(document).expect("a Kubernetes object");
             apply_object(admin, object).await.unwrap_or_else(|error| panic!("applying {file}: {error}"));
@@ -141,6 +162,9 @@ async fn the_operator_on_a_real_api_server() {
 
     step("a MegaModel gets a gateway holding its key through a Secret; a missing key Secret is reported");
     mega_models_get_a_gateway(&admin).await;
+
+    step("a MegaModel's provider is checked: an accepted key, then a rotated wrong key, reported in status");
+    the_provider_check_reports_the_key(&admin).await;
 
     step("invalid resources are rejected by the API server itself");
     invalid_resources_are_rejected_by_the_api_server(&admin).await;
@@ -251,6 +275,95 @@ async fn mega_models_get_a_gateway(client: &Client) {
     .await;
     let message = status.condition("Degraded").map(|condition| condition.message.clone()).unwrap_or_default();
     assert!(message.contains("anthropic"), "{message}");
+}
+
+/// A local server that speaks OpenAI's `GET /v1/models/{model}` and its 401 for a wrong key
+/// (whose message echoes part of the key, as OpenAI's does). Returns its base URL.
+async fn fake_openai() -> String {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/v1/models/{model}",
+        get(|axum::extract::Path(model): axum::extract::Path<String>, headers: HeaderMap| async move {
+            let key = headers.get("authorization").and_then(|value| value.to_str().ok()).unwrap_or_default();
+            if key == "Bearer sk-good-key" {
+                (StatusCode::OK, axum::Json(serde_json::json!({"id": model, "object": "model", "owned_by": "test"})))
+            } else {
+                let shown = key.trim_start_matches("Bearer ");
+                let message = format!("Incorrect API key provided: {shown}. You can find your API key at ...");
+                let error = serde_json::json!({"error": {"message": message, "type": "invalid_request_error",
+                    "param": null, "code": "invalid_api_key"}});
+                (StatusCode::UNAUTHORIZED, axum::Json(error))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{address}/v1")
+}
+
+async fn the_provider_check_reports_the_key(client: &Client) {
+    use nstream_core::MegaModel;
+    let endpoint = fake_openai().await;
+    namespace(client, "providers").await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), "providers");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "openai"},
+        "stringData": {"api-key": "sk-good-key"}
+    }))
+    .expect("secret");
+    secrets.create(&PostParams::default(), &secret).await.expect("secret");
+    let yaml = format!(
+        "apiVersion: llm.nstream.ai/v1\nkind: MegaModel\nmetadata:\n  name: checked\nspec:\n  modelProvider: OpenAI\n  \
+         modelTemplate:\n    openAI:\n      endpoint: {endpoint}\n      model: gpt-test\n      \
+         apikeySecretRef: {{name: openai, key: api-key}}\n"
+    );
+    apply_yaml(client, "providers", &yaml).await.expect("applies");
+    let megas = Api::<MegaModel>::namespaced(client.clone(), "providers");
+    let provider = |wanted: (&'static str, &'static str)| {
+        let megas = megas.clone();
+        move || {
+            let megas = megas.clone();
+            async move {
+                megas.get("checked").await.ok()?.status.filter(|status| {
+                    condition(Some(status), "ProviderReachable") == Some((wanted.0.into(), wanted.1.into()))
+                })
+            }
+        }
+    };
+    let status = eventually("ProviderReachable=True", MINUTE, provider(("True", "KeyAccepted"))).await;
+    let message = status.condition("ProviderReachable").map(|condition| condition.message.clone()).unwrap_or_default();
+    assert!(message.contains("gpt-test"), "{message}");
+
+    // A rotated, wrong key: the provider refuses it; the gateway cannot serve, whatever its pods say.
+    secrets
+        .patch(
+            "openai",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"stringData": {"api-key": "sk-wrong-key"}})),
+        )
+        .await
+        .expect("rotate");
+    let status = eventually("ProviderReachable=False", MINUTE, provider(("False", "ProviderUnauthorized"))).await;
+    assert_eq!(condition(Some(&status), "Ready"), Some(("False".into(), "ProviderUnauthorized".into())));
+    assert_eq!(condition(Some(&status), "Degraded"), Some(("True".into(), "ProviderUnauthorized".into())));
+    let text = serde_json::to_string(&status).expect("JSON");
+    assert!(text.contains("Incorrect API key"), "the provider's message is reported: {text}");
+    assert!(!text.contains("sk-wrong-key"), "the key leaked into the status: {text}");
+
+    // Fixed again: reachable again.
+    secrets
+        .patch(
+            "openai",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"stringData": {"api-key": "sk-good-key"}})),
+        )
+        .await
+        .expect("rotate back");
+    eventually("ProviderReachable=True again", MINUTE, provider(("True", "KeyAccepted"))).await;
 }
 
 async fn invalid_resources_are_rejected_by_the_api_server(client: &Client) {

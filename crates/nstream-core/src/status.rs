@@ -10,6 +10,9 @@ pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 /// Condition type: something is wrong (crash loop, image pull, invalid spec, provider rejects the key).
 pub const DEGRADED: &str = "Degraded";
+/// Condition type, MegaModels only: the operator's live check of the provider (key accepted, model
+/// or deployment found).
+pub const PROVIDER_REACHABLE: &str = "ProviderReachable";
 
 /// The observed state of a MegaModel, BaseModel or EmbeddingModel.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -109,7 +109,8 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    pub(crate) fn new(name: &str, provider: MegaModelProvider, endpoint: &str, target: &str) -> Self {
+    /// A report that has found nothing yet (no status, no problem), for `target` at `endpoint`.
+    pub fn new(name: &str, provider: MegaModelProvider, endpoint: &str, target: &str) -> Self {
         Self {
             name: name.to_owned(),
             provider,

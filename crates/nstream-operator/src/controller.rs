@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::health::{self, Blocker, Observed};
 use crate::metrics::Metrics;
 use crate::model::{Credential, ServedResource};
+use crate::provider::ProviderChecks;
 use crate::settings::{FIELD_MANAGER, OperatorSettings};
 
 /// What every reconcile shares.
@@ -39,13 +40,22 @@ pub struct Context {
     pub recorder: Recorder,
     /// The last resourceVersion seen per object, to count only the applies that changed something.
     versions: Mutex<HashMap<String, String>>,
+    /// The latest provider check of every MegaModel.
+    provider_checks: ProviderChecks,
 }
 
 impl Context {
     /// A context for `client`; Events are reported as `nstream-operator` from `instance`.
     pub fn new(client: Client, settings: OperatorSettings, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
         let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance });
-        Self { client, settings, metrics, recorder, versions: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            settings,
+            metrics,
+            recorder,
+            versions: Mutex::new(HashMap::new()),
+            provider_checks: ProviderChecks::default(),
+        }
     }
 
     /// Remembers an object's resourceVersion; `true` when it moved since the last time (a write).
@@ -77,12 +87,12 @@ where
     Ok(stored)
 }
 
-/// Reads the referenced Secret's key: its content hash, or why it cannot be used.
-async fn referenced_secret_hash(
+/// Reads the referenced Secret's key: its content hash and value, or why it cannot be used.
+async fn referenced_secret(
     secrets: &Api<Secret>,
     name: &str,
     key: &str,
-) -> Result<std::result::Result<String, Blocker>> {
+) -> Result<std::result::Result<(String, nstream_core::SecretString), Blocker>> {
     let Some(secret) = secrets.get_opt(name).await.map_err(Error::Kube)? else {
         return Ok(Err(Blocker::SecretNotFound { name: name.into() }));
     };
@@ -91,7 +101,10 @@ async fn referenced_secret_hash(
             secret.string_data.as_ref().and_then(|data| data.get(key)).map(|text| text.clone().into_bytes())
         });
     Ok(match value {
-        Some(bytes) => Ok(desired::content_hash(&bytes)),
+        Some(bytes) => Ok((
+            desired::content_hash(&bytes),
+            nstream_core::SecretString::new(String::from_utf8_lossy(&bytes).trim_end_matches(['\r', '\n'])),
+        )),
         None => Err(Blocker::SecretKeyMissing { name: name.into(), key: key.into() }),
     })
 }
@@ -124,6 +137,7 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
     }
 
     let mut secret_hash = None;
+    let mut secret_value = None;
     if blocker.is_none() {
         match &served.credential {
             Some(Credential::Inline { value, .. }) => {
@@ -131,11 +145,15 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
                     apply(&Api::<Secret>::namespaced(client.clone(), namespace), &secret, &context, kind).await?;
                 }
                 secret_hash = Some(desired::content_hash(value.expose().as_bytes()));
+                secret_value = Some(value.clone());
             }
             Some(Credential::Reference(reference)) => {
                 let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
-                match referenced_secret_hash(&secrets, &reference.name, &reference.key).await? {
-                    Ok(hash) => secret_hash = Some(hash),
+                match referenced_secret(&secrets, &reference.name, &reference.key).await? {
+                    Ok((hash, value)) => {
+                        secret_hash = Some(hash);
+                        secret_value = Some(value);
+                    }
                     Err(missing) => blocker = Some(missing),
                 }
             }
@@ -177,6 +195,28 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
         }
         None => Vec::new(),
     };
+    // A MegaModel's provider is checked in the background (see crate::provider).
+    let check_id = format!("{namespace}/{}", served.name);
+    let mut check_in_flight = false;
+    let provider = match (object.mega_model_spec(), &blocker, secret_value) {
+        (Some(spec), None, Some(key)) if !settings.provider_check_interval.is_zero() => {
+            let fingerprint = format!("{:?}/{}", served.generation, secret_hash.as_deref().unwrap_or_default());
+            let observation = context.provider_checks.observe(
+                &check_id,
+                &fingerprint,
+                settings.provider_check_interval,
+                &served.name,
+                spec,
+                key,
+            );
+            check_in_flight = observation.in_flight;
+            Some(observation.check)
+        }
+        _ => {
+            context.provider_checks.forget(&check_id);
+            None
+        }
+    };
     let observed = Observed {
         generation: served.generation,
         desired_replicas: desired_replicas.unwrap_or(0),
@@ -185,6 +225,7 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
         blocker,
         endpoint: (!invalid).then(|| desired::endpoint(&served, settings)),
         selector: Some(desired::selector_string(&served)),
+        provider,
     };
     let previous = object.model_status();
     let status = health::derive_status(&observed, previous, Time(Timestamp::now()));
@@ -223,7 +264,8 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
         );
     }
     context.metrics.reconciled(kind, started.elapsed());
-    Ok(Action::requeue(settings.resync))
+    // A provider check under way: come back soon for its result.
+    Ok(Action::requeue(if check_in_flight { settings.resync.min(Duration::from_secs(1)) } else { settings.resync }))
 }
 
 /// After a failed reconcile: count it by error label and retry soon.

@@ -200,8 +200,11 @@ pub fn server_args(served: &Served, settings: &OperatorSettings) -> Vec<String> 
     args
 }
 
-/// The server's environment: where secrets and the model cache are, relative to [`WORKING_DIR`].
-pub fn server_env(settings: &OperatorSettings) -> Vec<EnvVar> {
+/// The server's environment: where secrets and the model cache are, relative to [`WORKING_DIR`],
+/// and, with a CPU limit, `RAYON_NUM_THREADS` = the limit rounded up to whole cores: candle's CPU
+/// kernels size their thread pool from it, and without it they count the node's cores (not the
+/// pod's quota) by reading /proc/cpuinfo on every matrix product.
+pub fn server_env(served: &Served, settings: &OperatorSettings) -> Vec<EnvVar> {
     let var = |name: &str, value: &str| EnvVar { name: name.into(), value: Some(value.into()), value_from: None };
     let mut env = vec![
         var("NSTREAM_SECRETS_DIR", "secrets"),
@@ -211,6 +214,13 @@ pub fn server_env(settings: &OperatorSettings) -> Vec<EnvVar> {
     ];
     if settings.hub_offline {
         env.push(var("HF_HUB_OFFLINE", "1"));
+    }
+    let cpu_limit = served.template.resource_limit.as_ref().and_then(|limit| limit.cpu.as_ref());
+    if let Some(Ok(amount)) = cpu_limit.map(|cpu| cpu.amount())
+        && amount.is_positive()
+    {
+        let cores = (amount.millis_ceil() + 999) / 1000;
+        env.push(var("RAYON_NUM_THREADS", &cores.to_string()));
     }
     env
 }
@@ -325,7 +335,7 @@ pub fn deployment(served: &Served, settings: &OperatorSettings, secret_hash: Opt
         command: Some(vec!["nstream-server".into()]),
         args: Some(server_args(served, settings)),
         working_dir: Some(WORKING_DIR.into()),
-        env: Some(server_env(settings)),
+        env: Some(server_env(served, settings)),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
             container_port: i32::from(settings.server_port),

@@ -7,6 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use nstream_core::ModelStatus;
 use nstream_core::status::{ConditionStatus, DEGRADED, PROGRESSING, READY};
 
+use crate::provider::{PROVIDER_REACHABLE, ProviderCheck};
+
 /// Why the operator could not (or would not) build the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Blocker {
@@ -63,6 +65,8 @@ pub struct Observed<'a> {
     pub endpoint: Option<String>,
     /// The pods' label selector, for the scale subresource.
     pub selector: Option<String>,
+    /// The provider check of a MegaModel (`None`: not a MegaModel, checks off, or blocked).
+    pub provider: Option<ProviderCheck>,
 }
 
 /// Something wrong with the running pods or the rollout.
@@ -214,7 +218,35 @@ fn counts(deployment: &Deployment) -> Counts {
 /// The status of a resource from what was observed. Conditions keep their `lastTransitionTime`
 /// unless their status changes, so deriving twice from the same state gives the same status
 /// (and no write).
+///
+/// A MegaModel's provider check adds the `ProviderReachable` condition; a refusal (bad key, no
+/// such model or deployment...) also makes it not Ready and Degraded, since its gateway would
+/// fail every request, even with every pod Ready.
 pub fn derive_status(observed: &Observed<'_>, previous: Option<&ModelStatus>, now: Time) -> ModelStatus {
+    let mut status = derive_serving_status(observed, previous, now.clone());
+    let generation = observed.generation;
+    let Some(check) = &observed.provider else {
+        status.conditions.retain(|condition| condition.type_ != PROVIDER_REACHABLE);
+        return status;
+    };
+    let (value, reason, message) = match check {
+        ProviderCheck::Pending => (ConditionStatus::Unknown, "CheckPending", "the provider check is running"),
+        ProviderCheck::Accepted { message } => (ConditionStatus::True, "KeyAccepted", message.as_str()),
+        ProviderCheck::Refused { reason, message } => (ConditionStatus::False, reason.as_str(), message.as_str()),
+        ProviderCheck::NoAnswer { reason, message } => (ConditionStatus::Unknown, reason.as_str(), message.as_str()),
+    };
+    status.set_condition(PROVIDER_REACHABLE, value, reason, message, generation, now.clone());
+    if let ProviderCheck::Refused { reason, message } = check {
+        let message = format!("the provider refuses this MegaModel: {message}");
+        status.set_condition(READY, ConditionStatus::False, reason, &message, generation, now.clone());
+        if status.condition(DEGRADED).is_none_or(|condition| condition.status != "True") {
+            status.set_condition(DEGRADED, ConditionStatus::True, reason, &message, generation, now);
+        }
+    }
+    status
+}
+
+fn derive_serving_status(observed: &Observed<'_>, previous: Option<&ModelStatus>, now: Time) -> ModelStatus {
     let mut status = previous.cloned().unwrap_or_default();
     let generation = observed.generation;
     status.observed_generation = generation;

@@ -4,6 +4,8 @@
 //! Desired objects are pure functions ([`desired`]), status is derived from the Deployment's and
 //! the pods' real state ([`health`]), and [`controller`] applies them with server-side apply
 //! under one field manager. [`run`] adds leader election ([`leader`]) and graceful shutdown.
+//! MegaModels also get a live check of their provider ([`provider`]), run in the background with
+//! nstream-hosted's client.
 
 pub mod controller;
 pub mod desired;
@@ -12,6 +14,7 @@ pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod model;
+pub mod provider;
 pub mod settings;
 
 #[cfg(test)]

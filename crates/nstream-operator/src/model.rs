@@ -7,8 +7,8 @@ use k8s_openapi::NamespaceResourceScope;
 use kube::Resource;
 use nstream_core::validate::Check;
 use nstream_core::{
-    ApiKeyFields, BaseModel, EmbeddingModel, MegaModel, MegaModelProvider, ModelStatus, SecretKeyRef, SecretSource,
-    SecretString, ServingTemplate,
+    ApiKeyFields, BaseModel, EmbeddingModel, MegaModel, MegaModelProvider, MegaModelSpec, ModelStatus, SecretKeyRef,
+    SecretSource, SecretString, ServingTemplate,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -139,6 +139,10 @@ pub trait ServedResource:
     fn served(&self) -> Served;
     /// The status last written.
     fn model_status(&self) -> Option<&ModelStatus>;
+    /// The spec of a MegaModel, whose provider the operator checks; `None` for the other kinds.
+    fn mega_model_spec(&self) -> Option<&MegaModelSpec> {
+        None
+    }
 }
 
 fn base(kind: ModelKind, metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Served {
@@ -261,6 +265,10 @@ impl ServedResource for MegaModel {
 
     fn model_status(&self) -> Option<&ModelStatus> {
         self.status.as_ref()
+    }
+
+    fn mega_model_spec(&self) -> Option<&MegaModelSpec> {
+        Some(&self.spec)
     }
 }
 

@@ -60,6 +60,9 @@ pub struct OperatorSettings {
     pub gpu_node_selector: BTreeMap<String, String>,
     /// How often each resource is reconciled even when nothing changed (drift correction).
     pub resync: Duration,
+    /// How often a MegaModel's provider is checked when neither its spec nor its key changed
+    /// (a change is checked at once); zero turns the checks off (no egress from the operator).
+    pub provider_check_interval: Duration,
 }
 
 impl Default for OperatorSettings {
@@ -77,6 +80,7 @@ impl Default for OperatorSettings {
             gpu_tolerations: vec![GpuToleration { key: "nvidia.com/gpu".into(), effect: Some("NoSchedule".into()) }],
             gpu_node_selector: BTreeMap::new(),
             resync: Duration::from_secs(5 * 60),
+            provider_check_interval: Duration::from_secs(10 * 60),
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::desired::{self, GPU_RESOURCE};
 use crate::fixtures::*;
 use crate::health::{self, Blocker, Observed};
 use crate::model::{ServedResource, object_name};
+use crate::provider::{PROVIDER_REACHABLE, ProviderCheck};
 use crate::settings::{CACHE_CLAIM_ANNOTATION, ModelCache};
 
 fn pod_spec(deployment: &Deployment) -> &PodSpec {
@@ -154,7 +155,7 @@ fn the_model_cache_is_an_empty_dir_unless_a_claim_is_configured() {
     assert!(cache.empty_dir.is_some());
     assert!(mounts.iter().any(|mount| mount.name == "cache" && mount.mount_path == "/nstream/cache"));
     assert!(
-        desired::server_env(&settings())
+        desired::server_env(&served, &settings())
             .iter()
             .any(|var| var.name == "HF_HOME" && var.value.as_deref() == Some("cache/huggingface")),
         "the server downloads into the cache volume"
@@ -218,7 +219,7 @@ fn a_referenced_secret_is_mounted_where_the_server_looks_for_it() {
     assert_eq!(source.items.expect("items")[0].path, "token");
     assert!(mounts.iter().any(|mount| mount.mount_path == "/nstream/secrets/hf-token"));
     assert!(
-        desired::server_env(&settings())
+        desired::server_env(&served, &settings())
             .iter()
             .any(|var| var.name == "NSTREAM_SECRETS_DIR" && var.value.as_deref() == Some("secrets"))
     );
@@ -314,6 +315,7 @@ fn observe(deployment: &Deployment, pods: &[k8s_openapi::api::core::v1::Pod], de
         blocker: None,
         endpoint: Some("http://em-minilm.models.svc.cluster.local/v1".into()),
         selector: None,
+        provider: None,
     };
     health::derive_status(&observed, None, at(100))
 }
@@ -439,6 +441,7 @@ fn deriving_twice_from_the_same_state_gives_the_same_status_so_nothing_is_writte
         blocker: None,
         endpoint: first.endpoint.clone(),
         selector: None,
+        provider: None,
     };
     let second = health::derive_status(&observed, Some(&first), at(500));
     assert_eq!(first, second, "a later reconcile with nothing changed must not produce a write");
@@ -462,4 +465,95 @@ fn transitions_become_events_once() {
     assert!(health::transitions(Some(&ready), &ready).is_empty(), "no change, no event");
     let recovered = health::transitions(Some(&crashing), &ready);
     assert!(recovered.iter().any(|event| event.reason == "Recovered"), "{recovered:?}");
+}
+
+// ------------------------------------------------------------------------------------------
+// MegaModel provider check
+// ------------------------------------------------------------------------------------------
+
+fn gateway_with_every_pod_ready(check: ProviderCheck, previous: Option<&ModelStatus>) -> ModelStatus {
+    let deployment = deployment().with_pods(1).with_ready(1);
+    let observed = Observed {
+        generation: Some(2),
+        desired_replicas: 1,
+        deployment: Some(&deployment),
+        endpoint: Some("http://mm-gpt-4o.models.svc.cluster.local/v1".into()),
+        provider: Some(check),
+        ..Observed::default()
+    };
+    health::derive_status(&observed, previous, at(200))
+}
+
+#[test]
+fn a_provider_that_accepts_the_key_leaves_a_ready_gateway_ready() {
+    let status = gateway_with_every_pod_ready(
+        ProviderCheck::Accepted { message: "OpenAI gpt-4o at https://api.openai.com/v1: key accepted".into() },
+        None,
+    );
+    assert_eq!(condition(&status, PROVIDER_REACHABLE), ("True", "KeyAccepted"));
+    assert_eq!(condition(&status, READY), ("True", "Available"));
+    assert_eq!(condition(&status, DEGRADED), ("False", "AsExpected"));
+}
+
+#[test]
+fn a_refused_key_makes_the_gateway_not_ready_even_with_every_pod_ready() {
+    let refused = ProviderCheck::Refused {
+        reason: "ProviderUnauthorized".into(),
+        message: "Incorrect API key provided (the key is wrong or revoked)".into(),
+    };
+    let status = gateway_with_every_pod_ready(refused, None);
+    assert_eq!(condition(&status, PROVIDER_REACHABLE), ("False", "ProviderUnauthorized"));
+    assert_eq!(condition(&status, READY), ("False", "ProviderUnauthorized"));
+    assert_eq!(condition(&status, DEGRADED), ("True", "ProviderUnauthorized"));
+    let events = health::transitions(
+        Some(&gateway_with_every_pod_ready(ProviderCheck::Accepted { message: "ok".into() }, None)),
+        &status,
+    );
+    assert!(events.iter().any(|event| event.warning && event.reason == "ProviderUnauthorized"), "{events:?}");
+}
+
+#[test]
+fn an_unreachable_provider_is_unknown_and_changes_nothing_else() {
+    let status = gateway_with_every_pod_ready(
+        ProviderCheck::NoAnswer { reason: "ProviderUnreachable".into(), message: "dns error".into() },
+        None,
+    );
+    assert_eq!(condition(&status, PROVIDER_REACHABLE), ("Unknown", "ProviderUnreachable"));
+    assert_eq!(condition(&status, READY), ("True", "Available"));
+    assert_eq!(condition(&status, DEGRADED), ("False", "AsExpected"));
+}
+
+#[test]
+fn a_fixed_key_recovers_and_switching_the_checks_off_removes_the_condition() {
+    let refused = gateway_with_every_pod_ready(
+        ProviderCheck::Refused { reason: "ModelNotFound".into(), message: "no such model".into() },
+        None,
+    );
+    let fixed = gateway_with_every_pod_ready(ProviderCheck::Accepted { message: "ok".into() }, Some(&refused));
+    assert_eq!(condition(&fixed, READY), ("True", "Available"));
+    assert_eq!(condition(&fixed, DEGRADED), ("False", "AsExpected"));
+    let deployment = deployment().with_pods(1).with_ready(1);
+    let unchecked =
+        Observed { generation: Some(2), desired_replicas: 1, deployment: Some(&deployment), ..Observed::default() };
+    let status = health::derive_status(&unchecked, Some(&fixed), at(300));
+    assert!(status.condition(PROVIDER_REACHABLE).is_none());
+}
+
+#[test]
+fn a_cpu_limit_sizes_candles_thread_pool_in_whole_cores() {
+    let thread_pool = |model: EmbeddingModel| {
+        desired::server_env(&model.served(), &settings())
+            .into_iter()
+            .find(|var| var.name == "RAYON_NUM_THREADS")
+            .and_then(|var| var.value)
+    };
+    assert_eq!(
+        thread_pool(EmbeddingModel::test("minilm").with_resources(("1", "1Gi"), ("1500m", "2Gi"))),
+        Some("2".into())
+    );
+    assert_eq!(
+        thread_pool(EmbeddingModel::test("minilm").with_resources(("1", "1Gi"), ("4", "2Gi"))),
+        Some("4".into())
+    );
+    assert_eq!(thread_pool(EmbeddingModel::test("minilm")), None, "no limit: the server counts the cores it has");
 }
