@@ -285,8 +285,35 @@ impl Projections {
         }
     }
 
-    /// Stacks unquantised projections (`QMatMul::Tensor`) into one; `None` when a part is
-    /// quantised or the dtypes differ. A missing bias stacks as zeros when another part has one.
+    /// Gives each part its bias (`None`: no bias); a stacked projection gets them stacked, with
+    /// zeros for the parts without one.
+    fn set_biases(&mut self, biases: Vec<Option<Tensor>>) -> Result<()> {
+        match self {
+            Self::Separate(parts) => {
+                for (part, bias) in parts.iter_mut().zip(biases) {
+                    part.bias = bias;
+                }
+            }
+            Self::Fused { linear, widths } => {
+                let reference = biases.iter().flatten().next().cloned();
+                let Some(reference) = reference else { return Ok(()) };
+                let stacked = biases
+                    .into_iter()
+                    .zip(widths.iter())
+                    .map(|(bias, &width)| match bias {
+                        Some(bias) => Ok(bias),
+                        None => Tensor::zeros(width, reference.dtype(), reference.device()),
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                linear.bias = Some(Tensor::cat(&stacked, 0)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stacks unquantised projections (`QMatMul::Tensor`) into one; they stay separate when a
+    /// part is quantised or the dtypes differ. A missing bias stacks as zeros when another part
+    /// has one.
     fn fuse_tensors(parts: Vec<Linear>) -> Result<Self> {
         let weights: Option<Vec<Tensor>> = parts
             .iter()
@@ -577,20 +604,18 @@ impl LlamaModel {
                 requantize,
                 &[name("attn_q"), name("attn_k"), name("attn_v")],
             )?;
-            // Qwen2 GGUFs carry q/k/v biases (`blk.N.attn_q.bias`...).
+            // Qwen2 GGUFs carry q/k/v biases (`blk.N.attn_q.bias`...); stacked projections get
+            // them stacked too (zeros for a part without one).
             let biases = ["attn_q", "attn_k", "attn_v"].map(|part| format!("blk.{index}.{part}.bias"));
             if biases.iter().any(|bias| content.tensor_infos.contains_key(bias)) {
-                let Projections::Separate(parts) = &mut attention_qkv else {
-                    return Err(Error::InvalidModel {
-                        file: "gguf".into(),
-                        message: "q/k/v biases on fused projections".into(),
+                let mut loaded = Vec::with_capacity(biases.len());
+                for bias in &biases {
+                    loaded.push(match content.tensor_infos.contains_key(bias) {
+                        true => Some(load_tensor(content, reader, device, bias)?.dequantize(device)?),
+                        false => None,
                     });
-                };
-                for (part, bias) in parts.iter_mut().zip(&biases) {
-                    if content.tensor_infos.contains_key(bias) {
-                        part.bias = Some(load_tensor(content, reader, device, bias)?.dequantize(device)?);
-                    }
                 }
+                attention_qkv.set_biases(loaded)?;
             }
             let ffn_gate_up =
                 load_projections(content, reader, device, requantize, &[name("ffn_gate"), name("ffn_up")])?;
@@ -1457,5 +1482,29 @@ mod tests {
         assert_eq!(Requantize::Q8_0.target(GgmlDType::F32), None);
         assert_eq!(Requantize::Keep.target(GgmlDType::Q4_1), None);
         assert_eq!(Requantize::Q4_0.target(GgmlDType::Q5_0), Some(GgmlDType::Q4_0));
+    }
+
+    #[test]
+    fn stacked_projections_with_biases_equal_separate_ones() {
+        let device = Device::Cpu;
+        let weight = |rows: usize, seed: f32| {
+            let values: Vec<f32> = (0..rows * 4).map(|index| (index as f32 * 0.37 + seed).sin()).collect();
+            Tensor::from_vec(values, (rows, 4), &device).unwrap()
+        };
+        let parts = || vec![Linear::new(QMatMul::Tensor(weight(3, 0.1))), Linear::new(QMatMul::Tensor(weight(2, 0.7)))];
+        let biases = || vec![Some(Tensor::new(&[1f32, 2., 3.], &device).unwrap()), None];
+        let mut separate = Projections::Separate(parts());
+        separate.set_biases(biases()).unwrap();
+        let mut fused = Projections::fuse_tensors(parts()).unwrap();
+        assert!(matches!(fused, Projections::Fused { .. }));
+        fused.set_biases(biases()).unwrap();
+        let input =
+            Tensor::from_vec((0..8).map(|index| index as f32 / 8.0).collect::<Vec<_>>(), (2, 4), &device).unwrap();
+        for (a, b) in separate.forward(&input).unwrap().iter().zip(fused.forward(&input).unwrap()) {
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b.contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a.len(), b.len());
+            assert!(a.iter().zip(&b).all(|(a, b)| (a - b).abs() < 1e-6), "{a:?} vs {b:?}");
+        }
     }
 }
