@@ -327,21 +327,10 @@ impl Projections {
             return Ok(Self::Separate(parts));
         }
         let widths: Vec<usize> = weights.iter().map(|weight| weight.dim(0)).collect::<candle_core::Result<_>>()?;
-        let bias = if parts.iter().any(|part| part.bias.is_some()) {
-            let biases = parts
-                .iter()
-                .zip(&weights)
-                .map(|(part, weight)| match &part.bias {
-                    Some(bias) => Ok(bias.clone()),
-                    None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device()),
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Some(Tensor::cat(&biases, 0)?)
-        } else {
-            None
-        };
-        let linear = Linear { weight: QMatMul::Tensor(Tensor::cat(&weights, 0)?), bias };
-        Ok(Self::Fused { linear, widths })
+        let biases = parts.into_iter().map(|part| part.bias).collect();
+        let mut fused = Self::Fused { linear: Linear::new(QMatMul::Tensor(Tensor::cat(&weights, 0)?)), widths };
+        fused.set_biases(biases)?;
+        Ok(fused)
     }
 }
 
