@@ -33,6 +33,7 @@ A smoke test of the whole flow on a CPU (tiny shape, CPU server build):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import http.client
@@ -75,6 +76,42 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(command: list[str], cache: Path, logfile: Path, timeout: float = 900):
+    """Starts nstream-server (`command` without `--port`) on a free port with the given hub cache,
+    waits for /ready and yields (port, seconds to ready); stops it on exit."""
+    port = free_port()
+    environment = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", RUST_LOG="warn")
+    log("starting " + " ".join(command))
+    with open(logfile, "w") as output:
+        process = subprocess.Popen([*command, "--port", str(port)], env=environment, stdout=output,
+                                   stderr=subprocess.STDOUT)
+        started = time.perf_counter()
+        try:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"nstream-server exited with {process.returncode}: "
+                                       + logfile.read_text()[-2000:])
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    conn.request("GET", "/ready")
+                    if conn.getresponse().status == 200:
+                        break
+                except OSError:
+                    pass
+                if time.perf_counter() - started > timeout:
+                    raise RuntimeError(f"nstream-server not ready after {timeout} s")
+                time.sleep(0.5)
+            yield port, round(time.perf_counter() - started, 1)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
 
 
 def word_level_tokenizer(vocab_size: int) -> dict:
@@ -265,32 +302,12 @@ spec:
     resourceLimit:
       gpu: 1
 """)
-    port = free_port()
-    environment = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", RUST_LOG="warn")
-    command = [server_bin, "--model-file", str(model_file), "--port", str(port), "--device", device,
+    command = [server_bin, "--model-file", str(model_file), "--device", device,
                "--max-running-sequences", str(max(streams)), "--context-length",
                str(prompt_tokens + max_tokens + 16)]
-    log("starting " + " ".join(command))
-    logfile = open(work / "nstream-server.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, env=environment, stdout=logfile, stderr=subprocess.STDOUT)
-    started = time.perf_counter()
     meta = {"command": command}
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"nstream-server exited with {process.returncode}: "
-                                   + (work / "nstream-server.log").read_text()[-2000:])
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/ready")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.perf_counter() - started > 900:
-                raise RuntimeError("nstream-server not ready after 900 s")
-            time.sleep(0.5)
-        meta["ready_s"] = round(time.perf_counter() - started, 1)
+    with running_server(command, cache, work / "nstream-server.log") as (port, ready_s):
+        meta["ready_s"] = ready_s
         log(f"nstream-server ready in {meta['ready_s']} s")
         stream_completion(port, prompts(1, prompt_tokens, vocab, 1)[0], 8)  # warm-up (PTX JIT)
         concurrent(port, prompts(max(streams), prompt_tokens, vocab, 2), 4)
@@ -323,13 +340,6 @@ spec:
         conn.request("GET", "/metrics")
         (work / "metrics.txt").write_bytes(conn.getresponse().read())
         return rows, meta
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        logfile.close()
 
 
 def fixture_agreement(server_bin: str, fixtures: Path, work: Path, device: str) -> dict:
@@ -362,24 +372,9 @@ spec:
 """)
     model_file = work / "fixtures.yaml"
     model_file.write_text("---\n".join(documents))
-    port = free_port()
-    environment = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", RUST_LOG="warn")
-    logfile = open(work / "fixtures-server.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen([server_bin, "--model-file", str(model_file), "--port", str(port), "--device", device],
-                               env=environment, stdout=logfile, stderr=subprocess.STDOUT)
     results = {}
-    try:
-        for _ in range(600):
-            if process.poll() is not None:
-                raise RuntimeError((work / "fixtures-server.log").read_text()[-2000:])
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/ready")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+    command = [server_bin, "--model-file", str(model_file), "--device", device]
+    with running_server(command, cache, work / "fixtures-server.log", timeout=300) as (port, _):
         for variant_dir in sorted(path for path in fixtures.iterdir() if (path / "reference.json").exists()):
             reference = json.loads((variant_dir / "reference.json").read_text())
             tokenizer = tokenizers.Tokenizer.from_file(str(variant_dir / "tokenizer.json"))
@@ -407,13 +402,6 @@ spec:
             results[variant_dir.name] = {"identical": identical, "cases": len(reference["cases"]),
                                          "differences": first_differences}
             log(f"fixture {variant_dir.name}: {results[variant_dir.name]}")
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        logfile.close()
     return results
 
 
