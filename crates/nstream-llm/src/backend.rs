@@ -234,6 +234,27 @@ pub struct LlmInfo {
     pub weights: String,
 }
 
+impl LlmInfo {
+    /// What `model` with `tokenizer` serves under `options` (the context capped by
+    /// `context_length`, the vocabulary by the smaller of the two).
+    fn new(
+        model: &LlamaModel,
+        tokenizer: &LlmTokenizer,
+        options: &LlmOptions,
+        has_chat_template: bool,
+        weights: String,
+    ) -> Self {
+        let config = model.config();
+        Self {
+            architecture: config.architecture.clone(),
+            context_length: options.context_length.map_or(config.context_length, |cap| cap.min(config.context_length)),
+            vocab_size: config.vocab_size.min(tokenizer.vocab_size()),
+            has_chat_template,
+            weights,
+        }
+    }
+}
+
 /// A causal LM served by its own scheduler thread with continuous batching.
 ///
 /// Requests are tokenised and checked on the caller's side, queued on a bounded channel and
@@ -347,14 +368,8 @@ impl LlmBackend {
             )?,
             None => ChatTemplate::chatml()?,
         };
-        let config = model.config();
-        let info = LlmInfo {
-            architecture: config.architecture.clone(),
-            context_length: options.context_length.map_or(config.context_length, |cap| cap.min(config.context_length)),
-            vocab_size: config.vocab_size.min(tokenizer.vocab_size()),
-            has_chat_template: tokenizer_config.chat_template.is_some(),
-            weights: format!("{:?}", model.dtype()).to_lowercase(),
-        };
+        let weights = format!("{:?}", model.dtype()).to_lowercase();
+        let info = LlmInfo::new(&model, &tokenizer, &options, tokenizer_config.chat_template.is_some(), weights);
         tracing::info!(model = %name, ?info, "loaded safetensors model");
         Ok(Self::start(name, model, tokenizer, template, info, &options, pool))
     }
@@ -382,14 +397,7 @@ impl LlmBackend {
             }
             None => ChatTemplate::chatml()?,
         };
-        let config = model.config();
-        let info = LlmInfo {
-            architecture: config.architecture.clone(),
-            context_length: options.context_length.map_or(config.context_length, |cap| cap.min(config.context_length)),
-            vocab_size: config.vocab_size.min(tokenizer.vocab_size()),
-            has_chat_template: file_template.is_some(),
-            weights: "gguf".into(),
-        };
+        let info = LlmInfo::new(&model, &tokenizer, &options, file_template.is_some(), "gguf".into());
         tracing::info!(model = %name, ?info, requantize = ?options.requantize, "loaded GGUF model");
         Ok(Self::start(name, model, tokenizer, template, info, &options, pool))
     }
