@@ -212,10 +212,12 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
             check_in_flight = observation.in_flight;
             Some(observation.check)
         }
-        _ => {
+        // A MegaModel that cannot be checked now (blocked, or checks off) keeps no stale result.
+        (Some(_), ..) => {
             context.provider_checks.forget(&check_id);
             None
         }
+        (None, ..) => None,
     };
     let observed = Observed {
         generation: served.generation,
