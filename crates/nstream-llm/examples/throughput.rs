@@ -57,7 +57,8 @@ async fn main() -> anyhow::Result<()> {
     let requantize = match std::env::var("REQUANTIZE").as_deref() {
         Ok("keep") => Requantize::Keep,
         Ok("q4_0") => Requantize::Q4_0,
-        _ => Requantize::Q8_0,
+        Ok("q8_0") => Requantize::Q8_0,
+        _ => Requantize::Auto,
     };
     let threads = std::env::var("THREADS").ok().map(|threads| threads.parse()).transpose()?;
     let source =

@@ -33,7 +33,7 @@ use crate::tokenizer::{HfTokenizerConfig, LlmTokenizer};
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeviceSpec {
-    /// The CPU (candle's quantised kernels on a rayon pool).
+    /// The CPU (nstream-kernels and candle on candle's thread pool).
     #[default]
     Cpu,
     /// A CUDA GPU by ordinal (needs the `cuda` feature).
@@ -41,6 +41,10 @@ pub enum DeviceSpec {
 }
 
 impl DeviceSpec {
+    fn is_cpu(self) -> bool {
+        self == Self::Cpu
+    }
+
     fn device(self) -> Result<Device> {
         Ok(match self {
             Self::Cpu => Device::Cpu,
@@ -208,7 +212,7 @@ impl Default for LlmOptions {
     fn default() -> Self {
         Self {
             device: DeviceSpec::Cpu,
-            requantize: Requantize::Q8_0,
+            requantize: Requantize::Auto,
             threads: None,
             max_running_sequences: 16,
             prefill_chunk_tokens: 256,
@@ -398,7 +402,14 @@ impl LlmBackend {
             None => ChatTemplate::chatml()?,
         };
         let info = LlmInfo::new(&model, &tokenizer, &options, file_template.is_some(), "gguf".into());
-        tracing::info!(model = %name, ?info, requantize = ?options.requantize, "loaded GGUF model");
+        let kernels = if !options.device.is_cpu() {
+            "cuda"
+        } else if nstream_kernels::avx512_available() {
+            "nstream-kernels AVX-512 VNNI for Q4_0/Q4_1/Q8_0, candle for other formats"
+        } else {
+            "candle"
+        };
+        tracing::info!(model = %name, ?info, requantize = ?options.requantize, kernels, "loaded GGUF model");
         Ok(Self::start(name, model, tokenizer, template, info, &options, pool))
     }
 

@@ -39,6 +39,7 @@
 //! identical leading tokens are 161/384 and 102/384 (near-ties flip; docs/llm.md explains).
 
 mod backend;
+mod cpu;
 mod error;
 pub mod model;
 pub mod sampling;

@@ -31,6 +31,9 @@ use std::io::{Read, Seek};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{D, DType, Device, Module, Tensor};
+use nstream_kernels::{BlockFormat, QuantMatrix};
+
+use crate::cpu::{CandleThreads, QuantMatmul};
 
 use crate::error::{Error, Result};
 
@@ -40,16 +43,20 @@ pub const MAX_CONTEXT: usize = 4096;
 
 /// What to do at load with weights whose CPU matrix-product kernel is slow.
 ///
-/// candle's CPU path for Q4_1 (and the other non-K 4/5-bit formats) is scalar, while Q8_0 and
-/// Q4_0 have SIMD dot products. Re-quantising costs a little accuracy for Q4_0 and a little
-/// memory for Q8_0.
+/// On a CPU with AVX-512 VNNI, nstream-kernels multiplies Q4_0, Q4_1 and Q8_0 weights as stored
+/// (the arithmetic of llama.cpp's CPU backend); elsewhere candle's kernels run, and its CPU path
+/// for Q4_1 (and the other non-K 4/5-bit formats) is scalar while Q8_0 and Q4_0 have SIMD dot
+/// products. Re-quantising costs a little accuracy for Q4_0 and a little memory for Q8_0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Requantize {
+    /// Keep what a fast kernel multiplies on this CPU; re-quantise the rest to Q8_0 (with
+    /// AVX-512 VNNI: only Q5_0 and Q5_1; without: Q4_1, Q5_0 and Q5_1, as [`Requantize::Q8_0`]).
+    #[default]
+    Auto,
     /// Keep every weight as stored in the file.
     Keep,
-    /// Re-quantise Q4_1, Q5_0 and Q5_1 weights to Q8_0 (the CPU default: fastest here, and
-    /// the most faithful since Q8_0 represents a 4/5-bit block almost exactly).
-    #[default]
+    /// Re-quantise Q4_1, Q5_0 and Q5_1 weights to Q8_0 (the most faithful re-quantisation: Q8_0
+    /// represents a 4/5-bit block almost exactly).
     Q8_0,
     /// Re-quantise Q4_1, Q5_0 and Q5_1 weights to Q4_0 (least memory).
     Q4_0,
@@ -60,7 +67,10 @@ impl Requantize {
         let slow = matches!(stored, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
         match self {
             Self::Keep => None,
-            Self::Q8_0 if slow => Some(GgmlDType::Q8_0),
+            Self::Auto if nstream_kernels::avx512_available() => {
+                matches!(stored, GgmlDType::Q5_0 | GgmlDType::Q5_1).then_some(GgmlDType::Q8_0)
+            }
+            Self::Auto | Self::Q8_0 if slow => Some(GgmlDType::Q8_0),
             Self::Q4_0 if slow => Some(GgmlDType::Q4_0),
             _ => None,
         }
@@ -228,16 +238,58 @@ impl LlamaConfig {
     }
 }
 
+/// A weight matrix as the matrix products use it.
+enum Weight {
+    /// candle's (quantised or dense) matrix product.
+    Candle(QMatMul),
+    /// Q4_0/Q4_1/Q8_0 weights on a CPU with AVX-512 VNNI: nstream-kernels' product, which reads
+    /// each weight once per step whatever the batch (candle's once per activation row).
+    Kernel(QuantMatmul),
+}
+
+impl Weight {
+    /// A quantised weight: nstream-kernels' product where it is faster than candle's (a CPU
+    /// with AVX-512 VNNI, a format it multiplies), candle's otherwise.
+    fn quantised(weight: QTensor) -> Result<Self> {
+        let format = match weight.dtype() {
+            GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            _ => None,
+        };
+        if let (Some(format), true, &[rows, cols]) =
+            (format, weight.device().is_cpu() && nstream_kernels::avx512_available(), weight.shape().dims())
+        {
+            // A matrix the kernel cannot hold (a scale out of its range) stays with candle.
+            if let Ok(matrix) = QuantMatrix::from_ggml(format, &weight.data()?, rows, cols) {
+                return Ok(Self::Kernel(QuantMatmul::new(matrix)));
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(weight)?))
+    }
+
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Candle(weight) => weight.forward(input)?,
+            Self::Kernel(weight) => input.contiguous()?.apply_op1_no_bwd(weight)?,
+        })
+    }
+}
+
 /// A projection: a (possibly quantised) weight and an optional bias (Qwen2's q/k/v, from GGUF or
 /// safetensors; Llama's `attention_bias`/`mlp_bias`).
 struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    fn new(weight: QMatMul) -> Self {
+    fn new(weight: Weight) -> Self {
         Self { weight, bias: None }
+    }
+
+    fn dense(weight: Tensor) -> Self {
+        Self::new(Weight::Candle(QMatMul::Tensor(weight)))
     }
 
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
@@ -318,7 +370,7 @@ impl Projections {
         let weights: Option<Vec<Tensor>> = parts
             .iter()
             .map(|part| match &part.weight {
-                QMatMul::Tensor(weight) => Some(weight.clone()),
+                Weight::Candle(QMatMul::Tensor(weight)) => Some(weight.clone()),
                 _ => None,
             })
             .collect();
@@ -328,7 +380,7 @@ impl Projections {
         }
         let widths: Vec<usize> = weights.iter().map(|weight| weight.dim(0)).collect::<candle_core::Result<_>>()?;
         let biases = parts.into_iter().map(|part| part.bias).collect();
-        let mut fused = Self::Fused { linear: Linear::new(QMatMul::Tensor(Tensor::cat(&weights, 0)?)), widths };
+        let mut fused = Self::Fused { linear: Linear::dense(Tensor::cat(&weights, 0)?), widths };
         fused.set_biases(biases)?;
         Ok(fused)
     }
@@ -351,7 +403,7 @@ pub struct LlamaModel {
     embeddings: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Weight,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -576,8 +628,8 @@ impl LlamaModel {
         } else {
             // Tied embeddings: the output head is the embedding matrix.
             match requantize.target(embeddings_q.dtype()) {
-                Some(target) => QMatMul::from_qtensor(QTensor::quantize(&embeddings, target)?)?,
-                None => QMatMul::from_qtensor(embeddings_q)?,
+                Some(target) => Weight::quantised(QTensor::quantize(&embeddings, target)?)?,
+                None => Weight::quantised(embeddings_q)?,
             }
         };
         let mut layers = Vec::with_capacity(config.layers);
@@ -637,7 +689,7 @@ impl LlamaModel {
         embeddings: Tensor,
         layers: Vec<Layer>,
         norm: Tensor,
-        output: QMatMul,
+        output: Weight,
         (cos, sin): (Tensor, Tensor),
         device: &Device,
         dtype: DType,
@@ -970,7 +1022,6 @@ fn cpu_decode_attention(
     config: &LlamaConfig,
     capacity: usize,
 ) -> Result<Tensor> {
-    use rayon::prelude::*;
     let (heads, kv_heads, head_dim) = (config.heads, config.kv_heads, config.head_dim);
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -993,43 +1044,18 @@ fn cpu_decode_attention(
     let key_data = &key_storage.as_slice::<f32>()?[key_layout.start_offset()..];
     let value_data = &value_storage.as_slice::<f32>()?[value_layout.start_offset()..];
     let mut output = vec![0f32; sequences.len() * heads * head_dim];
-    output.par_chunks_mut(head_dim).enumerate().for_each(|(index, out)| {
+    // On candle's threads, like the matrix products around it: a second pool would compete with
+    // their spinning workers for the cores.
+    nstream_kernels::for_each_row(&CandleThreads, &mut output, head_dim, &|index, out| {
         let (sequence, head) = (index / heads, index % heads);
         let (row, slot, length) = sequences[sequence];
         let query = &query_data[(row * heads + head) * head_dim..][..head_dim];
         let base = (slot * kv_heads + head / group) * capacity * head_dim;
         let keys = &key_data[base..base + length * head_dim];
         let values = &value_data[base..base + length * head_dim];
-        let mut scores: Vec<f32> = keys.chunks_exact(head_dim).map(|key| dot(query, key) * scale).collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for score in scores.iter_mut() {
-            *score = (*score - max).exp();
-            sum += *score;
-        }
-        for (weight, value) in scores.iter().zip(values.chunks_exact(head_dim)) {
-            let weight = weight / sum;
-            for (out, value) in out.iter_mut().zip(value) {
-                *out += weight * value;
-            }
-        }
+        nstream_kernels::attend(query, keys, values, scale, out);
     });
     Ok(Tensor::from_vec(output, (sequences.len(), heads * head_dim), &Device::Cpu)?)
-}
-
-/// A dot product in eight independent lanes (so the compiler vectorises it), summed in a fixed
-/// order: the same inputs give the same bits every time.
-fn dot(left: &[f32], right: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut left_chunks = left.chunks_exact(8);
-    let mut right_chunks = right.chunks_exact(8);
-    for (a, b) in (&mut left_chunks).zip(&mut right_chunks) {
-        for lane in 0..8 {
-            lanes[lane] += a[lane] * b[lane];
-        }
-    }
-    let tail: f32 = left_chunks.remainder().iter().zip(right_chunks.remainder()).map(|(a, b)| a * b).sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// The Hugging Face `model_type`s whose checkpoints have the Llama layout served here.
@@ -1248,7 +1274,7 @@ impl SafetensorsWeights {
     fn linear(&mut self, prefix: &str, out: usize, input: usize) -> Result<Linear> {
         let weight = self.take(&format!("{prefix}.weight"), &[out, input])?;
         let bias = self.take_optional(&format!("{prefix}.bias"), &[out])?;
-        Ok(Linear { weight: QMatMul::Tensor(weight), bias })
+        Ok(Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias })
     }
 }
 
@@ -1281,9 +1307,9 @@ impl LlamaModel {
         let embeddings = weights.take(&format!("{prefix}embed_tokens.weight"), &[config.vocab_size, hidden])?;
         let norm = weights.take(&format!("{prefix}norm.weight"), &[hidden])?;
         let output = match weights.take_optional("lm_head.weight", &[config.vocab_size, hidden])? {
-            Some(head) => QMatMul::Tensor(head),
+            Some(head) => Weight::Candle(QMatMul::Tensor(head)),
             // Tied embeddings (`tie_word_embeddings`): the checkpoint stores no head.
-            None => QMatMul::Tensor(embeddings.clone()),
+            None => Weight::Candle(QMatMul::Tensor(embeddings.clone())),
         };
         let intermediate = weights
             .tensors
@@ -1356,7 +1382,7 @@ fn load_matmul<R: Read + Seek>(
         Some(target) => QTensor::quantize(&weight.dequantize(device)?, target)?,
         None => weight,
     };
-    Ok(Linear::new(QMatMul::from_qtensor(weight)?))
+    Ok(Linear::new(Weight::quantised(weight)?))
 }
 
 /// The format a weight is re-quantised to at load, if any (only whole blocks per row).
@@ -1387,7 +1413,7 @@ fn load_projections<R: Read + Seek>(
         let dense =
             weights.iter().map(|weight| weight.dequantize(device)).collect::<candle_core::Result<Vec<Tensor>>>()?;
         let fused = QTensor::quantize(&Tensor::cat(&dense, 0)?, *target)?;
-        return Ok(Projections::Fused { linear: Linear::new(QMatMul::from_qtensor(fused)?), widths });
+        return Ok(Projections::Fused { linear: Linear::new(Weight::quantised(fused)?), widths });
     }
     weights
         .into_iter()
@@ -1397,7 +1423,7 @@ fn load_projections<R: Read + Seek>(
                 Some(target) => QTensor::quantize(&weight.dequantize(device)?, target)?,
                 None => weight,
             };
-            Ok(Linear::new(QMatMul::from_qtensor(weight)?))
+            Ok(Linear::new(Weight::quantised(weight)?))
         })
         .collect::<Result<Vec<Linear>>>()
         .map(Projections::Separate)
@@ -1471,6 +1497,10 @@ mod tests {
         assert_eq!(Requantize::Q8_0.target(GgmlDType::F32), None);
         assert_eq!(Requantize::Keep.target(GgmlDType::Q4_1), None);
         assert_eq!(Requantize::Q4_0.target(GgmlDType::Q5_0), Some(GgmlDType::Q4_0));
+        assert_eq!(Requantize::Auto.target(GgmlDType::Q5_1), Some(GgmlDType::Q8_0));
+        assert_eq!(Requantize::Auto.target(GgmlDType::Q4K), None);
+        let kernels = nstream_kernels::avx512_available();
+        assert_eq!(Requantize::Auto.target(GgmlDType::Q4_1), (!kernels).then_some(GgmlDType::Q8_0));
     }
 
     #[test]
@@ -1480,7 +1510,7 @@ mod tests {
             let values: Vec<f32> = (0..rows * 4).map(|index| (index as f32 * 0.37 + seed).sin()).collect();
             Tensor::from_vec(values, (rows, 4), &device).unwrap()
         };
-        let parts = || vec![Linear::new(QMatMul::Tensor(weight(3, 0.1))), Linear::new(QMatMul::Tensor(weight(2, 0.7)))];
+        let parts = || vec![Linear::dense(weight(3, 0.1)), Linear::dense(weight(2, 0.7))];
         let biases = || vec![Some(Tensor::new(&[1f32, 2., 3.], &device).unwrap()), None];
         let mut separate = Projections::Separate(parts());
         separate.set_biases(biases()).unwrap();

@@ -183,14 +183,21 @@ fn assert_agreement(requantize: Requantize, min_identical: f64, min_teacher_forc
     }
 }
 
+/// With AVX-512 VNNI, nstream-kernels multiplies the blocks as llama.cpp's CPU backend does
+/// (measured 2026-11-26: 224/384 identical for stored weights, 178/384 for Q8_0); candle's
+/// kernels elsewhere (measured: 161/384 and 102/384).
+fn kernels() -> bool {
+    nstream_kernels::avx512_available()
+}
+
 #[test]
 fn stored_weights_follow_llama_cpp() {
-    assert_agreement(Requantize::Keep, 0.30, 0.93, 1.25);
+    assert_agreement(Requantize::Keep, if kernels() { 0.50 } else { 0.30 }, 0.93, 1.25);
 }
 
 #[test]
 fn q8_0_requantised_weights_follow_llama_cpp() {
-    assert_agreement(Requantize::Q8_0, 0.18, 0.90, 1.25);
+    assert_agreement(Requantize::Q8_0, if kernels() { 0.38 } else { 0.18 }, 0.90, 1.25);
 }
 
 #[test]

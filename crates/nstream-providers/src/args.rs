@@ -31,9 +31,12 @@ pub enum DtypeArg {
 /// What a BaseModel's GGUF weights become at load on the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RequantizeArg {
+    /// Keep what a fast kernel multiplies on this CPU (with AVX-512 VNNI: Q4_0, Q4_1, Q8_0),
+    /// re-quantise the rest of Q4_1/Q5_0/Q5_1 to Q8_0.
+    Auto,
     /// Keep every weight as stored.
     Keep,
-    /// Q4_1/Q5_0/Q5_1 weights become Q8_0 (fastest on CPU: those formats have no SIMD kernels).
+    /// Q4_1/Q5_0/Q5_1 weights become Q8_0.
     Q8_0,
     /// Q4_1/Q5_0/Q5_1 weights become Q4_0 (least memory).
     Q4_0,
@@ -91,7 +94,7 @@ pub struct ServeArgs {
     #[arg(long, env = "NSTREAM_CONTEXT_LENGTH", value_parser = clap::value_parser!(u32).range(16..))]
     pub context_length: Option<u32>,
     /// BaseModels: re-quantisation of slow GGUF formats at load (CPU only).
-    #[arg(long, env = "NSTREAM_REQUANTIZE", value_enum, default_value_t = RequantizeArg::Q8_0)]
+    #[arg(long, env = "NSTREAM_REQUANTIZE", value_enum, default_value_t = RequantizeArg::Auto)]
     pub requantize: RequantizeArg,
 }
 
@@ -122,6 +125,7 @@ impl ServeArgs {
                 DeviceArg::Cuda => nstream_llm::DeviceSpec::Cuda(0),
             },
             requantize: match self.requantize {
+                RequantizeArg::Auto => Requantize::Auto,
                 RequantizeArg::Keep => Requantize::Keep,
                 RequantizeArg::Q8_0 => Requantize::Q8_0,
                 RequantizeArg::Q4_0 => Requantize::Q4_0,

@@ -1,0 +1,471 @@
+//! Quantised matrix products on the CPU, for the decode and prefill steps of causal LMs.
+//!
+//! A [`QuantMatrix`] holds a weight matrix in one of ggml's block formats (Q4_0, Q4_1, Q8_0: 32
+//! weights per block, one f16 scale, Q4_1 one f16 offset too), repacked at load for the kernel;
+//! [`QuantMatrix::matmul`] multiplies a batch of f32 activation rows by it. Activations are
+//! quantised per 32-block to 8 bits (ggml's Q8_1: a scale and the sum of the codes), exactly as
+//! llama.cpp does for these formats, so the arithmetic is the same as its CPU backend.
+//!
+//! Every block format becomes the same sum per block: `d_w·d_a·Σ u·q + c·d_a·Σ q`, where `u` are
+//! the weight codes as unsigned bytes (Q4: the nibbles 0..15; Q8_0: the signed codes + 128), `q`
+//! the activation's signed codes and `c` the weight block's offset (Q4_0: −8·d, Q4_1: its `m`,
+//! Q8_0: −128·d). Unsigned × signed bytes is what AVX-512 VNNI's `vpdpbusd` multiplies, 64 pairs
+//! per instruction.
+//!
+//! The kernel (x86-64 with AVX-512 F/BW/VNNI and F16C, detected at run time) keeps one pair of
+//! weight blocks in a register while it is multiplied with every activation row of the batch, so
+//! a decode step with 16 sequences reads each weight once, not 16 times. Elsewhere a portable
+//! implementation with the same arithmetic runs ([`QuantMatrix::accelerated`] says which);
+//! callers with a faster path of their own may prefer it there.
+//!
+//! This is the workspace's one crate where `unsafe` is allowed (denied by default, allowed in
+//! the SIMD module only): calling a `#[target_feature]` function after checking the CPU has the
+//! features, and loading SIMD registers from array references.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
+
+use half::f16;
+
+mod attention;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+pub use attention::attend;
+
+/// Weights per block in every supported format.
+pub const BLOCK: usize = 32;
+/// Two blocks: the unit the kernel works on (one 512-bit register of codes).
+const PAIR: usize = 2 * BLOCK;
+/// Activation rows multiplied with one weight pair while it is in a register.
+const ROW_TILE: usize = 8;
+/// Lanes of one 512-bit register of f32.
+const LANES: usize = 16;
+
+/// A ggml block format this crate multiplies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// `d: f16, qs: [u8; 16]`: value = d·(nibble − 8).
+    Q4_0,
+    /// `d: f16, m: f16, qs: [u8; 16]`: value = d·nibble + m.
+    Q4_1,
+    /// `d: f16, qs: [i8; 32]`: value = d·q.
+    Q8_0,
+}
+
+impl BlockFormat {
+    /// Bytes of one block of 32 weights in the ggml layout.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+}
+
+/// Why a matrix could not be built or multiplied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelError {
+    /// The row length is not a whole number of blocks.
+    ColumnsNotBlocks {
+        /// The row length given.
+        cols: usize,
+    },
+    /// The ggml data is not `rows × cols / 32` blocks.
+    DataLength {
+        /// Bytes expected.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+    },
+    /// A block's offset does not fit an f16 (a Q8_0 scale above 511 or a Q4_0 scale above 8187).
+    ScaleOutOfRange,
+    /// The activations or the output do not have the matrix's shape.
+    Shape {
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ColumnsNotBlocks { cols } => {
+                write!(formatter, "a row of {cols} weights is not a whole number of {BLOCK}-weight blocks")
+            }
+            Self::DataLength { expected, actual } => {
+                write!(formatter, "expected {expected} bytes of quantised blocks, got {actual}")
+            }
+            Self::ScaleOutOfRange => write!(formatter, "a block scale is too large for the kernel's f16 offsets"),
+            Self::Shape { message } => write!(formatter, "{message}"),
+        }
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+/// Runs work items `0..items` on a thread pool: `work` is called with disjoint ranges covering
+/// them all, possibly concurrently, and `run` returns when every item is done.
+pub trait Parallel: Sync {
+    /// Runs `work` over `0..items`.
+    fn run(&self, items: usize, work: &(dyn Fn(Range<usize>) + Sync));
+}
+
+/// Every item on the calling thread.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sequential;
+
+impl Parallel for Sequential {
+    fn run(&self, items: usize, work: &(dyn Fn(Range<usize>) + Sync)) {
+        if items > 0 {
+            work(0..items);
+        }
+    }
+}
+
+/// Calls `work(index, row)` for every row of `row_len` values of `output`, spread over
+/// `parallel` in contiguous groups of rows.
+pub fn for_each_row(
+    parallel: &dyn Parallel,
+    output: &mut [f32],
+    row_len: usize,
+    work: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    if row_len == 0 || output.is_empty() {
+        return;
+    }
+    let rows = output.len().div_ceil(row_len);
+    let group = rows.div_ceil(rows.min(32));
+    let groups: Vec<CacheLine<Mutex<&mut [f32]>>> =
+        output.chunks_mut(group * row_len).map(|rows| CacheLine(Mutex::new(rows))).collect();
+    parallel.run(groups.len(), &|range| {
+        for index in range {
+            let mut rows = groups[index].0.lock().unwrap_or_else(PoisonError::into_inner);
+            for (offset, row) in rows.chunks_mut(row_len).enumerate() {
+                work(index * group + offset, row);
+            }
+        }
+    });
+}
+
+/// A value alone on its cache lines, so that threads taking neighbouring work items do not
+/// bounce one line between their cores.
+#[repr(align(128))]
+struct CacheLine<T>(T);
+
+/// How a matrix's codes are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Packing {
+    /// Q4: 32 bytes per pair of blocks, `[block 0's 16 bytes, block 1's 16 bytes]` as in ggml:
+    /// the low nibbles are weights 0..16 of each block, the high nibbles 16..32.
+    Nibbles,
+    /// Q8: 64 bytes per pair, in the order of [`pair_position`].
+    Bytes,
+}
+
+/// Where weight `index` (0..32) of block `half` (0 or 1) of a pair sits among the pair's 64
+/// codes: `[block 0: 0..16, block 1: 0..16, block 0: 16..32, block 1: 16..32]`, the order in
+/// which unpacking Q4 nibbles yields them. Activations and Q8 weights are stored in it too.
+fn pair_position(half: usize, index: usize) -> usize {
+    if index < 16 { half * 16 + index } else { 32 + half * 16 + index - 16 }
+}
+
+/// A weight matrix of `rows × cols` (output features × input features) repacked for the kernel.
+pub struct QuantMatrix {
+    rows: usize,
+    cols: usize,
+    /// Block pairs per row (an odd last block is padded with a zero block).
+    pairs: usize,
+    packing: Packing,
+    /// `rows × pairs` pairs of codes (32 or 64 bytes each).
+    codes: Vec<u8>,
+    /// f16 bits of each block's scale, `rows × 2·pairs`.
+    scales: Vec<u16>,
+    /// f16 bits of each block's offset `c`, `rows × offset_stride` (zero padded).
+    offsets: Vec<u16>,
+    /// Offsets per row: blocks rounded up to whole registers of 16.
+    offset_stride: usize,
+    /// Whether the AVX-512 kernel runs on this CPU.
+    accelerated: bool,
+}
+
+impl fmt::Debug for QuantMatrix {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("QuantMatrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("packing", &self.packing)
+            .field("accelerated", &self.accelerated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuantMatrix {
+    /// Repacks `rows × cols` weights stored as ggml blocks of `format` (row-major, `cols / 32`
+    /// blocks per row).
+    pub fn from_ggml(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(KernelError::ColumnsNotBlocks { cols });
+        }
+        let blocks = cols / BLOCK;
+        let expected = rows * blocks * format.block_bytes();
+        if data.len() != expected {
+            return Err(KernelError::DataLength { expected, actual: data.len() });
+        }
+        let pairs = blocks.div_ceil(2);
+        let offset_stride = (2 * pairs).div_ceil(LANES) * LANES;
+        let packing = if format == BlockFormat::Q8_0 { Packing::Bytes } else { Packing::Nibbles };
+        let pair_bytes = match packing {
+            Packing::Nibbles => PAIR / 2,
+            Packing::Bytes => PAIR,
+        };
+        let mut codes = vec![0u8; rows * pairs * pair_bytes];
+        let mut scales = vec![0u16; rows * 2 * pairs];
+        let mut offsets = vec![0u16; rows * offset_stride];
+        for (index, block) in data.chunks_exact(format.block_bytes()).enumerate() {
+            let (row, column_block) = (index / blocks, index % blocks);
+            let (pair, half) = (column_block / 2, column_block % 2);
+            let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]]));
+            let (offset, quants) = match format {
+                BlockFormat::Q4_0 => (f16::from_f32(-8.0 * scale.to_f32()), &block[2..]),
+                BlockFormat::Q4_1 => (f16::from_bits(u16::from_le_bytes([block[2], block[3]])), &block[4..]),
+                BlockFormat::Q8_0 => (f16::from_f32(-128.0 * scale.to_f32()), &block[2..]),
+            };
+            if offset.is_infinite() {
+                return Err(KernelError::ScaleOutOfRange);
+            }
+            scales[row * 2 * pairs + column_block] = scale.to_bits();
+            offsets[row * offset_stride + column_block] = offset.to_bits();
+            let start = (row * pairs + pair) * pair_bytes;
+            let pair_codes = &mut codes[start..start + pair_bytes];
+            match packing {
+                Packing::Nibbles => pair_codes[half * 16..half * 16 + 16].copy_from_slice(quants),
+                Packing::Bytes => {
+                    for (index, &quant) in quants.iter().enumerate() {
+                        // Signed code q becomes the unsigned q + 128.
+                        pair_codes[pair_position(half, index)] = (quant as i8 as i16 + 128) as u8;
+                    }
+                }
+            }
+        }
+        Ok(Self { rows, cols, pairs, packing, codes, scales, offsets, offset_stride, accelerated: avx512_available() })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Whether the AVX-512 VNNI kernel runs on this CPU (otherwise the portable one does).
+    pub fn accelerated(&self) -> bool {
+        self.accelerated
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        self.codes.len() + 2 * (self.scales.len() + self.offsets.len())
+    }
+
+    /// `output = input · selfᵀ` for `batch` rows: `input` is `batch × cols` row-major, `output`
+    /// `batch × rows`. Column ranges of the output are spread over `parallel`.
+    pub fn matmul(
+        &self,
+        input: &[f32],
+        batch: usize,
+        output: &mut [f32],
+        parallel: &dyn Parallel,
+    ) -> Result<(), KernelError> {
+        if input.len() != batch * self.cols {
+            return Err(KernelError::Shape {
+                message: format!("expected {batch} × {} input values, got {}", self.cols, input.len()),
+            });
+        }
+        if output.len() != batch * self.rows {
+            return Err(KernelError::Shape {
+                message: format!("expected {batch} × {} output values, got {}", self.rows, output.len()),
+            });
+        }
+        if batch == 0 || self.rows == 0 {
+            return Ok(());
+        }
+        let activations = Activations::quantize(input, batch, self);
+        // Work items of about 2,048 pair products (a few microseconds), 4 to 64 of them.
+        let items = (self.rows * self.pairs * batch / 2048).clamp(4, 64);
+        let width = self.rows.div_ceil(items).next_multiple_of(4);
+        let chunks = self.rows.div_ceil(width);
+        // Each work item owns one column range of every output row.
+        let mut parts: Vec<Vec<&mut [f32]>> = (0..chunks).map(|_| Vec::with_capacity(batch)).collect();
+        for output_row in output.chunks_mut(self.rows) {
+            for (chunk, part) in output_row.chunks_mut(width).enumerate() {
+                parts[chunk].push(part);
+            }
+        }
+        let parts: Vec<CacheLine<Mutex<Vec<&mut [f32]>>>> =
+            parts.into_iter().map(|part| CacheLine(Mutex::new(part))).collect();
+        parallel.run(chunks, &|range| {
+            for chunk in range {
+                let mut rows = parts[chunk].0.lock().unwrap_or_else(PoisonError::into_inner);
+                self.multiply_columns(&activations, chunk * width, &mut rows);
+            }
+        });
+        Ok(())
+    }
+
+    /// Output columns `first..first + output[0].len()` of every activation row.
+    fn multiply_columns(&self, activations: &Activations, first: usize, output: &mut [&mut [f32]]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.accelerated {
+            avx512::multiply_columns(self, activations, first, output);
+            return;
+        }
+        self.multiply_columns_portable(activations, first, output);
+    }
+
+    /// The kernel's arithmetic without SIMD (per block: the integer dot product, then the scales).
+    fn multiply_columns_portable(&self, activations: &Activations, first: usize, output: &mut [&mut [f32]]) {
+        for (row, output_row) in output.iter_mut().enumerate() {
+            for (offset, value) in output_row.iter_mut().enumerate() {
+                let column = first + offset;
+                let mut sum = 0f32;
+                for pair in 0..self.pairs {
+                    let weights = self.pair_codes(column, pair);
+                    let codes = activations.pair_codes(row, pair);
+                    for half in 0..2 {
+                        let block = 2 * pair + half;
+                        let dot: i32 = (0..BLOCK)
+                            .map(|index| {
+                                let position = pair_position(half, index);
+                                weights[position] as i32 * codes[position] as i8 as i32
+                            })
+                            .sum();
+                        let weight_scale = f16::from_bits(self.scales[column * 2 * self.pairs + block]).to_f32();
+                        let offset = f16::from_bits(self.offsets[column * self.offset_stride + block]).to_f32();
+                        sum += weight_scale * activations.block_scale(row, block) * dot as f32
+                            + offset * activations.sums[row * self.offset_stride + block];
+                    }
+                }
+                *value = sum;
+            }
+        }
+    }
+
+    /// The 64 unsigned codes of pair `pair` of row `row`, in [`pair_position`] order.
+    fn pair_codes(&self, row: usize, pair: usize) -> [u8; PAIR] {
+        let mut codes = [0u8; PAIR];
+        match self.packing {
+            Packing::Bytes => {
+                let start = (row * self.pairs + pair) * PAIR;
+                codes.copy_from_slice(&self.codes[start..start + PAIR]);
+            }
+            Packing::Nibbles => {
+                let start = (row * self.pairs + pair) * PAIR / 2;
+                for (index, &byte) in self.codes[start..start + PAIR / 2].iter().enumerate() {
+                    codes[index] = byte & 0x0F;
+                    codes[index + PAIR / 2] = byte >> 4;
+                }
+            }
+        }
+        codes
+    }
+}
+
+/// A batch of activation rows quantised per 32-block (ggml's Q8_1), laid out for the kernel.
+struct Activations {
+    pairs: usize,
+    /// `rows × pairs × 64` signed codes (as bytes), in [`pair_position`] order.
+    codes: Vec<u8>,
+    /// `rows × pairs × 16` lane scales: the scale of the block each 4-byte lane of a pair's codes
+    /// belongs to (lanes 0-3 and 8-11: block 0; 4-7 and 12-15: block 1).
+    lane_scales: Vec<f32>,
+    /// `rows × offset_stride`: each block's scale × the sum of its codes (zero padded).
+    sums: Vec<f32>,
+}
+
+impl Activations {
+    fn quantize(input: &[f32], batch: usize, matrix: &QuantMatrix) -> Self {
+        let pairs = matrix.pairs;
+        let mut codes = vec![0u8; batch * pairs * PAIR];
+        let mut lane_scales = vec![0f32; batch * pairs * LANES];
+        let mut sums = vec![0f32; batch * matrix.offset_stride];
+        for (row, values) in input.chunks_exact(matrix.cols).enumerate() {
+            let (blocks, _) = values.as_chunks::<BLOCK>();
+            for (block, block_values) in blocks.iter().enumerate() {
+                let (pair, half) = (block / 2, block % 2);
+                let pair_codes = &mut codes[(row * pairs + pair) * PAIR..][..PAIR];
+                let (low, high) = pair_codes.split_at_mut(PAIR / 2);
+                let (Some(low), Some(high)) =
+                    (low[half * 16..].first_chunk_mut::<16>(), high[half * 16..].first_chunk_mut::<16>())
+                else {
+                    unreachable!("a pair holds two halves of 16 codes per block")
+                };
+                let (scale, total) = quantize_block(matrix, block_values, low, high);
+                let lanes = &mut lane_scales[(row * pairs + pair) * LANES..][..LANES];
+                for quarter in [0, 8] {
+                    lanes[quarter + half * 4..quarter + half * 4 + 4].fill(scale);
+                }
+                sums[row * matrix.offset_stride + block] = scale * total as f32;
+            }
+        }
+        Self { pairs, codes, lane_scales, sums }
+    }
+
+    fn pair_codes(&self, row: usize, pair: usize) -> &[u8] {
+        &self.codes[(row * self.pairs + pair) * PAIR..][..PAIR]
+    }
+
+    fn block_scale(&self, row: usize, block: usize) -> f32 {
+        let (pair, half) = (block / 2, block % 2);
+        self.lane_scales[(row * self.pairs + pair) * LANES + half * 4]
+    }
+}
+
+/// Quantises one block of 32 activations to signed 8-bit codes, rounding to nearest with ties
+/// to even (llama.cpp's SIMD rounding): weights 0..16 into `low`, 16..32 into `high`; returns the
+/// scale and the sum of the codes.
+fn quantize_block(matrix: &QuantMatrix, values: &[f32; BLOCK], low: &mut [u8; 16], high: &mut [u8; 16]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if matrix.accelerated {
+        return avx512::quantize_for(matrix, values, low, high);
+    }
+    let largest = values.iter().fold(0f32, |largest, value| largest.max(value.abs()));
+    let scale = largest / 127.0;
+    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut total = 0i32;
+    for (index, value) in values.iter().enumerate() {
+        let code = (value * inverse).round_ties_even() as i8;
+        total += code as i32;
+        if index < 16 {
+            low[index] = code as u8;
+        } else {
+            high[index - 16] = code as u8;
+        }
+    }
+    (scale, total)
+}
+
+/// Whether this CPU runs the AVX-512 VNNI kernel.
+pub fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests;
