@@ -1,43 +1,61 @@
 //! Decode attention of one query head over its cached keys and values.
 
-/// `output = softmax(query · keysᵀ · scale) · values` for one head: `keys` and `values` hold
-/// the cached rows of `query.len()` values each, `output` is `query.len()` long and is
-/// overwritten. The sums run in a fixed order whatever else runs, so the same inputs give the
-/// same bits (seeded sampling reproduces under any load).
-pub fn attend(query: &[f32], keys: &[f32], values: &[f32], scale: f32, output: &mut [f32]) {
+/// Decode attention of the query heads that share one key/value head (grouped-query attention):
+/// for each query `q` of `head_dim` values in `queries`, `softmax(q · keysᵀ · scale) · values`
+/// into the same place of `output` (as long as `queries`, overwritten). `keys` and `values` hold
+/// the cached rows, `head_dim` values each; each row is read once for the whole group. Every
+/// query's sums run in a fixed order whatever else runs or is in the group, so the same inputs
+/// give the same bits (seeded sampling reproduces under any load).
+pub fn attend(queries: &[f32], keys: &[f32], values: &[f32], head_dim: usize, scale: f32, output: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::avx512_available() {
-        crate::avx512::attend(query, keys, values, scale, output);
+        crate::avx512::attend(queries, keys, values, head_dim, scale, output);
         return;
     }
-    attend_portable(query, keys, values, scale, output);
+    attend_portable(queries, keys, values, head_dim, scale, output);
 }
 
-/// [`attend`]'s body: plain loops that the compiler vectorises for whichever target features
-/// the function it is inlined into is compiled with.
+/// [`attend`]'s body: plain loops (not iterator adaptors, which may not be inlined and then do
+/// not get the target features of the function this body is compiled into) that the compiler
+/// vectorises for whichever features that function has.
 #[inline(always)]
-pub(crate) fn attend_portable(query: &[f32], keys: &[f32], values: &[f32], scale: f32, output: &mut [f32]) {
-    let head_dim = query.len();
+pub(crate) fn attend_portable(
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    scale: f32,
+    output: &mut [f32],
+) {
     output.fill(0.0);
     if head_dim == 0 {
         return;
     }
-    // Plain loops rather than iterator adaptors: those may not be inlined, and then do not get
-    // the target features of the function this body is compiled into.
-    let mut scores = vec![0f32; keys.len() / head_dim];
-    for (score, key) in scores.iter_mut().zip(keys.chunks_exact(head_dim)) {
-        *score = dot(query, key) * scale;
+    let group = queries.len() / head_dim;
+    let length = keys.len() / head_dim;
+    let mut scores = vec![0f32; group * length];
+    for (position, key) in keys.chunks_exact(head_dim).enumerate() {
+        for (query_index, query) in queries.chunks_exact(head_dim).enumerate() {
+            scores[query_index * length + position] = dot(query, key) * scale;
+        }
     }
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for score in scores.iter_mut() {
-        *score = (*score - max).exp();
-        sum += *score;
+    let mut sums = vec![0f32; group];
+    for (query_scores, sum) in scores.chunks_exact_mut(length.max(1)).zip(sums.iter_mut()) {
+        let mut max = f32::NEG_INFINITY;
+        for &score in query_scores.iter() {
+            max = max.max(score);
+        }
+        for score in query_scores.iter_mut() {
+            *score = (*score - max).exp();
+            *sum += *score;
+        }
     }
-    for (weight, value) in scores.iter().zip(values.chunks_exact(head_dim)) {
-        let weight = weight / sum;
-        for (out, value) in output.iter_mut().zip(value) {
-            *out += weight * value;
+    for (position, value) in values.chunks_exact(head_dim).enumerate() {
+        for (query_index, out) in output.chunks_exact_mut(head_dim).enumerate() {
+            let weight = scores[query_index * length + position] / sums[query_index];
+            for (out, value) in out.iter_mut().zip(value) {
+                *out += weight * value;
+            }
         }
     }
 }
@@ -82,37 +100,42 @@ mod tests {
         let weights: Vec<f64> = scores.iter().map(|score| (score - max).exp()).collect();
         let total: f64 = weights.iter().sum();
         let mut output = [f32::NAN; 4];
-        attend(&query, &keys, &values, scale, &mut output);
+        attend(&query, &keys, &values, 4, scale, &mut output);
         for (index, out) in output.iter().enumerate() {
             let expected: f64 =
                 weights.iter().zip(values.chunks(4)).map(|(weight, value)| weight / total * value[index] as f64).sum();
             assert!((*out as f64 - expected).abs() < 1e-6, "{index}: {out} vs {expected}");
         }
         let mut portable = [f32::NAN; 4];
-        attend_portable(&query, &keys, &values, scale, &mut portable);
+        attend_portable(&query, &keys, &values, 4, scale, &mut portable);
         for (a, b) in output.iter().zip(&portable) {
             assert!((a - b).abs() < 1e-6);
         }
         // Same inputs, same bits.
         let mut again = [0.0; 4];
-        attend(&query, &keys, &values, scale, &mut again);
+        attend(&query, &keys, &values, 4, scale, &mut again);
         assert_eq!(output, again);
     }
 
     #[test]
-    fn a_long_head_matches_the_portable_loops() {
+    fn a_group_of_heads_gives_each_head_what_it_gets_alone() {
         let mut rng = fastrand::Rng::with_seed(3);
-        let head_dim = 64;
-        let length = 301;
-        let query: Vec<f32> = (0..head_dim).map(|_| rng.f32() - 0.5).collect();
+        let (head_dim, length, group) = (64, 301, 3);
+        let queries: Vec<f32> = (0..group * head_dim).map(|_| rng.f32() - 0.5).collect();
         let keys: Vec<f32> = (0..head_dim * length).map(|_| rng.f32() - 0.5).collect();
         let values: Vec<f32> = (0..head_dim * length).map(|_| rng.f32() - 0.5).collect();
-        let mut output = vec![0.0; head_dim];
-        let mut portable = vec![0.0; head_dim];
-        attend(&query, &keys, &values, 0.125, &mut output);
-        attend_portable(&query, &keys, &values, 0.125, &mut portable);
-        for (a, b) in output.iter().zip(&portable) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let mut together = vec![0.0; group * head_dim];
+        attend(&queries, &keys, &values, head_dim, 0.125, &mut together);
+        let mut portable = vec![0.0; group * head_dim];
+        attend_portable(&queries, &keys, &values, head_dim, 0.125, &mut portable);
+        for (head, query) in queries.chunks(head_dim).enumerate() {
+            let mut alone = vec![0.0; head_dim];
+            attend(query, &keys, &values, head_dim, 0.125, &mut alone);
+            // Bit for bit: a head's numbers do not depend on the rest of its group.
+            assert_eq!(&together[head * head_dim..][..head_dim], &alone[..]);
+            for (a, b) in alone.iter().zip(&portable[head * head_dim..][..head_dim]) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
         }
     }
 }

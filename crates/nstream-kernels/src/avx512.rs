@@ -208,15 +208,15 @@ pub(super) fn quantize_for(
 }
 
 /// [`crate::attention::attend`] compiled for AVX-512 (its loops vectorised 16 lanes wide).
-pub(super) fn attend(query: &[f32], keys: &[f32], values: &[f32], scale: f32, output: &mut [f32]) {
+pub(super) fn attend(queries: &[f32], keys: &[f32], values: &[f32], head_dim: usize, scale: f32, output: &mut [f32]) {
     assert!(crate::avx512_available(), "the AVX-512 kernels run only where the CPU has the features");
     // SAFETY: checked just above.
-    unsafe { attend_avx512(query, keys, values, scale, output) }
+    unsafe { attend_avx512(queries, keys, values, head_dim, scale, output) }
 }
 
 #[target_feature(enable = "avx512f,fma")]
-fn attend_avx512(query: &[f32], keys: &[f32], values: &[f32], scale: f32, output: &mut [f32]) {
-    crate::attention::attend_portable(query, keys, values, scale, output);
+fn attend_avx512(queries: &[f32], keys: &[f32], values: &[f32], head_dim: usize, scale: f32, output: &mut [f32]) {
+    crate::attention::attend_portable(queries, keys, values, head_dim, scale, output);
 }
 
 #[target_feature(enable = "avx512f")]

@@ -1,7 +1,8 @@
 //! The CPU glue of the model: nstream-kernels' quantised product as a candle op, run on
-//! candle's own thread pool.
+//! candle's own thread pool, and fused ops for the decode step's small tensors (each candle op
+//! allocates and dispatches; a 135M model's step is hundreds of them).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use nstream_kernels::{Parallel, QuantMatrix};
 
 /// nstream-kernels' quantised product as a candle op (CPU, f32 activations `(.., cols)`).
@@ -49,4 +50,127 @@ impl Parallel for CandleThreads {
     fn run(&self, items: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
         candle_core::utils::barrier_pool().execute_chunked(items, work);
     }
+}
+
+/// The step's fused q/k/v product `(rows, q + k + v)` split into three contiguous tensors, with
+/// RoPE applied to q and k on the way (one pass instead of three copies and two RoPE ops).
+/// Numerically the same as candle's `rope_i` (interleaved pairs) or `rope` (halves, `neox`).
+pub(crate) struct SplitRope {
+    /// Columns of q, k and v.
+    pub widths: [usize; 3],
+    pub head_dim: usize,
+    pub neox: bool,
+}
+
+impl SplitRope {
+    /// `(queries (rows, q), keys (rows, k), values (rows, v))`; `cos`/`sin` are `(rows, head_dim / 2)`.
+    pub(crate) fn apply(&self, qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<[Tensor; 3]> {
+        let rows = qkv.dim(0)?;
+        let flat = qkv.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, self)?;
+        let mut start = 0;
+        let parts = self.widths.map(|width| {
+            let part = flat.narrow(0, start, rows * width).and_then(|part| part.reshape((rows, width)));
+            start += rows * width;
+            part
+        });
+        let [queries, keys, values] = parts;
+        Ok([queries?, keys?, values?])
+    }
+}
+
+impl CustomOp3 for SplitRope {
+    fn name(&self) -> &'static str {
+        "nstream-split-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &CpuStorage,
+        qkv_layout: &Layout,
+        cos: &CpuStorage,
+        cos_layout: &Layout,
+        sin: &CpuStorage,
+        sin_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (Some(qkv), Some(cos), Some(sin)) =
+            (f32_slice(qkv, qkv_layout), f32_slice(cos, cos_layout), f32_slice(sin, sin_layout))
+        else {
+            candle_core::bail!("{}: expected contiguous f32 tensors", self.name())
+        };
+        let total: usize = self.widths.iter().sum();
+        let (head_dim, half) = (self.head_dim, self.head_dim / 2);
+        let rows = qkv.len() / total.max(1);
+        if total == 0 || head_dim == 0 || cos.len() != rows * half || sin.len() != rows * half {
+            candle_core::bail!("{}: shapes do not match ({rows} rows of {total}, head_dim {head_dim})", self.name())
+        }
+        // The output is a sequence of head vectors: q's (rows × q heads), then k's, then v's.
+        let heads = self.widths.map(|width| width / head_dim);
+        let mut output = vec![0f32; qkv.len()];
+        let rotate = |index: usize, out: &mut [f32]| {
+            let (mut part, mut index) = (0, index);
+            while part < 2 && index >= rows * heads[part] {
+                index -= rows * heads[part];
+                part += 1;
+            }
+            let (row, head) = (index / heads[part], index % heads[part]);
+            let start = self.widths[..part].iter().sum::<usize>() + head * head_dim;
+            let values = &qkv[row * total + start..][..head_dim];
+            if part == 2 {
+                out.copy_from_slice(values);
+                return;
+            }
+            let (cos, sin) = (&cos[row * half..][..half], &sin[row * half..][..half]);
+            for index in 0..half {
+                let (first, second) = if self.neox { (index, index + half) } else { (2 * index, 2 * index + 1) };
+                let (x1, x2) = (values[first], values[second]);
+                out[first] = x1 * cos[index] - x2 * sin[index];
+                out[second] = x1 * sin[index] + x2 * cos[index];
+            }
+        };
+        nstream_kernels::for_each_row(threads_for(qkv.len()), &mut output, head_dim, &rotate);
+        Ok((CpuStorage::F32(output), Shape::from(qkv.len())))
+    }
+}
+
+/// SwiGLU on the fused gate/up product `(rows, 2 × width)`: `silu(gate) × up`, `(rows, width)`
+/// (one pass instead of a SiLU over a strided view and a product), numerically candle's
+/// `silu(gate) * up`.
+pub(crate) struct SwiGlu;
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "nstream-swiglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(values) = f32_slice(storage, layout) else {
+            candle_core::bail!("{}: expected contiguous f32 activations", self.name())
+        };
+        let (rows, columns) = layout.shape().dims2()?;
+        if columns % 2 != 0 {
+            candle_core::bail!("{}: {columns} columns is not a gate and an up of equal width", self.name())
+        }
+        let width = columns / 2;
+        let mut output = vec![0f32; rows * width];
+        nstream_kernels::for_each_row(threads_for(values.len()), &mut output, width, &|row, out| {
+            let (gate, up) = values[row * columns..][..columns].split_at(width);
+            for ((out, &gate), &up) in out.iter_mut().zip(gate).zip(up) {
+                *out = gate / (1.0 + (-gate).exp()) * up;
+            }
+        });
+        Ok((CpuStorage::F32(output), Shape::from((rows, width))))
+    }
+}
+
+/// candle's threads for an op over `elements` values, or the calling thread alone below candle's
+/// own threshold for splitting element-wise ops (64 Ki values: dispatch would cost more).
+fn threads_for(elements: usize) -> &'static dyn Parallel {
+    if elements >= 64 * 1024 { &CandleThreads } else { &nstream_kernels::Sequential }
+}
+
+/// The f32 values of a contiguous CPU tensor.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    let CpuStorage::F32(values) = storage else { return None };
+    let (start, end) = layout.contiguous_offsets()?;
+    values.get(start..end)
 }

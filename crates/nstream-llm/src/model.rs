@@ -33,7 +33,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{D, DType, Device, Module, Tensor};
 use nstream_kernels::{BlockFormat, QuantMatrix};
 
-use crate::cpu::{CandleThreads, QuantMatmul};
+use crate::cpu::{CandleThreads, QuantMatmul, SplitRope, SwiGlu};
 
 use crate::error::{Error, Result};
 
@@ -799,6 +799,9 @@ impl LlamaModel {
         let half = head_dim / 2;
         let cos = self.cos.index_select(&position_ids, 0)?.reshape((rows, 1, half))?;
         let sin = self.sin.index_select(&position_ids, 0)?.reshape((rows, 1, half))?;
+        // On the CPU in f32, q/k/v are split with RoPE in one op and SwiGLU is one op.
+        let fused_cpu_ops = self.device.is_cpu() && self.dtype == DType::F32;
+        let (cos_rows, sin_rows) = (cos.reshape((rows, half))?, sin.reshape((rows, half))?);
         let rope = |x: &Tensor, heads: usize| -> Result<Tensor> {
             // Each row is its own "batch" of one position, so every row gets its own angle.
             let x = x.reshape((rows, heads, 1, head_dim))?;
@@ -815,14 +818,30 @@ impl LlamaModel {
         let mut hidden = self.embeddings.index_select(&token_ids, 0)?;
         for (layer_index, layer) in self.layers.iter().enumerate() {
             let normed = candle_nn::ops::rms_norm(&hidden, &layer.attention_norm, config.rms_norm_eps as f32)?;
-            let [queries, keys, values]: [Tensor; 3] = layer
-                .attention_qkv
-                .forward(&normed)?
-                .try_into()
-                .map_err(|_| Error::Inference("q/k/v projections are not three".into()))?;
-            let queries = rope(&queries.contiguous()?, config.heads)?;
-            let keys = rope(&keys.contiguous()?, kv_heads)?;
-            let values = values.contiguous()?;
+            let (queries, keys, values) = match &layer.attention_qkv {
+                Projections::Fused { linear, widths } if fused_cpu_ops && widths.len() == 3 => {
+                    let split =
+                        SplitRope { widths: [widths[0], widths[1], widths[2]], head_dim, neox: config.rope_is_neox };
+                    let [queries, keys, values] = split.apply(&linear.forward(&normed)?, &cos_rows, &sin_rows)?;
+                    (
+                        queries.reshape((rows, config.heads, head_dim))?,
+                        keys.reshape((rows, kv_heads, head_dim))?,
+                        values,
+                    )
+                }
+                _ => {
+                    let [queries, keys, values]: [Tensor; 3] = layer
+                        .attention_qkv
+                        .forward(&normed)?
+                        .try_into()
+                        .map_err(|_| Error::Inference("q/k/v projections are not three".into()))?;
+                    (
+                        rope(&queries.contiguous()?, config.heads)?,
+                        rope(&keys.contiguous()?, kv_heads)?,
+                        values.contiguous()?,
+                    )
+                }
+            };
             let pool_keys = &pool.keys[layer_index];
             let pool_values = &pool.values[layer_index];
             let values = values.reshape((rows, kv_heads, head_dim))?;
@@ -901,13 +920,22 @@ impl LlamaModel {
             };
             hidden = (layer.attention_output.forward(&attended)? + &hidden)?;
             let normed = candle_nn::ops::rms_norm(&hidden, &layer.ffn_norm, config.rms_norm_eps as f32)?;
-            let [gate, up]: [Tensor; 2] = layer
-                .ffn_gate_up
-                .forward(&normed)?
-                .try_into()
-                .map_err(|_| Error::Inference("gate/up projections are not two".into()))?;
-            let gate = candle_nn::ops::silu(&gate)?;
-            hidden = (layer.ffn_down.forward(&(gate * up)?)? + &hidden)?;
+            let activated = match &layer.ffn_gate_up {
+                Projections::Fused { linear, widths }
+                    if fused_cpu_ops && widths.len() == 2 && widths[0] == widths[1] =>
+                {
+                    linear.forward(&normed)?.apply_op1_no_bwd(&SwiGlu)?
+                }
+                _ => {
+                    let [gate, up]: [Tensor; 2] = layer
+                        .ffn_gate_up
+                        .forward(&normed)?
+                        .try_into()
+                        .map_err(|_| Error::Inference("gate/up projections are not two".into()))?;
+                    (candle_nn::ops::silu(&gate)? * up)?
+                }
+            };
+            hidden = (layer.ffn_down.forward(&activated)? + &hidden)?;
         }
         let mut last_rows = Vec::with_capacity(inputs.len());
         let mut row = 0u32;
@@ -1046,14 +1074,16 @@ fn cpu_decode_attention(
     let mut output = vec![0f32; sequences.len() * heads * head_dim];
     // On candle's threads, like the matrix products around it: a second pool would compete with
     // their spinning workers for the cores.
-    nstream_kernels::for_each_row(&CandleThreads, &mut output, head_dim, &|index, out| {
-        let (sequence, head) = (index / heads, index % heads);
+    // One work item per (sequence, K/V head): the query heads of its group are consecutive in a
+    // row and read its cached keys and values once.
+    nstream_kernels::for_each_row(&CandleThreads, &mut output, group * head_dim, &|index, out| {
+        let (sequence, kv_head) = (index / kv_heads, index % kv_heads);
         let (row, slot, length) = sequences[sequence];
-        let query = &query_data[(row * heads + head) * head_dim..][..head_dim];
-        let base = (slot * kv_heads + head / group) * capacity * head_dim;
+        let queries = &query_data[(row * heads + kv_head * group) * head_dim..][..group * head_dim];
+        let base = (slot * kv_heads + kv_head) * capacity * head_dim;
         let keys = &key_data[base..base + length * head_dim];
         let values = &value_data[base..base + length * head_dim];
-        nstream_kernels::attend(query, keys, values, scale, out);
+        nstream_kernels::attend(queries, keys, values, head_dim, scale, out);
     });
     Ok(Tensor::from_vec(output, (sequences.len(), heads * head_dim), &Device::Cpu)?)
 }
