@@ -121,6 +121,9 @@ fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
             );
         let scale_columns: [&[u16]; C] =
             std::array::from_fn(|column| &matrix.scales[(column0 + column) * 2 * pairs..][..2 * pairs]);
+        if R <= 2 {
+            prefetch_columns(matrix, column0 + PREFETCH_COLUMNS, C);
+        }
         let mut accumulators = [[_mm512_setzero_ps(); R]; C];
         for pair in 0..pairs {
             let weights: [__m512i; C] = std::array::from_fn(|column| {
@@ -217,6 +220,29 @@ pub(super) fn attend(queries: &[f32], keys: &[f32], values: &[f32], head_dim: us
 #[target_feature(enable = "avx512f,fma")]
 fn attend_avx512(queries: &[f32], keys: &[f32], values: &[f32], head_dim: usize, scale: f32, output: &mut [f32]) {
     crate::attention::attend_portable(queries, keys, values, head_dim, scale, output);
+}
+
+/// How far ahead of the columns being multiplied their codes and scales are prefetched when
+/// the tile has one or two rows: the hardware prefetcher alone leaves such a product (a decode
+/// step of one sequence) well under the memory bandwidth (measured with examples/matmul.rs on
+/// an output head that does not fit in cache: Q8_0 1.78 -> 1.14 ms, Q4_1 0.84 -> 0.75 ms).
+const PREFETCH_COLUMNS: usize = 16;
+
+/// Asks for the codes and scales of `count` columns from `column` to be brought into cache.
+#[target_feature(enable = "sse")]
+fn prefetch_columns(matrix: &QuantMatrix, column: usize, count: usize) {
+    if column + count > matrix.rows {
+        return;
+    }
+    let pair_bytes = matrix.codes.len() / (matrix.rows * matrix.pairs).max(1);
+    let codes = &matrix.codes[column * matrix.pairs * pair_bytes..(column + count) * matrix.pairs * pair_bytes];
+    let scales = &matrix.scales[column * 2 * matrix.pairs..(column + count) * 2 * matrix.pairs];
+    for line in codes.chunks(64) {
+        _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+    }
+    for line in scales.chunks(32) {
+        _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+    }
 }
 
 #[target_feature(enable = "avx512f")]
