@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Activations, LANES, PAIR, Packing, QuantMatrix, ROW_TILE};
+use super::{Activations, LANES, Packing, QuantMatrix, ROW_TILE};
 
 /// Output columns `first..first + output[0].len()` of every activation row.
 pub(super) fn multiply_columns(
@@ -19,9 +19,13 @@ pub(super) fn multiply_columns(
     let width = output.first().map_or(0, |row| row.len());
     for (tile, rows) in output.chunks_mut(ROW_TILE).enumerate() {
         let row0 = tile * ROW_TILE;
-        // Few rows: four columns at a time (more independent sums in flight); more rows: two,
-        // so that every accumulator stays in a register.
-        let group = if rows.len() <= 2 { 4 } else { 2 };
+        // One row: four columns at a time (more independent sums in flight), two rows: two;
+        // more: one, so that every accumulator stays in a register.
+        let group = match rows.len() {
+            1 => 4,
+            2 => 2,
+            _ => 1,
+        };
         let grouped = width / group * group;
         let tile = Tile { matrix, activations, row0, first };
         // SAFETY: `matrix.accelerated` is only true when `avx512_available()` found every
@@ -48,39 +52,34 @@ struct Tile<'a> {
 /// The CPU must have AVX-512 F/BW/VNNI and F16C.
 unsafe fn tile_dispatch(tile: &Tile<'_>, output: &mut [&mut [f32]], columns: std::ops::Range<usize>, group: usize) {
     macro_rules! by_rows {
-        ($nibbles:literal, $group:literal) => {
+        ($nibbles:literal, $($rows:literal => $group:literal),*) => {
             // SAFETY: the caller guarantees the CPU features.
             unsafe {
-                match output.len() {
-                    1 => tile_kernel::<$nibbles, 1, $group>(tile, output, columns),
-                    2 => tile_kernel::<$nibbles, 2, $group>(tile, output, columns),
-                    3 => tile_kernel::<$nibbles, 3, $group>(tile, output, columns),
-                    4 => tile_kernel::<$nibbles, 4, $group>(tile, output, columns),
-                    5 => tile_kernel::<$nibbles, 5, $group>(tile, output, columns),
-                    6 => tile_kernel::<$nibbles, 6, $group>(tile, output, columns),
-                    7 => tile_kernel::<$nibbles, 7, $group>(tile, output, columns),
-                    _ => tile_kernel::<$nibbles, 8, $group>(tile, output, columns),
+                match (output.len(), group) {
+                    $(($rows, $group) => tile_kernel::<$nibbles, $rows, $group>(tile, output, columns),)*
+                    (rows, group) => unreachable!("a tile of {rows} rows in groups of {group} columns"),
                 }
             }
         };
     }
-    if columns.is_empty() {
+    if columns.is_empty() || output.is_empty() {
         return;
     }
-    match (tile.matrix.packing, group) {
-        (Packing::Nibbles, 4) => by_rows!(true, 4),
-        (Packing::Nibbles, 2) => by_rows!(true, 2),
-        (Packing::Nibbles, _) => by_rows!(true, 1),
-        (Packing::Bytes, 4) => by_rows!(false, 4),
-        (Packing::Bytes, 2) => by_rows!(false, 2),
-        (Packing::Bytes, _) => by_rows!(false, 1),
+    match tile.matrix.packing {
+        Packing::Nibbles => {
+            by_rows!(true, 1 => 4, 1 => 1, 2 => 2, 2 => 1, 3 => 1, 4 => 1, 5 => 1, 6 => 1, 7 => 1, 8 => 1)
+        }
+        Packing::Bytes => {
+            by_rows!(false, 1 => 4, 1 => 1, 2 => 2, 2 => 1, 3 => 1, 4 => 1, 5 => 1, 6 => 1, 7 => 1, 8 => 1)
+        }
     }
 }
 
 /// `R` activation rows (`output.len() == R`) times the output columns `columns`, `C` columns at
-/// a time (`columns` is a multiple of `C` long): each pair of activation blocks is loaded once
-/// for `C` columns, each pair of weight blocks once for `R` rows. `NIBBLES`: the matrix holds
-/// Q4 codes (32 bytes per pair), else Q8 (64 bytes per pair).
+/// a time (`columns` is a multiple of `C` long). Groups of 16 blocks: 8 `vpdpbusd` per row leave
+/// each block's integer dot product in its own lane, then one multiply by the 16 blocks' scales;
+/// tail pairs: one `vpdpbusd` per pair and row, lanes scaled per half. `NIBBLES`: the matrix
+/// holds Q4 codes, else Q8.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
     tile: &Tile<'_>,
@@ -89,67 +88,102 @@ fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
 ) {
     let Tile { matrix, activations, row0, first } = *tile;
     assert_eq!(output.len(), R);
-    let pairs = matrix.pairs;
+    let (groups, tail_pairs) = (matrix.groups, matrix.tail_pairs);
     let offset_registers = matrix.offset_stride / LANES;
-    let (activation_codes, _) = activations.codes.as_chunks::<PAIR>();
+    let scale_stride = matrix.scale_stride;
+    // Bytes of one group's and one tail pair's weight codes.
+    let (group_bytes, pair_bytes) = if NIBBLES { (256, 32) } else { (512, 64) };
+    let (code_rows, _) = activations.codes.as_chunks::<64>();
+    let activation_vectors = activations.code_stride / 64;
+    let activation_rows: [&[[u8; 64]]; R] =
+        std::array::from_fn(|row| &code_rows[(row0 + row) * activation_vectors..][..activation_vectors]);
+    let (scale_rows, _) = activations.scales.as_chunks::<LANES>();
+    let block_scale_rows: [&[[f32; LANES]]; R] =
+        std::array::from_fn(|row| &scale_rows[(row0 + row) * offset_registers..][..offset_registers]);
     let (lane_scales, _) = activations.lane_scales.as_chunks::<LANES>();
+    let tail_scale_rows: [&[[f32; LANES]]; R] =
+        std::array::from_fn(|row| &lane_scales[(row0 + row) * tail_pairs..][..tail_pairs]);
     let (sums, _) = activations.sums.as_chunks::<LANES>();
-    let (nibble_pairs, _) = matrix.codes.as_chunks::<{ PAIR / 2 }>();
-    let (byte_pairs, _) = matrix.codes.as_chunks::<PAIR>();
-    let (offsets, _) = matrix.offsets.as_chunks::<LANES>();
-    let activation_rows: [&[[u8; PAIR]]; R] =
-        std::array::from_fn(|row| &activation_codes[(row0 + row) * pairs..][..pairs]);
-    let scale_rows: [&[[f32; LANES]]; R] = std::array::from_fn(|row| &lane_scales[(row0 + row) * pairs..][..pairs]);
     let sum_rows: [&[[f32; LANES]]; R] =
         std::array::from_fn(|row| &sums[(row0 + row) * offset_registers..][..offset_registers]);
-    // Lane l of a pair's product belongs to block 0 for l in 0..4 and 8..12, else block 1.
+    let (offsets, _) = matrix.offsets.as_chunks::<LANES>();
+    // Lane l of a tail pair's product belongs to block 0 for l in 0..4 and 8..12, else block 1.
     let lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
     let low_nibbles = _mm512_set1_epi8(0x0F);
     for column_offset in columns.step_by(C) {
         let column0 = first + column_offset;
-        let nibble_columns: [&[[u8; PAIR / 2]]; C] =
-            std::array::from_fn(
-                |column| {
-                    if NIBBLES { &nibble_pairs[(column0 + column) * pairs..][..pairs] } else { &[] }
-                },
-            );
-        let byte_columns: [&[[u8; PAIR]]; C] =
-            std::array::from_fn(
-                |column| {
-                    if NIBBLES { &[] } else { &byte_pairs[(column0 + column) * pairs..][..pairs] }
-                },
-            );
-        let scale_columns: [&[u16]; C] =
-            std::array::from_fn(|column| &matrix.scales[(column0 + column) * 2 * pairs..][..2 * pairs]);
         if R <= 2 {
             prefetch_columns(matrix, column0 + PREFETCH_COLUMNS, C);
         }
+        let codes: [&[u8]; C] = std::array::from_fn(|column| {
+            &matrix.codes[(column0 + column) * matrix.code_stride..][..matrix.code_stride]
+        });
+        let scales: [&[u16]; C] =
+            std::array::from_fn(|column| &matrix.scales[(column0 + column) * scale_stride..][..scale_stride]);
         let mut accumulators = [[_mm512_setzero_ps(); R]; C];
-        for pair in 0..pairs {
+        for group in 0..groups {
+            let mut dots = [[_mm512_setzero_si512(); R]; C];
+            for step in 0..4 {
+                // Steps `step` and `step + 4`: weights 4·step.. and 16 + 4·step.. of each block.
+                let weights: [(__m512i, __m512i); C] = std::array::from_fn(|column| {
+                    let group_codes = &codes[column][group * group_bytes..][..group_bytes];
+                    if NIBBLES {
+                        let packed = load_512(&group_codes[step * 64..][..64]);
+                        (
+                            _mm512_and_si512(packed, low_nibbles),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low_nibbles),
+                        )
+                    } else {
+                        (load_512(&group_codes[step * 64..][..64]), load_512(&group_codes[(step + 4) * 64..][..64]))
+                    }
+                });
+                for row in 0..R {
+                    let first_half = load_512(&activation_rows[row][group * 8 + step]);
+                    let second_half = load_512(&activation_rows[row][group * 8 + step + 4]);
+                    for column in 0..C {
+                        let dot = _mm512_dpbusd_epi32(dots[column][row], weights[column].0, first_half);
+                        dots[column][row] = _mm512_dpbusd_epi32(dot, weights[column].1, second_half);
+                    }
+                }
+            }
+            let weight_scales: [__m512; C] =
+                std::array::from_fn(|column| _mm512_cvtph_ps(load_f16(&scales[column][group * LANES..][..LANES])));
+            for row in 0..R {
+                let activation_scales = load_f32(&block_scale_rows[row][group]);
+                for column in 0..C {
+                    let scale = _mm512_mul_ps(weight_scales[column], activation_scales);
+                    accumulators[column][row] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[column][row]), scale, accumulators[column][row]);
+                }
+            }
+        }
+        for pair in 0..tail_pairs {
             let weights: [__m512i; C] = std::array::from_fn(|column| {
+                let pair_codes = &codes[column][groups * group_bytes + pair * pair_bytes..][..pair_bytes];
                 if NIBBLES {
                     // [16 bytes of block 0, 16 of block 1] in both halves, the upper half's high
                     // nibbles shifted down: weights 0..16 of each block, then 16..32.
-                    let packed = _mm512_broadcast_i64x4(load_256(&nibble_columns[column][pair]));
+                    let packed = _mm512_broadcast_i64x4(load_256(pair_codes));
                     _mm512_and_si512(_mm512_mask_srli_epi16::<4>(packed, 0xFFFF_0000, packed), low_nibbles)
                 } else {
-                    load_512(&byte_columns[column][pair])
+                    load_512(pair_codes)
                 }
             });
             let weight_scales: [__m512; C] = std::array::from_fn(|column| {
-                let scales = &scale_columns[column][2 * pair..2 * pair + 2];
-                let bits = scales[0] as u32 | (scales[1] as u32) << 16;
+                let pair_scales = &scales[column][groups * LANES + 2 * pair..][..2];
+                let bits = pair_scales[0] as u32 | (pair_scales[1] as u32) << 16;
                 let two_scales = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
                 _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(two_scales))
             });
+            let tail_vector = groups * 8 + pair;
             for row in 0..R {
-                let codes = load_512(&activation_rows[row][pair]);
-                let activation_scales = load_f32(&scale_rows[row][pair]);
+                let codes = load_512(&activation_rows[row][tail_vector]);
+                let activation_scales = load_f32(&tail_scale_rows[row][pair]);
                 for column in 0..C {
                     let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights[column], codes);
-                    let scales = _mm512_mul_ps(weight_scales[column], activation_scales);
+                    let scale = _mm512_mul_ps(weight_scales[column], activation_scales);
                     accumulators[column][row] =
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales, accumulators[column][row]);
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, accumulators[column][row]);
                 }
             }
         }
@@ -234,9 +268,8 @@ fn prefetch_columns(matrix: &QuantMatrix, column: usize, count: usize) {
     if column + count > matrix.rows {
         return;
     }
-    let pair_bytes = matrix.codes.len() / (matrix.rows * matrix.pairs).max(1);
-    let codes = &matrix.codes[column * matrix.pairs * pair_bytes..(column + count) * matrix.pairs * pair_bytes];
-    let scales = &matrix.scales[column * 2 * matrix.pairs..(column + count) * 2 * matrix.pairs];
+    let codes = &matrix.codes[column * matrix.code_stride..(column + count) * matrix.code_stride];
+    let scales = &matrix.scales[column * matrix.scale_stride..(column + count) * matrix.scale_stride];
     for line in codes.chunks(64) {
         _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
     }
@@ -246,19 +279,22 @@ fn prefetch_columns(matrix: &QuantMatrix, column: usize, count: usize) {
 }
 
 #[target_feature(enable = "avx512f")]
-fn load_512(bytes: &[u8; 64]) -> __m512i {
+fn load_512(bytes: &[u8]) -> __m512i {
+    let bytes: &[u8; 64] = bytes.try_into().expect("64 bytes for a 512-bit load");
     // SAFETY: the reference covers the 64 bytes read; unaligned loads are allowed.
     unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
 }
 
 #[target_feature(enable = "avx")]
-fn load_256(bytes: &[u8; 32]) -> __m256i {
+fn load_256(bytes: &[u8]) -> __m256i {
+    let bytes: &[u8; 32] = bytes.try_into().expect("32 bytes for a 256-bit load");
     // SAFETY: the reference covers the 32 bytes read; unaligned loads are allowed.
     unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
 }
 
 #[target_feature(enable = "avx")]
-fn load_f16(bits: &[u16; 16]) -> __m256i {
+fn load_f16(bits: &[u16]) -> __m256i {
+    let bits: &[u16; 16] = bits.try_into().expect("16 halves for a 256-bit load");
     // SAFETY: the reference covers the 32 bytes read; unaligned loads are allowed.
     unsafe { _mm256_loadu_si256(bits.as_ptr().cast()) }
 }

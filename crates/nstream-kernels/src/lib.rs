@@ -36,8 +36,6 @@ pub use attention::attend;
 
 /// Weights per block in every supported format.
 pub const BLOCK: usize = 32;
-/// Two blocks: the unit the kernel works on (one 512-bit register of codes).
-const PAIR: usize = 2 * BLOCK;
 /// Activation rows multiplied with one weight pair while it is in a register.
 const ROW_TILE: usize = 8;
 /// Lanes of one 512-bit register of f32.
@@ -158,34 +156,68 @@ struct CacheLine<T>(T);
 /// How a matrix's codes are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Packing {
-    /// Q4: 32 bytes per pair of blocks, `[block 0's 16 bytes, block 1's 16 bytes]` as in ggml:
-    /// the low nibbles are weights 0..16 of each block, the high nibbles 16..32.
+    /// Q4: 16 bytes per block as in ggml (the low nibbles are weights 0..16, the high nibbles
+    /// 16..32), arranged as described at [`QuantMatrix`].
     Nibbles,
-    /// Q8: 64 bytes per pair, in the order of [`pair_position`].
+    /// Q8: 32 bytes per block (the signed codes + 128), arranged as described at [`QuantMatrix`].
     Bytes,
 }
 
-/// Where weight `index` (0..32) of block `half` (0 or 1) of a pair sits among the pair's 64
-/// codes: `[block 0: 0..16, block 1: 0..16, block 0: 16..32, block 1: 16..32]`, the order in
+impl Packing {
+    /// Bytes of one block's codes.
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Nibbles => BLOCK / 2,
+            Self::Bytes => BLOCK,
+        }
+    }
+}
+
+/// Blocks in a group: one 32-bit lane of a 512-bit register per block.
+const GROUP: usize = 16;
+
+/// Where weight `index` (0..32) of block `half` (0 or 1) of a tail pair sits among the pair's
+/// 64 codes: `[block 0: 0..16, block 1: 0..16, block 0: 16..32, block 1: 16..32]`, the order in
 /// which unpacking Q4 nibbles yields them. Activations and Q8 weights are stored in it too.
 fn pair_position(half: usize, index: usize) -> usize {
     if index < 16 { half * 16 + index } else { 32 + half * 16 + index - 16 }
 }
 
+/// Where weight `index` (0..32) of block `lane` (0..16) of a group sits among the group's 512
+/// codes (Q8 weights, activations): in 8 steps of 64 bytes, step `s` holding weights
+/// `4s..4s + 4` of every block, lane after lane; `vpdpbusd` then sums 4 products per lane, and
+/// 8 of them leave each block's whole dot product in its own lane.
+fn group_position(lane: usize, index: usize) -> usize {
+    (index / 4) * 64 + lane * 4 + index % 4
+}
+
 /// A weight matrix of `rows × cols` (output features × input features) repacked for the kernel.
+///
+/// The blocks of a row (an output column of the product) come in groups of 16, then tail
+/// pairs: a group is 16 blocks side by side, one per 32-bit lane (Q8: 512 bytes in
+/// [`group_position`] order; Q4: 256 bytes, 4 vectors of 64 whose lane `l` holds bytes `4t..4t +
+/// 4` of block `l`'s ggml nibbles, so that masking gives steps `t` and shifting steps `t + 4`);
+/// the blocks left over (`blocks % 16`) go in pairs as two halves of a register ([`pair_position`]
+/// order; Q4: the two blocks' 16 bytes side by side), an odd last one padded with a zero block.
 pub struct QuantMatrix {
     rows: usize,
     cols: usize,
-    /// Block pairs per row (an odd last block is padded with a zero block).
-    pairs: usize,
+    /// Whole groups of 16 blocks per row.
+    groups: usize,
+    /// Pairs of blocks per row after the groups.
+    tail_pairs: usize,
     packing: Packing,
-    /// `rows × pairs` pairs of codes (32 or 64 bytes each).
+    /// Code bytes per row: `groups × 16 + tail_pairs × 2` blocks' worth.
+    code_stride: usize,
+    /// The codes, `rows × code_stride`.
     codes: Vec<u8>,
-    /// f16 bits of each block's scale, `rows × 2·pairs`.
+    /// f16 bits of each block's scale, in block order, `rows × scale_stride`.
     scales: Vec<u16>,
-    /// f16 bits of each block's offset `c`, `rows × offset_stride` (zero padded).
+    /// Scales per row: `groups × 16 + tail_pairs × 2` (a padding block's is 0).
+    scale_stride: usize,
+    /// f16 bits of each block's offset `c`, in block order, `rows × offset_stride`.
     offsets: Vec<u16>,
-    /// Offsets per row: blocks rounded up to whole registers of 16.
+    /// Offsets per row: blocks rounded up to whole registers of 16 (zero padded).
     offset_stride: usize,
     /// Whether the AVX-512 kernel runs on this CPU.
     accelerated: bool,
@@ -215,19 +247,28 @@ impl QuantMatrix {
         if data.len() != expected {
             return Err(KernelError::DataLength { expected, actual: data.len() });
         }
-        let pairs = blocks.div_ceil(2);
-        let offset_stride = (2 * pairs).div_ceil(LANES) * LANES;
+        let groups = blocks / GROUP;
+        let tail_pairs = (blocks % GROUP).div_ceil(2);
+        let scale_stride = groups * GROUP + tail_pairs * 2;
+        let offset_stride = scale_stride.div_ceil(LANES) * LANES;
         let packing = if format == BlockFormat::Q8_0 { Packing::Bytes } else { Packing::Nibbles };
-        let pair_bytes = match packing {
-            Packing::Nibbles => PAIR / 2,
-            Packing::Bytes => PAIR,
+        let code_stride = scale_stride * packing.block_bytes();
+        let mut matrix = Self {
+            rows,
+            cols,
+            groups,
+            tail_pairs,
+            packing,
+            code_stride,
+            codes: vec![0u8; rows * code_stride],
+            scales: vec![0u16; rows * scale_stride],
+            scale_stride,
+            offsets: vec![0u16; rows * offset_stride],
+            offset_stride,
+            accelerated: avx512_available(),
         };
-        let mut codes = vec![0u8; rows * pairs * pair_bytes];
-        let mut scales = vec![0u16; rows * 2 * pairs];
-        let mut offsets = vec![0u16; rows * offset_stride];
         for (index, block) in data.chunks_exact(format.block_bytes()).enumerate() {
             let (row, column_block) = (index / blocks, index % blocks);
-            let (pair, half) = (column_block / 2, column_block % 2);
             let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]]));
             let (offset, quants) = match format {
                 BlockFormat::Q4_0 => (f16::from_f32(-8.0 * scale.to_f32()), &block[2..]),
@@ -237,21 +278,50 @@ impl QuantMatrix {
             if offset.is_infinite() {
                 return Err(KernelError::ScaleOutOfRange);
             }
-            scales[row * 2 * pairs + column_block] = scale.to_bits();
-            offsets[row * offset_stride + column_block] = offset.to_bits();
-            let start = (row * pairs + pair) * pair_bytes;
-            let pair_codes = &mut codes[start..start + pair_bytes];
-            match packing {
-                Packing::Nibbles => pair_codes[half * 16..half * 16 + 16].copy_from_slice(quants),
-                Packing::Bytes => {
-                    for (index, &quant) in quants.iter().enumerate() {
-                        // Signed code q becomes the unsigned q + 128.
-                        pair_codes[pair_position(half, index)] = (quant as i8 as i16 + 128) as u8;
-                    }
-                }
+            matrix.scales[row * scale_stride + column_block] = scale.to_bits();
+            matrix.offsets[row * offset_stride + column_block] = offset.to_bits();
+            for (index, &quant) in quants.iter().enumerate() {
+                let (position, byte) = match packing {
+                    // Signed code q becomes the unsigned q + 128.
+                    Packing::Bytes => (matrix.byte_position(column_block, index), (quant as i8 as i16 + 128) as u8),
+                    Packing::Nibbles => (matrix.nibble_byte_position(column_block, index), quant),
+                };
+                matrix.codes[row * code_stride + position] = byte;
             }
         }
-        Ok(Self { rows, cols, pairs, packing, codes, scales, offsets, offset_stride, accelerated: avx512_available() })
+        Ok(matrix)
+    }
+
+    /// Q8: where code `index` of block `block` sits in a row's codes.
+    fn byte_position(&self, block: usize, index: usize) -> usize {
+        if block < self.groups * GROUP {
+            (block / GROUP) * GROUP * BLOCK + group_position(block % GROUP, index)
+        } else {
+            let tail = block - self.groups * GROUP;
+            self.groups * GROUP * BLOCK + (tail / 2) * 2 * BLOCK + pair_position(tail % 2, index)
+        }
+    }
+
+    /// Q4: where byte `index` (0..16) of block `block`'s ggml nibbles sits in a row's codes.
+    fn nibble_byte_position(&self, block: usize, index: usize) -> usize {
+        if block < self.groups * GROUP {
+            (block / GROUP) * GROUP * BLOCK / 2 + (index / 4) * 64 + (block % GROUP) * 4 + index % 4
+        } else {
+            let tail = block - self.groups * GROUP;
+            self.groups * GROUP * BLOCK / 2 + (tail / 2) * BLOCK + (tail % 2) * 16 + index
+        }
+    }
+
+    /// The unsigned code of weight `index` (0..32) of block `block` of row `row`.
+    fn code(&self, row: usize, block: usize, index: usize) -> u8 {
+        let codes = &self.codes[row * self.code_stride..][..self.code_stride];
+        match self.packing {
+            Packing::Bytes => codes[self.byte_position(block, index)],
+            Packing::Nibbles => {
+                let byte = codes[self.nibble_byte_position(block, index % 16)];
+                if index < 16 { byte & 0x0F } else { byte >> 4 }
+            }
+        }
     }
 
     /// Output features.
@@ -297,8 +367,8 @@ impl QuantMatrix {
             return Ok(());
         }
         let activations = Activations::quantize(input, batch, self);
-        // Work items of about 2,048 pair products (a few microseconds), 4 to 64 of them.
-        let items = (self.rows * self.pairs * batch / 2048).clamp(4, 64);
+        // Work items of about 4,096 block products (a few microseconds), 4 to 64 of them.
+        let items = (self.rows * self.scale_stride * batch / 4096).clamp(4, 64);
         let width = self.rows.div_ceil(items).next_multiple_of(4);
         let chunks = self.rows.div_ceil(width);
         // Each work item owns one column range of every output row.
@@ -335,55 +405,34 @@ impl QuantMatrix {
             for (offset, value) in output_row.iter_mut().enumerate() {
                 let column = first + offset;
                 let mut sum = 0f32;
-                for pair in 0..self.pairs {
-                    let weights = self.pair_codes(column, pair);
-                    let codes = activations.pair_codes(row, pair);
-                    for half in 0..2 {
-                        let block = 2 * pair + half;
-                        let dot: i32 = (0..BLOCK)
-                            .map(|index| {
-                                let position = pair_position(half, index);
-                                weights[position] as i32 * codes[position] as i8 as i32
-                            })
-                            .sum();
-                        let weight_scale = f16::from_bits(self.scales[column * 2 * self.pairs + block]).to_f32();
-                        let offset = f16::from_bits(self.offsets[column * self.offset_stride + block]).to_f32();
-                        sum += weight_scale * activations.block_scale(row, block) * dot as f32
-                            + offset * activations.sums[row * self.offset_stride + block];
-                    }
+                for block in 0..self.scale_stride {
+                    let dot: i32 = (0..BLOCK)
+                        .map(|index| {
+                            self.code(column, block, index) as i32 * activations.code(self, row, block, index) as i32
+                        })
+                        .sum();
+                    let weight_scale = f16::from_bits(self.scales[column * self.scale_stride + block]).to_f32();
+                    let offset = f16::from_bits(self.offsets[column * self.offset_stride + block]).to_f32();
+                    sum += weight_scale * activations.scales[row * self.offset_stride + block] * dot as f32
+                        + offset * activations.sums[row * self.offset_stride + block];
                 }
                 *value = sum;
             }
         }
     }
-
-    /// The 64 unsigned codes of pair `pair` of row `row`, in [`pair_position`] order.
-    fn pair_codes(&self, row: usize, pair: usize) -> [u8; PAIR] {
-        let mut codes = [0u8; PAIR];
-        match self.packing {
-            Packing::Bytes => {
-                let start = (row * self.pairs + pair) * PAIR;
-                codes.copy_from_slice(&self.codes[start..start + PAIR]);
-            }
-            Packing::Nibbles => {
-                let start = (row * self.pairs + pair) * PAIR / 2;
-                for (index, &byte) in self.codes[start..start + PAIR / 2].iter().enumerate() {
-                    codes[index] = byte & 0x0F;
-                    codes[index + PAIR / 2] = byte >> 4;
-                }
-            }
-        }
-        codes
-    }
 }
 
-/// A batch of activation rows quantised per 32-block (ggml's Q8_1), laid out for the kernel.
+/// A batch of activation rows quantised per 32-block (ggml's Q8_1), laid out like the matrix's
+/// rows (groups of 16 blocks, then tail pairs; see [`QuantMatrix`]).
 struct Activations {
-    pairs: usize,
-    /// `rows × pairs × 64` signed codes (as bytes), in [`pair_position`] order.
+    /// Code bytes per row (a Q8 row of the matrix's length).
+    code_stride: usize,
+    /// `rows × code_stride` signed codes (as bytes).
     codes: Vec<u8>,
-    /// `rows × pairs × 16` lane scales: the scale of the block each 4-byte lane of a pair's codes
-    /// belongs to (lanes 0-3 and 8-11: block 0; 4-7 and 12-15: block 1).
+    /// `rows × offset_stride`: each block's scale, in block order (zero padded).
+    scales: Vec<f32>,
+    /// `rows × tail_pairs × 16` lane scales of the tail pairs: the scale of the block each 4-byte
+    /// lane of a pair's codes belongs to (lanes 0-3 and 8-11: block 0; 4-7 and 12-15: block 1).
     lane_scales: Vec<f32>,
     /// `rows × offset_stride`: each block's scale × the sum of its codes (zero padded).
     sums: Vec<f32>,
@@ -391,39 +440,45 @@ struct Activations {
 
 impl Activations {
     fn quantize(input: &[f32], batch: usize, matrix: &QuantMatrix) -> Self {
-        let pairs = matrix.pairs;
-        let mut codes = vec![0u8; batch * pairs * PAIR];
-        let mut lane_scales = vec![0f32; batch * pairs * LANES];
+        let code_stride = matrix.scale_stride * BLOCK;
+        let tail_pairs = matrix.tail_pairs;
+        let mut codes = vec![0u8; batch * code_stride];
+        let mut scales = vec![0f32; batch * matrix.offset_stride];
+        let mut lane_scales = vec![0f32; batch * tail_pairs * LANES];
         let mut sums = vec![0f32; batch * matrix.offset_stride];
+        let grouped = matrix.groups * GROUP;
         for (row, values) in input.chunks_exact(matrix.cols).enumerate() {
+            let row_codes = &mut codes[row * code_stride..][..code_stride];
             let (blocks, _) = values.as_chunks::<BLOCK>();
             for (block, block_values) in blocks.iter().enumerate() {
-                let (pair, half) = (block / 2, block % 2);
-                let pair_codes = &mut codes[(row * pairs + pair) * PAIR..][..PAIR];
-                let (low, high) = pair_codes.split_at_mut(PAIR / 2);
-                let (Some(low), Some(high)) =
-                    (low[half * 16..].first_chunk_mut::<16>(), high[half * 16..].first_chunk_mut::<16>())
-                else {
-                    unreachable!("a pair holds two halves of 16 codes per block")
-                };
-                let (scale, total) = quantize_block(matrix, block_values, low, high);
-                let lanes = &mut lane_scales[(row * pairs + pair) * LANES..][..LANES];
-                for quarter in [0, 8] {
-                    lanes[quarter + half * 4..quarter + half * 4 + 4].fill(scale);
-                }
+                let (mut low, mut high) = ([0u8; 16], [0u8; 16]);
+                let (scale, total) = quantize_block(matrix, block_values, &mut low, &mut high);
+                scales[row * matrix.offset_stride + block] = scale;
                 sums[row * matrix.offset_stride + block] = scale * total as f32;
+                if block < grouped {
+                    let group = &mut row_codes[(block / GROUP) * GROUP * BLOCK..][..GROUP * BLOCK];
+                    let lane = block % GROUP;
+                    for (step, four) in low.chunks_exact(4).chain(high.chunks_exact(4)).enumerate() {
+                        group[step * 64 + lane * 4..][..4].copy_from_slice(four);
+                    }
+                } else {
+                    let (pair, half) = ((block - grouped) / 2, (block - grouped) % 2);
+                    let pair_codes = &mut row_codes[grouped * BLOCK + pair * 2 * BLOCK..][..2 * BLOCK];
+                    pair_codes[half * 16..][..16].copy_from_slice(&low);
+                    pair_codes[32 + half * 16..][..16].copy_from_slice(&high);
+                    let lanes = &mut lane_scales[(row * tail_pairs + pair) * LANES..][..LANES];
+                    for quarter in [0, 8] {
+                        lanes[quarter + half * 4..quarter + half * 4 + 4].fill(scale);
+                    }
+                }
             }
         }
-        Self { pairs, codes, lane_scales, sums }
+        Self { code_stride, codes, scales, lane_scales, sums }
     }
 
-    fn pair_codes(&self, row: usize, pair: usize) -> &[u8] {
-        &self.codes[(row * self.pairs + pair) * PAIR..][..PAIR]
-    }
-
-    fn block_scale(&self, row: usize, block: usize) -> f32 {
-        let (pair, half) = (block / 2, block % 2);
-        self.lane_scales[(row * self.pairs + pair) * LANES + half * 4]
+    /// The signed code of value `index` (0..32) of block `block` of row `row`.
+    fn code(&self, matrix: &QuantMatrix, row: usize, block: usize, index: usize) -> i8 {
+        self.codes[row * self.code_stride + matrix.byte_position(block, index)] as i8
     }
 }
 
