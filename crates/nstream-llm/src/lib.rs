@@ -22,9 +22,9 @@
 //! # Ok::<(), nstream_llm::Error>(())
 //! ```
 //!
-//! Two layouts load: a GGUF (quantised as stored, byte-level BPE vocabulary; on CPU, Q4_1/Q5_0/Q5_1
-//! weights are re-quantised to Q8_0 at load, [`LlmOptions::requantize`], because candle's kernels
-//! for them are scalar), and a Hugging Face checkpoint of `model_type` llama, mistral or qwen2:
+//! Two layouts load: a GGUF (quantised as stored, byte-level BPE vocabulary; on CPU, Q4_0/Q4_1/Q8_0
+//! run nstream-kernels where the CPU has AVX-512 VNNI, and formats without a fast kernel are
+//! re-quantised to Q8_0 at load, [`LlmOptions::requantize`]), and a Hugging Face checkpoint of `model_type` llama, mistral or qwen2:
 //! `config.json`, safetensors (one file or shards; f32/f16/bf16), `tokenizer.json`,
 //! `tokenizer_config.json` and `chat_template.jinja` for the template and special tokens,
 //! `generation_config.json` for the end ids. Safetensors weights are computed in f32 on CPU and in
