@@ -1,7 +1,9 @@
-//! The AVX-512 VNNI kernel. Per output column: for each pair of weight blocks, the 64 weight
-//! codes are unpacked into one register once and multiplied (`vpdpbusd`) with the same pair of
-//! every activation row of a tile of up to [`ROW_TILE`] rows, each into its own f32 accumulator;
-//! the blocks' offsets are added 16 blocks at a time; one horizontal sum per row and column.
+//! The AVX-512 VNNI kernels. Per output column (or 2-4 columns for one- and two-row tiles): each
+//! register of weight codes (4 of the 32 weights of 16 blocks, or a tail pair of blocks) is
+//! loaded and unpacked once and multiplied (`vpdpbusd`) with the same codes of every activation
+//! row of a tile of up to [`ROW_TILE`] rows, each into its own accumulator; the blocks' offsets
+//! are added 16 blocks at a time; one horizontal sum per row and column. Also the activations'
+//! quantisation and the decode attention compiled for AVX-512.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;

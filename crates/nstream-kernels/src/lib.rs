@@ -12,11 +12,13 @@
 //! Q8_0: −128·d). Unsigned × signed bytes is what AVX-512 VNNI's `vpdpbusd` multiplies, 64 pairs
 //! per instruction.
 //!
-//! The kernel (x86-64 with AVX-512 F/BW/VNNI and F16C, detected at run time) keeps one pair of
-//! weight blocks in a register while it is multiplied with every activation row of the batch, so
-//! a decode step with 16 sequences reads each weight once, not 16 times. Elsewhere a portable
-//! implementation with the same arithmetic runs ([`QuantMatrix::accelerated`] says which);
-//! callers with a faster path of their own may prefer it there.
+//! The kernel (x86-64 with AVX-512 F/BW/VNNI and F16C, detected at run time) lays 16 blocks side
+//! by side, one per 32-bit lane, so that 8 `vpdpbusd` leave each block's dot product in its own
+//! lane (the blocks left over go in pairs), and multiplies each weight register it loads with up
+//! to 8 activation rows: a decode step with 16 sequences reads each weight once, not 16 times.
+//! Elsewhere a portable implementation with the same arithmetic runs
+//! ([`QuantMatrix::accelerated`] says which); callers with a faster path of their own may prefer
+//! it there. [`attend`] is the decode attention of one grouped-query head group.
 //!
 //! This is the workspace's one crate where `unsafe` is allowed (denied by default, allowed in
 //! the SIMD module only): calling a `#[target_feature]` function after checking the CPU has the
@@ -36,7 +38,7 @@ pub use attention::attend;
 
 /// Weights per block in every supported format.
 pub const BLOCK: usize = 32;
-/// Activation rows multiplied with one weight pair while it is in a register.
+/// Activation rows multiplied with one weight register while it is loaded.
 const ROW_TILE: usize = 8;
 /// Lanes of one 512-bit register of f32.
 const LANES: usize = 16;

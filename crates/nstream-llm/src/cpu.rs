@@ -58,7 +58,10 @@ impl Parallel for CandleThreads {
 pub(crate) struct SplitRope {
     /// Columns of q, k and v.
     pub widths: [usize; 3],
+    /// Values per head.
     pub head_dim: usize,
+    /// RoPE on the two halves of a head (Hugging Face layout) rather than on interleaved pairs
+    /// (GGUF).
     pub neox: bool,
 }
 
@@ -100,7 +103,13 @@ impl CustomOp3 for SplitRope {
         let total: usize = self.widths.iter().sum();
         let (head_dim, half) = (self.head_dim, self.head_dim / 2);
         let rows = qkv.len() / total.max(1);
-        if total == 0 || head_dim == 0 || cos.len() != rows * half || sin.len() != rows * half {
+        if total == 0
+            || head_dim == 0
+            || self.widths.iter().any(|width| width % head_dim != 0)
+            || qkv.len() != rows * total
+            || cos.len() != rows * half
+            || sin.len() != rows * half
+        {
             candle_core::bail!("{}: shapes do not match ({rows} rows of {total}, head_dim {head_dim})", self.name())
         }
         // The output is a sequence of head vectors: q's (rows × q heads), then k's, then v's.
@@ -173,4 +182,64 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> 
     let CpuStorage::F32(values) = storage else { return None };
     let (start, end) = layout.contiguous_offsets()?;
     values.get(start..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn random(rows: usize, columns: usize, seed: u64) -> Tensor {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let values: Vec<f32> = (0..rows * columns).map(|_| rng.f32() * 4.0 - 2.0).collect();
+        Tensor::from_vec(values, (rows, columns), &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn split_rope_equals_candles_split_and_rope_bit_for_bit() {
+        let (heads, kv_heads, head_dim) = (6, 2, 8);
+        // 5 rows: the calling thread; 2,000 rows: over candle's threads.
+        for rows in [5, 2000] {
+            let qkv = random(rows, (heads + 2 * kv_heads) * head_dim, 1);
+            let cos = random(rows, head_dim / 2, 2);
+            let sin = random(rows, head_dim / 2, 3);
+            for neox in [false, true] {
+                let split =
+                    SplitRope { widths: [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], head_dim, neox };
+                let [queries, keys, values] = split.apply(&qkv, &cos, &sin).expect("split");
+                let rope = |start: usize, count: usize| {
+                    let part = qkv.narrow(1, start * head_dim, count * head_dim).unwrap().contiguous().unwrap();
+                    let part = part.reshape((rows, count, 1, head_dim)).unwrap();
+                    let (cos, sin) =
+                        (cos.reshape((rows, 1, head_dim / 2)).unwrap(), sin.reshape((rows, 1, head_dim / 2)).unwrap());
+                    let rotated = if neox {
+                        candle_nn::rotary_emb::rope(&part, &cos, &sin).unwrap()
+                    } else {
+                        candle_nn::rotary_emb::rope_i(&part, &cos, &sin).unwrap()
+                    };
+                    rotated.reshape((rows, count * head_dim)).unwrap().to_vec2::<f32>().unwrap()
+                };
+                assert_eq!(queries.to_vec2::<f32>().unwrap(), rope(0, heads));
+                assert_eq!(keys.to_vec2::<f32>().unwrap(), rope(heads, kv_heads));
+                let expected_values = qkv.narrow(1, (heads + kv_heads) * head_dim, kv_heads * head_dim).unwrap();
+                assert_eq!(values.to_vec2::<f32>().unwrap(), expected_values.to_vec2::<f32>().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_equals_candles_silu_times_up_bit_for_bit() {
+        for rows in [3, 200] {
+            let gate_up = random(rows, 2 * 384, 4);
+            let fused = gate_up.apply_op1_no_bwd(&SwiGlu).expect("swiglu");
+            let gate = gate_up.narrow(1, 0, 384).unwrap();
+            let up = gate_up.narrow(1, 384, 384).unwrap();
+            let expected = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
+            assert_eq!(fused.to_vec2::<f32>().unwrap(), expected.to_vec2::<f32>().unwrap());
+        }
+        let odd = random(2, 5, 5);
+        let error = odd.apply_op1_no_bwd(&SwiGlu).unwrap_err().to_string();
+        assert!(error.contains("not a gate and an up of equal width"), "{error}");
+    }
 }

@@ -16,8 +16,10 @@
 //! - grouped-query attention reshapes the queries instead of repeating K/V;
 //! - projections that read the same input (q/k/v on the CPU, gate/up everywhere) are stacked into
 //!   one matrix product when that changes no weight bit;
-//! - at load, weights whose CPU kernels are scalar (Q4_1 and others) can be re-quantised to a
-//!   format with SIMD kernels ([`Requantize`]).
+//! - on the CPU, Q4_0/Q4_1/Q8_0 products run nstream-kernels where the CPU has AVX-512 VNNI, and
+//!   decode attention, the q/k/v split with RoPE and SwiGLU are single ops on candle's threads
+//!   (`crate::cpu`); at load, weights without a fast kernel are re-quantised to one that has
+//!   ([`Requantize`]).
 //!
 //! - [`LlamaModel::from_safetensors`] builds the same model from a Hugging Face checkpoint
 //!   (`model.layers.N.self_attn.q_proj.weight`...) with unquantised `QMatMul::Tensor` weights,
