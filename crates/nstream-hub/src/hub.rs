@@ -2,15 +2,29 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use hf_hub::api::Progress;
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Repo, RepoType};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unreachable};
 use crate::source::{ModelSource, SecretToken};
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// How long a request to the hub may take to connect and answer before the hub counts as
+/// unreachable: Python's `huggingface_hub` waits 10 s for its metadata request
+/// (`HF_HUB_ETAG_TIMEOUT`), and so do we.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After the hub was found unreachable, how long this process uses the cache without asking it
+/// again: a firewalled machine pays the timeout once per model file set, not once per file.
+const UNREACHABLE_MEMORY: Duration = Duration::from_secs(60);
+
+/// Endpoints found unreachable by this process, with when and why.
+static UNREACHABLE: Mutex<Vec<(String, Instant, String)>> = Mutex::new(Vec::new());
 
 /// Resolves [`ModelSource`]s to local files through a Hugging Face hub cache.
 ///
@@ -24,6 +38,7 @@ pub struct Hub {
     token: Option<SecretToken>,
     endpoint: String,
     progress: bool,
+    timeout: Duration,
 }
 
 impl Hub {
@@ -36,6 +51,7 @@ impl Hub {
             token: None,
             endpoint: DEFAULT_ENDPOINT.to_owned(),
             progress: std::io::stderr().is_terminal(),
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 
@@ -62,6 +78,16 @@ impl Hub {
         if let Some(endpoint) = lookup("HF_ENDPOINT") {
             hub = hub.with_endpoint(endpoint);
         }
+        match lookup("HF_HUB_ETAG_TIMEOUT").map(|value| value.trim().parse::<f64>()) {
+            Some(Ok(seconds)) if seconds.is_finite() && seconds > 0.0 => {
+                hub = hub.with_timeout(Duration::from_secs_f64(seconds.min(3600.0)));
+            }
+            Some(_) => tracing::warn!(
+                "HF_HUB_ETAG_TIMEOUT is not a positive number of seconds; using {} s",
+                DEFAULT_TIMEOUT.as_secs()
+            ),
+            None => {}
+        }
         hub
     }
 
@@ -83,6 +109,13 @@ impl Hub {
         self
     }
 
+    /// The same hub with another limit on how long the hub may take to connect and answer before
+    /// it counts as unreachable (and the cache is used when it holds the files).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// The same hub with the download progress bar on or off.
     pub fn with_progress(mut self, progress: bool) -> Self {
         self.progress = progress;
@@ -94,13 +127,19 @@ impl Hub {
         &self.cache_dir
     }
 
+    /// How long the hub may take to connect and answer before it counts as unreachable.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Whether this hub is offline.
     pub fn is_offline(&self) -> bool {
         self.offline
     }
 
-    /// The local path of `file` (a path inside the repo), downloading it when it is not cached and
-    /// the hub is online.
+    /// The local path of `file` (a path inside the repo): from the cache when it is there,
+    /// otherwise downloaded from the hub. When the hub cannot be reached the error says so and
+    /// names the file ([`Error::HubUnreachable`]).
     pub fn resolve_file(&self, source: &ModelSource, file: &str) -> Result<PathBuf> {
         source.validate()?;
         if let Some(path) = self.cached_file(source, file) {
@@ -120,13 +159,15 @@ impl Hub {
     }
 
     /// As [`Hub::resolve_file`], but `Ok(None)` when the repo has no such file (for optional files
-    /// such as `1_Pooling/config.json`). Offline, a file absent from a cached snapshot counts as
-    /// absent; an uncached repo is still an error.
+    /// such as `1_Pooling/config.json`). Offline or with the hub unreachable, a file absent from a
+    /// cached snapshot counts as absent (as Python's `huggingface_hub` does); an uncached repo is
+    /// still an error.
     pub fn resolve_optional(&self, source: &ModelSource, file: &str) -> Result<Option<PathBuf>> {
         match self.resolve_file(source, file) {
             Ok(path) => Ok(Some(path)),
             Err(Error::FileMissing { .. }) => Ok(None),
             Err(Error::OfflineNotCached { cached, .. }) if !cached.is_empty() => Ok(None),
+            Err(Error::HubUnreachable(_)) if !self.list_cached_files(source)?.is_empty() => Ok(None),
             Err(error) => Err(error),
         }
     }
@@ -145,7 +186,7 @@ impl Hub {
     }
 
     /// The files of the repo at the source's revision: from the hub when online, from the cache
-    /// when offline (an error when nothing is cached then).
+    /// when offline or when the hub cannot be reached (an error when nothing is cached then).
     pub fn list_files(&self, source: &ModelSource) -> Result<Vec<String>> {
         source.validate()?;
         if self.offline {
@@ -161,11 +202,98 @@ impl Hub {
             }
             return Ok(cached);
         }
+        let listed = match self.known_unreachable() {
+            Some(reason) => Err(self.unreachable(source, "", reason)),
+            None => self.list_files_online(source),
+        };
+        match listed {
+            Err(error @ Error::HubUnreachable(_)) => {
+                let cached = self.list_cached_files(source)?;
+                if cached.is_empty() {
+                    return Err(error);
+                }
+                tracing::debug!(repo = %source.repo_id, revision = source.revision(), "listed the cached snapshot");
+                Ok(cached)
+            }
+            other => other,
+        }
+    }
+
+    fn list_files_online(&self, source: &ModelSource) -> Result<Vec<String>> {
         let api = self.api(source, "")?;
-        let info = api.repo(self.repo(source)).info().map_err(|error| self.map_api_error(source, "", error))?;
+        let response = api
+            .repo(self.repo(source))
+            .info_request()
+            .timeout(self.timeout)
+            .call()
+            .map_err(|error| self.map_api_error(source, "", ApiError::RequestError(Box::new(error))))?;
+        let info: hf_hub::api::RepoInfo = response.into_json().map_err(|error| Error::Network {
+            repo_id: source.repo_id.clone(),
+            file: String::new(),
+            message: format!("the hub's file list is not valid JSON ({error})"),
+        })?;
         let mut files: Vec<String> = info.siblings.into_iter().map(|sibling| sibling.rfilename).collect();
         files.sort();
         Ok(files)
+    }
+
+    /// Why the hub was found unreachable, when that happened less than [`UNREACHABLE_MEMORY`] ago.
+    fn known_unreachable(&self) -> Option<String> {
+        let mut unreachable = UNREACHABLE.lock().unwrap_or_else(PoisonError::into_inner);
+        unreachable.retain(|(_, since, _)| since.elapsed() < UNREACHABLE_MEMORY);
+        unreachable.iter().find(|(endpoint, _, _)| *endpoint == self.endpoint).map(|(_, _, reason)| reason.clone())
+    }
+
+    /// Remembers that the hub cannot be reached, logging it once (a warning that the cache will be
+    /// used where it holds the files).
+    fn remember_unreachable(&self, reason: &str) {
+        let mut unreachable = UNREACHABLE.lock().unwrap_or_else(PoisonError::into_inner);
+        if unreachable.iter().any(|(endpoint, _, _)| *endpoint == self.endpoint) {
+            return;
+        }
+        unreachable.push((self.endpoint.clone(), Instant::now(), reason.to_owned()));
+        tracing::warn!(
+            endpoint = %self.endpoint,
+            reason,
+            "the Hugging Face hub cannot be reached; using the files in the local cache {} (set HF_HUB_OFFLINE=1 to skip the hub)",
+            self.cache_dir.display()
+        );
+    }
+
+    /// The error for a file (empty: the file list) that is not cached while the hub is unreachable.
+    fn unreachable(&self, source: &ModelSource, file: &str, reason: String) -> Error {
+        Error::HubUnreachable(Box::new(Unreachable {
+            repo_id: source.repo_id.clone(),
+            revision: source.revision().to_owned(),
+            file: file.to_owned(),
+            cache_dir: self.cache_dir.clone(),
+            endpoint: self.endpoint.clone(),
+            reason,
+        }))
+    }
+
+    /// Checks, within the timeout, that the hub answers at all before hf-hub downloads (hf-hub's
+    /// own client has no read timeout, so a hub that accepts and never answers would hang it).
+    /// Any HTTP status counts as an answer: hf-hub then reports the precise error.
+    fn check_reachable(&self, source: &ModelSource, file: &str) -> Result<()> {
+        if let Some(reason) = self.known_unreachable() {
+            return Err(self.unreachable(source, file, reason));
+        }
+        let agent = ureq::AgentBuilder::new()
+            .try_proxy_from_env(true)
+            .redirects(0)
+            .timeout_connect(self.timeout)
+            .timeout(self.timeout)
+            .build();
+        let url = format!("{}/api/models/{}/revision/{}", self.endpoint, source.repo_id, source.revision());
+        match agent.head(&url).call() {
+            Ok(_) | Err(ureq::Error::Status(..)) => Ok(()),
+            Err(ureq::Error::Transport(transport)) => {
+                let reason = transport_reason(&transport);
+                self.remember_unreachable(&reason);
+                Err(self.unreachable(source, file, reason))
+            }
+        }
     }
 
     /// The cache folder of the source's repo (`models--owner--name`).
@@ -217,6 +345,7 @@ impl Hub {
     }
 
     fn download(&self, source: &ModelSource, file: &str) -> Result<PathBuf> {
+        self.check_reachable(source, file)?;
         tracing::info!(repo = %source.repo_id, revision = source.revision(), file, "downloading from the hub");
         let api = self.api(source, file)?;
         let repo = api.repo(self.repo(source));
@@ -264,16 +393,21 @@ impl Hub {
                         },
                     }
                 }
-                ureq::Error::Transport(transport) => Error::Network {
-                    repo_id,
-                    file: file.to_owned(),
-                    message: format!("{} ({})", transport.kind(), transport.message().unwrap_or("no detail")),
-                },
+                ureq::Error::Transport(transport) => {
+                    let reason = transport_reason(&transport);
+                    self.remember_unreachable(&reason);
+                    self.unreachable(source, file, reason)
+                }
             },
-            ApiError::IoError(source_error) => Error::Io { path: self.cache_dir.clone(), source: source_error },
+            ApiError::IoError(source_error) => Error::Io { path: self.cache_dir.clone(), cause: source_error },
             other => Error::Network { repo_id, file: file.to_owned(), message: other.to_string() },
         }
     }
+}
+
+/// A transport error in one phrase, e.g. `connection refused (Connection Failed: ...)`.
+fn transport_reason(transport: &ureq::Transport) -> String {
+    format!("{}: {}", transport.kind(), transport.message().unwrap_or("no detail"))
 }
 
 fn is_commit_hash(revision: &str) -> bool {
@@ -281,9 +415,9 @@ fn is_commit_hash(revision: &str) -> bool {
 }
 
 fn collect_files(root: &Path, dir: &Path, files: &mut Vec<String>) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
+    let entries = std::fs::read_dir(dir).map_err(|cause| Error::Io { path: dir.to_owned(), cause })?;
     for entry in entries {
-        let entry = entry.map_err(|source| Error::Io { path: dir.to_owned(), source })?;
+        let entry = entry.map_err(|cause| Error::Io { path: dir.to_owned(), cause })?;
         let path = entry.path();
         if path.is_dir() {
             collect_files(root, &path, files)?;

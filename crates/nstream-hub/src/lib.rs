@@ -21,6 +21,6 @@ mod hub;
 mod source;
 
 pub use detect::{ResolvedModel, SAFETENSORS_INDEX, WeightFormat, detect_format, shard_files};
-pub use error::{Error, Result};
+pub use error::{Error, Result, Unreachable};
 pub use hub::Hub;
 pub use source::{ModelSource, SecretToken, glob_match};

@@ -117,7 +117,7 @@ impl SafetensorsFiles {
             nstream_hub::shard_files(&index)?.iter().map(|shard| dir.join(shard)).collect()
         } else {
             let entries =
-                std::fs::read_dir(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
+                std::fs::read_dir(dir).map_err(|cause| Error::Io { path: dir.display().to_string(), cause })?;
             let found: Vec<PathBuf> = entries
                 .filter_map(|entry| entry.ok().map(|entry| entry.path()))
                 .filter(|path| path.extension().is_some_and(|extension| extension == "safetensors"))
@@ -152,7 +152,7 @@ impl SafetensorsFiles {
 fn end_ids(config: &Path, generation_config: Option<&Path>) -> Result<(Vec<u32>, Option<u32>)> {
     let read = |path: &Path| -> Result<serde_json::Value> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|cause| Error::Io { path: file.clone(), cause })?;
         serde_json::from_str(&text)
             .map_err(|error| Error::InvalidModel { file, message: format!("not valid JSON: {error}") })
     };
@@ -381,7 +381,7 @@ impl LlmBackend {
     /// Loads a local GGUF file and starts the scheduler thread.
     pub fn from_gguf_file(name: impl Into<String>, path: &Path, options: LlmOptions) -> Result<Arc<Self>> {
         let name = name.into();
-        let io_error = |source| Error::Io { path: path.display().to_string(), source };
+        let io_error = |cause| Error::Io { path: path.display().to_string(), cause };
         let mut file = std::fs::File::open(path).map_err(io_error)?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|error| Error::InvalidModel { file: path.display().to_string(), message: error.to_string() })?;

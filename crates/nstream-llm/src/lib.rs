@@ -30,13 +30,8 @@
 //! `generation_config.json` for the end ids. Safetensors weights are computed in f32 on CPU and in
 //! the checkpoint's dtype on CUDA. A repo with both gets safetensors unless `file` selects a GGUF.
 //!
-//! Safetensors checkpoints are checked against transformers on tiny random Llama/Qwen2 models
-//! (tests/safetensors.rs): logits within 5e-6, greedy tokens equal.
-//!
-//! Checked against llama.cpp on SmolLM2-135M-Instruct Q4_1 (tests/fixtures/llm): token ids equal
-//! on 20 varied texts and 12 prompts; over 12 prompts x 32 greedy tokens, teacher-forced steps
-//! agree 370/384 with the stored Q4_1 weights and 361/384 after re-quantising to Q8_0, and the
-//! identical leading tokens are 161/384 and 102/384 (near-ties flip; docs/llm.md explains).
+//! How closely both layouts match transformers and llama.cpp, and how fast they run, is measured
+//! in docs/llm.md and docs/benchmarks.md (figures live there, where they are kept current).
 
 mod backend;
 mod cpu;

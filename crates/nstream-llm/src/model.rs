@@ -1245,7 +1245,7 @@ impl SafetensorsWeights {
         let mut dtype = dtype;
         for path in paths {
             let file = path.display().to_string();
-            let bytes = std::fs::read(path).map_err(|source| Error::Io { path: file.clone(), source })?;
+            let bytes = std::fs::read(path).map_err(|cause| Error::Io { path: file.clone(), cause })?;
             let slice = candle_core::safetensors::SliceSafetensors::new(&bytes)
                 .map_err(|error| hf_invalid(&file, format!("not a safetensors file: {error}")))?;
             let mut views = slice.tensors();
@@ -1323,7 +1323,7 @@ impl LlamaModel {
     ) -> Result<Self> {
         let config_file = config_path.display().to_string();
         let text =
-            std::fs::read_to_string(config_path).map_err(|source| Error::Io { path: config_file.clone(), source })?;
+            std::fs::read_to_string(config_path).map_err(|cause| Error::Io { path: config_file.clone(), cause })?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|error| hf_invalid(&config_file, format!("not valid JSON: {error}")))?;
         let config = LlamaConfig::from_hf_config(&json, &config_file)?;

@@ -317,7 +317,7 @@ impl HfTokenizerConfig {
     /// Reads `tokenizer_config.json` and `chat_template.jinja`, each when present.
     pub fn read(config: Option<&std::path::Path>, chat_template: Option<&std::path::Path>) -> Result<Self> {
         let read = |path: &std::path::Path| {
-            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })
+            std::fs::read_to_string(path).map_err(|cause| Error::Io { path: path.display().to_string(), cause })
         };
         let mut parsed = Self::default();
         if let Some(path) = config {

@@ -6,15 +6,14 @@
 pub enum Error {
     /// A call to the Kubernetes API failed.
     #[error("Kubernetes API call failed: {0}")]
-    Kube(#[source] kube::Error),
+    Kube(kube::Error),
     /// An object could not be serialised for the API server.
-    #[error("could not serialise {what}: {source}")]
+    #[error("could not serialise {what}: {cause}")]
     Serialise {
         /// What was being serialised.
         what: &'static str,
-        /// The serde error.
-        #[source]
-        source: serde_json::Error,
+        /// The serde error (shown in the message, so not also a `source()`).
+        cause: serde_json::Error,
     },
     /// The resource has no namespace or name (the API server never sends one like that).
     #[error("the resource has no {0}")]

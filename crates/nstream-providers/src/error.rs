@@ -29,28 +29,28 @@ pub enum ProviderError {
         reason: String,
     },
     /// An embedding model failed to load.
-    #[error("EmbeddingModel/{name}: {source}")]
+    #[error("EmbeddingModel/{name}: {cause}")]
     Embedding {
         /// The resource name.
         name: String,
         /// The cause (boxed: the embed error is large and this one travels far).
-        source: Box<nstream_embed::Error>,
+        cause: Box<nstream_embed::Error>,
     },
     /// A causal LM failed to load.
-    #[error("BaseModel/{name}: {source}")]
+    #[error("BaseModel/{name}: {cause}")]
     Llm {
         /// The resource name.
         name: String,
         /// The cause (boxed: it travels far).
-        source: Box<nstream_llm::Error>,
+        cause: Box<nstream_llm::Error>,
     },
     /// A MegaModel's client could not be built.
-    #[error("MegaModel/{name}: {source}")]
+    #[error("MegaModel/{name}: {cause}")]
     Hosted {
         /// The resource name.
         name: String,
         /// The cause.
-        source: nstream_hosted::Error,
+        cause: nstream_hosted::Error,
     },
     /// The model file has invalid documents.
     #[error("{path} has invalid documents:\n{report}")]
@@ -70,12 +70,12 @@ pub enum ProviderError {
     #[error(transparent)]
     Registry(#[from] nstream_server::ServerError),
     /// The listening socket could not be opened.
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}: {cause}")]
     Bind {
         /// host:port.
         address: String,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

@@ -63,7 +63,7 @@ pub fn hosted_backend(name: &str, spec: &MegaModelSpec, secrets: &SecretLookup) 
     let source = fields.and_then(ApiKeyFields::api_key_source).ok_or_else(missing)?;
     let key = resolve_secret(&source, secrets)?;
     HostedBackend::new(name, spec, key, hosted_options(spec))
-        .map_err(|source| ProviderError::Hosted { name: name.to_string(), source })
+        .map_err(|cause| ProviderError::Hosted { name: name.to_string(), cause })
 }
 
 /// The hub source of a serving info, with its token resolved.
@@ -96,7 +96,7 @@ pub fn load_model(
             let observer = exporter.as_ref().map(|exporter| exporter.observer(&name));
             let backend =
                 EmbeddingBackend::load_with(name.clone(), &Hub::from_env(), &source, options.embed.clone(), observer)
-                    .map_err(|source| ProviderError::Embedding { name: name.clone(), source: Box::new(source) })?;
+                    .map_err(|cause| ProviderError::Embedding { name: name.clone(), cause: Box::new(cause) })?;
             if let Some(exporter) = exporter {
                 exporter.track(&name, backend.metrics().clone());
             }
@@ -105,7 +105,7 @@ pub fn load_model(
         ModelResource::BaseModel(model) => {
             let source = model_source(&model.spec.base_model_serving_info, secrets)?;
             let backend = LlmBackend::load_with(name.clone(), &Hub::from_env(), &source, options.llm.clone())
-                .map_err(|source| ProviderError::Llm { name: name.clone(), source: Box::new(source) })?;
+                .map_err(|cause| ProviderError::Llm { name: name.clone(), cause: Box::new(cause) })?;
             if let Some(exporter) = exporter {
                 exporter.track_llm(&name, backend.metrics().clone());
             }
@@ -122,6 +122,6 @@ pub fn load_model(
 pub fn load_embedding_repo(repo_id: &str, options: &LoadOptions) -> Result<LoadedModel> {
     let name = repo_id.to_string();
     let backend = EmbeddingBackend::load(name.clone(), &ModelSource::new(repo_id), options.embed.clone())
-        .map_err(|source| ProviderError::Embedding { name: name.clone(), source: Box::new(source) })?;
+        .map_err(|cause| ProviderError::Embedding { name: name.clone(), cause: Box::new(cause) })?;
     Ok(LoadedModel { name, backend })
 }

@@ -96,8 +96,8 @@ pub async fn serve_models(models: Vec<LoadedModel>, settings: &ServeSettings, me
     let address = format!("{}:{}", settings.host, settings.port);
     let listener = tokio::net::TcpListener::bind(&address)
         .await
-        .map_err(|source| ProviderError::Bind { address: address.clone(), source })?;
-    let local = listener.local_addr().map_err(|source| ProviderError::Bind { address, source })?;
+        .map_err(|cause| ProviderError::Bind { address: address.clone(), cause })?;
+    let local = listener.local_addr().map_err(|cause| ProviderError::Bind { address, cause })?;
     tracing::info!(models = ?names, "serving on http://{local}/v1");
     nstream_server::serve(listener, app, nstream_server::shutdown_signal()).await?;
     tracing::info!("stopped");

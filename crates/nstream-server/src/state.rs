@@ -20,7 +20,13 @@ pub enum ServerError {
     EmptyModelName,
     /// Binding or serving the socket failed.
     #[error("server I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ServerError {
+    fn from(error: std::io::Error) -> Self {
+        Self::Io(error)
+    }
 }
 
 /// The served models, by the name clients put in `model`.
