@@ -62,7 +62,9 @@ struct Cli {
     #[arg(long, env = "NSTREAM_METRICS_ADDRESS", default_value = "0.0.0.0:8081")]
     metrics_address: SocketAddr,
     /// Elect a leader with a Lease, so several replicas can run (off: this replica always leads).
-    #[arg(long, env = "NSTREAM_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Off by default, as kubebuilder operators are, so a plain run against a new cluster works;
+    /// the shipped Deployment turns it on.
+    #[arg(long, env = "NSTREAM_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set)]
     leader_elect: bool,
     /// Namespace of the leader Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "nstream-system")]

@@ -154,7 +154,7 @@ async fn the_operator_on_a_real_api_server() {
     // Servers listen on a free port so the Deployment's own command can run on this machine, and
     // read weights from the cache only (the local run below has no network).
     let server_port = free_port().to_string();
-    let operator_args = ["--hub-offline", "--server-port", server_port.as_str()];
+    let operator_args = ["--hub-offline", "--leader-elect=true", "--server-port", server_port.as_str()];
     let mut first = Operator::start(&kubeconfig, "operator-a", testbed.path(), &operator_args);
 
     step("every example applies");

@@ -33,6 +33,9 @@ enum Command {
     /// Run a model over a dataset and write fine-tuning data (OpenAI chat format) with provenance,
     /// exactly once and resumable.
     Generate(Box<commands::generate::GenerateArgs>),
+    /// Run models (students, base, teacher) over a held-out set, score their answers against the
+    /// references and report how much of the teacher's lead each student closed.
+    Eval(Box<commands::eval::EvalArgs>),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Up(args) => nstream_providers::pin_candle_threads(args.serve.threads),
         Command::Chat(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Embed(_) | Command::Generate(_) => nstream_providers::pin_candle_threads(None),
+        Command::Eval(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Validate(_) | Command::Crds(_) | Command::Check(_) => {}
     }
     let result = match cli.command {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => commands::chat::run(&args),
         Command::Check(args) => commands::check::run(&args),
         Command::Generate(args) => commands::generate::run(*args),
+        Command::Eval(args) => commands::eval::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -69,6 +69,14 @@ pub enum Error {
         /// Recorded failures it holds.
         failed: usize,
     },
+    /// A data file as a whole is unusable (e.g. a held-out set with no record).
+    #[error("{}: {message}", path.display())]
+    InvalidData {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A setting is out of range.
     #[error("invalid setting `{setting}`: {reason}")]
     InvalidSetting {

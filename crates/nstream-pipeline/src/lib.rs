@@ -24,6 +24,7 @@
 //! this crate owns every retry and counts every request (see `nstream generate`).
 
 mod error;
+pub mod eval;
 pub mod input;
 pub mod journal;
 pub mod key;

@@ -69,7 +69,7 @@ impl AnswerCheck {
 }
 
 /// The inside of a Markdown code fence (```json ... ```), or the text trimmed.
-fn strip_fence(answer: &str) -> &str {
+pub(crate) fn strip_fence(answer: &str) -> &str {
     let trimmed = answer.trim();
     let Some(rest) = trimmed.strip_prefix("```") else { return trimmed };
     let Some(body) = rest.strip_suffix("```") else { return trimmed };

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use nstream_core::{MegaModelLimits, ModelResource};
+use nstream_core::ModelResource;
 use nstream_pipeline::{
     AnswerFormat, InputFormat, ModelInfo, OpenMode, Parameters, PriceTable, ProgressMode, Settings, Stop, Summary,
 };
@@ -274,20 +274,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let Some(input) = args.input.clone() else { bail!("--input is required") };
     let Some(output) = args.output.clone() else { bail!("--output is required") };
     let timeout = seconds(args.timeout.unwrap_or(120.0), "timeout")?;
-    let (mut requests_per_minute, mut tokens_per_minute) = (args.rpm, args.tpm);
-    let mut max_attempts = args.max_attempts;
-    if let ModelResource::MegaModel(model) = &mut resource {
-        // The pipeline owns retries and limits, so it sees (and journals) every request: the
-        // hosted client makes exactly one call per attempt and leaves pacing to the pipeline.
-        let limits = model.spec.limits.get_or_insert_with(MegaModelLimits::default);
-        requests_per_minute = requests_per_minute.or(limits.requests_per_minute);
-        tokens_per_minute = tokens_per_minute.or(limits.tokens_per_minute);
-        max_attempts = max_attempts.or(limits.max_retries.map(|retries| retries.saturating_add(1)));
-        limits.requests_per_minute = None;
-        limits.tokens_per_minute = None;
-        limits.max_retries = Some(0);
-        limits.timeout_seconds = Some(u32::try_from(timeout.as_secs().max(1)).unwrap_or(u32::MAX));
-    }
+    let limits = super::model_file::hand_limits_to_pipeline(&mut resource, timeout);
+    let requests_per_minute = args.rpm.or(limits.requests_per_minute);
+    let tokens_per_minute = args.tpm.or(limits.tokens_per_minute);
+    let max_attempts = args.max_attempts.or(limits.max_attempts);
     let info = ModelInfo::from_resource(&resource);
     let mut options = LoadOptions::default();
     options.llm.threads = args.threads;
