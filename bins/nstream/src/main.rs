@@ -33,6 +33,8 @@ enum Command {
     /// Run a model over a dataset and write fine-tuning data (OpenAI chat format) with provenance,
     /// exactly once and resumable.
     Generate(Box<commands::generate::GenerateArgs>),
+    /// Fine-tune a BaseModel (LoRA or full) on chat data and write a PEFT adapter, resumable.
+    Finetune(Box<commands::finetune::FinetuneArgs>),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Command::Up(args) => nstream_providers::pin_candle_threads(args.serve.threads),
         Command::Chat(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Embed(_) | Command::Generate(_) => nstream_providers::pin_candle_threads(None),
+        Command::Finetune(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Validate(_) | Command::Crds(_) | Command::Check(_) => {}
     }
     let result = match cli.command {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => commands::chat::run(&args),
         Command::Check(args) => commands::check::run(&args),
         Command::Generate(args) => commands::generate::run(*args),
+        Command::Finetune(args) => commands::finetune::run(*args),
     };
     match result {
         Ok(code) => code,
