@@ -33,6 +33,8 @@ enum Command {
     /// Run a model over a dataset and write fine-tuning data (OpenAI chat format) with provenance,
     /// exactly once and resumable.
     Generate(Box<commands::generate::GenerateArgs>),
+    /// Fine-tune a BaseModel (LoRA or full) on chat data and write a PEFT adapter, resumable.
+    Finetune(Box<commands::finetune::FinetuneArgs>),
     /// Run models (students, base, teacher) over a held-out set, score their answers against the
     /// references and report how much of the teacher's lead each student closed.
     Eval(Box<commands::eval::EvalArgs>),
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Up(args) => nstream_providers::pin_candle_threads(args.serve.threads),
         Command::Chat(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Embed(_) | Command::Generate(_) => nstream_providers::pin_candle_threads(None),
+        Command::Finetune(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Eval(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Validate(_) | Command::Crds(_) | Command::Check(_) => {}
     }
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => commands::chat::run(&args),
         Command::Check(args) => commands::check::run(&args),
         Command::Generate(args) => commands::generate::run(*args),
+        Command::Finetune(args) => commands::finetune::run(*args),
         Command::Eval(args) => commands::eval::run(*args),
     };
     match result {

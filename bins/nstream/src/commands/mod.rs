@@ -4,6 +4,7 @@ pub mod chat;
 pub mod check;
 pub mod crds;
 pub mod embed;
+pub mod finetune;
 pub mod eval;
 pub mod generate;
 mod model_file;
