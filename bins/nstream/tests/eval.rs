@@ -119,6 +119,14 @@ async fn scores_students_against_the_teacher_and_resumes_without_new_requests() 
         assert!(low.is_some_and(|low| low < 0.75) && high.is_some_and(|high| high > 0.75 && high <= 1.0), "{report:#}");
     }
     assert_eq!(metric(&report, "smollm2-135m-instruct", "exact")["mean"], 0.0, "{report:#}");
+    // The BaseModel also gives the reference answers' loss (teacher forcing, no generation); the
+    // hosted models have none.
+    let smollm2 =
+        report["models"].as_array().and_then(|models| models.iter().find(|entry| entry["role"] == "base")).cloned();
+    let loss = smollm2.map(|entry| entry["loss"].clone()).unwrap_or(Value::Null);
+    assert!(loss["mean"].as_f64().is_some_and(|mean| mean > 0.5 && mean.is_finite()), "{loss}");
+    assert!(loss["tokens"].as_u64().is_some_and(|tokens| tokens > 8 * 10), "{loss}");
+    assert!(report["models"][0]["loss"].is_null(), "{report:#}");
     // The mirror answers as the teacher does: it closed the whole gap; roles have none.
     assert_eq!(metric(&report, "mirror", "exact")["gap_closed"], 1.0, "{report:#}");
     assert_eq!(metric(&report, "teacher", "exact")["gap_closed"], Value::Null);

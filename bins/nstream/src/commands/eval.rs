@@ -9,12 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use candle_core::Device;
 use clap::{Args, ValueEnum};
 use nstream_backend::ModelBackend;
+use nstream_backend::chat::{ChatMessage, Role as ChatRole};
 use nstream_core::ModelResource;
-use nstream_pipeline::eval::{EvalModel, EvalReport, EvalSettings, Judge, Role, Scorer, evaluate};
+use nstream_llm::template::ChatTemplate;
+use nstream_llm::tokenizer::LlmTokenizer;
+use nstream_pipeline::eval::{EvalModel, EvalReport, EvalSettings, Judge, ReferenceLoss, Role, Scorer, evaluate};
 use nstream_pipeline::{ModelInfo, OpenMode, PriceTable, ProgressMode};
 use nstream_providers::{LoadOptions, SecretLookup, load_model};
+use nstream_tune::data::tokenize_messages;
+use nstream_tune::forward::{Batch, TrainModel};
 
 use super::model_file::{PipelineLimits, hand_limits_to_pipeline, pick};
 
@@ -89,6 +95,10 @@ pub struct EvalArgs {
     /// CPU threads of local models.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Skip the reference answers' loss under BaseModels (it loads a dense f32 copy of each
+    /// BaseModel's weights besides the served one: 4 bytes per parameter).
+    #[arg(long)]
+    pub no_reference_loss: bool,
     /// How the summary is printed on standard output.
     #[arg(short = 'o', long = "output-format", value_enum, default_value_t = OutputFormat::Text)]
     pub output_format: OutputFormat,
@@ -139,6 +149,45 @@ fn load(
     Ok(((name, info, loaded.backend), limits))
 }
 
+/// The reference answers' loss under a BaseModel: nstream-tune's training forward (the weights
+/// dense in f32, a GGUF dequantised), the model's chat template and tokenizer, loss on the
+/// reference answer's tokens only, as fine-tuning computes it.
+struct TrainingForwardLoss {
+    model: TrainModel,
+    tokenizer: LlmTokenizer,
+    template: ChatTemplate,
+}
+
+impl TrainingForwardLoss {
+    fn load(resource: &ModelResource) -> anyhow::Result<Self> {
+        let base = super::finetune::load_training_base(resource, &Device::Cpu)?;
+        let model = TrainModel::new(base.config, base.weights, None, 0)?;
+        Ok(Self { model, tokenizer: base.tokenizer, template: base.template })
+    }
+}
+
+impl ReferenceLoss for TrainingForwardLoss {
+    fn reference_loss(&self, messages: &[serde_json::Value], reference: &str) -> Result<(f64, usize), String> {
+        let mut chat = messages
+            .iter()
+            .map(|message| serde_json::from_value::<ChatMessage>(message.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("a message is not an OpenAI chat message: {error}"))?;
+        chat.push(ChatMessage::new(ChatRole::Assistant, reference));
+        let (tokens, mask) = tokenize_messages(&chat, &self.template, &self.tokenizer, "a held-out item")
+            .map_err(|error| error.to_string())?;
+        let batch = Batch::new(&[(&tokens, &mask)]);
+        let targets = batch.target_count();
+        let loss = self
+            .model
+            .summed_loss(&batch, None)
+            .map_err(|error| error.to_string())?
+            .to_scalar::<f32>()
+            .map_err(|error| error.to_string())?;
+        Ok((f64::from(loss), targets))
+    }
+}
+
 /// Runs `nstream eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     super::init_logging();
@@ -169,7 +218,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let (mut requests_per_minute, mut tokens_per_minute) = (args.rpm, args.tpm);
     for argument in &args.models {
         let resource = resolve(argument, args.file.as_deref(), "chat model", chat)?;
-        let ((name, info, backend), limits) = load(resource, timeout, args.threads)?;
+        let ((name, info, backend), limits) = load(resource.clone(), timeout, args.threads)?;
         requests_per_minute = requests_per_minute.or(limits.requests_per_minute);
         tokens_per_minute = tokens_per_minute.or(limits.tokens_per_minute);
         let role = if args.base.as_deref() == Some(name.as_str()) {
@@ -179,7 +228,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         } else {
             Role::Student
         };
-        models.push(EvalModel::new(name, backend, info).with_role(role));
+        let mut model = EvalModel::new(name, backend, info).with_role(role);
+        if !args.no_reference_loss && matches!(resource, ModelResource::BaseModel(_)) {
+            model = model.with_loss(Arc::new(TrainingForwardLoss::load(&resource)?));
+        }
+        models.push(model);
     }
     for (flag, wanted) in
         [("--base", &args.base), ("--teacher", &args.teacher), ("--reference-model", &args.reference_model)]

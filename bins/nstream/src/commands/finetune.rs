@@ -334,13 +334,11 @@ fn watch_interrupts(stop: Arc<AtomicBool>) {
     }
 }
 
-/// Runs the fine-tuning and prints the summary.
-pub fn run(args: FinetuneArgs) -> anyhow::Result<ExitCode> {
-    super::init_logging();
-    let args = merge(args)?;
-    let settings = settings(&args)?;
-    let resource = pick_model(&args)?;
-    let ModelResource::BaseModel(model) = &resource else { bail!("--model must be a BaseModel") };
+/// A BaseModel's weights as the training forward uses them: resolved through the hub exactly as
+/// serving resolves them, dense f32 (a GGUF dequantised). `nstream eval` scores reference losses
+/// with the same.
+pub(crate) fn load_training_base(resource: &ModelResource, device: &Device) -> anyhow::Result<BaseModel> {
+    let ModelResource::BaseModel(model) = resource else { bail!("--model must be a BaseModel") };
     let label = format!("BaseModel/{}", resource.name().unwrap_or_default());
     let info = &model.spec.base_model_serving_info;
     let source =
@@ -348,9 +346,17 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<ExitCode> {
     let resolved = Hub::from_env()
         .resolve_model(&source)
         .with_context(|| format!("{label}: cannot resolve {}", info.hf_model_id))?;
-    let device = device(args.device.as_deref())?;
-    let base = BaseModel::load(&resolved, info.revision.as_deref(), &device, DType::F32)
-        .with_context(|| format!("cannot load {label}"))?;
+    BaseModel::load(&resolved, info.revision.as_deref(), device, DType::F32)
+        .with_context(|| format!("cannot load {label}"))
+}
+
+/// Runs the fine-tuning and prints the summary.
+pub fn run(args: FinetuneArgs) -> anyhow::Result<ExitCode> {
+    super::init_logging();
+    let args = merge(args)?;
+    let settings = settings(&args)?;
+    let resource = pick_model(&args)?;
+    let base = load_training_base(&resource, &device(args.device.as_deref())?)?;
     let stop = Arc::new(AtomicBool::new(false));
     watch_interrupts(Arc::clone(&stop));
     let summary = nstream_tune::finetune(base, &settings, args.resume, &stop)?;
