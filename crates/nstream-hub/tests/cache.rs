@@ -7,23 +7,11 @@ use nstream_hub::{Error, Hub, ModelSource, WeightFormat};
 
 const REVISION: &str = "0123456789abcdef0123456789abcdef01234567";
 
-/// Writes `files` into `hub/models--owner--name` as blobs + snapshot symlinks + refs/main.
+mod common;
+
+/// The fake repo at this file's revision.
 fn fake_repo(hub: &Path, repo_id: &str, files: &[(&str, &str)]) -> PathBuf {
-    let repo = hub.join(format!("models--{}", repo_id.replace('/', "--")));
-    let snapshot = repo.join("snapshots").join(REVISION);
-    std::fs::create_dir_all(repo.join("blobs")).expect("blobs");
-    std::fs::create_dir_all(repo.join("refs")).expect("refs");
-    std::fs::write(repo.join("refs/main"), REVISION).expect("ref");
-    for (index, (name, content)) in files.iter().enumerate() {
-        let blob = format!("blob{index}");
-        std::fs::write(repo.join("blobs").join(&blob), content).expect("blob");
-        let link = snapshot.join(name);
-        std::fs::create_dir_all(link.parent().expect("parent")).expect("snapshot dir");
-        let depth = name.matches('/').count() + 2;
-        let target = format!("{}blobs/{blob}", "../".repeat(depth));
-        std::os::unix::fs::symlink(target, &link).expect("symlink");
-    }
-    repo
+    common::fake_repo(hub, repo_id, REVISION, files)
 }
 
 fn offline_hub(dir: &Path) -> Hub {
