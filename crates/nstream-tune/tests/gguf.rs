@@ -17,7 +17,15 @@ const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 fn permute_rows(weight: &Tensor, heads: usize) -> Tensor {
     let (rows, columns) = weight.dims2().unwrap();
     let half = rows / heads / 2;
-    weight.reshape((heads, 2, half, columns)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, columns)).unwrap()
+    weight
+        .reshape((heads, 2, half, columns))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, columns))
+        .unwrap()
 }
 
 fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -28,11 +36,22 @@ fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn a_dequantised_gguf_base_tracks_the_serving_forward() {
     let hub = Hub::from_env().with_offline(true);
     let source = ModelSource::new(REPO).with_file(FILE);
-    let resolved = hub.resolve_model(&source).expect("the SmolLM2 GGUF in the offline cache (scripts/offline-models.sh)");
+    let resolved =
+        hub.resolve_model(&source).expect("the SmolLM2 GGUF in the offline cache (scripts/offline-models.sh)");
     let base = BaseModel::load(&resolved, None, &Device::Cpu, DType::F32).expect("base");
     assert_eq!(base.provenance.format, "gguf");
     assert_eq!(base.provenance.files, vec![FILE.to_owned()]);
-    let prompt = base.template.render(&[nstream_backend::chat::ChatMessage::new(nstream_backend::chat::Role::User, "Name three colours of the rainbow.")], true, None).unwrap();
+    let prompt = base
+        .template
+        .render(
+            &[nstream_backend::chat::ChatMessage::new(
+                nstream_backend::chat::Role::User,
+                "Name three colours of the rainbow.",
+            )],
+            true,
+            None,
+        )
+        .unwrap();
     let tokens = base.tokenizer.encode(&prompt, false).unwrap();
     let tokens = &tokens[tokens.len() - 12..];
 
