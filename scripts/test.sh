@@ -32,3 +32,7 @@ NSTREAM_SERVER_BIN="$CARGO_TARGET_DIR/debug/nstream-server" "$python" -m pytest 
   [[ $status -ne 5 ]] || echo "pytest collected no tests in tests/python" >&2
   exit "$status"
 }
+
+echo "== fine-tuning parity with PyTorch + transformers + peft (tiny checkpoint; docs/finetune.md)"
+# Its pinned venv (torch from PyPI, a few GB) is built once and cached outside the repository.
+scripts/finetune-parity.sh

@@ -107,6 +107,52 @@ impl Batch {
     }
 }
 
+/// `x W^T` for a frozen `W`, whose backward pass computes only the input's gradient: candle's
+/// matrix-product backward also computes (and allocates) the gradient of a frozen weight, which
+/// in LoRA training cost more than the rest of the step.
+struct FrozenLinear {
+    weight: Tensor,
+}
+
+fn contiguous_view<D: candle_core::WithDType>(
+    storage: &candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<Tensor> {
+    let values = storage.as_slice::<D>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Tensor::from_slice(&values[start..end], layout.shape().clone(), &Device::Cpu),
+        None => Err(candle_core::Error::Msg("frozen-linear needs a contiguous input".into())),
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = match storage {
+            candle_core::CpuStorage::F32(_) => contiguous_view::<f32>(storage, layout)?,
+            candle_core::CpuStorage::F64(_) => contiguous_view::<f64>(storage, layout)?,
+            _ => return Err(candle_core::Error::Msg("frozen-linear runs in f32 or f64".into())),
+        };
+        let y = x.matmul(&self.weight.t()?)?;
+        let (guard, _) = y.storage_and_layout();
+        match &*guard {
+            candle_core::Storage::Cpu(cpu) => Ok((cpu.clone(), y.shape().clone())),
+            _ => Err(candle_core::Error::Msg("frozen-linear ran off the CPU".into())),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _result: &Tensor, gradient: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(gradient.matmul(&self.weight)?))
+    }
+}
+
 /// Square root of the mean of squares, as Llama's RMSNorm, from differentiable operations.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -284,7 +330,7 @@ impl TrainModel {
     fn linear(&self, x: &Tensor, layer: usize, module: Module, dropout: Option<u64>) -> Result<Tensor> {
         let prefix = format!("model.layers.{layer}.{}", module.path());
         let weight = self.weight(&format!("{prefix}.weight"))?;
-        let mut y = x.matmul(&weight.t()?)?;
+        let mut y = self.frozen_or_trained_product(x, weight)?;
         if let Some(bias) = self.weights.get(&format!("{prefix}.bias")) {
             y = y.broadcast_add(bias)?;
         }
@@ -376,6 +422,16 @@ impl TrainModel {
         rms_norm(&hidden, self.weight("model.norm.weight")?, config.rms_norm_eps)
     }
 
+    /// `x W^T`: through [`FrozenLinear`] when `W` is frozen (LoRA) on the CPU, else candle's
+    /// product (whose backward computes `W`'s gradient too).
+    fn frozen_or_trained_product(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        if self.lora_spec.is_some() && self.device.is_cpu() {
+            Ok(x.contiguous()?.apply_op1(FrozenLinear { weight: weight.clone() })?)
+        } else {
+            Ok(x.matmul(&weight.t()?)?)
+        }
+    }
+
     fn output_head(&self) -> Result<&Tensor> {
         match self.weights.get("lm_head.weight") {
             Some(head) => Ok(head),
@@ -399,7 +455,7 @@ impl TrainModel {
         let hidden = self.hidden_states(batch, dropout)?;
         let rows = Tensor::from_vec(batch.target_rows.clone(), batch.target_rows.len(), &self.device)?;
         let selected = hidden.index_select(&rows, 0)?;
-        let logits = selected.matmul(&self.output_head()?.t()?)?;
+        let logits = self.frozen_or_trained_product(&selected, self.output_head()?)?;
         let max = logits.max_keepdim(D::Minus1)?.detach();
         let shifted = logits.broadcast_sub(&max)?;
         let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

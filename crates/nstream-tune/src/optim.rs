@@ -59,15 +59,13 @@ impl AdamW {
         let bias_correction2_sqrt = bias_correction2.sqrt();
         let decay = 1.0 - learning_rate * weight_decay;
         for ((parameter, gradient), moments) in parameters.iter_mut().zip(gradients).zip(&mut self.moments) {
-            for index in 0..parameter.len() {
-                let g = gradient[index];
-                let m = &mut moments.m[index];
-                let v = &mut moments.v[index];
-                parameter[index] *= decay;
+            let values = parameter.iter_mut().zip(gradient).zip(moments.m.iter_mut().zip(moments.v.iter_mut()));
+            for ((value, &g), (m, v)) in values {
+                *value *= decay;
                 *m = *m * beta1 + (1.0 - beta1) * g;
                 *v = *v * beta2 + (1.0 - beta2) * g * g;
                 let denominator = v.sqrt() / bias_correction2_sqrt + epsilon;
-                parameter[index] -= step_size * *m / denominator;
+                *value -= step_size * *m / denominator;
             }
         }
     }
