@@ -11,8 +11,8 @@ use crate::patterns;
 use crate::quantity::ResourceQuantity;
 use crate::secret::SecretString;
 use crate::spec::{
-    ApiKeyFields, BaseModelSpec, EmbeddingModelSpec, MegaModelProvider, MegaModelSpec, Resources, ServingInfo,
-    ServingTemplate,
+    ApiKeyFields, BaseModelSpec, EmbeddingModelSpec, MegaModelSpec, ProviderTemplate, Resources,
+    ServingInfo, ServingTemplate,
 };
 
 /// One thing wrong with a resource.
@@ -210,8 +210,7 @@ impl Check for MegaModelSpec {
                 check_api_key(fields, &format!("{template_path}.{name}"), &mut problems);
             }
         }
-        if self.model_provider == MegaModelProvider::AzureOpenAI
-            && let Some(azure) = &template.azure_open_ai
+        if let Some(ProviderTemplate::AzureOpenAI(azure)) = self.provider_template()
             && azure.endpoint.contains("/openai/deployments/")
         {
             problems.push(Problem::new(

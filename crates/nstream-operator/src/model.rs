@@ -7,8 +7,8 @@ use k8s_openapi::NamespaceResourceScope;
 use kube::Resource;
 use nstream_core::validate::Check;
 use nstream_core::{
-    ApiKeyFields, BaseModel, EmbeddingModel, MegaModel, MegaModelProvider, MegaModelSpec, ModelStatus, SecretKeyRef,
-    SecretSource, SecretString, ServingTemplate,
+    BaseModel, EmbeddingModel, MegaModel, MegaModelSpec, ModelStatus, SecretKeyRef, SecretSource,
+    SecretString, ServingTemplate,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -234,12 +234,7 @@ impl ServedResource for MegaModel {
     fn served(&self) -> Served {
         let mut served = base(Self::KIND, &self.metadata);
         served.problems = problems_of(&self.spec);
-        let template = &self.spec.model_template;
-        let source = match self.spec.model_provider {
-            MegaModelProvider::AzureOpenAI => template.azure_open_ai.as_ref().and_then(ApiKeyFields::api_key_source),
-            MegaModelProvider::OpenAI => template.open_ai.as_ref().and_then(ApiKeyFields::api_key_source),
-            MegaModelProvider::Anthropic => template.anthropic.as_ref().and_then(ApiKeyFields::api_key_source),
-        };
+        let source = self.spec.provider_template().and_then(|template| template.api_key_fields().api_key_source());
         served.credential = credential_of(source, "apikey");
         let reference = SecretKeyRef { name: credentials_secret_name(Self::KIND, &served.name), key: "apikey".into() };
         let mut spec = self.spec.clone();

@@ -41,7 +41,7 @@ pub mod validate;
 pub use error::{Error, Result};
 pub use input::InputFormat;
 pub use journal::OpenMode;
-pub use model::ModelInfo;
+pub use model::{ModelInfo, ModelKind};
 pub use output::OutputPaths;
 pub use price::{Price, PriceTable};
 pub use progress::ProgressMode;
