@@ -30,6 +30,7 @@ pub mod key;
 pub mod limits;
 mod model;
 pub mod output;
+mod plan;
 pub mod price;
 pub mod progress;
 mod run;
