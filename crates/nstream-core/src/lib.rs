@@ -36,7 +36,7 @@ pub use replicas::Replicas;
 pub use secret::{SecretKeyRef, SecretSource, SecretString};
 pub use spec::{
     AnthropicTemplate, ApiKeyFields, AzureOpenAiTemplate, BaseModel, BaseModelSpec, EmbeddingModel, EmbeddingModelSpec,
-    MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec, ModelHub, ModelTemplate,
+    HubModelSpec, MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec, ModelHub, ModelTemplate,
     OpenAiTemplate, ProviderTemplate, Resources, ServingInfo, ServingTemplate,
 };
 pub use status::ModelStatus;

@@ -458,6 +458,41 @@ pub struct EmbeddingModelSpec {
     pub embedding_model_serving_template: ServingTemplate,
 }
 
+/// What the BaseModel and EmbeddingModel specs share: a model from the hub and the servers that
+/// serve it, under field names that differ only by their prefix. Code that treats both alike
+/// (validation, the operator's served form) is written once against it.
+pub trait HubModelSpec {
+    /// The prefix of the spec's fields: `baseModel` or `embeddingModel`.
+    const FIELD_PREFIX: &'static str;
+    /// Where the weights come from (`<prefix>ServingInfo`).
+    fn serving_info(&self) -> &ServingInfo;
+    /// The same, to rewrite (the operator moves an inline token into a Secret).
+    fn serving_info_mut(&mut self) -> &mut ServingInfo;
+    /// How many servers, and how big (`<prefix>ServingTemplate`).
+    fn serving_template(&self) -> &ServingTemplate;
+}
+
+macro_rules! hub_model_spec {
+    ($($spec:ty: $prefix:literal, $info:ident, $template:ident;)*) => {$(
+        impl HubModelSpec for $spec {
+            const FIELD_PREFIX: &'static str = $prefix;
+            fn serving_info(&self) -> &ServingInfo {
+                &self.$info
+            }
+            fn serving_info_mut(&mut self) -> &mut ServingInfo {
+                &mut self.$info
+            }
+            fn serving_template(&self) -> &ServingTemplate {
+                &self.$template
+            }
+        }
+    )*};
+}
+hub_model_spec! {
+    BaseModelSpec: "baseModel", base_model_serving_info, base_model_serving_template;
+    EmbeddingModelSpec: "embeddingModel", embedding_model_serving_info, embedding_model_serving_template;
+}
+
 /// Where a Hugging Face model's files come from.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
 #[x_kube(validation = Rule::new("!(has(self.modelProviderToken) && has(self.modelProviderTokenSecretRef))").message("set at most one of modelProviderToken and modelProviderTokenSecretRef"))]
