@@ -36,8 +36,8 @@ pub use replicas::Replicas;
 pub use secret::{SecretKeyRef, SecretSource, SecretString};
 pub use spec::{
     AnthropicTemplate, ApiKeyFields, AzureOpenAiTemplate, BaseModel, BaseModelSpec, EmbeddingModel, EmbeddingModelSpec,
-    MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec, ModelHub, ModelTemplate, OpenAiTemplate, Resources,
-    ServingInfo, ServingTemplate,
+    HubModelSpec, MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec, ModelHub, ModelTemplate,
+    OpenAiTemplate, ProviderTemplate, Resources, ServingInfo, ServingTemplate,
 };
 pub use status::ModelStatus;
 pub use validate::{Check, Problem};

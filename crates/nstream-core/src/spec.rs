@@ -75,6 +75,61 @@ pub struct MegaModelSpec {
     pub limits: Option<MegaModelLimits>,
 }
 
+impl MegaModelSpec {
+    /// The template this MegaModel uses: the one of `modelProvider`, or `None` when the spec
+    /// lacks it (`nstream validate` reports that). The one place that decides which template
+    /// goes with which provider; every crate that reads a MegaModel's connection asks here.
+    pub fn provider_template(&self) -> Option<ProviderTemplate<'_>> {
+        let template = &self.model_template;
+        match self.model_provider {
+            MegaModelProvider::AzureOpenAI => template.azure_open_ai.as_ref().map(ProviderTemplate::AzureOpenAI),
+            MegaModelProvider::OpenAI => template.open_ai.as_ref().map(ProviderTemplate::OpenAI),
+            MegaModelProvider::Anthropic => template.anthropic.as_ref().map(ProviderTemplate::Anthropic),
+        }
+    }
+}
+
+/// The template of a MegaModel's provider, borrowed from its spec
+/// ([`MegaModelSpec::provider_template`]); it also says which wire format the provider speaks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ProviderTemplate<'a> {
+    /// Azure OpenAI: OpenAI's wire format at a deployment URL, with an `api-version`.
+    AzureOpenAI(&'a AzureOpenAiTemplate),
+    /// OpenAI or an OpenAI-compatible endpoint: OpenAI's wire format.
+    OpenAI(&'a OpenAiTemplate),
+    /// Anthropic's Messages API.
+    Anthropic(&'a AnthropicTemplate),
+}
+
+impl<'a> ProviderTemplate<'a> {
+    /// The provider whose template this is.
+    pub fn provider(self) -> MegaModelProvider {
+        match self {
+            Self::AzureOpenAI(_) => MegaModelProvider::AzureOpenAI,
+            Self::OpenAI(_) => MegaModelProvider::OpenAI,
+            Self::Anthropic(_) => MegaModelProvider::Anthropic,
+        }
+    }
+
+    /// The key fields (`apikey`, `apikeySecretRef`) of the template.
+    pub fn api_key_fields(self) -> &'a dyn ApiKeyFields {
+        match self {
+            Self::AzureOpenAI(template) => template,
+            Self::OpenAI(template) => template,
+            Self::Anthropic(template) => template,
+        }
+    }
+
+    /// The endpoint as configured, with the provider's default where the field is optional.
+    pub fn endpoint(self) -> &'a str {
+        match self {
+            Self::AzureOpenAI(template) => &template.endpoint,
+            Self::OpenAI(template) => template.endpoint_or_default(),
+            Self::Anthropic(template) => template.endpoint_or_default(),
+        }
+    }
+}
+
 /// Client-side rate limits, timeouts and retries of a MegaModel.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Validate)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -401,6 +456,41 @@ pub struct EmbeddingModelSpec {
     #[serde(default)]
     #[validate(nested)]
     pub embedding_model_serving_template: ServingTemplate,
+}
+
+/// What the BaseModel and EmbeddingModel specs share: a model from the hub and the servers that
+/// serve it, under field names that differ only by their prefix. Code that treats both alike
+/// (validation, the operator's served form) is written once against it.
+pub trait HubModelSpec {
+    /// The prefix of the spec's fields: `baseModel` or `embeddingModel`.
+    const FIELD_PREFIX: &'static str;
+    /// Where the weights come from (`<prefix>ServingInfo`).
+    fn serving_info(&self) -> &ServingInfo;
+    /// The same, to rewrite (the operator moves an inline token into a Secret).
+    fn serving_info_mut(&mut self) -> &mut ServingInfo;
+    /// How many servers, and how big (`<prefix>ServingTemplate`).
+    fn serving_template(&self) -> &ServingTemplate;
+}
+
+macro_rules! hub_model_spec {
+    ($($spec:ty: $prefix:literal, $info:ident, $template:ident;)*) => {$(
+        impl HubModelSpec for $spec {
+            const FIELD_PREFIX: &'static str = $prefix;
+            fn serving_info(&self) -> &ServingInfo {
+                &self.$info
+            }
+            fn serving_info_mut(&mut self) -> &mut ServingInfo {
+                &mut self.$info
+            }
+            fn serving_template(&self) -> &ServingTemplate {
+                &self.$template
+            }
+        }
+    )*};
+}
+hub_model_spec! {
+    BaseModelSpec: "baseModel", base_model_serving_info, base_model_serving_template;
+    EmbeddingModelSpec: "embeddingModel", embedding_model_serving_info, embedding_model_serving_template;
 }
 
 /// Where a Hugging Face model's files come from.

@@ -11,8 +11,8 @@ use crate::patterns;
 use crate::quantity::ResourceQuantity;
 use crate::secret::SecretString;
 use crate::spec::{
-    ApiKeyFields, BaseModelSpec, EmbeddingModelSpec, MegaModelProvider, MegaModelSpec, Resources, ServingInfo,
-    ServingTemplate,
+    ApiKeyFields, BaseModelSpec, EmbeddingModelSpec, HubModelSpec, MegaModelSpec, ProviderTemplate, Resources,
+    ServingInfo, ServingTemplate,
 };
 
 /// One thing wrong with a resource.
@@ -210,8 +210,7 @@ impl Check for MegaModelSpec {
                 check_api_key(fields, &format!("{template_path}.{name}"), &mut problems);
             }
         }
-        if self.model_provider == MegaModelProvider::AzureOpenAI
-            && let Some(azure) = &template.azure_open_ai
+        if let Some(ProviderTemplate::AzureOpenAI(azure)) = self.provider_template()
             && azure.endpoint.contains("/openai/deployments/")
         {
             problems.push(Problem::new(
@@ -301,33 +300,25 @@ fn check_serving_template(template: &ServingTemplate, path: &str, problems: &mut
     }
 }
 
+/// The problems of a BaseModel or EmbeddingModel spec: its field rules, its serving info and
+/// its serving template.
+fn hub_model_problems<S: HubModelSpec + Validate>(spec: &S, prefix: &str) -> Vec<Problem> {
+    let mut problems = field_rules(spec, prefix);
+    let fields = S::FIELD_PREFIX;
+    check_serving_info(spec.serving_info(), &format!("{prefix}.{fields}ServingInfo"), &mut problems);
+    check_serving_template(spec.serving_template(), &format!("{prefix}.{fields}ServingTemplate"), &mut problems);
+    problems
+}
+
 impl Check for BaseModelSpec {
     fn problems(&self, prefix: &str) -> Vec<Problem> {
-        let mut problems = field_rules(self, prefix);
-        check_serving_info(&self.base_model_serving_info, &format!("{prefix}.baseModelServingInfo"), &mut problems);
-        check_serving_template(
-            &self.base_model_serving_template,
-            &format!("{prefix}.baseModelServingTemplate"),
-            &mut problems,
-        );
-        problems
+        hub_model_problems(self, prefix)
     }
 }
 
 impl Check for EmbeddingModelSpec {
     fn problems(&self, prefix: &str) -> Vec<Problem> {
-        let mut problems = field_rules(self, prefix);
-        check_serving_info(
-            &self.embedding_model_serving_info,
-            &format!("{prefix}.embeddingModelServingInfo"),
-            &mut problems,
-        );
-        check_serving_template(
-            &self.embedding_model_serving_template,
-            &format!("{prefix}.embeddingModelServingTemplate"),
-            &mut problems,
-        );
-        problems
+        hub_model_problems(self, prefix)
     }
 }
 

@@ -14,7 +14,7 @@ use nstream_backend::{
     BackendError, Capability, ChatCompletionStream, EmbeddingRequest, EmbeddingResponse, Health, InputItem,
     ModelBackend, ModelDescription, ModelKind, Usage,
 };
-use nstream_core::{MegaModelProvider, MegaModelSpec, SecretString};
+use nstream_core::{MegaModelProvider, MegaModelSpec, ProviderTemplate, SecretString};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -82,10 +82,8 @@ impl HostedBackend {
         }
         let provider = spec.model_provider;
         let missing = || Error::MissingTemplate { provider: provider.as_str(), template: provider.template_field() };
-        let template = &spec.model_template;
-        let (endpoint, wire) = match provider {
-            MegaModelProvider::AzureOpenAI => {
-                let azure = template.azure_open_ai.as_ref().ok_or_else(missing)?;
+        let (endpoint, wire) = match spec.provider_template().ok_or_else(missing)? {
+            ProviderTemplate::AzureOpenAI(azure) => {
                 let endpoint = normalise_endpoint(&azure.endpoint)?;
                 let wire = OpenAiWire::Azure {
                     endpoint: endpoint.clone(),
@@ -94,8 +92,7 @@ impl HostedBackend {
                 };
                 (endpoint, Wire::OpenAi(wire))
             }
-            MegaModelProvider::OpenAI => {
-                let open_ai = template.open_ai.as_ref().ok_or_else(missing)?;
+            ProviderTemplate::OpenAI(open_ai) => {
                 let endpoint = normalise_endpoint(open_ai.endpoint_or_default())?;
                 let wire = OpenAiWire::OpenAi {
                     endpoint: endpoint.clone(),
@@ -105,8 +102,7 @@ impl HostedBackend {
                 };
                 (endpoint, Wire::OpenAi(wire))
             }
-            MegaModelProvider::Anthropic => {
-                let claude = template.anthropic.as_ref().ok_or_else(missing)?;
+            ProviderTemplate::Anthropic(claude) => {
                 let endpoint = normalise_endpoint(claude.endpoint_or_default())?;
                 let wire = AnthropicWire {
                     endpoint: endpoint.clone(),

@@ -7,8 +7,8 @@ use k8s_openapi::NamespaceResourceScope;
 use kube::Resource;
 use nstream_core::validate::Check;
 use nstream_core::{
-    ApiKeyFields, BaseModel, EmbeddingModel, MegaModel, MegaModelProvider, MegaModelSpec, ModelStatus, SecretKeyRef,
-    SecretSource, SecretString, ServingTemplate,
+    BaseModel, EmbeddingModel, HubModelSpec, MegaModel, MegaModelSpec, ModelStatus, SecretKeyRef, SecretSource,
+    SecretString, ServingTemplate,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -180,23 +180,35 @@ fn problems_of(check: &dyn Check) -> Vec<String> {
     check.problems("spec").iter().map(ToString::to_string).collect()
 }
 
+/// A BaseModel or EmbeddingModel as served: its hub token (an inline one moves to the
+/// credentials Secret, and the server's document references it), its servers, its problems.
+fn served_hub_model<S>(
+    kind: ModelKind,
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: &S,
+) -> Served
+where
+    S: HubModelSpec + Check + Clone + Serialize,
+{
+    let mut served = base(kind, metadata);
+    served.credential = credential_of(spec.serving_info().token_source(), "token");
+    served.template = spec.serving_template().clone();
+    served.problems = problems_of(spec);
+    let mut spec = spec.clone();
+    let info = spec.serving_info_mut();
+    if info.model_provider_token.take().is_some() {
+        info.model_provider_token_secret_ref =
+            Some(SecretKeyRef { name: credentials_secret_name(kind, &served.name), key: "token".into() });
+    }
+    served.server_document = server_document(kind, &served.name, serde_json::to_value(&spec).unwrap_or_default());
+    served
+}
+
 impl ServedResource for EmbeddingModel {
     const KIND: ModelKind = ModelKind::EmbeddingModel;
 
     fn served(&self) -> Served {
-        let mut served = base(Self::KIND, &self.metadata);
-        let info = &self.spec.embedding_model_serving_info;
-        served.credential = credential_of(info.token_source(), "token");
-        served.template = self.spec.embedding_model_serving_template.clone();
-        served.problems = problems_of(&self.spec);
-        let mut spec = self.spec.clone();
-        if spec.embedding_model_serving_info.model_provider_token.take().is_some() {
-            spec.embedding_model_serving_info.model_provider_token_secret_ref =
-                Some(SecretKeyRef { name: credentials_secret_name(Self::KIND, &served.name), key: "token".into() });
-        }
-        served.server_document =
-            server_document(Self::KIND, &served.name, serde_json::to_value(&spec).unwrap_or_default());
-        served
+        served_hub_model(Self::KIND, &self.metadata, &self.spec)
     }
 
     fn model_status(&self) -> Option<&ModelStatus> {
@@ -208,19 +220,7 @@ impl ServedResource for BaseModel {
     const KIND: ModelKind = ModelKind::BaseModel;
 
     fn served(&self) -> Served {
-        let mut served = base(Self::KIND, &self.metadata);
-        let info = &self.spec.base_model_serving_info;
-        served.credential = credential_of(info.token_source(), "token");
-        served.template = self.spec.base_model_serving_template.clone();
-        served.problems = problems_of(&self.spec);
-        let mut spec = self.spec.clone();
-        if spec.base_model_serving_info.model_provider_token.take().is_some() {
-            spec.base_model_serving_info.model_provider_token_secret_ref =
-                Some(SecretKeyRef { name: credentials_secret_name(Self::KIND, &served.name), key: "token".into() });
-        }
-        served.server_document =
-            server_document(Self::KIND, &served.name, serde_json::to_value(&spec).unwrap_or_default());
-        served
+        served_hub_model(Self::KIND, &self.metadata, &self.spec)
     }
 
     fn model_status(&self) -> Option<&ModelStatus> {
@@ -234,12 +234,7 @@ impl ServedResource for MegaModel {
     fn served(&self) -> Served {
         let mut served = base(Self::KIND, &self.metadata);
         served.problems = problems_of(&self.spec);
-        let template = &self.spec.model_template;
-        let source = match self.spec.model_provider {
-            MegaModelProvider::AzureOpenAI => template.azure_open_ai.as_ref().and_then(ApiKeyFields::api_key_source),
-            MegaModelProvider::OpenAI => template.open_ai.as_ref().and_then(ApiKeyFields::api_key_source),
-            MegaModelProvider::Anthropic => template.anthropic.as_ref().and_then(ApiKeyFields::api_key_source),
-        };
+        let source = self.spec.provider_template().and_then(|template| template.api_key_fields().api_key_source());
         served.credential = credential_of(source, "apikey");
         let reference = SecretKeyRef { name: credentials_secret_name(Self::KIND, &served.name), key: "apikey".into() };
         let mut spec = self.spec.clone();

@@ -31,15 +31,6 @@ impl InputFormat {
             _ => Self::Text,
         }
     }
-
-    /// The name used on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Jsonl => "jsonl",
-            Self::Csv => "csv",
-            Self::Text => "text",
-        }
-    }
 }
 
 /// One input record.

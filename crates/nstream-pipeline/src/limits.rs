@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use nstream_core::{MegaModelLimits, ModelResource};
 use nstream_hosted::limiter::RateLimiter;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -192,8 +193,62 @@ impl AdaptiveGate {
     }
 }
 
+/// A MegaModel's own client-side limits, taken over by the pipeline ([`take_over_limits`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TakenLimits {
+    /// The MegaModel's `requestsPerMinute`.
+    pub requests_per_minute: Option<u32>,
+    /// The MegaModel's `tokensPerMinute`.
+    pub tokens_per_minute: Option<u32>,
+    /// Its `maxRetries + 1`: the requests one item may take.
+    pub max_attempts: Option<u32>,
+}
+
+/// The pipeline owns retries and limits, so that it sees (and journals) every request sent
+/// upstream: a MegaModel's hosted client must make exactly one call per attempt, within
+/// `request_timeout`, and leave pacing to the pipeline. Rewrites a MegaModel's limits so and
+/// returns what they were, for the run's settings (flags win over them); other resources are
+/// left as they are. Call it before the model is loaded.
+pub fn take_over_limits(resource: &mut ModelResource, request_timeout: Duration) -> TakenLimits {
+    let ModelResource::MegaModel(model) = resource else { return TakenLimits::default() };
+    let limits = model.spec.limits.get_or_insert_with(MegaModelLimits::default);
+    let taken = TakenLimits {
+        requests_per_minute: limits.requests_per_minute.take(),
+        tokens_per_minute: limits.tokens_per_minute.take(),
+        max_attempts: limits.max_retries.map(|retries| retries.saturating_add(1)),
+    };
+    limits.max_retries = Some(0);
+    limits.timeout_seconds = Some(u32::try_from(request_timeout.as_secs().max(1)).unwrap_or(u32::MAX));
+    taken
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_megamodel_hands_its_limits_to_the_pipeline_and_retries_nothing_itself() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/gpt-4-mega.yaml");
+        let documents = nstream_core::load_path(&path).expect("example loads");
+        let mut resource = documents[0].valid_resource().expect("valid example").clone();
+        let ModelResource::MegaModel(model) = &mut resource else { panic!("a MegaModel") };
+        model.spec.limits = Some(MegaModelLimits {
+            requests_per_minute: Some(60),
+            tokens_per_minute: Some(9000),
+            timeout_seconds: Some(5),
+            max_retries: Some(3),
+        });
+        let taken = take_over_limits(&mut resource, Duration::from_millis(90_500));
+        assert_eq!(
+            taken,
+            TakenLimits { requests_per_minute: Some(60), tokens_per_minute: Some(9000), max_attempts: Some(4) }
+        );
+        let ModelResource::MegaModel(model) = &resource else { panic!("a MegaModel") };
+        let limits = model.spec.limits.as_ref().expect("limits set");
+        assert_eq!(
+            (limits.requests_per_minute, limits.tokens_per_minute, limits.max_retries, limits.timeout_seconds),
+            (None, None, Some(0), Some(90))
+        );
+    }
     use std::sync::Arc;
 
     use super::*;

@@ -1,6 +1,6 @@
 //! Who answers: the identity of the model recorded in provenance and hashed into item keys.
 
-use nstream_core::{MegaModelProvider, ModelResource};
+use nstream_core::{ModelResource, ProviderTemplate};
 use serde::Serialize;
 
 use crate::key::hash_json;
@@ -11,8 +11,8 @@ use crate::key::hash_json;
 pub struct ModelInfo {
     /// The name requests carry (`metadata.name`).
     pub name: String,
-    /// `MegaModel`, `BaseModel`, or `backend` for a backend given directly.
-    pub kind: String,
+    /// What kind of model answers.
+    pub kind: ModelKind,
     /// `AzureOpenAI`, `OpenAI`, `Anthropic`, `HUGGINGFACE`...
     pub provider: String,
     /// The provider endpoint, when there is one.
@@ -29,12 +29,54 @@ pub struct ModelInfo {
     pub api_version: Option<String>,
 }
 
+/// What kind of model answers a pipeline: a resource kind, or a backend given in code. Serialised
+/// as the resource's `kind` (`MegaModel`...) or `backend`, the strings item keys have always hashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum ModelKind {
+    /// A hosted model (Azure OpenAI, OpenAI, Anthropic).
+    MegaModel,
+    /// A causal LM served here.
+    BaseModel,
+    /// A sentence-embedding model served here.
+    EmbeddingModel,
+    /// A backend built in code (an embedding application, a test).
+    #[serde(rename = "backend")]
+    Backend,
+}
+
+impl ModelKind {
+    /// The kind of a resource of a model file.
+    pub fn of(resource: &ModelResource) -> Self {
+        match resource {
+            ModelResource::MegaModel(_) => Self::MegaModel,
+            ModelResource::BaseModel(_) => Self::BaseModel,
+            ModelResource::EmbeddingModel(_) => Self::EmbeddingModel,
+        }
+    }
+
+    /// The name as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MegaModel => "MegaModel",
+            Self::BaseModel => "BaseModel",
+            Self::EmbeddingModel => "EmbeddingModel",
+            Self::Backend => "backend",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
 impl ModelInfo {
     /// A model known only by name (a backend built in code, a test).
     pub fn named(name: impl Into<String>, provider: impl Into<String>) -> Self {
         Self {
             name: name.into(),
-            kind: "backend".to_owned(),
+            kind: ModelKind::Backend,
             provider: provider.into(),
             endpoint: None,
             deployment: None,
@@ -46,32 +88,22 @@ impl ModelInfo {
     /// The identity of a resource of a model file.
     pub fn from_resource(resource: &ModelResource) -> Self {
         let name = resource.name().unwrap_or_default().to_owned();
-        let kind = resource.kind().to_string();
+        let kind = ModelKind::of(resource);
         match resource {
             ModelResource::MegaModel(model) => {
                 let spec = &model.spec;
-                let template = &spec.model_template;
                 let mut info = Self { kind, ..Self::named(name, spec.model_provider.as_str()) };
-                match spec.model_provider {
-                    MegaModelProvider::AzureOpenAI => {
-                        if let Some(azure) = &template.azure_open_ai {
-                            info.endpoint = Some(azure.endpoint.trim_end_matches('/').to_owned());
-                            info.deployment = Some(azure.deployment.clone());
-                            info.api_version = Some(azure.api_version.clone());
-                        }
+                let Some(template) = spec.provider_template() else { return info };
+                info.endpoint = Some(template.endpoint().trim_end_matches('/').to_owned());
+                match template {
+                    ProviderTemplate::AzureOpenAI(azure) => {
+                        info.deployment = Some(azure.deployment.clone());
+                        info.api_version = Some(azure.api_version.clone());
                     }
-                    MegaModelProvider::OpenAI => {
-                        if let Some(openai) = &template.open_ai {
-                            info.endpoint = Some(openai.endpoint_or_default().trim_end_matches('/').to_owned());
-                            info.model = Some(openai.model.clone());
-                        }
-                    }
-                    MegaModelProvider::Anthropic => {
-                        if let Some(claude) = &template.anthropic {
-                            info.endpoint = Some(claude.endpoint_or_default().trim_end_matches('/').to_owned());
-                            info.model = Some(claude.model.clone());
-                            info.api_version = Some(claude.version_or_default().to_owned());
-                        }
+                    ProviderTemplate::OpenAI(openai) => info.model = Some(openai.model.clone()),
+                    ProviderTemplate::Anthropic(claude) => {
+                        info.model = Some(claude.model.clone());
+                        info.api_version = Some(claude.version_or_default().to_owned());
                     }
                 }
                 info
@@ -95,7 +127,7 @@ impl ModelInfo {
 
     /// Whether the model runs here (its tokens cost nothing).
     pub fn is_local(&self) -> bool {
-        self.kind == "BaseModel"
+        self.kind == ModelKind::BaseModel
     }
 
     /// A hash of the identity: part of every item key, so a different deployment, model or
@@ -124,7 +156,8 @@ mod tests {
     #[test]
     fn provenance_names_deployment_and_api_version_but_never_the_key() {
         let azure = ModelInfo::from_resource(&resource("gpt-4-mega.yaml"));
-        assert_eq!(azure.kind, "MegaModel");
+        assert_eq!(azure.kind, ModelKind::MegaModel);
+        assert_eq!(serde_json::to_value(&azure).expect("serialises")["kind"], "MegaModel");
         assert_eq!(azure.provider, "AzureOpenAI");
         assert_eq!(azure.endpoint.as_deref(), Some("https://nstream-demo.openai.azure.com"));
         assert_eq!(azure.deployment.as_deref(), Some("gpt-4-deployment"));
@@ -150,5 +183,6 @@ mod tests {
         info.endpoint = Some("http://localhost:1/v1".into());
         assert_ne!(before, info.fingerprint());
         assert!(!info.is_local());
+        assert_eq!(serde_json::to_value(&info).expect("serialises")["kind"], "backend");
     }
 }

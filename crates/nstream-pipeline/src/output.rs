@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::error::{Error, Result};
 use crate::journal::{Entry, JournalReader, JournalState};
 use crate::model::ModelInfo;
-use crate::run::Planned;
+use crate::plan::Planned;
 
 /// Where a run's files go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

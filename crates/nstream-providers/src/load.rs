@@ -6,7 +6,7 @@ use crate::metrics::ModelMetricsExporter;
 use nstream_backend::ModelBackend;
 use std::time::Duration;
 
-use nstream_core::{ApiKeyFields, MegaModelSpec, ModelResource, ServingInfo};
+use nstream_core::{MegaModelSpec, ModelResource, ServingInfo};
 use nstream_embed::{EmbedOptions, EmbeddingBackend};
 use nstream_hosted::{HostedBackend, HostedOptions};
 use nstream_hub::{Hub, ModelSource, SecretToken};
@@ -49,18 +49,13 @@ pub fn hosted_options(spec: &MegaModelSpec) -> HostedOptions {
 
 /// A MegaModel's client, its key resolved from the spec or a Secret reference.
 pub fn hosted_backend(name: &str, spec: &MegaModelSpec, secrets: &SecretLookup) -> Result<Arc<HostedBackend>> {
-    let template = &spec.model_template;
-    let fields: Option<&dyn ApiKeyFields> = match spec.model_provider {
-        nstream_core::MegaModelProvider::AzureOpenAI => template.azure_open_ai.as_ref().map(|t| t as &dyn ApiKeyFields),
-        nstream_core::MegaModelProvider::OpenAI => template.open_ai.as_ref().map(|t| t as &dyn ApiKeyFields),
-        nstream_core::MegaModelProvider::Anthropic => template.anthropic.as_ref().map(|t| t as &dyn ApiKeyFields),
-    };
     let missing = || ProviderError::NotServable {
         kind: "MegaModel".to_string(),
         name: name.to_string(),
         reason: format!("its {} template has no key (run `nstream validate`)", spec.model_provider.template_field()),
     };
-    let source = fields.and_then(ApiKeyFields::api_key_source).ok_or_else(missing)?;
+    let source =
+        spec.provider_template().and_then(|template| template.api_key_fields().api_key_source()).ok_or_else(missing)?;
     let key = resolve_secret(&source, secrets)?;
     HostedBackend::new(name, spec, key, hosted_options(spec))
         .map_err(|cause| ProviderError::Hosted { name: name.to_string(), cause })

@@ -9,17 +9,18 @@ use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use nstream_backend::chat::ChatCompletionRequest;
-use nstream_backend::completion::CompletionRequest;
+use futures_util::stream::BoxStream;
+use nstream_backend::chat::{ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse};
+use nstream_backend::completion::{CompletionChunk, CompletionRequest, CompletionResponse};
 use nstream_backend::embedding::{EmbeddingRequest, EmbeddingUsage, EncodingFormat};
-use nstream_backend::{Capability, Health, ModelBackend, ModelDescription, ModelKind, StreamOptions};
+use nstream_backend::{Capability, Health, ModelBackend, ModelDescription, ModelKind, StreamOptions, Usage};
 use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::metrics::{OPENMETRICS_CONTENT_TYPE, TokenKind};
 use crate::state::AppState;
-use crate::stream::sse_response;
+use crate::stream::{StreamedChunk, sse_response};
 
 /// The model a request was routed to, put in the response extensions for the metrics layer.
 /// Only registered names end up there, so label cardinality stays bounded.
@@ -149,26 +150,7 @@ pub(crate) async fn chat_completions(
     OpenAiJson(request): OpenAiJson<ChatCompletionRequest>,
 ) -> Response {
     let model = state.models().get(&request.model).map(|_| request.model.clone());
-    labelled(model, chat(&state, request).await)
-}
-
-async fn chat(state: &AppState, mut request: ChatCompletionRequest) -> Result<Response, ApiError> {
-    let backend = find_model(state, &request.model)?;
-    request.validate()?;
-    let model_name = request.model.clone();
-    if request.stream {
-        let client_wants_usage = request.include_usage();
-        // Always ask for usage so token metrics are complete; it is stripped again below when
-        // the client did not ask for it.
-        request.stream_options = Some(StreamOptions { include_usage: true });
-        let stream = backend.chat_stream(request).await?;
-        return sse_response(stream, client_wants_usage, state.metrics().clone(), model_name).await;
-    }
-    let response = backend.chat(request).await?;
-    if let Some(usage) = response.usage {
-        record_usage(state, &model_name, usage);
-    }
-    Ok(Json(response).into_response())
+    labelled(model, generate(&state, request).await)
 }
 
 /// `POST /v1/completions`.
@@ -177,21 +159,91 @@ pub(crate) async fn completions(
     OpenAiJson(request): OpenAiJson<CompletionRequest>,
 ) -> Response {
     let model = state.models().get(&request.model).map(|_| request.model.clone());
-    labelled(model, complete(&state, request).await)
+    labelled(model, generate(&state, request).await)
 }
 
-async fn complete(state: &AppState, mut request: CompletionRequest) -> Result<Response, ApiError> {
-    let backend = find_model(state, &request.model)?;
+/// What the chat and completion endpoints share, so that one handler serves both: a request that
+/// names its model, checks itself, and is answered whole or as a stream of chunks.
+trait GenerationRequest: Send + Sized + 'static {
+    /// The whole answer.
+    type Response: Serialize + Send;
+    /// One streamed chunk.
+    type Chunk: StreamedChunk;
+    /// The model asked for.
+    fn model(&self) -> &str;
+    /// The request's own checks.
+    fn validate(&self) -> nstream_backend::Result<()>;
+    /// Whether the client asked for a stream, and whether for usage in it.
+    fn stream(&self) -> (bool, bool);
+    /// Asks for usage in the stream.
+    fn ask_for_usage(&mut self);
+    /// The usage of a whole answer.
+    fn usage(response: &Self::Response) -> Option<Usage>;
+    /// The backend's whole answer.
+    fn answer(
+        self,
+        backend: Arc<dyn ModelBackend>,
+    ) -> impl Future<Output = nstream_backend::Result<Self::Response>> + Send;
+    /// The backend's stream.
+    fn answer_stream(
+        self,
+        backend: Arc<dyn ModelBackend>,
+    ) -> impl Future<Output = nstream_backend::Result<BoxStream<'static, nstream_backend::Result<Self::Chunk>>>> + Send;
+}
+
+macro_rules! generation_request {
+    ($($request:ty => $response:ty, $chunk:ty, $answer:ident, $answer_stream:ident;)*) => {$(
+        impl GenerationRequest for $request {
+            type Response = $response;
+            type Chunk = $chunk;
+            fn model(&self) -> &str {
+                &self.model
+            }
+            fn validate(&self) -> nstream_backend::Result<()> {
+                <$request>::validate(self)
+            }
+            fn stream(&self) -> (bool, bool) {
+                (self.stream, self.include_usage())
+            }
+            fn ask_for_usage(&mut self) {
+                self.stream_options = Some(StreamOptions { include_usage: true });
+            }
+            fn usage(response: &Self::Response) -> Option<Usage> {
+                response.usage
+            }
+            async fn answer(self, backend: Arc<dyn ModelBackend>) -> nstream_backend::Result<Self::Response> {
+                backend.$answer(self).await
+            }
+            async fn answer_stream(
+                self,
+                backend: Arc<dyn ModelBackend>,
+            ) -> nstream_backend::Result<BoxStream<'static, nstream_backend::Result<Self::Chunk>>> {
+                backend.$answer_stream(self).await
+            }
+        }
+    )*};
+}
+
+generation_request! {
+    ChatCompletionRequest => ChatCompletionResponse, ChatCompletionChunk, chat, chat_stream;
+    CompletionRequest => CompletionResponse, CompletionChunk, complete, complete_stream;
+}
+
+/// Answers a chat or completion request: whole (its usage recorded), or as server-sent events.
+async fn generate<R: GenerationRequest>(state: &AppState, mut request: R) -> Result<Response, ApiError> {
+    let backend = find_model(state, request.model())?;
     request.validate()?;
-    let model_name = request.model.clone();
-    if request.stream {
-        let client_wants_usage = request.include_usage();
-        request.stream_options = Some(StreamOptions { include_usage: true });
-        let stream = backend.complete_stream(request).await?;
+    let model_name = request.model().to_owned();
+    let (stream, client_wants_usage) = request.stream();
+    if stream {
+        // Always ask for usage so token metrics are complete; it is stripped again below when
+        // the client did not ask for it.
+        request.ask_for_usage();
+        let stream = request.answer_stream(backend).await?;
         return sse_response(stream, client_wants_usage, state.metrics().clone(), model_name).await;
     }
-    let response = backend.complete(request).await?;
-    if let Some(usage) = response.usage {
+    let response = request.answer(backend).await?;
+    if let Some(usage) = R::usage(&response) {
         record_usage(state, &model_name, usage);
     }
     Ok(Json(response).into_response())

@@ -24,29 +24,23 @@ pub(crate) trait StreamedChunk: Serialize + Send + 'static {
     fn has_choices(&self) -> bool;
 }
 
-impl StreamedChunk for ChatCompletionChunk {
-    fn take_usage(&mut self) -> Option<Usage> {
-        self.usage.take()
-    }
-    fn set_usage(&mut self, usage: Usage) {
-        self.usage = Some(usage);
-    }
-    fn has_choices(&self) -> bool {
-        !self.choices.is_empty()
-    }
+/// Chat and completion chunks both hold `usage` and `choices`.
+macro_rules! streamed_chunk {
+    ($($chunk:ty),*) => {$(
+        impl StreamedChunk for $chunk {
+            fn take_usage(&mut self) -> Option<Usage> {
+                self.usage.take()
+            }
+            fn set_usage(&mut self, usage: Usage) {
+                self.usage = Some(usage);
+            }
+            fn has_choices(&self) -> bool {
+                !self.choices.is_empty()
+            }
+        }
+    )*};
 }
-
-impl StreamedChunk for CompletionResponse {
-    fn take_usage(&mut self) -> Option<Usage> {
-        self.usage.take()
-    }
-    fn set_usage(&mut self, usage: Usage) {
-        self.usage = Some(usage);
-    }
-    fn has_choices(&self) -> bool {
-        !self.choices.is_empty()
-    }
-}
+streamed_chunk!(ChatCompletionChunk, CompletionResponse);
 
 struct StreamState<T> {
     chunks: BoxStream<'static, Result<T, BackendError>>,

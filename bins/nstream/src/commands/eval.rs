@@ -17,12 +17,12 @@ use nstream_core::ModelResource;
 use nstream_llm::template::ChatTemplate;
 use nstream_llm::tokenizer::LlmTokenizer;
 use nstream_pipeline::eval::{EvalModel, EvalReport, EvalSettings, Judge, ReferenceLoss, Role, Scorer, evaluate};
-use nstream_pipeline::{ModelInfo, OpenMode, PriceTable, ProgressMode};
+use nstream_pipeline::{ModelInfo, OpenMode, PriceTable, ProgressMode, TakenLimits, take_over_limits};
 use nstream_providers::{LoadOptions, SecretLookup, load_model};
 use nstream_tune::data::tokenize_messages;
 use nstream_tune::forward::{Batch, TrainModel};
 
-use super::model_file::{PipelineLimits, hand_limits_to_pipeline, pick};
+use super::model_file::pick;
 
 /// Arguments of `nstream eval`.
 #[derive(Args, Debug)]
@@ -137,10 +137,10 @@ fn load(
     mut resource: ModelResource,
     timeout: Duration,
     threads: Option<usize>,
-) -> anyhow::Result<(Loaded, PipelineLimits)> {
+) -> anyhow::Result<(Loaded, TakenLimits)> {
     let name = resource.name().unwrap_or_default().to_owned();
     let label = format!("{}/{name}", resource.kind());
-    let limits = hand_limits_to_pipeline(&mut resource, timeout);
+    let limits = take_over_limits(&mut resource, timeout);
     let info = ModelInfo::from_resource(&resource);
     let mut options = LoadOptions::default();
     options.llm.threads = threads;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use nstream_core::ModelResource;
 use nstream_pipeline::{
     AnswerFormat, InputFormat, ModelInfo, OpenMode, Parameters, PriceTable, ProgressMode, Settings, Stop, Summary,
@@ -32,8 +33,8 @@ pub struct GenerateArgs {
     #[arg(short, long, value_name = "PATH")]
     pub input: Option<PathBuf>,
     /// The input's layout (default: from the extension; .jsonl/.json/.ndjson, .csv, else text).
-    #[arg(long, value_enum)]
-    pub input_format: Option<InputFormatArg>,
+    #[arg(long, value_parser = choices::<InputFormat>(InputFormat::NAMES))]
+    pub input_format: Option<InputFormat>,
     /// The fine-tuning file to write (OpenAI chat format). Provenance, failures, report and the
     /// journal are written next to it.
     #[arg(short, long, value_name = "PATH")]
@@ -80,8 +81,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     /// `text`, or `json`: the answer must be a JSON value (asks the provider for JSON mode).
-    #[arg(long, value_enum)]
-    pub format: Option<FormatArg>,
+    #[arg(long, value_parser = choices::<AnswerFormat>(AnswerFormat::NAMES))]
+    pub format: Option<AnswerFormat>,
     /// A JSON schema file answers must match (implies --format json).
     #[arg(long, value_name = "FILE")]
     pub schema: Option<PathBuf>,
@@ -116,8 +117,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub skip_bad_input: bool,
     /// How progress is shown [default: auto: a bar on a terminal, log lines otherwise].
-    #[arg(long, value_enum)]
-    pub progress: Option<ProgressArg>,
+    #[arg(long, value_parser = choices::<ProgressMode>(ProgressMode::NAMES))]
+    pub progress: Option<ProgressMode>,
     /// Seconds between progress log lines [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub progress_interval: Option<f64>,
@@ -129,40 +130,13 @@ pub struct GenerateArgs {
     pub threads: Option<usize>,
 }
 
-/// `--input-format`.
-#[derive(ValueEnum, Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum InputFormatArg {
-    /// One JSON object per line.
-    Jsonl,
-    /// Comma-separated values with a header row.
-    Csv,
-    /// One item per line.
-    Text,
-}
-
-/// `--format`.
-#[derive(ValueEnum, Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum FormatArg {
-    /// Any non-empty answer.
-    Text,
-    /// A JSON value.
-    Json,
-}
-
-/// `--progress`.
-#[derive(ValueEnum, Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ProgressArg {
-    /// A bar on a terminal, log lines otherwise.
-    Auto,
-    /// Always a bar.
-    Bar,
-    /// Always log lines.
-    Lines,
-    /// Only the summary.
-    Quiet,
+/// A flag taking one of the pipeline's named choices: the names listed in `--help`, parsed by
+/// the pipeline's `FromStr` (the names live in nstream-pipeline only).
+fn choices<T>(names: &'static [&'static str]) -> impl TypedValueParser<Value = T>
+where
+    T: std::str::FromStr<Err = nstream_pipeline::Error> + Clone + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(names).try_map(|name| name.parse::<T>())
 }
 
 /// The `--config` file: the flags' names and meanings.
@@ -173,7 +147,7 @@ struct ConfigFile {
     filename: Option<PathBuf>,
     name: Option<String>,
     input: Option<PathBuf>,
-    input_format: Option<InputFormatArg>,
+    input_format: Option<InputFormat>,
     output: Option<PathBuf>,
     template: Option<PathBuf>,
     system: Option<String>,
@@ -188,7 +162,7 @@ struct ConfigFile {
     seed: Option<i64>,
     #[serde(default)]
     stop: Vec<String>,
-    format: Option<FormatArg>,
+    format: Option<AnswerFormat>,
     schema: Option<PathBuf>,
     invalid_answer_retries: Option<u32>,
     max_attempts: Option<u32>,
@@ -197,7 +171,7 @@ struct ConfigFile {
     max_backoff_ms: Option<u64>,
     #[serde(default)]
     skip_bad_input: bool,
-    progress: Option<ProgressArg>,
+    progress: Option<ProgressMode>,
     progress_interval: Option<f64>,
     report: Option<PathBuf>,
     threads: Option<usize>,
@@ -274,10 +248,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let Some(input) = args.input.clone() else { bail!("--input is required") };
     let Some(output) = args.output.clone() else { bail!("--output is required") };
     let timeout = seconds(args.timeout.unwrap_or(120.0), "timeout")?;
-    let limits = super::model_file::hand_limits_to_pipeline(&mut resource, timeout);
-    let requests_per_minute = args.rpm.or(limits.requests_per_minute);
-    let tokens_per_minute = args.tpm.or(limits.tokens_per_minute);
-    let max_attempts = args.max_attempts.or(limits.max_attempts);
+    // The MegaModel's own limits become the run's (flags win); its client then retries nothing.
+    let taken = nstream_pipeline::take_over_limits(&mut resource, timeout);
+    let requests_per_minute = args.rpm.or(taken.requests_per_minute);
+    let tokens_per_minute = args.tpm.or(taken.tokens_per_minute);
+    let max_attempts = args.max_attempts.or(taken.max_attempts);
     let info = ModelInfo::from_resource(&resource);
     let mut options = LoadOptions::default();
     options.llm.threads = args.threads;
@@ -305,11 +280,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let mut settings = Settings::new(&input, &output);
-    settings.input_format = args.input_format.map(|format| match format {
-        InputFormatArg::Jsonl => InputFormat::Jsonl,
-        InputFormatArg::Csv => InputFormat::Csv,
-        InputFormatArg::Text => InputFormat::Text,
-    });
+    settings.input_format = args.input_format;
     settings.report = args.report.clone();
     settings.template = template;
     settings.system = args.system.clone();
@@ -320,10 +291,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         stop: args.stop.clone(),
     };
-    settings.format = match args.format {
-        Some(FormatArg::Json) => AnswerFormat::Json,
-        _ => AnswerFormat::Text,
-    };
+    settings.format = args.format.unwrap_or_default();
     settings.schema = schema;
     if let Some(retries) = args.invalid_answer_retries {
         settings.invalid_answer_retries = retries;
@@ -354,12 +322,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         OpenMode::Fresh
     };
     settings.retry_failed = args.retry_failed;
-    settings.progress = match args.progress {
-        Some(ProgressArg::Bar) => ProgressMode::Bar,
-        Some(ProgressArg::Lines) => ProgressMode::Lines,
-        Some(ProgressArg::Quiet) => ProgressMode::Quiet,
-        Some(ProgressArg::Auto) | None => ProgressMode::Auto,
-    };
+    settings.progress = args.progress.unwrap_or_default();
     if let Some(interval) = args.progress_interval {
         settings.progress_interval = seconds(interval, "progress-interval")?;
     }

@@ -1,0 +1,265 @@
+//! Admission: a request's prompts tokenised and checked against the context on the caller's
+//! side, queued for the scheduler (or refused when the queue is full), and the non-streamed
+//! results collected.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use nstream_backend::chat::FinishReason;
+use nstream_backend::{ChatCompletionRequest, CompletionRequest, InputItem, StopSequences, Usage};
+use tokio::sync::mpsc;
+
+use super::LlmBackend;
+use crate::error::{Error, Result};
+use crate::sampling::SamplingParams;
+use crate::scheduler::{Job, SequenceEvent, SequenceRequest};
+
+/// Most sequences (prompts × `n`) one request may start.
+const MAX_SEQUENCES_PER_REQUEST: usize = 256;
+
+/// The sequences of one request, ready for the scheduler.
+pub(super) struct Generation {
+    pub(super) prompts: Vec<Vec<u32>>,
+    pub(super) choices: u32,
+    pub(super) max_new_tokens: Option<u32>,
+    pub(super) sampling: SamplingParams,
+    pub(super) stop: Vec<String>,
+    pub(super) ignore_eos: bool,
+}
+
+/// The receiving side of a submitted [`Generation`].
+pub(super) struct Submitted {
+    pub(super) events: mpsc::UnboundedReceiver<SequenceEvent>,
+    pub(super) prompt_tokens: usize,
+    pub(super) sequences: usize,
+}
+
+/// The collected result of one choice.
+#[derive(Default, Clone)]
+pub(super) struct ChoiceResult {
+    pub(super) text: String,
+    pub(super) finish_reason: Option<FinishReason>,
+    pub(super) completion_tokens: usize,
+}
+
+impl LlmBackend {
+    /// Tokenises on a blocking thread when a runtime is present (long prompts take milliseconds).
+    async fn encode(&self, text: String, add_bos: bool) -> Result<Vec<u32>> {
+        let tokenizer = Arc::clone(&self.tokenizer);
+        let encode = move || tokenizer.encode(&text, add_bos);
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => handle.spawn_blocking(encode).await.map_err(|_| Error::SchedulerStopped)?,
+            Err(_) => encode(),
+        }
+    }
+
+    /// Checks every prompt against the context and queues the sequences.
+    pub(super) fn submit(&self, generation: Generation) -> Result<Submitted> {
+        let context = self.info.context_length;
+        let total = generation.prompts.len().saturating_mul(generation.choices as usize);
+        if total > MAX_SEQUENCES_PER_REQUEST {
+            return Err(Error::invalid_param(
+                "n",
+                format!(
+                    "a request may generate at most {MAX_SEQUENCES_PER_REQUEST} sequences (prompts × n), not {total}"
+                ),
+            ));
+        }
+        let (sender, events) = mpsc::unbounded_channel();
+        let mut sequences = Vec::new();
+        let mut prompt_tokens = 0;
+        for (prompt_index, mut prompt) in generation.prompts.into_iter().enumerate() {
+            if prompt.is_empty() {
+                // An empty prompt (legal for completions) starts from the start-of-text token.
+                prompt.extend(self.tokenizer.bos_token().or(self.tokenizer.eos_token()));
+                if prompt.is_empty() {
+                    return Err(Error::invalid_param("prompt", "the prompt is empty and the model has no start token"));
+                }
+            }
+            if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= self.info.vocab_size) {
+                return Err(Error::invalid_param(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary of {} tokens", self.info.vocab_size),
+                ));
+            }
+            let max_new = match generation.max_new_tokens {
+                Some(max) => max as usize,
+                None => context.saturating_sub(prompt.len()),
+            };
+            let requested = prompt.len().saturating_add(max_new.max(1));
+            if requested > context {
+                return Err(Error::ContextLengthExceeded {
+                    max_tokens: context,
+                    prompt_tokens: prompt.len(),
+                    requested_tokens: requested,
+                });
+            }
+            prompt_tokens += prompt.len();
+            for choice in 0..generation.choices {
+                let mut sampling = generation.sampling.clone();
+                sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(u64::from(choice)));
+                sequences.push(SequenceRequest {
+                    index: prompt_index as u32 * generation.choices + choice,
+                    prompt: prompt.clone(),
+                    max_new_tokens: max_new,
+                    sampling,
+                    stop: generation.stop.clone(),
+                    ignore_eos: generation.ignore_eos,
+                    events: sender.clone(),
+                });
+            }
+        }
+        let count = sequences.len();
+        // Counted before sending so the scheduler's decrement can never come first.
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        match self.sender.try_send(Job { sequences }) {
+            Ok(()) => {
+                self.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                if let mpsc::error::TrySendError::Closed(_) = error {
+                    return Err(Error::SchedulerStopped);
+                }
+                self.metrics.overloaded_total.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::Overloaded { retry_after: Duration::from_secs(1) });
+            }
+        }
+        Ok(Submitted { events, prompt_tokens, sequences: count })
+    }
+
+    /// Waits for every sequence of a submission and collects the choices in index order.
+    pub(super) async fn collect(mut submitted: Submitted) -> Result<(Vec<ChoiceResult>, Usage)> {
+        let mut choices = vec![ChoiceResult::default(); submitted.sequences];
+        let mut remaining = submitted.sequences;
+        while remaining > 0 {
+            match submitted.events.recv().await {
+                Some(SequenceEvent::Text { index, text }) => {
+                    if let Some(choice) = choices.get_mut(index as usize) {
+                        choice.text.push_str(&text);
+                    }
+                }
+                Some(SequenceEvent::Finished { index, reason, completion_tokens }) => {
+                    if let Some(choice) = choices.get_mut(index as usize) {
+                        choice.finish_reason = Some(reason);
+                        choice.completion_tokens = completion_tokens;
+                    }
+                    remaining -= 1;
+                }
+                Some(SequenceEvent::Failed { message, .. }) => return Err(Error::Inference(message)),
+                None => return Err(Error::SchedulerStopped),
+            }
+        }
+        let completion_tokens: usize = choices.iter().map(|choice| choice.completion_tokens).sum();
+        Ok((choices, usage(submitted.prompt_tokens, completion_tokens)))
+    }
+
+    /// The prompt of a chat request (the rendered conversation), as ids.
+    pub(super) async fn chat_generation(&self, request: &ChatCompletionRequest) -> Result<Generation> {
+        if request.logprobs == Some(true) {
+            return Err(Error::invalid_param("logprobs", "this model does not return log probabilities"));
+        }
+        let prompt = self.render_chat(&request.messages, request.tools.as_deref())?;
+        let ids = self.encode(prompt, false).await?;
+        Ok(Generation {
+            prompts: vec![ids],
+            choices: request.choice_count(),
+            max_new_tokens: request.max_new_tokens(),
+            sampling: sampling(
+                request.temperature,
+                request.top_p,
+                request.top_k,
+                request.seed,
+                request.presence_penalty,
+                request.frequency_penalty,
+                request.repetition_penalty,
+                request.logit_bias.as_ref(),
+            ),
+            stop: request.stop.as_ref().map(StopSequences::to_vec).unwrap_or_default(),
+            ignore_eos: request.ignore_eos,
+        })
+    }
+
+    /// The prompts of a completion request, as ids, with their texts for `echo`.
+    pub(super) async fn completion_generation(&self, request: &CompletionRequest) -> Result<(Generation, Vec<String>)> {
+        if request.suffix.as_deref().is_some_and(|suffix| !suffix.is_empty()) {
+            return Err(Error::invalid_param("suffix", "this model does not support `suffix` (insert mode)"));
+        }
+        if request.logprobs.is_some_and(|count| count > 0) {
+            return Err(Error::invalid_param("logprobs", "this model does not return log probabilities"));
+        }
+        if request.best_of.is_some_and(|best_of| best_of != request.n.unwrap_or(1)) {
+            return Err(Error::invalid_param("best_of", "this model does not support `best_of` other than `n`"));
+        }
+        let mut prompts = Vec::new();
+        let mut texts = Vec::new();
+        for item in request.prompt.items() {
+            match item {
+                InputItem::Text(text) => {
+                    prompts.push(self.encode(text.to_owned(), true).await?);
+                    texts.push(text.to_owned());
+                }
+                InputItem::Tokens(ids) => {
+                    prompts.push(ids.to_vec());
+                    texts.push(if request.echo {
+                        self.tokenizer.decode(ids, false).unwrap_or_default()
+                    } else {
+                        String::new()
+                    });
+                }
+            }
+        }
+        let generation = Generation {
+            prompts,
+            choices: request.n.unwrap_or(1).max(1),
+            // OpenAI's default for legacy completions.
+            max_new_tokens: Some(request.max_tokens.unwrap_or(16)),
+            sampling: sampling(
+                request.temperature,
+                request.top_p,
+                request.top_k,
+                request.seed,
+                request.presence_penalty,
+                request.frequency_penalty,
+                request.repetition_penalty,
+                request.logit_bias.as_ref(),
+            ),
+            stop: request.stop.as_ref().map(StopSequences::to_vec).unwrap_or_default(),
+            ignore_eos: request.ignore_eos,
+        };
+        Ok((generation, texts))
+    }
+}
+
+/// Usage with the counts clamped to `u32`.
+pub(super) fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+    Usage::new(u32::try_from(prompt_tokens).unwrap_or(u32::MAX), u32::try_from(completion_tokens).unwrap_or(u32::MAX))
+}
+
+/// Sampling settings from the OpenAI fields, with OpenAI's defaults (temperature 1, top_p 1).
+#[expect(clippy::too_many_arguments, reason = "one argument per OpenAI field, shared by chat and completions")]
+fn sampling(
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    seed: Option<i64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    logit_bias: Option<&std::collections::BTreeMap<String, f32>>,
+) -> SamplingParams {
+    SamplingParams {
+        temperature: temperature.unwrap_or(1.0).max(0.0),
+        top_p: top_p.unwrap_or(1.0).clamp(0.0, 1.0),
+        top_k: top_k.map(|k| k as usize),
+        // A negative seed is as good a seed as any: keep its bits.
+        seed: seed.map(|seed| seed as u64),
+        presence_penalty: presence_penalty.unwrap_or(0.0),
+        frequency_penalty: frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: repetition_penalty.filter(|penalty| *penalty > 0.0).unwrap_or(1.0),
+        logit_bias: logit_bias
+            .map(|bias| bias.iter().filter_map(|(token, value)| Some((token.parse().ok()?, *value))).collect())
+            .unwrap_or_default(),
+    }
+}

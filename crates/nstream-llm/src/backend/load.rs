@@ -1,0 +1,121 @@
+//! Loading: through the hub, from a safetensors folder or files, or from a GGUF file; each ends
+//! in [`LlmBackend::start`] with the model, its tokenizer and its chat template.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file;
+use nstream_hub::{Hub, ModelSource, WeightFormat};
+
+use super::device::thread_pool;
+use super::files::end_ids;
+use super::{LlmBackend, LlmInfo, LlmOptions, SafetensorsFiles};
+use crate::error::{Error, Result};
+use crate::model::LlamaModel;
+use crate::template::ChatTemplate;
+use crate::tokenizer::{HfTokenizerConfig, LlmTokenizer};
+
+impl LlmBackend {
+    /// Resolves a model through the hub (from the environment: `HF_HOME`, `HF_HUB_OFFLINE`...),
+    /// loads it (blocking: call it from `spawn_blocking` or before the runtime starts) and
+    /// starts the scheduler thread. A repo with safetensors weights loads them with its
+    /// `config.json` and `tokenizer.json`; `source.file` selects a GGUF instead (or among several).
+    pub fn load(name: impl Into<String>, source: &ModelSource, options: LlmOptions) -> Result<Arc<Self>> {
+        Self::load_with(name, &Hub::from_env(), source, options)
+    }
+
+    /// As [`LlmBackend::load`], with an explicit hub.
+    pub fn load_with(
+        name: impl Into<String>,
+        hub: &Hub,
+        source: &ModelSource,
+        options: LlmOptions,
+    ) -> Result<Arc<Self>> {
+        let resolved = hub.resolve_model(source)?;
+        match (&resolved.format, resolved.weights.first()) {
+            (WeightFormat::Gguf { .. }, Some(path)) => Self::from_gguf_file(name, path, options),
+            (WeightFormat::Safetensors { .. } | WeightFormat::ShardedSafetensors { .. }, Some(_)) => {
+                Self::from_safetensors(name, &SafetensorsFiles::from_resolved(&resolved)?, options)
+            }
+            (format, _) => Err(Error::Unsupported(format!(
+                "{}: no loadable weights (found {format:?}); expected safetensors or a .gguf file",
+                resolved.repo_id
+            ))),
+        }
+    }
+
+    /// Loads a Hugging Face checkpoint from a local folder (`config.json`, `model.safetensors` or
+    /// the shards of `model.safetensors.index.json`, `tokenizer.json`, and when present
+    /// `tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`).
+    pub fn from_safetensors_dir(name: impl Into<String>, dir: &Path, options: LlmOptions) -> Result<Arc<Self>> {
+        Self::from_safetensors(name, &SafetensorsFiles::from_dir(dir)?, options)
+    }
+
+    /// Loads a safetensors checkpoint and its tokenizer and starts the scheduler thread.
+    pub fn from_safetensors(
+        name: impl Into<String>,
+        files: &SafetensorsFiles,
+        options: LlmOptions,
+    ) -> Result<Arc<Self>> {
+        let name = name.into();
+        let device = options.device.device()?;
+        let pool = thread_pool(options.threads)?;
+        let load = || LlamaModel::from_safetensors(&files.config, &files.weights, &device);
+        let model = match &pool {
+            Some(pool) => pool.install(load)?,
+            None => load()?,
+        };
+        let tokenizer_config =
+            HfTokenizerConfig::read(files.tokenizer_config.as_deref(), files.chat_template.as_deref())?;
+        let (eos_ids, bos_id) = end_ids(&files.config, files.generation_config.as_deref())?;
+        let tokenizer = Arc::new(LlmTokenizer::from_hf(&files.tokenizer, &tokenizer_config, &eos_ids, bos_id)?);
+        let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
+        let template = match &tokenizer_config.chat_template {
+            Some(source) => ChatTemplate::new(
+                source,
+                tokenizer_config.bos_token.clone().unwrap_or_else(|| token_text(tokenizer.bos_token())),
+                tokenizer_config.eos_token.clone().unwrap_or_else(|| token_text(tokenizer.eos_token())),
+            )?,
+            None => ChatTemplate::chatml()?,
+        };
+        let weights = format!("{:?}", model.dtype()).to_lowercase();
+        let info = LlmInfo::new(&model, &tokenizer, &options, tokenizer_config.chat_template.is_some(), weights);
+        tracing::info!(model = %name, ?info, "loaded safetensors model");
+        Ok(Self::start(name, model, tokenizer, template, info, &options, pool))
+    }
+
+    /// Loads a local GGUF file and starts the scheduler thread.
+    pub fn from_gguf_file(name: impl Into<String>, path: &Path, options: LlmOptions) -> Result<Arc<Self>> {
+        let name = name.into();
+        let io_error = |cause| Error::Io { path: path.display().to_string(), cause };
+        let mut file = std::fs::File::open(path).map_err(io_error)?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|error| Error::InvalidModel { file: path.display().to_string(), message: error.to_string() })?;
+        let device = options.device.device()?;
+        let pool = thread_pool(options.threads)?;
+        let mut load = || LlamaModel::from_gguf(&content, &mut file, &device, options.requantize);
+        let model = match &pool {
+            Some(pool) => pool.install(&mut load)?,
+            None => load()?,
+        };
+        let tokenizer = Arc::new(LlmTokenizer::from_gguf(&content)?);
+        let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
+        let file_template = content.metadata.get("tokenizer.chat_template").and_then(|value| value.to_string().ok());
+        let template = match file_template {
+            Some(source) => {
+                ChatTemplate::new(source, token_text(tokenizer.bos_token()), token_text(tokenizer.eos_token()))?
+            }
+            None => ChatTemplate::chatml()?,
+        };
+        let info = LlmInfo::new(&model, &tokenizer, &options, file_template.is_some(), "gguf".into());
+        let kernels = if !options.device.is_cpu() {
+            "cuda"
+        } else if nstream_kernels::avx512_available() {
+            "nstream-kernels AVX-512 VNNI for Q4_0/Q4_1/Q8_0, candle for other formats"
+        } else {
+            "candle"
+        };
+        tracing::info!(model = %name, ?info, requantize = ?options.requantize, kernels, "loaded GGUF model");
+        Ok(Self::start(name, model, tokenizer, template, info, &options, pool))
+    }
+}

@@ -1,0 +1,199 @@
+//! The OpenAI-shaped [`ModelBackend`] on top of admission and streaming, and how this crate's
+//! errors become the server's.
+
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use nstream_backend::chat::{AssistantMessage, ChatChoice, ChatChunkChoice, ChatDelta, FinishReason, Role};
+use nstream_backend::completion::CompletionChoice;
+use nstream_backend::{
+    BackendError, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStream,
+    CompletionRequest, CompletionResponse, CompletionStream, Health, ModelBackend, ModelDescription, Usage,
+    unix_timestamp,
+};
+
+use super::LlmBackend;
+use super::streaming::event_stream;
+use crate::error::Error;
+use crate::scheduler::SequenceEvent;
+
+/// Completions name the `prompt`, not the chat `messages`, as the field at fault.
+fn for_prompt(error: Error) -> BackendError {
+    match BackendError::from(error) {
+        BackendError::ContextLengthExceeded { max_tokens, requested_tokens, .. } => {
+            BackendError::ContextLengthExceeded { max_tokens, requested_tokens, param: Some("prompt".into()) }
+        }
+        other => other,
+    }
+}
+
+impl From<Error> for BackendError {
+    fn from(error: Error) -> Self {
+        let clamp = |value: usize| u32::try_from(value).unwrap_or(u32::MAX);
+        match error {
+            Error::InvalidRequest { message, param } => BackendError::InvalidRequest { message, param },
+            Error::ContextLengthExceeded { max_tokens, requested_tokens, .. } => BackendError::ContextLengthExceeded {
+                max_tokens: clamp(max_tokens),
+                requested_tokens: clamp(requested_tokens),
+                param: Some("messages".into()),
+            },
+            Error::Template(message) => {
+                BackendError::invalid_param("messages", format!("the chat template rejected the messages: {message}"))
+            }
+            Error::Overloaded { retry_after } => BackendError::Overloaded { retry_after },
+            Error::SchedulerStopped => BackendError::NotReady,
+            other => BackendError::Internal(other.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+impl ModelBackend for LlmBackend {
+    fn describe(&self) -> ModelDescription {
+        ModelDescription::chat(&self.name)
+            .with_context_length(u32::try_from(self.info.context_length).unwrap_or(u32::MAX))
+            .with_created(self.created)
+    }
+
+    async fn health(&self) -> Health {
+        if self.is_running() {
+            Health::Ready
+        } else {
+            Health::Unhealthy { reason: "the generation scheduler thread has stopped".into() }
+        }
+    }
+
+    async fn chat(&self, request: ChatCompletionRequest) -> nstream_backend::Result<ChatCompletionResponse> {
+        request.validate()?;
+        let generation = self.chat_generation(&request).await?;
+        let (choices, usage) = Self::collect(self.submit(generation)?).await?;
+        let choices = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, choice)| ChatChoice {
+                index: index as u32,
+                message: AssistantMessage::text(choice.text),
+                logprobs: None,
+                finish_reason: choice.finish_reason,
+            })
+            .collect();
+        Ok(ChatCompletionResponse::new(format!("chatcmpl-{}", response_id()), &self.name, choices, Some(usage)))
+    }
+
+    async fn chat_stream(&self, request: ChatCompletionRequest) -> nstream_backend::Result<ChatCompletionStream> {
+        request.validate()?;
+        let generation = self.chat_generation(&request).await?;
+        let submitted = self.submit(generation)?;
+        let id = format!("chatcmpl-{}", response_id());
+        let created = unix_timestamp();
+        let model = self.name.clone();
+        let chunk = {
+            let (id, model) = (id.clone(), model.clone());
+            move |choices: Vec<ChatChunkChoice>| ChatCompletionChunk::new(id.clone(), created, model.clone(), choices)
+        };
+        let choice = |index: u32, delta: ChatDelta, finish_reason: Option<FinishReason>| ChatChunkChoice {
+            index,
+            delta,
+            logprobs: None,
+            finish_reason,
+        };
+        // The first chunk of each choice carries the role, as OpenAI's do.
+        let first = (0..submitted.sequences as u32)
+            .map(|index| {
+                let delta =
+                    ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), ..ChatDelta::default() };
+                chunk(vec![choice(index, delta, None)])
+            })
+            .collect();
+        let to_chunk = {
+            let chunk = chunk.clone();
+            move |event: &SequenceEvent| match event {
+                SequenceEvent::Text { index, text } => {
+                    let delta = ChatDelta { content: Some(text.clone()), ..ChatDelta::default() };
+                    vec![chunk(vec![choice(*index, delta, None)])]
+                }
+                SequenceEvent::Finished { index, reason, .. } => {
+                    vec![chunk(vec![choice(*index, ChatDelta::default(), Some(*reason))])]
+                }
+                SequenceEvent::Failed { .. } => Vec::new(),
+            }
+        };
+        let usage_chunk: Option<Box<dyn Fn(Usage) -> ChatCompletionChunk + Send>> = request
+            .include_usage()
+            .then(|| Box::new(move |usage| ChatCompletionChunk { usage: Some(usage), ..chunk(Vec::new()) }) as Box<_>);
+        Ok(event_stream(submitted, first, to_chunk, usage_chunk))
+    }
+
+    async fn complete(&self, request: CompletionRequest) -> nstream_backend::Result<CompletionResponse> {
+        request.validate()?;
+        let (generation, texts) = self.completion_generation(&request).await?;
+        let choices_per_prompt = generation.choices as usize;
+        let (choices, usage) = Self::collect(self.submit(generation).map_err(for_prompt)?).await?;
+        let choices = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, choice)| {
+                let prefix = if request.echo { texts[index / choices_per_prompt].as_str() } else { "" };
+                CompletionChoice {
+                    index: index as u32,
+                    text: format!("{prefix}{}", choice.text),
+                    logprobs: None,
+                    finish_reason: choice.finish_reason,
+                }
+            })
+            .collect();
+        Ok(CompletionResponse::new(
+            format!("cmpl-{}", response_id()),
+            unix_timestamp(),
+            &self.name,
+            choices,
+            Some(usage),
+        ))
+    }
+
+    async fn complete_stream(&self, request: CompletionRequest) -> nstream_backend::Result<CompletionStream> {
+        request.validate()?;
+        let (generation, texts) = self.completion_generation(&request).await?;
+        let choices_per_prompt = generation.choices as usize;
+        let submitted = self.submit(generation).map_err(for_prompt)?;
+        let id = format!("cmpl-{}", response_id());
+        let created = unix_timestamp();
+        let model = self.name.clone();
+        let chunk = move |index: u32, text: String, finish_reason: Option<FinishReason>| {
+            let choice = CompletionChoice { index, text, logprobs: None, finish_reason };
+            CompletionResponse::new(id.clone(), created, model.clone(), vec![choice], None)
+        };
+        let first = if request.echo {
+            (0..submitted.sequences)
+                .map(|index| chunk(index as u32, texts[index / choices_per_prompt].clone(), None))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let to_chunk = {
+            let chunk = chunk.clone();
+            move |event: &SequenceEvent| match event {
+                SequenceEvent::Text { index, text } => vec![chunk(*index, text.clone(), None)],
+                SequenceEvent::Finished { index, reason, .. } => vec![chunk(*index, String::new(), Some(*reason))],
+                SequenceEvent::Failed { .. } => Vec::new(),
+            }
+        };
+        let usage_chunk: Option<Box<dyn Fn(Usage) -> CompletionResponse + Send>> = request.include_usage().then(|| {
+            Box::new(move |usage| {
+                let mut last = chunk(0, String::new(), None);
+                last.choices.clear();
+                last.usage = Some(usage);
+                last
+            }) as Box<_>
+        });
+        Ok(event_stream(submitted, first, to_chunk, usage_chunk))
+    }
+}
+
+/// A unique-enough response id: time and a process-wide counter, in hex.
+fn response_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    format!("{nanos:x}{count:04x}")
+}
