@@ -19,7 +19,7 @@ struct Cli {
 enum Command {
     /// Check model specs: every problem of every document, with file, line and field path.
     Validate(commands::validate::ValidateArgs),
-    /// Print the CustomResourceDefinitions of the three kinds as YAML.
+    /// Print the CustomResourceDefinitions of the four kinds as YAML.
     Crds(commands::crds::CrdsArgs),
     /// Local mode: serve every servable model of a file on one port, routed by model name.
     Up(commands::up::UpArgs),
@@ -33,6 +33,8 @@ enum Command {
     /// Run a model over a dataset and write fine-tuning data (OpenAI chat format) with provenance,
     /// exactly once and resumable.
     Generate(Box<commands::generate::GenerateArgs>),
+    /// Knowledge bases: index files, search, list and remove documents.
+    Kb(commands::kb::KbArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +44,11 @@ fn main() -> ExitCode {
         Command::Up(args) => nstream_providers::pin_candle_threads(args.serve.threads),
         Command::Chat(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Embed(_) | Command::Generate(_) => nstream_providers::pin_candle_threads(None),
+        Command::Kb(args) => match &args.command {
+            commands::kb::KbCommand::Index(index) => nstream_providers::pin_candle_threads(index.threads),
+            commands::kb::KbCommand::Search(search) => nstream_providers::pin_candle_threads(search.threads),
+            _ => {}
+        },
         Command::Validate(_) | Command::Crds(_) | Command::Check(_) => {}
     }
     let result = match cli.command {
@@ -52,6 +59,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => commands::chat::run(&args),
         Command::Check(args) => commands::check::run(&args),
         Command::Generate(args) => commands::generate::run(*args),
+        Command::Kb(args) => commands::kb::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@ pub mod check;
 pub mod crds;
 pub mod embed;
 pub mod generate;
+pub mod kb;
 mod model_file;
 pub mod up;
 pub mod validate;
