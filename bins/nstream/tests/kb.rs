@@ -21,7 +21,12 @@ fn nstream(arguments: &[&str], environment: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_nstream"));
     command.args(arguments).env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn");
     for (name, value) in environment {
-        command.env(name, value);
+        // An empty value means "not set at all".
+        if value.is_empty() {
+            command.env_remove(name);
+        } else {
+            command.env(name, value);
+        }
     }
     command.output().unwrap()
 }
