@@ -19,6 +19,11 @@ echo "== Kubernetes testbed for the operator's end-to-end test (etcd, kube-apise
 # Built from Go modules once (10-20 min cold on 2 cores), cached outside the repository.
 scripts/testbed.sh build
 
+echo "== PostgreSQL 15 + pgvector for the knowledge-base tests (a throwaway server on 127.0.0.1)"
+eval "$(scripts/pg-test-server.sh start)"
+trap 'scripts/pg-test-server.sh stop' EXIT
+export NSTREAM_REQUIRE_PG=1
+
 echo "== tests"
 cargo test --workspace --locked
 

@@ -101,11 +101,16 @@ fn missing_files_are_a_clear_error() {
 }
 
 #[test]
-fn crds_print_three_definitions() {
+fn crds_print_four_definitions() {
     let output = nstream(&["crds"], None);
     assert!(output.status.success());
     let text = stdout(&output);
-    for name in ["megamodels.llm.nstream.ai", "basemodels.llm.nstream.ai", "embeddingmodels.llm.nstream.ai"] {
+    for name in [
+        "megamodels.llm.nstream.ai",
+        "basemodels.llm.nstream.ai",
+        "embeddingmodels.llm.nstream.ai",
+        "knowledgebases.llm.nstream.ai",
+    ] {
         assert!(text.contains(&format!("name: {name}")), "{name}");
     }
 }

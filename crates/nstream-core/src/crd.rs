@@ -1,25 +1,30 @@
-//! The CustomResourceDefinitions of the three kinds, as installed on a cluster.
+//! The CustomResourceDefinitions of the four kinds, as installed on a cluster.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+use crate::knowledge_base::KnowledgeBase;
 use crate::spec::{BaseModel, EmbeddingModel, MegaModel};
 
-/// The three CRDs, in a fixed order: MegaModel, BaseModel, EmbeddingModel.
+/// The four CRDs, in a fixed order: MegaModel, BaseModel, EmbeddingModel, KnowledgeBase.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![MegaModel::crd(), BaseModel::crd(), EmbeddingModel::crd()]
+    vec![MegaModel::crd(), BaseModel::crd(), EmbeddingModel::crd(), KnowledgeBase::crd()]
 }
 
 /// File names under `deploy/crds/`, in the order of [`crds`].
-pub const CRD_FILE_NAMES: [&str; 3] =
-    ["megamodels.llm.nstream.ai.yaml", "basemodels.llm.nstream.ai.yaml", "embeddingmodels.llm.nstream.ai.yaml"];
+pub const CRD_FILE_NAMES: [&str; 4] = [
+    "megamodels.llm.nstream.ai.yaml",
+    "basemodels.llm.nstream.ai.yaml",
+    "embeddingmodels.llm.nstream.ai.yaml",
+    "knowledgebases.llm.nstream.ai.yaml",
+];
 
 /// One CRD as the YAML that `nstream crds` prints and `deploy/crds/` holds.
 pub fn crd_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(crd)
 }
 
-/// All three CRDs as one multi-document YAML stream.
+/// All four CRDs as one multi-document YAML stream.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
     for crd in crds() {

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::knowledge_base::KnowledgeBase;
 use crate::patterns;
 use crate::spec::{API_VERSION, BaseModel, EmbeddingModel, MegaModel};
 use crate::validate::{Check, Problem, quote};
 
 /// The kinds nstream serves.
-pub const KINDS: [&str; 3] = ["MegaModel", "BaseModel", "EmbeddingModel"];
+pub const KINDS: [&str; 4] = ["MegaModel", "BaseModel", "EmbeddingModel", "KnowledgeBase"];
 
 /// The top-level fields of a resource.
 const TOP_LEVEL_FIELDS: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
@@ -36,7 +37,7 @@ const METADATA_FIELDS: [&str; 15] = [
     "selfLink",
 ];
 
-/// One of the three nstream resources.
+/// One of the four nstream resources.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelResource {
     /// A hosted foundation model.
@@ -45,6 +46,8 @@ pub enum ModelResource {
     BaseModel(BaseModel),
     /// A sentence-embedding model.
     EmbeddingModel(EmbeddingModel),
+    /// A knowledge base: documents embedded by an EmbeddingModel.
+    KnowledgeBase(KnowledgeBase),
 }
 
 impl ModelResource {
@@ -54,6 +57,7 @@ impl ModelResource {
             Self::MegaModel(_) => "MegaModel",
             Self::BaseModel(_) => "BaseModel",
             Self::EmbeddingModel(_) => "EmbeddingModel",
+            Self::KnowledgeBase(_) => "KnowledgeBase",
         }
     }
 
@@ -63,6 +67,7 @@ impl ModelResource {
             Self::MegaModel(model) => &model.metadata,
             Self::BaseModel(model) => &model.metadata,
             Self::EmbeddingModel(model) => &model.metadata,
+            Self::KnowledgeBase(knowledge_base) => &knowledge_base.metadata,
         }
     }
 
@@ -78,6 +83,7 @@ impl ModelResource {
             Self::MegaModel(model) => model.spec.problems("spec"),
             Self::BaseModel(model) => model.spec.problems("spec"),
             Self::EmbeddingModel(model) => model.spec.problems("spec"),
+            Self::KnowledgeBase(knowledge_base) => knowledge_base.spec.problems("spec"),
         });
         problems
     }
@@ -88,6 +94,7 @@ impl ModelResource {
             Self::MegaModel(model) => serde_yaml::to_string(model),
             Self::BaseModel(model) => serde_yaml::to_string(model),
             Self::EmbeddingModel(model) => serde_yaml::to_string(model),
+            Self::KnowledgeBase(knowledge_base) => serde_yaml::to_string(knowledge_base),
         }
     }
 }
@@ -377,9 +384,10 @@ fn parse_document(text: &str, origin: Origin) -> LoadedDocument {
         Some("MegaModel") => serde_yaml::from_str::<MegaModel>(text).map(ModelResource::MegaModel),
         Some("BaseModel") => serde_yaml::from_str::<BaseModel>(text).map(ModelResource::BaseModel),
         Some("EmbeddingModel") => serde_yaml::from_str::<EmbeddingModel>(text).map(ModelResource::EmbeddingModel),
+        Some("KnowledgeBase") => serde_yaml::from_str::<KnowledgeBase>(text).map(ModelResource::KnowledgeBase),
         other => {
             let found = other.map_or_else(|| "no kind".to_string(), quote);
-            let mut message = format!("found {found}, expected one of MegaModel, BaseModel, EmbeddingModel");
+            let mut message = format!("found {found}, expected one of {}", KINDS.join(", "));
             if let Some(close) = other.and_then(|kind| suggestion(kind, &KINDS)) {
                 message.push_str(&format!(" (did you mean `{close}`?)"));
             }

@@ -1,4 +1,4 @@
-//! Typed specs for the three nstream model kinds (MegaModel, BaseModel, EmbeddingModel):
+//! Typed specs for the nstream kinds (MegaModel, BaseModel, EmbeddingModel, KnowledgeBase):
 //! serde + kube CustomResources, validation with field paths, Kubernetes quantities, CRD
 //! generation and YAML loading with file:line diagnostics.
 //!
@@ -20,6 +20,7 @@
 
 pub mod crd;
 pub mod document;
+pub mod knowledge_base;
 pub mod patterns;
 pub mod quantity;
 pub mod replicas;
@@ -30,6 +31,10 @@ pub mod validate;
 
 pub use document::{
     Diagnostic, LoadError, LoadedDocument, ModelResource, Origin, Outcome, load_path, parse_bytes, parse_str,
+};
+pub use knowledge_base::{
+    Chunking, EmbeddedStore, KnowledgeBase, KnowledgeBaseSpec, KnowledgeBaseStore, PostgresStore, SearchDefaults,
+    Splitting,
 };
 pub use quantity::{Amount, QuantityError, ResourceQuantity, parse_quantity};
 pub use replicas::Replicas;

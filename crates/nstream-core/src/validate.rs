@@ -95,6 +95,8 @@ fn expectation(path: &str, error: &validator::ValidationError) -> String {
                 "revision" => "a branch, tag or commit without spaces".to_string(),
                 "name" => format!("a Kubernetes resource name matching {}", patterns::DNS_SUBDOMAIN_PATTERN),
                 "key" => format!("a Secret key matching {}", patterns::SECRET_KEY_PATTERN),
+                "embeddingModel" => "the metadata.name of an EmbeddingModel (a DNS-1035 label)".to_string(),
+                "table" => format!("a lower-case table name matching {}", crate::knowledge_base::TABLE_NAME_PATTERN),
                 _ => "text without leading or trailing whitespace".to_string(),
             }
         }
@@ -148,7 +150,7 @@ fn collect(errors: &ValidationErrors, prefix: &str, problems: &mut Vec<Problem>)
 }
 
 /// Field-rule problems from the validator derive.
-fn field_rules(value: &impl Validate, prefix: &str) -> Vec<Problem> {
+pub(crate) fn field_rules(value: &impl Validate, prefix: &str) -> Vec<Problem> {
     let mut problems = Vec::new();
     if let Err(errors) = value.validate() {
         collect(&errors, prefix, &mut problems);

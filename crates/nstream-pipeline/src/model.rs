@@ -122,6 +122,7 @@ impl ModelInfo {
                 model: Some(model.spec.embedding_model_serving_info.hf_model_id.clone()),
                 ..Self::named(name, "HUGGINGFACE")
             },
+            ModelResource::KnowledgeBase(_) => Self { kind, ..Self::named(name, "nstream") },
         }
     }
 

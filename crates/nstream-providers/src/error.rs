@@ -69,6 +69,14 @@ pub enum ProviderError {
     /// Two models share a name.
     #[error(transparent)]
     Registry(#[from] nstream_server::ServerError),
+    /// A KnowledgeBase could not be opened or used.
+    #[error("KnowledgeBase/{name}: {cause}")]
+    KnowledgeBase {
+        /// The resource name.
+        name: String,
+        /// The cause.
+        cause: nstream_kb::Error,
+    },
     /// The listening socket could not be opened.
     #[error("cannot listen on {address}: {cause}")]
     Bind {

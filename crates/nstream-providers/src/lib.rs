@@ -3,6 +3,7 @@
 
 mod args;
 mod error;
+mod knowledge;
 mod load;
 mod metrics;
 mod secrets;
@@ -11,6 +12,7 @@ mod threads;
 
 pub use args::{DeviceArg, DtypeArg, RequantizeArg, ServeArgs};
 pub use error::{ProviderError, Result};
+pub use knowledge::{default_data_dir, embedded_store_path, embedding_model_of, open_knowledge_base, open_store};
 pub use load::{
     LoadOptions, LoadedModel, hosted_backend, hosted_options, load_embedding_repo, load_model, model_source,
 };

@@ -109,6 +109,12 @@ pub fn load_model(
         ModelResource::MegaModel(model) => {
             Ok(LoadedModel { name: name.clone(), backend: hosted_backend(&name, &model.spec, secrets)? })
         }
+        ModelResource::KnowledgeBase(_) => Err(ProviderError::NotServable {
+            kind: "KnowledgeBase".to_string(),
+            name,
+            reason: "a KnowledgeBase is not a model: it is served as a vector store beside its EmbeddingModel"
+                .to_string(),
+        }),
     }
 }
 

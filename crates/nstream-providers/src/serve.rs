@@ -68,7 +68,9 @@ pub fn load_models(
     }
     let exporter = ModelMetricsExporter::register(metrics);
     let mut models = Vec::new();
-    for resource in documents.iter().filter_map(LoadedDocument::valid_resource) {
+    let models_only =
+        |resource: &&nstream_core::ModelResource| !matches!(resource, nstream_core::ModelResource::KnowledgeBase(_));
+    for resource in documents.iter().filter_map(LoadedDocument::valid_resource).filter(models_only) {
         tracing::info!(kind = resource.kind(), name = resource.name(), "loading");
         let started = std::time::Instant::now();
         let model = load_model(resource, options, secrets, Some(&exporter))?;

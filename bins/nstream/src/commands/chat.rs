@@ -65,7 +65,7 @@ async fn answer(backend: &dyn ModelBackend, request: ChatCompletionRequest) -> a
 /// Loads the model and chats.
 pub fn run(args: &ChatArgs) -> anyhow::Result<ExitCode> {
     let resource = super::model_file::pick(&args.model, args.name.as_deref(), "chat model", |resource| {
-        !matches!(resource, ModelResource::EmbeddingModel(_))
+        matches!(resource, ModelResource::MegaModel(_) | ModelResource::BaseModel(_))
     })?;
     let mut options = LoadOptions::default();
     options.llm.threads = args.threads;

@@ -229,7 +229,8 @@ fn pick_model(args: &GenerateArgs) -> anyhow::Result<ModelResource> {
     let Some(model) = args.model.as_deref() else {
         bail!("--model is required (a model file, or a model name with -f FILE)")
     };
-    let accept = |resource: &ModelResource| !matches!(resource, ModelResource::EmbeddingModel(_));
+    let accept =
+        |resource: &ModelResource| matches!(resource, ModelResource::MegaModel(_) | ModelResource::BaseModel(_));
     if Path::new(model).is_file() {
         return super::model_file::pick(model, args.name.as_deref(), "chat model", accept);
     }

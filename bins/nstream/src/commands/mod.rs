@@ -7,6 +7,7 @@ pub mod embed;
 pub mod eval;
 pub mod finetune;
 pub mod generate;
+pub mod kb;
 mod model_file;
 pub mod up;
 pub mod validate;

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL 15 + pgvector server for the knowledge-base tests, bound to 127.0.0.1.
+#
+#   scripts/pg-test-server.sh start   # prints `export NSTREAM_TEST_PG_URL=postgres://...`
+#   scripts/pg-test-server.sh stop
+#
+# Installs PostgreSQL and pgvector 0.8.6 first (../shared/tools/pgvector.sh; needs root for
+# apt-get). PostgreSQL refuses to run as root, so the server runs as the `postgres` user (or the
+# current user when not root). The data folder and port live in $STATE (one server at a time).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+STATE="${NSTREAM_PG_STATE:-${TMPDIR:-/tmp}/nstream-pg-test}"
+PORT="${NSTREAM_PG_PORT:-54329}"
+
+as_server_user() {
+  if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$1"; else bash -c "$1"; fi
+}
+
+pgbin() {
+  local installer="$HERE/../../shared/tools/pgvector.sh"
+  [ -x "$installer" ] || installer="$HERE/../shared/tools/pgvector.sh"
+  if [ -f "$installer" ]; then
+    bash "$installer" | sed -n 's/^PGBIN=//p'
+  else
+    ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1
+  fi
+}
+
+case "${1:-}" in
+  start)
+    PGBIN=$(pgbin)
+    [ -x "$PGBIN/initdb" ] || { echo "no PostgreSQL found (PGBIN=$PGBIN)" >&2; exit 1; }
+    if [ -f "$STATE/data/postmaster.pid" ]; then
+      as_server_user "$PGBIN/pg_ctl -D $STATE/data stop -m immediate" >/dev/null 2>&1 || true
+    fi
+    rm -rf "$STATE"; mkdir -p "$STATE"
+    [ "$(id -u)" = 0 ] && chown postgres "$STATE"
+    as_server_user "$PGBIN/initdb -D $STATE/data -A trust -U postgres" >"$STATE/initdb.log" 2>&1 \
+      || { cat "$STATE/initdb.log" >&2; exit 1; }
+    as_server_user "$PGBIN/pg_ctl -D $STATE/data -w -o '-p $PORT -k $STATE -c listen_addresses=127.0.0.1 -c fsync=off' -l $STATE/server.log start" >/dev/null \
+      || { cat "$STATE/server.log" >&2; exit 1; }
+    as_server_user "$PGBIN/psql -h 127.0.0.1 -p $PORT -U postgres -qc 'CREATE EXTENSION IF NOT EXISTS vector'" >/dev/null
+    echo "export NSTREAM_TEST_PG_URL=postgres://postgres@127.0.0.1:$PORT/postgres"
+    ;;
+  stop)
+    PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+    if [ -n "$PGBIN" ] && [ -f "$STATE/data/postmaster.pid" ]; then
+      as_server_user "$PGBIN/pg_ctl -D $STATE/data -w stop -m fast" >/dev/null
+    fi
+    rm -rf "$STATE"
+    ;;
+  *)
+    echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
