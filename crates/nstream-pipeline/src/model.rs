@@ -39,6 +39,8 @@ pub enum ModelKind {
     BaseModel,
     /// A sentence-embedding model served here.
     EmbeddingModel,
+    /// A knowledge base (it answers no prompt; named for completeness).
+    KnowledgeBase,
     /// A backend built in code (an embedding application, a test).
     #[serde(rename = "backend")]
     Backend,
@@ -51,6 +53,7 @@ impl ModelKind {
             ModelResource::MegaModel(_) => Self::MegaModel,
             ModelResource::BaseModel(_) => Self::BaseModel,
             ModelResource::EmbeddingModel(_) => Self::EmbeddingModel,
+            ModelResource::KnowledgeBase(_) => Self::KnowledgeBase,
         }
     }
 
@@ -60,6 +63,7 @@ impl ModelKind {
             Self::MegaModel => "MegaModel",
             Self::BaseModel => "BaseModel",
             Self::EmbeddingModel => "EmbeddingModel",
+            Self::KnowledgeBase => "KnowledgeBase",
             Self::Backend => "backend",
         }
     }
