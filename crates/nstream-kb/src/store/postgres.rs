@@ -49,8 +49,11 @@ impl PostgresStore {
                 "{table:?} is not a table name nstream creates: lower-case letters, digits and `_`, at most 53 characters"
             )));
         }
-        let options: PgConnectOptions =
-            url.parse().map_err(|_| error("the connection URL is not a postgres:// URL".to_string()))?;
+        let not_postgres = || error("the connection URL is not a postgres:// URL".to_string());
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(not_postgres());
+        }
+        let options: PgConnectOptions = url.parse().map_err(|_| not_postgres())?;
         let server = format!("{}:{}/{}", options.get_host(), options.get_port(), options.get_database().unwrap_or(""));
         let pool = PgPoolOptions::new()
             .max_connections(8)
