@@ -134,7 +134,7 @@ impl BaseModel {
         check_shapes(&config, &weights, &config_file)?;
         let tokenizer_config =
             HfTokenizerConfig::read(files.tokenizer_config.as_deref(), files.chat_template.as_deref())?;
-        let (eos_ids, bos_id) = end_ids(&files.config, files.generation_config.as_deref())?;
+        let (eos_ids, bos_id) = nstream_llm::end_ids(&files.config, files.generation_config.as_deref())?;
         let tokenizer = LlmTokenizer::from_hf(&files.tokenizer, &tokenizer_config, &eos_ids, bos_id)?;
         let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
         let template = match &tokenizer_config.chat_template {
@@ -310,37 +310,4 @@ fn check_shapes(config: &LlamaConfig, weights: &HashMap<String, Tensor>, file: &
         }
     }
     Ok(())
-}
-
-/// The end-of-sequence ids of `generation_config.json` (else `config.json`) and the
-/// beginning-of-sequence id, as serving reads them.
-fn end_ids(config: &Path, generation_config: Option<&Path>) -> Result<(Vec<u32>, Option<u32>)> {
-    let read = |path: &Path| -> Result<serde_json::Value> {
-        let text = std::fs::read_to_string(path).map_err(|cause| Error::io(path, cause))?;
-        serde_json::from_str(&text)
-            .map_err(|error| invalid_model(&path.display().to_string(), format!("not valid JSON: {error}")))
-    };
-    let ids = |value: Option<&serde_json::Value>| -> Vec<u32> {
-        match value {
-            Some(serde_json::Value::Array(items)) => {
-                items.iter().filter_map(|item| item.as_u64().and_then(|id| u32::try_from(id).ok())).collect()
-            }
-            Some(value) => value.as_u64().and_then(|id| u32::try_from(id).ok()).into_iter().collect(),
-            None => Vec::new(),
-        }
-    };
-    let mut sources = vec![read(config)?];
-    if let Some(path) = generation_config {
-        sources.insert(0, read(path)?);
-    }
-    let mut eos = Vec::new();
-    for source in &sources {
-        for id in ids(source.get("eos_token_id")) {
-            if !eos.contains(&id) {
-                eos.push(id);
-            }
-        }
-    }
-    let bos = sources.iter().find_map(|source| ids(source.get("bos_token_id")).first().copied());
-    Ok((eos, bos))
 }

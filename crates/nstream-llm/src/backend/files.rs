@@ -91,7 +91,7 @@ impl SafetensorsFiles {
 
 /// The end-of-sequence ids of `generation_config.json` (else `config.json`), which may be one id
 /// or a list, and the beginning-of-sequence id.
-pub(super) fn end_ids(config: &Path, generation_config: Option<&Path>) -> Result<(Vec<u32>, Option<u32>)> {
+pub fn end_ids(config: &Path, generation_config: Option<&Path>) -> Result<(Vec<u32>, Option<u32>)> {
     let read = |path: &Path| -> Result<serde_json::Value> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|cause| Error::Io { path: file.clone(), cause })?;

@@ -21,7 +21,7 @@ use nstream_backend::unix_timestamp;
 use tokio::sync::mpsc;
 
 pub use device::DeviceSpec;
-pub use files::SafetensorsFiles;
+pub use files::{SafetensorsFiles, end_ids};
 pub use options::{CUDA_PREFILL_CHUNK_TOKENS, LlmInfo, LlmOptions};
 
 use crate::error::Result;
