@@ -81,6 +81,15 @@ pub enum BackendError {
     #[error("the request was cancelled")]
     Cancelled,
 
+    /// A named object (a file, a vector store) does not exist. HTTP 404.
+    #[error("{message}")]
+    NotFound {
+        /// Which object was asked for, returned to the client as is.
+        message: String,
+        /// The request field or path parameter naming it, when known.
+        param: Option<String>,
+    },
+
     /// A bug or an unexpected failure inside the backend. HTTP 500; the message is logged by the
     /// server and never returned to the client.
     #[error("internal error: {0}")]
@@ -118,6 +127,7 @@ impl BackendError {
                 _ => 502,
             },
             Self::Timeout => 504,
+            Self::NotFound { .. } => 404,
             Self::Internal(_) => 500,
         }
     }
@@ -125,9 +135,10 @@ impl BackendError {
     /// The OpenAI error `type` field.
     pub fn error_type(&self) -> &'static str {
         match self {
-            Self::InvalidRequest { .. } | Self::Unsupported { .. } | Self::ContextLengthExceeded { .. } => {
-                "invalid_request_error"
-            }
+            Self::InvalidRequest { .. }
+            | Self::Unsupported { .. }
+            | Self::ContextLengthExceeded { .. }
+            | Self::NotFound { .. } => "invalid_request_error",
             Self::Upstream { status: 429, .. } => "rate_limit_error",
             Self::Upstream { status, .. } if self.status_code() == *status => "invalid_request_error",
             Self::Overloaded { .. }
@@ -142,7 +153,7 @@ impl BackendError {
     /// The OpenAI error `code` field (machine-readable), when there is one.
     pub fn code(&self) -> Option<&'static str> {
         match self {
-            Self::InvalidRequest { .. } => None,
+            Self::InvalidRequest { .. } | Self::NotFound { .. } => None,
             Self::Unsupported { .. } => Some("unsupported_capability"),
             Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
             Self::Overloaded { .. } => Some("model_overloaded"),
@@ -157,7 +168,9 @@ impl BackendError {
     /// The OpenAI error `param` field: the request field at fault, when known.
     pub fn param(&self) -> Option<&str> {
         match self {
-            Self::InvalidRequest { param, .. } | Self::ContextLengthExceeded { param, .. } => param.as_deref(),
+            Self::InvalidRequest { param, .. }
+            | Self::ContextLengthExceeded { param, .. }
+            | Self::NotFound { param, .. } => param.as_deref(),
             _ => None,
         }
     }

@@ -16,6 +16,8 @@
 //!   a backend sees the request, so backends may rely on the ranges it checks.
 //! - [`BackendError`]: one error enum whose [`BackendError::status_code`],
 //!   [`BackendError::error_type`] and [`BackendError::code`] are the single mapping to HTTP.
+//! - [`vector_store`]: OpenAI's files and vector-stores objects and the [`VectorStoreBackend`]
+//!   trait the server's `/v1/files` and `/v1/vector_stores` routes call.
 //! - `FakeBackend` (cargo feature `fake`): a deterministic backend for server tests and demos.
 //!
 //! # Unknown request fields
@@ -37,6 +39,7 @@ mod fake;
 mod input;
 mod model;
 mod usage;
+pub mod vector_store;
 
 pub use backend::{ChatCompletionStream, CompletionStream, ModelBackend};
 // The request and response types every backend touches, also reachable from the crate root.
@@ -49,3 +52,4 @@ pub use fake::{FakeBackend, FakeBackendStats};
 pub use input::{Input, InputItem};
 pub use model::{Capability, Health, ModelDescription, ModelKind};
 pub use usage::{StopSequences, StreamOptions, Usage, unix_timestamp};
+pub use vector_store::VectorStoreBackend;
