@@ -5,6 +5,7 @@
 //! - [`chunk`]: token windows with overlap, split on paragraphs, headings and code blocks.
 //! - [`store`]: the [`Store`] trait; [`EmbeddedStore`] (hannoy's HNSW on LMDB, one transaction
 //!   per write) is the default.
+//! - [`vector_api`]: OpenAI's files and vector-stores API ([`VectorStoreService`]) over stores.
 //! - [`Collection`]: indexing (content-hash skip, whole-document replacement, batches) and search.
 
 pub mod chunk;
@@ -15,6 +16,7 @@ pub mod filter;
 pub mod html;
 pub mod source;
 pub mod store;
+pub mod vector_api;
 
 pub use chunk::{Chunker, TextChunk, TokenOffsets, WhitespaceTokens, load_tokenizer};
 pub use collection::{Collection, IndexProgress, IndexReport, SearchRequest};
@@ -25,3 +27,4 @@ pub use source::{Format, JsonlOptions, SourceDocument};
 pub use store::embedded::EmbeddedStore;
 pub use store::postgres::PostgresStore;
 pub use store::{DocumentEntry, SearchHit, Store, StoreStats, VectorQuery};
+pub use vector_api::{EmbeddingChoice, VectorStoreService};

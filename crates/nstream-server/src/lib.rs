@@ -12,6 +12,7 @@
 //! | `POST /v1/chat/completions` | JSON, or SSE when `stream` is true (`data: {chunk}` ... `data: [DONE]`) |
 //! | `POST /v1/completions` | legacy completions, same streaming |
 //! | `GET /v1/models`, `GET /v1/models/{id}` | OpenAI's list shape, plus an `nstream` object per model |
+//! | `/v1/files`, `/v1/vector_stores[/{id}[/files[/{file}]\|/search]]` | OpenAI's files and vector-stores API, answered by [`AppState::with_vector_stores`]'s backend |
 //! | `GET /health` | 200 while the process answers (liveness) |
 //! | `GET /ready` | 200 when every model reports ready, else 503 with each model's state (readiness) |
 //! | `GET /metrics` | Prometheus/OpenMetrics text (see [`Metrics`]) |
@@ -40,6 +41,7 @@ mod metrics;
 mod routes;
 mod state;
 mod stream;
+mod vector_stores;
 
 use std::future::Future;
 use std::time::Instant;
@@ -69,6 +71,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{*id}", get(routes::get_model))
+        .merge(vector_stores::routes())
         // `route_layer`: only matched routes need a key, so unknown paths still answer 404.
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     let operations = Router::new()

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use nstream_backend::ModelBackend;
+use nstream_backend::{ModelBackend, VectorStoreBackend};
 
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
@@ -99,18 +99,29 @@ pub struct AppState {
     inner: Arc<StateInner>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct StateInner {
     models: ModelRegistry,
     config: ServerConfig,
     metrics: Metrics,
+    vector_stores: Option<VectorStores>,
+}
+
+/// The files and vector stores, when served; `Debug` names no internals.
+#[derive(Clone)]
+struct VectorStores(Arc<dyn VectorStoreBackend>);
+
+impl std::fmt::Debug for VectorStores {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("VectorStores")
+    }
 }
 
 impl AppState {
     /// State for [`crate::app`]. Pass the same [`Metrics`] whose registry the backends
     /// registered their own metrics in, so `/metrics` shows them too.
     pub fn new(models: ModelRegistry, config: ServerConfig, metrics: Metrics) -> Self {
-        Self { inner: Arc::new(StateInner { models, config, metrics }) }
+        Self { inner: Arc::new(StateInner { models, config, metrics, vector_stores: None }) }
     }
 
     /// The served models.
@@ -126,5 +137,17 @@ impl AppState {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Serves `/v1/files` and `/v1/vector_stores` from `backend` (they answer 404 without one).
+    pub fn with_vector_stores(self, backend: Arc<dyn VectorStoreBackend>) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.vector_stores = Some(VectorStores(backend));
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// The files and vector stores, when served.
+    pub fn vector_stores(&self) -> Option<&Arc<dyn VectorStoreBackend>> {
+        self.inner.vector_stores.as_ref().map(|stores| &stores.0)
     }
 }

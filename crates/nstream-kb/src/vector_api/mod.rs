@@ -1,0 +1,738 @@
+//! OpenAI's files and vector-stores API over knowledge bases: [`VectorStoreService`] implements
+//! `nstream_backend::VectorStoreBackend`, which the server's `/v1/files` and `/v1/vector_stores`
+//! routes call.
+//!
+//! Layout under its folder (`<data dir>/openai`): `catalog.json` (files, stores, attachments and
+//! their status, replaced atomically), `files/<file id>` (uploads), `stores/<store id>/` (each
+//! API-created store's embedded index). KnowledgeBases declared in YAML are stores whose id is
+//! their name, kept in their own store. Attaching a file answers `in_progress` at once and indexes
+//! in the background; a file still `in_progress` when the process stopped is indexed again on the
+//! next start (documents already committed are skipped by their content hash).
+
+mod catalog;
+mod request;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use nstream_backend::BackendError;
+use nstream_backend::vector_store::{
+    CreateVectorStore, CreateVectorStoreFile, DeletedObject, FileCounts, FileObject, FileUpload, LastError, ListPage,
+    ListQuery, SearchContent, SearchResult, SearchResultsPage, SearchVectorStore, VectorStoreBackend,
+    VectorStoreFileObject, VectorStoreObject, paginate,
+};
+use nstream_core::{Chunking, Splitting};
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+
+use crate::chunk::{Chunker, TokenOffsets};
+use crate::collection::{Collection, SearchRequest};
+use crate::embedder::Embed;
+use crate::error::{Error, Result};
+use crate::source::{Format, JsonlOptions, parse_text};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{Store, now_seconds};
+use catalog::{Catalog, StoreRecord, new_id};
+
+/// The most objects of one list page (OpenAI's limit for vector stores; files allow more).
+const MAX_PAGE: i64 = 100;
+/// The most objects of one page of `/v1/files`.
+const MAX_FILES_PAGE: i64 = 10_000;
+
+/// An EmbeddingModel that vector stores created through the API may embed with.
+#[derive(Clone)]
+pub struct EmbeddingChoice {
+    /// Its `metadata.name`.
+    pub name: String,
+    /// Embeds chunks and queries.
+    pub embedder: Arc<dyn Embed>,
+    /// Its tokenizer, for chunk sizes.
+    pub tokens: Arc<dyn TokenOffsets>,
+}
+
+impl std::fmt::Debug for EmbeddingChoice {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("EmbeddingChoice").field("name", &self.name).finish()
+    }
+}
+
+impl EmbeddingChoice {
+    /// A model named `name`.
+    pub fn new(name: impl Into<String>, embedder: Arc<dyn Embed>, tokens: Arc<dyn TokenOffsets>) -> Self {
+        Self { name: name.into(), embedder, tokens }
+    }
+}
+
+/// Files and vector stores persisted under one folder; cheap to clone.
+#[derive(Clone)]
+pub struct VectorStoreService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for VectorStoreService {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("VectorStoreService")
+            .field("root", &self.inner.root)
+            .field("models", &self.inner.models.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+struct Inner {
+    root: PathBuf,
+    models: BTreeMap<String, EmbeddingChoice>,
+    declared: HashMap<String, Collection>,
+    state: Mutex<State>,
+}
+
+struct State {
+    catalog: Catalog,
+    open: HashMap<String, Arc<dyn Store>>,
+}
+
+fn not_found(kind: &str, id: &str, param: Option<&str>) -> BackendError {
+    BackendError::NotFound { message: format!("No {kind} found with id '{id}'."), param: param.map(str::to_string) }
+}
+
+/// A knowledge-base error as the API reports it: the caller's faults as 400s naming the field,
+/// embedding failures as the backend said (503 when it is overloaded), the rest as 500s.
+fn backend_error(error: Error) -> BackendError {
+    match error {
+        Error::InvalidRequest { field, reason } => {
+            BackendError::invalid_param(field.clone(), format!("{field}: {reason}"))
+        }
+        Error::Embedding { cause, .. } => cause,
+        Error::DimensionMismatch { .. } => BackendError::invalid_request(error.to_string()),
+        other => BackendError::Internal(other.to_string()),
+    }
+}
+
+impl VectorStoreService {
+    /// Opens (or creates) the service's folder, registers the declared KnowledgeBases as stores
+    /// named by their ids, and resumes indexing files that were in progress. Call from within a
+    /// tokio runtime.
+    pub async fn open(root: &Path, models: Vec<EmbeddingChoice>, declared: Vec<Collection>) -> Result<Self> {
+        if root.is_file() {
+            return Err(Error::StorePath {
+                path: root.to_path_buf(),
+                reason: "is a file; expected a folder for files and vector stores".to_string(),
+            });
+        }
+        for folder in [root.to_path_buf(), root.join("files"), root.join("stores")] {
+            std::fs::create_dir_all(&folder).map_err(|error| Error::StorePath {
+                path: folder.clone(),
+                reason: format!("cannot create the folder: {error}"),
+            })?;
+        }
+        let mut catalog = Catalog::load(&root.join("catalog.json"))?;
+        let declared: HashMap<String, Collection> =
+            declared.into_iter().map(|collection| (collection.name().to_string(), collection)).collect();
+        // KnowledgeBases no longer in the file are no longer served (their data stays in their store).
+        catalog.stores.retain(|id, record| !record.declared || declared.contains_key(id));
+        for (name, collection) in &declared {
+            let record = catalog.stores.entry(name.clone()).or_insert_with(|| {
+                let mut metadata = Map::new();
+                metadata.insert("embedding_model".to_string(), Value::String(collection.model().to_string()));
+                metadata.insert("knowledge_base".to_string(), Value::String(name.clone()));
+                StoreRecord {
+                    object: vector_store_object(name, name, metadata, None),
+                    embedding_model: collection.model().to_string(),
+                    max_tokens: 0,
+                    overlap_tokens: 0,
+                    declared: true,
+                    files: BTreeMap::new(),
+                }
+            });
+            record.declared = true;
+            record.embedding_model = collection.model().to_string();
+        }
+        let pending: Vec<(String, String)> = catalog
+            .stores
+            .iter()
+            .flat_map(|(store, record)| {
+                record
+                    .files
+                    .values()
+                    .filter(|file| file.status == "in_progress")
+                    .map(move |file| (store.clone(), file.id.clone()))
+            })
+            .collect();
+        catalog.save(&root.join("catalog.json"))?;
+        let service = Self {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                models: models.into_iter().map(|model| (model.name.clone(), model)).collect(),
+                declared,
+                state: Mutex::new(State { catalog, open: HashMap::new() }),
+            }),
+        };
+        for (store, file) in pending {
+            tracing::info!(store = %store, file = %file, "resuming the indexing of a file");
+            service.spawn_indexing(store, file);
+        }
+        Ok(service)
+    }
+
+    /// The names of the EmbeddingModels new stores may use.
+    pub fn models(&self) -> Vec<String> {
+        self.inner.models.keys().cloned().collect()
+    }
+
+    /// Waits until no file of any store is in progress (for tests and shutdown), at most `timeout`.
+    pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let busy = {
+                let state = self.inner.state.lock().await;
+                state
+                    .catalog
+                    .stores
+                    .values()
+                    .any(|record| record.files.values().any(|file| file.status == "in_progress"))
+            };
+            if !busy {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    fn catalog_path(&self) -> PathBuf {
+        self.inner.root.join("catalog.json")
+    }
+
+    fn file_path(&self, id: &str) -> PathBuf {
+        self.inner.root.join("files").join(id)
+    }
+
+    fn save(&self, catalog: &Catalog) -> nstream_backend::Result<()> {
+        catalog.save(&self.catalog_path()).map_err(backend_error)
+    }
+
+    /// The collection that indexes into and searches a store, with `chunking` when given.
+    async fn collection(
+        &self,
+        state: &mut State,
+        store_id: &str,
+        chunking: Option<(u32, u32)>,
+    ) -> nstream_backend::Result<Collection> {
+        if let Some(collection) = self.inner.declared.get(store_id) {
+            return Ok(collection.clone());
+        }
+        let record = state.catalog.stores.get(store_id).ok_or_else(|| not_found("vector store", store_id, None))?;
+        let model = self.inner.models.get(&record.embedding_model).ok_or_else(|| {
+            BackendError::invalid_request(format!(
+                "vector store {store_id} embeds with the EmbeddingModel {}, which this server does not serve",
+                record.embedding_model
+            ))
+        })?;
+        let (max_tokens, overlap_tokens) = chunking.unwrap_or((record.max_tokens, record.overlap_tokens));
+        let store = match state.open.get(store_id) {
+            Some(store) => store.clone(),
+            None => {
+                let path = self.inner.root.join("stores").join(store_id);
+                let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&path).map_err(backend_error)?);
+                state.open.insert(store_id.to_string(), store.clone());
+                store
+            }
+        };
+        let chunking = Chunking { max_tokens, overlap_tokens, splitting: Splitting::Auto };
+        let chunker = Chunker::new(model.tokens.clone(), &chunking);
+        Collection::open(store_id, chunker, model.embedder.clone(), store).await.map_err(backend_error)
+    }
+
+    fn spawn_indexing(&self, store_id: String, file_id: String) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let outcome = service.index_file(&store_id, &file_id).await;
+            service.finish_indexing(&store_id, &file_id, outcome).await;
+        });
+    }
+
+    /// Reads, chunks, embeds and commits one attached file; the bytes of text indexed, or the
+    /// OpenAI error code and message.
+    async fn index_file(&self, store_id: &str, file_id: &str) -> Result<u64, LastError> {
+        let server_error = |message: String| LastError { code: "server_error".to_string(), message };
+        let (collection, filename, attributes) = {
+            let mut state = self.inner.state.lock().await;
+            let record = state.catalog.stores.get(store_id).ok_or_else(|| server_error("the store is gone".into()))?;
+            let attached = record.files.get(file_id).ok_or_else(|| server_error("the file was detached".into()))?;
+            let chunking = static_chunking(&attached.chunking_strategy);
+            let attributes = attached.attributes.clone();
+            let filename = state
+                .catalog
+                .files
+                .get(file_id)
+                .map(|file| file.filename.clone())
+                .ok_or_else(|| server_error("the file was deleted".into()))?;
+            let chunking = if self.inner.declared.contains_key(store_id) { None } else { chunking };
+            let collection = self
+                .collection(&mut state, store_id, chunking)
+                .await
+                .map_err(|error| server_error(error.to_string()))?;
+            (collection, filename, attributes)
+        };
+        let bytes = tokio::fs::read(self.file_path(file_id))
+            .await
+            .map_err(|error| server_error(format!("cannot read the upload: {error}")))?;
+        let invalid = |message: String| LastError { code: "invalid_file".to_string(), message };
+        let text = String::from_utf8(bytes).map_err(|error| LastError {
+            code: "unsupported_file".to_string(),
+            message: format!(
+                "{filename}: not UTF-8 text (invalid byte at offset {}); nstream reads text, markdown, HTML and JSONL",
+                error.utf8_error().valid_up_to()
+            ),
+        })?;
+        let format = Format::of(Path::new(&filename)).unwrap_or(Format::Text);
+        let read = parse_text(&text, Path::new(&filename), file_id, format, &JsonlOptions::default())
+            .map_err(|error| invalid(error.to_string()))?;
+        if read.documents.is_empty() && !read.problems.is_empty() {
+            let first = read.problems.first().map(ToString::to_string).unwrap_or_default();
+            return Err(invalid(format!(
+                "no line could be read ({} problems; the first: {first})",
+                read.problems.len()
+            )));
+        }
+        for problem in &read.problems {
+            tracing::warn!(file = %file_id, problem = %problem, "skipped part of a file");
+        }
+        let mut documents = read.documents;
+        for document in &mut documents {
+            for (key, value) in &attributes {
+                document.metadata.insert(key.clone(), value.clone());
+            }
+        }
+        let size = documents.iter().map(|document| document.text.len() as u64).sum();
+        collection.index(documents, &mut |_| {}).await.map_err(|error| server_error(error.to_string()))?;
+        Ok(size)
+    }
+
+    async fn finish_indexing(&self, store_id: &str, file_id: &str, outcome: Result<u64, LastError>) {
+        let mut state = self.inner.state.lock().await;
+        let attached = state.catalog.stores.get_mut(store_id).and_then(|record| record.files.get_mut(file_id));
+        match attached {
+            Some(file) => {
+                match outcome {
+                    Ok(bytes) => {
+                        file.status = "completed".to_string();
+                        file.usage_bytes = bytes;
+                        file.last_error = None;
+                    }
+                    Err(error) => {
+                        tracing::warn!(store = %store_id, file = %file_id, error = %error.message, "indexing a file failed");
+                        file.status = "failed".to_string();
+                        file.last_error = Some(error);
+                    }
+                }
+                if let Some(record) = state.catalog.stores.get_mut(store_id) {
+                    record.object.last_active_at = Some(now_seconds());
+                }
+                if let Err(error) = self.save(&state.catalog) {
+                    tracing::error!(error = %error, "saving the vector-store catalog failed");
+                }
+            }
+            // Detached (or its store deleted) while it was indexed: remove what was written.
+            None => {
+                if let Ok(collection) = self.collection(&mut state, store_id, None).await {
+                    drop(state);
+                    if let Err(error) = delete_file_documents(collection.store().as_ref(), file_id).await {
+                        tracing::warn!(file = %file_id, error = %error, "removing the chunks of a detached file failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Removes every document that came from a file: `file_id` itself and its JSONL lines.
+async fn delete_file_documents(store: &dyn Store, file_id: &str) -> Result<usize> {
+    let mut removed = 0;
+    for document in store.documents().await? {
+        if is_from_file(&document.id, file_id) && store.delete(&document.id).await? {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn is_from_file(document_id: &str, file_id: &str) -> bool {
+    document_id == file_id
+        || document_id.strip_prefix(file_id).is_some_and(|rest| rest.starts_with('#') || rest.starts_with(':'))
+}
+
+/// The file a document came from: the part before `#` or `:` when that is an uploaded file.
+fn file_of(document_id: &str, files: &BTreeMap<String, FileObject>) -> String {
+    if files.contains_key(document_id) {
+        return document_id.to_string();
+    }
+    document_id.split(['#', ':']).next().filter(|base| files.contains_key(*base)).unwrap_or(document_id).to_string()
+}
+
+fn static_chunking(strategy: &Value) -> Option<(u32, u32)> {
+    let settings = strategy.get("static")?;
+    let max = settings.get("max_chunk_size_tokens")?.as_u64()?;
+    let overlap = settings.get("chunk_overlap_tokens")?.as_u64()?;
+    Some((u32::try_from(max).ok()?, u32::try_from(overlap).ok()?))
+}
+
+fn chunking_value(max_tokens: u32, overlap_tokens: u32) -> Value {
+    serde_json::json!({"type": "static", "static": {"max_chunk_size_tokens": max_tokens, "chunk_overlap_tokens": overlap_tokens}})
+}
+
+fn vector_store_object(
+    id: &str,
+    name: &str,
+    metadata: Map<String, Value>,
+    expires_after: Option<Value>,
+) -> VectorStoreObject {
+    let now = now_seconds();
+    VectorStoreObject {
+        id: id.to_string(),
+        object: "vector_store".to_string(),
+        created_at: now,
+        name: name.to_string(),
+        usage_bytes: 0,
+        file_counts: FileCounts::default(),
+        status: "completed".to_string(),
+        expires_after,
+        expires_at: None,
+        last_active_at: Some(now),
+        metadata,
+    }
+}
+
+impl VectorStoreService {
+    /// Records an attachment and starts indexing it; the caller holds the lock and saves.
+    fn attach_locked(
+        &self,
+        state: &mut State,
+        store_id: &str,
+        file_id: &str,
+        attributes: Map<String, Value>,
+        chunking: Option<(u32, u32)>,
+    ) -> nstream_backend::Result<VectorStoreFileObject> {
+        let record = state.catalog.stores.get_mut(store_id).ok_or_else(|| not_found("vector store", store_id, None))?;
+        let (max_tokens, overlap_tokens) = chunking.unwrap_or((record.max_tokens, record.overlap_tokens));
+        let attached = VectorStoreFileObject {
+            id: file_id.to_string(),
+            object: "vector_store.file".to_string(),
+            usage_bytes: 0,
+            created_at: now_seconds(),
+            vector_store_id: store_id.to_string(),
+            status: "in_progress".to_string(),
+            last_error: None,
+            chunking_strategy: if record.declared {
+                serde_json::json!({"type": "other"})
+            } else {
+                chunking_value(max_tokens, overlap_tokens)
+            },
+            attributes,
+        };
+        record.files.insert(file_id.to_string(), attached.clone());
+        record.object.last_active_at = Some(now_seconds());
+        Ok(attached)
+    }
+}
+
+#[async_trait]
+impl VectorStoreBackend for VectorStoreService {
+    async fn create_file(&self, upload: FileUpload) -> nstream_backend::Result<FileObject> {
+        let filename = request::filename(&upload.filename)?;
+        let id = new_id("file-");
+        let path = self.file_path(&id);
+        let bytes = upload.bytes;
+        let size = bytes.len() as u64;
+        let write_path = path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&write_path)?;
+            file.write_all(&bytes)?;
+            file.sync_all()
+        })
+        .await
+        .map_err(|error| BackendError::Internal(format!("the upload task failed: {error}")))?
+        .map_err(|error| BackendError::Internal(format!("writing {}: {error}", path.display())))?;
+        let file = FileObject {
+            id: id.clone(),
+            object: "file".to_string(),
+            bytes: size,
+            created_at: now_seconds(),
+            filename,
+            purpose: upload.purpose,
+            status: "processed".to_string(),
+            expires_at: None,
+            status_details: None,
+        };
+        let mut state = self.inner.state.lock().await;
+        state.catalog.files.insert(id, file.clone());
+        self.save(&state.catalog)?;
+        Ok(file)
+    }
+
+    async fn list_files(&self, query: ListQuery) -> nstream_backend::Result<ListPage<FileObject>> {
+        let state = self.inner.state.lock().await;
+        let files: Vec<FileObject> = state
+            .catalog
+            .files
+            .values()
+            .filter(|file| query.purpose.as_ref().is_none_or(|purpose| &file.purpose == purpose))
+            .cloned()
+            .collect();
+        paginate(&files, &query, MAX_FILES_PAGE)
+    }
+
+    async fn file(&self, id: &str) -> nstream_backend::Result<FileObject> {
+        let state = self.inner.state.lock().await;
+        state.catalog.files.get(id).cloned().ok_or_else(|| not_found("file", id, None))
+    }
+
+    async fn file_content(&self, id: &str) -> nstream_backend::Result<Vec<u8>> {
+        self.file(id).await?;
+        tokio::fs::read(self.file_path(id))
+            .await
+            .map_err(|error| BackendError::Internal(format!("reading the upload {id}: {error}")))
+    }
+
+    async fn delete_file(&self, id: &str) -> nstream_backend::Result<DeletedObject> {
+        let mut state = self.inner.state.lock().await;
+        if !state.catalog.files.contains_key(id) {
+            return Err(not_found("file", id, None));
+        }
+        // Gone from every store's results too.
+        let stores: Vec<String> = state
+            .catalog
+            .stores
+            .iter()
+            .filter(|(_, record)| record.files.contains_key(id))
+            .map(|(store, _)| store.clone())
+            .collect();
+        for store in stores {
+            if let Some(record) = state.catalog.stores.get_mut(&store) {
+                record.files.remove(id);
+            }
+            let collection = self.collection(&mut state, &store, None).await?;
+            delete_file_documents(collection.store().as_ref(), id).await.map_err(backend_error)?;
+        }
+        state.catalog.files.remove(id);
+        self.save(&state.catalog)?;
+        if let Err(error) = tokio::fs::remove_file(self.file_path(id)).await {
+            tracing::warn!(file = %id, error = %error, "removing an upload's bytes failed");
+        }
+        Ok(DeletedObject { id: id.to_string(), object: "file".to_string(), deleted: true })
+    }
+
+    async fn create_vector_store(&self, request: CreateVectorStore) -> nstream_backend::Result<VectorStoreObject> {
+        let mut metadata = request::metadata(request.metadata)?;
+        let model = request::choose_model(&metadata, &self.models())?;
+        metadata.insert("embedding_model".to_string(), Value::String(model.clone()));
+        let (max_tokens, overlap_tokens) =
+            request::chunking_strategy(request.chunking_strategy.as_ref(), "chunking_strategy")?.unwrap_or((
+                nstream_core::knowledge_base::DEFAULT_MAX_TOKENS,
+                nstream_core::knowledge_base::DEFAULT_OVERLAP_TOKENS,
+            ));
+        let name = request.name.unwrap_or_default();
+        if name.chars().count() > 256 {
+            return Err(BackendError::invalid_param("name", "name: expected at most 256 characters"));
+        }
+        let mut state = self.inner.state.lock().await;
+        for (index, file_id) in request.file_ids.iter().enumerate() {
+            if !state.catalog.files.contains_key(file_id) {
+                return Err(not_found("file", file_id, Some(&format!("file_ids[{index}]"))));
+            }
+        }
+        let id = new_id("vs_");
+        let record = StoreRecord {
+            object: vector_store_object(&id, &name, metadata, request.expires_after),
+            embedding_model: model,
+            max_tokens,
+            overlap_tokens,
+            declared: false,
+            files: BTreeMap::new(),
+        };
+        state.catalog.stores.insert(id.clone(), record);
+        for file_id in &request.file_ids {
+            self.attach_locked(&mut state, &id, file_id, Map::new(), None)?;
+        }
+        self.save(&state.catalog)?;
+        let object = state.catalog.stores[&id].render();
+        drop(state);
+        for file_id in request.file_ids {
+            self.spawn_indexing(id.clone(), file_id);
+        }
+        Ok(object)
+    }
+
+    async fn list_vector_stores(&self, query: ListQuery) -> nstream_backend::Result<ListPage<VectorStoreObject>> {
+        let state = self.inner.state.lock().await;
+        let stores: Vec<VectorStoreObject> = state.catalog.stores.values().map(StoreRecord::render).collect();
+        paginate(&stores, &query, MAX_PAGE)
+    }
+
+    async fn vector_store(&self, id: &str) -> nstream_backend::Result<VectorStoreObject> {
+        let state = self.inner.state.lock().await;
+        state.catalog.stores.get(id).map(StoreRecord::render).ok_or_else(|| not_found("vector store", id, None))
+    }
+
+    async fn delete_vector_store(&self, id: &str) -> nstream_backend::Result<DeletedObject> {
+        let mut state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get(id).ok_or_else(|| not_found("vector store", id, None))?;
+        if record.declared {
+            return Err(BackendError::invalid_request(format!(
+                "vector store {id} is the KnowledgeBase {id} declared in the served file; remove it from the file (and its data with `nstream kb rm`) instead"
+            )));
+        }
+        state.catalog.stores.remove(id);
+        state.open.remove(id);
+        self.save(&state.catalog)?;
+        let folder = self.inner.root.join("stores").join(id);
+        if let Err(error) = tokio::fs::remove_dir_all(&folder).await
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(folder = %folder.display(), error = %error, "removing a deleted store's folder failed");
+        }
+        Ok(DeletedObject { id: id.to_string(), object: "vector_store.deleted".to_string(), deleted: true })
+    }
+
+    async fn attach_file(
+        &self,
+        store: &str,
+        request: CreateVectorStoreFile,
+    ) -> nstream_backend::Result<VectorStoreFileObject> {
+        let attributes = request::attributes(request.attributes)?;
+        let chunking = request::chunking_strategy(request.chunking_strategy.as_ref(), "chunking_strategy")?;
+        let mut state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
+        if record.declared && chunking.is_some() {
+            return Err(BackendError::invalid_param(
+                "chunking_strategy",
+                format!(
+                    "chunking_strategy: vector store {store} is a KnowledgeBase and chunks as its spec.chunking says"
+                ),
+            ));
+        }
+        if !state.catalog.files.contains_key(&request.file_id) {
+            return Err(not_found("file", &request.file_id, Some("file_id")));
+        }
+        let attached = self.attach_locked(&mut state, store, &request.file_id, attributes, chunking)?;
+        self.save(&state.catalog)?;
+        drop(state);
+        self.spawn_indexing(store.to_string(), request.file_id);
+        Ok(attached)
+    }
+
+    async fn list_vector_store_files(
+        &self,
+        store: &str,
+        query: ListQuery,
+    ) -> nstream_backend::Result<ListPage<VectorStoreFileObject>> {
+        if let Some(status) = &query.filter
+            && !["in_progress", "completed", "failed", "cancelled"].contains(&status.as_str())
+        {
+            return Err(BackendError::invalid_param(
+                "filter",
+                format!("filter: found {status:?}, expected in_progress, completed, failed or cancelled"),
+            ));
+        }
+        let state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
+        let files: Vec<VectorStoreFileObject> = record
+            .files
+            .values()
+            .filter(|file| query.filter.as_ref().is_none_or(|status| &file.status == status))
+            .cloned()
+            .collect();
+        paginate(&files, &query, MAX_PAGE)
+    }
+
+    async fn vector_store_file(&self, store: &str, file: &str) -> nstream_backend::Result<VectorStoreFileObject> {
+        let state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
+        record.files.get(file).cloned().ok_or_else(|| not_found("file", file, None))
+    }
+
+    async fn detach_file(&self, store: &str, file: &str) -> nstream_backend::Result<DeletedObject> {
+        let mut state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
+        if record.files.remove(file).is_none() {
+            return Err(not_found("file", file, None));
+        }
+        let collection = self.collection(&mut state, store, None).await?;
+        delete_file_documents(collection.store().as_ref(), file).await.map_err(backend_error)?;
+        self.save(&state.catalog)?;
+        Ok(DeletedObject { id: file.to_string(), object: "vector_store.file.deleted".to_string(), deleted: true })
+    }
+
+    async fn search(&self, store: &str, request: SearchVectorStore) -> nstream_backend::Result<SearchResultsPage> {
+        let parsed = request::search(request)?;
+        let (collection, files) = {
+            let mut state = self.inner.state.lock().await;
+            let collection = self.collection(&mut state, store, None).await?;
+            (collection, state.catalog.files.clone())
+        };
+        let mut search = SearchRequest::new(parsed.queries.join("\n")).with_max_results(parsed.max_results);
+        search.filter = parsed.filter;
+        search.score_threshold = parsed.score_threshold;
+        let hits = collection.search(&search).await.map_err(backend_error)?;
+        let data = hits
+            .into_iter()
+            .map(|hit| {
+                let file_id = file_of(&hit.document_id, &files);
+                let filename = files
+                    .get(&file_id)
+                    .map(|file| file.filename.clone())
+                    .or_else(|| hit.metadata.get("source").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or_else(|| file_id.clone());
+                SearchResult {
+                    file_id,
+                    filename,
+                    score: f64::from(hit.score),
+                    attributes: hit.metadata,
+                    content: vec![SearchContent { kind: "text".to_string(), text: hit.text }],
+                }
+            })
+            .collect();
+        Ok(SearchResultsPage {
+            object: "vector_store.search_results.page".to_string(),
+            search_query: parsed.queries,
+            data,
+            has_more: false,
+            next_page: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_belong_to_their_file() {
+        assert!(is_from_file("file-1", "file-1"));
+        assert!(is_from_file("file-1#a", "file-1"));
+        assert!(is_from_file("file-1:3", "file-1"));
+        assert!(!is_from_file("file-12", "file-1"));
+        let mut files = BTreeMap::new();
+        files.insert(
+            "file-1".to_string(),
+            FileObject {
+                id: "file-1".to_string(),
+                object: "file".to_string(),
+                bytes: 0,
+                created_at: 0,
+                filename: "a.jsonl".to_string(),
+                purpose: "assistants".to_string(),
+                status: "processed".to_string(),
+                expires_at: None,
+                status_details: None,
+            },
+        );
+        assert_eq!(file_of("file-1:4", &files), "file-1");
+        assert_eq!(file_of("docs/a.md", &files), "docs/a.md");
+    }
+}

@@ -1,0 +1,235 @@
+//! Checking the fields of vector-store requests; every error names its field.
+
+use nstream_backend::BackendError;
+use nstream_backend::vector_store::SearchVectorStore;
+use nstream_core::knowledge_base::MAX_NUM_RESULTS_LIMIT;
+use serde_json::{Map, Value};
+
+use crate::filter::Filter;
+use crate::source::MAX_METADATA_KEYS;
+
+type Result<T> = nstream_backend::Result<T>;
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> BackendError {
+    BackendError::invalid_param(field, format!("{field}: {reason}"))
+}
+
+/// An upload's name: its last path component, non-empty, without control characters.
+pub(super) fn filename(raw: &str) -> Result<String> {
+    let name = raw.rsplit(['/', '\\']).next().unwrap_or_default().trim();
+    if name.is_empty() || name.chars().any(char::is_control) || name.len() > 512 {
+        return Err(invalid("file", "expected a file name of 1 to 512 printable characters"));
+    }
+    Ok(name.to_string())
+}
+
+/// A store's `metadata`: at most 16 pairs of strings.
+pub(super) fn metadata(raw: Option<Map<String, Value>>) -> Result<Map<String, Value>> {
+    let raw = raw.unwrap_or_default();
+    if raw.len() > MAX_METADATA_KEYS {
+        return Err(invalid("metadata", format!("found {} keys, expected at most {MAX_METADATA_KEYS}", raw.len())));
+    }
+    for (key, value) in &raw {
+        if key.is_empty() || key.chars().count() > 64 {
+            return Err(invalid("metadata", format!("key {key:?}: expected 1 to 64 characters")));
+        }
+        match value {
+            Value::String(text) if text.chars().count() <= 512 => {}
+            _ => return Err(invalid(&format!("metadata.{key}"), "expected a string of at most 512 characters")),
+        }
+    }
+    Ok(raw)
+}
+
+/// A file's `attributes`: at most 16 pairs, values strings, numbers or booleans.
+pub(super) fn attributes(raw: Option<Map<String, Value>>) -> Result<Map<String, Value>> {
+    let raw = raw.unwrap_or_default();
+    if raw.len() > MAX_METADATA_KEYS {
+        return Err(invalid("attributes", format!("found {} keys, expected at most {MAX_METADATA_KEYS}", raw.len())));
+    }
+    for (key, value) in &raw {
+        if key.is_empty() || key.chars().count() > 64 {
+            return Err(invalid("attributes", format!("key {key:?}: expected 1 to 64 characters")));
+        }
+        let fits = match value {
+            Value::String(text) => text.chars().count() <= 512,
+            Value::Number(_) | Value::Bool(_) => true,
+            _ => false,
+        };
+        if !fits {
+            return Err(invalid(
+                &format!("attributes.{key}"),
+                "expected a string of at most 512 characters, a number or a boolean",
+            ));
+        }
+    }
+    Ok(raw)
+}
+
+/// The EmbeddingModel of a new store: `metadata.embedding_model`, or the only one served.
+pub(super) fn choose_model(metadata: &Map<String, Value>, served: &[String]) -> Result<String> {
+    let field = "metadata.embedding_model";
+    if let Some(wanted) = metadata.get("embedding_model").and_then(Value::as_str) {
+        if served.iter().any(|name| name == wanted) {
+            return Ok(wanted.to_string());
+        }
+        let names = if served.is_empty() { "none".to_string() } else { served.join(", ") };
+        return Err(invalid(
+            field,
+            format!("found {wanted:?}, expected an EmbeddingModel this server serves: {names}"),
+        ));
+    }
+    match served {
+        [only] => Ok(only.clone()),
+        [] => Err(invalid(field, "this server serves no EmbeddingModel, so it cannot embed a vector store")),
+        several => Err(invalid(
+            field,
+            format!("several EmbeddingModels are served ({}); name the one to embed with", several.join(", ")),
+        )),
+    }
+}
+
+/// `chunking_strategy`: `None` for auto (or absent), else `(max tokens, overlap tokens)`.
+pub(super) fn chunking_strategy(raw: Option<&Value>, field: &str) -> Result<Option<(u32, u32)>> {
+    let Some(raw) = raw else { return Ok(None) };
+    let kind = raw.get("type").and_then(Value::as_str);
+    match kind {
+        Some("auto") => Ok(None),
+        Some("static") => {
+            let settings = raw.get("static").and_then(Value::as_object).ok_or_else(|| {
+                invalid(
+                    &format!("{field}.static"),
+                    "expected an object with max_chunk_size_tokens and chunk_overlap_tokens",
+                )
+            })?;
+            let number = |name: &str| {
+                settings
+                    .get(name)
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| invalid(&format!("{field}.static.{name}"), "expected a whole number"))
+            };
+            let max = number("max_chunk_size_tokens")?;
+            let overlap = number("chunk_overlap_tokens")?;
+            if !(100..=4096).contains(&max) {
+                return Err(invalid(
+                    &format!("{field}.static.max_chunk_size_tokens"),
+                    format!("found {max}, expected a number from 100 to 4096"),
+                ));
+            }
+            if overlap > max / 2 {
+                return Err(invalid(
+                    &format!("{field}.static.chunk_overlap_tokens"),
+                    format!("found {overlap}, expected at most half of max_chunk_size_tokens ({})", max / 2),
+                ));
+            }
+            Ok(Some((max as u32, overlap as u32)))
+        }
+        _ => Err(invalid(&format!("{field}.type"), "expected auto or static")),
+    }
+}
+
+/// A search, checked.
+pub(super) struct ParsedSearch {
+    pub queries: Vec<String>,
+    pub max_results: u32,
+    pub filter: Option<Filter>,
+    pub score_threshold: Option<f32>,
+}
+
+pub(super) fn search(request: SearchVectorStore) -> Result<ParsedSearch> {
+    let queries = match request.query {
+        Value::String(text) => vec![text],
+        Value::Array(items) if !items.is_empty() => items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| match item {
+                Value::String(text) => Ok(text),
+                _ => Err(invalid(&format!("query[{index}]"), "expected a string")),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ => return Err(invalid("query", "expected a non-empty string or list of strings")),
+    };
+    if queries.iter().all(|query| query.trim().is_empty()) {
+        return Err(invalid("query", "expected a non-empty query"));
+    }
+    let requested = request.max_num_results.unwrap_or(10);
+    let max_results =
+        u32::try_from(requested).ok().filter(|count| (1..=MAX_NUM_RESULTS_LIMIT).contains(count)).ok_or_else(|| {
+            invalid(
+                "max_num_results",
+                format!("found {requested}, expected a number from 1 to {MAX_NUM_RESULTS_LIMIT}"),
+            )
+        })?;
+    let filter = match &request.filters {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(Filter::parse(value, "filters").map_err(|error| match error {
+            crate::Error::InvalidRequest { field, reason } => invalid(&field, reason),
+            other => BackendError::invalid_param("filters", other.to_string()),
+        })?),
+    };
+    let score_threshold = match request.ranking_options.and_then(|options| options.score_threshold) {
+        None => None,
+        Some(threshold) if (0.0..=1.0).contains(&threshold) => Some(threshold as f32),
+        Some(threshold) => {
+            return Err(invalid(
+                "ranking_options.score_threshold",
+                format!("found {threshold}, expected a number from 0 to 1"),
+            ));
+        }
+    };
+    Ok(ParsedSearch { queries, max_results, filter, score_threshold })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn search_with(body: Value) -> Result<ParsedSearch> {
+        search(serde_json::from_value(body).unwrap())
+    }
+
+    #[test]
+    fn bad_searches_name_the_field() {
+        for (body, field) in [
+            (json!({"query": ""}), "query"),
+            (json!({"query": 3}), "query"),
+            (json!({"query": ["a", 1]}), "query[1]"),
+            (json!({"query": "a", "max_num_results": 0}), "max_num_results"),
+            (json!({"query": "a", "max_num_results": 10000}), "max_num_results"),
+            (json!({"query": "a", "ranking_options": {"score_threshold": 2}}), "ranking_options.score_threshold"),
+            (json!({"query": "a", "filters": {"type": "eq", "key": "k"}}), "filters.value"),
+        ] {
+            let error = search_with(body.clone()).err().unwrap();
+            assert_eq!(error.param(), Some(field), "{body}: {error}");
+            assert!(error.to_string().starts_with(field), "{error}");
+        }
+        let parsed = search_with(json!({"query": ["a", "b"], "max_num_results": 3})).unwrap();
+        assert_eq!(parsed.queries, ["a", "b"]);
+        assert_eq!(parsed.max_results, 3);
+    }
+
+    #[test]
+    fn chunking_strategies_and_models() {
+        assert_eq!(chunking_strategy(None, "c").unwrap(), None);
+        assert_eq!(chunking_strategy(Some(&json!({"type": "auto"})), "c").unwrap(), None);
+        let ok = json!({"type": "static", "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 20}});
+        assert_eq!(chunking_strategy(Some(&ok), "c").unwrap(), Some((200, 20)));
+        let bad = json!({"type": "static", "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 150}});
+        assert_eq!(chunking_strategy(Some(&bad), "c").unwrap_err().param(), Some("c.static.chunk_overlap_tokens"));
+        let served = vec!["a".to_string(), "b".to_string()];
+        let error = choose_model(&Map::new(), &served).unwrap_err();
+        assert!(error.to_string().contains("several EmbeddingModels are served (a, b)"), "{error}");
+        let mut metadata = Map::new();
+        metadata.insert("embedding_model".to_string(), json!("b"));
+        assert_eq!(choose_model(&metadata, &served).unwrap(), "b");
+        assert_eq!(choose_model(&Map::new(), &served[..1]).unwrap(), "a");
+        assert!(metadata_check(json!({"k": 1})).is_err());
+        assert!(attributes(Some(json!({"k": [1]}).as_object().cloned().unwrap())).is_err());
+    }
+
+    fn metadata_check(value: Value) -> Result<Map<String, Value>> {
+        metadata(value.as_object().cloned())
+    }
+}

@@ -1,0 +1,187 @@
+//! `/v1/files` and `/v1/vector_stores`: OpenAI's files and vector-stores API, answered by the
+//! state's [`VectorStoreBackend`] (the server knows no store, as it knows no model provider).
+
+use std::sync::Arc;
+
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nstream_backend::BackendError;
+use nstream_backend::vector_store::{
+    CreateVectorStore, CreateVectorStoreFile, FileUpload, ListQuery, SearchVectorStore, VectorStoreBackend,
+};
+
+use crate::error::ApiError;
+use crate::extract::OpenAiJson;
+use crate::state::AppState;
+
+/// The routes, merged into the API router (behind the API key like the others).
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/files", post(create_file).get(list_files))
+        .route("/v1/files/{file_id}", get(file).delete(delete_file))
+        .route("/v1/files/{file_id}/content", get(file_content))
+        .route("/v1/vector_stores", post(create_vector_store).get(list_vector_stores))
+        .route("/v1/vector_stores/{store_id}", get(vector_store).delete(delete_vector_store))
+        .route("/v1/vector_stores/{store_id}/files", post(attach_file).get(list_vector_store_files))
+        .route("/v1/vector_stores/{store_id}/files/{file_id}", get(vector_store_file).delete(detach_file))
+        .route("/v1/vector_stores/{store_id}/search", post(search))
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn backend(state: &AppState) -> Result<Arc<dyn VectorStoreBackend>, ApiError> {
+    state.vector_stores().cloned().ok_or_else(|| {
+        ApiError::from(BackendError::NotFound {
+            message: "this server serves no vector stores (start it with an EmbeddingModel and a data directory)"
+                .to_string(),
+            param: None,
+        })
+    })
+}
+
+fn list_query(query: Result<Query<ListQuery>, QueryRejection>) -> Result<ListQuery, ApiError> {
+    query.map(|Query(query)| query).map_err(|rejection| {
+        ApiError::bad_request(format!("Invalid query parameters: {}", rejection.body_text()), None)
+    })
+}
+
+fn json<T: serde::Serialize>(value: T) -> Response {
+    Json(value).into_response()
+}
+
+/// `POST /v1/files`: multipart with `file` and `purpose`.
+async fn create_file(State(state): State<AppState>, multipart: Result<Multipart, MultipartRejection>) -> Answer {
+    let backend = backend(&state)?;
+    let mut multipart = multipart.map_err(|rejection| {
+        ApiError::bad_request(format!("expected a multipart/form-data body: {}", rejection.body_text()), None)
+    })?;
+    let mut upload: Option<(String, Vec<u8>)> = None;
+    let mut purpose: Option<String> = None;
+    loop {
+        let field = multipart.next_field().await.map_err(|error| {
+            if error.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::payload_too_large(state.config().max_body_bytes)
+            } else {
+                ApiError::bad_request(format!("could not read the multipart body: {}", error.body_text()), None)
+            }
+        })?;
+        let Some(field) = field else { break };
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "file" => {
+                let filename = field.file_name().unwrap_or("upload.txt").to_string();
+                let bytes = field.bytes().await.map_err(|error| {
+                    ApiError::bad_request(format!("could not read `file`: {}", error.body_text()), Some("file".into()))
+                })?;
+                upload = Some((filename, bytes.to_vec()));
+            }
+            "purpose" => {
+                let text = field.text().await.map_err(|error| {
+                    ApiError::bad_request(
+                        format!("could not read `purpose`: {}", error.body_text()),
+                        Some("purpose".into()),
+                    )
+                })?;
+                purpose = Some(text);
+            }
+            // OpenAI's optional fields (`expires_after[...]`) are accepted and ignored.
+            _ => {}
+        }
+    }
+    let Some((filename, bytes)) = upload else {
+        return Err(ApiError::bad_request("file: expected a file part named `file`", Some("file".into())));
+    };
+    let purpose = purpose.filter(|purpose| !purpose.trim().is_empty()).ok_or_else(|| {
+        ApiError::bad_request("purpose: expected a purpose such as `assistants`", Some("purpose".into()))
+    })?;
+    Ok(json(backend.create_file(FileUpload::new(filename, purpose, bytes)).await?))
+}
+
+/// `GET /v1/files`.
+async fn list_files(State(state): State<AppState>, query: Result<Query<ListQuery>, QueryRejection>) -> Answer {
+    let query = list_query(query)?;
+    Ok(json(backend(&state)?.list_files(query).await?))
+}
+
+/// `GET /v1/files/{file_id}`.
+async fn file(State(state): State<AppState>, Path(file_id): Path<String>) -> Answer {
+    Ok(json(backend(&state)?.file(&file_id).await?))
+}
+
+/// `GET /v1/files/{file_id}/content`.
+async fn file_content(State(state): State<AppState>, Path(file_id): Path<String>) -> Answer {
+    let bytes = backend(&state)?.file_content(&file_id).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// `DELETE /v1/files/{file_id}`.
+async fn delete_file(State(state): State<AppState>, Path(file_id): Path<String>) -> Answer {
+    Ok(json(backend(&state)?.delete_file(&file_id).await?))
+}
+
+/// `POST /v1/vector_stores`.
+async fn create_vector_store(
+    State(state): State<AppState>,
+    OpenAiJson(request): OpenAiJson<CreateVectorStore>,
+) -> Answer {
+    Ok(json(backend(&state)?.create_vector_store(request).await?))
+}
+
+/// `GET /v1/vector_stores`.
+async fn list_vector_stores(State(state): State<AppState>, query: Result<Query<ListQuery>, QueryRejection>) -> Answer {
+    let query = list_query(query)?;
+    Ok(json(backend(&state)?.list_vector_stores(query).await?))
+}
+
+/// `GET /v1/vector_stores/{store_id}`.
+async fn vector_store(State(state): State<AppState>, Path(store_id): Path<String>) -> Answer {
+    Ok(json(backend(&state)?.vector_store(&store_id).await?))
+}
+
+/// `DELETE /v1/vector_stores/{store_id}`.
+async fn delete_vector_store(State(state): State<AppState>, Path(store_id): Path<String>) -> Answer {
+    Ok(json(backend(&state)?.delete_vector_store(&store_id).await?))
+}
+
+/// `POST /v1/vector_stores/{store_id}/files`.
+async fn attach_file(
+    State(state): State<AppState>,
+    Path(store_id): Path<String>,
+    OpenAiJson(request): OpenAiJson<CreateVectorStoreFile>,
+) -> Answer {
+    Ok(json(backend(&state)?.attach_file(&store_id, request).await?))
+}
+
+/// `GET /v1/vector_stores/{store_id}/files`.
+async fn list_vector_store_files(
+    State(state): State<AppState>,
+    Path(store_id): Path<String>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer {
+    let query = list_query(query)?;
+    Ok(json(backend(&state)?.list_vector_store_files(&store_id, query).await?))
+}
+
+/// `GET /v1/vector_stores/{store_id}/files/{file_id}`.
+async fn vector_store_file(State(state): State<AppState>, Path((store_id, file_id)): Path<(String, String)>) -> Answer {
+    Ok(json(backend(&state)?.vector_store_file(&store_id, &file_id).await?))
+}
+
+/// `DELETE /v1/vector_stores/{store_id}/files/{file_id}`.
+async fn detach_file(State(state): State<AppState>, Path((store_id, file_id)): Path<(String, String)>) -> Answer {
+    Ok(json(backend(&state)?.detach_file(&store_id, &file_id).await?))
+}
+
+/// `POST /v1/vector_stores/{store_id}/search`.
+async fn search(
+    State(state): State<AppState>,
+    Path(store_id): Path<String>,
+    OpenAiJson(request): OpenAiJson<SearchVectorStore>,
+) -> Answer {
+    Ok(json(backend(&state)?.search(&store_id, request).await?))
+}
