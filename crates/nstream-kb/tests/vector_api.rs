@@ -1,0 +1,148 @@
+//! The OpenAI vector-stores service over real MiniLM embeddings and the embedded store: upload,
+//! attach, background indexing, search with filters, deletion, a restart, and bad requests.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nstream_backend::VectorStoreBackend;
+use nstream_backend::vector_store::{
+    CreateVectorStore, CreateVectorStoreFile, FileUpload, ListQuery, SearchVectorStore,
+};
+use nstream_kb::{BackendEmbedder, EmbeddingChoice, VectorStoreService};
+use serde_json::{Value, json};
+
+fn choice(backend: &Arc<nstream_embed::EmbeddingBackend>, tokenizer: &tokenizers::Tokenizer) -> EmbeddingChoice {
+    EmbeddingChoice::new(
+        "minilm",
+        Arc::new(BackendEmbedder::new(backend.clone(), "minilm")),
+        Arc::new(tokenizer.clone()),
+    )
+}
+
+fn body<T: serde::de::DeserializeOwned>(value: Value) -> T {
+    serde_json::from_value(value).expect("a valid request body")
+}
+
+async fn wait(service: &VectorStoreService) {
+    assert!(service.wait_idle(Duration::from_secs(120)).await, "indexing did not finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_attach_search_delete_and_restart() {
+    let Some((backend, tokenizer)) = common::minilm() else { return };
+    let folder = tempfile::tempdir().unwrap();
+    let root = folder.path().join("openai");
+    let service = VectorStoreService::open(&root, vec![choice(&backend, &tokenizer)], Vec::new()).await.unwrap();
+
+    let mut file_ids = Vec::new();
+    for (name, topic) in [("sourdough.md", "cooking"), ("tides.md", "science"), ("espresso.md", "cooking")] {
+        let bytes = std::fs::read(common::fixtures().join("docs").join(name)).unwrap();
+        let file = service.create_file(FileUpload::new(name, "assistants", bytes)).await.unwrap();
+        assert_eq!(file.filename, name);
+        file_ids.push((file.id, topic));
+    }
+    let store = service.create_vector_store(body(json!({"name": "docs"}))).await.unwrap();
+    assert_eq!(store.metadata["embedding_model"], "minilm");
+    for (file_id, topic) in &file_ids {
+        let request: CreateVectorStoreFile = body(json!({"file_id": file_id, "attributes": {"topic": topic}}));
+        let attached = service.attach_file(&store.id, request).await.unwrap();
+        assert_eq!(attached.status, "in_progress");
+    }
+    wait(&service).await;
+    let listed = service.list_vector_store_files(&store.id, ListQuery::default()).await.unwrap();
+    assert_eq!(listed.data.len(), 3);
+    assert!(listed.data.iter().all(|file| file.status == "completed"), "{:?}", listed.data);
+    let shown = service.vector_store(&store.id).await.unwrap();
+    assert_eq!(shown.file_counts.completed, 3);
+    assert!(shown.usage_bytes > 0);
+
+    let question = "How do I know my sourdough starter is ready for baking?";
+    let found = service.search(&store.id, body(json!({"query": question, "max_num_results": 3}))).await.unwrap();
+    assert_eq!(found.data[0].filename, "sourdough.md");
+    assert_eq!(found.data[0].file_id, file_ids[0].0);
+    assert_eq!(found.data[0].attributes["topic"], "cooking");
+
+    let science: SearchVectorStore =
+        body(json!({"query": question, "filters": {"type": "eq", "key": "topic", "value": "science"}}));
+    let filtered = service.search(&store.id, science).await.unwrap();
+    assert!(!filtered.data.is_empty());
+    assert!(filtered.data.iter().all(|hit| hit.filename == "tides.md"), "{:?}", filtered.data);
+
+    let strict = service
+        .search(&store.id, body(json!({"query": question, "ranking_options": {"score_threshold": 0.99}})))
+        .await
+        .unwrap();
+    assert!(strict.data.is_empty(), "{:?}", strict.data);
+
+    // Deleting a file removes it from results; the store keeps the others.
+    service.delete_file(&file_ids[0].0).await.unwrap();
+    let after = service.search(&store.id, body(json!({"query": question, "max_num_results": 10}))).await.unwrap();
+    assert!(!after.data.is_empty());
+    assert!(after.data.iter().all(|hit| hit.filename != "sourdough.md"), "{:?}", after.data);
+    drop(service);
+
+    // A restart finds the files, the store and its index.
+    let service = VectorStoreService::open(&root, vec![choice(&backend, &tokenizer)], Vec::new()).await.unwrap();
+    let files = service.list_files(ListQuery::default()).await.unwrap();
+    assert_eq!(files.data.len(), 2);
+    let stores = service.list_vector_stores(ListQuery::default()).await.unwrap();
+    assert_eq!(stores.data.len(), 1);
+    assert_eq!(stores.data[0].file_counts.completed, 2);
+    let again = service.search(&store.id, body(json!({"query": "espresso extraction"}))).await.unwrap();
+    assert_eq!(again.data[0].filename, "espresso.md");
+
+    // Detach one; delete the store.
+    service.detach_file(&store.id, &file_ids[2].0).await.unwrap();
+    let without = service.search(&store.id, body(json!({"query": "espresso extraction"}))).await.unwrap();
+    assert!(without.data.iter().all(|hit| hit.filename != "espresso.md"), "{:?}", without.data);
+    let deleted = service.delete_vector_store(&store.id).await.unwrap();
+    assert_eq!(deleted.object, "vector_store.deleted");
+    assert_eq!(service.vector_store(&store.id).await.unwrap_err().status_code(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_bad_files() {
+    let Some((backend, tokenizer)) = common::minilm() else { return };
+    let folder = tempfile::tempdir().unwrap();
+    let service =
+        VectorStoreService::open(&folder.path().join("openai"), vec![choice(&backend, &tokenizer)], Vec::new())
+            .await
+            .unwrap();
+    let store = service.create_vector_store(CreateVectorStore::default()).await.unwrap();
+
+    let unknown_model: CreateVectorStore = body(json!({"metadata": {"embedding_model": "bge"}}));
+    let error = service.create_vector_store(unknown_model).await.unwrap_err();
+    assert_eq!(error.param(), Some("metadata.embedding_model"));
+    assert!(error.to_string().contains("minilm"), "{error}");
+
+    let missing: CreateVectorStoreFile = body(json!({"file_id": "file-nope"}));
+    let error = service.attach_file(&store.id, missing).await.unwrap_err();
+    assert_eq!((error.status_code(), error.param()), (404, Some("file_id")));
+
+    for (search, field) in [
+        (json!({"query": ""}), "query"),
+        (json!({"query": "a", "max_num_results": 0}), "max_num_results"),
+        (json!({"query": "a", "max_num_results": 10000}), "max_num_results"),
+        (json!({"query": "a", "filters": {"type": "like", "key": "a", "value": 1}}), "filters.type"),
+    ] {
+        let error = service.search(&store.id, body(search.clone())).await.unwrap_err();
+        assert_eq!((error.status_code(), error.param()), (400, Some(field)), "{search}: {error}");
+    }
+
+    // Not UTF-8: the file fails with OpenAI's code, the store goes on.
+    let binary = service.create_file(FileUpload::new("blob.bin", "assistants", vec![0xff, 0xfe, 0x00])).await.unwrap();
+    service.attach_file(&store.id, body(json!({"file_id": binary.id}))).await.unwrap();
+    wait(&service).await;
+    let failed = service.vector_store_file(&store.id, &binary.id).await.unwrap();
+    assert_eq!(failed.status, "failed");
+    assert_eq!(failed.last_error.as_ref().map(|error| error.code.as_str()), Some("unsupported_file"));
+    assert_eq!(service.vector_store(&store.id).await.unwrap().file_counts.failed, 1);
+
+    // The folder is a file: a clear error naming it.
+    let file = folder.path().join("plain");
+    std::fs::write(&file, "x").unwrap();
+    let error = VectorStoreService::open(&file, Vec::new(), Vec::new()).await.unwrap_err().to_string();
+    assert!(error.contains("plain") && error.contains("is a file"), "{error}");
+}
