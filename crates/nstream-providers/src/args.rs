@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// BaseModels: re-quantisation of slow GGUF formats at load (CPU only).
     #[arg(long, env = "NSTREAM_REQUANTIZE", value_enum, default_value_t = RequantizeArg::Auto)]
     pub requantize: RequantizeArg,
+    /// Where uploaded files, vector stores and KnowledgeBases' embedded stores live
+    /// (default: $XDG_DATA_HOME/nstream, else ~/.local/share/nstream).
+    #[arg(long, value_name = "DIR", env = "NSTREAM_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl ServeArgs {
@@ -149,6 +153,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             max_embedding_inputs: self.max_embedding_inputs,
             load: LoadOptions { embed, llm },
+            data_dir: self.data_dir.clone(),
         }
     }
 }

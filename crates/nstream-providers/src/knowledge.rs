@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nstream_backend::ModelBackend;
+use nstream_backend::{ModelBackend, VectorStoreBackend};
 use nstream_core::{EmbeddingModel, KnowledgeBase, ModelResource, SecretSource};
 use nstream_hub::Hub;
-use nstream_kb::{BackendEmbedder, Chunker, Collection, EmbeddedStore, Store};
+use nstream_kb::{BackendEmbedder, Chunker, Collection, EmbeddedStore, EmbeddingChoice, Store, VectorStoreService};
 
 use crate::error::{ProviderError, Result};
-use crate::load::model_source;
+use crate::load::{LoadedModel, model_source};
 use crate::secrets::{SecretLookup, resolve_secret};
 
 /// The data directory: `$NSTREAM_DATA_DIR`, else `$XDG_DATA_HOME/nstream`, else
@@ -97,6 +97,65 @@ pub fn embedding_model_of<'a>(
     })
 }
 
+/// The tokenizer of an EmbeddingModel (from the hub cache, or downloaded), for chunk sizes;
+/// errors are reported under `owner` (the KnowledgeBase or service that needs it).
+async fn embedding_tokenizer(
+    owner: &str,
+    embedding_model: &EmbeddingModel,
+    secrets: &SecretLookup,
+) -> Result<Arc<dyn nstream_kb::TokenOffsets>> {
+    let source = model_source(&embedding_model.spec.embedding_model_serving_info, secrets)?;
+    let tokenizer_path = tokio::task::spawn_blocking(move || Hub::from_env().resolve_file(&source, "tokenizer.json"))
+        .await
+        .map_err(|error| kb_error(owner, nstream_kb::Error::Task(error.to_string())))?
+        .map_err(|error| kb_error(owner, nstream_kb::Error::Tokenizer(error.to_string())))?;
+    let tokenizer = nstream_kb::load_tokenizer(&tokenizer_path).map_err(|cause| kb_error(owner, cause))?;
+    Ok(Arc::new(tokenizer))
+}
+
+/// The files and vector stores of a served file: every loaded EmbeddingModel may embed stores
+/// created through the API, and every KnowledgeBase of the file is a store named by its
+/// `metadata.name`. Everything lives under `data_dir/openai` (KnowledgeBases in their own stores).
+/// `None` when the file serves no EmbeddingModel.
+pub async fn vector_store_service(
+    resources: &[ModelResource],
+    models: &[LoadedModel],
+    data_dir: &Path,
+    secrets: &SecretLookup,
+) -> Result<Option<Arc<dyn VectorStoreBackend>>> {
+    let backend_of = |name: &str| models.iter().find(|model| model.name == name).map(|model| model.backend.clone());
+    let mut choices = Vec::new();
+    for resource in resources {
+        let ModelResource::EmbeddingModel(model) = resource else { continue };
+        let name = model.metadata.name.clone().unwrap_or_default();
+        let Some(backend) = backend_of(&name) else { continue };
+        let tokenizer = embedding_tokenizer(&name, model, secrets).await?;
+        let embedder = Arc::new(BackendEmbedder::new(backend, name.clone()));
+        choices.push(EmbeddingChoice::new(name, embedder, tokenizer));
+    }
+    if choices.is_empty() {
+        return Ok(None);
+    }
+    let mut declared = Vec::new();
+    for resource in resources {
+        let ModelResource::KnowledgeBase(knowledge_base) = resource else { continue };
+        let embedding_model = embedding_model_of(knowledge_base, resources)?;
+        let model_name = embedding_model.metadata.name.clone().unwrap_or_default();
+        let backend = backend_of(&model_name).ok_or_else(|| ProviderError::NotServable {
+            kind: "KnowledgeBase".to_string(),
+            name: knowledge_base.metadata.name.clone().unwrap_or_default(),
+            reason: format!("its EmbeddingModel {model_name} is not loaded"),
+        })?;
+        let collection = open_knowledge_base(knowledge_base, &embedding_model, backend, data_dir, secrets).await?;
+        tracing::info!(knowledge_base = collection.name(), model = %model_name, "serving a KnowledgeBase as a vector store");
+        declared.push(collection);
+    }
+    let service = VectorStoreService::open(&data_dir.join("openai"), choices, declared)
+        .await
+        .map_err(|cause| kb_error("vector stores", cause))?;
+    Ok(Some(Arc::new(service)))
+}
+
 /// Opens a KnowledgeBase for indexing and search, embedding with `backend` (its EmbeddingModel,
 /// loaded in this process or reached over HTTP) and chunking with that model's tokenizer.
 pub async fn open_knowledge_base(
@@ -108,13 +167,8 @@ pub async fn open_knowledge_base(
 ) -> Result<Collection> {
     let name = knowledge_base.metadata.name.clone().unwrap_or_default();
     let model_name = embedding_model.metadata.name.clone().unwrap_or_default();
-    let source = model_source(&embedding_model.spec.embedding_model_serving_info, secrets)?;
-    let tokenizer_path = tokio::task::spawn_blocking(move || Hub::from_env().resolve_file(&source, "tokenizer.json"))
-        .await
-        .map_err(|error| kb_error(&name, nstream_kb::Error::Task(error.to_string())))?
-        .map_err(|error| kb_error(&name, nstream_kb::Error::Tokenizer(error.to_string())))?;
-    let tokenizer = nstream_kb::load_tokenizer(&tokenizer_path).map_err(|cause| kb_error(&name, cause))?;
-    let chunker = Chunker::new(Arc::new(tokenizer), &knowledge_base.spec.chunking_or_default());
+    let tokenizer = embedding_tokenizer(&name, embedding_model, secrets).await?;
+    let chunker = Chunker::new(tokenizer, &knowledge_base.spec.chunking_or_default());
     let store = open_store(knowledge_base, data_dir, secrets).await?;
     let embedder = Arc::new(BackendEmbedder::new(backend, model_name));
     let search = knowledge_base.spec.search.clone().unwrap_or_default();

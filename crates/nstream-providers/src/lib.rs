@@ -18,5 +18,5 @@ pub use load::{
 };
 pub use metrics::ModelMetricsExporter;
 pub use secrets::{SecretLookup, resolve_secret};
-pub use serve::{ServeSettings, load_models, serve_file, serve_models};
+pub use serve::{ServeSettings, load_models, serve_file, serve_models, serve_models_with};
 pub use threads::pin_candle_threads;

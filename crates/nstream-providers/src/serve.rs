@@ -1,11 +1,16 @@
 //! Serving a file of models: what `nstream up` and `nstream-server --model-file` run.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use nstream_backend::VectorStoreBackend;
+use nstream_core::ModelResource;
 
 use nstream_core::{LoadedDocument, SecretString};
 use nstream_server::{ApiKey, AppState, Metrics, ModelRegistry, ServerConfig};
 
 use crate::error::{ProviderError, Result};
+use crate::knowledge::{default_data_dir, vector_store_service};
 use crate::load::{LoadOptions, LoadedModel, load_model};
 use crate::metrics::ModelMetricsExporter;
 use crate::secrets::SecretLookup;
@@ -25,6 +30,9 @@ pub struct ServeSettings {
     pub max_embedding_inputs: usize,
     /// How models are loaded.
     pub load: LoadOptions,
+    /// Files, vector stores and embedded KnowledgeBase stores; the default data directory when
+    /// `None`.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServeSettings {
@@ -37,6 +45,7 @@ impl Default for ServeSettings {
             max_body_bytes: server.max_body_bytes,
             max_embedding_inputs: server.max_embedding_inputs,
             load: LoadOptions::default(),
+            data_dir: None,
         }
     }
 }
@@ -83,6 +92,16 @@ pub fn load_models(
 /// Serves loaded models until SIGINT/SIGTERM, then finishes in-flight requests. `metrics` is the
 /// registry the models were loaded with.
 pub async fn serve_models(models: Vec<LoadedModel>, settings: &ServeSettings, metrics: Metrics) -> Result<()> {
+    serve_models_with(models, None, settings, metrics).await
+}
+
+/// [`serve_models`] with `/v1/files` and `/v1/vector_stores` answered by `vector_stores`.
+pub async fn serve_models_with(
+    models: Vec<LoadedModel>,
+    vector_stores: Option<Arc<dyn VectorStoreBackend>>,
+    settings: &ServeSettings,
+    metrics: Metrics,
+) -> Result<()> {
     let mut registry = ModelRegistry::new();
     let names: Vec<String> = models.iter().map(|model| model.name.clone()).collect();
     for model in models {
@@ -94,7 +113,11 @@ pub async fn serve_models(models: Vec<LoadedModel>, settings: &ServeSettings, me
     if let Some(key) = &settings.api_key {
         config = config.with_api_key(ApiKey::new(key.expose()));
     }
-    let app = nstream_server::app(AppState::new(registry, config, metrics));
+    let mut state = AppState::new(registry, config, metrics);
+    if let Some(vector_stores) = vector_stores {
+        state = state.with_vector_stores(vector_stores);
+    }
+    let app = nstream_server::app(state);
     let address = format!("{}:{}", settings.host, settings.port);
     let listener = tokio::net::TcpListener::bind(&address)
         .await
@@ -109,6 +132,7 @@ pub async fn serve_models(models: Vec<LoadedModel>, settings: &ServeSettings, me
 /// Loads a file (or folder) of models and serves every servable one.
 pub async fn serve_file(path: &Path, settings: &ServeSettings) -> Result<()> {
     let documents = nstream_core::load_path(path)?;
+    let resources: Vec<ModelResource> = documents.iter().filter_map(LoadedDocument::valid_resource).cloned().collect();
     let options = settings.load.clone();
     let owned_path = path.to_path_buf();
     let metrics = Metrics::new();
@@ -125,5 +149,7 @@ pub async fn serve_file(path: &Path, settings: &ServeSettings) -> Result<()> {
     if models.is_empty() {
         return Err(ProviderError::NothingToServe(path.to_path_buf()));
     }
-    serve_models(models, settings, metrics).await
+    let data_dir = settings.data_dir.clone().unwrap_or_else(default_data_dir);
+    let vector_stores = vector_store_service(&resources, &models, &data_dir, &SecretLookup::from_env()).await?;
+    serve_models_with(models, vector_stores, settings, metrics).await
 }
