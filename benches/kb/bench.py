@@ -1,0 +1,182 @@
+"""nstream's vector stores vs Chroma (embedded), same corpus, same model (all-MiniLM-L6-v2), same run.
+
+For each size (10k and 100k chunks by default):
+  - ingest throughput, chunks/s including embedding: nstream through the OpenAI files/vector-stores
+    API (one JSONL upload, attach, poll to completed); Chroma through `collection.add` with its
+    SentenceTransformerEmbeddingFunction, in batches.
+  - query latency p50/p99 of a top-10 search (nstream: POST /v1/vector_stores/{id}/search over
+    HTTP, embedding included; Chroma: `collection.query` in process, embedding included).
+  - recall@10 of each ANN index against exact search over the same sentence-transformers vectors.
+
+Prints one markdown table with the ratios and writes results/<date>.json. Run through run.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "tests" / "fixtures" / "kb" / "docs"
+MODEL_FILE = ROOT / "examples" / "knowledge-base.yaml"
+
+
+def corpus(size: int, seed: int = 7) -> list[str]:
+    """`size` distinct passages of one to three sentences from the fixture documents, shuffled."""
+    sentences = []
+    for path in sorted(DOCS.glob("*.md")):
+        for line in path.read_text().splitlines():
+            for sentence in line.replace("# ", "").split(". "):
+                if len(sentence.split()) >= 5:
+                    sentences.append(sentence.strip().rstrip("."))
+    rng = random.Random(seed)
+    passages = []
+    for index in range(size):
+        picked = rng.sample(sentences, rng.randint(1, 3))
+        passages.append(f"{'. '.join(picked)}. (passage {index})")
+    return passages
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def start_server(binary: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [str(binary), "--model-file", str(MODEL_FILE), "--port", "0", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", RUST_LOG="info", NO_COLOR="1"),
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "serving on http://" in line:
+            address = line.split("serving on http://", 1)[1].split("/", 1)[0]
+            return process, f"http://{address}"
+    raise RuntimeError("nstream-server did not start")
+
+
+def nstream_run(binary: Path, passages: list[str], queries: list[str]) -> dict:
+    import openai
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        process, base = start_server(binary, Path(data_dir))
+        try:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=3600)
+            lines = "".join(json.dumps({"id": str(index), "text": text}) + "\n" for index, text in enumerate(passages))
+            uploaded = client.files.create(file=("corpus.jsonl", lines.encode()), purpose="assistants")
+            store = client.vector_stores.create(name="bench")
+            started = time.perf_counter()
+            attached = client.vector_stores.files.create_and_poll(
+                file_id=uploaded.id, vector_store_id=store.id, poll_interval_ms=200
+            )
+            ingest = time.perf_counter() - started
+            assert attached.status == "completed", attached.last_error
+            latencies, results = [], []
+            for query in queries:
+                began = time.perf_counter()
+                page = client.vector_stores.search(store.id, query=query, max_num_results=10)
+                latencies.append(time.perf_counter() - began)
+                results.append([hit.content[0].text for hit in page.data])
+            return {"ingest_s": ingest, "latencies": latencies, "results": results}
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+def chroma_run(passages: list[str], queries: list[str], batch: int) -> dict:
+    import chromadb
+    from chromadb.utils.embedding_functions import SentenceTransformerEmbeddingFunction
+
+    function = SentenceTransformerEmbeddingFunction(model_name="sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        client = chromadb.PersistentClient(path=folder)
+        collection = client.create_collection("bench", embedding_function=function, metadata={"hnsw:space": "cosine"})
+        started = time.perf_counter()
+        for start in range(0, len(passages), batch):
+            part = passages[start : start + batch]
+            collection.add(ids=[str(start + offset) for offset in range(len(part))], documents=part)
+        ingest = time.perf_counter() - started
+        latencies, results = [], []
+        for query in queries:
+            began = time.perf_counter()
+            answer = collection.query(query_texts=[query], n_results=10)
+            latencies.append(time.perf_counter() - began)
+            results.append(answer["documents"][0])
+        return {"ingest_s": ingest, "latencies": latencies, "results": results}
+
+
+def exact_top10(passages: list[str], queries: list[str]) -> list[list[str]]:
+    import numpy
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+    vectors = model.encode(passages, batch_size=256, normalize_embeddings=True)
+    query_vectors = model.encode(queries, normalize_embeddings=True)
+    scores = query_vectors @ vectors.T
+    return [[passages[index] for index in numpy.argsort(-row)[:10]] for row in scores]
+
+
+def recall(found: list[list[str]], exact: list[list[str]]) -> float:
+    return statistics.mean(len(set(a) & set(b)) / 10 for a, b in zip(found, exact))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server-bin", type=Path, required=True)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--chroma-batch", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    arguments = parser.parse_args()
+
+    rows = []
+    for size in arguments.sizes:
+        passages = corpus(size)
+        queries = [text.split(" (passage")[0][:120] for text in random.Random(1).sample(passages, arguments.queries)]
+        ours = nstream_run(arguments.server_bin, passages, queries)
+        theirs = chroma_run(passages, queries, arguments.chroma_batch)
+        exact = exact_top10(passages, queries)
+        row = {
+            "chunks": size,
+            "nstream_chunks_per_s": size / ours["ingest_s"],
+            "chroma_chunks_per_s": size / theirs["ingest_s"],
+            "nstream_p50_ms": 1000 * percentile(ours["latencies"], 0.5),
+            "nstream_p99_ms": 1000 * percentile(ours["latencies"], 0.99),
+            "chroma_p50_ms": 1000 * percentile(theirs["latencies"], 0.5),
+            "chroma_p99_ms": 1000 * percentile(theirs["latencies"], 0.99),
+            "nstream_recall_at_10": recall(ours["results"], exact),
+            "chroma_recall_at_10": recall(theirs["results"], exact),
+        }
+        row["ingest_ratio"] = row["nstream_chunks_per_s"] / row["chroma_chunks_per_s"]
+        row["p50_ratio"] = row["nstream_p50_ms"] / row["chroma_p50_ms"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+
+    print("| chunks | ingest chunks/s nstream / Chroma (ratio) | p50 ms nstream / Chroma (ratio) | p99 ms nstream / Chroma | recall@10 nstream / Chroma |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['chunks']} | {row['nstream_chunks_per_s']:.0f} / {row['chroma_chunks_per_s']:.0f} ({row['ingest_ratio']:.2f}x) "
+            f"| {row['nstream_p50_ms']:.1f} / {row['chroma_p50_ms']:.1f} ({row['p50_ratio']:.2f}x) "
+            f"| {row['nstream_p99_ms']:.1f} / {row['chroma_p99_ms']:.1f} "
+            f"| {row['nstream_recall_at_10']:.3f} / {row['chroma_recall_at_10']:.3f} |"
+        )
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    (arguments.out / f"{time.strftime('%Y-%m-%d')}.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
