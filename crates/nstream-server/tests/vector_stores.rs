@@ -124,7 +124,7 @@ async fn uploads_are_parsed_and_listed() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["object"], "file");
     assert_eq!(body["filename"], "dir/notes.md");
-    assert_eq!(body["bytes"], 12);
+    assert_eq!(body["bytes"], "# Hi\n\nthere".len());
     assert_eq!(body["purpose"], "assistants");
     let (status, listed) =
         send(&router, Request::get("/v1/files?limit=5&order=asc").body(Body::empty()).unwrap()).await;
