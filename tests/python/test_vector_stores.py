@@ -10,13 +10,15 @@ exception classes for bad requests, and finds everything again after a restart.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import openai
 import pytest
 
-from test_openai_client import ROOT, RunningServer, nstream_server
+from test_openai_client import ROOT, RunningServer, nstream_server, server_binary
 
 MODEL_FILE = ROOT / "examples" / "knowledge-base.yaml"
 DOCS = ROOT / "tests" / "fixtures" / "kb" / "docs"
@@ -186,3 +188,26 @@ def test_deleted_file_leaves_results_and_restart_keeps_the_rest(
         assert again.vector_stores.delete(store["id"]).deleted
         with pytest.raises(openai.NotFoundError):
             again.vector_stores.retrieve(store["id"])
+
+
+def test_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
+    """Models are still served without KnowledgeBases; with one, the start fails naming the path."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("x")
+    model_only = ROOT / "examples" / "all-minilm-l6-v2.yaml"
+    with nstream_server("--data-dir", str(blocked), model_file=model_only) as running:
+        client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0)
+        assert len(client.embeddings.create(model="all-minilm-l6-v2", input="still served").data) == 1
+        with pytest.raises(openai.NotFoundError) as raised:
+            client.vector_stores.list()
+        assert "serves no vector stores" in raised.value.message
+
+    failed = subprocess.run(
+        [str(server_binary()), "--model-file", str(MODEL_FILE), "--port", "0", "--data-dir", str(blocked)],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", NO_COLOR="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode != 0
+    assert "not-a-folder" in failed.stdout + failed.stderr, failed.stdout + failed.stderr

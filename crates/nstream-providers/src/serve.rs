@@ -150,6 +150,16 @@ pub async fn serve_file(path: &Path, settings: &ServeSettings) -> Result<()> {
         return Err(ProviderError::NothingToServe(path.to_path_buf()));
     }
     let data_dir = settings.data_dir.clone().unwrap_or_else(default_data_dir);
-    let vector_stores = vector_store_service(&resources, &models, &data_dir, &SecretLookup::from_env()).await?;
+    let declares_knowledge_bases = resources.iter().any(|resource| matches!(resource, ModelResource::KnowledgeBase(_)));
+    let vector_stores = match vector_store_service(&resources, &models, &data_dir, &SecretLookup::from_env()).await {
+        Ok(service) => service,
+        // Without KnowledgeBases the vector-stores API is a bonus: a read-only or missing data
+        // directory (a pod without a volume) must not stop the models from being served.
+        Err(error) if !declares_knowledge_bases => {
+            tracing::warn!(error = %error, data_dir = %data_dir.display(), "serving without /v1/vector_stores");
+            None
+        }
+        Err(error) => return Err(error),
+    };
     serve_models_with(models, vector_stores, settings, metrics).await
 }
