@@ -146,3 +146,35 @@ async fn bad_requests_and_bad_files() {
     let error = VectorStoreService::open(&file, Vec::new(), Vec::new()).await.unwrap_err().to_string();
     assert!(error.contains("plain") && error.contains("is a file"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_in_progress_at_a_stop_are_indexed_on_the_next_start() {
+    let Some((backend, tokenizer)) = common::minilm() else { return };
+    let folder = tempfile::tempdir().unwrap();
+    let root = folder.path().join("openai");
+    let service = VectorStoreService::open(&root, vec![choice(&backend, &tokenizer)], Vec::new()).await.unwrap();
+    let bytes = std::fs::read(common::fixtures().join("docs").join("tides.md")).unwrap();
+    let file = service.create_file(FileUpload::new("tides.md", "assistants", bytes)).await.unwrap();
+    let store = service.create_vector_store(body(json!({"file_ids": [file.id]}))).await.unwrap();
+    wait(&service).await;
+    drop(service);
+
+    // As after a kill during indexing: the catalog still says in_progress (the chunks may or may
+    // not have been committed; here they were).
+    let catalog_path = root.join("catalog.json");
+    let text = std::fs::read_to_string(&catalog_path).unwrap();
+    assert!(text.contains("\"status\": \"completed\""));
+    std::fs::write(&catalog_path, text.replace("\"status\": \"completed\"", "\"status\": \"in_progress\"")).unwrap();
+
+    let service = VectorStoreService::open(&root, vec![choice(&backend, &tokenizer)], Vec::new()).await.unwrap();
+    wait(&service).await;
+    let attached = service.vector_store_file(&store.id, &file.id).await.unwrap();
+    assert_eq!(attached.status, "completed");
+    let results = service.search(&store.id, body(json!({"query": "tides", "max_num_results": 50}))).await.unwrap();
+    let chunks: Vec<&str> = results.data.iter().map(|hit| hit.content[0].text.as_str()).collect();
+    let mut unique = chunks.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert!(!chunks.is_empty());
+    assert_eq!(unique.len(), chunks.len(), "a chunk is present twice: {chunks:?}");
+}
