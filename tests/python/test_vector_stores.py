@@ -3,7 +3,8 @@
 nstream-server serves examples/knowledge-base.yaml (the EmbeddingModel `minilm` and the
 KnowledgeBase `docs`) with an API key and a throwaway data directory. The unmodified client
 uploads files, creates a store, attaches files with `create_and_poll` (in_progress -> completed),
-searches with and without OpenAI's filters and a score threshold, pages through lists, deletes a
+searches with and without OpenAI's filters and a score threshold, pages through lists, renames a
+store and changes a file's attributes (indexed again), deletes a
 file and sees it gone from results, attaches a file to the declared KnowledgeBase, gets its
 exception classes for bad requests, and finds everything again after a restart.
 """
@@ -164,6 +165,24 @@ def test_bad_requests_name_the_field(client: openai.OpenAI, store: dict) -> None
         anonymous.vector_stores.list()
 
 
+def test_updates_rename_and_reindex_attributes(client: openai.OpenAI, store: dict) -> None:
+    renamed = client.vector_stores.update(store["id"], name="renamed", metadata={"team": "docs"})
+    assert renamed.name == "renamed"
+    assert renamed.metadata == {"team": "docs", "embedding_model": "minilm"}
+    tides = store["files"]["tides.md"]
+    updated = client.vector_stores.files.update(tides, vector_store_id=store["id"], attributes={"topic": "ocean"})
+    assert updated.attributes == {"topic": "ocean"}
+    done = client.vector_stores.files.poll(tides, vector_store_id=store["id"], poll_interval_ms=50)
+    assert done.status == "completed", done.last_error
+    ocean = client.vector_stores.search(
+        store["id"], query="sea level", filters={"type": "eq", "key": "topic", "value": "ocean"}
+    ).data
+    assert ocean and {result.filename for result in ocean} == {"tides.md"}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.vector_stores.update(store["id"], metadata={"embedding_model": "other"})
+    assert raised.value.param == "metadata.embedding_model"
+
+
 def test_deleted_file_leaves_results_and_restart_keeps_the_rest(
     client: openai.OpenAI, store: dict, server: RunningServer, data_dir: Path
 ) -> None:
@@ -181,6 +200,7 @@ def test_deleted_file_leaves_results_and_restart_keeps_the_rest(
     with serve(data_dir) as restarted:
         again = make_client(restarted)
         shown = again.vector_stores.retrieve(store["id"])
+        assert shown.name == "renamed"
         assert shown.file_counts.completed == 2
         assert {file.id for file in again.files.list()} >= {store["files"]["tides.md"], store["files"]["espresso.md"]}
         top = again.vector_stores.search(store["id"], query="Why does the sea rise twice a day?").data[0]

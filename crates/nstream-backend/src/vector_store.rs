@@ -197,6 +197,28 @@ pub struct CreateVectorStore {
     pub description: Option<String>,
 }
 
+/// `POST /v1/vector_stores/{id}`: what changes (absent fields stay).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct UpdateVectorStore {
+    /// A new name.
+    pub name: Option<String>,
+    /// New metadata (replaces the old; `embedding_model` cannot change).
+    pub metadata: Option<Map<String, Value>>,
+    /// Accepted and kept; nstream never expires stores.
+    pub expires_after: Option<Value>,
+}
+
+/// `POST /v1/vector_stores/{id}/files/{file_id}`: new attributes (the file is indexed again).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct UpdateVectorStoreFile {
+    /// Up to 16 pairs (string, number or boolean values); replaces the old ones.
+    pub attributes: Option<Map<String, Value>>,
+}
+
 /// Counts of a vector store's files by status.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileCounts {
@@ -384,6 +406,23 @@ pub trait VectorStoreBackend: Send + Sync {
     async fn detach_file(&self, store: &str, file: &str) -> Result<DeletedObject>;
     /// Searches a store.
     async fn search(&self, store: &str, request: SearchVectorStore) -> Result<SearchResultsPage>;
+    /// Renames a store or replaces its metadata.
+    async fn update_vector_store(&self, store: &str, request: UpdateVectorStore) -> Result<VectorStoreObject> {
+        let _ = request;
+        Err(BackendError::invalid_request(format!("vector store {store}: updates are not supported by this backend")))
+    }
+    /// Replaces a file's attributes.
+    async fn update_vector_store_file(
+        &self,
+        store: &str,
+        file: &str,
+        request: UpdateVectorStoreFile,
+    ) -> Result<VectorStoreFileObject> {
+        let _ = request;
+        Err(BackendError::invalid_request(format!(
+            "vector store {store}, file {file}: updates are not supported by this backend"
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nstream_backend::BackendError;
 use nstream_backend::vector_store::{
-    CreateVectorStore, CreateVectorStoreFile, FileUpload, ListQuery, SearchVectorStore, VectorStoreBackend,
+    CreateVectorStore, CreateVectorStoreFile, FileUpload, ListQuery, SearchVectorStore, UpdateVectorStore,
+    UpdateVectorStoreFile, VectorStoreBackend,
 };
 
 use crate::error::ApiError;
@@ -26,9 +27,12 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/files/{file_id}", get(file).delete(delete_file))
         .route("/v1/files/{file_id}/content", get(file_content))
         .route("/v1/vector_stores", post(create_vector_store).get(list_vector_stores))
-        .route("/v1/vector_stores/{store_id}", get(vector_store).delete(delete_vector_store))
+        .route("/v1/vector_stores/{store_id}", get(vector_store).post(update_vector_store).delete(delete_vector_store))
         .route("/v1/vector_stores/{store_id}/files", post(attach_file).get(list_vector_store_files))
-        .route("/v1/vector_stores/{store_id}/files/{file_id}", get(vector_store_file).delete(detach_file))
+        .route(
+            "/v1/vector_stores/{store_id}/files/{file_id}",
+            get(vector_store_file).post(update_vector_store_file).delete(detach_file),
+        )
         .route("/v1/vector_stores/{store_id}/search", post(search))
 }
 
@@ -141,6 +145,24 @@ async fn list_vector_stores(State(state): State<AppState>, query: Result<Query<L
 /// `GET /v1/vector_stores/{store_id}`.
 async fn vector_store(State(state): State<AppState>, Path(store_id): Path<String>) -> Answer {
     Ok(json(backend(&state)?.vector_store(&store_id).await?))
+}
+
+/// `POST /v1/vector_stores/{store_id}`.
+async fn update_vector_store(
+    State(state): State<AppState>,
+    Path(store_id): Path<String>,
+    OpenAiJson(request): OpenAiJson<UpdateVectorStore>,
+) -> Answer {
+    Ok(json(backend(&state)?.update_vector_store(&store_id, request).await?))
+}
+
+/// `POST /v1/vector_stores/{store_id}/files/{file_id}`.
+async fn update_vector_store_file(
+    State(state): State<AppState>,
+    Path((store_id, file_id)): Path<(String, String)>,
+    OpenAiJson(request): OpenAiJson<UpdateVectorStoreFile>,
+) -> Answer {
+    Ok(json(backend(&state)?.update_vector_store_file(&store_id, &file_id, request).await?))
 }
 
 /// `DELETE /v1/vector_stores/{store_id}`.

@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use nstream_backend::BackendError;
 use nstream_backend::vector_store::{
     CreateVectorStore, CreateVectorStoreFile, DeletedObject, FileCounts, FileObject, FileUpload, LastError, ListPage,
-    ListQuery, SearchContent, SearchResult, SearchResultsPage, SearchVectorStore, VectorStoreBackend,
-    VectorStoreFileObject, VectorStoreObject, paginate,
+    ListQuery, SearchContent, SearchResult, SearchResultsPage, SearchVectorStore, UpdateVectorStore,
+    UpdateVectorStoreFile, VectorStoreBackend, VectorStoreFileObject, VectorStoreObject, paginate,
 };
 use nstream_core::{Chunking, Splitting};
 use serde_json::{Map, Value};
@@ -666,6 +666,68 @@ impl VectorStoreBackend for VectorStoreService {
         delete_file_documents(collection.store().as_ref(), file).await.map_err(backend_error)?;
         self.save(&state.catalog)?;
         Ok(DeletedObject { id: file.to_string(), object: "vector_store.file.deleted".to_string(), deleted: true })
+    }
+
+    async fn update_vector_store(
+        &self,
+        store: &str,
+        request: UpdateVectorStore,
+    ) -> nstream_backend::Result<VectorStoreObject> {
+        let metadata = request.metadata.map(|metadata| request::metadata(Some(metadata))).transpose()?;
+        if let Some(name) = &request.name
+            && name.chars().count() > 256
+        {
+            return Err(BackendError::invalid_param("name", "name: expected at most 256 characters"));
+        }
+        let mut state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
+        if let Some(mut metadata) = metadata {
+            if metadata.get("embedding_model").is_some_and(|model| model.as_str() != Some(&record.embedding_model)) {
+                return Err(BackendError::invalid_param(
+                    "metadata.embedding_model",
+                    format!(
+                        "metadata.embedding_model: vector store {store} embeds with {}; its vectors cannot change model",
+                        record.embedding_model
+                    ),
+                ));
+            }
+            metadata.insert("embedding_model".to_string(), Value::String(record.embedding_model.clone()));
+            if record.declared {
+                metadata.insert("knowledge_base".to_string(), Value::String(store.to_string()));
+            }
+            record.object.metadata = metadata;
+        }
+        if let Some(name) = request.name {
+            record.object.name = name;
+        }
+        if request.expires_after.is_some() {
+            record.object.expires_after = request.expires_after;
+        }
+        record.object.last_active_at = Some(now_seconds());
+        let object = record.render();
+        self.save(&state.catalog)?;
+        Ok(object)
+    }
+
+    async fn update_vector_store_file(
+        &self,
+        store: &str,
+        file: &str,
+        request: UpdateVectorStoreFile,
+    ) -> nstream_backend::Result<VectorStoreFileObject> {
+        let attributes = request::attributes(request.attributes)?;
+        let mut state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
+        let attached = record.files.get_mut(file).ok_or_else(|| not_found("file", file, None))?;
+        // The attributes are part of every chunk's metadata (and of its content hash): index again.
+        attached.attributes = attributes;
+        attached.status = "in_progress".to_string();
+        attached.last_error = None;
+        let answer = attached.clone();
+        self.save(&state.catalog)?;
+        drop(state);
+        self.spawn_indexing(store.to_string(), file.to_string());
+        Ok(answer)
     }
 
     async fn search(&self, store: &str, request: SearchVectorStore) -> nstream_backend::Result<SearchResultsPage> {
