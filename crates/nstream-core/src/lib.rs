@@ -1,4 +1,5 @@
-//! Typed specs for the nstream kinds (MegaModel, BaseModel, EmbeddingModel, KnowledgeBase):
+//! Typed specs for the nstream kinds (MegaModel, BaseModel, EmbeddingModel, KnowledgeBase,
+//! Distillation):
 //! serde + kube CustomResources, validation with field paths, Kubernetes quantities, CRD
 //! generation and YAML loading with file:line diagnostics.
 //!
@@ -19,6 +20,7 @@
 //! ```
 
 pub mod crd;
+pub mod distillation;
 pub mod document;
 pub mod knowledge_base;
 pub mod patterns;
@@ -29,6 +31,10 @@ pub mod spec;
 pub mod status;
 pub mod validate;
 
+pub use distillation::{
+    Distillation, DistillationEvaluation, DistillationGeneration, DistillationSpec, DistillationSplit, DistillationTask,
+    FineTuning, FineTuningMethod,
+};
 pub use document::{
     Diagnostic, LoadError, LoadedDocument, ModelResource, Origin, Outcome, load_path, parse_bytes, parse_str,
 };

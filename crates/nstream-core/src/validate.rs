@@ -77,10 +77,20 @@ fn expectation(path: &str, error: &validator::ValidationError) -> String {
             (None, Some(max)) => format!("at most {max} characters"),
             (None, None) => "a different length".to_string(),
         },
-        "range" => match (parameter("min"), parameter("max")) {
-            (Some(min), Some(max)) => format!("a number from {min} to {max}"),
-            _ => "a number in range".to_string(),
-        },
+        "range" => {
+            let low = parameter("min")
+                .map(|min| format!("at least {min}"))
+                .or_else(|| parameter("exclusive_min").map(|min| format!("greater than {min}")));
+            let high = parameter("max")
+                .map(|max| format!("at most {max}"))
+                .or_else(|| parameter("exclusive_max").map(|max| format!("less than {max}")));
+            match (parameter("min"), parameter("max"), low, high) {
+                (Some(min), Some(max), _, _) => format!("a number from {min} to {max}"),
+                (_, _, Some(low), Some(high)) => format!("a number {low} and {high}"),
+                (_, _, Some(bound), None) | (_, _, None, Some(bound)) => format!("a number {bound}"),
+                _ => "a number in range".to_string(),
+            }
+        }
         "url" => "an http:// or https:// URL".to_string(),
         "regex" => {
             let field = path.rsplit('.').next().unwrap_or(path);

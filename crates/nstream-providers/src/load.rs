@@ -115,6 +115,11 @@ pub fn load_model(
             reason: "a KnowledgeBase is not a model: it is served as a vector store beside its EmbeddingModel"
                 .to_string(),
         }),
+        ModelResource::Distillation(_) => Err(ProviderError::NotServable {
+            kind: "Distillation".to_string(),
+            name,
+            reason: "a Distillation is not a model: `nstream distill` runs it and writes the student's BaseModel".to_string(),
+        }),
     }
 }
 
