@@ -46,9 +46,9 @@ pub use quantity::{Amount, QuantityError, ResourceQuantity, parse_quantity};
 pub use replicas::Replicas;
 pub use secret::{SecretKeyRef, SecretSource, SecretString};
 pub use spec::{
-    AnthropicTemplate, ApiKeyFields, AzureOpenAiTemplate, BaseModel, BaseModelSpec, EmbeddingModel, EmbeddingModelSpec,
-    HubModelSpec, MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec, ModelHub, ModelTemplate,
-    OpenAiTemplate, ProviderTemplate, Resources, ServingInfo, ServingTemplate,
+    AdapterSpec, AnthropicTemplate, ApiKeyFields, AzureOpenAiTemplate, BaseModel, BaseModelSpec, EmbeddingModel,
+    EmbeddingModelSpec, HubModelSpec, MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec, ModelHub,
+    ModelTemplate, OpenAiTemplate, ProviderTemplate, Resources, ServingInfo, ServingTemplate,
 };
 pub use status::ModelStatus;
 pub use validate::{Check, Problem};

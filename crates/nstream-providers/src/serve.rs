@@ -6,7 +6,7 @@ use nstream_core::{LoadedDocument, SecretString};
 use nstream_server::{ApiKey, AppState, Metrics, ModelRegistry, ServerConfig};
 
 use crate::error::{ProviderError, Result};
-use crate::load::{LoadOptions, LoadedModel, load_model};
+use crate::load::{LoadOptions, LoadedModel, load_model_and_adapters};
 use crate::metrics::ModelMetricsExporter;
 use crate::secrets::SecretLookup;
 
@@ -76,9 +76,11 @@ pub fn load_models(
     for resource in documents.iter().filter_map(LoadedDocument::valid_resource).filter(models_only) {
         tracing::info!(kind = resource.kind(), name = resource.name(), "loading");
         let started = std::time::Instant::now();
-        let model = load_model(resource, options, secrets, Some(&exporter))?;
-        tracing::info!(name = %model.name, seconds = started.elapsed().as_secs_f64(), "loaded");
-        models.push(model);
+        let loaded = load_model_and_adapters(resource, options, secrets, Some(&exporter))?;
+        for model in loaded {
+            tracing::info!(name = %model.name, seconds = started.elapsed().as_secs_f64(), "loaded");
+            models.push(model);
+        }
     }
     Ok(models)
 }
