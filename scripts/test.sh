@@ -41,3 +41,6 @@ NSTREAM_SERVER_BIN="$CARGO_TARGET_DIR/debug/nstream-server" "$python" -m pytest 
 echo "== fine-tuning parity with PyTorch + transformers + peft (tiny checkpoint; docs/finetune.md)"
 # Its pinned venv (torch from PyPI, a few GB) is built once and cached outside the repository.
 scripts/finetune-parity.sh
+
+echo "== LoRA serving parity with Python peft (tiny checkpoint; docs/adapters.md)"
+scripts/lora-parity.sh

@@ -19,7 +19,7 @@ struct Cli {
 enum Command {
     /// Check model specs: every problem of every document, with file, line and field path.
     Validate(commands::validate::ValidateArgs),
-    /// Print the CustomResourceDefinitions of the four kinds as YAML.
+    /// Print the CustomResourceDefinitions of the five kinds as YAML.
     Crds(commands::crds::CrdsArgs),
     /// Local mode: serve every servable model of a file on one port, routed by model name.
     Up(commands::up::UpArgs),
@@ -38,6 +38,9 @@ enum Command {
     /// Run models (students, base, teacher) over a held-out set, score their answers against the
     /// references and report how much of the teacher's lead each student closed.
     Eval(Box<commands::eval::EvalArgs>),
+    /// Distil a teacher into a student from one file: generate, split, fine-tune and evaluate,
+    /// each stage resumable; writes the student's BaseModel and a report.
+    Distill(Box<commands::distill::DistillArgs>),
     /// Knowledge bases: index files, search, list and remove documents.
     Kb(commands::kb::KbArgs),
 }
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Embed(_) | Command::Generate(_) => nstream_providers::pin_candle_threads(None),
         Command::Finetune(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Eval(args) => nstream_providers::pin_candle_threads(args.threads),
+        Command::Distill(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Kb(args) => match &args.command {
             commands::kb::KbCommand::Index(index) => nstream_providers::pin_candle_threads(index.threads),
             commands::kb::KbCommand::Search(search) => nstream_providers::pin_candle_threads(search.threads),
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(*args),
         Command::Finetune(args) => commands::finetune::run(*args),
         Command::Eval(args) => commands::eval::run(*args),
+        Command::Distill(args) => commands::distill::run(*args),
         Command::Kb(args) => commands::kb::run(&args),
     };
     match result {

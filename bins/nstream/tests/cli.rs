@@ -101,7 +101,7 @@ fn missing_files_are_a_clear_error() {
 }
 
 #[test]
-fn crds_print_four_definitions() {
+fn crds_print_five_definitions() {
     let output = nstream(&["crds"], None);
     assert!(output.status.success());
     let text = stdout(&output);
@@ -110,6 +110,7 @@ fn crds_print_four_definitions() {
         "basemodels.llm.nstream.ai",
         "embeddingmodels.llm.nstream.ai",
         "knowledgebases.llm.nstream.ai",
+        "distillations.llm.nstream.ai",
     ] {
         assert!(text.contains(&format!("name: {name}")), "{name}");
     }

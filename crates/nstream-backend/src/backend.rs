@@ -72,6 +72,21 @@ pub trait ModelBackend: Send + Sync {
         let _ = request;
         Err(BackendError::Unsupported { capability: Capability::Embedding })
     }
+
+    /// Serves the PEFT LoRA adapter at `path` (a local folder or a hub repository) over this
+    /// model's weights as a new model `name` whose `parent` is this one. Blocking (it reads the
+    /// adapter and lays it out): call it from a blocking context. Only local generative models
+    /// implement it; the default refuses.
+    fn load_adapter(&self, name: &str, path: &str) -> Result<std::sync::Arc<dyn ModelBackend>> {
+        let _ = (name, path);
+        Err(BackendError::invalid_param("base_model", format!("{} cannot serve LoRA adapters", self.describe().id)))
+    }
+
+    /// For a LoRA adapter served over a parent model, how many of its sequences are queued or
+    /// running (an adapter in use must not be unloaded); `None` for other models.
+    fn adapter_sequences(&self) -> Option<usize> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -104,6 +104,12 @@ pub struct ModelDescription {
     pub owned_by: String,
     /// Unix seconds when the model was loaded or registered (OpenAI's `created`).
     pub created: u64,
+    /// The served model this one derives from (a LoRA adapter's base), as vLLM's `parent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Where the model's weights came from (a LoRA adapter's path), as vLLM's `root`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 impl ModelDescription {
@@ -118,6 +124,8 @@ impl ModelDescription {
             embeddings_normalized: false,
             owned_by: "nstream".to_owned(),
             created: crate::usage::unix_timestamp(),
+            parent: None,
+            root: None,
         }
     }
 
@@ -164,6 +172,18 @@ impl ModelDescription {
     /// Sets the OpenAI `created` field (Unix seconds).
     pub fn with_created(mut self, created: u64) -> Self {
         self.created = created;
+        self
+    }
+
+    /// Sets the model it derives from (`parent`).
+    pub fn with_parent(mut self, parent: impl Into<String>) -> Self {
+        self.parent = Some(parent.into());
+        self
+    }
+
+    /// Sets where its weights came from (`root`).
+    pub fn with_root(mut self, root: impl Into<String>) -> Self {
+        self.root = Some(root.into());
         self
     }
 

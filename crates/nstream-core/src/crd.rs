@@ -1,22 +1,25 @@
-//! The CustomResourceDefinitions of the four kinds, as installed on a cluster.
+//! The CustomResourceDefinitions of the five kinds, as installed on a cluster.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+use crate::distillation::Distillation;
 use crate::knowledge_base::KnowledgeBase;
 use crate::spec::{BaseModel, EmbeddingModel, MegaModel};
 
-/// The four CRDs, in a fixed order: MegaModel, BaseModel, EmbeddingModel, KnowledgeBase.
+/// The five CRDs, in a fixed order: MegaModel, BaseModel, EmbeddingModel, KnowledgeBase,
+/// Distillation.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![MegaModel::crd(), BaseModel::crd(), EmbeddingModel::crd(), KnowledgeBase::crd()]
+    vec![MegaModel::crd(), BaseModel::crd(), EmbeddingModel::crd(), KnowledgeBase::crd(), Distillation::crd()]
 }
 
 /// File names under `deploy/crds/`, in the order of [`crds`].
-pub const CRD_FILE_NAMES: [&str; 4] = [
+pub const CRD_FILE_NAMES: [&str; 5] = [
     "megamodels.llm.nstream.ai.yaml",
     "basemodels.llm.nstream.ai.yaml",
     "embeddingmodels.llm.nstream.ai.yaml",
     "knowledgebases.llm.nstream.ai.yaml",
+    "distillations.llm.nstream.ai.yaml",
 ];
 
 /// One CRD as the YAML that `nstream crds` prints and `deploy/crds/` holds.
@@ -24,7 +27,7 @@ pub fn crd_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Er
     serde_yaml::to_string(crd)
 }
 
-/// All four CRDs as one multi-document YAML stream.
+/// All five CRDs as one multi-document YAML stream.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
     for crd in crds() {

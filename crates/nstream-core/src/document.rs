@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::distillation::Distillation;
 use crate::knowledge_base::KnowledgeBase;
 use crate::patterns;
 use crate::spec::{API_VERSION, BaseModel, EmbeddingModel, MegaModel};
 use crate::validate::{Check, Problem, quote};
 
 /// The kinds nstream serves.
-pub const KINDS: [&str; 4] = ["MegaModel", "BaseModel", "EmbeddingModel", "KnowledgeBase"];
+pub const KINDS: [&str; 5] = ["MegaModel", "BaseModel", "EmbeddingModel", "KnowledgeBase", "Distillation"];
 
 /// The top-level fields of a resource.
 const TOP_LEVEL_FIELDS: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
@@ -37,7 +38,7 @@ const METADATA_FIELDS: [&str; 15] = [
     "selfLink",
 ];
 
-/// One of the four nstream resources.
+/// One of the five nstream resources.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelResource {
     /// A hosted foundation model.
@@ -48,6 +49,8 @@ pub enum ModelResource {
     EmbeddingModel(EmbeddingModel),
     /// A knowledge base: documents embedded by an EmbeddingModel.
     KnowledgeBase(KnowledgeBase),
+    /// A distillation: a teacher's answers, a student fine-tuned on them and evaluated.
+    Distillation(Distillation),
 }
 
 impl ModelResource {
@@ -58,6 +61,7 @@ impl ModelResource {
             Self::BaseModel(_) => "BaseModel",
             Self::EmbeddingModel(_) => "EmbeddingModel",
             Self::KnowledgeBase(_) => "KnowledgeBase",
+            Self::Distillation(_) => "Distillation",
         }
     }
 
@@ -68,6 +72,7 @@ impl ModelResource {
             Self::BaseModel(model) => &model.metadata,
             Self::EmbeddingModel(model) => &model.metadata,
             Self::KnowledgeBase(knowledge_base) => &knowledge_base.metadata,
+            Self::Distillation(distillation) => &distillation.metadata,
         }
     }
 
@@ -84,6 +89,7 @@ impl ModelResource {
             Self::BaseModel(model) => model.spec.problems("spec"),
             Self::EmbeddingModel(model) => model.spec.problems("spec"),
             Self::KnowledgeBase(knowledge_base) => knowledge_base.spec.problems("spec"),
+            Self::Distillation(distillation) => distillation.spec.problems("spec"),
         });
         problems
     }
@@ -95,6 +101,7 @@ impl ModelResource {
             Self::BaseModel(model) => serde_yaml::to_string(model),
             Self::EmbeddingModel(model) => serde_yaml::to_string(model),
             Self::KnowledgeBase(knowledge_base) => serde_yaml::to_string(knowledge_base),
+            Self::Distillation(distillation) => serde_yaml::to_string(distillation),
         }
     }
 }
@@ -385,6 +392,7 @@ fn parse_document(text: &str, origin: Origin) -> LoadedDocument {
         Some("BaseModel") => serde_yaml::from_str::<BaseModel>(text).map(ModelResource::BaseModel),
         Some("EmbeddingModel") => serde_yaml::from_str::<EmbeddingModel>(text).map(ModelResource::EmbeddingModel),
         Some("KnowledgeBase") => serde_yaml::from_str::<KnowledgeBase>(text).map(ModelResource::KnowledgeBase),
+        Some("Distillation") => serde_yaml::from_str::<Distillation>(text).map(ModelResource::Distillation),
         other => {
             let found = other.map_or_else(|| "no kind".to_string(), quote);
             let mut message = format!("found {found}, expected one of {}", KINDS.join(", "));

@@ -1,4 +1,5 @@
-//! Typed specs for the nstream kinds (MegaModel, BaseModel, EmbeddingModel, KnowledgeBase):
+//! Typed specs for the nstream kinds (MegaModel, BaseModel, EmbeddingModel, KnowledgeBase,
+//! Distillation):
 //! serde + kube CustomResources, validation with field paths, Kubernetes quantities, CRD
 //! generation and YAML loading with file:line diagnostics.
 //!
@@ -19,6 +20,7 @@
 //! ```
 
 pub mod crd;
+pub mod distillation;
 pub mod document;
 pub mod knowledge_base;
 pub mod patterns;
@@ -29,6 +31,10 @@ pub mod spec;
 pub mod status;
 pub mod validate;
 
+pub use distillation::{
+    Distillation, DistillationEvaluation, DistillationGeneration, DistillationSpec, DistillationSplit, DistillationTask,
+    FineTuning, FineTuningMethod,
+};
 pub use document::{
     Diagnostic, LoadError, LoadedDocument, ModelResource, Origin, Outcome, load_path, parse_bytes, parse_str,
 };
@@ -40,9 +46,9 @@ pub use quantity::{Amount, QuantityError, ResourceQuantity, parse_quantity};
 pub use replicas::Replicas;
 pub use secret::{SecretKeyRef, SecretSource, SecretString};
 pub use spec::{
-    AnthropicTemplate, ApiKeyFields, AzureOpenAiTemplate, BaseModel, BaseModelSpec, EmbeddingModel, EmbeddingModelSpec,
-    HubModelSpec, MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec, ModelHub, ModelTemplate,
-    OpenAiTemplate, ProviderTemplate, Resources, ServingInfo, ServingTemplate,
+    AdapterSpec, AnthropicTemplate, ApiKeyFields, AzureOpenAiTemplate, BaseModel, BaseModelSpec, EmbeddingModel,
+    EmbeddingModelSpec, HubModelSpec, MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec, ModelHub,
+    ModelTemplate, OpenAiTemplate, ProviderTemplate, Resources, ServingInfo, ServingTemplate,
 };
 pub use status::ModelStatus;
 pub use validate::{Check, Problem};

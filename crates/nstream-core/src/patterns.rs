@@ -15,6 +15,10 @@ pub const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0
 pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 /// A Hugging Face repository id: `org/name`.
 pub const HF_REPO_ID_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$";
+/// A model source: a Hugging Face repository id (`org/name`) or a local path (absolute, or
+/// starting with `./`, `../` or `~/`).
+pub const HF_MODEL_ID_PATTERN: &str =
+    r"^([A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}|(/|\./|\.\./|~/).{0,4095})$";
 /// A git revision on the hub: a branch, tag or commit, without whitespace.
 pub const REVISION_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$";
 /// An Azure OpenAI deployment name.
@@ -41,6 +45,7 @@ compiled!(NAMESPACE, NAMESPACE_PATTERN);
 compiled!(DNS_SUBDOMAIN, DNS_SUBDOMAIN_PATTERN);
 compiled!(SECRET_KEY, SECRET_KEY_PATTERN);
 compiled!(HF_REPO_ID, HF_REPO_ID_PATTERN);
+compiled!(HF_MODEL_ID, HF_MODEL_ID_PATTERN);
 compiled!(REVISION, REVISION_PATTERN);
 compiled!(AZURE_DEPLOYMENT, AZURE_DEPLOYMENT_PATTERN);
 compiled!(AZURE_API_VERSION, AZURE_API_VERSION_PATTERN);
@@ -62,6 +67,12 @@ mod tests {
         assert!(HF_REPO_ID.is_match("sentence-transformers/all-MiniLM-L6-v2"));
         assert!(!HF_REPO_ID.is_match("all-MiniLM-L6-v2"));
         assert!(!HF_REPO_ID.is_match("a/b/c"));
+        assert!(HF_MODEL_ID.is_match("sentence-transformers/all-MiniLM-L6-v2"));
+        assert!(HF_MODEL_ID.is_match("/work/out/student"));
+        assert!(HF_MODEL_ID.is_match("./out/student"));
+        assert!(HF_MODEL_ID.is_match("~/adapters/a"));
+        assert!(!HF_MODEL_ID.is_match("llama3"));
+        assert!(!HF_MODEL_ID.is_match("a/b/c"));
         assert!(REVISION.is_match("main"));
         assert!(REVISION.is_match("refs/pr/1"));
         assert!(AZURE_DEPLOYMENT.is_match("gpt-4-deployment"));

@@ -397,6 +397,7 @@ api_key_fields!(AzureOpenAiTemplate, OpenAiTemplate, AnthropicTemplate);
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[x_kube(validation = Rule::new("!has(self.baseModelServingInfo.adapters) || self.baseModelServingInfo.adapters.all(a, a.name != self.baseModelName)").message("an adapter's name must differ from baseModelName"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BaseModelSpec {
     /// Name of the base model; also the name clients pass as `model` (defaults to the resource name
@@ -443,6 +444,7 @@ pub struct BaseModelSpec {
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[x_kube(validation = Rule::new("!has(self.embeddingModelServingInfo.adapters)").message("adapters are for BaseModels only"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EmbeddingModelSpec {
     /// Name of the embedding model, such as `all-MiniLM-L6-v2`.
@@ -496,11 +498,16 @@ hub_model_spec! {
 /// Where a Hugging Face model's files come from.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
 #[x_kube(validation = Rule::new("!(has(self.modelProviderToken) && has(self.modelProviderTokenSecretRef))").message("set at most one of modelProviderToken and modelProviderTokenSecretRef"))]
+#[x_kube(validation = Rule::new("!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))").message("adapter names must be unique"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServingInfo {
-    /// The repository on the hub, `org/name`, such as `sentence-transformers/all-MiniLM-L6-v2`.
-    #[validate(regex(path = *patterns::HF_REPO_ID))]
-    #[schemars(regex(pattern = patterns::HF_REPO_ID_PATTERN))]
+    /// The repository on the hub, `org/name`, such as `sentence-transformers/all-MiniLM-L6-v2`, or
+    /// a local directory (absolute, or starting with `./`, `../` or `~/`). For a BaseModel it may
+    /// name a PEFT LoRA adapter (a folder or repository holding `adapter_config.json`): the base
+    /// it adapts is loaded (`base_model.json`, else `base_model_name_or_path`) and the adapter
+    /// applied at run time.
+    #[validate(regex(path = *patterns::HF_MODEL_ID))]
+    #[schemars(regex(pattern = patterns::HF_MODEL_ID_PATTERN))]
     pub hf_model_id: String,
     /// The model hub; only `HUGGINGFACE` today.
     pub model_provider: ModelHub,
@@ -522,6 +529,34 @@ pub struct ServingInfo {
     #[validate(length(min = 1, max = 512))]
     #[schemars(length(min = 1, max = 512))]
     pub model_file: Option<String>,
+    /// LoRA adapters served over this base (BaseModels only): one base in memory, each adapter
+    /// its own model id in `/v1/models` (with the base as `parent`), selected by the request's
+    /// `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    #[schemars(length(max = 64))]
+    pub adapters: Option<Vec<AdapterSpec>>,
+}
+
+/// A LoRA adapter served over a BaseModel as its own model.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdapterSpec {
+    /// The model id clients pass as `model`; unique among the base's adapters and not the
+    /// base's own name.
+    #[validate(length(min = 1, max = 256), regex(path = *patterns::DISPLAY_NAME))]
+    #[schemars(length(min = 1, max = 256), regex(pattern = patterns::DISPLAY_NAME_PATTERN))]
+    pub name: String,
+    /// A PEFT LoRA adapter: a hub repository or a local directory holding `adapter_config.json`
+    /// and `adapter_model.safetensors`.
+    #[validate(regex(path = *patterns::HF_MODEL_ID))]
+    #[schemars(regex(pattern = patterns::HF_MODEL_ID_PATTERN))]
+    pub hf_model_id: String,
+    /// A branch, tag or commit of the adapter's repository; `main` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(regex(path = *patterns::REVISION))]
+    #[schemars(regex(pattern = patterns::REVISION_PATTERN))]
+    pub revision: Option<String>,
 }
 
 impl ServingInfo {

@@ -77,16 +77,27 @@ fn expectation(path: &str, error: &validator::ValidationError) -> String {
             (None, Some(max)) => format!("at most {max} characters"),
             (None, None) => "a different length".to_string(),
         },
-        "range" => match (parameter("min"), parameter("max")) {
-            (Some(min), Some(max)) => format!("a number from {min} to {max}"),
-            _ => "a number in range".to_string(),
-        },
+        "range" => {
+            let low = parameter("min")
+                .map(|min| format!("at least {min}"))
+                .or_else(|| parameter("exclusive_min").map(|min| format!("greater than {min}")));
+            let high = parameter("max")
+                .map(|max| format!("at most {max}"))
+                .or_else(|| parameter("exclusive_max").map(|max| format!("less than {max}")));
+            match (parameter("min"), parameter("max"), low, high) {
+                (Some(min), Some(max), _, _) => format!("a number from {min} to {max}"),
+                (_, _, Some(low), Some(high)) => format!("a number {low} and {high}"),
+                (_, _, Some(bound), None) | (_, _, None, Some(bound)) => format!("a number {bound}"),
+                _ => "a number in range".to_string(),
+            }
+        }
         "url" => "an http:// or https:// URL".to_string(),
         "regex" => {
             let field = path.rsplit('.').next().unwrap_or(path);
             match field {
                 "hfModelId" => {
-                    "a Hugging Face repository id `org/name`, such as sentence-transformers/all-MiniLM-L6-v2"
+                    "a Hugging Face repository id `org/name`, such as sentence-transformers/all-MiniLM-L6-v2, \
+                                or a local directory (/abs/path, ./rel/path)"
                         .to_string()
                 }
                 "apiVersion" => "an Azure OpenAI api-version such as 2023-10-01-preview or 2024-10-21".to_string(),
@@ -312,15 +323,46 @@ fn hub_model_problems<S: HubModelSpec + Validate>(spec: &S, prefix: &str) -> Vec
     problems
 }
 
+/// Adapter names are model ids: unique, and not the base's own name. (Whether an adapter was
+/// trained on this base is checked when it is loaded: its matrices must fit the base's weights,
+/// an error naming the layer and module; a `base_model_name_or_path` that names another
+/// repository is only a warning then, since a GGUF base usually lives in another repository than
+/// the checkpoint the adapter names.)
+fn check_adapters(spec: &BaseModelSpec, prefix: &str, problems: &mut Vec<Problem>) {
+    let Some(adapters) = &spec.base_model_serving_info.adapters else { return };
+    for (index, adapter) in adapters.iter().enumerate() {
+        let path = format!("{prefix}.baseModelServingInfo.adapters[{index}].name");
+        if adapter.name == spec.base_model_name {
+            problems.push(Problem::new(path, quote(&adapter.name), "a name other than baseModelName"));
+        } else if let Some(first) = adapters[..index].iter().position(|other| other.name == adapter.name) {
+            problems.push(Problem::new(
+                path,
+                format!("{} again", quote(&adapter.name)),
+                format!("a name unique among the adapters (adapters[{first}] has it)"),
+            ));
+        }
+    }
+}
+
 impl Check for BaseModelSpec {
     fn problems(&self, prefix: &str) -> Vec<Problem> {
-        hub_model_problems(self, prefix)
+        let mut problems = hub_model_problems(self, prefix);
+        check_adapters(self, prefix, &mut problems);
+        problems
     }
 }
 
 impl Check for EmbeddingModelSpec {
     fn problems(&self, prefix: &str) -> Vec<Problem> {
-        hub_model_problems(self, prefix)
+        let mut problems = hub_model_problems(self, prefix);
+        if self.embedding_model_serving_info.adapters.is_some() {
+            problems.push(Problem::new(
+                format!("{prefix}.embeddingModelServingInfo.adapters"),
+                "a list of adapters",
+                "no adapters (LoRA adapters are served over BaseModels only)",
+            ));
+        }
+        problems
     }
 }
 

@@ -42,7 +42,9 @@ pub mod scheduler;
 pub mod template;
 pub mod tokenizer;
 
-pub use backend::{CUDA_PREFILL_CHUNK_TOKENS, DeviceSpec, LlmBackend, LlmInfo, LlmOptions, SafetensorsFiles, end_ids};
+pub use backend::{
+    AdapterSource, CUDA_PREFILL_CHUNK_TOKENS, DeviceSpec, LlmBackend, LlmInfo, LlmOptions, SafetensorsFiles, end_ids,
+};
 pub use error::{Error, Result};
-pub use model::Requantize;
+pub use model::{LoraAdapter, Requantize};
 pub use scheduler::LlmMetrics;

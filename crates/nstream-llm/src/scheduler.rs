@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nstream_backend::chat::FinishReason;
 use tokio::sync::mpsc;
 
-use crate::model::{LlamaModel, SequenceCache, StepInput};
+use crate::model::{LlamaModel, LoraAdapter, SequenceCache, StepInput};
 use crate::sampling::{Sampler, SamplingParams, StopMatcher};
 use crate::tokenizer::{IncrementalDecoder, LlmTokenizer};
 
@@ -34,6 +34,8 @@ pub struct SequenceRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// The LoRA adapter the sequence runs with (`None`: the bare base).
+    pub adapter: Option<Arc<LoraAdapter>>,
     /// Where events go; dropping the receiver cancels the sequence.
     pub events: mpsc::UnboundedSender<SequenceEvent>,
 }
@@ -123,7 +125,7 @@ enum Outcome {
 
 /// The scheduler's state on its thread.
 pub struct Scheduler {
-    model: LlamaModel,
+    model: Arc<LlamaModel>,
     tokenizer: Arc<LlmTokenizer>,
     receiver: mpsc::Receiver<Job>,
     limits: SchedulerLimits,
@@ -138,7 +140,7 @@ const INITIAL_ANSWER_CAPACITY: usize = 128;
 impl Scheduler {
     /// A scheduler over `model` taking jobs from `receiver`.
     pub fn new(
-        model: LlamaModel,
+        model: Arc<LlamaModel>,
         tokenizer: Arc<LlmTokenizer>,
         receiver: mpsc::Receiver<Job>,
         limits: SchedulerLimits,
@@ -182,13 +184,13 @@ impl Scheduler {
                 }
             };
             self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            for request in job.sequences {
+            for mut request in job.sequences {
                 if request.events.is_closed() {
                     self.metrics.cancelled_total.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 let limit = request.prompt.len() + request.max_new_tokens;
-                let cache = match self.model.new_cache(request.prompt.len() + INITIAL_ANSWER_CAPACITY, limit) {
+                let mut cache = match self.model.new_cache(request.prompt.len() + INITIAL_ANSWER_CAPACITY, limit) {
                     Ok(cache) if cache.limit() == limit => cache,
                     Ok(_) => {
                         fail(&request, "the sequence does not fit the context".into());
@@ -199,6 +201,11 @@ impl Scheduler {
                         continue;
                     }
                 };
+                // The cache holds the adapter from here on (one reference per sequence).
+                if let Err(error) = cache.set_adapter(request.adapter.take()) {
+                    fail(&request, error.to_string());
+                    continue;
+                }
                 let sampler = Sampler::new(request.sampling.clone(), &request.prompt);
                 let stop = StopMatcher::new(request.stop.clone());
                 let decoder = IncrementalDecoder::after_prompt(&self.tokenizer, &request.prompt);

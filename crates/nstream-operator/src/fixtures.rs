@@ -33,6 +33,7 @@ fn info(repo: &str) -> ServingInfo {
         model_provider_token_secret_ref: None,
         revision: None,
         model_file: None,
+        adapters: None,
     }
 }
 

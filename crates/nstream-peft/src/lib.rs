@@ -26,6 +26,47 @@ pub use tensors::Tensor;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// The adapter's weights file name.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The file `nstream finetune` writes beside an adapter naming the exact base it was trained on.
+pub const BASE_RECORD_FILE: &str = "base_model.json";
+
+/// `base_model.json`: the base an adapter was trained on, as `nstream finetune` records it
+/// (nstream-tune's `Provenance`). Serving prefers it to `base_model_name_or_path` because it
+/// also names the GGUF file of a GGUF base.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BaseRecord {
+    /// The Hugging Face repository (`org/name`), when known.
+    #[serde(default)]
+    pub repo_id: Option<String>,
+    /// The revision asked for (`main` when none).
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// `safetensors` or `gguf`.
+    #[serde(default)]
+    pub format: String,
+    /// The weight files, relative to the repository (the GGUF file for a GGUF base).
+    #[serde(default)]
+    pub files: Vec<String>,
+}
+
+impl BaseRecord {
+    /// Reads `folder/base_model.json`; `None` when the folder has none.
+    pub fn read(folder: &Path) -> Result<Option<Self>> {
+        let path = folder.join(BASE_RECORD_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|cause| error::io(&path, cause))?;
+        let record = serde_json::from_str(&text)
+            .map_err(|error| error::invalid(&path, format!("not a base model record: {error}")))?;
+        Ok(Some(record))
+    }
+
+    /// The GGUF file of a GGUF base.
+    pub fn gguf_file(&self) -> Option<&str> {
+        (self.format == "gguf").then(|| self.files.first().map(String::as_str)).flatten()
+    }
+}
 
 /// A linear layer of a Llama-family block that LoRA can adapt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -139,8 +180,12 @@ pub fn parse_tensor_name(name: &str) -> Option<(usize, Module, Part)> {
     let rest = name.strip_prefix("base_model.model.model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer = layer.parse().ok()?;
-    let (path, part) = rest.strip_suffix(".weight")?.rsplit_once('.')?;
+    let mut rest = rest.strip_suffix(".weight")?;
     // `peft` may keep the adapter name in the key (`lora_A.default.weight`) in some versions.
+    if let Some(without) = rest.strip_suffix(".default") {
+        rest = without;
+    }
+    let (path, part) = rest.rsplit_once('.')?;
     let part = match part {
         "lora_A" => Part::A,
         "lora_B" => Part::B,
@@ -279,9 +324,9 @@ impl Adapter {
         tensors::write_atomically(&config_path, format!("{json}\n").as_bytes())
     }
 
-    /// Reads an adapter folder, checking that it is a LoRA adapter this crate can apply and that
-    /// every pair has matching ranks.
-    pub fn read(folder: &Path) -> Result<Self> {
+    /// Reads `adapter_config.json` alone, checking that it is a LoRA adapter this crate can
+    /// apply.
+    pub fn read_config(folder: &Path) -> Result<LoraConfig> {
         let config_path = folder.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&config_path).map_err(|cause| error::io(&config_path, cause))?;
         let config: LoraConfig = serde_json::from_str(&text)
@@ -293,7 +338,17 @@ impl Adapter {
         if config.use_dora || config.fan_in_fan_out || config.bias != "none" {
             return Err(unsupported("DoRA, fan_in_fan_out or trained biases".into()));
         }
+        if config.r == 0 {
+            return Err(error::invalid(&config_path, "r must be at least 1"));
+        }
         config.modules().map_err(|message| error::invalid(&config_path, message))?;
+        Ok(config)
+    }
+
+    /// Reads an adapter folder, checking that it is a LoRA adapter this crate can apply and that
+    /// every pair has matching ranks.
+    pub fn read(folder: &Path) -> Result<Self> {
+        let config = Self::read_config(folder)?;
         let weights_path = folder.join(WEIGHTS_FILE);
         let (tensors, _) = tensors::read(&weights_path)?;
         let mut halves: BTreeMap<(usize, Module), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
@@ -349,6 +404,10 @@ mod tests {
             Some((11, Module::DownProj, Part::B))
         );
         assert_eq!(parse_tensor_name("model.layers.0.mlp.down_proj.weight"), None);
+        assert_eq!(
+            parse_tensor_name("base_model.model.model.layers.2.self_attn.v_proj.lora_B.default.weight"),
+            Some((2, Module::VProj, Part::B))
+        );
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub enum ModelKind {
     EmbeddingModel,
     /// A knowledge base (it answers no prompt; named for completeness).
     KnowledgeBase,
+    /// A distillation (it answers no prompt; named for completeness).
+    Distillation,
     /// A backend built in code (an embedding application, a test).
     #[serde(rename = "backend")]
     Backend,
@@ -54,6 +56,7 @@ impl ModelKind {
             ModelResource::BaseModel(_) => Self::BaseModel,
             ModelResource::EmbeddingModel(_) => Self::EmbeddingModel,
             ModelResource::KnowledgeBase(_) => Self::KnowledgeBase,
+            ModelResource::Distillation(_) => Self::Distillation,
         }
     }
 
@@ -64,6 +67,7 @@ impl ModelKind {
             Self::BaseModel => "BaseModel",
             Self::EmbeddingModel => "EmbeddingModel",
             Self::KnowledgeBase => "KnowledgeBase",
+            Self::Distillation => "Distillation",
             Self::Backend => "backend",
         }
     }
@@ -126,7 +130,9 @@ impl ModelInfo {
                 model: Some(model.spec.embedding_model_serving_info.hf_model_id.clone()),
                 ..Self::named(name, "HUGGINGFACE")
             },
-            ModelResource::KnowledgeBase(_) => Self { kind, ..Self::named(name, "nstream") },
+            ModelResource::KnowledgeBase(_) | ModelResource::Distillation(_) => {
+                Self { kind, ..Self::named(name, "nstream") }
+            }
         }
     }
 

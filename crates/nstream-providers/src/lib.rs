@@ -14,7 +14,8 @@ pub use args::{DeviceArg, DtypeArg, RequantizeArg, ServeArgs};
 pub use error::{ProviderError, Result};
 pub use knowledge::{default_data_dir, embedded_store_path, embedding_model_of, open_knowledge_base, open_store};
 pub use load::{
-    LoadOptions, LoadedModel, hosted_backend, hosted_options, load_embedding_repo, load_model, model_source,
+    LoadOptions, LoadedModel, hosted_backend, hosted_options, load_embedding_repo, load_model, load_model_and_adapters,
+    model_source,
 };
 pub use metrics::ModelMetricsExporter;
 pub use secrets::{SecretLookup, resolve_secret};

@@ -6,11 +6,11 @@ use crate::metrics::ModelMetricsExporter;
 use nstream_backend::ModelBackend;
 use std::time::Duration;
 
-use nstream_core::{MegaModelSpec, ModelResource, ServingInfo};
+use nstream_core::{BaseModel, MegaModelSpec, ModelResource, ServingInfo};
 use nstream_embed::{EmbedOptions, EmbeddingBackend};
 use nstream_hosted::{HostedBackend, HostedOptions};
 use nstream_hub::{Hub, ModelSource, SecretToken};
-use nstream_llm::{LlmBackend, LlmOptions};
+use nstream_llm::{AdapterSource, LlmBackend, LlmOptions};
 
 use crate::error::{ProviderError, Result};
 use crate::secrets::{SecretLookup, resolve_secret};
@@ -98,12 +98,7 @@ pub fn load_model(
             Ok(LoadedModel { name, backend })
         }
         ModelResource::BaseModel(model) => {
-            let source = model_source(&model.spec.base_model_serving_info, secrets)?;
-            let backend = LlmBackend::load_with(name.clone(), &Hub::from_env(), &source, options.llm.clone())
-                .map_err(|cause| ProviderError::Llm { name: name.clone(), cause: Box::new(cause) })?;
-            if let Some(exporter) = exporter {
-                exporter.track_llm(&name, backend.metrics().clone());
-            }
+            let backend = load_base_model(&name, model, options, secrets, exporter)?;
             Ok(LoadedModel { name, backend })
         }
         ModelResource::MegaModel(model) => {
@@ -115,7 +110,84 @@ pub fn load_model(
             reason: "a KnowledgeBase is not a model: it is served as a vector store beside its EmbeddingModel"
                 .to_string(),
         }),
+        ModelResource::Distillation(_) => Err(ProviderError::NotServable {
+            kind: "Distillation".to_string(),
+            name,
+            reason: "a Distillation is not a model: `nstream distill` runs it and writes the student's BaseModel".to_string(),
+        }),
     }
+}
+
+/// The LLM backend of a BaseModel (with its `hfModelId` adapter applied, when it names one).
+fn load_base_model(
+    name: &str,
+    model: &BaseModel,
+    options: &LoadOptions,
+    secrets: &SecretLookup,
+    exporter: Option<&ModelMetricsExporter>,
+) -> Result<Arc<LlmBackend>> {
+    let source = model_source(&model.spec.base_model_serving_info, secrets)?;
+    let backend = LlmBackend::load_with(name.to_owned(), &Hub::from_env(), &source, options.llm.clone())
+        .map_err(|cause| ProviderError::Llm { name: name.to_owned(), cause: Box::new(cause) })?;
+    if let Some(exporter) = exporter {
+        exporter.track_llm(name, backend.metrics().clone());
+    }
+    Ok(backend)
+}
+
+/// Loads one resource as [`load_model`] does and, for a BaseModel with
+/// `baseModelServingInfo.adapters`, one more model per adapter, sharing the base's weights and
+/// scheduler (so its sequences batch with the base's and the other adapters'). Blocking.
+pub fn load_model_and_adapters(
+    resource: &ModelResource,
+    options: &LoadOptions,
+    secrets: &SecretLookup,
+    exporter: Option<&ModelMetricsExporter>,
+) -> Result<Vec<LoadedModel>> {
+    let ModelResource::BaseModel(model) = resource else {
+        return Ok(vec![load_model(resource, options, secrets, exporter)?]);
+    };
+    let name = resource.name().unwrap_or_default().to_string();
+    let base = load_base_model(&name, model, options, secrets, exporter)?;
+    let info = &model.spec.base_model_serving_info;
+    let mut loaded = vec![LoadedModel { name: name.clone(), backend: base.clone() }];
+    for (index, spec) in info.adapters.iter().flatten().enumerate() {
+        let field = format!("spec.baseModelServingInfo.adapters[{index}]");
+        let llm_error = |cause: nstream_llm::Error| ProviderError::Llm {
+            name: name.clone(),
+            cause: Box::new(nstream_llm::Error::InvalidModel {
+                file: format!("{field} ({})", spec.hf_model_id),
+                message: cause.to_string(),
+            }),
+        };
+        let mut source = ModelSource::new(&spec.hf_model_id);
+        if let Some(revision) = &spec.revision {
+            source = source.with_revision(revision);
+        }
+        if let Some(token) = info.token_source() {
+            source = source.with_token(SecretToken::new(resolve_secret(&token, secrets)?.expose()));
+        }
+        let adapter = AdapterSource::detect(&Hub::from_env(), &source).map_err(llm_error)?.ok_or_else(|| {
+            llm_error(nstream_llm::Error::Unsupported("it holds no adapter_config.json: not a PEFT adapter".into()))
+        })?;
+        if let Some(recorded) = adapter.base_model()
+            && recorded != info.hf_model_id
+        {
+            tracing::warn!(
+                adapter = %spec.name,
+                recorded_base = recorded,
+                served_base = %info.hf_model_id,
+                "the adapter names another base model; it is loaded because its matrices fit this base"
+            );
+        }
+        let lora = adapter.read().and_then(|read| base.lora_adapter(spec.name.clone(), &read)).map_err(llm_error)?;
+        tracing::info!(adapter = %spec.name, base = %name, rank = lora.rank(), "serving a LoRA adapter");
+        loaded.push(LoadedModel {
+            name: spec.name.clone(),
+            backend: base.with_adapter(spec.name.clone(), lora, Some(name.clone())).with_root(&spec.hf_model_id),
+        });
+    }
+    Ok(loaded)
 }
 
 /// Loads an embedding model straight from a hub repository id (`org/name`), for the CLI's

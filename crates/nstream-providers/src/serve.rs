@@ -11,7 +11,7 @@ use nstream_server::{ApiKey, AppState, Metrics, ModelRegistry, ServerConfig};
 
 use crate::error::{ProviderError, Result};
 use crate::knowledge::{default_data_dir, vector_store_service};
-use crate::load::{LoadOptions, LoadedModel, load_model};
+use crate::load::{LoadOptions, LoadedModel, load_model_and_adapters};
 use crate::metrics::ModelMetricsExporter;
 use crate::secrets::SecretLookup;
 
@@ -78,13 +78,18 @@ pub fn load_models(
     let exporter = ModelMetricsExporter::register(metrics);
     let mut models = Vec::new();
     let models_only =
-        |resource: &&nstream_core::ModelResource| !matches!(resource, nstream_core::ModelResource::KnowledgeBase(_));
+        |resource: &&nstream_core::ModelResource| !matches!(
+        resource,
+        nstream_core::ModelResource::KnowledgeBase(_) | nstream_core::ModelResource::Distillation(_)
+    );
     for resource in documents.iter().filter_map(LoadedDocument::valid_resource).filter(models_only) {
         tracing::info!(kind = resource.kind(), name = resource.name(), "loading");
         let started = std::time::Instant::now();
-        let model = load_model(resource, options, secrets, Some(&exporter))?;
-        tracing::info!(name = %model.name, seconds = started.elapsed().as_secs_f64(), "loaded");
-        models.push(model);
+        let loaded = load_model_and_adapters(resource, options, secrets, Some(&exporter))?;
+        for model in loaded {
+            tracing::info!(name = %model.name, seconds = started.elapsed().as_secs_f64(), "loaded");
+            models.push(model);
+        }
     }
     Ok(models)
 }

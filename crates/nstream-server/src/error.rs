@@ -98,6 +98,11 @@ impl ApiError {
         .with_code("method_not_allowed")
     }
 
+    /// 409 for a request that conflicts with the server's state (unloading an adapter in use).
+    pub fn conflict(message: impl Into<String>, param: &str) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", message).with_param(param).with_code("conflict")
+    }
+
     /// 401 for a missing or wrong bearer key.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message).with_code("invalid_api_key")

@@ -34,6 +34,7 @@
 //! - A panic in a handler becomes a 500 JSON error rather than a dropped connection.
 //! - No CORS layer: browsers cannot call the API cross-origin unless a proxy in front allows it.
 
+mod adapters;
 mod config;
 mod error;
 mod extract;
@@ -70,6 +71,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::list_models))
+        .route("/v1/load_lora_adapter", post(adapters::load))
+        .route("/v1/unload_lora_adapter", post(adapters::unload))
         .route("/v1/models/{*id}", get(routes::get_model))
         .merge(vector_stores::routes())
         // `route_layer`: only matched routes need a key, so unknown paths still answer 404.

@@ -37,7 +37,7 @@ fn labelled(model: Option<String>, result: Result<Response, ApiError>) -> Respon
 }
 
 fn find_model(state: &AppState, name: &str) -> Result<Arc<dyn ModelBackend>, ApiError> {
-    state.models().get(name).cloned().ok_or_else(|| ApiError::model_not_found(name))
+    state.models().get(name).ok_or_else(|| ApiError::model_not_found(name))
 }
 
 /// `POST /v1/embeddings`.
@@ -262,6 +262,11 @@ struct WireModel {
     object: &'static str,
     created: u64,
     owned_by: String,
+    /// vLLM's fields for LoRA adapters: the base's id and the adapter's path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    root: Option<String>,
     nstream: WireModelDetails,
 }
 
@@ -281,6 +286,8 @@ fn wire_model(name: &str, description: ModelDescription) -> WireModel {
         object: "model",
         created: description.created,
         owned_by: description.owned_by,
+        parent: description.parent,
+        root: description.root,
         nstream: WireModelDetails {
             kind: description.kind,
             capabilities: description.capabilities.into_iter().collect(),
@@ -293,7 +300,7 @@ fn wire_model(name: &str, description: ModelDescription) -> WireModel {
 /// `GET /v1/models`.
 pub(crate) async fn list_models(State(state): State<AppState>) -> Response {
     let data: Vec<WireModel> =
-        state.models().iter().map(|(name, backend)| wire_model(name, backend.describe())).collect();
+        state.models().iter().map(|(name, backend)| wire_model(&name, backend.describe())).collect();
     Json(serde_json::json!({ "object": "list", "data": data })).into_response()
 }
 

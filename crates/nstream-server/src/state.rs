@@ -1,7 +1,7 @@
 //! Shared state of the router: the models, the settings and the metrics.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use nstream_backend::{ModelBackend, VectorStoreBackend};
 
@@ -29,15 +29,16 @@ impl From<std::io::Error> for ServerError {
     }
 }
 
-/// The served models, by the name clients put in `model`.
+/// The served models, by the name clients put in `model`. Clones share the same models: LoRA
+/// adapters are added and removed at run time (`/v1/load_lora_adapter`).
 #[derive(Clone, Default)]
 pub struct ModelRegistry {
-    models: BTreeMap<String, Arc<dyn ModelBackend>>,
+    models: Arc<RwLock<BTreeMap<String, Arc<dyn ModelBackend>>>>,
 }
 
 impl std::fmt::Debug for ModelRegistry {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("ModelRegistry").field("models", &self.models.keys().collect::<Vec<_>>()).finish()
+        formatter.debug_struct("ModelRegistry").field("models", &self.read().keys().collect::<Vec<_>>()).finish()
     }
 }
 
@@ -45,6 +46,16 @@ impl ModelRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The map, read-locked; a panic while it was held left nothing half-written (every write is
+    /// one insert or remove), so a poisoned lock is taken as is.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<dyn ModelBackend>>> {
+        self.models.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<dyn ModelBackend>>> {
+        self.models.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Registers a backend under its own id ([`nstream_backend::ModelDescription::id`]).
@@ -55,15 +66,35 @@ impl ModelRegistry {
 
     /// Registers a backend under `name` (for aliases, or when the id is not the public name).
     pub fn register_as(&mut self, name: impl Into<String>, backend: Arc<dyn ModelBackend>) -> Result<(), ServerError> {
-        let name = name.into();
+        self.insert(name.into(), backend)
+    }
+
+    /// Registers a backend while serving (a hot-loaded adapter); refused under a taken name.
+    pub fn insert(&self, name: String, backend: Arc<dyn ModelBackend>) -> Result<(), ServerError> {
         if name.is_empty() {
             return Err(ServerError::EmptyModelName);
         }
-        if self.models.contains_key(&name) {
+        let mut models = self.write();
+        if models.contains_key(&name) {
             return Err(ServerError::DuplicateModel(name));
         }
-        self.models.insert(name, backend);
+        models.insert(name, backend);
         Ok(())
+    }
+
+    /// Stops serving `name` when `keep` refuses nothing: `keep` sees the backend under the write
+    /// lock and returns why it must stay, if it must. Returns the removed backend.
+    pub fn remove_if<E>(
+        &self,
+        name: &str,
+        keep: impl FnOnce(&Arc<dyn ModelBackend>) -> Result<(), E>,
+    ) -> Option<Result<Arc<dyn ModelBackend>, E>> {
+        let mut models = self.write();
+        let backend = models.get(name)?;
+        if let Err(reason) = keep(backend) {
+            return Some(Err(reason));
+        }
+        models.remove(name).map(Ok)
     }
 
     /// Builder form of [`ModelRegistry::register`].
@@ -73,23 +104,24 @@ impl ModelRegistry {
     }
 
     /// The backend serving `name`.
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn ModelBackend>> {
-        self.models.get(name)
+    pub fn get(&self, name: &str) -> Option<Arc<dyn ModelBackend>> {
+        self.read().get(name).cloned()
     }
 
-    /// Every model, by name, in name order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn ModelBackend>)> {
-        self.models.iter().map(|(name, backend)| (name.as_str(), backend))
+    /// Every model, by name, in name order (a snapshot).
+    pub fn iter(&self) -> impl Iterator<Item = (String, Arc<dyn ModelBackend>)> + use<> {
+        let snapshot: Vec<_> = self.read().iter().map(|(name, backend)| (name.clone(), Arc::clone(backend))).collect();
+        snapshot.into_iter()
     }
 
     /// How many models are registered.
     pub fn len(&self) -> usize {
-        self.models.len()
+        self.read().len()
     }
 
     /// Whether no model is registered.
     pub fn is_empty(&self) -> bool {
-        self.models.is_empty()
+        self.read().is_empty()
     }
 }
 

@@ -20,7 +20,7 @@ use nstream_pipeline::eval::{EvalModel, EvalReport, EvalSettings, Judge, Referen
 use nstream_pipeline::{ModelInfo, OpenMode, PriceTable, ProgressMode, TakenLimits, take_over_limits};
 use nstream_providers::{LoadOptions, SecretLookup, load_model};
 use nstream_tune::data::tokenize_messages;
-use nstream_tune::forward::{Batch, TrainModel};
+use nstream_tune::forward::{Batch, LoraSpec, TrainModel};
 
 use super::model_file::pick;
 
@@ -149,19 +149,57 @@ fn load(
     Ok(((name, info, loaded.backend), limits))
 }
 
+/// Loads one model to evaluate in `role`, with the reference answers' loss when `loss` holds
+/// one; also returns the limits a MegaModel handed over.
+pub(crate) fn eval_model(
+    resource: ModelResource,
+    role: Role,
+    timeout: Duration,
+    threads: Option<usize>,
+    loss: Option<Arc<dyn ReferenceLoss>>,
+) -> anyhow::Result<(EvalModel, TakenLimits)> {
+    let ((name, info, backend), limits) = load(resource, timeout, threads)?;
+    let mut model = EvalModel::new(name, backend, info).with_role(role);
+    if let Some(loss) = loss {
+        model = model.with_loss(loss);
+    }
+    Ok((model, limits))
+}
+
 /// The reference answers' loss under a BaseModel: nstream-tune's training forward (the weights
 /// dense in f32, a GGUF dequantised), the model's chat template and tokenizer, loss on the
 /// reference answer's tokens only, as fine-tuning computes it.
-struct TrainingForwardLoss {
+pub(crate) struct TrainingForwardLoss {
     model: TrainModel,
     tokenizer: LlmTokenizer,
     template: ChatTemplate,
 }
 
 impl TrainingForwardLoss {
-    fn load(resource: &ModelResource) -> anyhow::Result<Self> {
+    /// The loss under a BaseModel as it is.
+    pub(crate) fn load(resource: &ModelResource) -> anyhow::Result<Self> {
         let base = super::finetune::load_training_base(resource, &Device::Cpu)?;
         let model = TrainModel::new(base.config, base.weights, None, 0)?;
+        Ok(Self { model, tokenizer: base.tokenizer, template: base.template })
+    }
+
+    /// The loss under a BaseModel with the PEFT LoRA adapter of `adapter_dir` applied (an
+    /// `nstream finetune` output).
+    pub(crate) fn with_adapter(base: &ModelResource, adapter_dir: &Path) -> anyhow::Result<Self> {
+        let adapter = nstream_peft::Adapter::read(adapter_dir)
+            .with_context(|| format!("cannot read the adapter in {}", adapter_dir.display()))?;
+        let config = &adapter.config;
+        let targets = config.modules().map_err(anyhow::Error::msg)?;
+        let spec = LoraSpec { rank: config.r, alpha: config.lora_alpha, dropout: 0.0, rslora: config.use_rslora, targets };
+        let base = super::finetune::load_training_base(base, &Device::Cpu)?;
+        let model = TrainModel::new(base.config, base.weights, Some(spec), 0)?;
+        let tensors = adapter.named_tensors();
+        for (name, variable) in model.trainable() {
+            let tensor = tensors.get(name).with_context(|| format!("the adapter lacks {name}"))?;
+            let (shape, values) = (tensor.shape.clone(), tensor.data.clone());
+            let loaded = candle_core::Tensor::from_vec(values, shape, &Device::Cpu)?;
+            variable.set(&loaded).with_context(|| format!("the adapter's {name} does not fit the model"))?;
+        }
         Ok(Self { model, tokenizer: base.tokenizer, template: base.template })
     }
 }
@@ -218,20 +256,23 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let (mut requests_per_minute, mut tokens_per_minute) = (args.rpm, args.tpm);
     for argument in &args.models {
         let resource = resolve(argument, args.file.as_deref(), "chat model", chat)?;
-        let ((name, info, backend), limits) = load(resource.clone(), timeout, args.threads)?;
-        requests_per_minute = requests_per_minute.or(limits.requests_per_minute);
-        tokens_per_minute = tokens_per_minute.or(limits.tokens_per_minute);
-        let role = if args.base.as_deref() == Some(name.as_str()) {
+        let name = resource.name().unwrap_or_default();
+        let role = if args.base.as_deref() == Some(name) {
             Role::Base
-        } else if args.teacher.as_deref() == Some(name.as_str()) {
+        } else if args.teacher.as_deref() == Some(name) {
             Role::Teacher
         } else {
             Role::Student
         };
-        let mut model = EvalModel::new(name, backend, info).with_role(role);
-        if !args.no_reference_loss && matches!(resource, ModelResource::BaseModel(_)) {
-            model = model.with_loss(Arc::new(TrainingForwardLoss::load(&resource)?));
-        }
+        let loss: Option<Arc<dyn ReferenceLoss>> =
+            if !args.no_reference_loss && matches!(resource, ModelResource::BaseModel(_)) {
+                Some(Arc::new(TrainingForwardLoss::load(&resource)?))
+            } else {
+                None
+            };
+        let (model, limits) = eval_model(resource, role, timeout, args.threads, loss)?;
+        requests_per_minute = requests_per_minute.or(limits.requests_per_minute);
+        tokens_per_minute = tokens_per_minute.or(limits.tokens_per_minute);
         models.push(model);
     }
     for (flag, wanted) in

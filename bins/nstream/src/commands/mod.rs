@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod check;
 pub mod crds;
+pub mod distill;
 pub mod embed;
 pub mod eval;
 pub mod finetune;

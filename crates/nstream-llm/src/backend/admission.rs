@@ -107,6 +107,7 @@ impl LlmBackend {
                     stop: generation.stop.clone(),
                     ignore_eos: generation.ignore_eos,
                     events: sender.clone(),
+                    adapter: self.adapter.clone(),
                 });
             }
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file;
 use nstream_hub::{Hub, ModelSource, WeightFormat};
 
+use super::adapters::{AdapterSource, is_local_path, local_path};
 use super::device::thread_pool;
 use super::files::end_ids;
 use super::{LlmBackend, LlmInfo, LlmOptions, SafetensorsFiles};
@@ -25,12 +26,41 @@ impl LlmBackend {
     }
 
     /// As [`LlmBackend::load`], with an explicit hub.
+    ///
+    /// `source.repo_id` may also be a local path (absolute, `./`, `../`, `~/`, or an existing
+    /// directory): a checkpoint folder, a folder holding one `.gguf` (or the one `source.file`
+    /// names), or a `.gguf` file. When it names a PEFT LoRA adapter (a folder or a hub repository
+    /// with `adapter_config.json`), its base is loaded ([`AdapterSource::base_source`]: the GGUF
+    /// file recorded with the adapter unless `source.file` names one) and every sequence runs
+    /// with the adapter, applied at run time.
     pub fn load_with(
         name: impl Into<String>,
         hub: &Hub,
         source: &ModelSource,
         options: LlmOptions,
     ) -> Result<Arc<Self>> {
+        let name = name.into();
+        let Some(adapter) = AdapterSource::detect(hub, source)? else {
+            return Ok(Self::load_base(name, hub, source, options)?.with_root(&source.repo_id));
+        };
+        let base_source = adapter.base_source(source.file.as_deref(), source.token.clone())?;
+        if AdapterSource::detect(hub, &base_source)?.is_some() {
+            return Err(Error::Unsupported(format!(
+                "the base of adapter {} ({}) is itself an adapter",
+                source.repo_id, base_source.repo_id
+            )));
+        }
+        tracing::info!(model = %name, adapter = %adapter.folder.display(), base = %base_source.repo_id, file = ?base_source.file, "loading a LoRA adapter over its base");
+        let base = Self::load_base(name.clone(), hub, &base_source, options)?;
+        let lora = base.lora_adapter(name.clone(), &adapter.read()?)?;
+        Ok(base.with_adapter(name, lora, None).with_root(&source.repo_id))
+    }
+
+    /// Loads a model that is not an adapter: through the hub, or from a local path.
+    fn load_base(name: String, hub: &Hub, source: &ModelSource, options: LlmOptions) -> Result<Arc<Self>> {
+        if is_local_path(&source.repo_id) {
+            return Self::from_local_path(name, &local_path(&source.repo_id), source.file.as_deref(), options);
+        }
         let resolved = hub.resolve_model(source)?;
         match (&resolved.format, resolved.weights.first()) {
             (WeightFormat::Gguf { .. }, Some(path)) => Self::from_gguf_file(name, path, options),
@@ -41,6 +71,42 @@ impl LlmBackend {
                 "{}: no loadable weights (found {format:?}); expected safetensors or a .gguf file",
                 resolved.repo_id
             ))),
+        }
+    }
+
+    /// Loads a local `.gguf` file, or a folder: the GGUF `file` names (or its only `.gguf`), else
+    /// a Hugging Face checkpoint.
+    pub fn from_local_path(name: String, path: &Path, file: Option<&str>, options: LlmOptions) -> Result<Arc<Self>> {
+        if path.is_file() {
+            return Self::from_gguf_file(name, path, options);
+        }
+        if !path.is_dir() {
+            return Err(Error::InvalidModel {
+                file: path.display().to_string(),
+                message: "no such file or directory".into(),
+            });
+        }
+        if let Some(file) = file {
+            return Self::from_gguf_file(name, &path.join(file), options);
+        }
+        if path.join("config.json").is_file() {
+            return Self::from_safetensors_dir(name, path, options);
+        }
+        let ggufs: Vec<_> = std::fs::read_dir(path)
+            .map_err(|cause| Error::Io { path: path.display().to_string(), cause })?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|entry| entry.extension().is_some_and(|extension| extension == "gguf"))
+            .collect();
+        match ggufs.as_slice() {
+            [only] => Self::from_gguf_file(name, only, options),
+            _ => Err(Error::InvalidModel {
+                file: path.display().to_string(),
+                message: format!(
+                    "holds no config.json and {} .gguf files (expected a checkpoint folder or one .gguf; name one \
+                     with modelFile)",
+                    ggufs.len()
+                ),
+            }),
         }
     }
 

@@ -6,6 +6,7 @@
 //! `admission` (checking and queueing requests), `streaming` (events to chunks) and `service`
 //! (the [`ModelBackend`] implementation).
 
+mod adapters;
 mod admission;
 mod device;
 mod files;
@@ -20,12 +21,13 @@ use nstream_backend::chat::ChatMessage;
 use nstream_backend::unix_timestamp;
 use tokio::sync::mpsc;
 
+pub use adapters::AdapterSource;
 pub use device::DeviceSpec;
 pub use files::{SafetensorsFiles, end_ids};
 pub use options::{CUDA_PREFILL_CHUNK_TOKENS, LlmInfo, LlmOptions};
 
 use crate::error::Result;
-use crate::model::LlamaModel;
+use crate::model::{LlamaModel, LoraAdapter};
 use crate::scheduler::{Job, LlmMetrics, Scheduler, SchedulerLimits};
 use crate::template::ChatTemplate;
 use crate::tokenizer::LlmTokenizer;
@@ -36,19 +38,36 @@ use crate::tokenizer::LlmTokenizer;
 /// answered through per-request event channels; dropping a stream (or the future of a
 /// non-streamed call) cancels its sequences at the next step. Dropping the backend stops the
 /// thread once running sequences are done.
+///
+/// A backend may run every sequence with a LoRA adapter ([`LlmBackend::with_adapter`]): such a
+/// backend shares the base's model and scheduler thread, so sequences of several adapters and of
+/// the bare base decode in one batch.
 pub struct LlmBackend {
     name: String,
     sender: mpsc::Sender<Job>,
     tokenizer: Arc<LlmTokenizer>,
-    template: ChatTemplate,
+    template: Arc<ChatTemplate>,
     info: LlmInfo,
     metrics: Arc<LlmMetrics>,
     created: u64,
+    /// The weights, shared with the scheduler thread (adapters are laid out against them).
+    model: Arc<LlamaModel>,
+    /// The adapter every sequence of this backend runs with.
+    adapter: Option<Arc<LoraAdapter>>,
+    /// The served model this one adapts (`/v1/models`' `parent`).
+    parent: Option<String>,
+    /// Where the weights (or the adapter) came from (`/v1/models`' `root`).
+    root: Option<String>,
 }
 
 impl std::fmt::Debug for LlmBackend {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("LlmBackend").field("name", &self.name).field("info", &self.info).finish()
+        formatter
+            .debug_struct("LlmBackend")
+            .field("name", &self.name)
+            .field("info", &self.info)
+            .field("adapter", &self.adapter)
+            .finish()
     }
 }
 
@@ -69,7 +88,9 @@ impl LlmBackend {
             max_running_sequences: options.max_running_sequences.max(1),
             prefill_chunk_tokens: options.prefill_chunk_tokens.max(1),
         };
-        let scheduler = Scheduler::new(model, Arc::clone(&tokenizer), receiver, limits, Arc::clone(&metrics));
+        let model = Arc::new(model);
+        let scheduler =
+            Scheduler::new(Arc::clone(&model), Arc::clone(&tokenizer), receiver, limits, Arc::clone(&metrics));
         let spawned = std::thread::Builder::new().name(format!("llm-{name}")).spawn(move || match pool {
             Some(pool) => pool.install(|| scheduler.run()),
             None => scheduler.run(),
@@ -78,7 +99,88 @@ impl LlmBackend {
             // The receiver was dropped with the closure: every request gets `SchedulerStopped`.
             tracing::error!(%error, model = %name, "cannot start the generation scheduler thread");
         }
-        Arc::new(Self { name, sender, tokenizer, template, info, metrics, created: unix_timestamp() })
+        Arc::new(Self {
+            name,
+            sender,
+            tokenizer,
+            template: Arc::new(template),
+            info,
+            metrics,
+            created: unix_timestamp(),
+            model,
+            adapter: None,
+            parent: None,
+            root: None,
+        })
+    }
+
+    /// A backend serving this one's model with `adapter` on every sequence, under `name`, on the
+    /// same scheduler thread (and so in the same batches); `parent` is the served model it
+    /// adapts, if that is served too.
+    pub fn with_adapter(
+        &self,
+        name: impl Into<String>,
+        adapter: Arc<LoraAdapter>,
+        parent: Option<String>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.into(),
+            sender: self.sender.clone(),
+            tokenizer: Arc::clone(&self.tokenizer),
+            template: Arc::clone(&self.template),
+            info: self.info.clone(),
+            metrics: Arc::clone(&self.metrics),
+            created: unix_timestamp(),
+            model: Arc::clone(&self.model),
+            adapter: Some(adapter),
+            parent,
+            root: None,
+        })
+    }
+
+    /// Records where the model came from (a repository id or a path), shown as `root` in
+    /// `/v1/models`; only before the backend is shared.
+    pub fn with_root(mut self: Arc<Self>, root: impl Into<String>) -> Arc<Self> {
+        if let Some(backend) = Arc::get_mut(&mut self) {
+            backend.root = Some(root.into());
+        }
+        self
+    }
+
+    /// Lays out a PEFT adapter for this backend's model (refused when its shapes do not fit).
+    pub fn lora_adapter(&self, name: impl Into<String>, adapter: &nstream_peft::Adapter) -> Result<Arc<LoraAdapter>> {
+        Ok(Arc::new(LoraAdapter::new(name, adapter, &self.model)?))
+    }
+
+    /// Reads the PEFT adapter at `path` (a local folder or a hub repository, resolved through
+    /// the hub of the environment) and serves it over this backend's model as `name`, with this
+    /// backend as its parent. Blocking.
+    pub fn serve_adapter(&self, name: &str, path: &str) -> Result<Arc<Self>> {
+        let source = nstream_hub::ModelSource::new(path);
+        let adapter = adapters::AdapterSource::detect(&nstream_hub::Hub::from_env(), &source)?.ok_or_else(|| {
+            crate::Error::invalid_param("lora_path", format!("{path} holds no adapter_config.json: not a PEFT adapter"))
+        })?;
+        if let Some(recorded) = adapter.base_model() {
+            tracing::info!(adapter = name, recorded_base = recorded, base = %self.name, "loading a LoRA adapter");
+        }
+        let lora = self.lora_adapter(name.to_owned(), &adapter.read()?)?;
+        Ok(self.with_adapter(name.to_owned(), lora, Some(self.name.clone())).with_root(path))
+    }
+
+    /// The adapter every sequence of this backend runs with, if any.
+    pub fn adapter(&self) -> Option<&Arc<LoraAdapter>> {
+        self.adapter.as_ref()
+    }
+
+    /// The served model this one adapts, if any.
+    pub fn parent(&self) -> Option<&str> {
+        self.parent.as_deref()
+    }
+
+    /// Sequences queued or running with this backend's adapter (0 without one).
+    pub fn adapter_sequences(&self) -> usize {
+        // Every queued or running sequence holds one reference; this backend holds one.
+        self.adapter.as_ref().map_or(0, |adapter| Arc::strong_count(adapter).saturating_sub(1))
     }
 
     /// The name the model is served under.

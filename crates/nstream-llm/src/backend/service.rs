@@ -50,9 +50,34 @@ impl From<Error> for BackendError {
 #[async_trait]
 impl ModelBackend for LlmBackend {
     fn describe(&self) -> ModelDescription {
-        ModelDescription::chat(&self.name)
+        let description = ModelDescription::chat(&self.name)
             .with_context_length(u32::try_from(self.info.context_length).unwrap_or(u32::MAX))
-            .with_created(self.created)
+            .with_created(self.created);
+        let description = match &self.root {
+            Some(root) => description.with_root(root),
+            None => description,
+        };
+        match &self.parent {
+            Some(parent) => description.with_parent(parent),
+            None => description,
+        }
+    }
+
+    fn load_adapter(&self, name: &str, path: &str) -> nstream_backend::Result<std::sync::Arc<dyn ModelBackend>> {
+        // Whatever is wrong with the adapter (missing file, another base, another rank) is the
+        // client's `lora_path`, not a server fault.
+        let backend: std::sync::Arc<dyn ModelBackend> =
+            self.serve_adapter(name, path).map_err(|error| match error {
+                Error::InvalidRequest { message, param } => BackendError::InvalidRequest { message, param },
+                other => BackendError::invalid_param("lora_path", other.to_string()),
+            })?;
+        Ok(backend)
+    }
+
+    fn adapter_sequences(&self) -> Option<usize> {
+        // Only an adapter served over a parent can be unloaded; a BaseModel whose hfModelId is an
+        // adapter is a model of its own.
+        self.parent.as_ref().map(|_| LlmBackend::adapter_sequences(self))
     }
 
     async fn health(&self) -> Health {

@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 use super::LlamaModel;
 use super::attention::{DecodeBatch, attend, causal_mask};
 use super::kv_pool::{KvPool, lock};
+use super::lora::{Group, StepLora};
 use super::weights::{Layer, Projections};
 use crate::cpu::{SplitRope, SwiGlu};
 use crate::error::{Error, Result};
@@ -43,6 +44,8 @@ pub(super) struct Step {
     pub(super) prefill_masks: Vec<Tensor>,
     /// The pool's capacity per slot during this step.
     pub(super) capacity: usize,
+    /// The LoRA adapters of the step's sequences and their rows.
+    lora: StepLora,
 }
 
 impl LlamaModel {
@@ -121,6 +124,12 @@ impl LlamaModel {
         let cos = self.cos.index_select(&position_ids, 0)?.reshape((rows, 1, half))?;
         let sin = self.sin.index_select(&position_ids, 0)?.reshape((rows, 1, half))?;
         let (cos_rows, sin_rows) = (cos.reshape((rows, half))?, sin.reshape((rows, half))?);
+        let adapters: Vec<_> = inputs.iter().map(|input| input.cache.adapter.as_ref()).collect();
+        let lengths: Vec<usize> = inputs.iter().map(|input| input.tokens.len()).collect();
+        let lora = match adapters.iter().any(Option::is_some) {
+            true => StepLora::new(&adapters, &lengths, &self.device)?,
+            false => StepLora::default(),
+        };
         Ok(Step {
             rows,
             cos,
@@ -132,6 +141,7 @@ impl LlamaModel {
             decode_writes,
             prefill_masks,
             capacity: pool.capacity,
+            lora,
         })
     }
 
@@ -167,26 +177,35 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         let config = &self.config;
         let normed = candle_nn::ops::rms_norm(&hidden, &layer.attention_norm, config.rms_norm_eps as f32)?;
-        let (queries, keys, values) = self.attention_qkv(layer, &normed, step)?;
+        let (queries, keys, values) = self.attention_qkv(layer, layer_index, &normed, step)?;
         let pool_keys = &pool.keys[layer_index];
         let pool_values = &pool.values[layer_index];
         let values = values.reshape((step.rows, config.kv_heads, config.head_dim))?;
         self.store_kv(pool, (pool_keys, pool_values), (&keys, &values), inputs, step)?;
         let attended = attend(&queries, pool_keys, pool_values, inputs, step, config)?;
-        let hidden = (layer.attention_output.forward(&attended)? + &hidden)?;
-        self.mlp(layer, hidden, step)
+        let output = layer.attention_output.forward(&attended)?;
+        let output = self.lora(output, &attended, layer_index, Group::Output, step)?;
+        let hidden = (output + &hidden)?;
+        self.mlp(layer, layer_index, hidden, step)
     }
 
     /// Queries `(rows, heads, head_dim)` and keys `(rows, kv_heads, head_dim)` with RoPE applied,
     /// and values `(rows, kv_heads * head_dim)`.
-    fn attention_qkv(&self, layer: &Layer, normed: &Tensor, step: &Step) -> Result<(Tensor, Tensor, Tensor)> {
+    fn attention_qkv(
+        &self,
+        layer: &Layer,
+        layer_index: usize,
+        normed: &Tensor,
+        step: &Step,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let config = &self.config;
         let (rows, head_dim) = (step.rows, config.head_dim);
         Ok(match &layer.attention_qkv {
             Projections::Fused { linear, widths } if step.fused_cpu_ops && widths.len() == 3 => {
                 let split =
                     SplitRope { widths: [widths[0], widths[1], widths[2]], head_dim, neox: config.rope_is_neox };
-                let [queries, keys, values] = split.apply(&linear.forward(normed)?, &step.cos_rows, &step.sin_rows)?;
+                let projected = self.lora(linear.forward(normed)?, normed, layer_index, Group::Qkv, step)?;
+                let [queries, keys, values] = split.apply(&projected, &step.cos_rows, &step.sin_rows)?;
                 (
                     queries.reshape((rows, config.heads, head_dim))?,
                     keys.reshape((rows, config.kv_heads, head_dim))?,
@@ -194,9 +213,9 @@ impl LlamaModel {
                 )
             }
             _ => {
-                let [queries, keys, values]: [Tensor; 3] = layer
-                    .attention_qkv
-                    .forward(normed)?
+                let parts = layer.attention_qkv.forward(normed)?;
+                let [queries, keys, values]: [Tensor; 3] = self
+                    .lora_parts(parts, normed, layer_index, Group::Qkv, step)?
                     .try_into()
                     .map_err(|_| Error::Inference("q/k/v projections are not three".into()))?;
                 (
@@ -251,24 +270,60 @@ impl LlamaModel {
     }
 
     /// The MLP with its residual: SwiGLU over the gate and up projections, then down.
-    fn mlp(&self, layer: &Layer, hidden: Tensor, step: &Step) -> Result<Tensor> {
+    fn mlp(&self, layer: &Layer, layer_index: usize, hidden: Tensor, step: &Step) -> Result<Tensor> {
         let normed = candle_nn::ops::rms_norm(&hidden, &layer.ffn_norm, self.config.rms_norm_eps as f32)?;
         let activated = match &layer.ffn_gate_up {
             Projections::Fused { linear, widths }
                 if step.fused_cpu_ops && widths.len() == 2 && widths[0] == widths[1] =>
             {
-                linear.forward(&normed)?.apply_op1_no_bwd(&SwiGlu)?
+                self.lora(linear.forward(&normed)?, &normed, layer_index, Group::GateUp, step)?
+                    .apply_op1_no_bwd(&SwiGlu)?
             }
             _ => {
-                let [gate, up]: [Tensor; 2] = layer
-                    .ffn_gate_up
-                    .forward(&normed)?
+                let parts = layer.ffn_gate_up.forward(&normed)?;
+                let [gate, up]: [Tensor; 2] = self
+                    .lora_parts(parts, &normed, layer_index, Group::GateUp, step)?
                     .try_into()
                     .map_err(|_| Error::Inference("gate/up projections are not two".into()))?;
                 (candle_nn::ops::silu(&gate)? * up)?
             }
         };
-        Ok((layer.ffn_down.forward(&activated)? + &hidden)?)
+        let output = self.lora(layer.ffn_down.forward(&activated)?, &activated, layer_index, Group::Down, step)?;
+        Ok((output + &hidden)?)
+    }
+
+    /// `output` plus the update of the step's LoRA adapters (unchanged when there is none).
+    fn lora(&self, output: Tensor, input: &Tensor, layer_index: usize, group: Group, step: &Step) -> Result<Tensor> {
+        match step.lora.is_empty() {
+            true => Ok(output),
+            false => step.lora.apply(output, input, layer_index, group),
+        }
+    }
+
+    /// [`LlamaModel::lora`] for projections computed separately: their outputs side by side get
+    /// the group's update, then are split again.
+    fn lora_parts(
+        &self,
+        parts: Vec<Tensor>,
+        input: &Tensor,
+        layer_index: usize,
+        group: Group,
+        step: &Step,
+    ) -> Result<Vec<Tensor>> {
+        if step.lora.is_empty() {
+            return Ok(parts);
+        }
+        let widths: Vec<usize> = parts.iter().map(|part| part.dim(1)).collect::<candle_core::Result<_>>()?;
+        let joined = step.lora.apply(Tensor::cat(&parts, 1)?, input, layer_index, group)?;
+        let mut start = 0;
+        widths
+            .into_iter()
+            .map(|width| {
+                let part = joined.narrow(1, start, width)?;
+                start += width;
+                Ok(part)
+            })
+            .collect()
     }
 
     /// Advances every cache past its tokens and returns the logits after each input's last

@@ -69,6 +69,10 @@ impl LlamaModel {
                 None => Weight::quantised(embeddings_q)?,
             }
         };
+        let intermediate =
+            content.tensor_infos.get("blk.0.ffn_gate.weight").map(|info| info.shape.dims()[0]).ok_or_else(|| {
+                Error::InvalidModel { file: "gguf".into(), message: "tensor `blk.0.ffn_gate.weight` is missing".into() }
+            })?;
         let mut layers = Vec::with_capacity(config.layers);
         for index in 0..config.layers {
             let name = |part: &str| format!("blk.{index}.{part}.weight");
@@ -107,7 +111,7 @@ impl LlamaModel {
             });
         }
         let (cos, sin) = precompute_rope(&config, device, DType::F32)?;
-        Ok(Self::assemble(config, embeddings, layers, norm, output, (cos, sin), device, DType::F32))
+        Ok(Self::assemble(config, intermediate, embeddings, layers, norm, output, (cos, sin), device, DType::F32))
     }
 }
 

@@ -122,12 +122,14 @@ impl KvPool {
 }
 
 /// One sequence's claim on the model's K/V memory: a slot of the pool, its length (the position
-/// of its next token) and its limit. Dropping it frees the slot.
+/// of its next token), its limit and the LoRA adapter its tokens run with, if any. Dropping it
+/// frees the slot.
 pub struct SequenceCache {
     pub(super) slot: usize,
     pub(super) len: usize,
     pub(super) limit: usize,
     pub(super) pool: std::sync::Arc<std::sync::Mutex<KvPool>>,
+    pub(super) adapter: Option<std::sync::Arc<super::LoraAdapter>>,
 }
 
 impl std::fmt::Debug for SequenceCache {
@@ -137,6 +139,7 @@ impl std::fmt::Debug for SequenceCache {
             .field("slot", &self.slot)
             .field("len", &self.len)
             .field("limit", &self.limit)
+            .field("adapter", &self.adapter.as_ref().map(|adapter| adapter.name()))
             .finish()
     }
 }
@@ -155,6 +158,27 @@ impl SequenceCache {
     /// The most tokens this sequence may ever hold.
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// Runs this sequence's tokens with `adapter` (`None`: the bare base); the adapter must have
+    /// been laid out for the cache's model. Set it before the first token: its K/V rows are the
+    /// adapter's.
+    pub fn set_adapter(&mut self, adapter: Option<std::sync::Arc<super::LoraAdapter>>) -> crate::Result<()> {
+        if let Some(adapter) = &adapter
+            && adapter.model() != std::sync::Arc::as_ptr(&self.pool) as usize
+        {
+            return Err(crate::Error::Inference(format!(
+                "adapter `{}` was laid out for another model",
+                adapter.name()
+            )));
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// The sequence's adapter, if any.
+    pub fn adapter(&self) -> Option<&std::sync::Arc<super::LoraAdapter>> {
+        self.adapter.as_ref()
     }
 }
 

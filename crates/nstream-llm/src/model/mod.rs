@@ -38,6 +38,7 @@ mod config;
 mod forward;
 mod gguf;
 mod kv_pool;
+mod lora;
 mod safetensors;
 mod weights;
 
@@ -47,6 +48,7 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use forward::StepInput;
 pub use gguf::Requantize;
 pub use kv_pool::SequenceCache;
+pub use lora::LoraAdapter;
 
 use crate::error::Result;
 use kv_pool::{KvPool, lock};
@@ -59,6 +61,8 @@ pub const MAX_CONTEXT: usize = 4096;
 /// The weights of a Llama-family model: immutable, shared by every sequence.
 pub struct LlamaModel {
     config: LlamaConfig,
+    /// Width of the MLP's hidden layer (rows of `gate_proj`), for checking adapters.
+    intermediate_size: usize,
     embeddings: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -112,10 +116,21 @@ impl LlamaModel {
         self.dtype
     }
 
+    /// Width of the MLP's hidden layer.
+    pub fn intermediate_size(&self) -> usize {
+        self.intermediate_size
+    }
+
+    /// Identifies this model (its K/V pool) for caches and adapters laid out for it.
+    fn identity(&self) -> usize {
+        std::sync::Arc::as_ptr(&self.pool) as usize
+    }
+
     /// The model from its loaded parts, with an empty K/V pool.
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         config: LlamaConfig,
+        intermediate_size: usize,
         embeddings: Tensor,
         layers: Vec<Layer>,
         norm: Tensor,
@@ -127,6 +142,7 @@ impl LlamaModel {
         let pool = std::sync::Arc::new(std::sync::Mutex::new(KvPool::new(&config, dtype, device)));
         Self {
             config,
+            intermediate_size,
             embeddings,
             layers,
             norm,
@@ -153,7 +169,7 @@ impl LlamaModel {
     pub fn new_cache(&self, initial: usize, limit: usize) -> Result<SequenceCache> {
         let limit = limit.min(self.config.context_length).max(1);
         let slot = lock(&self.pool).acquire(initial.clamp(1, limit))?;
-        Ok(SequenceCache { slot, len: 0, limit, pool: std::sync::Arc::clone(&self.pool) })
+        Ok(SequenceCache { slot, len: 0, limit, pool: std::sync::Arc::clone(&self.pool), adapter: None })
     }
 }
 

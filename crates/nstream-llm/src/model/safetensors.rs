@@ -165,6 +165,6 @@ impl LlamaModel {
             tracing::warn!(count = unused.len(), %example, "checkpoint tensors not used by the Llama layout");
         }
         let (cos, sin) = precompute_rope(&config, device, dtype)?;
-        Ok(Self::assemble(config, embeddings, layers, norm, output, (cos, sin), device, dtype))
+        Ok(Self::assemble(config, intermediate, embeddings, layers, norm, output, (cos, sin), device, dtype))
     }
 }

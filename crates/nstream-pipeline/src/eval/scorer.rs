@@ -94,7 +94,8 @@ impl Scorer {
         match self {
             Self::Exact => vec!["exact".into()],
             Self::Contains => vec!["contains".into()],
-            Self::Json { .. } => vec!["json_valid".into(), "json_exact".into(), "json_fields".into(), "json_f1".into()],
+            // The whole answer right first: the headline of a json scorer (validity alone says little).
+            Self::Json { .. } => vec!["json_exact".into(), "json_fields".into(), "json_f1".into(), "json_valid".into()],
             Self::Regex { .. } => vec!["regex".into()],
             Self::Choice { .. } => vec!["choice".into()],
             Self::Judge { model } => vec![format!("judge:{model}")],

@@ -1,0 +1,650 @@
+//! `nstream distill -f FILE`: a Distillation from one file. The teacher answers the task's inputs
+//! (`generate`, exactly once), the answers are split into training and held-out parts, the student
+//! is fine-tuned on the first (`finetune`, from its checkpoints), and the base, the student and the
+//! teacher are scored on the second (`eval`). Each stage resumes where a killed run stopped; the
+//! run ends by writing the student's BaseModel YAML and a report (see docs/distill.md).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use nstream_core::{
+    BaseModel, Distillation, DistillationSpec, FineTuningMethod, LoadedDocument, ModelResource,
+};
+use nstream_pipeline::eval::{EvalReport, EvalSettings, ReferenceLoss, Role, Scorer, evaluate};
+use nstream_pipeline::{
+    AnswerFormat, ModelInfo, OpenMode, Parameters, PriceTable, ProgressMode, Settings, Stop, take_over_limits,
+};
+use nstream_providers::{LoadOptions, SecretLookup, load_model};
+use serde::{Deserialize, Serialize};
+
+use super::eval::{TrainingForwardLoss, eval_model};
+use super::finetune::{ProgressArg, load_training_base};
+
+/// Arguments of `nstream distill`.
+#[derive(Args, Debug)]
+pub struct DistillArgs {
+    /// The file holding the Distillation, its teacher and its student.
+    #[arg(short = 'f', long = "filename", value_name = "FILE", env = "NSTREAM_MODEL_FILE")]
+    pub file: PathBuf,
+    /// Which Distillation of the file, when it holds several.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Delete the run folder of an earlier run and start again (the teacher is paid again).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Skip the reference answers' loss under the base and the student (it loads a dense f32 copy
+    /// of the student's weights: 4 bytes per parameter).
+    #[arg(long)]
+    pub no_reference_loss: bool,
+    /// CPU threads of the local models [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Limit of one teacher request, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    pub timeout: f64,
+    /// How progress is shown [default: auto: a bar on a terminal, lines otherwise].
+    #[arg(long, value_enum)]
+    pub progress: Option<ProgressArg>,
+    /// How the result is printed on standard output.
+    #[arg(short = 'o', long = "output-format", value_enum, default_value_t = OutputFormat::Text)]
+    pub output_format: OutputFormat,
+}
+
+/// How `nstream distill` prints its result.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Lines for people.
+    Text,
+    /// The report as JSON.
+    Json,
+}
+
+/// The four stages, in order.
+const STAGES: [&str; 4] = ["generate", "split", "finetune", "eval"];
+
+/// What a run folder remembers between runs: the spec it was started with and each stage's
+/// progress (`distill-state.json`).
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct State {
+    /// The Distillation's spec when the run started: a changed spec is refused, not mixed in.
+    spec: Option<serde_json::Value>,
+    /// Per stage: done or not, and the seconds spent over every run.
+    stages: std::collections::BTreeMap<String, StageState>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+struct StageState {
+    done: bool,
+    seconds: f64,
+}
+
+/// The files of one run, under its output folder.
+struct RunFolder {
+    root: PathBuf,
+}
+
+impl RunFolder {
+    fn state(&self) -> PathBuf {
+        self.root.join("distill-state.json")
+    }
+    fn template(&self) -> PathBuf {
+        self.root.join("prompt.j2")
+    }
+    fn schema(&self) -> PathBuf {
+        self.root.join("schema.json")
+    }
+    fn answers(&self) -> PathBuf {
+        self.root.join("generate").join("answers.jsonl")
+    }
+    fn train(&self) -> PathBuf {
+        self.root.join("data").join("train.jsonl")
+    }
+    fn held_out(&self) -> PathBuf {
+        self.root.join("data").join("heldout.jsonl")
+    }
+    fn student(&self) -> PathBuf {
+        self.root.join("student")
+    }
+    fn student_yaml(&self) -> PathBuf {
+        self.root.join("student.yaml")
+    }
+    fn eval(&self) -> PathBuf {
+        self.root.join("eval")
+    }
+    fn report(&self) -> PathBuf {
+        self.root.join("report.md")
+    }
+}
+
+/// Writes `text` to `path` through a temporary file and a rename: a killed run leaves the old
+/// file or the new one, never half of one.
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text).with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+impl State {
+    fn load(path: &Path) -> anyhow::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{} is damaged; pass --overwrite to start again", path.display())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    fn save(&self, path: &Path) -> anyhow::Result<()> {
+        write_atomically(path, &(serde_json::to_string_pretty(self)? + "\n"))
+    }
+
+    fn done(&self, stage: &str) -> bool {
+        self.stages.get(stage).is_some_and(|stage| stage.done)
+    }
+
+    /// Adds the time spent in `stage` by this run and marks it done when `done`.
+    fn record(&mut self, stage: &str, started: Instant, done: bool) {
+        let entry = self.stages.entry(stage.to_owned()).or_default();
+        entry.seconds += started.elapsed().as_secs_f64();
+        entry.done |= done;
+    }
+}
+
+/// The Distillation of the file and the resources it names.
+struct Plan {
+    name: String,
+    spec: DistillationSpec,
+    teacher: ModelResource,
+    student: BaseModel,
+    /// The folder the file lies in: the spec's paths are relative to it.
+    base_dir: PathBuf,
+}
+
+fn plan(args: &DistillArgs) -> anyhow::Result<Plan> {
+    let file = args.file.display().to_string();
+    let documents = nstream_core::load_path(&args.file)?;
+    if let Some(bad) = documents.iter().find(|document| !document.diagnostics.is_empty()) {
+        bail!("{file} is invalid: {} (run `nstream validate -f {file}`)", bad.diagnostics[0]);
+    }
+    let resources: Vec<&ModelResource> = documents.iter().filter_map(LoadedDocument::valid_resource).collect();
+    let distillations: Vec<&Distillation> = resources
+        .iter()
+        .filter_map(|resource| match resource {
+            ModelResource::Distillation(distillation) => Some(distillation),
+            _ => None,
+        })
+        .filter(|distillation| args.name.as_deref().is_none_or(|name| distillation.metadata.name.as_deref() == Some(name)))
+        .collect();
+    let distillation = match distillations.as_slice() {
+        [one] => (*one).clone(),
+        [] => bail!(
+            "{file} holds no Distillation{}",
+            args.name.as_deref().map(|name| format!(" named {name}")).unwrap_or_default()
+        ),
+        many => bail!(
+            "{file} holds several Distillations ({}); pick one with --name",
+            many.iter().filter_map(|distillation| distillation.metadata.name.as_deref()).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let name = distillation.metadata.name.clone().unwrap_or_default();
+    let spec = distillation.spec;
+    let named = |wanted: &str| resources.iter().find(|resource| resource.name() == Some(wanted)).copied();
+    let teacher = match named(&spec.teacher) {
+        Some(resource @ (ModelResource::MegaModel(_) | ModelResource::BaseModel(_))) => resource.clone(),
+        Some(other) => bail!("spec.teacher: {} is a {}, expected a MegaModel or a BaseModel", spec.teacher, other.kind()),
+        None => bail!("spec.teacher: {file} holds no model named {}", spec.teacher),
+    };
+    let student = match named(&spec.student) {
+        Some(ModelResource::BaseModel(model)) => model.clone(),
+        Some(other) => bail!("spec.student: {} is a {}, expected a BaseModel", spec.student, other.kind()),
+        None => bail!("spec.student: {file} holds no BaseModel named {}", spec.student),
+    };
+    let base_dir = args.file.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    Ok(Plan { name, spec, teacher, student, base_dir })
+}
+
+impl Plan {
+    fn relative(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) }
+    }
+
+    fn run_folder(&self) -> RunFolder {
+        let output = self.spec.output.clone().unwrap_or_else(|| format!("runs/{}", self.name));
+        RunFolder { root: self.relative(&output) }
+    }
+
+    fn max_tokens(&self) -> u32 {
+        self.spec.task.max_tokens.unwrap_or(nstream_core::distillation::DEFAULT_MAX_TOKENS)
+    }
+}
+
+fn progress_mode(progress: Option<ProgressArg>) -> ProgressMode {
+    match progress {
+        Some(ProgressArg::Bar) => ProgressMode::Bar,
+        Some(ProgressArg::Lines) => ProgressMode::Lines,
+        Some(ProgressArg::Quiet) => ProgressMode::Quiet,
+        Some(ProgressArg::Auto) | None => ProgressMode::Auto,
+    }
+}
+
+fn announce(stage: &str, what: &str) {
+    let number = STAGES.iter().position(|name| *name == stage).map_or(0, |index| index + 1);
+    eprintln!("distill: stage {number}/{} {stage}: {what}", STAGES.len());
+}
+
+/// Stage 1: the teacher answers every input, through the exactly-once journal.
+fn generate(plan: &Plan, folder: &RunFolder, args: &DistillArgs, timeout: Duration) -> anyhow::Result<()> {
+    let mut teacher = plan.teacher.clone();
+    let label = format!("{}/{}", teacher.kind(), plan.spec.teacher);
+    let taken = take_over_limits(&mut teacher, timeout);
+    let info = ModelInfo::from_resource(&teacher);
+    let mut options = LoadOptions::default();
+    options.llm.threads = args.threads;
+    let loaded = load_model(&teacher, &options, &SecretLookup::from_env(), None)
+        .with_context(|| format!("cannot load the teacher {label}"))?;
+    let task = &plan.spec.task;
+    let generation = plan.spec.generation.clone().unwrap_or_default();
+    let mut settings = Settings::new(plan.relative(&task.dataset), folder.answers());
+    if let Some(template) = &task.prompt_template {
+        write_atomically(&folder.template(), template)?;
+        settings.template = Some((folder.template().display().to_string(), template.clone()));
+    }
+    settings.system = task.system_prompt.clone();
+    settings.parameters =
+        Parameters { temperature: generation.temperature, max_tokens: Some(plan.max_tokens()), ..Parameters::default() };
+    if let Some(schema) = &task.response_schema {
+        settings.format = AnswerFormat::Json;
+        settings.schema = Some(schema.clone());
+    }
+    if let Some(concurrency) = generation.concurrency {
+        settings.concurrency = concurrency as usize;
+    }
+    settings.requests_per_minute = taken.requests_per_minute;
+    settings.tokens_per_minute = taken.tokens_per_minute;
+    if let Some(attempts) = taken.max_attempts {
+        settings.max_attempts = attempts;
+    }
+    settings.request_timeout = timeout;
+    settings.max_cost = generation.max_cost;
+    settings.prices = PriceTable::builtin();
+    // The journal makes a rerun pay for nothing twice; a first run has none to resume.
+    settings.mode = OpenMode::Resume;
+    settings.progress = progress_mode(args.progress);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let summary = runtime.block_on(nstream_pipeline::generate_until(
+        loaded.backend,
+        info,
+        settings,
+        std::future::pending::<()>(),
+    ))?;
+    eprintln!(
+        "distill: generate: {} inputs, {} answered ({} now, {} from earlier runs), {} failed; {} requests",
+        summary.inputs, summary.answered, summary.generated_now, summary.skipped_done, summary.failed, summary.requests
+    );
+    match summary.stop {
+        Stop::Budget => bail!(
+            "generate stopped at generation.maxCost; raise it and run again (the answers so far are kept)"
+        ),
+        Stop::Interrupted => bail!("generate was interrupted; run again to continue"),
+        Stop::Complete if summary.answered == 0 => {
+            bail!("the teacher answered none of the inputs: see {}", summary.files.failures.display())
+        }
+        Stop::Complete => {
+            if summary.failed > 0 {
+                tracing::warn!(
+                    failed = summary.failed,
+                    failures = %summary.files.failures.display(),
+                    "some inputs got no valid answer from the teacher; the distillation goes on without them"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The 64-bit FNV-1a hash: stable across versions and machines, which a split must be.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Whether a record goes to the held-out part: by a hash of its prompt (every message but the
+/// answer), so the same input lands on the same side on every run and every machine.
+fn held_out(record: &serde_json::Value, share: f64) -> bool {
+    let prompt = record
+        .get("messages")
+        .and_then(serde_json::Value::as_array)
+        .map(|messages| {
+            messages
+                .iter()
+                .filter(|message| message.get("role").and_then(serde_json::Value::as_str) != Some("assistant"))
+                .map(|message| message.get("content").map(ToString::to_string).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default();
+    (fnv1a(prompt.as_bytes()) as f64 / u64::MAX as f64) < share
+}
+
+/// Stage 2: the teacher's answers into train.jsonl and heldout.jsonl; returns their sizes.
+fn split(plan: &Plan, folder: &RunFolder) -> anyhow::Result<(usize, usize)> {
+    let answers = folder.answers();
+    let text = std::fs::read_to_string(&answers).with_context(|| format!("cannot read {}", answers.display()))?;
+    let share = plan.spec.held_out();
+    let (mut train, mut held) = (String::new(), String::new());
+    let (mut train_count, mut held_count) = (0, 0);
+    for (index, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
+        let record: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON record", answers.display(), index + 1))?;
+        if held_out(&record, share) {
+            held.push_str(line);
+            held.push('\n');
+            held_count += 1;
+        } else {
+            train.push_str(line);
+            train.push('\n');
+            train_count += 1;
+        }
+    }
+    if train_count == 0 || held_count == 0 {
+        bail!(
+            "split.heldOut {share} leaves {train_count} answers to train on and {held_count} to evaluate on: both need at least one (more inputs, or another share)"
+        );
+    }
+    write_atomically(&folder.train(), &train)?;
+    write_atomically(&folder.held_out(), &held)?;
+    Ok((train_count, held_count))
+}
+
+/// Stage 3: the student fine-tuned on train.jsonl, resumed from its last checkpoint.
+fn finetune(plan: &Plan, folder: &RunFolder, args: &DistillArgs) -> anyhow::Result<()> {
+    let output = folder.student();
+    let checkpoint = output.join(nstream_tune::train::CHECKPOINT_FILE);
+    let resume = checkpoint.is_file();
+    if !resume && output.exists() {
+        // Killed before its first checkpoint: nothing of it can be continued.
+        std::fs::remove_dir_all(&output).with_context(|| format!("cannot clear {}", output.display()))?;
+    }
+    let tuning = plan.spec.fine_tuning.clone().unwrap_or_default();
+    let mut settings = nstream_tune::Settings::new(folder.train(), &output);
+    settings.method = match tuning.method.unwrap_or_default() {
+        FineTuningMethod::Lora => nstream_tune::Method::Lora,
+        FineTuningMethod::Full => nstream_tune::Method::Full,
+    };
+    macro_rules! set {
+        ($($field:ident),*) => { $( if let Some(value) = tuning.$field { settings.$field = value as _; } )* };
+    }
+    set!(rank, epochs, batch_size, gradient_accumulation, max_seq_len, seed);
+    set!(alpha, dropout, learning_rate);
+    if let Some(warmup) = tuning.warmup_steps {
+        settings.warmup = warmup as usize;
+    }
+    settings.max_steps = tuning.max_steps.map(|steps| steps as usize);
+    settings.save_every = tuning.save_every.unwrap_or(nstream_core::distillation::DEFAULT_SAVE_EVERY) as usize;
+    if !tuning.target_modules.is_empty() {
+        settings.target_modules = tuning.target_modules.clone();
+    }
+    if let Some(share) = plan.spec.split.as_ref().and_then(|split| split.validation) {
+        settings.validation_split = share;
+        settings.eval_every = settings.save_every;
+    }
+    settings.threads = args.threads;
+    settings.progress = match args.progress {
+        Some(ProgressArg::Bar) => nstream_tune::ProgressMode::Bar,
+        Some(ProgressArg::Lines) => nstream_tune::ProgressMode::Lines,
+        Some(ProgressArg::Quiet) => nstream_tune::ProgressMode::Quiet,
+        Some(ProgressArg::Auto) | None => nstream_tune::ProgressMode::Auto,
+    };
+    settings.validate().context("spec.fineTuning")?;
+    let base = load_training_base(&ModelResource::BaseModel(plan.student.clone()), &Device::Cpu)?;
+    let stop = AtomicBool::new(false);
+    let summary = nstream_tune::finetune(base, &settings, resume, &stop)?;
+    eprintln!(
+        "distill: finetune: step {}/{}, {} training examples, loss {}, {:.0} tokens/s",
+        summary.steps,
+        summary.total_steps,
+        summary.train_examples,
+        summary.final_loss.map_or_else(|| "-".to_owned(), |loss| format!("{loss:.4}")),
+        summary.tokens_per_second
+    );
+    match summary.stop {
+        nstream_tune::Stop::Complete => Ok(()),
+        nstream_tune::Stop::Interrupted => bail!("finetune was interrupted; run again to continue"),
+    }
+}
+
+/// The student's BaseModel: the base's spec, its weights the adapter (or the fully fine-tuned
+/// model) in the run folder.
+fn student_resource(plan: &Plan, folder: &RunFolder) -> anyhow::Result<BaseModel> {
+    let mut student = plan.student.clone();
+    let name = plan.spec.student_name_or_default(&plan.name);
+    student.metadata.name = Some(name.clone());
+    student.metadata.resource_version = None;
+    student.metadata.uid = None;
+    student.spec.base_model_name = name;
+    let directory = std::path::absolute(folder.student())
+        .with_context(|| format!("cannot resolve {}", folder.student().display()))?;
+    let info = &mut student.spec.base_model_serving_info;
+    info.hf_model_id = directory.display().to_string();
+    info.revision = None;
+    if plan.spec.fine_tuning.as_ref().and_then(|tuning| tuning.method) == Some(FineTuningMethod::Full) {
+        // A full fine-tuning writes a float model: the base's GGUF file is not part of it.
+        info.model_file = None;
+    }
+    student.status = None;
+    Ok(student)
+}
+
+/// Stage 4: the base, the student and the teacher answer the held-out inputs, scored against the
+/// teacher's answers.
+fn eval(
+    plan: &Plan,
+    folder: &RunFolder,
+    args: &DistillArgs,
+    student: &BaseModel,
+    timeout: Duration,
+) -> anyhow::Result<EvalReport> {
+    let schema = plan.spec.task.response_schema.clone();
+    let scorers = plan
+        .spec
+        .scorers()
+        .iter()
+        .map(|text| Scorer::parse(text, schema.as_ref()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("spec.evaluation.scorers")?;
+    let base = ModelResource::BaseModel(plan.student.clone());
+    let adapter = plan.spec.fine_tuning.as_ref().and_then(|tuning| tuning.method) != Some(FineTuningMethod::Full);
+    let (base_loss, student_loss): (Option<Arc<dyn ReferenceLoss>>, Option<Arc<dyn ReferenceLoss>>) =
+        if args.no_reference_loss {
+            (None, None)
+        } else {
+            let student_loss: Arc<dyn ReferenceLoss> = if adapter {
+                Arc::new(TrainingForwardLoss::with_adapter(&base, &folder.student())?)
+            } else {
+                Arc::new(TrainingForwardLoss::load(&ModelResource::BaseModel(student.clone()))?)
+            };
+            (Some(Arc::new(TrainingForwardLoss::load(&base)?)), Some(student_loss))
+        };
+    let teacher_loss = None;
+    let mut models = Vec::new();
+    let mut limits = None;
+    for (resource, role, loss) in [
+        (plan.teacher.clone(), Role::Teacher, teacher_loss),
+        (base, Role::Base, base_loss),
+        (ModelResource::BaseModel(student.clone()), Role::Student, student_loss),
+    ] {
+        let (model, taken) = eval_model(resource, role, timeout, args.threads, loss)?;
+        if role == Role::Teacher {
+            limits = Some(taken);
+        }
+        models.push(model);
+    }
+    let mut settings = EvalSettings::new(folder.held_out(), folder.eval());
+    settings.scorers = scorers;
+    settings.parameters.max_tokens = Some(plan.max_tokens());
+    settings.parameters.temperature = Some(0.0);
+    settings.concurrency = plan.spec.generation.as_ref().and_then(|generation| generation.concurrency).unwrap_or(8) as usize;
+    if let Some(limits) = limits {
+        settings.requests_per_minute = limits.requests_per_minute;
+        settings.tokens_per_minute = limits.tokens_per_minute;
+    }
+    settings.max_cost = plan.spec.generation.as_ref().and_then(|generation| generation.max_cost);
+    settings.request_timeout = timeout;
+    settings.mode = OpenMode::Resume;
+    settings.progress = progress_mode(args.progress);
+    if let Some(resamples) = plan.spec.evaluation.as_ref().and_then(|evaluation| evaluation.bootstrap) {
+        settings.resamples = resamples as usize;
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    Ok(runtime.block_on(evaluate(models, settings))?)
+}
+
+/// The run's report.md: the stages and their times, the scores, and how to serve the student.
+fn report_markdown(plan: &Plan, folder: &RunFolder, state: &State, report: &EvalReport, sizes: (usize, usize)) -> String {
+    let mut text = format!(
+        "# Distillation `{}`: {} -> {}\n\nTeacher `{}`, student `{}` fine-tuned on {} of the teacher's answers, \
+         evaluated on {} held-out inputs it never saw.\n\n| stage | seconds (all runs) |\n|---|---|\n",
+        plan.name, plan.spec.teacher, plan.spec.student_name_or_default(&plan.name), plan.spec.teacher, plan.spec.student, sizes.0, sizes.1
+    );
+    for stage in STAGES {
+        let seconds = state.stages.get(stage).map_or(0.0, |stage| stage.seconds);
+        text.push_str(&format!("| {stage} | {seconds:.1} |\n"));
+    }
+    text.push_str(&format!(
+        "\nHeadline metric `{}` against the {} (95% bootstrap intervals):\n\n| model | role | score | gap closed | reference loss |\n|---|---|---|---|---|\n",
+        report.headline, report.reference
+    ));
+    for model in &report.models {
+        let Some(metric) = model.metrics.get(&report.headline) else { continue };
+        let gap = metric.gap_closed.map_or_else(|| "-".to_owned(), |gap| format!("{:.0}%", gap * 100.0));
+        let loss = model.loss.as_ref().map_or_else(|| "-".to_owned(), |loss| format!("{:.3}", loss.mean));
+        text.push_str(&format!(
+            "| {} | {} | {:.1}% [{:.1}, {:.1}] | {gap} | {loss} |\n",
+            model.name,
+            format!("{:?}", model.role).to_lowercase(),
+            metric.mean * 100.0,
+            metric.low * 100.0,
+            metric.high * 100.0
+        ));
+    }
+    text.push_str(&format!(
+        "\nThe full evaluation: `{}` (per item: `items.jsonl`, chart: `chart.svg`). The fine-tuning: `{}`.\n\n\
+         Serve the student: `nstream up -f {}`.\n",
+        folder.eval().join("report.md").display(),
+        folder.student().join("report.md").display(),
+        folder.student_yaml().display()
+    ));
+    text
+}
+
+/// Runs `nstream distill`.
+pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
+    super::init_logging();
+    let timeout = Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|duration| !duration.is_zero())
+        .context("--timeout must be a positive number of seconds")?;
+    let plan = plan(&args)?;
+    let folder = plan.run_folder();
+    if args.overwrite && folder.root.exists() {
+        std::fs::remove_dir_all(&folder.root).with_context(|| format!("cannot clear {}", folder.root.display()))?;
+    }
+    std::fs::create_dir_all(&folder.root).with_context(|| format!("cannot create {}", folder.root.display()))?;
+    let mut state = State::load(&folder.state())?;
+    let spec = serde_json::to_value(&plan.spec)?;
+    match &state.spec {
+        Some(earlier) if *earlier != spec => bail!(
+            "{} holds a run of another version of Distillation {}: run the same spec to continue it, or pass --overwrite to start again (the teacher is paid again)",
+            folder.root.display(),
+            plan.name
+        ),
+        Some(_) => {}
+        None => {
+            state.spec = Some(spec);
+            state.save(&folder.state())?;
+        }
+    }
+    // Ctrl-C (or a Job's SIGTERM) ends the run at once: every stage resumes from its journal or
+    // checkpoint, so stopping hard loses at most `saveEvery` steps of training.
+    let started = Instant::now();
+    if state.done("generate") {
+        announce("generate", "done in an earlier run");
+    } else {
+        announce("generate", &format!("the teacher {} answers {}", plan.spec.teacher, plan.spec.task.dataset));
+        let stage_started = Instant::now();
+        let result = generate(&plan, &folder, &args, timeout);
+        state.record("generate", stage_started, result.is_ok());
+        state.save(&folder.state())?;
+        result?;
+    }
+    if let Some(schema) = &plan.spec.task.response_schema {
+        write_atomically(&folder.schema(), &(serde_json::to_string_pretty(schema)? + "\n"))?;
+    }
+
+    announce("split", &format!("{:.0}% held out for evaluation", plan.spec.held_out() * 100.0));
+    let stage_started = Instant::now();
+    let sizes = split(&plan, &folder)?;
+    state.record("split", stage_started, true);
+    state.save(&folder.state())?;
+    eprintln!("distill: split: {} to train on, {} held out", sizes.0, sizes.1);
+
+    if state.done("finetune") {
+        announce("finetune", "done in an earlier run");
+    } else {
+        announce("finetune", &format!("{} on {}", plan.spec.student, folder.train().display()));
+        let stage_started = Instant::now();
+        let result = finetune(&plan, &folder, &args);
+        state.record("finetune", stage_started, result.is_ok());
+        state.save(&folder.state())?;
+        result?;
+    }
+    let student = student_resource(&plan, &folder)?;
+    let yaml = format!(
+        "# The student of Distillation {} (written by `nstream distill`): `nstream up -f {}`\n{}",
+        plan.name,
+        folder.student_yaml().display(),
+        serde_yaml::to_string(&student)?
+    );
+    write_atomically(&folder.student_yaml(), &yaml)?;
+
+    announce("eval", &format!("{}, {} and {} on the held-out inputs", plan.spec.teacher, plan.spec.student, student.metadata.name.as_deref().unwrap_or_default()));
+    let stage_started = Instant::now();
+    let result = eval(&plan, &folder, &args, &student, timeout);
+    state.record("eval", stage_started, result.is_ok());
+    state.save(&folder.state())?;
+    let report = result?;
+    write_atomically(&folder.report(), &report_markdown(&plan, &folder, &state, &report, sizes))?;
+
+    match args.output_format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Text => {
+            println!("distillation {} done in {:.0}s (this run)", plan.name, started.elapsed().as_secs_f64());
+            for model in &report.models {
+                let Some(metric) = model.metrics.get(&report.headline) else { continue };
+                let gap =
+                    metric.gap_closed.map(|gap| format!(", gap closed {:.0}%", gap * 100.0)).unwrap_or_default();
+                println!(
+                    "  {:<28} {:<8} {} {:>6.1}% [{:.1}, {:.1}]{gap}",
+                    model.name,
+                    format!("{:?}", model.role).to_lowercase(),
+                    report.headline,
+                    metric.mean * 100.0,
+                    metric.low * 100.0,
+                    metric.high * 100.0
+                );
+            }
+            println!("report:  {}", folder.report().display());
+            println!("student: {} (nstream up -f {})", folder.student_yaml().display(), folder.student_yaml().display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,247 @@
+//! `nstream distill` as a user runs it: the real binary, the demo's local teacher
+//! (examples/distill/teacher.py, a real HTTP server speaking OpenAI's API) and SmolLM2 from the
+//! offline model cache as the student, on a reduced loop (30 inputs, a few training steps).
+//!
+//! One run goes through uninterrupted; a second is killed with SIGKILL during generate, during
+//! finetune and during eval, and rerun each time: it must end with the same adapter, the same
+//! answers and scores, and the teacher must have answered exactly as many requests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_nstream");
+const INPUTS: usize = 30;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The local teacher on a free port; killed when dropped.
+struct Teacher {
+    child: Child,
+    port: u16,
+    count_file: PathBuf,
+}
+
+impl Teacher {
+    fn start(folder: &Path, delay: f64) -> Self {
+        let count_file = folder.join("teacher-count");
+        let mut child = Command::new("python3")
+            .arg(repo_root().join("examples/distill/teacher.py"))
+            .args(["--port", "0", "--delay", &delay.to_string(), "--count-file"])
+            .arg(&count_file)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the teacher");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the teacher's banner");
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|tail| tail.trim_end_matches("/v1").parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        Self { child, port, count_file }
+    }
+
+    fn requests(&self) -> usize {
+        std::fs::read_to_string(&self.count_file).map_or(0, |text| text.trim().parse().expect("a count"))
+    }
+}
+
+impl Drop for Teacher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The demo's file, reduced: the teacher on `port`, a few training steps, checkpoints every step,
+/// one request at a time (so that greedy answers do not depend on how requests were batched).
+fn lay_out(folder: &Path, port: u16) {
+    let demo = std::fs::read_to_string(repo_root().join("examples/distill/distill.yaml")).expect("the demo file");
+    let reduced = demo
+        .replace("http://127.0.0.1:8765/v1", &format!("http://127.0.0.1:{port}/v1"))
+        .replace("    concurrency: 8\n", "    concurrency: 1\n")
+        .replace("    rank: 16\n    alpha: 32\n", "    rank: 4\n    alpha: 8\n")
+        .replace("    epochs: 2\n", "    maxSteps: 3\n")
+        .replace("    batchSize: 8\n", "    batchSize: 2\n")
+        .replace("    saveEvery: 10\n", "    saveEvery: 1\n")
+        .replace("    maxTokens: 64\n", "    maxTokens: 40\n")
+        .replace("  output: ../../runs/distill-orders\n", "  output: run\n");
+    assert!(reduced.contains("maxSteps: 3") && reduced.contains("output: run\n"), "the demo file changed: {reduced}");
+    std::fs::write(folder.join("distill.yaml"), reduced).expect("distill.yaml");
+    let inputs: Vec<String> = std::fs::read_to_string(repo_root().join("examples/distill/orders.jsonl"))
+        .expect("the demo's inputs")
+        .lines()
+        .take(INPUTS)
+        .map(str::to_owned)
+        .collect();
+    std::fs::write(folder.join("orders.jsonl"), inputs.join("\n") + "\n").expect("orders.jsonl");
+}
+
+fn command(folder: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(BINARY);
+    command.arg("distill").args(args).current_dir(folder);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("NSTREAM_") {
+            command.env_remove(name);
+        }
+    }
+    command.env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn").stdin(Stdio::null());
+    command
+}
+
+fn distill(folder: &Path) -> Output {
+    let output = command(folder, &["-f", "distill.yaml", "--progress", "lines", "-o", "json"])
+        .output()
+        .expect("nstream runs");
+    assert!(output.status.success(), "nstream distill failed: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+/// Starts a run and kills it with SIGKILL as soon as `ready` holds (or the run ends first).
+fn kill_when(folder: &Path, what: &str, ready: impl Fn() -> bool) {
+    let mut child = command(folder, &["-f", "distill.yaml", "--progress", "lines"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nstream runs");
+    let started = Instant::now();
+    while !ready() {
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!("the run ended ({status}) before it was {what}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "never {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |text| text.lines().filter(|line| !line.trim().is_empty()).count())
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display())))
+        .expect("JSON")
+}
+
+/// Each item's answers by model, and each model's headline scores: what must not depend on kills.
+fn outcome(run: &Path) -> (Vec<Value>, Vec<(String, Value)>) {
+    let items: Vec<Value> = std::fs::read_to_string(run.join("eval/items.jsonl"))
+        .expect("items.jsonl")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an item"))
+        .collect();
+    let report = json(&run.join("eval/report.json"));
+    let headline = report["headline"].as_str().expect("headline").to_owned();
+    let scores = report["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .map(|model| (model["name"].as_str().unwrap_or_default().to_owned(), model["metrics"][&headline].clone()))
+        .collect();
+    (items, scores)
+}
+
+#[test]
+fn distill_runs_the_loop_and_a_run_killed_in_every_stage_ends_the_same() {
+    // Uninterrupted.
+    let straight = tempfile::tempdir().expect("tempdir");
+    let teacher = Teacher::start(straight.path(), 0.0);
+    lay_out(straight.path(), teacher.port);
+    let output = distill(straight.path());
+    let report: Value = serde_json::from_slice(&output.stdout).expect("the report as JSON");
+    assert_eq!(report["headline"], "json_exact", "{report}");
+    let run = straight.path().join("run");
+    let held_out = lines(&run.join("data/heldout.jsonl"));
+    let trained = lines(&run.join("data/train.jsonl"));
+    assert_eq!(held_out + trained, INPUTS, "every input answered and split");
+    assert!(held_out > 0 && trained > held_out, "{trained} trained, {held_out} held out");
+    // The teacher: one answer per input, then one per held-out input in the evaluation.
+    assert_eq!(teacher.requests(), INPUTS + held_out);
+    let teacher_score = report["models"]
+        .as_array()
+        .and_then(|models| models.iter().find(|model| model["role"] == "teacher"))
+        .map(|model| model["metrics"]["json_exact"]["mean"].clone())
+        .expect("the teacher's score");
+    assert_eq!(teacher_score, 1.0, "the rule-based teacher agrees with itself: {report}");
+    let student_yaml = std::fs::read_to_string(run.join("student.yaml")).expect("student.yaml");
+    assert!(student_yaml.contains("name: orders-student"), "{student_yaml}");
+    assert!(run.join("student/adapter_model.safetensors").is_file());
+    let summary = std::fs::read_to_string(run.join("report.md")).expect("report.md");
+    for stage in ["generate", "split", "finetune", "eval"] {
+        assert!(summary.contains(&format!("| {stage} |")), "{summary}");
+    }
+    // Once done, a rerun calls nobody and changes nothing.
+    let before = outcome(&run);
+    distill(straight.path());
+    assert_eq!(teacher.requests(), INPUTS + held_out, "a finished run asked the teacher again");
+    assert_eq!(outcome(&run), before);
+
+    // Killed in each stage, rerun each time.
+    let killed = tempfile::tempdir().expect("tempdir");
+    let slow_teacher = Teacher::start(killed.path(), 0.05);
+    lay_out(killed.path(), slow_teacher.port);
+    let run_killed = killed.path().join("run");
+    // The journal holds a header, then an attempt and a result per input.
+    let journal = run_killed.join("generate/answers.journal");
+    kill_when(killed.path(), "half-way through generate", || lines(&journal) >= INPUTS);
+    assert!(lines(&journal) < 2 * INPUTS + 1, "the kill came after generate");
+    let checkpoint = run_killed.join("student/checkpoint.safetensors");
+    kill_when(killed.path(), "fine-tuning with a checkpoint", || checkpoint.is_file());
+    let answers = run_killed.join("eval/answers");
+    kill_when(killed.path(), "evaluating", || {
+        std::fs::read_dir(&answers).is_ok_and(|entries| entries.count() > 0)
+    });
+    distill(killed.path());
+    // A request in flight when the process dies is lost (the provider answered it, nobody
+    // recorded the answer) and is sent again: at most one per kill in a stage that calls the
+    // teacher, with one request at a time. Every answer recorded is never asked for again.
+    let requests = slow_teacher.requests();
+    assert!(
+        (INPUTS + held_out..=INPUTS + held_out + 2).contains(&requests),
+        "the killed run asked the teacher {requests} times for {} answers",
+        INPUTS + held_out
+    );
+    assert_eq!(
+        std::fs::read(run_killed.join("student/adapter_model.safetensors")).expect("adapter"),
+        std::fs::read(run.join("student/adapter_model.safetensors")).expect("adapter"),
+        "the resumed fine-tuning differs from the uninterrupted one"
+    );
+    assert_eq!(outcome(&run_killed), before, "the resumed run's answers or scores differ");
+}
+
+#[test]
+fn bad_files_are_explained() {
+    let folder = tempfile::tempdir().expect("tempdir");
+    lay_out(folder.path(), 9);
+    let file = folder.path().join("distill.yaml");
+    let text = std::fs::read_to_string(&file).expect("file");
+    std::fs::write(&file, text.replace("  teacher: order-teacher\n", "  teacher: gpt-5\n")).expect("write");
+    let output = command(folder.path(), &["-f", "distill.yaml"]).output().expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("spec.teacher: distill.yaml holds no model named gpt-5"), "{stderr}");
+
+    std::fs::write(&file, text.replace("    heldOut: 0.2\n", "    heldOut: 1.5\n")).expect("write");
+    let output = command(folder.path(), &["-f", "distill.yaml"]).output().expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("spec.split.heldOut"), "{stderr}");
+
+    // A run folder of another spec is not mixed with this one.
+    let state = folder.path().join("run");
+    std::fs::create_dir_all(&state).expect("run");
+    std::fs::write(state.join("distill-state.json"), r#"{"spec": {"teacher": "other"}, "stages": {}}"#).expect("state");
+    std::fs::write(&file, &text).expect("write");
+    let output = command(folder.path(), &["-f", "distill.yaml"]).output().expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another version of Distillation orders"), "{stderr}");
+    assert!(stderr.contains("--overwrite"), "{stderr}");
+}
