@@ -97,9 +97,8 @@ fn command(folder: &Path, args: &[&str]) -> Command {
 }
 
 fn distill(folder: &Path) -> Output {
-    let output = command(folder, &["-f", "distill.yaml", "--progress", "lines", "-o", "json"])
-        .output()
-        .expect("nstream runs");
+    let output =
+        command(folder, &["-f", "distill.yaml", "--progress", "lines", "-o", "json"]).output().expect("nstream runs");
     assert!(output.status.success(), "nstream distill failed: {}", String::from_utf8_lossy(&output.stderr));
     output
 }
@@ -197,9 +196,7 @@ fn distill_runs_the_loop_and_a_run_killed_in_every_stage_ends_the_same() {
     let checkpoint = run_killed.join("student/checkpoint.safetensors");
     kill_when(killed.path(), "fine-tuning with a checkpoint", || checkpoint.is_file());
     let answers = run_killed.join("eval/answers");
-    kill_when(killed.path(), "evaluating", || {
-        std::fs::read_dir(&answers).is_ok_and(|entries| entries.count() > 0)
-    });
+    kill_when(killed.path(), "evaluating", || std::fs::read_dir(&answers).is_ok_and(|entries| entries.count() > 0));
     distill(killed.path());
     // A request in flight when the process dies is lost (the provider answered it, nobody
     // recorded the answer) and is sent again: at most one per kill in a stage that calls the

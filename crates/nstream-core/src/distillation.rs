@@ -372,9 +372,7 @@ mod tests {
 
     #[test]
     fn a_schema_makes_json_the_default_scorer() {
-        let spec = spec(
-            "teacher: gpt\nstudent: smollm2\ntask: {dataset: d.jsonl, responseSchema: {type: object}}\n",
-        );
+        let spec = spec("teacher: gpt\nstudent: smollm2\ntask: {dataset: d.jsonl, responseSchema: {type: object}}\n");
         assert_eq!(spec.scorers(), ["json"]);
     }
 

@@ -32,8 +32,8 @@ pub mod status;
 pub mod validate;
 
 pub use distillation::{
-    Distillation, DistillationEvaluation, DistillationGeneration, DistillationSpec, DistillationSplit, DistillationTask,
-    FineTuning, FineTuningMethod,
+    Distillation, DistillationEvaluation, DistillationGeneration, DistillationSpec, DistillationSplit,
+    DistillationTask, FineTuning, FineTuningMethod,
 };
 pub use document::{
     Diagnostic, LoadError, LoadedDocument, ModelResource, Origin, Outcome, load_path, parse_bytes, parse_str,

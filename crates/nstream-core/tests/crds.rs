@@ -41,7 +41,7 @@ fn printed_crds_deserialise_as_custom_resource_definitions() {
         assert_structural(&schema, "openAPIV3Schema");
         kinds.push(definition.spec.names.kind);
     }
-    assert_eq!(kinds, ["MegaModel", "BaseModel", "EmbeddingModel", "KnowledgeBase"]);
+    assert_eq!(kinds, ["MegaModel", "BaseModel", "EmbeddingModel", "KnowledgeBase", "Distillation"]);
 }
 
 /// The rules of a structural schema that a generator can get wrong: every node has a type (or

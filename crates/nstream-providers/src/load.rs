@@ -113,7 +113,8 @@ pub fn load_model(
         ModelResource::Distillation(_) => Err(ProviderError::NotServable {
             kind: "Distillation".to_string(),
             name,
-            reason: "a Distillation is not a model: `nstream distill` runs it and writes the student's BaseModel".to_string(),
+            reason: "a Distillation is not a model: `nstream distill` runs it and writes the student's BaseModel"
+                .to_string(),
         }),
     }
 }

@@ -77,11 +77,12 @@ pub fn load_models(
     }
     let exporter = ModelMetricsExporter::register(metrics);
     let mut models = Vec::new();
-    let models_only =
-        |resource: &&nstream_core::ModelResource| !matches!(
-        resource,
-        nstream_core::ModelResource::KnowledgeBase(_) | nstream_core::ModelResource::Distillation(_)
-    );
+    let models_only = |resource: &&nstream_core::ModelResource| {
+        !matches!(
+            resource,
+            nstream_core::ModelResource::KnowledgeBase(_) | nstream_core::ModelResource::Distillation(_)
+        )
+    };
     for resource in documents.iter().filter_map(LoadedDocument::valid_resource).filter(models_only) {
         tracing::info!(kind = resource.kind(), name = resource.name(), "loading");
         let started = std::time::Instant::now();

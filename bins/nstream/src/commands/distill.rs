@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
-use nstream_core::{
-    BaseModel, Distillation, DistillationSpec, FineTuningMethod, LoadedDocument, ModelResource,
-};
+use nstream_core::{BaseModel, Distillation, DistillationSpec, FineTuningMethod, LoadedDocument, ModelResource};
 use nstream_pipeline::eval::{EvalReport, EvalSettings, ReferenceLoss, Role, Scorer, evaluate};
 use nstream_pipeline::{
     AnswerFormat, ModelInfo, OpenMode, Parameters, PriceTable, ProgressMode, Settings, Stop, take_over_limits,
@@ -182,7 +180,9 @@ fn plan(args: &DistillArgs) -> anyhow::Result<Plan> {
             ModelResource::Distillation(distillation) => Some(distillation),
             _ => None,
         })
-        .filter(|distillation| args.name.as_deref().is_none_or(|name| distillation.metadata.name.as_deref() == Some(name)))
+        .filter(|distillation| {
+            args.name.as_deref().is_none_or(|name| distillation.metadata.name.as_deref() == Some(name))
+        })
         .collect();
     let distillation = match distillations.as_slice() {
         [one] => (*one).clone(),
@@ -200,7 +200,9 @@ fn plan(args: &DistillArgs) -> anyhow::Result<Plan> {
     let named = |wanted: &str| resources.iter().find(|resource| resource.name() == Some(wanted)).copied();
     let teacher = match named(&spec.teacher) {
         Some(resource @ (ModelResource::MegaModel(_) | ModelResource::BaseModel(_))) => resource.clone(),
-        Some(other) => bail!("spec.teacher: {} is a {}, expected a MegaModel or a BaseModel", spec.teacher, other.kind()),
+        Some(other) => {
+            bail!("spec.teacher: {} is a {}, expected a MegaModel or a BaseModel", spec.teacher, other.kind())
+        }
         None => bail!("spec.teacher: {file} holds no model named {}", spec.teacher),
     };
     let student = match named(&spec.student) {
@@ -208,7 +210,8 @@ fn plan(args: &DistillArgs) -> anyhow::Result<Plan> {
         Some(other) => bail!("spec.student: {} is a {}, expected a BaseModel", spec.student, other.kind()),
         None => bail!("spec.student: {file} holds no BaseModel named {}", spec.student),
     };
-    let base_dir = args.file.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let base_dir =
+        args.file.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     Ok(Plan { name, spec, teacher, student, base_dir })
 }
 
@@ -260,8 +263,11 @@ fn generate(plan: &Plan, folder: &RunFolder, args: &DistillArgs, timeout: Durati
         settings.template = Some((folder.template().display().to_string(), template.clone()));
     }
     settings.system = task.system_prompt.clone();
-    settings.parameters =
-        Parameters { temperature: generation.temperature, max_tokens: Some(plan.max_tokens()), ..Parameters::default() };
+    settings.parameters = Parameters {
+        temperature: generation.temperature,
+        max_tokens: Some(plan.max_tokens()),
+        ..Parameters::default()
+    };
     if let Some(schema) = &task.response_schema {
         settings.format = AnswerFormat::Json;
         settings.schema = Some(schema.clone());
@@ -292,9 +298,9 @@ fn generate(plan: &Plan, folder: &RunFolder, args: &DistillArgs, timeout: Durati
         summary.inputs, summary.answered, summary.generated_now, summary.skipped_done, summary.failed, summary.requests
     );
     match summary.stop {
-        Stop::Budget => bail!(
-            "generate stopped at generation.maxCost; raise it and run again (the answers so far are kept)"
-        ),
+        Stop::Budget => {
+            bail!("generate stopped at generation.maxCost; raise it and run again (the answers so far are kept)")
+        }
         Stop::Interrupted => bail!("generate was interrupted; run again to continue"),
         Stop::Complete if summary.answered == 0 => {
             bail!("the teacher answered none of the inputs: see {}", summary.files.failures.display())
@@ -492,7 +498,8 @@ fn eval(
     settings.scorers = scorers;
     settings.parameters.max_tokens = Some(plan.max_tokens());
     settings.parameters.temperature = Some(0.0);
-    settings.concurrency = plan.spec.generation.as_ref().and_then(|generation| generation.concurrency).unwrap_or(8) as usize;
+    settings.concurrency =
+        plan.spec.generation.as_ref().and_then(|generation| generation.concurrency).unwrap_or(8) as usize;
     if let Some(limits) = limits {
         settings.requests_per_minute = limits.requests_per_minute;
         settings.tokens_per_minute = limits.tokens_per_minute;
@@ -509,18 +516,30 @@ fn eval(
 }
 
 /// The run's report.md: the stages and their times, the scores, and how to serve the student.
-fn report_markdown(plan: &Plan, folder: &RunFolder, state: &State, report: &EvalReport, sizes: (usize, usize)) -> String {
+fn report_markdown(
+    plan: &Plan,
+    folder: &RunFolder,
+    state: &State,
+    report: &EvalReport,
+    sizes: (usize, usize),
+) -> String {
     let mut text = format!(
         "# Distillation `{}`: {} -> {}\n\nTeacher `{}`, student `{}` fine-tuned on {} of the teacher's answers, \
          evaluated on {} held-out inputs it never saw.\n\n| stage | seconds (all runs) |\n|---|---|\n",
-        plan.name, plan.spec.teacher, plan.spec.student_name_or_default(&plan.name), plan.spec.teacher, plan.spec.student, sizes.0, sizes.1
+        plan.name,
+        plan.spec.teacher,
+        plan.spec.student_name_or_default(&plan.name),
+        plan.spec.teacher,
+        plan.spec.student,
+        sizes.0,
+        sizes.1
     );
     for stage in STAGES {
         let seconds = state.stages.get(stage).map_or(0.0, |stage| stage.seconds);
         text.push_str(&format!("| {stage} | {seconds:.1} |\n"));
     }
     text.push_str(&format!(
-        "\nHeadline metric `{}` against the {} (95% bootstrap intervals):\n\n| model | role | score | gap closed | reference loss |\n|---|---|---|---|---|\n",
+        "\nHeadline metric `{}` against {} (95% bootstrap intervals):\n\n| model | role | score | gap closed | reference loss |\n|---|---|---|---|---|\n",
         report.headline, report.reference
     ));
     for model in &report.models {
@@ -616,7 +635,15 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
     );
     write_atomically(&folder.student_yaml(), &yaml)?;
 
-    announce("eval", &format!("{}, {} and {} on the held-out inputs", plan.spec.teacher, plan.spec.student, student.metadata.name.as_deref().unwrap_or_default()));
+    announce(
+        "eval",
+        &format!(
+            "{}, {} and {} on the held-out inputs",
+            plan.spec.teacher,
+            plan.spec.student,
+            student.metadata.name.as_deref().unwrap_or_default()
+        ),
+    );
     let stage_started = Instant::now();
     let result = eval(&plan, &folder, &args, &student, timeout);
     state.record("eval", stage_started, result.is_ok());
@@ -630,8 +657,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
             println!("distillation {} done in {:.0}s (this run)", plan.name, started.elapsed().as_secs_f64());
             for model in &report.models {
                 let Some(metric) = model.metrics.get(&report.headline) else { continue };
-                let gap =
-                    metric.gap_closed.map(|gap| format!(", gap closed {:.0}%", gap * 100.0)).unwrap_or_default();
+                let gap = metric.gap_closed.map(|gap| format!(", gap closed {:.0}%", gap * 100.0)).unwrap_or_default();
                 println!(
                     "  {:<28} {:<8} {} {:>6.1}% [{:.1}, {:.1}]{gap}",
                     model.name,
@@ -643,7 +669,11 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             println!("report:  {}", folder.report().display());
-            println!("student: {} (nstream up -f {})", folder.student_yaml().display(), folder.student_yaml().display());
+            println!(
+                "student: {} (nstream up -f {})",
+                folder.student_yaml().display(),
+                folder.student_yaml().display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -190,7 +190,8 @@ impl TrainingForwardLoss {
             .with_context(|| format!("cannot read the adapter in {}", adapter_dir.display()))?;
         let config = &adapter.config;
         let targets = config.modules().map_err(anyhow::Error::msg)?;
-        let spec = LoraSpec { rank: config.r, alpha: config.lora_alpha, dropout: 0.0, rslora: config.use_rslora, targets };
+        let spec =
+            LoraSpec { rank: config.r, alpha: config.lora_alpha, dropout: 0.0, rslora: config.use_rslora, targets };
         let base = super::finetune::load_training_base(base, &Device::Cpu)?;
         let model = TrainModel::new(base.config, base.weights, Some(spec), 0)?;
         let tensors = adapter.named_tensors();
