@@ -28,10 +28,11 @@ echo "== tests"
 cargo test --workspace --locked
 
 echo "== the official openai Python client against nstream-server"
-# The debug nstream-server the Rust tests use (a no-op when `cargo test` already built it).
-cargo build --locked -p nstream-server-bin
+# The debug nstream-server and nstream the Rust tests use (a no-op when `cargo test` built them).
+cargo build --locked -p nstream-server-bin -p nstream
 python="$(scripts/python-test-env.sh)"
-NSTREAM_SERVER_BIN="$CARGO_TARGET_DIR/debug/nstream-server" "$python" -m pytest tests/python -q || {
+NSTREAM_SERVER_BIN="$CARGO_TARGET_DIR/debug/nstream-server" NSTREAM_BIN="$CARGO_TARGET_DIR/debug/nstream" \
+  "$python" -m pytest tests/python -q || {
   status=$?
   # pytest exits 5 when it collected no tests: a renamed or broken file must not pass silently.
   [[ $status -ne 5 ]] || echo "pytest collected no tests in tests/python" >&2
