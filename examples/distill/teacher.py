@@ -31,6 +31,12 @@ class Teacher(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def handle(self):
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away (a killed run): nothing to answer
+
     def send_json(self, status, body):
         data = json.dumps(body).encode()
         self.send_response(status)
