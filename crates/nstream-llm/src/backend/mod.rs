@@ -13,8 +13,9 @@ mod load;
 mod options;
 mod service;
 mod streaming;
+mod structured;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nstream_backend::chat::ChatMessage;
 use nstream_backend::unix_timestamp;
@@ -24,7 +25,8 @@ pub use device::DeviceSpec;
 pub use files::{SafetensorsFiles, end_ids};
 pub use options::{CUDA_PREFILL_CHUNK_TOKENS, LlmInfo, LlmOptions};
 
-use crate::error::Result;
+use crate::constrained::ConstraintEngine;
+use crate::error::{Error, Result};
 use crate::model::LlamaModel;
 use crate::scheduler::{Job, LlmMetrics, Scheduler, SchedulerLimits};
 use crate::template::ChatTemplate;
@@ -44,6 +46,11 @@ pub struct LlmBackend {
     info: LlmInfo,
     metrics: Arc<LlmMetrics>,
     created: u64,
+    /// The constrained-decoding engine, built on first use (its vocabulary trie costs time and
+    /// memory a model without structured requests never needs).
+    constraints: OnceLock<std::result::Result<Arc<ConstraintEngine>, String>>,
+    /// Each token's bytes, for log probabilities, built on first use.
+    vocabulary_bytes: OnceLock<Arc<Vec<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for LlmBackend {
@@ -78,7 +85,17 @@ impl LlmBackend {
             // The receiver was dropped with the closure: every request gets `SchedulerStopped`.
             tracing::error!(%error, model = %name, "cannot start the generation scheduler thread");
         }
-        Arc::new(Self { name, sender, tokenizer, template, info, metrics, created: unix_timestamp() })
+        Arc::new(Self {
+            name,
+            sender,
+            tokenizer,
+            template,
+            info,
+            metrics,
+            created: unix_timestamp(),
+            constraints: OnceLock::new(),
+            vocabulary_bytes: OnceLock::new(),
+        })
     }
 
     /// The name the model is served under.
@@ -104,6 +121,25 @@ impl LlmBackend {
     /// Whether the scheduler thread still takes requests.
     pub fn is_running(&self) -> bool {
         !self.sender.is_closed()
+    }
+
+    /// The constrained-decoding engine of this model's vocabulary (built on first call).
+    pub fn constraint_engine(&self) -> Result<Arc<ConstraintEngine>> {
+        self.constraints
+            .get_or_init(|| ConstraintEngine::new(&self.tokenizer).map(Arc::new).map_err(|error| error.to_string()))
+            .clone()
+            .map_err(Error::Unsupported)
+    }
+
+    /// Each token's bytes (built on first call).
+    fn vocabulary_bytes(&self) -> Arc<Vec<Vec<u8>>> {
+        Arc::clone(self.vocabulary_bytes.get_or_init(|| {
+            Arc::new(crate::constrained::vocabulary_bytes(&self.tokenizer).unwrap_or_else(|_| {
+                (0..self.tokenizer.vocab_size() as u32)
+                    .map(|id| self.tokenizer.decode(&[id], false).unwrap_or_default().into_bytes())
+                    .collect()
+            }))
+        }))
     }
 
     /// The chat prompt as text: the conversation rendered by the chat template, ready for the
