@@ -442,8 +442,24 @@ pub(super) fn completion_logprobs(bytes: &[Vec<u8>], tokens: &[TokenLogprob], of
     })
 }
 
-/// Refuses image, audio and file parts: this model reads text only.
+/// Refuses image, audio and file parts (this model reads text only), and the OpenAI fields it
+/// cannot honour: audio output, legacy `functions`, web search.
 pub(super) fn check_text_only(request: &ChatCompletionRequest) -> Result<()> {
+    for (field, why) in [
+        ("audio", "this model writes text only"),
+        ("functions", "the legacy `functions` are not supported; use `tools`"),
+        ("function_call", "the legacy `function_call` is not supported; use `tool_choice`"),
+        ("web_search_options", "this model has no web search"),
+    ] {
+        if request.extra.get(field).is_some_and(|value| !value.is_null()) {
+            return Err(Error::invalid_param(field, format!("`{field}`: {why}")));
+        }
+    }
+    if let Some(modalities) = request.extra.get("modalities").and_then(Value::as_array)
+        && modalities.iter().any(|modality| modality.as_str() != Some("text"))
+    {
+        return Err(Error::invalid_param("modalities", "this model writes text only: `modalities` must be [\"text\"]"));
+    }
     for (index, message) in request.messages.iter().enumerate() {
         if let Some(MessageContent::Parts(parts)) = &message.content {
             for (part_index, part) in parts.iter().enumerate() {
