@@ -234,6 +234,11 @@ pub struct ChatCompletionRequest {
     /// nstream extension: keep generating past end-of-sequence tokens (benchmarks).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_eos: bool,
+    /// Every other field of the request, kept as sent: the gateway forwards them to OpenAI and
+    /// Azure unchanged (new OpenAI fields need no release) and refuses them for providers that
+    /// cannot honour them; self-hosted models ignore them.
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ChatCompletionRequest {
@@ -264,6 +269,7 @@ impl ChatCompletionRequest {
             top_k: None,
             repetition_penalty: None,
             ignore_eos: false,
+            extra: serde_json::Map::new(),
         }
     }
 
@@ -609,6 +615,9 @@ mod tests {
         assert!(request.include_usage());
         assert_eq!(request.top_k, Some(40));
         assert!(request.ignore_eos);
+        assert_eq!(request.extra.get("some_client_extra"), Some(&serde_json::json!({"ignored": true})));
+        let round_trip = serde_json::to_value(&request).expect("serialises");
+        assert_eq!(round_trip["some_client_extra"], serde_json::json!({"ignored": true}));
         assert!(request.validate().is_ok());
     }
 

@@ -59,6 +59,7 @@ impl AnthropicWire {
         if request.logprobs == Some(true) {
             return Err(BackendError::invalid_param("logprobs", "Anthropic does not return log probabilities"));
         }
+        refuse_unhonoured(request)?;
         let mut system = Vec::new();
         let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
         for (position, message) in request.messages.iter().enumerate() {
@@ -149,6 +150,44 @@ impl AnthropicWire {
         }
         Ok(Value::Object(body))
     }
+}
+
+/// Refuses, naming them, the fields the Messages API has no equivalent for (dropping them would
+/// answer a different question than the one asked). `seed` is best effort at OpenAI too and is
+/// ignored.
+fn refuse_unhonoured(request: &ChatCompletionRequest) -> Result<(), BackendError> {
+    let refused = |field: &str, why: &str| {
+        Err(BackendError::invalid_param(field, format!("`{field}`: Anthropic cannot honour it ({why})")))
+    };
+    if request.logit_bias.as_ref().is_some_and(|bias| !bias.is_empty()) {
+        return refused("logit_bias", "the Messages API has no token biases");
+    }
+    if request.presence_penalty.is_some_and(|penalty| penalty != 0.0) {
+        return refused("presence_penalty", "the Messages API has no penalties");
+    }
+    if request.frequency_penalty.is_some_and(|penalty| penalty != 0.0) {
+        return refused("frequency_penalty", "the Messages API has no penalties");
+    }
+    if request.top_logprobs.is_some_and(|count| count > 0) {
+        return refused("top_logprobs", "the Messages API returns no log probabilities");
+    }
+    if request.response_format.as_ref().is_some_and(|format| format["type"] != "text") {
+        return refused("response_format", "use a tool with an input schema instead");
+    }
+    if request.repetition_penalty.is_some() {
+        return refused("repetition_penalty", "an nstream extension for self-hosted models");
+    }
+    if request.ignore_eos {
+        return refused("ignore_eos", "an nstream extension for self-hosted models");
+    }
+    if let Some(field) = request.extra.keys().next() {
+        let names: Vec<String> = request.extra.keys().map(|name| format!("`{name}`")).collect();
+        return Err(BackendError::invalid_param(
+            field.clone(),
+            format!("Anthropic cannot honour the field(s) {}, which nstream does not translate", names.join(", ")),
+        ));
+    }
+    Ok(())
 }
 
 fn content_blocks(content: Option<&MessageContent>, position: usize) -> Result<Vec<Value>, BackendError> {
@@ -524,6 +563,18 @@ mod tests {
         assert_eq!(wire().body(&request, false).unwrap_err().param(), Some("n"));
         let only_system = ChatCompletionRequest::new("m", vec![ChatMessage::new(Role::System, "x")]);
         assert_eq!(wire().body(&only_system, false).unwrap_err().param(), Some("messages"));
+        let base = || ChatCompletionRequest::new("m", vec![ChatMessage::new(Role::User, "x")]);
+        let biased = ChatCompletionRequest { logit_bias: Some([("50".to_owned(), 5.0)].into()), ..base() };
+        let error = wire().body(&biased, false).unwrap_err();
+        assert_eq!(error.param(), Some("logit_bias"));
+        assert!(error.to_string().contains("Anthropic cannot honour"), "{error}");
+        let json_mode = ChatCompletionRequest { response_format: Some(json!({"type": "json_object"})), ..base() };
+        assert_eq!(wire().body(&json_mode, false).unwrap_err().param(), Some("response_format"));
+        let mut unknown = base();
+        unknown.extra.insert("service_tier".into(), json!("flex"));
+        let error = wire().body(&unknown, false).unwrap_err();
+        assert_eq!(error.param(), Some("service_tier"));
+        assert!(error.to_string().contains("`service_tier`"), "{error}");
     }
 
     #[test]

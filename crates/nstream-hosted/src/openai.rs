@@ -444,6 +444,22 @@ mod tests {
     }
 
     #[test]
+    fn unknown_fields_are_forwarded_unchanged() {
+        let request: ChatCompletionRequest = serde_json::from_value(json!({
+            "model": "served",
+            "messages": [{"role": "user", "content": "hi"}],
+            "service_tier": "flex",
+            "prediction": {"type": "content", "content": "x"}
+        }))
+        .expect("request");
+        for flavour in [azure("2024-10-21"), azure("latest")] {
+            let (body, _) = flavour.chat_body(&request).expect("body");
+            assert_eq!(body["service_tier"], "flex");
+            assert_eq!(body["prediction"], json!({"type": "content", "content": "x"}));
+        }
+    }
+
+    #[test]
     fn content_filter_chunks_without_delta_are_tolerated() {
         let prompt_filter = r#"{"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}"#;
         assert!(matches!(parse_chat_chunk(prompt_filter, "m"), Ok(StreamItem::Skip)));

@@ -34,6 +34,7 @@
 //! in docs/llm.md and docs/benchmarks.md (figures live there, where they are kept current).
 
 mod backend;
+pub mod constrained;
 mod cpu;
 mod error;
 pub mod model;

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nstream_backend::chat::FinishReason;
 use tokio::sync::mpsc;
 
+use crate::constrained::Constraint;
 use crate::model::{LlamaModel, LoraAdapter, SequenceCache, StepInput};
 use crate::sampling::{Sampler, SamplingParams, StopMatcher};
 use crate::tokenizer::{IncrementalDecoder, LlmTokenizer};
@@ -36,6 +37,10 @@ pub struct SequenceRequest {
     pub ignore_eos: bool,
     /// The LoRA adapter the sequence runs with (`None`: the bare base).
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// The constraint every sampled token must satisfy (JSON schema, tool-call grammar).
+    pub constraint: Option<Constraint>,
+    /// Report each generated token's log probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
     /// Where events go; dropping the receiver cancels the sequence.
     pub events: mpsc::UnboundedSender<SequenceEvent>,
 }
@@ -47,8 +52,11 @@ pub enum SequenceEvent {
     Text {
         /// The choice.
         index: u32,
-        /// The text (never empty).
+        /// The text (empty only when it carries the last log probabilities of the choice).
         text: String,
+        /// The tokens generated since the last event, with their log probabilities, when asked
+        /// for (empty otherwise).
+        logprobs: Vec<TokenLogprob>,
     },
     /// Choice `index` ended.
     Finished {
@@ -66,6 +74,45 @@ pub enum SequenceEvent {
         /// Why, for logs.
         message: String,
     },
+}
+
+/// A generated token's log probability under the model, and the most likely alternatives.
+///
+/// Log probabilities are a log-softmax of the model's own logits for that position, before
+/// penalties, `logit_bias`, temperature, top-k/top-p or a constraint's mask (what OpenAI and vLLM
+/// report): they say what the model thinks, not how the token was drawn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token chosen.
+    pub token: u32,
+    /// Its log probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax of `logits` at `token` and the `top` most likely entries.
+pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().filter(|logit| !logit.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().filter(|logit| !logit.is_nan()).map(|&logit| f64::from(logit - max).exp()).sum();
+    let log_total = f64::from(max) + sum.ln();
+    let logprob = |logit: f32| (f64::from(logit) - log_total) as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (id, &logit) in logits.iter().enumerate() {
+            if logit.is_nan() || (best.len() == top && best.last().is_some_and(|&(_, worst)| logit <= worst)) {
+                continue;
+            }
+            let position = best.partition_point(|&(_, value)| value >= logit);
+            best.insert(position, (id as u32, logit));
+            best.truncate(top);
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&logit| logprob(logit)),
+        top: best.into_iter().map(|(id, logit)| (id, logprob(logit))).collect(),
+    }
 }
 
 /// Sequences admitted together (a request's prompts × `n`).
@@ -116,6 +163,8 @@ struct Running {
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     generated: usize,
+    /// Log probabilities of tokens whose text has not been sent yet.
+    pending_logprobs: Vec<TokenLogprob>,
 }
 
 enum Outcome {
@@ -218,6 +267,7 @@ impl Scheduler {
                     decoder,
                     stop,
                     generated: 0,
+                    pending_logprobs: Vec::new(),
                 });
             }
             self.metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
@@ -252,8 +302,13 @@ impl Scheduler {
         }
         // When every sequence that samples this step is plain greedy, the tokens are picked
         // where the logits are: a GPU sends back one id per row, not the vocabulary.
-        let greedy =
-            plan.iter().all(|&(position, _, samples)| !samples || self.running[position].sampler.is_plain_greedy());
+        let greedy = plan.iter().all(|&(position, _, samples)| {
+            let sequence = &self.running[position];
+            !samples
+                || (sequence.sampler.is_plain_greedy()
+                    && sequence.request.constraint.is_none()
+                    && sequence.request.logprobs.is_none())
+        });
         let result = {
             let mut inputs: Vec<StepInput<'_>> = Vec::with_capacity(plan.len());
             let mut planned = plan.iter().peekable();
@@ -313,7 +368,14 @@ impl Scheduler {
                             sequence.sampler.record(token);
                             token
                         }
-                        Some(Pick::Logits(mut logits)) => sequence.sampler.sample(&mut logits),
+                        Some(Pick::Logits(logits)) => match choose(sequence, logits) {
+                            Ok(token) => token,
+                            Err(error) => {
+                                fail(&sequence.request, error.to_string());
+                                finished[position] = true;
+                                continue;
+                            }
+                        },
                         None => {
                             fail(&sequence.request, "the forward pass returned too few rows".into());
                             finished[position] = true;
@@ -375,9 +437,29 @@ fn fail(request: &SequenceRequest, message: String) {
     let _ = request.events.send(SequenceEvent::Failed { index: request.index, message });
 }
 
-fn send_text(sequence: &Running, text: String) {
-    if !text.is_empty() {
-        let _ = sequence.request.events.send(SequenceEvent::Text { index: sequence.request.index, text });
+/// Samples a sequence's next token from its row of logits: the constraint's mask, then the
+/// sampler; records the raw log probabilities first when asked for.
+fn choose(sequence: &mut Running, mut logits: Vec<f32>) -> crate::Result<u32> {
+    let raw = sequence.request.logprobs.map(|_| logits.clone());
+    if let Some(constraint) = &mut sequence.request.constraint {
+        constraint.mask(&mut logits)?;
+    }
+    let token = sequence.sampler.sample(&mut logits);
+    if let Some(constraint) = &mut sequence.request.constraint {
+        constraint.accept(token)?;
+    }
+    if let (Some(raw), Some(top)) = (raw, sequence.request.logprobs) {
+        sequence.pending_logprobs.push(token_logprob(&raw, token, top));
+    }
+    Ok(token)
+}
+
+/// Sends text with the log probabilities gathered since the last event; empty text is held
+/// back (its tokens' log probabilities go with the next text) unless `last`.
+fn send_text(sequence: &mut Running, text: String, last: bool) {
+    if !text.is_empty() || (last && !sequence.pending_logprobs.is_empty()) {
+        let logprobs = std::mem::take(&mut sequence.pending_logprobs);
+        let _ = sequence.request.events.send(SequenceEvent::Text { index: sequence.request.index, text, logprobs });
     }
 }
 
@@ -386,14 +468,17 @@ fn accept(sequence: &mut Running, token: u32, tokenizer: &LlmTokenizer) -> Outco
     sequence.generated += 1;
     let flush = |sequence: &mut Running| {
         let tail = sequence.decoder.finish(tokenizer).unwrap_or_default();
-        let (text, stopped) = sequence.stop.push(&tail);
-        send_text(sequence, text);
+        let (mut text, stopped) = sequence.stop.push(&tail);
         if !stopped {
-            let rest = sequence.stop.finish();
-            send_text(sequence, rest);
+            text.push_str(&sequence.stop.finish());
         }
+        send_text(sequence, text, true);
     };
     if !sequence.request.ignore_eos && tokenizer.stop_tokens().contains(&token) {
+        // The end token has no text; its log probability is not reported (as OpenAI's).
+        if sequence.request.logprobs.is_some() {
+            sequence.pending_logprobs.pop();
+        }
         flush(sequence);
         return Outcome::Finished(FinishReason::Stop);
     }
@@ -405,8 +490,13 @@ fn accept(sequence: &mut Running, token: u32, tokenizer: &LlmTokenizer) -> Outco
         }
     };
     let (text, stopped) = sequence.stop.push(&piece);
-    send_text(sequence, text);
+    send_text(sequence, text, stopped);
     if stopped {
+        return Outcome::Finished(FinishReason::Stop);
+    }
+    // A complete constrained answer ends here rather than one step later with an end token.
+    if sequence.request.constraint.as_ref().is_some_and(Constraint::is_finished) {
+        flush(sequence);
         return Outcome::Finished(FinishReason::Stop);
     }
     if sequence.generated >= sequence.request.max_new_tokens || sequence.cache.len() + 1 > sequence.cache.limit() {

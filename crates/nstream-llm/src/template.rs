@@ -18,11 +18,24 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// How a chat template's model writes a tool call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolSyntax {
+    /// Hermes / Qwen 2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one
+    /// block per call. Also what a template without tool support is taught by nstream.
+    Hermes,
+    /// Llama 3.1 / 3.2: `{"name": ..., "parameters": {...}}` as the whole answer (JSON tool
+    /// calling; `<|python_tag|>` may precede it).
+    Llama3Json,
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     environment: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    tool_syntax: ToolSyntax,
+    renders_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -127,7 +140,27 @@ impl ChatTemplate {
         environment
             .add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|error| Error::Template(error.to_string()))?;
-        Ok(Self { environment, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        // The call syntax is the one the template teaches the model (its own examples).
+        let tool_syntax = if source.contains("<tool_call>") {
+            ToolSyntax::Hermes
+        } else if source.contains("<|python_tag|>") || (source.contains("ipython") && source.contains("parameters")) {
+            ToolSyntax::Llama3Json
+        } else {
+            ToolSyntax::Hermes
+        };
+        let renders_tools = source.contains("tools");
+        Ok(Self { environment, bos_token: bos_token.into(), eos_token: eos_token.into(), tool_syntax, renders_tools })
+    }
+
+    /// The syntax the model writes tool calls in.
+    pub fn tool_syntax(&self) -> ToolSyntax {
+        self.tool_syntax
+    }
+
+    /// Whether the template itself describes `tools` to the model (else nstream does, in a
+    /// system message in the Hermes style).
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
     }
 
     /// ChatML ([`CHATML_TEMPLATE`]).

@@ -276,6 +276,11 @@ impl LlmTokenizer {
         self.add_bos
     }
 
+    /// The underlying Hugging Face tokenizer (for the constrained-decoding vocabulary).
+    pub(crate) fn hf_tokenizer(&self) -> &Tokenizer {
+        &self.inner
+    }
+
     /// The `tokenizer.ggml.pre` name the pre-tokenizer was chosen by (`tokenizer.json` for a
     /// Hugging Face tokenizer, whose pre-tokenizer is its own).
     pub fn pre_tokenizer_name(&self) -> &str {

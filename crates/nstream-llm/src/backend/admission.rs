@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use nstream_backend::chat::FinishReason;
+use nstream_backend::chat::{ChatMessage, FinishReason, Role};
 use nstream_backend::{ChatCompletionRequest, CompletionRequest, InputItem, StopSequences, Usage};
 use tokio::sync::mpsc;
 
 use super::LlmBackend;
+use super::structured::{self, ToolPlan};
+use crate::constrained::Constraint;
 use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
 use crate::scheduler::{Job, SequenceEvent, SequenceRequest};
@@ -26,6 +28,12 @@ pub(super) struct Generation {
     pub(super) sampling: SamplingParams,
     pub(super) stop: Vec<String>,
     pub(super) ignore_eos: bool,
+    /// What every choice's tokens must satisfy (each choice gets its own copy).
+    pub(super) constraint: Option<Constraint>,
+    /// Log probabilities asked for: `Some(top)`.
+    pub(super) logprobs: Option<usize>,
+    /// The tools of a chat request, for parsing calls out of the answers.
+    pub(super) tools: Option<ToolPlan>,
 }
 
 /// The receiving side of a submitted [`Generation`].
@@ -41,6 +49,7 @@ pub(super) struct ChoiceResult {
     pub(super) text: String,
     pub(super) finish_reason: Option<FinishReason>,
     pub(super) completion_tokens: usize,
+    pub(super) logprobs: Vec<crate::scheduler::TokenLogprob>,
 }
 
 impl LlmBackend {
@@ -106,6 +115,8 @@ impl LlmBackend {
                     sampling,
                     stop: generation.stop.clone(),
                     ignore_eos: generation.ignore_eos,
+                    constraint: generation.constraint.as_ref().map(Constraint::fresh_copy),
+                    logprobs: generation.logprobs,
                     events: sender.clone(),
                     adapter: self.adapter.clone(),
                 });
@@ -136,9 +147,10 @@ impl LlmBackend {
         let mut remaining = submitted.sequences;
         while remaining > 0 {
             match submitted.events.recv().await {
-                Some(SequenceEvent::Text { index, text }) => {
+                Some(SequenceEvent::Text { index, text, logprobs }) => {
                     if let Some(choice) = choices.get_mut(index as usize) {
                         choice.text.push_str(&text);
+                        choice.logprobs.extend(logprobs);
                     }
                 }
                 Some(SequenceEvent::Finished { index, reason, completion_tokens }) => {
@@ -158,11 +170,43 @@ impl LlmBackend {
 
     /// The prompt of a chat request (the rendered conversation), as ids.
     pub(super) async fn chat_generation(&self, request: &ChatCompletionRequest) -> Result<Generation> {
-        if request.logprobs == Some(true) {
-            return Err(Error::invalid_param("logprobs", "this model does not return log probabilities"));
-        }
-        let prompt = self.render_chat(&request.messages, request.tools.as_deref())?;
+        structured::check_text_only(request)?;
+        let logprobs = structured::chat_logprobs_count(request)?;
+        let uses_tools = request.tools.as_ref().is_some_and(|tools| !tools.is_empty()) || request.tool_choice.is_some();
+        let tools = if uses_tools {
+            let engine = self.constraint_engine()?;
+            structured::tool_plan(request, Some(&engine), self.template.tool_syntax())?
+        } else {
+            None
+        };
+        let prompt = match (&tools, request.tools.as_deref()) {
+            (Some(_), Some(definitions)) if self.template.renders_tools() => {
+                self.render_chat(&request.messages, Some(definitions))?
+            }
+            (Some(plan), Some(definitions)) => {
+                // The template knows nothing of tools: describe them in the system message.
+                let mut messages = request.messages.clone();
+                let description = plan.system_prompt(definitions);
+                match messages.first_mut() {
+                    Some(first) if matches!(first.role, Role::System | Role::Developer) => {
+                        let text = format!("{}\n\n{description}", first.text());
+                        *first = ChatMessage::new(first.role, text);
+                    }
+                    _ => messages.insert(0, ChatMessage::new(Role::System, description)),
+                }
+                self.render_chat(&messages, None)?
+            }
+            _ => self.render_chat(&request.messages, None)?,
+        };
         let ids = self.encode(prompt, false).await?;
+        let tool_constraint = match &tools {
+            Some(plan) => plan.constraint(self.constraint_engine()?.as_ref())?,
+            None => None,
+        };
+        let constraint = match tool_constraint {
+            Some(constraint) => Some(constraint),
+            None => structured::response_constraint(request.response_format.as_ref(), &|| self.constraint_engine())?,
+        };
         Ok(Generation {
             prompts: vec![ids],
             choices: request.choice_count(),
@@ -179,6 +223,9 @@ impl LlmBackend {
             ),
             stop: request.stop.as_ref().map(StopSequences::to_vec).unwrap_or_default(),
             ignore_eos: request.ignore_eos,
+            constraint,
+            logprobs,
+            tools,
         })
     }
 
@@ -187,8 +234,11 @@ impl LlmBackend {
         if request.suffix.as_deref().is_some_and(|suffix| !suffix.is_empty()) {
             return Err(Error::invalid_param("suffix", "this model does not support `suffix` (insert mode)"));
         }
-        if request.logprobs.is_some_and(|count| count > 0) {
-            return Err(Error::invalid_param("logprobs", "this model does not return log probabilities"));
+        if request.echo && request.logprobs.is_some() {
+            return Err(Error::invalid_param(
+                "logprobs",
+                "`logprobs` with `echo` (log probabilities of the prompt) is not supported by this model",
+            ));
         }
         if request.best_of.is_some_and(|best_of| best_of != request.n.unwrap_or(1)) {
             return Err(Error::invalid_param("best_of", "this model does not support `best_of` other than `n`"));
@@ -228,6 +278,9 @@ impl LlmBackend {
             ),
             stop: request.stop.as_ref().map(StopSequences::to_vec).unwrap_or_default(),
             ignore_eos: request.ignore_eos,
+            constraint: None,
+            logprobs: structured::completion_logprobs_count(request),
+            tools: None,
         };
         Ok((generation, texts))
     }

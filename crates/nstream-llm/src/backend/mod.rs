@@ -14,8 +14,9 @@ mod load;
 mod options;
 mod service;
 mod streaming;
+mod structured;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nstream_backend::chat::ChatMessage;
 use nstream_backend::unix_timestamp;
@@ -26,7 +27,8 @@ pub use device::DeviceSpec;
 pub use files::{SafetensorsFiles, end_ids};
 pub use options::{CUDA_PREFILL_CHUNK_TOKENS, LlmInfo, LlmOptions};
 
-use crate::error::Result;
+use crate::constrained::ConstraintEngine;
+use crate::error::{Error, Result};
 use crate::model::{LlamaModel, LoraAdapter};
 use crate::scheduler::{Job, LlmMetrics, Scheduler, SchedulerLimits};
 use crate::template::ChatTemplate;
@@ -58,6 +60,11 @@ pub struct LlmBackend {
     parent: Option<String>,
     /// Where the weights (or the adapter) came from (`/v1/models`' `root`).
     root: Option<String>,
+    /// The constrained-decoding engine, built on first use (its vocabulary trie costs time and
+    /// memory a model without structured requests never needs).
+    constraints: OnceLock<std::result::Result<Arc<ConstraintEngine>, String>>,
+    /// Each token's bytes, for log probabilities, built on first use.
+    vocabulary_bytes: OnceLock<Arc<Vec<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for LlmBackend {
@@ -111,6 +118,8 @@ impl LlmBackend {
             adapter: None,
             parent: None,
             root: None,
+            constraints: OnceLock::new(),
+            vocabulary_bytes: OnceLock::new(),
         })
     }
 
@@ -135,6 +144,9 @@ impl LlmBackend {
             adapter: Some(adapter),
             parent,
             root: None,
+            // The engine and the vocabulary depend on the tokenizer only: shared with the base.
+            constraints: self.constraints.clone(),
+            vocabulary_bytes: self.vocabulary_bytes.clone(),
         })
     }
 
@@ -206,6 +218,25 @@ impl LlmBackend {
     /// Whether the scheduler thread still takes requests.
     pub fn is_running(&self) -> bool {
         !self.sender.is_closed()
+    }
+
+    /// The constrained-decoding engine of this model's vocabulary (built on first call).
+    pub fn constraint_engine(&self) -> Result<Arc<ConstraintEngine>> {
+        self.constraints
+            .get_or_init(|| ConstraintEngine::new(&self.tokenizer).map(Arc::new).map_err(|error| error.to_string()))
+            .clone()
+            .map_err(Error::Unsupported)
+    }
+
+    /// Each token's bytes (built on first call).
+    fn vocabulary_bytes(&self) -> Arc<Vec<Vec<u8>>> {
+        Arc::clone(self.vocabulary_bytes.get_or_init(|| {
+            Arc::new(crate::constrained::vocabulary_bytes(&self.tokenizer).unwrap_or_else(|_| {
+                (0..self.tokenizer.vocab_size() as u32)
+                    .map(|id| self.tokenizer.decode(&[id], false).unwrap_or_default().into_bytes())
+                    .collect()
+            }))
+        }))
     }
 
     /// The chat prompt as text: the conversation rendered by the chat template, ready for the

@@ -14,6 +14,7 @@ use nstream_backend::{
 
 use super::LlmBackend;
 use super::streaming::event_stream;
+use super::structured::{self, ToolStream};
 use crate::error::Error;
 use crate::scheduler::SequenceEvent;
 
@@ -91,15 +92,34 @@ impl ModelBackend for LlmBackend {
     async fn chat(&self, request: ChatCompletionRequest) -> nstream_backend::Result<ChatCompletionResponse> {
         request.validate()?;
         let generation = self.chat_generation(&request).await?;
+        let tools = generation.tools.clone();
+        let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());
         let (choices, usage) = Self::collect(self.submit(generation)?).await?;
         let choices = choices
             .into_iter()
             .enumerate()
-            .map(|(index, choice)| ChatChoice {
-                index: index as u32,
-                message: AssistantMessage::text(choice.text),
-                logprobs: None,
-                finish_reason: choice.finish_reason,
+            .map(|(index, choice)| {
+                let (content, calls) = match &tools {
+                    Some(plan) => plan.parse(&choice.text),
+                    None => (Some(choice.text), Vec::new()),
+                };
+                let finish_reason = match choice.finish_reason {
+                    Some(FinishReason::Stop) if !calls.is_empty() => Some(FinishReason::ToolCalls),
+                    other => other,
+                };
+                ChatChoice {
+                    index: index as u32,
+                    message: AssistantMessage {
+                        role: Role::Assistant,
+                        content,
+                        tool_calls: (!calls.is_empty()).then_some(calls),
+                        refusal: None,
+                    },
+                    logprobs: bytes
+                        .as_ref()
+                        .map(|bytes| structured::chat_logprobs(&self.tokenizer, bytes, &choice.logprobs)),
+                    finish_reason,
+                }
             })
             .collect();
         Ok(ChatCompletionResponse::new(format!("chatcmpl-{}", response_id()), &self.name, choices, Some(usage)))
@@ -108,7 +128,12 @@ impl ModelBackend for LlmBackend {
     async fn chat_stream(&self, request: ChatCompletionRequest) -> nstream_backend::Result<ChatCompletionStream> {
         request.validate()?;
         let generation = self.chat_generation(&request).await?;
+        let tools = generation.tools.clone();
+        let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());
         let submitted = self.submit(generation)?;
+        let tool_streams: std::sync::Mutex<Vec<ToolStream>> =
+            std::sync::Mutex::new((0..submitted.sequences).map(|_| ToolStream::default()).collect());
+        let tokenizer = std::sync::Arc::clone(&self.tokenizer);
         let id = format!("chatcmpl-{}", response_id());
         let created = unix_timestamp();
         let model = self.name.clone();
@@ -132,13 +157,80 @@ impl ModelBackend for LlmBackend {
             .collect();
         let to_chunk = {
             let chunk = chunk.clone();
+            // Text (and calls parsed out of it when there are tools) of one event as chunks.
+            let pieces = move |index: u32, text: &str, last: bool| -> (String, Vec<serde_json::Value>) {
+                let Some(plan) = &tools else {
+                    return (text.to_owned(), Vec::new());
+                };
+                let mut streams = tool_streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let Some(stream) = streams.get_mut(index as usize) else {
+                    return (text.to_owned(), Vec::new());
+                };
+                let first = stream.calls;
+                let output = stream.push(plan, text, last);
+                let calls = output
+                    .calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(offset, call)| {
+                        serde_json::json!({
+                            "index": first + offset,
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.function.name, "arguments": call.function.arguments},
+                        })
+                    })
+                    .collect();
+                (output.text, calls)
+            };
+            let made_calls = std::sync::Mutex::new(vec![false; submitted.sequences]);
             move |event: &SequenceEvent| match event {
-                SequenceEvent::Text { index, text } => {
-                    let delta = ChatDelta { content: Some(text.clone()), ..ChatDelta::default() };
-                    vec![chunk(vec![choice(*index, delta, None)])]
+                SequenceEvent::Text { index, text, logprobs } => {
+                    let (text, calls) = pieces(*index, text, false);
+                    let logprobs = bytes
+                        .as_ref()
+                        .filter(|_| !logprobs.is_empty())
+                        .map(|bytes| structured::chat_logprobs(&tokenizer, bytes, logprobs));
+                    let mut chunks = Vec::new();
+                    if !text.is_empty() || logprobs.is_some() {
+                        let delta = ChatDelta { content: Some(text), ..ChatDelta::default() };
+                        chunks.push(chunk(vec![ChatChunkChoice { logprobs, ..choice(*index, delta, None) }]));
+                    }
+                    if !calls.is_empty() {
+                        if let Some(flag) = made_calls
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get_mut(*index as usize)
+                        {
+                            *flag = true;
+                        }
+                        let delta = ChatDelta { tool_calls: Some(calls), ..ChatDelta::default() };
+                        chunks.push(chunk(vec![choice(*index, delta, None)]));
+                    }
+                    chunks
                 }
                 SequenceEvent::Finished { index, reason, .. } => {
-                    vec![chunk(vec![choice(*index, ChatDelta::default(), Some(*reason))])]
+                    let (text, calls) = pieces(*index, "", true);
+                    let mut chunks = Vec::new();
+                    if !text.is_empty() {
+                        let delta = ChatDelta { content: Some(text), ..ChatDelta::default() };
+                        chunks.push(chunk(vec![choice(*index, delta, None)]));
+                    }
+                    let mut called = made_calls
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get(*index as usize)
+                        .copied()
+                        .unwrap_or(false);
+                    if !calls.is_empty() {
+                        called = true;
+                        let delta = ChatDelta { tool_calls: Some(calls), ..ChatDelta::default() };
+                        chunks.push(chunk(vec![choice(*index, delta, None)]));
+                    }
+                    let reason =
+                        if called && *reason == FinishReason::Stop { FinishReason::ToolCalls } else { *reason };
+                    chunks.push(chunk(vec![choice(*index, ChatDelta::default(), Some(reason))]));
+                    chunks
                 }
                 SequenceEvent::Failed { .. } => Vec::new(),
             }
@@ -153,6 +245,7 @@ impl ModelBackend for LlmBackend {
         request.validate()?;
         let (generation, texts) = self.completion_generation(&request).await?;
         let choices_per_prompt = generation.choices as usize;
+        let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());
         let (choices, usage) = Self::collect(self.submit(generation).map_err(for_prompt)?).await?;
         let choices = choices
             .into_iter()
@@ -162,7 +255,9 @@ impl ModelBackend for LlmBackend {
                 CompletionChoice {
                     index: index as u32,
                     text: format!("{prefix}{}", choice.text),
-                    logprobs: None,
+                    logprobs: bytes
+                        .as_ref()
+                        .map(|bytes| structured::completion_logprobs(bytes, &choice.logprobs, prefix.len())),
                     finish_reason: choice.finish_reason,
                 }
             })
@@ -180,7 +275,9 @@ impl ModelBackend for LlmBackend {
         request.validate()?;
         let (generation, texts) = self.completion_generation(&request).await?;
         let choices_per_prompt = generation.choices as usize;
+        let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());
         let submitted = self.submit(generation).map_err(for_prompt)?;
+        let offsets = std::sync::Mutex::new(vec![0usize; submitted.sequences]);
         let id = format!("cmpl-{}", response_id());
         let created = unix_timestamp();
         let model = self.name.clone();
@@ -198,7 +295,20 @@ impl ModelBackend for LlmBackend {
         let to_chunk = {
             let chunk = chunk.clone();
             move |event: &SequenceEvent| match event {
-                SequenceEvent::Text { index, text } => vec![chunk(*index, text.clone(), None)],
+                SequenceEvent::Text { index, text, logprobs } => {
+                    let mut response = chunk(*index, text.clone(), None);
+                    if let Some(bytes) = &bytes {
+                        let mut offsets = offsets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let offset = offsets.get(*index as usize).copied().unwrap_or(0);
+                        if let Some(choice) = response.choices.first_mut() {
+                            choice.logprobs = Some(structured::completion_logprobs(bytes, logprobs, offset));
+                        }
+                        if let Some(slot) = offsets.get_mut(*index as usize) {
+                            *slot += text.len();
+                        }
+                    }
+                    vec![response]
+                }
                 SequenceEvent::Finished { index, reason, .. } => vec![chunk(*index, String::new(), Some(*reason))],
                 SequenceEvent::Failed { .. } => Vec::new(),
             }

