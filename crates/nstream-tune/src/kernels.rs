@@ -80,8 +80,8 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
     let (a_rest, b_rest) = (a_chunks.remainder(), b_chunks.remainder());
     for (x, y) in a_chunks.zip(b_chunks) {
-        for lane in 0..8 {
-            sums[lane] += x[lane] * y[lane];
+        for ((sum, &a), &b) in sums.iter_mut().zip(x).zip(y) {
+            *sum += a * b;
         }
     }
     let mut total = T::zero();
@@ -648,10 +648,12 @@ impl Attention {
                                         self.probabilities(&q, &k, position, &mut probabilities);
                                         let g_row = &g[position * dim..(position + 1) * dim];
                                         let mut weighted = T::zero();
-                                        for column in 0..=position {
-                                            let d = dot(g_row, &v[column * dim..(column + 1) * dim]);
-                                            scores[column] = d;
-                                            weighted += probabilities[column] * d;
+                                        for ((score, &p), value) in
+                                            scores.iter_mut().zip(&probabilities[..=position]).zip(v.chunks_exact(dim))
+                                        {
+                                            let d = dot(g_row, value);
+                                            *score = d;
+                                            weighted += p * d;
                                         }
                                         let q_row = &q[position * dim..(position + 1) * dim];
                                         let query_row = &mut query_gradient[position * dim..(position + 1) * dim];
