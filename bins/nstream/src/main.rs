@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         Command::Up(args) => nstream_providers::pin_candle_threads(args.serve.threads),
         Command::Chat(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Embed(_) | Command::Generate(_) => nstream_providers::pin_candle_threads(None),
-        Command::Finetune(args) => nstream_providers::pin_candle_threads(args.threads),
+        Command::Finetune(args) => nstream_tune::pin_training_threads(args.threads),
         Command::Eval(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Distill(args) => nstream_providers::pin_candle_threads(args.threads),
         Command::Kb(args) => match &args.command {

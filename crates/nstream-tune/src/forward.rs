@@ -17,6 +17,7 @@ use nstream_llm::model::{LlamaConfig, RopeScaling};
 use nstream_peft::Module;
 
 use crate::error::{Error, Result};
+use crate::kernels::{Attention, OutputLoss, RmsNorm, SwiGlu};
 
 /// How LoRA adapts the target modules.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,6 +61,8 @@ pub struct TrainModel {
     inverse_frequencies: Vec<f32>,
     device: Device,
     dtype: DType,
+    /// Whether the forward runs the fused CPU kernels (else the composite reference).
+    fused: bool,
 }
 
 /// Randomness of one forward pass (LoRA dropout): `None` is evaluation.
@@ -276,7 +279,35 @@ impl TrainModel {
             }
         }
         let inverse_frequencies = inverse_frequencies(&config);
-        Ok(Self { config, weights, trainable, lora: adapters, lora_spec: lora, inverse_frequencies, device, dtype })
+        let fused = device.is_cpu() && matches!(dtype, DType::F32 | DType::F64);
+        Ok(Self {
+            config,
+            weights,
+            trainable,
+            lora: adapters,
+            lora_spec: lora,
+            inverse_frequencies,
+            device,
+            dtype,
+            fused,
+        })
+    }
+
+    /// Chooses between the fused CPU kernels (the default on the CPU in f32 and f64) and the
+    /// forward composed of candle's differentiable operations (the reference, and the path on
+    /// other devices). The two compute the same function; the tests compare them.
+    pub fn with_fused_kernels(mut self, fused: bool) -> Result<Self> {
+        if fused && !(self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64)) {
+            return Err(Error::Tensor("the fused training kernels run on the CPU in f32 or f64".into()));
+        }
+        self.fused = fused;
+        Ok(self)
+    }
+
+    /// RMSNorm of `(rows, hidden)` rows.
+    fn norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        if self.fused { Ok(x.contiguous()?.apply_op2(weight, RmsNorm { eps })?) } else { rms_norm(x, weight, eps) }
     }
 
     /// The hyper-parameters.
@@ -376,7 +407,7 @@ impl TrainModel {
             Tensor::arange(0u32, length as u32, &self.device)?.to_dtype(DType::F32)?.reshape((length, 1))?;
         let angles = positions.matmul(&frequencies)?;
         let angles = Tensor::cat(&[&angles, &angles], 1)?;
-        let (cos, sin) = (angles.cos()?.to_dtype(self.dtype)?, angles.sin()?.to_dtype(self.dtype)?);
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
         let mask: Vec<f32> = (0..length * length)
             .map(|index| if index % length > index / length { f32::NEG_INFINITY } else { 0.0 })
             .collect();
@@ -386,40 +417,64 @@ impl TrainModel {
             dropout.map(|DropoutSeed(seed)| seed.wrapping_add((layer * 8 + module as usize) as u64))
         };
 
+        let (cos_table, sin_table) = if self.fused {
+            (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
+
         for layer in 0..config.layers {
             let name = |part: &str| format!("model.layers.{layer}.{part}");
-            let normed = rms_norm(&hidden, self.weight(&name("input_layernorm.weight"))?, config.rms_norm_eps)?;
-            let split = |x: Tensor, count: usize| -> Result<Tensor> {
-                Ok(x.reshape((rows, length, count, head_dim))?.transpose(1, 2)?.contiguous()?)
+            let normed = self.norm(&hidden, self.weight(&name("input_layernorm.weight"))?)?;
+            let queries = self.linear(&normed, layer, Module::QProj, seed(layer, Module::QProj))?;
+            let keys = self.linear(&normed, layer, Module::KProj, seed(layer, Module::KProj))?;
+            let values = self.linear(&normed, layer, Module::VProj, seed(layer, Module::VProj))?;
+            let attended = if self.fused {
+                let attention = Attention {
+                    batch: rows,
+                    length,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    scale,
+                    cos: cos_table.clone(),
+                    sin: sin_table.clone(),
+                };
+                queries.contiguous()?.apply_op3(&keys.contiguous()?, &values.contiguous()?, attention)?
+            } else {
+                let split = |x: Tensor, count: usize| -> Result<Tensor> {
+                    Ok(x.reshape((rows, length, count, head_dim))?.transpose(1, 2)?.contiguous()?)
+                };
+                let queries = rope(&split(queries, heads)?, &cos, &sin)?;
+                let keys = rope(&split(keys, kv_heads)?, &cos, &sin)?;
+                let values = split(values, kv_heads)?;
+                // Grouped-query attention: each key/value head serves `group` query heads.
+                let repeat = |x: Tensor| -> Result<Tensor> {
+                    if group == 1 {
+                        return Ok(x);
+                    }
+                    Ok(x.unsqueeze(2)?
+                        .broadcast_as((rows, kv_heads, group, length, head_dim))?
+                        .reshape((rows, heads, length, head_dim))?)
+                };
+                let (keys, values) = (repeat(keys)?, repeat(values)?);
+                let scores = (queries.matmul(&keys.t()?)? * scale)?.broadcast_add(&mask)?;
+                let weights = softmax_last_dim(&scores)?;
+                weights.matmul(&values)?.transpose(1, 2)?.contiguous()?.reshape((rows * length, heads * head_dim))?
             };
-            let queries = split(self.linear(&normed, layer, Module::QProj, seed(layer, Module::QProj))?, heads)?;
-            let keys = split(self.linear(&normed, layer, Module::KProj, seed(layer, Module::KProj))?, kv_heads)?;
-            let values = split(self.linear(&normed, layer, Module::VProj, seed(layer, Module::VProj))?, kv_heads)?;
-            let queries = rope(&queries, &cos, &sin)?;
-            let keys = rope(&keys, &cos, &sin)?;
-            // Grouped-query attention: each key/value head serves `group` query heads.
-            let repeat = |x: Tensor| -> Result<Tensor> {
-                if group == 1 {
-                    return Ok(x);
-                }
-                Ok(x.unsqueeze(2)?
-                    .broadcast_as((rows, kv_heads, group, length, head_dim))?
-                    .reshape((rows, heads, length, head_dim))?)
-            };
-            let (keys, values) = (repeat(keys)?, repeat(values)?);
-            let scores = (queries.matmul(&keys.t()?)? * scale)?.broadcast_add(&mask)?;
-            let weights = softmax_last_dim(&scores)?;
-            let attended =
-                weights.matmul(&values)?.transpose(1, 2)?.contiguous()?.reshape((rows * length, heads * head_dim))?;
             hidden = (self.linear(&attended, layer, Module::OProj, seed(layer, Module::OProj))? + &hidden)?;
-            let normed =
-                rms_norm(&hidden, self.weight(&name("post_attention_layernorm.weight"))?, config.rms_norm_eps)?;
+            let normed = self.norm(&hidden, self.weight(&name("post_attention_layernorm.weight"))?)?;
             let gate = self.linear(&normed, layer, Module::GateProj, seed(layer, Module::GateProj))?;
             let up = self.linear(&normed, layer, Module::UpProj, seed(layer, Module::UpProj))?;
-            let activated = (silu(&gate)? * up)?;
+            let activated = if self.fused {
+                gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?
+            } else {
+                (silu(&gate)? * up)?
+            };
             hidden = (self.linear(&activated, layer, Module::DownProj, seed(layer, Module::DownProj))? + &hidden)?;
         }
-        rms_norm(&hidden, self.weight("model.norm.weight")?, config.rms_norm_eps)
+        self.norm(&hidden, self.weight("model.norm.weight")?)
     }
 
     /// `x W^T`: through [`FrozenLinear`] when `W` is frozen (LoRA) on the CPU, else candle's
@@ -455,6 +510,15 @@ impl TrainModel {
         let hidden = self.hidden_states(batch, dropout)?;
         let rows = Tensor::from_vec(batch.target_rows.clone(), batch.target_rows.len(), &self.device)?;
         let selected = hidden.index_select(&rows, 0)?;
+        if self.fused {
+            let head = self.output_head()?;
+            let loss = OutputLoss {
+                weight: head.clone(),
+                targets: batch.targets.clone(),
+                logits: std::sync::Mutex::new(None),
+            };
+            return Ok(selected.contiguous()?.apply_op2(head, loss)?.sum_all()?);
+        }
         let logits = self.frozen_or_trained_product(&selected, self.output_head()?)?;
         let max = logits.max_keepdim(D::Minus1)?.detach();
         let shifted = logits.broadcast_sub(&max)?;

@@ -17,13 +17,16 @@ pub mod curve;
 pub mod data;
 mod error;
 pub mod forward;
+mod kernels;
 pub mod optim;
 mod progress;
 pub mod report;
 pub mod settings;
+pub mod threads;
 pub mod train;
 
 pub use base::{BaseModel, Provenance};
 pub use error::{Error, Result};
 pub use settings::{Method, ProgressMode, Settings};
+pub use threads::pin_training_threads;
 pub use train::{Stop, Summary, finetune};

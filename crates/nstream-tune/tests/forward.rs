@@ -255,3 +255,76 @@ fn lora_starts_as_peft_does() {
         assert!(pair.b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&value| value == 0.0));
     }
 }
+
+/// The loss and every trainable tensor's gradient.
+fn loss_and_gradients(model: &TrainModel, batch: &Batch) -> (f64, Vec<(String, Vec<f64>)>) {
+    let loss = model.summed_loss(batch, Some(DropoutSeed(4))).unwrap();
+    let gradients = loss.backward().unwrap();
+    let named = model
+        .trainable()
+        .iter()
+        .map(|(name, var)| {
+            let gradient = gradients.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            (name.clone(), gradient.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+        })
+        .collect();
+    (loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(), named)
+}
+
+/// Compares the fused CPU kernels with the composite forward of candle operations (the
+/// reference) on `make()`'s model: loss and gradients within `tolerance`, relative to the
+/// largest entry of each gradient.
+fn check_fused_against_composite(make: &dyn Fn() -> TrainModel, batch: &Batch, tolerance: f64) {
+    let fused = make();
+    let composite = make().with_fused_kernels(false).unwrap();
+    let (fused_loss, fused_gradients) = loss_and_gradients(&fused, batch);
+    let (composite_loss, composite_gradients) = loss_and_gradients(&composite, batch);
+    assert!(
+        (fused_loss - composite_loss).abs() <= tolerance * composite_loss.abs(),
+        "loss {fused_loss} vs {composite_loss}"
+    );
+    for ((name, ours), (_, reference)) in fused_gradients.iter().zip(&composite_gradients) {
+        let scale = reference.iter().fold(0.0f64, |max, value| max.max(value.abs()));
+        assert!(scale > 0.0, "{name}: a zero reference gradient");
+        let error = ours.iter().zip(reference).fold(0.0f64, |max, (a, b)| max.max((a - b).abs())) / scale;
+        assert!(error <= tolerance, "{name}: fused gradient differs by {error} of its largest entry");
+    }
+}
+
+#[test]
+fn the_fused_kernels_compute_the_composite_forward_and_its_gradients() {
+    let tokens = [1u32, 5, 9, 2, 12, 7, 3, 4, 8];
+    let mask = [false, false, true, true, false, true, true, true, true];
+    let batch = Batch::new(&[(&tokens, &mask), (&tokens[..5], &mask[..5]), (&tokens[2..], &mask[2..])]);
+    // f64, full fine-tuning (norm weights, embeddings and biases trainable) and LoRA everywhere.
+    check_fused_against_composite(&|| tiny_random_model(None), &batch, 1e-12);
+    let lora_model = || {
+        let model = tiny_random_model(Some(LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.1,
+            rslora: false,
+            targets: Module::ALL.to_vec(),
+        }));
+        let mut rng = fastrand::Rng::with_seed(8);
+        for pair in model.lora().values() {
+            let values: Vec<f64> = (0..pair.b.elem_count()).map(|_| rng.f64() - 0.5).collect();
+            pair.b.set(&Tensor::from_vec(values, pair.b.dims(), &Device::Cpu).unwrap()).unwrap();
+        }
+        model
+    };
+    check_fused_against_composite(&lora_model, &batch, 1e-12);
+    // f32 on the committed checkpoints (grouped-query attention in qwen2, tied embeddings).
+    let batch_mask = mask_after(12, 4);
+    let short_mask = mask_after(7, 2);
+    let batch = Batch::new(&[(&TOKENS, &batch_mask), (&TOKENS[..7], &short_mask)]);
+    for (variant, lora_spec) in [("qwen2", Some(lora(&Module::ALL))), ("tied", None), ("f32", None)] {
+        let make = || {
+            let base = BaseModel::from_safetensors_dir(&fixture(variant), &Device::Cpu, DType::F32).expect("base");
+            let model = TrainModel::new(base.config.clone(), base.weights, lora_spec.clone(), 5).expect("model");
+            randomise_b(&model, 11);
+            model
+        };
+        check_fused_against_composite(&make, &batch, 1e-4);
+    }
+}
