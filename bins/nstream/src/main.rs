@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Command::Embed(_) | Command::Generate(_) => nstream_providers::pin_candle_threads(None),
         Command::Finetune(args) => nstream_tune::pin_training_threads(args.threads),
         Command::Eval(args) => nstream_providers::pin_candle_threads(args.threads),
-        Command::Distill(args) => nstream_providers::pin_candle_threads(args.threads),
+        Command::Distill(args) => nstream_tune::pin_training_threads(args.threads),
         Command::Kb(args) => match &args.command {
             commands::kb::KbCommand::Index(index) => nstream_providers::pin_candle_threads(index.threads),
             commands::kb::KbCommand::Search(search) => nstream_providers::pin_candle_threads(search.threads),
