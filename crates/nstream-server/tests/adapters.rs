@@ -83,7 +83,8 @@ async fn adapters_load_list_with_their_parent_and_unload_when_idle() {
     let app = app_with(vec![base("smollm2", "org/smollm2", &in_use)], ServerConfig::default());
 
     // One base that can take adapters (the fake embedding model cannot): chosen without base_model.
-    let response = app.post_json("/v1/load_lora_adapter", json!({"lora_name": "support", "lora_path": "/a/support"})).await;
+    let response =
+        app.post_json("/v1/load_lora_adapter", json!({"lora_name": "support", "lora_path": "/a/support"})).await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.text());
     assert_eq!(response.json()["base_model"], "smollm2");
     let models = app.get("/v1/models").await.json();
@@ -142,8 +143,10 @@ async fn the_base_must_be_named_when_several_could_take_the_adapter() {
 #[tokio::test]
 async fn loading_and_unloading_need_the_api_key() {
     let in_use = Arc::new(AtomicUsize::new(0));
-    let app =
-        app_with(vec![base("smollm2", "org/smollm2", &in_use)], ServerConfig::default().with_api_key(ApiKey::new("sk-k")));
+    let app = app_with(
+        vec![base("smollm2", "org/smollm2", &in_use)],
+        ServerConfig::default().with_api_key(ApiKey::new("sk-k")),
+    );
     for (path, body) in [
         ("/v1/load_lora_adapter", json!({"lora_name": "a", "lora_path": "/a"})),
         ("/v1/unload_lora_adapter", json!({"lora_name": "a"})),
