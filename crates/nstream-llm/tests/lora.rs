@@ -43,6 +43,7 @@ fn shapes(hidden: usize, q: usize, kv: usize, intermediate: usize) -> BTreeMap<M
 }
 
 /// An adapter with random non-zero A and B on `layers` × `modules`.
+#[allow(clippy::too_many_arguments, reason = "a test helper whose call sites read best flat")]
 fn random_adapter(
     seed: u64,
     rank: usize,

@@ -30,7 +30,7 @@ pub(crate) struct LoadAdapter {
     base_model: Option<String>,
     /// vLLM's numeric id; accepted and ignored.
     #[serde(default)]
-    #[allow(dead_code)]
+    #[allow(dead_code, reason = "accepted for vLLM clients, not used")]
     lora_int_id: Option<u64>,
 }
 
@@ -42,7 +42,7 @@ pub(crate) struct UnloadAdapter {
     lora_name: String,
     /// vLLM's numeric id; accepted and ignored.
     #[serde(default)]
-    #[allow(dead_code)]
+    #[allow(dead_code, reason = "accepted for vLLM clients, not used")]
     lora_int_id: Option<u64>,
 }
 
