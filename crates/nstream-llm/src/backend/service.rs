@@ -115,9 +115,7 @@ impl ModelBackend for LlmBackend {
                         tool_calls: (!calls.is_empty()).then_some(calls),
                         refusal: None,
                     },
-                    logprobs: bytes
-                        .as_ref()
-                        .map(|bytes| structured::chat_logprobs(&self.tokenizer, bytes, &choice.logprobs)),
+                    logprobs: bytes.as_ref().map(|bytes| structured::chat_logprobs(bytes, &choice.logprobs)),
                     finish_reason,
                 }
             })
@@ -133,7 +131,6 @@ impl ModelBackend for LlmBackend {
         let submitted = self.submit(generation)?;
         let tool_streams: std::sync::Mutex<Vec<ToolStream>> =
             std::sync::Mutex::new((0..submitted.sequences).map(|_| ToolStream::default()).collect());
-        let tokenizer = std::sync::Arc::clone(&self.tokenizer);
         let id = format!("chatcmpl-{}", response_id());
         let created = unix_timestamp();
         let model = self.name.clone();
@@ -190,7 +187,7 @@ impl ModelBackend for LlmBackend {
                     let logprobs = bytes
                         .as_ref()
                         .filter(|_| !logprobs.is_empty())
-                        .map(|bytes| structured::chat_logprobs(&tokenizer, bytes, logprobs));
+                        .map(|bytes| structured::chat_logprobs(bytes, logprobs));
                     let mut chunks = Vec::new();
                     if !text.is_empty() || logprobs.is_some() {
                         let delta = ChatDelta { content: Some(text), ..ChatDelta::default() };

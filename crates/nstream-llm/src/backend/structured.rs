@@ -10,7 +10,6 @@ use crate::constrained::{Constraint, ConstraintEngine};
 use crate::error::{Error, Result};
 use crate::scheduler::TokenLogprob;
 use crate::template::ToolSyntax;
-use crate::tokenizer::LlmTokenizer;
 
 /// A function the model may call.
 #[derive(Clone, Debug)]
@@ -388,11 +387,10 @@ impl ToolStream {
 }
 
 /// The chat `logprobs` of some tokens: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
-pub(super) fn chat_logprobs(tokenizer: &LlmTokenizer, bytes: &[Vec<u8>], tokens: &[TokenLogprob]) -> Value {
+pub(super) fn chat_logprobs(bytes: &[Vec<u8>], tokens: &[TokenLogprob]) -> Value {
     let entry = |id: u32, logprob: f32| -> (String, Value, Value) {
         let token_bytes = bytes.get(id as usize).cloned().unwrap_or_default();
         let text = String::from_utf8_lossy(&token_bytes).into_owned();
-        let _ = tokenizer;
         (text, json!(logprob_value(logprob)), json!(token_bytes))
     };
     let content: Vec<Value> = tokens
