@@ -561,7 +561,7 @@ impl Attention {
             sum += *p;
         }
         for p in probabilities[..=position].iter_mut() {
-            *p = *p / sum;
+            *p /= sum;
         }
     }
 

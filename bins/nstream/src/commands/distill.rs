@@ -450,6 +450,9 @@ fn student_resource(plan: &Plan, folder: &RunFolder) -> anyhow::Result<BaseModel
     Ok(student)
 }
 
+/// The reference answers' loss under a model.
+type Loss = Arc<dyn ReferenceLoss>;
+
 /// Stage 4: the base, the student and the teacher answer the held-out inputs, scored against the
 /// teacher's answers.
 fn eval(
@@ -469,17 +472,16 @@ fn eval(
         .context("spec.evaluation.scorers")?;
     let base = ModelResource::BaseModel(plan.student.clone());
     let adapter = plan.spec.fine_tuning.as_ref().and_then(|tuning| tuning.method) != Some(FineTuningMethod::Full);
-    let (base_loss, student_loss): (Option<Arc<dyn ReferenceLoss>>, Option<Arc<dyn ReferenceLoss>>) =
-        if args.no_reference_loss {
-            (None, None)
+    let (base_loss, student_loss): (Option<Loss>, Option<Loss>) = if args.no_reference_loss {
+        (None, None)
+    } else {
+        let student_loss: Loss = if adapter {
+            Arc::new(TrainingForwardLoss::with_adapter(&base, &folder.student())?)
         } else {
-            let student_loss: Arc<dyn ReferenceLoss> = if adapter {
-                Arc::new(TrainingForwardLoss::with_adapter(&base, &folder.student())?)
-            } else {
-                Arc::new(TrainingForwardLoss::load(&ModelResource::BaseModel(student.clone()))?)
-            };
-            (Some(Arc::new(TrainingForwardLoss::load(&base)?)), Some(student_loss))
+            Arc::new(TrainingForwardLoss::load(&ModelResource::BaseModel(student.clone()))?)
         };
+        (Some(Arc::new(TrainingForwardLoss::load(&base)?)), Some(student_loss))
+    };
     let teacher_loss = None;
     let mut models = Vec::new();
     let mut limits = None;
