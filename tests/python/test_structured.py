@@ -132,7 +132,9 @@ def test_json_schema_strict_answers_validate_on_100_prompts_at_temperature_1(cli
             model=MODEL,
             messages=[{"role": "user", "content": prompt}],
             temperature=1,
-            max_tokens=64,
+            # Room for the longest answer the schema allows (10 and 6 characters of any script,
+            # several tokens each): a limit the answer can hit would cut it, constrained or not.
+            max_tokens=160,
             response_format={"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON}},
         )
         choice = response.choices[0]
