@@ -16,24 +16,12 @@ from typing import Iterator
 import openai
 import pytest
 
-from test_openai_client import ROOT, RunningServer, nstream_server
+from test_openai_client import ROOT, RunningServer, built_binary, nstream_server
 
 sys.path.insert(0, str(ROOT / "examples" / "distill"))
 import orders  # noqa: E402
 
 INPUTS = 20
-
-
-def nstream_binary() -> Path:
-    explicit = os.environ.get("NSTREAM_BIN")
-    if explicit:
-        path = Path(explicit)
-    else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        path = Path(os.environ.get("CARGO_TARGET_DIR", cache / "nstream-target")) / "debug" / "nstream"
-    if not path.is_file():
-        pytest.fail(f"{path} does not exist: run `cargo build -p nstream` or set NSTREAM_BIN", pytrace=False)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +49,7 @@ def student_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         (folder / "orders.jsonl").write_text("\n".join(inputs) + "\n")
         env = dict(os.environ, HF_HUB_OFFLINE="1", RUST_LOG="warn")
         done = subprocess.run(
-            [str(nstream_binary()), "distill", "-f", "distill.yaml", "--progress", "quiet", "--no-reference-loss"],
+            [str(built_binary("nstream", "nstream", "NSTREAM_BIN")), "distill", "-f", "distill.yaml", "--progress", "quiet", "--no-reference-loss"],
             cwd=folder,
             env=env,
             capture_output=True,

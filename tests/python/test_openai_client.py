@@ -46,20 +46,22 @@ STOP_TIMEOUT_S = 30.0
 SERVING_MARKER = "serving on http://"
 
 
-def server_binary() -> Path:
-    explicit = os.environ.get("NSTREAM_SERVER_BIN")
+def built_binary(name: str, package: str, variable: str) -> Path:
+    """A debug binary of this workspace: `variable` names it, else the cargo target folder holds it."""
+    explicit = os.environ.get(variable)
     if explicit:
         path = Path(explicit)
     else:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         target = Path(os.environ.get("CARGO_TARGET_DIR", cache / "nstream-target"))
-        path = target / "debug" / "nstream-server"
+        path = target / "debug" / name
     if not path.is_file():
-        pytest.fail(
-            f"{path} does not exist: run `cargo build -p nstream-server-bin` or set NSTREAM_SERVER_BIN",
-            pytrace=False,
-        )
+        pytest.fail(f"{path} does not exist: run `cargo build -p {package}` or set {variable}", pytrace=False)
     return path
+
+
+def server_binary() -> Path:
+    return built_binary("nstream-server", "nstream-server-bin", "NSTREAM_SERVER_BIN")
 
 
 class RunningServer:

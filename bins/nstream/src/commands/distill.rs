@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use candle_core::Device;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use nstream_core::{BaseModel, Distillation, DistillationSpec, FineTuningMethod, LoadedDocument, ModelResource};
 use nstream_pipeline::eval::{EvalReport, EvalSettings, ReferenceLoss, Role, Scorer, evaluate};
 use nstream_pipeline::{
@@ -21,7 +21,7 @@ use nstream_pipeline::{
 use nstream_providers::{LoadOptions, SecretLookup, load_model};
 use serde::{Deserialize, Serialize};
 
-use super::eval::{TrainingForwardLoss, eval_model};
+use super::eval::{OutputFormat, TrainingForwardLoss, eval_model};
 use super::finetune::{ProgressArg, load_training_base};
 
 /// Arguments of `nstream distill`.
@@ -52,15 +52,6 @@ pub struct DistillArgs {
     /// How the result is printed on standard output.
     #[arg(short = 'o', long = "output-format", value_enum, default_value_t = OutputFormat::Text)]
     pub output_format: OutputFormat,
-}
-
-/// How `nstream distill` prints its result.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputFormat {
-    /// Lines for people.
-    Text,
-    /// The report as JSON.
-    Json,
 }
 
 /// The four stages, in order.

@@ -104,7 +104,7 @@ pub struct EvalArgs {
     pub output_format: OutputFormat,
 }
 
-/// How `nstream eval` prints its summary.
+/// How `nstream eval` and `nstream distill` print their result.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputFormat {
     /// A table for people.
