@@ -38,7 +38,7 @@ def student_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         demo = (ROOT / "examples/distill/distill.yaml").read_text()
         reduced = (
             demo.replace("http://127.0.0.1:8765/v1", f"http://127.0.0.1:{port}/v1")
-            .replace("    epochs: 1\n", "    maxSteps: 2\n")
+            .replace("    epochs: 2\n", "    maxSteps: 2\n")
             .replace("    batchSize: 8\n", "    batchSize: 2\n")
             .replace("    maxTokens: 64\n", "    maxTokens: 40\n")
             .replace("  output: ../../runs/distill-orders\n", "  output: run\n")

@@ -68,7 +68,7 @@ fn lay_out(folder: &Path, port: u16) {
         .replace("http://127.0.0.1:8765/v1", &format!("http://127.0.0.1:{port}/v1"))
         .replace("    concurrency: 8\n", "    concurrency: 1\n")
         .replace("    rank: 16\n    alpha: 32\n", "    rank: 4\n    alpha: 8\n")
-        .replace("    epochs: 1\n", "    maxSteps: 3\n")
+        .replace("    epochs: 2\n", "    maxSteps: 3\n")
         .replace("    batchSize: 8\n", "    batchSize: 2\n")
         .replace("    saveEvery: 10\n", "    saveEvery: 1\n")
         .replace("    maxTokens: 64\n", "    maxTokens: 40\n")
