@@ -130,7 +130,12 @@ impl PromptBuilder {
 
 fn field_names(value: &Value) -> String {
     match value {
-        Value::Object(map) if !map.is_empty() => map.keys().cloned().collect::<Vec<_>>().join(", "),
+        Value::Object(map) if !map.is_empty() => {
+            // Sorted: the record's order depends on serde_json's features, a message should not.
+            let mut names: Vec<&str> = map.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            names.join(", ")
+        }
         _ => "no fields".to_owned(),
     }
 }
