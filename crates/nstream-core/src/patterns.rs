@@ -16,9 +16,10 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 /// A Hugging Face repository id: `org/name`.
 pub const HF_REPO_ID_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$";
 /// A model source: a Hugging Face repository id (`org/name`) or a local path (absolute, or
-/// starting with `./`, `../` or `~/`).
+/// starting with `./`, `../` or `~/`). Repeat counts stay at or under 1000: the API server compiles
+/// CRD patterns with Go's regexp, which refuses larger ones (and with them the whole CRD).
 pub const HF_MODEL_ID_PATTERN: &str =
-    r"^([A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}|(/|\./|\.\./|~/).{0,4095})$";
+    r"^([A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}|(/|\./|\.\./|~/).{0,1000})$";
 /// A git revision on the hub: a branch, tag or commit, without whitespace.
 pub const REVISION_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$";
 /// An Azure OpenAI deployment name.

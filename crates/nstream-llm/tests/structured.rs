@@ -74,12 +74,17 @@ async fn json_schema_answers_at_temperature_one_always_validate() {
         assert!(validator.is_valid(&value), "{text}");
         assert_eq!(value["kind"], "person");
     }
-    // json_object: any object.
+    // json_object: any object. Its size has no bound, so a sampled one can outrun any max_tokens:
+    // greedy, with room to finish.
     let request = ChatCompletionRequest {
         response_format: Some(json!({"type": "json_object"})),
+        temperature: Some(0.0),
+        max_completion_tokens: Some(256),
         ..json_request("Give me a JSON object about cats.", &schema)
     };
-    let text = backend.chat(request).await.expect("chat").choices[0].message.content.clone().unwrap_or_default();
+    let answer = backend.chat(request).await.expect("chat");
+    assert_eq!(answer.choices[0].finish_reason, Some(FinishReason::Stop), "{:?}", answer.choices[0].message.content);
+    let text = answer.choices[0].message.content.clone().unwrap_or_default();
     let value: Value = serde_json::from_str(&text).unwrap_or_else(|error| panic!("{error}: {text:?}"));
     assert!(value.is_object(), "{text}");
 }
