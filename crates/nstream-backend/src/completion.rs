@@ -124,8 +124,13 @@ impl CompletionRequest {
             repetition_penalty: self.repetition_penalty,
         }
         .validate()?;
-        if self.max_tokens == Some(0) {
-            return Err(BackendError::invalid_param("max_tokens", "`max_tokens` must be at least 1"));
+        // `max_tokens: 0` with `echo` reads the prompt and generates nothing: how evaluation
+        // harnesses score a text by its prompt log probabilities.
+        if self.max_tokens == Some(0) && !self.echo {
+            return Err(BackendError::invalid_param(
+                "max_tokens",
+                "`max_tokens` must be at least 1 (0 only with `echo`, to score the prompt)",
+            ));
         }
         if self.logprobs.is_some_and(|count| count > 5) {
             return Err(BackendError::invalid_param("logprobs", "`logprobs` must be between 0 and 5"));

@@ -41,6 +41,10 @@ pub struct SequenceRequest {
     pub constraint: Option<Constraint>,
     /// Report each generated token's log probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
+    /// Report each prompt token's log probability (after the first, which has none) and this
+    /// many most likely alternatives, in one [`SequenceEvent::PromptLogprobs`] once the prompt
+    /// is read: completions' `echo` with `logprobs`, what evaluation harnesses score with.
+    pub prompt_logprobs: Option<usize>,
     /// Where events go; dropping the receiver cancels the sequence.
     pub events: mpsc::UnboundedSender<SequenceEvent>,
 }
@@ -56,6 +60,14 @@ pub enum SequenceEvent {
         text: String,
         /// The tokens generated since the last event, with their log probabilities, when asked
         /// for (empty otherwise).
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The log probabilities of choice `index`'s prompt tokens after the first, sent once the
+    /// prompt is read and before any text (only when asked for).
+    PromptLogprobs {
+        /// The choice.
+        index: u32,
+        /// One per prompt token after the first, in order.
         logprobs: Vec<TokenLogprob>,
     },
     /// Choice `index` ended.
@@ -165,6 +177,8 @@ struct Running {
     generated: usize,
     /// Log probabilities of tokens whose text has not been sent yet.
     pending_logprobs: Vec<TokenLogprob>,
+    /// Log probabilities of the prompt tokens read so far (when asked for).
+    prompt_logprobs: Vec<TokenLogprob>,
 }
 
 enum Outcome {
@@ -268,6 +282,7 @@ impl Scheduler {
                     stop,
                     generated: 0,
                     pending_logprobs: Vec::new(),
+                    prompt_logprobs: Vec::new(),
                 });
             }
             self.metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
@@ -300,15 +315,24 @@ impl Scheduler {
                 plan.push((position, chunk, chunk == remaining));
             }
         }
+        // Sequences reading their prompt with its log probabilities get every row's logits.
+        let every_row: Vec<bool> = plan
+            .iter()
+            .map(|&(position, _, _)| {
+                let sequence = &self.running[position];
+                sequence.request.prompt_logprobs.is_some() && sequence.prefilled < sequence.request.prompt.len()
+            })
+            .collect();
         // When every sequence that samples this step is plain greedy, the tokens are picked
         // where the logits are: a GPU sends back one id per row, not the vocabulary.
-        let greedy = plan.iter().all(|&(position, _, samples)| {
-            let sequence = &self.running[position];
-            !samples
-                || (sequence.sampler.is_plain_greedy()
-                    && sequence.request.constraint.is_none()
-                    && sequence.request.logprobs.is_none())
-        });
+        let greedy = !every_row.contains(&true)
+            && plan.iter().all(|&(position, _, samples)| {
+                let sequence = &self.running[position];
+                !samples
+                    || (sequence.sampler.is_plain_greedy()
+                        && sequence.request.constraint.is_none()
+                        && sequence.request.logprobs.is_none())
+            });
         let result = {
             let mut inputs: Vec<StepInput<'_>> = Vec::with_capacity(plan.len());
             let mut planned = plan.iter().peekable();
@@ -325,7 +349,7 @@ impl Scheduler {
                 inputs.push(StepInput { tokens, cache });
             }
             let model = &self.model;
-            std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&mut inputs)))
+            std::panic::catch_unwind(AssertUnwindSafe(|| model.forward_rows(&mut inputs, &every_row)))
                 .unwrap_or_else(|_| Err(crate::Error::Inference("the forward pass panicked".into())))
                 .and_then(|logits| {
                     Ok(if greedy {
@@ -353,14 +377,41 @@ impl Scheduler {
                     Picks::Tokens(tokens) => Either::Tokens(tokens.into_iter()),
                     Picks::Logits(rows) => Either::Logits(rows.into_iter()),
                 };
-                for &(position, count, samples) in &plan {
-                    let pick = rows.next();
+                for (&(position, count, samples), &every) in plan.iter().zip(&every_row) {
                     let sequence = &mut self.running[position];
+                    if every {
+                        // Row j is the distribution of prompt token `prefilled + j + 1`; the last
+                        // row of the prompt's last chunk is the one sampled from.
+                        let scored = if samples { count - 1 } else { count };
+                        let top = sequence.request.prompt_logprobs.unwrap_or(0);
+                        for offset in 0..scored {
+                            let token = sequence.request.prompt[sequence.prefilled + offset + 1];
+                            if let Some(Pick::Logits(row)) = rows.next() {
+                                sequence.prompt_logprobs.push(token_logprob(&row, token, top));
+                            }
+                        }
+                    }
+                    let pick = if samples || !every { rows.next() } else { None };
                     if sequence.prefilled < sequence.request.prompt.len() {
                         sequence.prefilled += count;
                         self.metrics.prompt_tokens_total.fetch_add(count as u64, Ordering::Relaxed);
                     }
                     if !samples {
+                        continue;
+                    }
+                    if every {
+                        let logprobs = std::mem::take(&mut sequence.prompt_logprobs);
+                        let index = sequence.request.index;
+                        let _ = sequence.request.events.send(SequenceEvent::PromptLogprobs { index, logprobs });
+                    }
+                    // `max_tokens: 0` (with `echo`): the prompt was all there was to read.
+                    if sequence.request.max_new_tokens == 0 {
+                        let _ = sequence.request.events.send(SequenceEvent::Finished {
+                            index: sequence.request.index,
+                            reason: FinishReason::Length,
+                            completion_tokens: 0,
+                        });
+                        finished[position] = true;
                         continue;
                     }
                     let token = match pick {

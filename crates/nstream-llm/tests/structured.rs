@@ -153,11 +153,7 @@ async fn logprobs_equal_a_log_softmax_of_our_own_logits() {
     let logprobs = answer.choices[0].logprobs.clone().expect("logprobs");
 
     // The same tokens through the model directly.
-    let hub = Hub::from_env().with_offline(true);
-    let path = hub.resolve_model(&source()).expect("model").weights.remove(0);
-    let mut file = std::fs::File::open(path).expect("gguf");
-    let content = gguf_file::Content::read(&mut file).expect("gguf header");
-    let model = LlamaModel::from_gguf(&content, &mut file, &Device::Cpu, Requantize::Auto).expect("model");
+    let model = reference_model();
     let mut cache = model.new_cache(prompt.len() + 8, prompt.len() + 8).expect("cache");
     let mut input = prompt.clone();
     let tokens = logprobs["tokens"].as_array().expect("tokens");
@@ -255,4 +251,100 @@ async fn required_tool_calls_are_parsed_whole_and_streamed() {
     // The same seed gives the same call.
     assert_eq!(deltas[0]["function"]["arguments"].as_str(), Some(calls[0].function.arguments.as_str()));
     assert_eq!(choices.last().and_then(|choice| choice.finish_reason), Some(FinishReason::ToolCalls));
+}
+
+/// The model of [`shared`], loaded again for reference computations.
+fn reference_model() -> LlamaModel {
+    let hub = Hub::from_env().with_offline(true);
+    let path = hub.resolve_model(&source()).expect("model").weights.remove(0);
+    let mut file = std::fs::File::open(path).expect("gguf");
+    let content = gguf_file::Content::read(&mut file).expect("gguf header");
+    LlamaModel::from_gguf(&content, &mut file, &Device::Cpu, Requantize::Auto).expect("model")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask() {
+    let backend = shared();
+    let model = reference_model();
+    // Longer than one prefill chunk (256 tokens), so the scores cross a chunk boundary.
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(30);
+    let prompt: Vec<u32> = backend.tokenizer().encode(&text, true).expect("encode");
+    assert!(prompt.len() > 300, "{}", prompt.len());
+
+    // lm-evaluation-harness's loglikelihood request: max_tokens 0, echo, logprobs.
+    let request = CompletionRequest {
+        prompt: Input::Tokens(prompt.clone()),
+        max_tokens: Some(0),
+        echo: true,
+        logprobs: Some(2),
+        ..CompletionRequest::new("smollm2", "")
+    };
+    let answer = backend.complete(request.clone()).await.expect("complete");
+    let choice = &answer.choices[0];
+    assert_eq!(choice.finish_reason, Some(FinishReason::Length));
+    assert_eq!(answer.usage.as_ref().map(|usage| usage.completion_tokens), Some(0));
+    assert_eq!(choice.text, backend.tokenizer().decode(&prompt, false).expect("decode"));
+    let logprobs = choice.logprobs.clone().expect("logprobs");
+    let scores = logprobs["token_logprobs"].as_array().expect("token_logprobs");
+    assert_eq!(scores.len(), prompt.len());
+    assert!(scores[0].is_null() && logprobs["top_logprobs"][0].is_null(), "{}", scores[0]);
+    let offsets: Vec<u64> =
+        logprobs["text_offset"].as_array().expect("offsets").iter().filter_map(Value::as_u64).collect();
+    assert_eq!(offsets.len(), prompt.len());
+    assert!(offsets.windows(2).all(|pair| pair[0] <= pair[1]), "{offsets:?}");
+
+    // Reference: the whole prompt in one forward pass, every row (the server read it in two chunks).
+    let mut cache = model.new_cache(prompt.len(), prompt.len()).expect("cache");
+    let logits = model
+        .forward_rows(&mut [StepInput { tokens: &prompt, cache: &mut cache }], &[true])
+        .expect("forward")
+        .to_vec2::<f32>()
+        .expect("rows");
+    assert_eq!(logits.len(), prompt.len());
+    let mut worst = 0f64;
+    for position in 1..prompt.len() {
+        let expected = log_softmax(&logits[position - 1])[prompt[position] as usize];
+        let reported = scores[position].as_f64().expect("logprob");
+        worst = worst.max((reported - expected).abs());
+        let top = logprobs["top_logprobs"][position].as_object().expect("top");
+        assert!(!top.is_empty() && top.len() <= 2, "{top:?}");
+    }
+    assert!(worst < 1e-3, "largest difference from one whole forward pass: {worst}");
+
+    // The first positions against the decode path, one token at a time.
+    let mut cache = model.new_cache(16, 16).expect("cache");
+    for position in 0..8 {
+        let row = model
+            .forward(&mut [StepInput { tokens: &prompt[position..=position], cache: &mut cache }])
+            .and_then(|logits| Ok(logits.squeeze(0)?.to_vec1::<f32>()?))
+            .expect("decode");
+        let expected = log_softmax(&row)[prompt[position + 1] as usize];
+        let reported = scores[position + 1].as_f64().expect("logprob");
+        assert!((reported - expected).abs() < 1e-2, "position {}: {reported} vs {expected}", position + 1);
+    }
+
+    // Generating after the prompt: the generated tokens follow the prompt's, and streaming says
+    // the same (the echo arrives with its log probabilities in one chunk).
+    let request = CompletionRequest { max_tokens: Some(3), temperature: Some(0.0), ..request };
+    let whole = backend.complete(request.clone()).await.expect("complete");
+    let whole_logprobs = whole.choices[0].logprobs.clone().expect("logprobs");
+    assert_eq!(whole_logprobs["tokens"].as_array().map(Vec::len), Some(prompt.len() + 3));
+    assert_eq!(whole_logprobs["token_logprobs"][prompt.len() - 1], logprobs["token_logprobs"][prompt.len() - 1]);
+    assert_eq!(whole_logprobs["text_offset"][prompt.len()].as_u64(), Some(text.len() as u64));
+    let chunks: Vec<_> =
+        backend.complete_stream(CompletionRequest { stream: true, ..request }).await.expect("stream").collect().await;
+    let mut streamed_text = String::new();
+    let mut streamed = json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    for chunk in chunks {
+        for choice in chunk.expect("chunk").choices {
+            streamed_text.push_str(&choice.text);
+            for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                let more =
+                    choice.logprobs.as_ref().and_then(|value| value[key].as_array().cloned()).unwrap_or_default();
+                streamed[key].as_array_mut().expect("list").extend(more);
+            }
+        }
+    }
+    assert_eq!(streamed_text, whole.choices[0].text);
+    assert_eq!(streamed, whole_logprobs);
 }

@@ -32,6 +32,8 @@ pub(super) struct Generation {
     pub(super) constraint: Option<Constraint>,
     /// Log probabilities asked for: `Some(top)`.
     pub(super) logprobs: Option<usize>,
+    /// Log probabilities of the prompt asked for (completions' `echo`): `Some(top)`.
+    pub(super) prompt_logprobs: Option<usize>,
     /// The tools of a chat request, for parsing calls out of the answers.
     pub(super) tools: Option<ToolPlan>,
 }
@@ -50,6 +52,8 @@ pub(super) struct ChoiceResult {
     pub(super) finish_reason: Option<FinishReason>,
     pub(super) completion_tokens: usize,
     pub(super) logprobs: Vec<crate::scheduler::TokenLogprob>,
+    /// The prompt's log probabilities after its first token, when asked for.
+    pub(super) prompt_logprobs: Vec<crate::scheduler::TokenLogprob>,
 }
 
 impl LlmBackend {
@@ -117,6 +121,7 @@ impl LlmBackend {
                     ignore_eos: generation.ignore_eos,
                     constraint: generation.constraint.as_ref().map(Constraint::fresh_copy),
                     logprobs: generation.logprobs,
+                    prompt_logprobs: generation.prompt_logprobs,
                     events: sender.clone(),
                     adapter: self.adapter.clone(),
                 });
@@ -151,6 +156,11 @@ impl LlmBackend {
                     if let Some(choice) = choices.get_mut(index as usize) {
                         choice.text.push_str(&text);
                         choice.logprobs.extend(logprobs);
+                    }
+                }
+                Some(SequenceEvent::PromptLogprobs { index, logprobs }) => {
+                    if let Some(choice) = choices.get_mut(index as usize) {
+                        choice.prompt_logprobs = logprobs;
                     }
                 }
                 Some(SequenceEvent::Finished { index, reason, completion_tokens }) => {
@@ -225,6 +235,7 @@ impl LlmBackend {
             ignore_eos: request.ignore_eos,
             constraint,
             logprobs,
+            prompt_logprobs: None,
             tools,
         })
     }
@@ -233,12 +244,6 @@ impl LlmBackend {
     pub(super) async fn completion_generation(&self, request: &CompletionRequest) -> Result<(Generation, Vec<String>)> {
         if request.suffix.as_deref().is_some_and(|suffix| !suffix.is_empty()) {
             return Err(Error::invalid_param("suffix", "this model does not support `suffix` (insert mode)"));
-        }
-        if request.echo && request.logprobs.is_some() {
-            return Err(Error::invalid_param(
-                "logprobs",
-                "`logprobs` with `echo` (log probabilities of the prompt) is not supported by this model",
-            ));
         }
         if request.best_of.is_some_and(|best_of| best_of != request.n.unwrap_or(1)) {
             return Err(Error::invalid_param("best_of", "this model does not support `best_of` other than `n`"));
@@ -280,6 +285,7 @@ impl LlmBackend {
             ignore_eos: request.ignore_eos,
             constraint: None,
             logprobs: structured::completion_logprobs_count(request),
+            prompt_logprobs: if request.echo { structured::completion_logprobs_count(request) } else { None },
             tools: None,
         };
         Ok((generation, texts))

@@ -229,7 +229,7 @@ impl ModelBackend for LlmBackend {
                     chunks.push(chunk(vec![choice(*index, ChatDelta::default(), Some(reason))]));
                     chunks
                 }
-                SequenceEvent::Failed { .. } => Vec::new(),
+                SequenceEvent::PromptLogprobs { .. } | SequenceEvent::Failed { .. } => Vec::new(),
             }
         };
         let usage_chunk: Option<Box<dyn Fn(Usage) -> ChatCompletionChunk + Send>> = request
@@ -243,6 +243,7 @@ impl ModelBackend for LlmBackend {
         let (generation, texts) = self.completion_generation(&request).await?;
         let choices_per_prompt = generation.choices as usize;
         let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());
+        let prompts = if generation.prompt_logprobs.is_some() { generation.prompts.clone() } else { Vec::new() };
         let (choices, usage) = Self::collect(self.submit(generation).map_err(for_prompt)?).await?;
         let choices = choices
             .into_iter()
@@ -252,9 +253,16 @@ impl ModelBackend for LlmBackend {
                 CompletionChoice {
                     index: index as u32,
                     text: format!("{prefix}{}", choice.text),
-                    logprobs: bytes
-                        .as_ref()
-                        .map(|bytes| structured::completion_logprobs(bytes, &choice.logprobs, prefix.len())),
+                    logprobs: bytes.as_ref().map(|bytes| match prompts.get(index / choices_per_prompt) {
+                        Some(prompt) => structured::echo_logprobs(
+                            bytes,
+                            prompt,
+                            &choice.prompt_logprobs,
+                            &choice.logprobs,
+                            prefix.len(),
+                        ),
+                        None => structured::completion_logprobs(bytes, &choice.logprobs, prefix.len()),
+                    }),
                     finish_reason: choice.finish_reason,
                 }
             })
@@ -273,8 +281,14 @@ impl ModelBackend for LlmBackend {
         let (generation, texts) = self.completion_generation(&request).await?;
         let choices_per_prompt = generation.choices as usize;
         let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());
+        let prompts = if generation.prompt_logprobs.is_some() { generation.prompts.clone() } else { Vec::new() };
         let submitted = self.submit(generation).map_err(for_prompt)?;
-        let offsets = std::sync::Mutex::new(vec![0usize; submitted.sequences]);
+        // Each choice's text so far: the generated tokens' offsets follow the echoed prompt.
+        let offsets = std::sync::Mutex::new(
+            (0..submitted.sequences)
+                .map(|index| if request.echo { texts[index / choices_per_prompt].len() } else { 0 })
+                .collect::<Vec<usize>>(),
+        );
         let id = format!("cmpl-{}", response_id());
         let created = unix_timestamp();
         let model = self.name.clone();
@@ -282,7 +296,8 @@ impl ModelBackend for LlmBackend {
             let choice = CompletionChoice { index, text, logprobs: None, finish_reason };
             CompletionResponse::new(id.clone(), created, model.clone(), vec![choice], None)
         };
-        let first = if request.echo {
+        // With prompt log probabilities the echo waits for them (one chunk with both).
+        let first = if request.echo && prompts.is_empty() {
             (0..submitted.sequences)
                 .map(|index| chunk(index as u32, texts[index / choices_per_prompt].clone(), None))
                 .collect()
@@ -303,6 +318,16 @@ impl ModelBackend for LlmBackend {
                         if let Some(slot) = offsets.get_mut(*index as usize) {
                             *slot += text.len();
                         }
+                    }
+                    vec![response]
+                }
+                SequenceEvent::PromptLogprobs { index, logprobs } => {
+                    let prompt_index = *index as usize / choices_per_prompt;
+                    let mut response = chunk(*index, texts[prompt_index].clone(), None);
+                    if let (Some(bytes), Some(prompt), Some(choice)) =
+                        (&bytes, prompts.get(prompt_index), response.choices.first_mut())
+                    {
+                        choice.logprobs = Some(structured::echo_logprobs(bytes, prompt, logprobs, &[], 0));
                     }
                     vec![response]
                 }

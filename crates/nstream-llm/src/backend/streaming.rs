@@ -61,7 +61,7 @@ pub(super) fn event_stream<T: Send + 'static>(
                             state.pending.push_back(Err(BackendError::Internal(message.clone())));
                             continue;
                         }
-                        SequenceEvent::Text { .. } => {}
+                        SequenceEvent::Text { .. } | SequenceEvent::PromptLogprobs { .. } => {}
                     }
                     state.pending.extend(to_chunk(&event).into_iter().map(Ok));
                 }

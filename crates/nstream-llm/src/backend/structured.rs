@@ -440,6 +440,35 @@ pub(super) fn completion_logprobs(bytes: &[Vec<u8>], tokens: &[TokenLogprob], of
     })
 }
 
+/// Completions' `logprobs` with `echo`: the prompt's tokens first (the first has no log
+/// probability, `null` as in OpenAI's answers), then the generated ones, whose offsets start at
+/// `offset` (the echoed text's length).
+pub(super) fn echo_logprobs(
+    bytes: &[Vec<u8>],
+    prompt: &[u32],
+    prompt_logprobs: &[TokenLogprob],
+    generated: &[TokenLogprob],
+    offset: usize,
+) -> Value {
+    let Some(&first) = prompt.first() else {
+        return completion_logprobs(bytes, generated, offset);
+    };
+    let first_length = bytes.get(first as usize).map_or(0, Vec::len);
+    let first_text = String::from_utf8_lossy(bytes.get(first as usize).map_or(&[][..], Vec::as_slice)).into_owned();
+    let mut whole =
+        json!({"tokens": [first_text], "token_logprobs": [null], "top_logprobs": [null], "text_offset": [0]});
+    for part in
+        [completion_logprobs(bytes, prompt_logprobs, first_length), completion_logprobs(bytes, generated, offset)]
+    {
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            if let (Some(list), Some(more)) = (whole[key].as_array_mut(), part[key].as_array()) {
+                list.extend(more.iter().cloned());
+            }
+        }
+    }
+    whole
+}
+
 /// Refuses image, audio and file parts (this model reads text only), and the OpenAI fields it
 /// cannot honour: audio output, legacy `functions`, web search.
 pub(super) fn check_text_only(request: &ChatCompletionRequest) -> Result<()> {

@@ -1,7 +1,7 @@
 //! One step of the model for several sequences at once ([`LlamaModel::forward`]), in named
 //! stages: check the inputs, lay out the step's rows, then per layer project q/k/v with RoPE,
 //! store the new K/V rows in the pool, attend ([`super::attention`]) and run the MLP, and last
-//! the logits after each sequence's last token.
+//! the logits after each sequence's last token (or every token, for prompt log probabilities).
 
 use candle_core::{DType, Tensor};
 
@@ -59,6 +59,13 @@ impl LlamaModel {
     ///
     /// On error the caches are left at their old length (what was written past it is ignored).
     pub fn forward(&self, inputs: &mut [StepInput<'_>]) -> Result<Tensor> {
+        self.forward_rows(inputs, &[])
+    }
+
+    /// [`Self::forward`], returning the logits after every token of the inputs whose flag in
+    /// `every_row` is set (their prompt's log probabilities), and after the last token of the
+    /// others: `(rows, vocab_size)`, f32, in input order. A missing flag is unset.
+    pub fn forward_rows(&self, inputs: &mut [StepInput<'_>], every_row: &[bool]) -> Result<Tensor> {
         self.check_step(inputs)?;
         let mut pool = lock(&self.pool);
         let (tokens, positions) = self.step_rows(inputs, &mut pool)?;
@@ -68,7 +75,7 @@ impl LlamaModel {
         for (layer_index, layer) in self.layers.iter().enumerate() {
             hidden = self.layer_forward(layer, layer_index, hidden, inputs, &pool, &step)?;
         }
-        self.last_logits(inputs, &hidden)
+        self.output_logits(inputs, every_row, &hidden)
     }
 
     /// Refuses an empty step, an input without tokens and a cache of another model.
@@ -327,16 +334,22 @@ impl LlamaModel {
     }
 
     /// Advances every cache past its tokens and returns the logits after each input's last
-    /// token, `(inputs, vocab_size)`, f32.
-    fn last_logits(&self, inputs: &mut [StepInput<'_>], hidden: &Tensor) -> Result<Tensor> {
+    /// token, or after each of its tokens when flagged in `every_row`: `(rows, vocab_size)`, f32.
+    fn output_logits(&self, inputs: &mut [StepInput<'_>], every_row: &[bool], hidden: &Tensor) -> Result<Tensor> {
         let mut last_rows = Vec::with_capacity(inputs.len());
         let mut row = 0u32;
-        for input in inputs.iter_mut() {
+        for (index, input) in inputs.iter_mut().enumerate() {
+            let start = row;
             row += input.tokens.len() as u32;
-            last_rows.push(row - 1);
+            if every_row.get(index).copied().unwrap_or(false) {
+                last_rows.extend(start..row);
+            } else {
+                last_rows.push(row - 1);
+            }
             input.cache.len += input.tokens.len();
         }
-        let last_rows = Tensor::from_vec(last_rows, inputs.len(), &self.device)?;
+        let count = last_rows.len();
+        let last_rows = Tensor::from_vec(last_rows, count, &self.device)?;
         let last = hidden.index_select(&last_rows, 0)?;
         let normed = candle_nn::ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps as f32)?;
         Ok(self.output.forward(&normed)?.to_dtype(DType::F32)?)
