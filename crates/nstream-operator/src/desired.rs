@@ -22,7 +22,9 @@ use nstream_core::Resources;
 use sha2::{Digest, Sha256};
 
 use crate::model::{Credential, Served, credentials_secret_name, object_name};
-use crate::settings::{CACHE_CLAIM_ANNOTATION, ModelCache, OperatorSettings};
+use crate::settings::{
+    ADAPTERS_CLAIM_ANNOTATION, ADAPTERS_MOUNT_PATH, CACHE_CLAIM_ANNOTATION, ModelCache, OperatorSettings,
+};
 
 /// Label: the object name of the resource's server (the Deployment's selector).
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
@@ -299,6 +301,17 @@ pub fn volumes(served: &Served, settings: &OperatorSettings) -> (Vec<Volume>, Ve
         mount("cache", format!("{WORKING_DIR}/cache"), false),
         mount("tmp", "/tmp".into(), false),
     ];
+    if let Some(claim_name) = served.annotations.get(ADAPTERS_CLAIM_ANNOTATION) {
+        volumes.push(Volume {
+            name: "adapters".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim_name.clone(),
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("adapters", ADAPTERS_MOUNT_PATH.into(), true));
+    }
     if let Some((secret_name, key)) = credential_location(served) {
         // Mounted as `secrets/<name>/<key>`: the layout nstream-server's NSTREAM_SECRETS_DIR lookup reads.
         volumes.push(Volume {

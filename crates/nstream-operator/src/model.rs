@@ -8,11 +8,13 @@ use kube::Resource;
 use nstream_core::validate::Check;
 use nstream_core::{
     BaseModel, EmbeddingModel, HubModelSpec, MegaModel, MegaModelSpec, ModelStatus, SecretKeyRef, SecretSource,
-    SecretString, ServingTemplate,
+    SecretString, ServingInfo, ServingTemplate,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+
+use crate::settings::{ADAPTERS_CLAIM_ANNOTATION, ADAPTERS_MOUNT_PATH};
 
 /// The three kinds the operator serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -176,6 +178,35 @@ fn credential_of(source: Option<SecretSource<'_>>, key: &'static str) -> Option<
     }
 }
 
+/// Local folders a pod cannot read: on a cluster, `hfModelId` (the model's or an adapter's) may
+/// name a local folder only under [`ADAPTERS_MOUNT_PATH`], with the claim of
+/// [`ADAPTERS_CLAIM_ANNOTATION`] mounted there.
+fn local_path_problems<S: HubModelSpec>(info: &ServingInfo, annotations: &BTreeMap<String, String>) -> Vec<String> {
+    let prefix = S::FIELD_PREFIX;
+    let mounted = annotations.contains_key(ADAPTERS_CLAIM_ANNOTATION);
+    let under_mount = |path: &str| {
+        path.strip_prefix(ADAPTERS_MOUNT_PATH)
+            .is_some_and(|rest| rest.starts_with('/') && !rest.split('/').any(|part| part == ".."))
+    };
+    let mut fields = vec![(format!("spec.{prefix}ServingInfo.hfModelId"), info.hf_model_id.as_str())];
+    for (index, adapter) in info.adapters.iter().flatten().enumerate() {
+        fields.push((format!("spec.{prefix}ServingInfo.adapters[{index}].hfModelId"), adapter.hf_model_id.as_str()));
+    }
+    fields
+        .into_iter()
+        .filter(|(_, id)| ["/", "./", "../", "~/"].iter().any(|start| id.starts_with(start)))
+        .filter(|(_, id)| !(mounted && under_mount(id)))
+        .map(|(field, id)| {
+            format!(
+                "{field}: `{id}` is a local folder, which a pod cannot read; on a cluster put it on a \
+                 PersistentVolumeClaim, name the claim in the annotation {ADAPTERS_CLAIM_ANNOTATION} \
+                 (mounted read-only at {ADAPTERS_MOUNT_PATH}) and write {ADAPTERS_MOUNT_PATH}/..., or \
+                 push it to the hub"
+            )
+        })
+        .collect()
+}
+
 fn problems_of(check: &dyn Check) -> Vec<String> {
     check.problems("spec").iter().map(ToString::to_string).collect()
 }
@@ -194,6 +225,7 @@ where
     served.credential = credential_of(spec.serving_info().token_source(), "token");
     served.template = spec.serving_template().clone();
     served.problems = problems_of(spec);
+    served.problems.extend(local_path_problems::<S>(spec.serving_info(), &served.annotations));
     let mut spec = spec.clone();
     let info = spec.serving_info_mut();
     if info.model_provider_token.take().is_some() {

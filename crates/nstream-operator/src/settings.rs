@@ -10,6 +10,14 @@ pub const FIELD_MANAGER: &str = "nstream-operator";
 /// model cache, overriding the operator's `model_cache`.
 pub const CACHE_CLAIM_ANNOTATION: &str = "llm.nstream.ai/cache-claim";
 
+/// Per-resource annotation: a PersistentVolumeClaim (in the resource's namespace) holding LoRA
+/// adapter folders, mounted read-only at [`ADAPTERS_MOUNT_PATH`] in the BaseModel's pods, so that
+/// `hfModelId: /adapters/NAME` (the model's or an adapter's) is read from it.
+pub const ADAPTERS_CLAIM_ANNOTATION: &str = "llm.nstream.ai/adapters-claim";
+
+/// Where the claim of [`ADAPTERS_CLAIM_ANNOTATION`] is mounted.
+pub const ADAPTERS_MOUNT_PATH: &str = "/adapters";
+
 /// Where the server keeps downloaded weights.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelCache {

@@ -11,7 +11,7 @@ use crate::fixtures::*;
 use crate::health::{self, Blocker, Observed};
 use crate::model::{ServedResource, object_name};
 use crate::provider::{PROVIDER_REACHABLE, ProviderCheck};
-use crate::settings::{CACHE_CLAIM_ANNOTATION, ModelCache};
+use crate::settings::{ADAPTERS_CLAIM_ANNOTATION, CACHE_CLAIM_ANNOTATION, ModelCache};
 
 fn pod_spec(deployment: &Deployment) -> &PodSpec {
     deployment.spec.as_ref().and_then(|spec| spec.template.spec.as_ref()).expect("a pod spec")
@@ -176,6 +176,46 @@ fn the_model_cache_is_an_empty_dir_unless_a_claim_is_configured() {
         Some("minilm-weights"),
         "the annotation overrides the operator's default"
     );
+}
+
+#[test]
+fn local_adapter_folders_are_read_from_the_annotated_claim_and_refused_elsewhere() {
+    let adapter = |name: &str, path: &str| nstream_core::AdapterSpec {
+        name: name.into(),
+        hf_model_id: path.into(),
+        revision: None,
+    };
+    let mut model = BaseModel::test("smollm2");
+    model.spec.base_model_serving_info.adapters =
+        Some(vec![adapter("support", "/adapters/support"), adapter("hub", "org/support-lora")]);
+
+    // Without the claim, a local folder is an invalid spec naming the field and the way out.
+    let served = model.served();
+    assert_eq!(served.problems.len(), 1, "{:?}", served.problems);
+    let problem = &served.problems[0];
+    assert!(problem.starts_with("spec.baseModelServingInfo.adapters[0].hfModelId"), "{problem}");
+    assert!(problem.contains(ADAPTERS_CLAIM_ANNOTATION), "{problem}");
+    let (volumes, _) = desired::volumes(&served, &settings());
+    assert!(volumes.iter().all(|volume| volume.name != "adapters"));
+
+    // With it, the claim is mounted read-only at /adapters and the path is fine.
+    model.metadata.annotations = Some([(ADAPTERS_CLAIM_ANNOTATION.to_string(), "students".to_string())].into());
+    let served = model.served();
+    assert!(served.problems.is_empty(), "{:?}", served.problems);
+    let (volumes, mounts) = desired::volumes(&served, &settings());
+    let volume = volumes.iter().find(|volume| volume.name == "adapters").expect("adapters volume");
+    let claim = volume.persistent_volume_claim.as_ref().expect("a claim");
+    assert_eq!((claim.claim_name.as_str(), claim.read_only), ("students", Some(true)));
+    let mount = mounts.iter().find(|mount| mount.name == "adapters").expect("adapters mount");
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/adapters", Some(true)));
+
+    // Paths outside the mount (or escaping it), and the model's own hfModelId, are checked too.
+    model.spec.base_model_serving_info.hf_model_id = "./students/v1".into();
+    model.spec.base_model_serving_info.adapters = Some(vec![adapter("escape", "/adapters/../etc")]);
+    let problems = model.served().problems;
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].starts_with("spec.baseModelServingInfo.hfModelId: `./students/v1`"), "{}", problems[0]);
+    assert!(problems[1].starts_with("spec.baseModelServingInfo.adapters[0].hfModelId"), "{}", problems[1]);
 }
 
 #[test]
