@@ -480,7 +480,7 @@ impl TrainModel {
     /// `x W^T`: through [`FrozenLinear`] when `W` is frozen (LoRA) on the CPU, else candle's
     /// product (whose backward computes `W`'s gradient too).
     fn frozen_or_trained_product(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        if self.lora_spec.is_some() && self.device.is_cpu() {
+        if self.lora_spec.is_some() && self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64) {
             Ok(x.contiguous()?.apply_op1(FrozenLinear { weight: weight.clone() })?)
         } else {
             Ok(x.matmul(&weight.t()?)?)
@@ -519,7 +519,12 @@ impl TrainModel {
             };
             return Ok(selected.contiguous()?.apply_op2(head, loss)?.sum_all()?);
         }
-        let logits = self.frozen_or_trained_product(&selected, self.output_head()?)?;
+        let mut logits = self.frozen_or_trained_product(&selected, self.output_head()?)?;
+        // The loss of a half-precision model in f32 (bf16's 8 bits of mantissa would round the
+        // log-sum-exp of a 50k vocabulary).
+        if matches!(self.dtype, DType::BF16 | DType::F16) {
+            logits = logits.to_dtype(DType::F32)?;
+        }
         let max = logits.max_keepdim(D::Minus1)?.detach();
         let shifted = logits.broadcast_sub(&max)?;
         let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -534,17 +539,46 @@ impl TrainModel {
         base_model: Option<String>,
         revision: Option<String>,
     ) -> Result<Option<nstream_peft::Adapter>> {
+        self.adapter_from(base_model, revision, None)
+    }
+
+    /// [`Self::adapter`], with the values of `master` (one f32 vector per trainable tensor, in
+    /// [`Self::trainable`]'s order: the optimiser's master copy) instead of the model's own,
+    /// which are rounded when the model runs in bf16.
+    pub fn adapter_from(
+        &self,
+        base_model: Option<String>,
+        revision: Option<String>,
+        master: Option<&[Vec<f32>]>,
+    ) -> Result<Option<nstream_peft::Adapter>> {
         let Some(spec) = &self.lora_spec else { return Ok(None) };
+        let positions: BTreeMap<&str, usize> =
+            self.trainable.keys().enumerate().map(|(position, name)| (name.as_str(), position)).collect();
+        let tensor =
+            |var: &Var, layer: usize, module: Module, part: nstream_peft::Part| -> Result<nstream_peft::Tensor> {
+                let name = lora_name(layer, module, part);
+                match (master, positions.get(name.as_str())) {
+                    (Some(master), Some(&position))
+                        if master.get(position).is_some_and(|v| v.len() == var.elem_count()) =>
+                    {
+                        Ok(nstream_peft::Tensor::new(var.dims().to_vec(), master[position].clone()))
+                    }
+                    _ => to_peft(var.as_tensor()),
+                }
+            };
         let mut config = nstream_peft::LoraConfig::new(spec.rank, spec.alpha, &spec.targets);
         config.lora_dropout = spec.dropout;
         config.use_rslora = spec.rslora;
         config.base_model_name_or_path = base_model;
         config.revision = revision;
         let mut pairs = BTreeMap::new();
-        for (&key, weights) in &self.lora {
+        for (&(layer, module), weights) in &self.lora {
             pairs.insert(
-                key,
-                nstream_peft::LoraPair { a: to_peft(weights.a.as_tensor())?, b: to_peft(weights.b.as_tensor())? },
+                (layer, module),
+                nstream_peft::LoraPair {
+                    a: tensor(&weights.a, layer, module, nstream_peft::Part::A)?,
+                    b: tensor(&weights.b, layer, module, nstream_peft::Part::B)?,
+                },
             );
         }
         Ok(Some(nstream_peft::Adapter { config, pairs }))

@@ -27,6 +27,6 @@ pub mod train;
 
 pub use base::{BaseModel, Provenance};
 pub use error::{Error, Result};
-pub use settings::{Method, ProgressMode, Settings};
+pub use settings::{Method, Precision, ProgressMode, Settings};
 pub use threads::pin_training_threads;
 pub use train::{Stop, Summary, finetune};

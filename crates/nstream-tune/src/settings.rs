@@ -17,6 +17,32 @@ pub enum Method {
     Full,
 }
 
+/// The dtype of the weights and activations in the forward and backward passes. The optimiser
+/// keeps an f32 master copy of the trained weights and f32 moments whatever this is, so updates
+/// smaller than bf16's resolution accumulate instead of being rounded away.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 on CUDA, f32 on the CPU (where bf16 has no fast kernels).
+    #[default]
+    Auto,
+    /// f32 everywhere.
+    F32,
+    /// bf16 weights and activations (the loss in f32) with the f32 master copy.
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype this precision means on `device`.
+    pub fn dtype(self, device: &candle_core::Device) -> candle_core::DType {
+        match self {
+            Self::Auto if device.is_cuda() => candle_core::DType::BF16,
+            Self::Auto | Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// How progress is shown.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +112,9 @@ pub struct Settings {
     pub merge: bool,
     /// CPU threads (default: candle's, the physical cores).
     pub threads: Option<usize>,
+    /// The dtype of the forward and backward passes.
+    #[serde(default)]
+    pub precision: Precision,
     /// How progress is shown.
     pub progress: ProgressMode,
     /// Memory the run may use, MiB (default: what the machine has available).
@@ -124,6 +153,7 @@ impl Settings {
             weight_decay: 0.0,
             merge: false,
             threads: None,
+            precision: Precision::Auto,
             progress: ProgressMode::Auto,
             memory_limit_mib: None,
             record_batches: false,

@@ -347,6 +347,13 @@ fn run(base: BaseModel, settings: &Settings, resume: bool, stop: &AtomicBool) ->
         Method::Full => None,
     };
     let BaseModel { config, weights, provenance, hf_config, tokenizer_files, .. } = base;
+    let weights = match weights.values().next().map(|tensor| settings.precision.dtype(tensor.device())) {
+        Some(dtype) => weights
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, tensor.to_dtype(dtype)?)))
+            .collect::<Result<HashMap<String, Tensor>>>()?,
+        None => weights,
+    };
     let model = TrainModel::new(config, weights, lora, settings.seed)?;
     let longest =
         dataset.train.iter().chain(&dataset.validation).map(|example| example.tokens.len()).max().unwrap_or(1);
@@ -546,8 +553,8 @@ fn run(base: BaseModel, settings: &Settings, resume: bool, stop: &AtomicBool) ->
         return Ok(summary_of(Stop::Interrupted));
     }
 
-    // The results.
-    match model.adapter(provenance.repo_id.clone(), provenance.revision.clone())? {
+    // The results: an adapter from the f32 master copy (the model's own may be bf16).
+    match model.adapter_from(provenance.repo_id.clone(), provenance.revision.clone(), Some(&parameters))? {
         Some(adapter) => adapter.write(&output)?,
         None => {
             let weights = model.merged_weights()?;

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device};
 use nstream_tune::train::Stop;
-use nstream_tune::{BaseModel, Error, Method, ProgressMode, Settings, finetune};
+use nstream_tune::{BaseModel, Error, Method, Precision, ProgressMode, Settings, finetune};
 
 fn fixture(variant: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llm/tiny-llama").join(variant)
@@ -130,6 +130,40 @@ fn training_lowers_the_loss_on_the_training_data() {
     assert!(last < first * 0.7, "validation loss {first} -> {last}");
     assert!(folder.path().join("out/model.safetensors").is_file());
     assert!(folder.path().join("out/config.json").is_file());
+}
+
+#[test]
+fn bf16_trains_through_the_differentiable_path_with_an_f32_master_copy() {
+    // bf16 on the CPU runs the forward CUDA runs (candle's differentiable operations, not the
+    // fused f32 kernels), so this is the GPU's training path, tested without a GPU.
+    let folder = tempfile::tempdir().unwrap();
+    let data = write_data(folder.path());
+    let output = folder.path().join("out");
+    let mut run = settings(&data, &output);
+    run.precision = Precision::Bf16;
+    run.validation_split = 0.0;
+    run.validation = Some(data.clone());
+    run.max_steps = Some(30);
+    run.learning_rate = 1e-2;
+    run.dropout = 0.0;
+    let summary = finetune(base(), &run, false, &AtomicBool::new(false)).expect("run");
+    let (first, last) = (summary.first_validation_loss.unwrap(), summary.final_validation_loss.unwrap());
+    assert!(last < first * 0.8, "validation loss {first} -> {last}");
+    let adapter = nstream_peft::Adapter::read(&output).expect("adapter");
+    assert_eq!(adapter.pairs.len(), 2 * 7);
+    // Every adapted module learned (a module without a gradient keeps B at zero).
+    assert!(adapter.pairs.values().all(|pair| pair.b.data.iter().any(|&value| value != 0.0)));
+    // Written from the f32 master copy: values a bf16 tensor cannot hold (low 16 bits set).
+    let off_grid = adapter
+        .pairs
+        .values()
+        .flat_map(|pair| pair.a.data.iter().chain(&pair.b.data))
+        .filter(|value| value.to_bits() & 0xffff != 0)
+        .count();
+    assert!(off_grid > 0, "every written value is a bf16 value: the master copy was lost");
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(output.join("training_args.json")).unwrap()).unwrap();
+    assert_eq!(args["precision"], "bf16");
 }
 
 fn adapter_bytes(output: &Path) -> Vec<u8> {

@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use nstream_core::ModelResource;
 use nstream_hub::Hub;
 use nstream_providers::{SecretLookup, model_source};
-use nstream_tune::{BaseModel, Method, ProgressMode, Settings, Stop};
+use nstream_tune::{BaseModel, Method, Precision, ProgressMode, Settings, Stop};
 use serde::Deserialize;
 
 /// Arguments of `nstream finetune`. Every setting can also come from `--config FILE` (YAML, the
@@ -118,6 +118,10 @@ pub struct FinetuneArgs {
     /// CPU threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The dtype of the forward and backward passes; the optimiser keeps an f32 master copy
+    /// either way [default: auto: bf16 on CUDA, f32 on the CPU].
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
     /// How progress is shown [default: auto: a bar on a terminal, lines otherwise].
     #[arg(long, value_enum)]
     pub progress: Option<ProgressArg>,
@@ -137,6 +141,18 @@ pub enum MethodArg {
     Lora,
     /// Every weight.
     Full,
+}
+
+/// `--precision`.
+#[derive(ValueEnum, Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionArg {
+    /// bf16 on CUDA, f32 on the CPU.
+    Auto,
+    /// f32.
+    F32,
+    /// bf16 weights and activations, the loss and the optimiser in f32.
+    Bf16,
 }
 
 /// `--progress`.
@@ -190,6 +206,7 @@ struct ConfigFile {
     merge: bool,
     device: Option<String>,
     threads: Option<usize>,
+    precision: Option<PrecisionArg>,
     progress: Option<ProgressArg>,
     memory_limit_mib: Option<u64>,
 }
@@ -225,7 +242,7 @@ fn merge(mut args: FinetuneArgs) -> anyhow::Result<FinetuneArgs> {
         device,
         threads
     );
-    fill!(progress, memory_limit_mib);
+    fill!(precision, progress, memory_limit_mib);
     fill_path!(data, validation, output);
     if args.file.is_none() {
         args.file = relative_to(&base, config.filename);
@@ -300,6 +317,11 @@ fn settings(args: &FinetuneArgs) -> anyhow::Result<Settings> {
     settings.threads = args.threads;
     settings.memory_limit_mib = args.memory_limit_mib;
     settings.record_batches = args.record_batches;
+    settings.precision = match args.precision {
+        Some(PrecisionArg::F32) => Precision::F32,
+        Some(PrecisionArg::Bf16) => Precision::Bf16,
+        Some(PrecisionArg::Auto) | None => Precision::Auto,
+    };
     settings.progress = match args.progress {
         Some(ProgressArg::Bar) => ProgressMode::Bar,
         Some(ProgressArg::Lines) => ProgressMode::Lines,
