@@ -30,11 +30,11 @@ def records(path, count, words):
             out.write(json.dumps({"prompt": "Repeat.", "completion": text}) + "\n")
 
 
-def run_nstream(args, work, method, steps, extra=()):
+def run_nstream(args, work, method, steps, batch, seq_len, extra=()):
     output = work / f"nstream-{method}-{steps}"
     command = [args.nstream, "finetune", "--model", str(ROOT / "examples/quickstart.yaml"), "--name",
                "smollm2-135m-instruct", "--data", str(work / "data.jsonl"), "--output", str(output),
-               "--max-steps", str(steps), "--batch-size", str(args.batch), "--max-seq-len", str(args.seq_len),
+               "--max-steps", str(steps), "--batch-size", str(batch), "--max-seq-len", str(seq_len),
                "--rank", str(args.rank), "--method", method, "--progress", "quiet", *extra]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
     subprocess.run(command, check=True, env=env)
@@ -60,8 +60,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="nstream-finetune-bench-"))
     records(work / "data.jsonl", 64, args.seq_len)
     # The dequantised base in the Hugging Face layout, for PyTorch.
-    base = run_nstream(args, work, "full", 1, ["--learning-rate", "1e-30", "--batch-size", "1", "--max-seq-len", "8"])
-    ours = run_nstream(args, work, args.method, args.steps)
+    base = run_nstream(args, work, "full", 1, 1, 64, ["--learning-rate", "1e-30"])
+    ours = run_nstream(args, work, args.method, args.steps, args.batch, args.seq_len)
     metrics = [json.loads(line) for line in (ours / "metrics.jsonl").read_text().splitlines()]
     rates = [entry["tokens_per_second"] for entry in metrics if "tokens_per_second" in entry][1:]
     ours_rate = sum(rates) / len(rates)

@@ -51,13 +51,13 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def start_server(binary: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(binary: Path, data_dir: Path, model_file: Path = MODEL_FILE, env: dict | None = None):
     process = subprocess.Popen(
-        [str(binary), "--model-file", str(MODEL_FILE), "--port", "0", "--data-dir", str(data_dir)],
+        [str(binary), "--model-file", str(model_file), "--port", "0", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", RUST_LOG="info", NO_COLOR="1"),
+        env=dict(os.environ, HF_HUB_OFFLINE="1", RUST_LOG="info", NO_COLOR="1", **(env or {})),
     )
     assert process.stdout is not None
     for line in process.stdout:
@@ -67,26 +67,46 @@ def start_server(binary: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("nstream-server did not start")
 
 
-def nstream_run(binary: Path, passages: list[str], queries: list[str]) -> dict:
+def pg_model_file(folder: Path, table: str) -> Path:
+    """The example's EmbeddingModel and a KnowledgeBase `bench-pg` in PostgreSQL (table `table`)."""
+    embedding_model = MODEL_FILE.read_text().split("\n---\n")[0]
+    path = folder / "kb-postgres.yaml"
+    path.write_text(
+        embedding_model
+        + "\n---\napiVersion: llm.nstream.ai/v1\nkind: KnowledgeBase\nmetadata:\n  name: bench-pg\nspec:\n"
+        + "  embeddingModel: minilm\n  store:\n    postgres:\n      connectionSecretRef: {name: pg, key: url}\n"
+        + f"      table: {table}\n"
+    )
+    return path
+
+
+def nstream_run(binary: Path, passages: list[str], queries: list[str], pg_url: str | None = None) -> dict:
+    """Ours: a store made through the API (the embedded store), or with `pg_url` the YAML-declared
+    KnowledgeBase `bench-pg` in PostgreSQL + pgvector."""
     import openai
 
     with tempfile.TemporaryDirectory() as data_dir:
-        process, base = start_server(binary, Path(data_dir))
+        if pg_url:
+            table = f"bench_{len(passages)}_{int(time.time())}"
+            model_file = pg_model_file(Path(data_dir), table)
+            process, base = start_server(binary, Path(data_dir), model_file, {"NSTREAM_SECRET_PG_URL": pg_url})
+        else:
+            process, base = start_server(binary, Path(data_dir))
         try:
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=3600)
             lines = "".join(json.dumps({"id": str(index), "text": text}) + "\n" for index, text in enumerate(passages))
             uploaded = client.files.create(file=("corpus.jsonl", lines.encode()), purpose="assistants")
-            store = client.vector_stores.create(name="bench")
+            store_id = "bench-pg" if pg_url else client.vector_stores.create(name="bench").id
             started = time.perf_counter()
             attached = client.vector_stores.files.create_and_poll(
-                file_id=uploaded.id, vector_store_id=store.id, poll_interval_ms=200
+                file_id=uploaded.id, vector_store_id=store_id, poll_interval_ms=200
             )
             ingest = time.perf_counter() - started
             assert attached.status == "completed", attached.last_error
             latencies, results = [], []
             for query in queries:
                 began = time.perf_counter()
-                page = client.vector_stores.search(store.id, query=query, max_num_results=10)
+                page = client.vector_stores.search(store_id, query=query, max_num_results=10)
                 latencies.append(time.perf_counter() - began)
                 results.append([hit.content[0].text for hit in page.data])
             return {"ingest_s": ingest, "latencies": latencies, "results": results}
@@ -139,6 +159,7 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--chroma-batch", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--pg-url", help="also measure the PostgreSQL + pgvector store at this URL")
     arguments = parser.parse_args()
 
     rows = []
@@ -161,6 +182,15 @@ def main() -> int:
         }
         row["ingest_ratio"] = row["nstream_chunks_per_s"] / row["chroma_chunks_per_s"]
         row["p50_ratio"] = row["nstream_p50_ms"] / row["chroma_p50_ms"]
+        if arguments.pg_url:
+            try:
+                pg = nstream_run(arguments.server_bin, passages, queries, arguments.pg_url)
+                row["pgvector_chunks_per_s"] = size / pg["ingest_s"]
+                row["pgvector_p50_ms"] = 1000 * percentile(pg["latencies"], 0.5)
+                row["pgvector_p99_ms"] = 1000 * percentile(pg["latencies"], 0.99)
+                row["pgvector_recall_at_10"] = recall(pg["results"], exact)
+            except Exception as error:  # noqa: BLE001 - a failed pgvector side must not lose the others
+                row["pgvector_error"] = repr(error)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
 
@@ -173,6 +203,16 @@ def main() -> int:
             f"| {row['nstream_p99_ms']:.1f} / {row['chroma_p99_ms']:.1f} "
             f"| {row['nstream_recall_at_10']:.3f} / {row['chroma_recall_at_10']:.3f} |"
         )
+    for row in rows:
+        if "pgvector_chunks_per_s" in row:
+            print(
+                f"\npgvector store, {row['chunks']} chunks: {row['pgvector_chunks_per_s']:.0f} chunks/s "
+                f"({row['pgvector_chunks_per_s'] / row['chroma_chunks_per_s']:.2f}x Chroma), p50 "
+                f"{row['pgvector_p50_ms']:.1f} ms, p99 {row['pgvector_p99_ms']:.1f} ms, recall@10 "
+                f"{row['pgvector_recall_at_10']:.3f}"
+            )
+        elif "pgvector_error" in row:
+            print(f"\npgvector store, {row['chunks']} chunks: failed: {row['pgvector_error']}")
     arguments.out.mkdir(parents=True, exist_ok=True)
     (arguments.out / f"{time.strftime('%Y-%m-%d')}.json").write_text(json.dumps(rows, indent=2))
     return 0

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # nstream's vector stores vs Chroma (embedded, sentence-transformers all-MiniLM-L6-v2 as its
 # embedding function): ingest chunks/s, query p50/p99, recall@10 against exact search, at 10k and
-# 100k chunks, in one run. Prints a markdown table; writes benches/kb/results/<date>.json.
+# 100k chunks, in one run; the same for the PostgreSQL + pgvector store (a throwaway server from
+# scripts/pg-test-server.sh; NSTREAM_BENCH_KB_PG=0 skips it). Prints a markdown table; writes
+# benches/kb/results/<date>.json.
 #
 #   benches/kb/run.sh                     # both sizes
 #   benches/kb/run.sh -- --sizes 10000    # pass ARGS to bench.py (see bench.py --help)
@@ -35,4 +37,13 @@ if ! "$venv/bin/python" -c 'import chromadb, sentence_transformers, openai' 2>/d
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet "${pins[@]}"
 fi
-exec "$venv/bin/python" benches/kb/bench.py --server-bin "$server_bin" "${extra[@]}"
+# The pgvector store on a throwaway PostgreSQL 15 + pgvector server (skipped if it cannot start).
+pg=()
+if [[ "${NSTREAM_BENCH_KB_PG:-1}" == 1 ]] && started="$(scripts/pg-test-server.sh start)"; then
+  eval "$started"
+  trap 'scripts/pg-test-server.sh stop' EXIT
+  pg=(--pg-url "$NSTREAM_TEST_PG_URL")
+else
+  log "no PostgreSQL server: the pgvector store is not measured"
+fi
+"$venv/bin/python" benches/kb/bench.py --server-bin "$server_bin" "${pg[@]}" "${extra[@]}"
