@@ -178,31 +178,32 @@ fn credential_of(source: Option<SecretSource<'_>>, key: &'static str) -> Option<
     }
 }
 
-/// Local folders a pod cannot read: on a cluster, `hfModelId` (the model's or an adapter's) may
-/// name a local folder only under [`ADAPTERS_MOUNT_PATH`], with the claim of
-/// [`ADAPTERS_CLAIM_ANNOTATION`] mounted there.
+/// Local folders a pod cannot read. On a cluster, `hfModelId` (the model's or an adapter's) may
+/// name an absolute folder (in the server image, or under [`ADAPTERS_MOUNT_PATH`]), but not one
+/// relative to the machine the file was written on (`./`, `../`, `~/`), nor one under
+/// [`ADAPTERS_MOUNT_PATH`] when no claim is mounted there ([`ADAPTERS_CLAIM_ANNOTATION`]).
 fn local_path_problems<S: HubModelSpec>(info: &ServingInfo, annotations: &BTreeMap<String, String>) -> Vec<String> {
     let prefix = S::FIELD_PREFIX;
     let mounted = annotations.contains_key(ADAPTERS_CLAIM_ANNOTATION);
-    let under_mount = |path: &str| {
-        path.strip_prefix(ADAPTERS_MOUNT_PATH)
-            .is_some_and(|rest| rest.starts_with('/') && !rest.split('/').any(|part| part == ".."))
-    };
     let mut fields = vec![(format!("spec.{prefix}ServingInfo.hfModelId"), info.hf_model_id.as_str())];
     for (index, adapter) in info.adapters.iter().flatten().enumerate() {
         fields.push((format!("spec.{prefix}ServingInfo.adapters[{index}].hfModelId"), adapter.hf_model_id.as_str()));
     }
+    let remedy = format!(
+        "put the folder on a PersistentVolumeClaim, name the claim in the annotation \
+         {ADAPTERS_CLAIM_ANNOTATION} (mounted read-only at {ADAPTERS_MOUNT_PATH}) and write \
+         {ADAPTERS_MOUNT_PATH}/NAME, or push it to the hub"
+    );
     fields
         .into_iter()
-        .filter(|(_, id)| ["/", "./", "../", "~/"].iter().any(|start| id.starts_with(start)))
-        .filter(|(_, id)| !(mounted && under_mount(id)))
-        .map(|(field, id)| {
-            format!(
-                "{field}: `{id}` is a local folder, which a pod cannot read; on a cluster put it on a \
-                 PersistentVolumeClaim, name the claim in the annotation {ADAPTERS_CLAIM_ANNOTATION} \
-                 (mounted read-only at {ADAPTERS_MOUNT_PATH}) and write {ADAPTERS_MOUNT_PATH}/..., or \
-                 push it to the hub"
-            )
+        .filter_map(|(field, id)| {
+            if ["./", "../", "~/"].iter().any(|start| id.starts_with(start)) {
+                Some(format!("{field}: `{id}` is relative to the machine the file was written on, which a pod cannot read; {remedy}"))
+            } else if !mounted && id.strip_prefix(ADAPTERS_MOUNT_PATH).is_some_and(|rest| rest.starts_with('/')) {
+                Some(format!("{field}: `{id}` is on the adapters volume, but no claim is mounted there; {remedy}"))
+            } else {
+                None
+            }
         })
         .collect()
 }

@@ -179,7 +179,7 @@ fn the_model_cache_is_an_empty_dir_unless_a_claim_is_configured() {
 }
 
 #[test]
-fn local_adapter_folders_are_read_from_the_annotated_claim_and_refused_elsewhere() {
+fn local_adapter_folders_are_read_from_the_annotated_claim_and_relative_paths_refused() {
     let adapter = |name: &str, path: &str| nstream_core::AdapterSpec {
         name: name.into(),
         hf_model_id: path.into(),
@@ -189,7 +189,8 @@ fn local_adapter_folders_are_read_from_the_annotated_claim_and_refused_elsewhere
     model.spec.base_model_serving_info.adapters =
         Some(vec![adapter("support", "/adapters/support"), adapter("hub", "org/support-lora")]);
 
-    // Without the claim, a local folder is an invalid spec naming the field and the way out.
+    // Without the claim, a folder on the adapters volume is an invalid spec naming the field and
+    // the way out.
     let served = model.served();
     assert_eq!(served.problems.len(), 1, "{:?}", served.problems);
     let problem = &served.problems[0];
@@ -209,9 +210,12 @@ fn local_adapter_folders_are_read_from_the_annotated_claim_and_refused_elsewhere
     let mount = mounts.iter().find(|mount| mount.name == "adapters").expect("adapters mount");
     assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/adapters", Some(true)));
 
-    // Paths outside the mount (or escaping it), and the model's own hfModelId, are checked too.
+    // A path relative to the author's machine is refused whatever is mounted, the model's own
+    // hfModelId included; an absolute path elsewhere (weights in the server image) is the
+    // image's business.
     model.spec.base_model_serving_info.hf_model_id = "./students/v1".into();
-    model.spec.base_model_serving_info.adapters = Some(vec![adapter("escape", "/adapters/../etc")]);
+    model.spec.base_model_serving_info.adapters =
+        Some(vec![adapter("home", "~/adapters/support"), adapter("image", "/models/support")]);
     let problems = model.served().problems;
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(problems[0].starts_with("spec.baseModelServingInfo.hfModelId: `./students/v1`"), "{}", problems[0]);
