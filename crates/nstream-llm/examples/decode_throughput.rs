@@ -1,6 +1,6 @@
 //! Decode throughput of `LlmBackend` on SmolLM2-135M-Instruct: one stream, then N concurrent.
 //!
-//! `HF_HUB_OFFLINE=1 cargo run --release -p nstream-llm --example throughput -- [STREAMS] [TOKENS]`
+//! `HF_HUB_OFFLINE=1 cargo run --release -p nstream-llm --example decode_throughput -- [STREAMS] [TOKENS]`
 //! Environment: `REQUANTIZE` = `q8_0` (default) | `q4_0` | `keep`; `THREADS` = CPU threads.
 //! Decode rate counts tokens after each stream's first one (prefill excluded).
 

@@ -1,6 +1,6 @@
 //! Embeds the fixture corpus with all-MiniLM-L6-v2 from the offline cache and prints sentences/s.
 //!
-//! `cargo run --release -p nstream-embed --example throughput -- [rounds] [max_batch_tokens] [max_batch_requests]`
+//! `cargo run --release -p nstream-embed --example embed_throughput -- [rounds] [max_batch_tokens] [max_batch_requests]`
 //! Compare with `scripts/reference-embeddings.py --bench` on the same machine, in the same run.
 
 use std::path::Path;
