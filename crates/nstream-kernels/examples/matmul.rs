@@ -20,6 +20,9 @@ fn main() {
                 data.extend((0..format.block_bytes() - data.len() % format.block_bytes()).map(|_| rng.u8(..)));
             }
             let matrix = QuantMatrix::from_ggml(format, &data, rows, cols).expect("matrix");
+            if name == "qkv" {
+                println!("kernel level: {} (NSTREAM_CPU_LEVEL lowers it)", matrix.level());
+            }
             for batch in [1, 16, 256] {
                 let input: Vec<f32> = (0..batch * cols).map(|_| rng.f32() - 0.5).collect();
                 let mut output = vec![0f32; batch * rows];

@@ -7,12 +7,27 @@
 /// query's sums run in a fixed order whatever else runs or is in the group, so the same inputs
 /// give the same bits (seeded sampling reproduces under any load).
 pub fn attend(queries: &[f32], keys: &[f32], values: &[f32], head_dim: usize, scale: f32, output: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::avx512_available() {
-        crate::avx512::attend(queries, keys, values, head_dim, scale, output);
-        return;
+    attend_at(crate::cpu_level().unwrap_or(crate::CpuLevel::Portable), queries, keys, values, head_dim, scale, output);
+}
+
+/// [`attend`] compiled for `level` (or the CPU's level where that is lower). Every level gives
+/// the same bits: the sums run in the same order, only wider at a time.
+pub fn attend_at(
+    level: crate::CpuLevel,
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    scale: f32,
+    output: &mut [f32],
+) {
+    match level.min(crate::CpuLevel::detected()) {
+        #[cfg(target_arch = "x86_64")]
+        crate::CpuLevel::Avx512Vnni => crate::avx512::attend(queries, keys, values, head_dim, scale, output),
+        #[cfg(target_arch = "x86_64")]
+        crate::CpuLevel::Avx2 => crate::avx2::attend(queries, keys, values, head_dim, scale, output),
+        _ => attend_portable(queries, keys, values, head_dim, scale, output),
     }
-    attend_portable(queries, keys, values, head_dim, scale, output);
 }
 
 /// [`attend`]'s body: plain loops (not iterator adaptors, which may not be inlined and then do
@@ -128,6 +143,12 @@ mod tests {
         attend(&queries, &keys, &values, head_dim, 0.125, &mut together);
         let mut portable = vec![0.0; group * head_dim];
         attend_portable(&queries, &keys, &values, head_dim, 0.125, &mut portable);
+        // Every level the CPU has gives the portable code's bits (the same sums in the same order).
+        for level in crate::CpuLevel::ALL {
+            let mut at_level = vec![f32::NAN; group * head_dim];
+            attend_at(level, &queries, &keys, &values, head_dim, 0.125, &mut at_level);
+            assert_eq!(at_level, portable, "{level}");
+        }
         for (head, query) in queries.chunks(head_dim).enumerate() {
             let mut alone = vec![0.0; head_dim];
             attend(query, &keys, &values, head_dim, 0.125, &mut alone);

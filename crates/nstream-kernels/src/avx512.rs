@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Activations, LANES, Packing, QuantMatrix, ROW_TILE};
+use super::{Activations, CpuLevel, LANES, Packing, QuantMatrix, ROW_TILE};
 
 /// Output columns `first..first + output[0].len()` of every activation row.
 pub(super) fn multiply_columns(
@@ -17,7 +17,7 @@ pub(super) fn multiply_columns(
     first: usize,
     output: &mut [&mut [f32]],
 ) {
-    assert!(matrix.accelerated, "the AVX-512 kernels run only where the CPU has the features");
+    assert!(matrix.level == CpuLevel::Avx512Vnni, "the AVX-512 kernels run only where the CPU has the features");
     let width = output.first().map_or(0, |row| row.len());
     for (tile, rows) in output.chunks_mut(ROW_TILE).enumerate() {
         let row0 = tile * ROW_TILE;
@@ -30,7 +30,7 @@ pub(super) fn multiply_columns(
         };
         let grouped = width / group * group;
         let tile = Tile { matrix, activations, row0, first };
-        // SAFETY: `matrix.accelerated` is only true when `avx512_available()` found every
+        // SAFETY: a matrix's level is only `Avx512Vnni` when `CpuLevel::detected()` found every
         // feature the kernels are compiled for on this CPU.
         unsafe {
             tile_dispatch(&tile, rows, 0..grouped, group);
@@ -240,15 +240,18 @@ pub(super) fn quantize_for(
     low: &mut [u8; 16],
     high: &mut [u8; 16],
 ) -> (f32, i32) {
-    assert!(matrix.accelerated, "the AVX-512 kernels run only where the CPU has the features");
-    // SAFETY: `matrix.accelerated` is only true when `avx512_available()` found every feature
-    // `quantize_block` is compiled for on this CPU.
+    assert!(matrix.level == CpuLevel::Avx512Vnni, "the AVX-512 kernels run only where the CPU has the features");
+    // SAFETY: a matrix's level is only `Avx512Vnni` when `CpuLevel::detected()` found every
+    // feature `quantize_block` is compiled for on this CPU.
     unsafe { quantize_block(values, low, high) }
 }
 
 /// [`crate::attention::attend`] compiled for AVX-512 (its loops vectorised 16 lanes wide).
 pub(super) fn attend(queries: &[f32], keys: &[f32], values: &[f32], head_dim: usize, scale: f32, output: &mut [f32]) {
-    assert!(crate::avx512_available(), "the AVX-512 kernels run only where the CPU has the features");
+    assert!(
+        CpuLevel::detected() == CpuLevel::Avx512Vnni,
+        "the AVX-512 kernels run only where the CPU has the features"
+    );
     // SAFETY: checked just above.
     unsafe { attend_avx512(queries, keys, values, head_dim, scale, output) }
 }

@@ -16,25 +16,31 @@
 //! by side, one per 32-bit lane, so that 8 `vpdpbusd` leave each block's dot product in its own
 //! lane (the blocks left over go in pairs), and multiplies each weight register it loads with up
 //! to 8 activation rows: a decode step with 16 sequences reads each weight once, not 16 times.
-//! Elsewhere a portable implementation with the same arithmetic runs
-//! ([`QuantMatrix::accelerated`] says which); callers with a faster path of their own may prefer
-//! it there. [`attend`] is the decode attention of one grouped-query head group.
+//! On CPUs with AVX2, FMA and F16C but not AVX-512 VNNI (Intel Haswell to Alder Lake, AMD Zen 1
+//! to 3) an AVX2 kernel multiplies the same packing half a group at a time (`vpmaddubsw` and
+//! `vpmaddwd` for `vpdpbusd`; Q8 weights by their signs and magnitudes, so no sum saturates).
+//! Elsewhere a portable implementation with the same arithmetic runs. [`CpuLevel`] names the
+//! three; [`cpu_level`] is the one the CPU has, lowered by the environment variable
+//! `NSTREAM_CPU_LEVEL` (`portable`, `avx2`, `avx512`) so that every path can be tested and
+//! timed on one machine. [`attend`] is the decode attention of one grouped-query head group.
 //!
 //! This is the workspace's one crate where `unsafe` is allowed (denied by default, allowed in
-//! the SIMD module only): calling a `#[target_feature]` function after checking the CPU has the
+//! the SIMD modules only): calling a `#[target_feature]` function after checking the CPU has the
 //! features, and loading SIMD registers from array references.
 
 use std::fmt;
 use std::ops::Range;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use half::f16;
 
 mod attention;
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 
-pub use attention::attend;
+pub use attention::{attend, attend_at};
 
 /// Weights per block in every supported format.
 pub const BLOCK: usize = 32;
@@ -87,6 +93,11 @@ pub enum KernelError {
         /// What was wrong.
         message: String,
     },
+    /// `NSTREAM_CPU_LEVEL` names no level.
+    CpuLevel {
+        /// The variable's value.
+        value: String,
+    },
 }
 
 impl fmt::Display for KernelError {
@@ -100,6 +111,11 @@ impl fmt::Display for KernelError {
             }
             Self::ScaleOutOfRange => write!(formatter, "a block scale is too large for the kernel's f16 offsets"),
             Self::Shape { message } => write!(formatter, "{message}"),
+            Self::CpuLevel { value } => write!(
+                formatter,
+                "{CPU_LEVEL_VARIABLE}={value:?} names no CPU level: expected one of {}",
+                CpuLevel::ALL.map(CpuLevel::name).join(", ")
+            ),
         }
     }
 }
@@ -221,8 +237,8 @@ pub struct QuantMatrix {
     offsets: Vec<u16>,
     /// Offsets per row: blocks rounded up to whole registers of 16 (zero padded).
     offset_stride: usize,
-    /// Whether the AVX-512 kernel runs on this CPU.
-    accelerated: bool,
+    /// The kernel that multiplies it.
+    level: CpuLevel,
 }
 
 impl fmt::Debug for QuantMatrix {
@@ -232,15 +248,27 @@ impl fmt::Debug for QuantMatrix {
             .field("rows", &self.rows)
             .field("cols", &self.cols)
             .field("packing", &self.packing)
-            .field("accelerated", &self.accelerated)
+            .field("level", &self.level)
             .finish_non_exhaustive()
     }
 }
 
 impl QuantMatrix {
     /// Repacks `rows × cols` weights stored as ggml blocks of `format` (row-major, `cols / 32`
-    /// blocks per row).
+    /// blocks per row), for the kernel of [`cpu_level`] (an error if `NSTREAM_CPU_LEVEL` names no
+    /// level).
     pub fn from_ggml(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
+        Self::from_ggml_at(format, data, rows, cols, cpu_level()?)
+    }
+
+    /// [`Self::from_ggml`] for the kernel of `level`, or of the CPU's level where that is lower.
+    pub fn from_ggml_at(
+        format: BlockFormat,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        level: CpuLevel,
+    ) -> Result<Self, KernelError> {
         if cols == 0 || !cols.is_multiple_of(BLOCK) {
             return Err(KernelError::ColumnsNotBlocks { cols });
         }
@@ -267,7 +295,7 @@ impl QuantMatrix {
             scale_stride,
             offsets: vec![0u16; rows * offset_stride],
             offset_stride,
-            accelerated: avx512_available(),
+            level: level.min(CpuLevel::detected()),
         };
         for (index, block) in data.chunks_exact(format.block_bytes()).enumerate() {
             let (row, column_block) = (index / blocks, index % blocks);
@@ -336,9 +364,14 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// Whether the AVX-512 VNNI kernel runs on this CPU (otherwise the portable one does).
+    /// Whether a SIMD kernel multiplies this matrix (otherwise the portable one does).
     pub fn accelerated(&self) -> bool {
-        self.accelerated
+        self.level > CpuLevel::Portable
+    }
+
+    /// The kernel that multiplies this matrix.
+    pub fn level(&self) -> CpuLevel {
+        self.level
     }
 
     /// Bytes held.
@@ -393,12 +426,13 @@ impl QuantMatrix {
 
     /// Output columns `first..first + output[0].len()` of every activation row.
     fn multiply_columns(&self, activations: &Activations, first: usize, output: &mut [&mut [f32]]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.accelerated {
-            avx512::multiply_columns(self, activations, first, output);
-            return;
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            CpuLevel::Avx512Vnni => avx512::multiply_columns(self, activations, first, output),
+            #[cfg(target_arch = "x86_64")]
+            CpuLevel::Avx2 => avx2::multiply_columns(self, activations, first, output),
+            _ => self.multiply_columns_portable(activations, first, output),
         }
-        self.multiply_columns_portable(activations, first, output);
     }
 
     /// The kernel's arithmetic without SIMD (per block: the integer dot product, then the scales).
@@ -488,9 +522,12 @@ impl Activations {
 /// to even (llama.cpp's SIMD rounding): weights 0..16 into `low`, 16..32 into `high`; returns the
 /// scale and the sum of the codes.
 fn quantize_block(matrix: &QuantMatrix, values: &[f32; BLOCK], low: &mut [u8; 16], high: &mut [u8; 16]) -> (f32, i32) {
-    #[cfg(target_arch = "x86_64")]
-    if matrix.accelerated {
-        return avx512::quantize_for(matrix, values, low, high);
+    match matrix.level {
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512Vnni => return avx512::quantize_for(matrix, values, low, high),
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 => return avx2::quantize_for(matrix, values, low, high),
+        _ => {}
     }
     let largest = values.iter().fold(0f32, |largest, value| largest.max(value.abs()));
     let scale = largest / 127.0;
@@ -508,20 +545,87 @@ fn quantize_block(matrix: &QuantMatrix, values: &[f32; BLOCK], low: &mut [u8; 16
     (scale, total)
 }
 
-/// Whether this CPU runs the AVX-512 VNNI kernel.
-pub fn avx512_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("f16c")
+/// The environment variable that lowers the kernels' level: `portable`, `avx2` or `avx512`
+/// (a level above the CPU's runs at the CPU's).
+pub const CPU_LEVEL_VARIABLE: &str = "NSTREAM_CPU_LEVEL";
+
+/// Which kernels run: each level needs the CPU features of those below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CpuLevel {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2,
+    /// x86-64 with AVX-512 F/BW/VNNI, FMA and F16C.
+    Avx512Vnni,
+}
+
+impl CpuLevel {
+    /// Every level, lowest first.
+    pub const ALL: [Self; 3] = [Self::Portable, Self::Avx2, Self::Avx512Vnni];
+
+    /// The level's name in `NSTREAM_CPU_LEVEL` and in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "avx2",
+            Self::Avx512Vnni => "avx512",
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// The level named `name` (as [`Self::name`] spells it, any case).
+    pub fn from_name(name: &str) -> Result<Self, KernelError> {
+        Self::ALL
+            .into_iter()
+            .find(|level| level.name().eq_ignore_ascii_case(name.trim()))
+            .ok_or_else(|| KernelError::CpuLevel { value: name.to_owned() })
     }
+
+    /// The highest level this CPU has the features of.
+    pub fn detected() -> Self {
+        static DETECTED: OnceLock<CpuLevel> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+                if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                    return Self::Avx512Vnni;
+                }
+                if avx2 {
+                    return Self::Avx2;
+                }
+            }
+            Self::Portable
+        })
+    }
+}
+
+impl fmt::Display for CpuLevel {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+/// The level the kernels run at: the CPU's, lowered to `NSTREAM_CPU_LEVEL` where that names a
+/// lower one; an error where it names none. Read once per process.
+pub fn cpu_level() -> Result<CpuLevel, KernelError> {
+    static LEVEL: OnceLock<Result<CpuLevel, KernelError>> = OnceLock::new();
+    LEVEL.get_or_init(|| level_for(std::env::var(CPU_LEVEL_VARIABLE).ok().as_deref())).clone()
+}
+
+/// The level for a value of `NSTREAM_CPU_LEVEL` (`None`: unset; empty counts as unset).
+fn level_for(requested: Option<&str>) -> Result<CpuLevel, KernelError> {
+    match requested.filter(|value| !value.trim().is_empty()) {
+        Some(value) => Ok(CpuLevel::from_name(value)?.min(CpuLevel::detected())),
+        None => Ok(CpuLevel::detected()),
+    }
+}
+
+/// Whether the kernels run faster than plain Rust here: [`cpu_level`] is above
+/// [`CpuLevel::Portable`] (false where `NSTREAM_CPU_LEVEL` names no level).
+pub fn accelerated() -> bool {
+    cpu_level().is_ok_and(|level| level > CpuLevel::Portable)
 }
 
 #[cfg(test)]

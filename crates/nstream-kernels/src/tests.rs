@@ -79,41 +79,99 @@ impl Parallel for TwoThreads {
     }
 }
 
+/// The levels this CPU can run, lowest first.
+fn runnable_levels() -> Vec<CpuLevel> {
+    CpuLevel::ALL.into_iter().filter(|&level| level <= CpuLevel::detected()).collect()
+}
+
 #[test]
-fn every_format_batch_and_shape_matches_the_dequantised_product() {
+fn every_level_format_batch_and_shape_matches_the_dequantised_product() {
     let mut rng = fastrand::Rng::with_seed(7);
     for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
         // 3 blocks per row (an odd block padded), 18 (SmolLM2's 576), 48 (1536); rows not a
-        // multiple of the column chunk; batches around the row tile.
+        // multiple of the column chunk; batches around the row tiles (4 for AVX2, 8 for AVX-512).
         for (rows, cols) in [(5, 96), (70, 576), (33, 1536)] {
-            let (data, weights) = random_matrix(format, rows, cols, &mut rng);
-            let matrix = QuantMatrix::from_ggml(format, &data, rows, cols).unwrap();
-            for batch in [1, 3, 8, 9, 17] {
+            let (mut data, mut weights) = random_matrix(format, rows, cols, &mut rng);
+            if format == BlockFormat::Q8_0 {
+                // Codes of −128 (the one magnitude AVX2's sign trick holds as 128) in the first
+                // row's every block: where a sum could saturate.
+                for block in 0..cols / BLOCK {
+                    data[block * 34 + 2..][..32].fill(0x80);
+                    let scale = f16::from_le_bytes([data[block * 34], data[block * 34 + 1]]).to_f32();
+                    weights[block * BLOCK..][..BLOCK].fill(-128.0 * scale);
+                }
+            }
+            for batch in [1, 2, 3, 4, 5, 8, 9, 17] {
                 let mut input: Vec<f32> = (0..batch * cols).map(|_| rng.f32() * 2.0 - 1.0).collect();
-                // A block of zeros and a block with one large value.
+                // A block of zeros, a block with one large value and a block at ±the largest (codes
+                // of ±127 against the weights of −128).
                 input[..BLOCK].fill(0.0);
                 input[cols - 1] = 40.0;
+                for (index, value) in input[BLOCK..2 * BLOCK].iter_mut().enumerate() {
+                    *value = if index % 2 == 0 { 3.0 } else { -3.0 };
+                }
                 let want = expected(&weights, &input, batch, rows, cols);
-                let what = format!("{format:?} {rows}x{cols} batch {batch}");
-                let mut output = vec![f32::NAN; batch * rows];
-                matrix.matmul(&input, batch, &mut output, &TwoThreads).unwrap();
-                assert_close(&output, &want, &what);
-                let mut portable = QuantMatrix::from_ggml(format, &data, rows, cols).unwrap();
-                portable.accelerated = false;
-                let mut output = vec![f32::NAN; batch * rows];
-                portable.matmul(&input, batch, &mut output, &Sequential).unwrap();
-                assert_close(&output, &want, &format!("{what} (portable)"));
+                for level in runnable_levels() {
+                    let matrix = QuantMatrix::from_ggml_at(format, &data, rows, cols, level).unwrap();
+                    assert_eq!(matrix.level(), level);
+                    let what = format!("{format:?} {rows}x{cols} batch {batch} at {level}");
+                    for parallel in [&TwoThreads as &dyn Parallel, &Sequential] {
+                        let mut output = vec![f32::NAN; batch * rows];
+                        matrix.matmul(&input, batch, &mut output, parallel).unwrap();
+                        assert_close(&output, &want, &what);
+                    }
+                }
             }
         }
     }
 }
 
 #[test]
-fn the_accelerated_kernel_runs_where_the_cpu_has_avx512_vnni() {
-    let matrix = QuantMatrix::from_ggml(BlockFormat::Q8_0, &[0; 34], 1, 32).unwrap();
-    assert_eq!(matrix.accelerated(), avx512_available());
+fn every_level_quantises_activations_to_the_same_codes() {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let (data, _) = random_matrix(BlockFormat::Q4_1, 2, 64, &mut rng);
+    let matrices: Vec<QuantMatrix> = runnable_levels()
+        .into_iter()
+        .map(|level| QuantMatrix::from_ggml_at(BlockFormat::Q4_1, &data, 2, 64, level).unwrap())
+        .collect();
+    let mut blocks: Vec<[f32; BLOCK]> = (0..200).map(|_| std::array::from_fn(|_| rng.f32() * 8.0 - 4.0)).collect();
+    blocks.push([0.0; BLOCK]);
+    // Exact ties (x.5 after scaling) round to even at every level.
+    blocks.push(std::array::from_fn(|index| if index == 0 { 127.0 } else { index as f32 + 0.5 }));
+    for values in &blocks {
+        let results: Vec<_> = matrices
+            .iter()
+            .map(|matrix| {
+                let (mut low, mut high) = ([0u8; 16], [0u8; 16]);
+                let (scale, total) = quantize_block(matrix, values, &mut low, &mut high);
+                (scale.to_bits(), total, low, high)
+            })
+            .collect();
+        for (matrix, result) in matrices.iter().zip(&results) {
+            assert_eq!(result, &results[0], "{} vs portable on {values:?}", matrix.level());
+        }
+    }
+}
+
+#[test]
+fn a_level_above_the_cpu_runs_at_the_cpu_level_and_names_parse() {
+    let matrix = QuantMatrix::from_ggml_at(BlockFormat::Q8_0, &[0; 34], 1, 32, CpuLevel::Avx512Vnni).unwrap();
+    assert_eq!(matrix.level(), CpuLevel::detected());
+    assert_eq!(matrix.accelerated(), CpuLevel::detected() > CpuLevel::Portable);
+    for level in CpuLevel::ALL {
+        assert_eq!(CpuLevel::from_name(level.name()), Ok(level));
+        assert_eq!(CpuLevel::from_name(&level.name().to_uppercase()), Ok(level));
+        assert_eq!(level_for(Some(level.name())), Ok(level.min(CpuLevel::detected())));
+    }
+    assert_eq!(level_for(None), Ok(CpuLevel::detected()));
+    assert_eq!(level_for(Some(" ")), Ok(CpuLevel::detected()));
+    let error = level_for(Some("avx3")).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        r#"NSTREAM_CPU_LEVEL="avx3" names no CPU level: expected one of portable, avx2, avx512"#
+    );
     if std::env::var_os("NSTREAM_EXPECT_AVX512").is_some() {
-        assert!(matrix.accelerated(), "NSTREAM_EXPECT_AVX512 is set but the kernel is not accelerated");
+        assert_eq!(CpuLevel::detected(), CpuLevel::Avx512Vnni, "NSTREAM_EXPECT_AVX512 is set");
     }
 }
 

@@ -19,9 +19,13 @@ impl DeviceSpec {
         self == Self::Cpu
     }
 
+    /// The device; on the CPU, an error where `NSTREAM_CPU_LEVEL` names no kernel level.
     pub(super) fn device(self) -> Result<Device> {
         Ok(match self {
-            Self::Cpu => Device::Cpu,
+            Self::Cpu => {
+                nstream_kernels::cpu_level().map_err(|error| Error::Unsupported(error.to_string()))?;
+                Device::Cpu
+            }
             Self::Cuda(ordinal) => Device::new_cuda(ordinal)?,
         })
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
 use nstream_hub::{Hub, ModelSource, WeightFormat};
+use nstream_kernels::CpuLevel;
 
 use super::adapters::{AdapterSource, is_local_path, local_path};
 use super::device::thread_pool;
@@ -176,10 +177,12 @@ impl LlmBackend {
         let info = LlmInfo::new(&model, &tokenizer, &options, file_template.is_some(), "gguf".into());
         let kernels = if !options.device.is_cpu() {
             "cuda"
-        } else if nstream_kernels::avx512_available() {
-            "nstream-kernels AVX-512 VNNI for Q4_0/Q4_1/Q8_0, candle for other formats"
         } else {
-            "candle"
+            match nstream_kernels::cpu_level().map_err(|error| Error::Unsupported(error.to_string()))? {
+                CpuLevel::Avx512Vnni => "nstream-kernels AVX-512 VNNI for Q4_0/Q4_1/Q8_0, candle for other formats",
+                CpuLevel::Avx2 => "nstream-kernels AVX2 for Q4_0/Q4_1/Q8_0, candle for other formats",
+                CpuLevel::Portable => "candle",
+            }
         };
         tracing::info!(model = %name, ?info, requantize = ?options.requantize, kernels, "loaded GGUF model");
         Ok(Self::start(name, model, tokenizer, template, info, &options, pool))

@@ -36,7 +36,7 @@ impl Requantize {
         let slow = matches!(stored, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
         match self {
             Self::Keep => None,
-            Self::Auto if nstream_kernels::avx512_available() => {
+            Self::Auto if nstream_kernels::accelerated() => {
                 matches!(stored, GgmlDType::Q5_0 | GgmlDType::Q5_1).then_some(GgmlDType::Q8_0)
             }
             Self::Auto | Self::Q8_0 if slow => Some(GgmlDType::Q8_0),
@@ -198,7 +198,7 @@ mod tests {
         assert_eq!(Requantize::Q4_0.target(GgmlDType::Q5_0), Some(GgmlDType::Q4_0));
         assert_eq!(Requantize::Auto.target(GgmlDType::Q5_1), Some(GgmlDType::Q8_0));
         assert_eq!(Requantize::Auto.target(GgmlDType::Q4K), None);
-        let kernels = nstream_kernels::avx512_available();
+        let kernels = nstream_kernels::accelerated();
         assert_eq!(Requantize::Auto.target(GgmlDType::Q4_1), (!kernels).then_some(GgmlDType::Q8_0));
     }
 }

@@ -13,14 +13,14 @@ use crate::error::Result;
 pub(super) enum Weight {
     /// candle's (quantised or dense) matrix product.
     Candle(QMatMul),
-    /// Q4_0/Q4_1/Q8_0 weights on a CPU with AVX-512 VNNI: nstream-kernels' product, which reads
-    /// each weight once per step whatever the batch (candle's once per activation row).
+    /// Q4_0/Q4_1/Q8_0 weights on a CPU with AVX2 or AVX-512 VNNI: nstream-kernels' product, which
+    /// reads each weight once per step whatever the batch (candle's once per activation row).
     Kernel(QuantMatmul),
 }
 
 impl Weight {
     /// A quantised weight: nstream-kernels' product where it is faster than candle's (a CPU
-    /// with AVX-512 VNNI, a format it multiplies), candle's otherwise.
+    /// with AVX2 or AVX-512 VNNI, a format it multiplies), candle's otherwise.
     pub(super) fn quantised(weight: QTensor) -> Result<Self> {
         let format = match weight.dtype() {
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
@@ -29,7 +29,7 @@ impl Weight {
             _ => None,
         };
         if let (Some(format), true, &[rows, cols]) =
-            (format, weight.device().is_cpu() && nstream_kernels::avx512_available(), weight.shape().dims())
+            (format, weight.device().is_cpu() && nstream_kernels::accelerated(), weight.shape().dims())
         {
             // A matrix the kernel cannot hold (a scale out of its range) stays with candle.
             if let Ok(matrix) = QuantMatrix::from_ggml(format, &weight.data()?, rows, cols) {
