@@ -7,6 +7,8 @@ Servers, each started alone (never two loaded during a measurement), alternating
     CPU with AVX-512 VNNI keeps the Q4_1 weights as stored, like the peer, for nstream-kernels);
   * ours-q8_0: the same with `--requantize q8-0` (the Q4_1 weights become Q8_0 at load);
   * ours-keep: the same with `--requantize keep` (every weight as stored, whatever the CPU);
+  * ours@LEVEL (e.g. ours@avx2, ours-q8_0@portable): the same with NSTREAM_CPU_LEVEL=LEVEL, which
+    restricts nstream-kernels to that level (portable: candle's kernels, as on a CPU without AVX2);
   * llama-server: `--parallel N` (N = the streams of the scenario, so it has a slot per stream),
     `-c` = N x --slot-context, `--threads` = ours, `--cont-batching`; restarted per scenario.
 
@@ -207,18 +209,20 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> int:
 
 
 class Server:
-    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, log_path: Path):
+    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, log_path: Path,
+                 env: dict[str, str] | None = None):
         self.name, self.argv, self.port, self.ready_path, self.log_path = name, argv, port, ready_path, log_path
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.start_s = 0.0
 
     def start(self, timeout: float = 180.0) -> None:
         t0 = time.monotonic()
         self.log_file = open(self.log_path, "ab")
-        self.log_file.write(f"\n=== {time.strftime('%H:%M:%S')} {shlex.join(self.argv)}\n".encode())
+        self.log_file.write(f"\n=== {time.strftime('%H:%M:%S')} {self.command()}\n".encode())
         self.log_file.flush()
         self.proc = subprocess.Popen(self.argv, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **self.env})
         PROCS.append(self.proc)
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -231,6 +235,10 @@ class Server:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} not ready after {timeout}s; see {self.log_path}")
+
+    def command(self) -> str:
+        """The command line, with the environment variables set for it."""
+        return " ".join([*(f"{key}={shlex.quote(value)}" for key, value in self.env.items()), shlex.join(self.argv)])
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -478,11 +486,13 @@ def main() -> None:
     def make(name: str, streams: int) -> Server:
         port = free_port()
         if name.startswith("ours"):
+            variant, _, level = name.partition("@")
             requantize = {"ours": [], "ours-q8_0": ["--requantize", "q8-0"], "ours-keep": ["--requantize", "keep"],
-                          "ours-q4_0": ["--requantize", "q4-0"]}[name]
+                          "ours-q4_0": ["--requantize", "q4-0"]}[variant]
             argv = [args.server_bin, "--model-file", args.model_file, "--host", "127.0.0.1", "--port", str(port),
                     "--threads", str(args.threads), *requantize]
-            return Server(name, argv, port, "/ready", logs / f"{name}.log")
+            env = {"NSTREAM_CPU_LEVEL": level} if level else {}
+            return Server(name, argv, port, "/ready", logs / f"{name}.log", env)
         argv = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                 "--parallel", str(streams), "-c", str(streams * args.slot_context),
                 "--threads", str(args.threads), "--threads-batch", str(args.threads), "--cont-batching"]
@@ -498,7 +508,7 @@ def main() -> None:
                 if round_ > 0 and name in args.once.split(","):
                     continue
                 server = make(name, streams)
-                commands[f"{name} @{streams}"] = shlex.join(server.argv)
+                commands[f"{name} @{streams}"] = server.command()
                 load = wait_quiet(args.max_load, args.quiet_wait, first=not rows)
                 log(f"round {round_ + 1}/{args.rounds}: {name}, {streams} stream(s) (load {load:.2f})")
                 server.start()

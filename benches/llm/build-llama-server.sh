@@ -8,12 +8,19 @@
 # and is reused when present. Build flags: Release, GGML_NATIVE=OFF with the x86 SIMD options this
 # CPU has set explicitly (read from /proc/cpuinfo), AMX off (a native build segfaults on the EPYC
 # this project benches on), OpenMP off, curl off. Runs the compiler under `nice -n 19`.
-# Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.36), LLAMA_SERVER_JOBS (default: nproc).
+# Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.36), LLAMA_SERVER_JOBS (default: nproc),
+# LLAMA_SERVER_CPU_LEVEL=avx2 to build with every AVX-512 option off whatever the CPU has (the peer
+# of NSTREAM_CPU_LEVEL=avx2; cached apart, in <version>-avx2/).
 set -euo pipefail
 
 version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+level="${LLAMA_SERVER_CPU_LEVEL:-}"
+case "$level" in
+  ""|avx2) ;;
+  *) printf 'build-llama-server.sh: LLAMA_SERVER_CPU_LEVEL=%s: expected avx2 or unset\n' "$level" >&2; exit 2 ;;
+esac
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/nstream/llama-server"
-dest="$cache/$version"
+dest="$cache/$version${level:+-$level}"
 bin="$dest/bin/llama-server"
 log() { printf 'build-llama-server.sh: %s\n' "$*" >&2; }
 
@@ -40,7 +47,10 @@ fi
 llama="$src/vendor/llama.cpp"
 
 flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
-has() { [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF; }
+has() {
+  if [[ "$level" == avx2 && "$1" == avx512* ]]; then echo OFF; return; fi
+  [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF
+}
 simd=(
   -DGGML_AVX="$(has avx)"
   -DGGML_AVX2="$(has avx2)"
@@ -54,7 +64,7 @@ simd=(
 )
 log "SIMD options: ${simd[*]}"
 
-build="$src/build"
+build="$src/build${level:+-$level}"
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 nice -n 19 cmake -S "$llama" -B "$build" "${generator[@]}" \

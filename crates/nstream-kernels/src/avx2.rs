@@ -149,10 +149,11 @@ fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
     let offset_registers = matrix.offset_stride / LANES;
     let scale_stride = matrix.scale_stride;
     // Bytes of one group's and one tail pair's weight codes.
-    let (group_bytes, pair_bytes) = if NIBBLES { (256, 32) } else { (512, 64) };
-    let (code_rows, _) = activations.codes.as_chunks::<64>();
-    let activation_vectors = activations.code_stride / 64;
-    let activation_rows: [&[[u8; 64]]; R] =
+    let (group_vectors, pair_vectors) = if NIBBLES { (8, 1) } else { (16, 2) };
+    // Everything in 32-byte vectors: activation vector `2v + h` is half `h` of 64-byte step `v`.
+    let (code_rows, _) = activations.codes.as_chunks::<32>();
+    let activation_vectors = activations.code_stride / 32;
+    let activation_rows: [&[[u8; 32]]; R] =
         std::array::from_fn(|row| &code_rows[(row0 + row) * activation_vectors..][..activation_vectors]);
     let (scale_rows, _) = activations.scales.as_chunks::<LANES>();
     let block_scale_rows: [&[[f32; LANES]]; R] =
@@ -171,8 +172,8 @@ fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
         if R <= 2 {
             prefetch_columns(matrix, column0 + PREFETCH_COLUMNS, C);
         }
-        let codes: [&[u8]; C] = std::array::from_fn(|column| {
-            &matrix.codes[(column0 + column) * matrix.code_stride..][..matrix.code_stride]
+        let codes: [&[[u8; 32]]; C] = std::array::from_fn(|column| {
+            matrix.codes[(column0 + column) * matrix.code_stride..][..matrix.code_stride].as_chunks::<32>().0
         });
         let scales: [&[u16]; C] =
             std::array::from_fn(|column| &matrix.scales[(column0 + column) * scale_stride..][..scale_stride]);
@@ -186,20 +187,20 @@ fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
                     // block. Column by column, so that one column's weights are in registers at
                     // a time (the activations' loads hit L1).
                     for column in 0..C {
-                        let group_codes = &codes[column][group * group_bytes..][..group_bytes];
+                        let group_codes = &codes[column][group * group_vectors..][..group_vectors];
                         let (low, high) = if NIBBLES {
-                            let (low, high) = nibbles(load_256(&group_codes[step * 64 + half * 32..][..32]));
+                            let (low, high) = nibbles(load_256(&group_codes[step * 2 + half]));
                             (Weights::nibbles(low), Weights::nibbles(high))
                         } else {
                             (
-                                Weights::bytes(load_256(&group_codes[step * 64 + half * 32..][..32])),
-                                Weights::bytes(load_256(&group_codes[(step + 4) * 64 + half * 32..][..32])),
+                                Weights::bytes(load_256(&group_codes[step * 2 + half])),
+                                Weights::bytes(load_256(&group_codes[(step + 4) * 2 + half])),
                             )
                         };
                         for row in 0..R {
-                            let activations = &activation_rows[row][group * 8..];
-                            let first_half = load_256(&activations[step][half * 32..][..32]);
-                            let second_half = load_256(&activations[step + 4][half * 32..][..32]);
+                            let activations = &activation_rows[row][group * 16..][..16];
+                            let first_half = load_256(&activations[step * 2 + half]);
+                            let second_half = load_256(&activations[(step + 4) * 2 + half]);
                             dots[column][row] = if NIBBLES {
                                 // Pair sums of at most 2·15·127: the 8 steps' sum (30,480) fits
                                 // an i16 lane, widened once after the last step.
@@ -240,14 +241,14 @@ fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
         for pair in 0..tail_pairs {
             // [block 0: 0..16, block 1: 0..16] and [block 0: 16..32, block 1: 16..32].
             let weights: [(Weights, Weights); C] = std::array::from_fn(|column| {
-                let pair_codes = &codes[column][groups * group_bytes + pair * pair_bytes..][..pair_bytes];
+                let pair_codes = &codes[column][groups * group_vectors + pair * pair_vectors..][..pair_vectors];
                 if NIBBLES {
                     // Block 0's 16 bytes, then block 1's: the low nibbles are weights 0..16 of
                     // each block, the high nibbles 16..32.
-                    let (low, high) = nibbles(load_256(pair_codes));
+                    let (low, high) = nibbles(load_256(&pair_codes[0]));
                     (Weights::nibbles(low), Weights::nibbles(high))
                 } else {
-                    (Weights::bytes(load_256(&pair_codes[..32])), Weights::bytes(load_256(&pair_codes[32..])))
+                    (Weights::bytes(load_256(&pair_codes[0])), Weights::bytes(load_256(&pair_codes[1])))
                 }
             });
             let weight_scales: [__m256; C] = std::array::from_fn(|column| {
@@ -256,10 +257,10 @@ fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
                 let two_scales = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
                 _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two_scales), lane_block)
             });
-            let tail_vector = groups * 8 + pair;
+            let tail_vector = (groups * 8 + pair) * 2;
             for row in 0..R {
-                let codes = &activation_rows[row][tail_vector];
-                let (first_half, second_half) = (load_256(&codes[..32]), load_256(&codes[32..]));
+                let codes = &activation_rows[row][tail_vector..][..2];
+                let (first_half, second_half) = (load_256(&codes[0]), load_256(&codes[1]));
                 let activation_scales = load_f32(&tail_scale_rows[row][pair][..8]);
                 for column in 0..C {
                     let (low, high) = weights[column];
@@ -288,8 +289,16 @@ fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
             }
         }
         for (column, column_accumulators) in accumulators.iter().enumerate() {
-            for (row, accumulator) in column_accumulators.iter().enumerate() {
-                output[row][column_offset + column] = sum_lanes(*accumulator);
+            let (fours, rest) = column_accumulators.as_chunks::<4>();
+            for (four, quad) in fours.iter().enumerate() {
+                let mut sums = [0f32; 4];
+                store_f32x4(&mut sums, sum_lanes_of_four(*quad));
+                for (offset, sum) in sums.into_iter().enumerate() {
+                    output[four * 4 + offset][column_offset + column] = sum;
+                }
+            }
+            for (offset, accumulator) in rest.iter().enumerate() {
+                output[fours.len() * 4 + offset][column_offset + column] = sum_lanes(*accumulator);
             }
         }
     }
@@ -301,6 +310,20 @@ fn sum_lanes(value: __m256) -> f32 {
     let quad = _mm_add_ps(_mm256_castps256_ps128(value), _mm256_extractf128_ps::<1>(value));
     let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
     _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+}
+
+/// The sums of 4 registers' 8 lanes each, in one register's 4 lanes.
+#[target_feature(enable = "avx2")]
+fn sum_lanes_of_four(values: [__m256; 4]) -> __m128 {
+    // Lanes [a01 a23 b01 b23 | a45 a67 b45 b67], the same for c and d; then [a b c d] per half.
+    let pairs = _mm256_hadd_ps(_mm256_hadd_ps(values[0], values[1]), _mm256_hadd_ps(values[2], values[3]));
+    _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps::<1>(pairs))
+}
+
+#[target_feature(enable = "sse")]
+fn store_f32x4(values: &mut [f32; 4], value: __m128) {
+    // SAFETY: the reference covers the 16 bytes written; unaligned stores are allowed.
+    unsafe { _mm_storeu_ps(values.as_mut_ptr(), value) }
 }
 
 /// Quantises one block of 32 activations to signed 8-bit codes (rounding to nearest, ties to
@@ -385,8 +408,7 @@ fn prefetch_columns(matrix: &QuantMatrix, column: usize, count: usize) {
 }
 
 #[target_feature(enable = "avx")]
-fn load_256(bytes: &[u8]) -> __m256i {
-    let bytes: &[u8; 32] = bytes.try_into().expect("32 bytes for a 256-bit load");
+fn load_256(bytes: &[u8; 32]) -> __m256i {
     // SAFETY: the reference covers the 32 bytes read; unaligned loads are allowed.
     unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
 }

