@@ -304,12 +304,11 @@ fn tile_kernel<const NIBBLES: bool, const R: usize, const C: usize>(
     }
 }
 
-/// The sum of a register's 8 lanes.
+/// The sum of a register's 8 lanes, added in [`sum_lanes_of_four`]'s order: a row's result has
+/// the same bits whichever place it takes in a tile.
 #[target_feature(enable = "avx2")]
 fn sum_lanes(value: __m256) -> f32 {
-    let quad = _mm_add_ps(_mm256_castps256_ps128(value), _mm256_extractf128_ps::<1>(value));
-    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-    _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+    _mm_cvtss_f32(sum_lanes_of_four([value; 4]))
 }
 
 /// The sums of 4 registers' 8 lanes each, in one register's 4 lanes.
