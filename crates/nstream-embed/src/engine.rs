@@ -1,6 +1,7 @@
 //! The synchronous engine: tokenizer + encoder + pooling, one batch at a time.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use nstream_hub::{Hub, ModelSource};
@@ -45,8 +46,9 @@ pub struct ModelInfo {
 /// Tokenizer + BERT encoder + pooling. Not thread-aware: [`crate::EmbeddingBackend`] owns one on
 /// its worker thread.
 pub struct Embedder {
-    tokenizer: Tokenizer,
-    truncating_tokenizer: Tokenizer,
+    /// Shared with every [`InputEncoder`]: cloning a `Tokenizer` copies its whole vocabulary.
+    tokenizer: Arc<Tokenizer>,
+    truncating_tokenizer: Arc<Tokenizer>,
     encoder: BertEncoder,
     info: ModelInfo,
     pad_id: u32,
@@ -121,7 +123,13 @@ impl Embedder {
             vocab_size: config.vocab_size,
         };
         tracing::info!(?info, ?dtype, device = ?device, "embedding model loaded");
-        Ok(Self { tokenizer, truncating_tokenizer, encoder, info, pad_id })
+        Ok(Self {
+            tokenizer: Arc::new(tokenizer),
+            truncating_tokenizer: Arc::new(truncating_tokenizer),
+            encoder,
+            info,
+            pad_id,
+        })
     }
 
     /// What the model is.
@@ -135,11 +143,11 @@ impl Embedder {
         encode_input(&self.tokenizer, &self.truncating_tokenizer, &self.info, input, truncate, index)
     }
 
-    /// A cheap clone of what tokenization needs, for use off the worker thread.
+    /// What tokenization needs, for use off the worker thread (shares the tokenizers: cheap).
     pub fn input_encoder(&self) -> InputEncoder {
         InputEncoder {
-            tokenizer: self.tokenizer.clone(),
-            truncating_tokenizer: self.truncating_tokenizer.clone(),
+            tokenizer: Arc::clone(&self.tokenizer),
+            truncating_tokenizer: Arc::clone(&self.truncating_tokenizer),
             info: self.info.clone(),
         }
     }
@@ -174,11 +182,12 @@ impl Embedder {
     }
 }
 
-/// Tokenization without the model, so callers can tokenize on their own threads.
+/// Tokenization without the model, so callers can tokenize on their own threads. Cloning it is
+/// cheap (the tokenizers are shared), so a clone per request costs nothing.
 #[derive(Clone)]
 pub struct InputEncoder {
-    tokenizer: Tokenizer,
-    truncating_tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
+    truncating_tokenizer: Arc<Tokenizer>,
     info: ModelInfo,
 }
 

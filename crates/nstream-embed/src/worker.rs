@@ -174,9 +174,24 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<Vec<f32>>>>,
 }
 
+/// Requests with at most this many bytes of text are tokenized on the calling (async) thread.
+const INLINE_TOKENIZE_BYTES: usize = 2048;
+
+/// Bytes of text in `inputs` (token arrays count as none).
+fn inputs_text_bytes(inputs: &[EmbedInput]) -> usize {
+    inputs
+        .iter()
+        .map(|input| match input {
+            EmbedInput::Text(text) => text.len(),
+            EmbedInput::Tokens(_) => 0,
+        })
+        .sum()
+}
+
 /// An embedding model served by its own worker thread.
 ///
-/// Requests are tokenized on the caller's side, queued on a bounded channel and answered over
+/// Requests are tokenized on the caller's side (small ones on the async thread, larger ones on
+/// the blocking pool), queued on a bounded channel and answered over
 /// oneshot channels. The worker drains everything queued, sorts it by length, cuts it into
 /// batches by token budget ([`plan_batches`]) and runs one forward pass per batch. Dropping the
 /// backend stops the worker once the queue is empty.
@@ -313,13 +328,18 @@ impl EmbeddingBackend {
                 message: format!("a request holds at most {} inputs", self.max_inputs_per_request),
             });
         }
+        let text_bytes = inputs_text_bytes(&inputs);
         let encoder = self.encoder.clone();
         let encode = move || -> Result<Vec<EncodedInput>> {
             inputs.iter().enumerate().map(|(index, input)| encoder.encode(input, truncate, index)).collect()
         };
+        // A few sentences tokenize in microseconds, less than the hop to the blocking pool and
+        // back; larger requests go there so that they do not hold up the async threads.
         let encoded = match tokio::runtime::Handle::try_current() {
-            Ok(handle) => handle.spawn_blocking(encode).await.map_err(|_| Error::WorkerStopped)??,
-            Err(_) => encode()?,
+            Ok(handle) if text_bytes > INLINE_TOKENIZE_BYTES => {
+                handle.spawn_blocking(encode).await.map_err(|_| Error::WorkerStopped)??
+            }
+            _ => encode()?,
         };
         let prompt_tokens = encoded.iter().map(|input| input.ids.len()).sum();
         let truncated: Vec<bool> = encoded.iter().map(|input| input.truncated).collect();
