@@ -21,6 +21,11 @@ Scenarios, one client for every server (standard-library http.client, one connec
     streams, 1 at 16: 1,024 and 2,048 tokens at the default max_tokens); aggregate
     generated tokens/s = all completion tokens / wall time of the scenario, plus TTFT under load.
 
+  * long prompt: --long-requests requests one after another, each a prompt of about
+    --long-prompt-tokens tokens (the passage repeated under numbered headings) and
+    --long-max-tokens tokens out: time to first token of a long prompt (llama-server gets a context
+    that holds it). --long-prompt-tokens 0 skips it.
+
 Every request: greedy (temperature 0, seed fixed), ignore_eos, max_tokens = --max-tokens, a chat
 prompt rendered with SmolLM2's template (so both servers see the same token ids: prompt_tokens is
 checked equal across servers) whose system message starts with a unique request tag, so
@@ -364,6 +369,38 @@ def run_streams(port: int, streams: int, per_stream: int, max_tokens: int) -> tu
     return results, wall
 
 
+def long_question(k: int, target_tokens: int) -> str:
+    """About `target_tokens` tokens of text: the passage repeated under numbered headings (about 1.3
+    tokens per word with SmolLM2's tokenizer; the results record the exact count)."""
+    copies = max(1, round(target_tokens / (1.3 * len(PASSAGE.split()))))
+    parts = [f"Document {i + 1}:\n{PASSAGE}" for i in range(copies)]
+    return f"{TASKS[k % len(TASKS)]} Use all {copies} documents.\n\n" + "\n\n".join(parts)
+
+
+def measure_long(server: Server, args) -> dict:
+    """Time to first token of long prompts, one request at a time."""
+    port = server.port
+    run_streams(port, 1, 1, 16)
+    results = []
+    for k in range(args.long_requests):
+        question = long_question(k, args.long_prompt_tokens)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        try:
+            r = stream_completion(conn, render(question, f"{next(TAGS):06d}"), args.long_max_tokens)
+        finally:
+            conn.close()
+        if r["tokens"] != args.long_max_tokens:
+            raise RuntimeError(f"{server.name}: a long-prompt request generated {r['tokens']} tokens")
+        results.append(r)
+    return {
+        "server": server.name, "requests": len(results),
+        "ttft_median_ms": 1000 * median([r["ttft"] for r in results]),
+        "ttft_ms": [round(1000 * r["ttft"]) for r in results],
+        "prompt_tokens": sorted({r["prompt_tokens"] for r in results}),
+        "memory_mib": memory_mib(server.proc.pid), "load1": loadavg(),
+    }
+
+
 def requests_per_stream(spec: str, streams: int) -> int:
     if ":" not in spec:
         return int(spec)
@@ -463,6 +500,10 @@ def main() -> None:
                         help="requests per stream: N for every level, or LEVEL:N,... (levels not named: 1)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
     parser.add_argument("--slot-context", type=int, default=512, help="llama-server context per slot")
+    parser.add_argument("--long-prompt-tokens", type=int, default=2000,
+                        help="tokens of the long-prompt scenario's prompts (about; 0: skip it)")
+    parser.add_argument("--long-requests", type=int, default=3, help="requests in the long-prompt scenario")
+    parser.add_argument("--long-max-tokens", type=int, default=8, help="tokens out per long-prompt request")
     parser.add_argument("--servers", default="ours,llama-server,ours-q8_0")
     parser.add_argument("--once", default="ours-q8_0", help="servers measured in the first round only")
     parser.add_argument("--max-load", type=float, default=1.0)
@@ -483,7 +524,7 @@ def main() -> None:
     logs = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nstream" / "bench-llm-logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    def make(name: str, streams: int) -> Server:
+    def make(name: str, streams: int, context: int = 0) -> Server:
         port = free_port()
         if name.startswith("ours"):
             variant, _, level = name.partition("@")
@@ -494,7 +535,7 @@ def main() -> None:
             env = {"NSTREAM_CPU_LEVEL": level} if level else {}
             return Server(name, argv, port, "/ready", logs / f"{name}.log", env)
         argv = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                "--parallel", str(streams), "-c", str(streams * args.slot_context),
+                "--parallel", str(streams), "-c", str(max(streams * args.slot_context, context)),
                 "--threads", str(args.threads), "--threads-batch", str(args.threads), "--cont-batching"]
         return Server(name, argv, port, "/health", logs / f"{name}.log")
 
@@ -528,6 +569,26 @@ def main() -> None:
                     f"TTFT {row['ttft_median_ms']:.0f} ms, server {row['server_cpu_cores']:.2f} cores, "
                     f"client {row['client_cpu_cores']:.2f}, foreign {row['foreign_cpu_cores']:.2f}")
 
+    long_rows: list[dict] = []
+    if args.long_prompt_tokens > 0:
+        for round_ in range(args.rounds):
+            order = names if round_ % 2 == 0 else list(reversed(names))
+            for name in order:
+                if round_ > 0 and name in args.once.split(","):
+                    continue
+                server = make(name, 1, context=args.long_prompt_tokens + 1024)
+                commands[f"{name} long prompt"] = server.command()
+                load = wait_quiet(args.max_load, args.quiet_wait, first=False)
+                log(f"round {round_ + 1}/{args.rounds}: {name}, long prompt (load {load:.2f})")
+                server.start()
+                try:
+                    row = measure_long(server, args)
+                finally:
+                    server.stop()
+                row["round"] = round_ + 1
+                long_rows.append(row)
+                log(f"  TTFT {row['ttft_ms']} ms for {row['prompt_tokens']} prompt tokens")
+
     # Same prompts: every server saw the same prompt token counts per question.
     by_question: dict[str, set] = {}
     for row in rows:
@@ -538,6 +599,15 @@ def main() -> None:
         log(f"WARNING: prompt token counts differ between servers: {by_question}")
 
     summary = summarise(rows, names, levels)
+    for name in names:
+        sel = [r for r in long_rows if r["server"] == name]
+        if sel:
+            summary[f"{name}@long"] = {
+                "ttft_ms": median([r["ttft_median_ms"] for r in sel]),
+                "rounds": [round(r["ttft_median_ms"]) for r in sel],
+                "prompt_tokens": sorted({n for r in sel for n in r["prompt_tokens"]}),
+                "rss_mib": max(r["memory_mib"].get("VmHWM", 0) for r in sel),
+            }
     meta = {
         "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -551,7 +621,8 @@ def main() -> None:
         },
         "gguf": str(gguf),
         "settings": {k: getattr(args, k) for k in ("threads", "streams", "max_tokens", "single_requests",
-                                                    "requests_per_stream", "rounds", "once", "slot_context")},
+                                                    "requests_per_stream", "rounds", "once", "slot_context",
+                                                    "long_prompt_tokens", "long_requests", "long_max_tokens")},
         "commands": commands,
         "same_prompt_tokens": same_prompts,
         "prompt_tokens": sorted({n for v in by_question.values() for n in v}),
@@ -562,7 +633,8 @@ def main() -> None:
         out = Path(args.results_dir)
         stem = started.strftime("%Y-%m-%d") + (f"-{args.label}" if args.label else "")
         (out / f"{stem}.md").write_text(markdown + "\n")
-        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
+        (out / f"{stem}.json").write_text(
+            json.dumps({"meta": meta, "summary": summary, "rows": rows, "long_prompt_rows": long_rows}, indent=1) + "\n")
         log(f"wrote {out / (stem + '.md')} and .json")
 
 
@@ -624,6 +696,15 @@ def render_markdown(meta: dict, summary: dict, rows: list[dict], names: list[str
             if a and b:
                 lines.append(f"| {name} | {streams} | {a['aggregate_tps'] / b['aggregate_tps']:.2f}x | "
                              f"{a['decode_tps'] / b['decode_tps']:.2f}x | {b['ttft_ms'] / a['ttft_ms']:.2f}x |")
+    long_rows = [(name, summary[f"{name}@long"]) for name in names if f"{name}@long" in summary]
+    if long_rows:
+        peer = summary.get("llama-server@long")
+        lines += ["", f"Long prompt (1 stream, {s['long_requests']} requests of about {s['long_prompt_tokens']} tokens, "
+                  f"{s['long_max_tokens']} tokens out; TTFT ratio: llama-server's / ours):", "",
+                  "| server | prompt tokens | TTFT median ms | rounds (median ms) | ratio |", "| --- | --- | ---: | --- | ---: |"]
+        for name, v in long_rows:
+            ratio = f"{peer['ttft_ms'] / v['ttft_ms']:.2f}x" if peer and name.startswith("ours") else ""
+            lines.append(f"| {name} | {v['prompt_tokens']} | {v['ttft_ms']:.0f} | {v['rounds']} | {ratio} |")
     worst_foreign = max((r["foreign_cpu_cores"] for r in rows), default=0)
     worst_load = max((r["load1"] for r in rows), default=0)
     retried = sum(1 for r in rows if r.get("retried"))
