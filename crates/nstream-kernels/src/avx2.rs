@@ -311,12 +311,19 @@ fn sum_lanes(value: __m256) -> f32 {
     _mm_cvtss_f32(sum_lanes_of_four([value; 4]))
 }
 
-/// The sums of 4 registers' 8 lanes each, in one register's 4 lanes.
+/// The sums of 4 registers' 8 lanes each, in one register's 4 lanes, each added in the order of
+/// ggml's AVX2 `hsum_float_8` (`((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))`), so that a product
+/// rounds as llama.cpp's does where the lanes hold the same partial sums.
 #[target_feature(enable = "avx2")]
 fn sum_lanes_of_four(values: [__m256; 4]) -> __m128 {
-    // Lanes [a01 a23 b01 b23 | a45 a67 b45 b67], the same for c and d; then [a b c d] per half.
-    let pairs = _mm256_hadd_ps(_mm256_hadd_ps(values[0], values[1]), _mm256_hadd_ps(values[2], values[3]));
-    _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps::<1>(pairs))
+    // Per register: [l0+l4, l1+l5, l2+l6, l3+l7], then [(l0+l4)+(l2+l6), (l1+l5)+(l3+l7), ..].
+    let halves = values.map(|value| {
+        let quad = _mm_add_ps(_mm256_extractf128_ps::<1>(value), _mm256_castps256_ps128(value));
+        _mm_add_ps(quad, _mm_movehl_ps(quad, quad))
+    });
+    // Lanes 0 and 1 of each, gathered: [a0 b0 c0 d0] + [a1 b1 c1 d1].
+    let (ab, cd) = (_mm_unpacklo_ps(halves[0], halves[1]), _mm_unpacklo_ps(halves[2], halves[3]));
+    _mm_add_ps(_mm_movelh_ps(ab, cd), _mm_movehl_ps(cd, ab))
 }
 
 #[target_feature(enable = "sse")]
