@@ -135,27 +135,29 @@ mod tests {
     #[test]
     fn a_group_of_heads_gives_each_head_what_it_gets_alone() {
         let mut rng = fastrand::Rng::with_seed(3);
-        let (head_dim, length, group) = (64, 301, 3);
-        let queries: Vec<f32> = (0..group * head_dim).map(|_| rng.f32() - 0.5).collect();
-        let keys: Vec<f32> = (0..head_dim * length).map(|_| rng.f32() - 0.5).collect();
-        let values: Vec<f32> = (0..head_dim * length).map(|_| rng.f32() - 0.5).collect();
-        let mut together = vec![0.0; group * head_dim];
-        attend(&queries, &keys, &values, head_dim, 0.125, &mut together);
-        let mut portable = vec![0.0; group * head_dim];
-        attend_portable(&queries, &keys, &values, head_dim, 0.125, &mut portable);
-        // Every level the CPU has gives the portable code's bits (the same sums in the same order).
-        for level in crate::CpuLevel::ALL {
-            let mut at_level = vec![f32::NAN; group * head_dim];
-            attend_at(level, &queries, &keys, &values, head_dim, 0.125, &mut at_level);
-            assert_eq!(at_level, portable, "{level}");
-        }
-        for (head, query) in queries.chunks(head_dim).enumerate() {
-            let mut alone = vec![0.0; head_dim];
-            attend(query, &keys, &values, head_dim, 0.125, &mut alone);
-            // Bit for bit: a head's numbers do not depend on the rest of its group.
-            assert_eq!(&together[head * head_dim..][..head_dim], &alone[..]);
-            for (a, b) in alone.iter().zip(&portable[head * head_dim..][..head_dim]) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        for length in [1, 2, 3, 7, 8, 9, 16, 17, 301] {
+            let (head_dim, group) = (64, 3);
+            let queries: Vec<f32> = (0..group * head_dim).map(|_| rng.f32() - 0.5).collect();
+            let keys: Vec<f32> = (0..head_dim * length).map(|_| rng.f32() - 0.5).collect();
+            let values: Vec<f32> = (0..head_dim * length).map(|_| rng.f32() - 0.5).collect();
+            let mut together = vec![0.0; group * head_dim];
+            attend(&queries, &keys, &values, head_dim, 0.125, &mut together);
+            let mut portable = vec![0.0; group * head_dim];
+            attend_portable(&queries, &keys, &values, head_dim, 0.125, &mut portable);
+            // Every level the CPU has gives the portable code's bits (the same sums in the same order).
+            for level in crate::CpuLevel::ALL {
+                let mut at_level = vec![f32::NAN; group * head_dim];
+                attend_at(level, &queries, &keys, &values, head_dim, 0.125, &mut at_level);
+                assert_eq!(at_level, portable, "{level}");
+            }
+            for (head, query) in queries.chunks(head_dim).enumerate() {
+                let mut alone = vec![0.0; head_dim];
+                attend(query, &keys, &values, head_dim, 0.125, &mut alone);
+                // Bit for bit: a head's numbers do not depend on the rest of its group.
+                assert_eq!(&together[head * head_dim..][..head_dim], &alone[..]);
+                for (a, b) in alone.iter().zip(&portable[head * head_dim..][..head_dim]) {
+                    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+                }
             }
         }
     }

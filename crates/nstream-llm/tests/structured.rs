@@ -318,7 +318,12 @@ async fn echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask() {
     }
     assert!(worst < 1e-3, "largest difference from one whole forward pass: {worst}");
 
-    // The first positions against the decode path, one token at a time.
+    // The first positions against the decode path, one token at a time: the same predictions,
+    // not the same bits (an off-by-one would be off by nats). Measured 2026-12-06 on the AVX2
+    // box: up to 0.23 with nstream-kernels' AVX2 product, about 1e-7 with candle's; one-pass
+    // prefill and token-by-token decode logits differ by 0.5-0.9 at most over the vocabulary
+    // with either kernel from position 2 on (quantised activations turn the two attention
+    // paths' different roundings into code flips; docs/llm.md).
     let mut cache = model.new_cache(16, 16).expect("cache");
     for position in 0..8 {
         let row = model
@@ -327,7 +332,7 @@ async fn echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask() {
             .expect("decode");
         let expected = log_softmax(&row)[prompt[position + 1] as usize];
         let reported = scores[position + 1].as_f64().expect("logprob");
-        assert!((reported - expected).abs() < 1e-2, "position {}: {reported} vs {expected}", position + 1);
+        assert!((reported - expected).abs() < 0.5, "position {}: {reported} vs {expected}", position + 1);
     }
 
     // Generating after the prompt: the generated tokens follow the prompt's, and streaming says
