@@ -214,6 +214,9 @@ def main() -> None:
         (results / f"{date}.json").write_text(json.dumps({"rows": rows, "median": median, "single_ratio": single,
                                                           "multi_ratio": multi, "loads": loads, "args": vars(args)},
                                                          indent=2) + "\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import chart  # benches/chart.py: the results' SVG chart, next to them
+        chart.after_run(results / f"{date}.json", bench="adapters")
     sys.exit(0)
 
 

@@ -673,6 +673,9 @@ def main() -> int:
     (out_dir / f"{stem}.md").write_text(report, encoding="utf-8")
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     log(f"wrote {out_dir / (stem + '.md')} and .json")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import chart  # benches/chart.py: the results' SVG chart, next to them
+    chart.after_run(out_dir / f"{stem}.json", bench="embeddings")
     return 0 if passed and total_errors == 0 else 2
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ def main():
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
+    parser.add_argument("--out", type=Path,
+                        help="also write the result to this file (benches/finetune/results/DATE-METHOD.json) and "
+                             "draw the chart of that date's results next to it")
     args = parser.parse_args()
 
     import torch
@@ -85,12 +89,21 @@ def main():
         optimizer.zero_grad()
         times.append(time.perf_counter() - started)
     torch_rate = args.batch * args.seq_len / (sum(times[1:]) / len(times[1:]))
-    print(json.dumps({
+    line = json.dumps({
         "method": args.method, "batch": args.batch, "seq_len": args.seq_len, "rank": args.rank,
         "threads": args.threads, "steps": args.steps,
         "nstream_tokens_per_second": round(ours_rate, 1), "torch_tokens_per_second": round(torch_rate, 1),
         "ratio": round(ours_rate / torch_rate, 3), "torch": torch.__version__,
-    }))
+    })
+    print(line)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+        # One chart per date: the methods' files of the same date side by side (2026-12-06-lora.json, -full.json).
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import chart  # benches/chart.py
+        date = args.out.stem.split("-")[:3]
+        chart.after_run(*sorted({args.out, *args.out.parent.glob("-".join(date) + "-*.json")}), bench="finetune")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,9 @@ def main() -> int:
     if arguments.json:
         arguments.json.write_text(json.dumps({"results": results, "added": added, "memory": memory,
                                               "python": platform.python_version()}, indent=1))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import chart  # benches/chart.py: the results' SVG chart, next to them
+        chart.after_run(arguments.json, bench="gateway")
     return 0
 
 

@@ -214,7 +214,11 @@ def main() -> int:
         elif "pgvector_error" in row:
             print(f"\npgvector store, {row['chunks']} chunks: failed: {row['pgvector_error']}")
     arguments.out.mkdir(parents=True, exist_ok=True)
-    (arguments.out / f"{time.strftime('%Y-%m-%d')}.json").write_text(json.dumps(rows, indent=2))
+    results = arguments.out / f"{time.strftime('%Y-%m-%d')}.json"
+    results.write_text(json.dumps(rows, indent=2))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import chart  # benches/chart.py: the results' SVG chart, next to them
+    chart.after_run(results, bench="kb")
     return 0
 
 

@@ -636,6 +636,9 @@ def main() -> None:
         (out / f"{stem}.json").write_text(
             json.dumps({"meta": meta, "summary": summary, "rows": rows, "long_prompt_rows": long_rows}, indent=1) + "\n")
         log(f"wrote {out / (stem + '.md')} and .json")
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import chart  # benches/chart.py: the results' SVG chart, next to them
+        chart.after_run(out / f"{stem}.json", bench="llm")
 
 
 def summarise(rows: list[dict], names: list[str], levels: list[int]) -> dict:

@@ -494,6 +494,9 @@ def main() -> None:
     (out / f"gpu-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     text = markdown(meta, rows)
     (out / f"gpu-{stamp}.md").write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import chart  # benches/chart.py: the results' SVG chart, next to them
+    chart.after_run(out / f"gpu-{stamp}.json", bench="llm")
     shutil.copy(work / "nstream-server.log", out / "nstream-server.log")
     print(text)
 
