@@ -4,9 +4,9 @@
 #   scripts/pg-test-server.sh start   # prints `export NSTREAM_TEST_PG_URL=postgres://...`
 #   scripts/pg-test-server.sh stop
 #
-# Installs PostgreSQL and pgvector 0.8.6 first (../shared/tools/pgvector.sh; needs root for
-# apt-get). PostgreSQL refuses to run as root, so the server runs as the `postgres` user (or the
-# current user when not root). The data folder and port live in $STATE (one server at a time).
+# Installs PostgreSQL and pgvector 0.8.6 first (scripts/pgvector-install.sh, from the source in
+# vendor/; needs root for apt-get). PostgreSQL refuses to run as root, so the server runs as the
+# `postgres` user (or the current user when not root). The data folder and port live in $STATE (one server at a time).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 STATE="${NSTREAM_PG_STATE:-${TMPDIR:-/tmp}/nstream-pg-test}"
@@ -17,13 +17,7 @@ as_server_user() {
 }
 
 pgbin() {
-  local installer="$HERE/../../shared/tools/pgvector.sh"
-  [ -x "$installer" ] || installer="$HERE/../shared/tools/pgvector.sh"
-  if [ -f "$installer" ]; then
-    bash "$installer" | sed -n 's/^PGBIN=//p'
-  else
-    ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1
-  fi
+  bash "$HERE/pgvector-install.sh" | sed -n 's/^PGBIN=//p'
 }
 
 case "${1:-}" in
