@@ -48,7 +48,7 @@ with open(sys.argv[1], "w") as out:
         out.write(json.dumps({"messages": messages}) + "\n")
 PY
 HF_HUB_CACHE="$work/hub" HF_HUB_OFFLINE=1 RAYON_NUM_THREADS=2 "$nstream" finetune \
-  --model "$work/base.yaml" --data "$work/train.jsonl" --validation-split 0.2 --output "$work/out" \
+  --model "$work/base.yaml" --data "$work/train.jsonl" --validation-split 0.2 --out-dir "$work/out" \
   --max-steps 21 --batch-size 3 --gradient-accumulation 2 --learning-rate 3e-3 --warmup 2 \
   --rank 4 --alpha 8 --target-modules all-linear --record-batches --progress quiet >&2
 "$python" tests/python/finetune_parity.py "$work/out" "$repo/snapshots/$revision"

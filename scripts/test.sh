@@ -15,6 +15,17 @@ echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== API docs (rustdoc warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
+echo "== packaging: every publishable crate packs with its metadata and resolves (cargo publish --dry-run)"
+# Against a local overlay registry, so the workspace crates resolve one another before any is on
+# crates.io (the index is read from crates.io). --no-verify: verifying builds each package outside
+# the workspace, without its [profile] settings, so every dependency (candle, tokenizers, kube,
+# sqlx...) is compiled again unoptimised; nstream-core alone took 7 minutes that way, and the
+# builds above and below compile the same sources. Only nstream-e2e (publish = false) is skipped.
+cargo publish --workspace --dry-run --allow-dirty --locked --no-verify
+
 echo "== Kubernetes testbed for the operator's end-to-end test (etcd, kube-apiserver, kube-controller-manager)"
 # Built from Go modules once (10-20 min cold on 2 cores), cached outside the repository.
 scripts/testbed.sh build
@@ -38,6 +49,10 @@ NSTREAM_SERVER_BIN="$CARGO_TARGET_DIR/debug/nstream-server" NSTREAM_BIN="$CARGO_
   [[ $status -ne 5 ]] || echo "pytest collected no tests in tests/python" >&2
   exit "$status"
 }
+
+echo "== container images: nstream-server and nstream-operator built by podman, started from their filesystems"
+# The debug binaries above on a local Debian 12 base (debootstrap, cached); NSTREAM_SKIP_IMAGES=1 skips.
+scripts/images.sh check
 
 echo "== fine-tuning parity with PyTorch + transformers + peft (tiny checkpoint; docs/finetune.md)"
 # Its pinned venv (torch from PyPI, a few GB) is built once and cached outside the repository.

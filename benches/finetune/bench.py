@@ -34,7 +34,7 @@ def records(path, count, words):
 def run_nstream(args, work, method, steps, batch, seq_len, extra=()):
     output = work / f"nstream-{method}-{steps}"
     command = [args.nstream, "finetune", "--model", str(ROOT / "examples/quickstart.yaml"), "--name",
-               "smollm2-135m-instruct", "--data", str(work / "data.jsonl"), "--output", str(output),
+               "smollm2-135m-instruct", "--data", str(work / "data.jsonl"), "--out-dir", str(output),
                "--max-steps", str(steps), "--batch-size", str(batch), "--max-seq-len", str(seq_len),
                "--rank", str(args.rank), "--method", method, "--progress", "quiet", *extra]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")

@@ -1,13 +1,19 @@
-# nstream-operator: docker build -f deploy/docker/operator.Dockerfile -t nstream-operator:0.1.0 .
-# Small: no candle, no model clients; only the Kubernetes API (rustls on ring).
-FROM rust:1.89-bookworm AS build
-WORKDIR /src
-COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p nstream-operator-bin && cp target/release/nstream-operator /nstream-operator
-
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /nstream-operator /usr/local/bin/nstream-operator
+# nstream-operator. A runtime image around a binary built outside it:
+#
+#   scripts/images.sh build            # cargo build --release, then this file and server.Dockerfile
+#
+# or by hand, with a context folder that holds only the binary:
+#
+#   mkdir -p /tmp/ctx && cp target/release/nstream-operator /tmp/ctx/
+#   podman build -f deploy/docker/operator.Dockerfile -t nstream-operator:0.1.0 /tmp/ctx
+#
+# Small: no candle, no model clients; only the Kubernetes API (rustls on ring, so no OpenSSL). It
+# links glibc dynamically: build it on a system whose glibc is not newer than the base's (Debian 12
+# bookworm: 2.36). CI builds on a debootstrapped bookworm made locally (scripts/images.sh check).
+ARG BASE=gcr.io/distroless/cc-debian12:nonroot
+FROM ${BASE}
+COPY nstream-operator /usr/local/bin/nstream-operator
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 USER 65532:65532
 EXPOSE 8081
-ENTRYPOINT ["nstream-operator"]
+ENTRYPOINT ["/usr/local/bin/nstream-operator"]

@@ -1,6 +1,12 @@
-# nstream-server, CUDA variant (GPU pods): docker build -f deploy/docker/server-cuda.Dockerfile -t nstream-server:0.1.0-cuda .
-# Built with `--features cuda` against the CUDA toolkit; runs on the CUDA runtime image. The operator
-# picks this image for pods that ask for `gpu` and adds `--device cuda`.
+# nstream-server, CUDA variant (GPU pods), published as ghcr.io/nstream-ai/nstream-server-cuda:
+#
+#   podman build -f deploy/docker/server-cuda.Dockerfile -t nstream-server-cuda:0.1.0 .   # or docker build
+#
+# Unlike server.Dockerfile it compiles inside the image (context: the repository root): the kernels
+# need nvcc from the CUDA devel image, and the binary then matches the runtime image's glibc. It
+# needs registry access (nvidia/cuda, rustup) and is not built by CI, which has no CUDA toolkit.
+# Built with `--features cuda`; the operator picks this image for pods that ask for `gpu` and adds
+# `--device cuda`.
 ARG CUDA_VERSION=12.4.1
 FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04 AS build
 RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential pkg-config \

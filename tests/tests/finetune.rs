@@ -77,7 +77,7 @@ fn finetune_writes_a_peft_adapter_for_the_base_model() {
             model.to_str().unwrap(),
             "--data",
             data.to_str().unwrap(),
-            "--output",
+            "--out-dir",
             out.to_str().unwrap(),
             "--max-steps",
             "3",
@@ -144,7 +144,7 @@ fn finetune_refuses_bad_settings_before_writing_anything() {
     let (folder, model, data) = workspace();
     let out = folder.path().join("out");
     let base =
-        ["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()];
+        ["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out-dir", out.to_str().unwrap()];
     for (extra, expected) in [
         (vec!["--learning-rate", "0"], "learning-rate"),
         (vec!["--target-modules", "q_proj,attn"], "unknown target module `attn`"),

@@ -69,7 +69,7 @@ async fn metrics_count_requests_inputs_and_tokens() {
     );
     let text = response.text().await.expect("text");
     for expected in [
-        r#"nstream_server_requests_total{route="/v1/embeddings",model="all-minilm-l6-v2",status="200"} 1"#,
+        r#"nstream_server_requests_total{route="/v1/embeddings",model="all-minilm-l6-v2",code="200"} 1"#,
         r#"nstream_server_embedding_inputs_total{model="all-minilm-l6-v2"} 2"#,
         // "hello world" is [CLS] hello world [SEP], "a" is [CLS] a [SEP].
         r#"nstream_server_tokens_total{model="all-minilm-l6-v2",kind="prompt"} 7"#,
@@ -80,6 +80,45 @@ async fn metrics_count_requests_inputs_and_tokens() {
     // An unknown model name must not become a label (cardinality stays bounded).
     assert!(!text.contains(r#"model="missing""#), "{text}");
     assert!(text.lines().filter(|line| !line.starts_with('#')).all(|line| line.starts_with("nstream_")), "{text}");
+}
+
+/// The value of the sample named exactly `series` (name and labels) in OpenMetrics text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_time_a_streamed_generation_and_show_the_kv_cache() {
+    let server = Server::start(&[]).await.expect("the server starts");
+    let body = json!({
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": "Count from one to ten."}],
+        "temperature": 0,
+        "max_tokens": 8,
+        "stream": true,
+    });
+    let response = server.client().post(server.url("/v1/chat/completions")).json(&body).send().await.expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let events = response.text().await.expect("the stream reads");
+    assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
+
+    let text = server.client().get(server.url("/metrics")).send().await.expect("answered").text().await.expect("text");
+    let labels = format!(r#"{{model="{CHAT_MODEL}"}}"#);
+    let value = |name: &str| sample(&text, &format!("{name}{labels}"));
+    let stream =
+        format!(r#"nstream_server_stream_duration_seconds_count{{route="/v1/chat/completions",model="{CHAT_MODEL}"}}"#);
+    assert_eq!(sample(&text, &stream), Some(1.0), "{stream} in\n{text}");
+    // max_tokens 8 with no early stop: one first token and up to seven gaps after it.
+    assert_eq!(value("nstream_llm_time_to_first_token_seconds_count"), Some(1.0), "{text}");
+    let gaps = value("nstream_llm_inter_token_latency_seconds_count").expect("inter-token latency");
+    let generated = value("nstream_llm_generated_tokens_total").expect("generated tokens");
+    assert_eq!(gaps, generated - 1.0, "one gap per token after the first:\n{text}");
+    assert!(value("nstream_llm_inter_token_latency_seconds_sum").is_some_and(|seconds| seconds > 0.0), "{text}");
+    // The sequence is done: no token is held, but the memory it grew stays allocated for the next.
+    assert_eq!(value("nstream_llm_kv_cache_tokens"), Some(0.0), "{text}");
+    assert_eq!(value("nstream_llm_kv_cache_slots_used"), Some(0.0), "{text}");
+    assert!(value("nstream_llm_kv_cache_slots").is_some_and(|slots| slots >= 1.0), "{text}");
+    assert!(value("nstream_llm_kv_cache_capacity_tokens").is_some_and(|tokens| tokens >= 8.0), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,13 +8,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use nstream_core::cli::{LogFormat, VersionInfo, init_logging};
 use nstream_operator::settings::GpuToleration;
 use nstream_operator::{LeaderSettings, Metrics, ModelCache, OperatorSettings, Outcome};
 
+/// The exit codes, for `--help` (docs/cli.md lists those of every binary).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  stopped by SIGINT/SIGTERM after finishing the reconciles in flight
+  2  error: bad usage or settings, no cluster to connect to, or the leader Lease lost (a
+     standby restarts as one)";
+
 /// Reconcile nstream models into Deployments and Services.
 #[derive(Parser, Debug)]
-#[command(name = "nstream-operator", version, about)]
+#[command(name = "nstream-operator", about, after_help = EXIT_CODES)]
 struct Cli {
     /// The nstream-server image for CPU pods.
     #[arg(long, env = "NSTREAM_SERVER_IMAGE")]
@@ -146,16 +154,31 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    if cli.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+fn main() -> std::process::ExitCode {
+    // The operator runs no model: its version names the commit only.
+    let version = VersionInfo::new(env!("CARGO_PKG_VERSION"), env!("NSTREAM_GIT_COMMIT"));
+    // clap keeps &'static strs; the two texts are made once per process.
+    let command = Cli::command().version(version.short().leak() as &str).long_version(version.long().leak() as &str);
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::from(2)
+        }
     }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging(if cli.log_json { LogFormat::Json } else { LogFormat::Text }, "info,kube=warn")?;
     let settings = cli.settings()?;
     tracing::info!(?settings, "starting nstream-operator");
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;

@@ -2,14 +2,22 @@
 //! the operator runs in a pod; `nstream up` runs the same code on a laptop.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use nstream_core::cli::{LogFormat, VersionInfo, init_logging};
 use nstream_providers::ServeArgs;
+
+/// The exit codes, for `--help` (docs/cli.md lists those of every binary).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  stopped by SIGINT/SIGTERM after finishing the requests in flight
+  2  error: bad usage, an invalid or unloadable model file, an address in use";
 
 /// Serve the models of one YAML file (EmbeddingModels, BaseModels, MegaModels) on one port, routed
 /// by model name.
 #[derive(Parser, Debug)]
-#[command(name = "nstream-server", version, about)]
+#[command(name = "nstream-server", about, after_help = EXIT_CODES)]
 struct Cli {
     /// The YAML file (or folder) of models to serve.
     #[arg(long, env = "NSTREAM_MODEL_FILE", value_name = "FILE")]
@@ -21,20 +29,35 @@ struct Cli {
     serve: ServeArgs,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    nstream_providers::pin_candle_threads(cli.serve.threads);
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli))
+/// What `--version` prints: version, commit, the cuda feature and the CPU kernels in use.
+fn version() -> VersionInfo {
+    let mut info = VersionInfo::new(env!("CARGO_PKG_VERSION"), env!("NSTREAM_GIT_COMMIT"));
+    info.features = vec![("cuda", cfg!(feature = "cuda"))];
+    info.cpu_kernels = Some(nstream_kernels::CpuLevel::detected().to_string());
+    info
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if cli.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+fn main() -> ExitCode {
+    let version = version();
+    // clap keeps &'static strs; the two texts are made once per process.
+    let command = Cli::command().version(version.short().leak() as &str).long_version(version.long().leak() as &str);
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
     }
-    nstream_providers::serve_file(&cli.model_file, &cli.serve.settings()).await?;
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging(if cli.log_json { LogFormat::Json } else { LogFormat::Text }, "info")?;
+    nstream_providers::pin_candle_threads(cli.serve.threads);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(nstream_providers::serve_file(&cli.model_file, &cli.serve.settings()))?;
     Ok(())
 }

@@ -4,12 +4,24 @@ mod commands;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use nstream_core::cli::VersionInfo;
+
+/// The exit codes of every command, for `--help` (docs/cli.md explains them).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success
+  1    the command ran and its verdict is negative: invalid documents (validate), a failed
+       provider check (check), unreadable files (kb index)
+  2    error: bad usage or input, or a failure that stopped the command
+  3    generate finished, but some inputs failed (the journal says which)
+  4    generate stopped at its cost budget (--max-cost)
+  130  interrupted (Ctrl-C); the work done so far is kept and resumable";
 
 /// nstream: MegaModel, BaseModel and EmbeddingModel as Kubernetes resources, served behind one
 /// OpenAI-compatible API, on a laptop or a cluster.
 #[derive(Parser, Debug)]
-#[command(name = "nstream", version, about, long_about = None, propagate_version = true)]
+#[command(name = "nstream", about, long_about = None, propagate_version = true, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,10 +55,31 @@ enum Command {
     Distill(Box<commands::distill::DistillArgs>),
     /// Knowledge bases: index files, search, list and remove documents.
     Kb(commands::kb::KbArgs),
+    /// Print the shell completion script (bash, zsh, fish, powershell, elvish).
+    Completions(commands::completions::CompletionsArgs),
+    /// Write man pages, one per command, into a folder.
+    Man(commands::man::ManArgs),
+}
+
+/// What `--version` prints: version, commit, the cuda feature and the CPU kernels in use.
+fn version() -> VersionInfo {
+    let mut info = VersionInfo::new(env!("CARGO_PKG_VERSION"), env!("NSTREAM_GIT_COMMIT"));
+    info.features = vec![("cuda", cfg!(feature = "cuda"))];
+    info.cpu_kernels = Some(nstream_kernels::CpuLevel::detected().to_string());
+    info
+}
+
+/// The whole command line, with the version texts (clap keeps &'static strs: made once).
+fn command() -> clap::Command {
+    let version = version();
+    Cli::command().version(version.short().leak() as &str).long_version(version.long().leak() as &str)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     // The commands that run models in this process: pin candle's thread count first.
     match &cli.command {
         Command::Up(args) => nstream_providers::pin_candle_threads(args.serve.threads),
@@ -60,7 +93,7 @@ fn main() -> ExitCode {
             commands::kb::KbCommand::Search(search) => nstream_providers::pin_candle_threads(search.threads),
             _ => {}
         },
-        Command::Validate(_) | Command::Crds(_) | Command::Check(_) => {}
+        Command::Validate(_) | Command::Crds(_) | Command::Check(_) | Command::Completions(_) | Command::Man(_) => {}
     }
     let result = match cli.command {
         Command::Validate(args) => commands::validate::run(&args),
@@ -74,6 +107,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(*args),
         Command::Distill(args) => commands::distill::run(*args),
         Command::Kb(args) => commands::kb::run(&args),
+        Command::Completions(args) => commands::completions::run(&args, command()),
+        Command::Man(args) => commands::man::run(&args, command()),
     };
     match result {
         Ok(code) => code,

@@ -24,8 +24,16 @@ pub type CompletionStream = BoxStream<'static, Result<CompletionChunk>>;
 ///
 /// # Contract
 ///
-/// - Requests arrive already validated (`validate()` on each request type), with `model` set to
-///   the name the backend is registered under.
+/// - **The caller validates, the backend does not.** Requests arrive already checked by their
+///   type's `validate()` ([`ChatCompletionRequest::validate`],
+///   [`CompletionRequest::validate`], [`EmbeddingRequest::validate`]: empty `messages` or
+///   `input`, `n`, `max_tokens`, sampling ranges, `stop`, `stream_options`...), with `model` set
+///   to the name the backend is registered under. The HTTP server does it for every request;
+///   a program calling a backend directly calls `validate()` first. A backend checks only what
+///   depends on its model and the request's fit with it (context length, vocabulary, a
+///   `dimensions` it cannot give, features it does not support), answering
+///   [`BackendError::InvalidRequest`] or [`BackendError::ContextLengthExceeded`] naming the
+///   field. It must still never panic on a request that skipped `validate()`.
 /// - Heavy work must not run on the caller's async task: run it on the backend's own worker
 ///   thread(s) behind a bounded queue, and answer [`BackendError::Overloaded`] immediately when
 ///   the queue is full.

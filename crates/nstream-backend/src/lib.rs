@@ -38,6 +38,7 @@ mod error;
 mod fake;
 mod input;
 mod model;
+mod model_error;
 mod usage;
 pub mod vector_store;
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::distillation::Distillation;
 use crate::knowledge_base::KnowledgeBase;
+use crate::locate::FieldPositions;
 use crate::patterns;
 use crate::spec::{API_VERSION, BaseModel, EmbeddingModel, MegaModel};
 use crate::validate::{Check, Problem, quote};
@@ -299,8 +300,9 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
         if is_marker {
             documents.push((start, std::mem::take(&mut current)));
             start = index + 2;
-            // `--- {inline: doc}` keeps its content.
+            // `--- {inline: doc}` keeps its content, in its columns.
             if let Some(rest) = bare.strip_prefix("---").filter(|rest| !rest.trim().is_empty()) {
+                current.push_str("   ");
                 current.push_str(rest);
                 current.push('\n');
                 start = index + 1;
@@ -331,8 +333,9 @@ pub fn parse_str(text: &str, file: &str) -> Vec<LoadedDocument> {
 fn parse_document(text: &str, origin: Origin) -> LoadedDocument {
     let offset = origin.line - 1;
     let mut diagnostics = Vec::new();
+    let positions = FieldPositions::new(text);
     let located = |path: &str, message: String| {
-        let position = locate(text, path);
+        let position = positions.locate(path);
         Diagnostic {
             line: position.map(|(line, _)| line + offset),
             column: position.map(|(_, column)| column),
@@ -346,10 +349,20 @@ fn parse_document(text: &str, origin: Origin) -> LoadedDocument {
         diagnostics,
     };
 
-    let value: serde_yaml::Value = match serde_yaml::from_str(text) {
+    let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
         Ok(value) => value,
         Err(error) => return unreadable(origin, vec![yaml_diagnostic(&error, offset)]),
     };
+    // serde_yaml does not apply merge keys (`<<: *defaults`) when it deserialises a type, and
+    // kubectl does: a document with merges is merged, then read again from its merged text.
+    let unmerged = value.clone();
+    if let Err(error) = value.apply_merge() {
+        let mut diagnostic = yaml_diagnostic(&error, offset);
+        diagnostic.line = diagnostic.line.or(Some(origin.line));
+        return unreadable(origin, vec![diagnostic]);
+    }
+    let merged_text = (value != unmerged).then(|| serde_yaml::to_string(&value).unwrap_or_default());
+    let typed_text = merged_text.as_deref().unwrap_or(text);
     let Some(mapping) = value.as_mapping() else {
         let message = "a document must be a mapping with apiVersion, kind, metadata and spec".to_string();
         let line = Some(origin.line);
@@ -388,11 +401,11 @@ fn parse_document(text: &str, origin: Origin) -> LoadedDocument {
         }
     }
     let typed = match kind.as_deref() {
-        Some("MegaModel") => serde_yaml::from_str::<MegaModel>(text).map(ModelResource::MegaModel),
-        Some("BaseModel") => serde_yaml::from_str::<BaseModel>(text).map(ModelResource::BaseModel),
-        Some("EmbeddingModel") => serde_yaml::from_str::<EmbeddingModel>(text).map(ModelResource::EmbeddingModel),
-        Some("KnowledgeBase") => serde_yaml::from_str::<KnowledgeBase>(text).map(ModelResource::KnowledgeBase),
-        Some("Distillation") => serde_yaml::from_str::<Distillation>(text).map(ModelResource::Distillation),
+        Some("MegaModel") => serde_yaml::from_str::<MegaModel>(typed_text).map(ModelResource::MegaModel),
+        Some("BaseModel") => serde_yaml::from_str::<BaseModel>(typed_text).map(ModelResource::BaseModel),
+        Some("EmbeddingModel") => serde_yaml::from_str::<EmbeddingModel>(typed_text).map(ModelResource::EmbeddingModel),
+        Some("KnowledgeBase") => serde_yaml::from_str::<KnowledgeBase>(typed_text).map(ModelResource::KnowledgeBase),
+        Some("Distillation") => serde_yaml::from_str::<Distillation>(typed_text).map(ModelResource::Distillation),
         other => {
             let found = other.map_or_else(|| "no kind".to_string(), quote);
             let mut message = format!("found {found}, expected one of {}", KINDS.join(", "));
@@ -417,7 +430,22 @@ fn parse_document(text: &str, origin: Origin) -> LoadedDocument {
             LoadedDocument { origin, outcome: Outcome::Resource(Box::new(resource)), diagnostics }
         }
         Err(error) => {
-            diagnostics.push(yaml_diagnostic(&error, offset));
+            let mut diagnostic = yaml_diagnostic(&error, offset);
+            if merged_text.is_some() {
+                // The error's position is in the merged text: locate its path in this one (an
+                // unknown field at the field itself, which may be the `<<` that brought it in).
+                let unknown =
+                    diagnostic.message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next());
+                let path = match (diagnostic.path.as_deref(), unknown) {
+                    (Some(path), Some(field)) => Some(format!("{path}.{field}")),
+                    (None, Some(field)) => Some(field.to_string()),
+                    (path, None) => path.map(str::to_string),
+                };
+                let position = path.and_then(|path| positions.locate(&path));
+                diagnostic.line = Some(position.map_or(origin.line, |(line, _)| line + offset));
+                diagnostic.column = position.map(|(_, column)| column);
+            }
+            diagnostics.push(diagnostic);
             LoadedDocument { origin, outcome: Outcome::Unreadable { kind, name: document_name(mapping) }, diagnostics }
         }
     }
@@ -479,46 +507,6 @@ pub fn suggestion<'a>(found: &str, candidates: &[&'a str]) -> Option<&'a str> {
         .map(|(candidate, _)| candidate)
 }
 
-/// Finds the line and column (from 1, relative to the document) of a field path such as
-/// `spec.baseModelServingTemplate.resourceRequest.cpu`, by following indentation. Returns the
-/// deepest part of the path that was found.
-pub fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut found = None;
-    let mut start = 0;
-    let mut parent_indent: Option<usize> = None;
-    for segment in path.split('.') {
-        let key = segment.split('[').next().unwrap_or(segment);
-        let mut hit = None;
-        for (index, line) in lines.iter().enumerate().skip(start) {
-            let content = line.trim_start();
-            if content.is_empty() || content.starts_with('#') {
-                continue;
-            }
-            let indent = line.len() - content.len();
-            if index > start && parent_indent.is_some_and(|parent| indent <= parent) && found.is_some() {
-                break;
-            }
-            let bare = content.trim_start_matches("- ");
-            let matches = [format!("{key}:"), format!("\"{key}\":"), format!("'{key}':")]
-                .iter()
-                .any(|prefix| bare.starts_with(prefix.as_str()));
-            if matches && parent_indent.is_none_or(|parent| indent > parent) {
-                let column = indent + (content.len() - bare.len()) + 1;
-                hit = Some((index, indent, column));
-                break;
-            }
-        }
-        let Some((index, indent, column)) = hit else {
-            return found;
-        };
-        found = Some((index + 1, column));
-        start = index + 1;
-        parent_indent = Some(indent);
-    }
-    found
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,12 +521,12 @@ mod tests {
     }
 
     #[test]
-    fn locates_nested_paths() {
-        let text = "spec:\n  a:\n    cpu: 1\n  b:\n    cpu: 2\n";
-        assert_eq!(locate(text, "spec.b.cpu"), Some((5, 5)));
-        assert_eq!(locate(text, "spec.a.cpu"), Some((3, 5)));
-        assert_eq!(locate(text, "spec.c"), Some((1, 1)));
-        assert_eq!(locate(text, "other"), None);
+    fn inline_documents_keep_their_columns() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n--- {apiVersion: llm.nstream.ai/v1, kind: BaseModel, metadata: {name: b}, bogus: 1}\n";
+        let documents = parse_str(text, "-");
+        let diagnostic = documents[1].diagnostics.iter().find(|diagnostic| diagnostic.path.as_deref() == Some("bogus"));
+        let diagnostic = diagnostic.unwrap_or_else(|| panic!("{:?}", documents[1].diagnostics));
+        assert_eq!((diagnostic.line, diagnostic.column), (Some(4), Some(75)));
     }
 
     #[test]

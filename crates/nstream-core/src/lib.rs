@@ -19,10 +19,13 @@
 //! assert!(documents[0].valid_resource().is_some());
 //! ```
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod crd;
 pub mod distillation;
 pub mod document;
 pub mod knowledge_base;
+pub mod locate;
 pub mod patterns;
 pub mod quantity;
 pub mod replicas;

@@ -1,5 +1,6 @@
-//! The replica count of a serving template, which the spec shows quoted (`"1"`) and users also
-//! write bare (`1`).
+//! The replica count of a serving template. The specification's template shows it quoted
+//! (`"1"`), but the CRD declares an integer (the scale subresource needs one) and the API server
+//! refuses a string, so validation reports a quoted count with its fix (`replicas: 1`).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -7,15 +8,15 @@ use std::fmt;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A replica count given as an integer or as a string of digits.
+/// A replica count as written: an integer, or a string that validation reports.
 ///
-/// The text form is kept as written so that a spec round-trips unchanged; [`Replicas::count`]
-/// reads the number, and validation reports a text that is not one.
+/// A string is read rather than refused by the parser so that validation can name the field, its
+/// line and the fix; [`Replicas::count`] reads the number either way.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Replicas {
     /// Written as a YAML/JSON integer.
     Number(i64),
-    /// Written as a string, as the specification's example does.
+    /// Written as a string, as the specification's example does; invalid (see the module docs).
     Text(String),
 }
 
@@ -84,7 +85,7 @@ impl<'de> Deserialize<'de> for Replicas {
             type Value = Replicas;
 
             fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-                formatter.write_str("a whole number of replicas, such as 1 or \"1\"")
+                formatter.write_str("a whole number of replicas, such as 1")
             }
 
             fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
@@ -113,9 +114,9 @@ impl JsonSchema for Replicas {
 
     fn json_schema(_generator: &mut SchemaGenerator) -> Schema {
         // On a cluster the scale subresource (`kubectl scale`, HPAs) reads this field as an int64, and
-        // the API server rejects a quoted number there; local mode still reads "1" (see `count`).
+        // the API server rejects a quoted number there; validation refuses one locally too.
         json_schema!({
-            "description": "Number of server replicas (an integer; `kubectl scale` sets it). Local mode also reads a string of digits (\"1\").",
+            "description": "Number of server replicas: an integer, written without quotes (`kubectl scale` sets it).",
             "type": "integer",
             "format": "int32",
             "minimum": 0

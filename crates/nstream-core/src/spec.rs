@@ -367,97 +367,100 @@ api_key_fields!(AzureOpenAiTemplate, OpenAiTemplate, AnthropicTemplate);
 // BaseModel and EmbeddingModel
 // ---------------------------------------------------------------------------------------------
 
-/// A Hugging Face causal language model served with candle and fine-tuned on ground truth.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
-#[kube(
-    group = "llm.nstream.ai",
-    version = "v1",
-    kind = "BaseModel",
-    namespaced,
-    status = "ModelStatus",
-    scale(
-        spec_replicas_path = ".spec.baseModelServingTemplate.replicas",
-        status_replicas_path = ".status.replicas",
-        label_selector_path = ".status.selector"
-    ),
-    derive = "PartialEq",
-    shortname = "bm",
-    category = "nstream",
-    doc = "A Hugging Face causal language model, served with candle and fine-tuned on a MegaModel's ground truth.",
-    printcolumn(name = "Model", type_ = "string", json_path = ".spec.baseModelServingInfo.hfModelId"),
-    printcolumn(name = "Replicas", type_ = "string", json_path = ".spec.baseModelServingTemplate.replicas"),
-    printcolumn(name = "Ready-Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
-        priority = "1"
-    ),
-    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
-)]
-#[x_kube(validation = Rule::new("!has(self.baseModelServingInfo.adapters) || self.baseModelServingInfo.adapters.all(a, a.name != self.baseModelName)").message("an adapter's name must differ from baseModelName"))]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BaseModelSpec {
-    /// Name of the base model; also the name clients pass as `model` (defaults to the resource name
-    /// when the resource is served).
-    #[validate(length(min = 1, max = 256), regex(path = *patterns::DISPLAY_NAME))]
-    #[schemars(length(min = 1, max = 256))]
-    pub base_model_name: String,
-    /// Where the weights come from.
-    #[validate(nested)]
-    pub base_model_serving_info: ServingInfo,
-    /// How many servers, and how big.
-    #[serde(default)]
-    #[validate(nested)]
-    pub base_model_serving_template: ServingTemplate,
+/// Declares a resource served from the hub (BaseModel, EmbeddingModel) with the kube attributes
+/// both share: the scale subresource on the serving template's replicas, the printer columns, the
+/// status. Only the kind, its short name, its description and its field prefix differ, so the
+/// twins cannot drift apart. (`tt` fragments, so kube's derive sees plain literals.)
+macro_rules! hub_model_resource {
+    (
+        kind: $kind:tt,
+        shortname: $shortname:tt,
+        description: $description:tt,
+        model_path: $model_path:tt,
+        replicas_path: $replicas_path:tt,
+        $(#[$($attribute:tt)*])*
+        pub struct $spec:ident { $($body:tt)* }
+    ) => {
+        #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
+        #[kube(
+            group = "llm.nstream.ai",
+            version = "v1",
+            kind = $kind,
+            namespaced,
+            status = "ModelStatus",
+            scale(
+                spec_replicas_path = $replicas_path,
+                status_replicas_path = ".status.replicas",
+                label_selector_path = ".status.selector"
+            ),
+            derive = "PartialEq",
+            shortname = $shortname,
+            category = "nstream",
+            doc = $description,
+            printcolumn(name = "Model", type_ = "string", json_path = $model_path),
+            printcolumn(name = "Replicas", type_ = "string", json_path = $replicas_path),
+            printcolumn(name = "Ready-Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
+            printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+            printcolumn(
+                name = "Reason",
+                type_ = "string",
+                json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+                priority = "1"
+            ),
+            printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
+            printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+        )]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        $(#[$($attribute)*])*
+        pub struct $spec { $($body)* }
+    };
 }
 
-/// A Hugging Face sentence-embedding model served with candle for similarity search.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
-#[kube(
-    group = "llm.nstream.ai",
-    version = "v1",
-    kind = "EmbeddingModel",
-    namespaced,
-    status = "ModelStatus",
-    scale(
-        spec_replicas_path = ".spec.embeddingModelServingTemplate.replicas",
-        status_replicas_path = ".status.replicas",
-        label_selector_path = ".status.selector"
-    ),
-    derive = "PartialEq",
-    shortname = "em",
-    category = "nstream",
-    doc = "A Hugging Face sentence-embedding model served with candle for similarity search.",
-    printcolumn(name = "Model", type_ = "string", json_path = ".spec.embeddingModelServingInfo.hfModelId"),
-    printcolumn(name = "Replicas", type_ = "string", json_path = ".spec.embeddingModelServingTemplate.replicas"),
-    printcolumn(name = "Ready-Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
-        priority = "1"
-    ),
-    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
-)]
-#[x_kube(validation = Rule::new("!has(self.embeddingModelServingInfo.adapters)").message("adapters are for BaseModels only"))]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EmbeddingModelSpec {
-    /// Name of the embedding model, such as `all-MiniLM-L6-v2`.
-    #[validate(length(min = 1, max = 256), regex(path = *patterns::DISPLAY_NAME))]
-    #[schemars(length(min = 1, max = 256))]
-    pub embedding_model_name: String,
-    /// Where the weights come from.
-    #[validate(nested)]
-    pub embedding_model_serving_info: ServingInfo,
-    /// How many servers, and how big.
-    #[serde(default)]
-    #[validate(nested)]
-    pub embedding_model_serving_template: ServingTemplate,
+hub_model_resource! {
+    kind: "BaseModel",
+    shortname: "bm",
+    description: "A Hugging Face causal language model, served with candle and fine-tuned on a MegaModel's ground truth.",
+    model_path: ".spec.baseModelServingInfo.hfModelId",
+    replicas_path: ".spec.baseModelServingTemplate.replicas",
+    /// A Hugging Face causal language model served with candle and fine-tuned on ground truth.
+    #[x_kube(validation = Rule::new("!has(self.baseModelServingInfo.adapters) || self.baseModelServingInfo.adapters.all(a, a.name != self.baseModelName)").message("an adapter's name must differ from baseModelName"))]
+    pub struct BaseModelSpec {
+        /// Name of the base model; also the name clients pass as `model` (defaults to the resource
+        /// name when the resource is served).
+        #[validate(length(min = 1, max = 256), regex(path = *patterns::DISPLAY_NAME))]
+        #[schemars(length(min = 1, max = 256))]
+        pub base_model_name: String,
+        /// Where the weights come from.
+        #[validate(nested)]
+        pub base_model_serving_info: ServingInfo,
+        /// How many servers, and how big.
+        #[serde(default)]
+        #[validate(nested)]
+        pub base_model_serving_template: ServingTemplate,
+    }
+}
+
+hub_model_resource! {
+    kind: "EmbeddingModel",
+    shortname: "em",
+    description: "A Hugging Face sentence-embedding model served with candle for similarity search.",
+    model_path: ".spec.embeddingModelServingInfo.hfModelId",
+    replicas_path: ".spec.embeddingModelServingTemplate.replicas",
+    /// A Hugging Face sentence-embedding model served with candle for similarity search.
+    #[x_kube(validation = Rule::new("!has(self.embeddingModelServingInfo.adapters)").message("adapters are for BaseModels only"))]
+    pub struct EmbeddingModelSpec {
+        /// Name of the embedding model, such as `all-MiniLM-L6-v2`.
+        #[validate(length(min = 1, max = 256), regex(path = *patterns::DISPLAY_NAME))]
+        #[schemars(length(min = 1, max = 256))]
+        pub embedding_model_name: String,
+        /// Where the weights come from.
+        #[validate(nested)]
+        pub embedding_model_serving_info: ServingInfo,
+        /// How many servers, and how big.
+        #[serde(default)]
+        #[validate(nested)]
+        pub embedding_model_serving_template: ServingTemplate,
+    }
 }
 
 /// What the BaseModel and EmbeddingModel specs share: a model from the hub and the servers that
@@ -583,7 +586,8 @@ pub enum ModelHub {
 #[x_kube(validation = Rule::new("!has(self.resourceRequest) || !has(self.resourceLimit) || ((!has(self.resourceRequest.cpu) || !has(self.resourceLimit.cpu) || quantity(string(self.resourceRequest.cpu)).compareTo(quantity(string(self.resourceLimit.cpu))) <= 0) && (!has(self.resourceRequest.memory) || !has(self.resourceLimit.memory) || quantity(string(self.resourceRequest.memory)).compareTo(quantity(string(self.resourceLimit.memory))) <= 0) && (!has(self.resourceRequest.gpu) || !has(self.resourceLimit.gpu) || quantity(string(self.resourceRequest.gpu)).compareTo(quantity(string(self.resourceLimit.gpu))) <= 0))").message("each resourceRequest must be at most its resourceLimit"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServingTemplate {
-    /// Number of server replicas; 1 when omitted. The specification writes it quoted (`"1"`).
+    /// Number of server replicas; 1 when omitted. An integer without quotes (`replicas: 1`): the
+    /// API server refuses a string here.
     #[serde(default)]
     pub replicas: Replicas,
     /// The most each replica may use.

@@ -9,6 +9,7 @@ use validator::{Validate, ValidationErrors, ValidationErrorsKind};
 
 use crate::patterns;
 use crate::quantity::ResourceQuantity;
+use crate::replicas::Replicas;
 use crate::secret::SecretString;
 use crate::spec::{
     ApiKeyFields, BaseModelSpec, EmbeddingModelSpec, HubModelSpec, MegaModelSpec, ProviderTemplate, Resources,
@@ -278,12 +279,20 @@ fn resource_fields(resources: &Resources) -> [(&'static str, Option<&ResourceQua
 }
 
 fn check_serving_template(template: &ServingTemplate, path: &str, problems: &mut Vec<Problem>) {
-    if template.replicas.count().is_none() {
-        problems.push(Problem::new(
+    match (&template.replicas, template.replicas.count()) {
+        (_, None) => problems.push(Problem::new(
             format!("{path}.replicas"),
             quote(&template.replicas.to_string()),
-            "a whole number of replicas from 0 to 2147483647, such as 1 or \"1\"",
-        ));
+            "a whole number of replicas from 0 to 2147483647, such as `replicas: 1`",
+        )),
+        // A quoted count reads fine here, but the CRD declares an integer (the scale subresource
+        // needs one) and the API server refuses a string: one verdict everywhere, so refuse it.
+        (Replicas::Text(text), Some(count)) => problems.push(Problem::new(
+            format!("{path}.replicas"),
+            format!("the string {} (quoted)", quote(text)),
+            format!("an integer without quotes, `replicas: {count}` (Kubernetes refuses a string here)"),
+        )),
+        (Replicas::Number(_), Some(_)) => {}
     }
     let mut all_valid = true;
     for (section, resources) in

@@ -12,11 +12,10 @@ use nstream_hub::{Hub, ModelSource};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let rounds = args.first().copied().unwrap_or(3);
-    let options = EmbedOptions {
-        max_batch_tokens: args.get(1).copied().unwrap_or(EmbedOptions::default().max_batch_tokens),
-        max_batch_requests: args.get(2).copied().unwrap_or(EmbedOptions::default().max_batch_requests),
-        ..EmbedOptions::default()
-    };
+    let defaults = EmbedOptions::default();
+    let options = EmbedOptions::default()
+        .with_max_batch_tokens(args.get(1).copied().unwrap_or(defaults.max_batch_tokens))
+        .with_max_batch_requests(args.get(2).copied().unwrap_or(defaults.max_batch_requests));
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/embeddings/corpus.jsonl");
     let texts: Vec<EmbedInput> = std::fs::read_to_string(corpus)?
         .lines()

@@ -45,7 +45,6 @@ impl ModelBackend for EmbeddingBackend {
     }
 
     async fn embed(&self, request: EmbeddingRequest) -> nstream_backend::Result<EmbeddingResponse> {
-        request.validate()?;
         let dimension = self.info().dimension;
         if let Some(asked) = request.dimensions
             && asked as usize != dimension

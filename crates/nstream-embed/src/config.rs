@@ -1,5 +1,7 @@
 //! The model's description: `config.json` (BERT) and the sentence-transformers files
-//! (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`).
+//! (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`), plus the
+//! `model_max_length` of `tokenizer_config.json`, where sentence-transformers 6 keeps the maximum
+//! length.
 
 use std::path::Path;
 
@@ -116,6 +118,9 @@ struct Module {
 
 #[derive(Deserialize, Default)]
 struct PoolingConfig {
+    /// sentence-transformers 6 writes one key: a mode name, or a list of them to concatenate.
+    #[serde(default)]
+    pooling_mode: Option<serde_json::Value>,
     #[serde(default)]
     pooling_mode_cls_token: bool,
     #[serde(default)]
@@ -135,6 +140,20 @@ struct SentenceBertConfig {
     max_seq_length: Option<usize>,
 }
 
+/// The texts of the optional sentence-transformers and tokenizer files (`None`: the file is absent).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SentenceFiles<'a> {
+    /// `modules.json`.
+    pub modules: Option<&'a str>,
+    /// The pooling module's `config.json` (`1_Pooling/config.json` normally).
+    pub pooling: Option<&'a str>,
+    /// `sentence_bert_config.json`.
+    pub sentence_bert: Option<&'a str>,
+    /// `tokenizer_config.json` (its `model_max_length` is the maximum length when
+    /// `sentence_bert_config.json` gives none, as sentence-transformers 6 saves models).
+    pub tokenizer_config: Option<&'a str>,
+}
+
 impl SentenceLayout {
     /// The pooling module's folder named by `modules.json` (`1_Pooling` normally), if any.
     pub fn pooling_path(modules_json: Option<&str>) -> Result<Option<String>> {
@@ -143,16 +162,13 @@ impl SentenceLayout {
         Ok(modules.into_iter().find(|m| m.kind.ends_with(".Pooling")).map(|m| m.path))
     }
 
-    /// Reads the layout from the texts of `modules.json`, the pooling config and
-    /// `sentence_bert_config.json` (each optional). Without a pooling config the pooling is mean,
-    /// as sentence-transformers does for a plain transformers model. `max_positions` caps the length.
-    pub fn from_files(
-        modules_json: Option<&str>,
-        pooling_json: Option<&str>,
-        sentence_bert_json: Option<&str>,
-        max_positions: usize,
-    ) -> Result<Self> {
-        let normalize = match modules_json {
+    /// Reads the layout from the texts of the sentence-transformers files (each optional). Without
+    /// a pooling config the pooling is mean, as sentence-transformers does for a plain transformers
+    /// model. The maximum length is `sentence_bert_config.json`'s `max_seq_length`, else
+    /// `tokenizer_config.json`'s `model_max_length`, capped by `max_positions` (what the weights
+    /// allow).
+    pub fn from_files(files: &SentenceFiles<'_>, max_positions: usize) -> Result<Self> {
+        let normalize = match files.modules {
             Some(text) => {
                 let modules: Vec<Module> =
                     serde_json::from_str(text).map_err(|error| invalid("modules.json", error))?;
@@ -170,7 +186,7 @@ impl SentenceLayout {
             }
             None => false,
         };
-        let pooling = match pooling_json {
+        let pooling = match files.pooling {
             Some(text) => {
                 let config: PoolingConfig =
                     serde_json::from_str(text).map_err(|error| invalid("1_Pooling/config.json", error))?;
@@ -178,13 +194,17 @@ impl SentenceLayout {
             }
             None => Pooling::Mean,
         };
-        let configured = match sentence_bert_json {
+        let configured = match files.sentence_bert {
             Some(text) => {
                 serde_json::from_str::<SentenceBertConfig>(text)
                     .map_err(|error| invalid("sentence_bert_config.json", error))?
                     .max_seq_length
             }
             None => None,
+        };
+        let configured = match (configured, files.tokenizer_config) {
+            (None, Some(text)) => tokenizer_max_length(text)?,
+            (configured, _) => configured,
         };
         let max_seq_length = configured.unwrap_or(max_positions).min(max_positions);
         if max_seq_length < 2 {
@@ -197,7 +217,49 @@ impl SentenceLayout {
     }
 }
 
+/// `tokenizer_config.json`'s `model_max_length`; `None` when absent or when it is transformers'
+/// "no limit" sentinel (about 1e30, which no integer type holds).
+fn tokenizer_max_length(text: &str) -> Result<Option<usize>> {
+    let config: serde_json::Value =
+        serde_json::from_str(text).map_err(|error| invalid("tokenizer_config.json", error))?;
+    Ok(config.get("model_max_length").and_then(serde_json::Value::as_u64).and_then(|n| usize::try_from(n).ok()))
+}
+
+/// A mode name of sentence-transformers 6's `pooling_mode`.
+fn named_pooling_mode(name: &str) -> Result<Pooling> {
+    match name {
+        "cls" => Ok(Pooling::Cls),
+        "mean" => Ok(Pooling::Mean),
+        "max" => Ok(Pooling::Max),
+        "mean_sqrt_len_tokens" => Ok(Pooling::MeanSqrtLen),
+        "lasttoken" => Ok(Pooling::LastToken),
+        "weightedmean" => Err(Error::Unsupported("weighted-mean pooling".into())),
+        other => Err(Error::InvalidModel {
+            file: "1_Pooling/config.json".into(),
+            message: format!(
+                "pooling_mode {other:?} is not one of cls, mean, max, mean_sqrt_len_tokens, weightedmean, lasttoken"
+            ),
+        }),
+    }
+}
+
 fn pooling_mode(config: &PoolingConfig) -> Result<Pooling> {
+    match &config.pooling_mode {
+        None => {}
+        Some(serde_json::Value::String(name)) => return named_pooling_mode(name),
+        Some(serde_json::Value::Array(names)) if names.len() == 1 && names[0].is_string() => {
+            return named_pooling_mode(names[0].as_str().unwrap_or_default());
+        }
+        Some(serde_json::Value::Array(names)) if names.len() > 1 => {
+            return Err(Error::Unsupported(format!("several pooling modes concatenated ({names:?})")));
+        }
+        Some(other) => {
+            return Err(Error::InvalidModel {
+                file: "1_Pooling/config.json".into(),
+                message: format!("pooling_mode must be a mode name or a list of one, not {other}"),
+            });
+        }
+    }
     let modes = [
         (config.pooling_mode_cls_token, Pooling::Cls),
         (config.pooling_mode_mean_tokens, Pooling::Mean),
@@ -242,13 +304,14 @@ mod tests {
 
     #[test]
     fn minilm_layout() {
-        let layout = SentenceLayout::from_files(
-            Some(MODULES),
-            Some(&pooling("pooling_mode_mean_tokens")),
-            Some(r#"{"max_seq_length":256,"do_lower_case":false}"#),
-            512,
-        )
-        .expect("layout");
+        let pooling = pooling("pooling_mode_mean_tokens");
+        let files = SentenceFiles {
+            modules: Some(MODULES),
+            pooling: Some(&pooling),
+            sentence_bert: Some(r#"{"max_seq_length":256,"do_lower_case":false}"#),
+            tokenizer_config: Some(r#"{"model_max_length":512}"#),
+        };
+        let layout = SentenceLayout::from_files(&files, 512).expect("layout");
         assert_eq!(layout, SentenceLayout { pooling: Pooling::Mean, normalize: true, max_seq_length: 256 });
         assert_eq!(SentenceLayout::pooling_path(Some(MODULES)).expect("path").as_deref(), Some("1_Pooling"));
     }
@@ -261,7 +324,9 @@ mod tests {
             ("pooling_mode_mean_sqrt_len_tokens", Pooling::MeanSqrtLen),
             ("pooling_mode_lasttoken", Pooling::LastToken),
         ] {
-            let layout = SentenceLayout::from_files(None, Some(&pooling(field)), None, 512).expect("layout");
+            let pooling = pooling(field);
+            let files = SentenceFiles { pooling: Some(&pooling), ..SentenceFiles::default() };
+            let layout = SentenceLayout::from_files(&files, 512).expect("layout");
             assert_eq!(layout.pooling, mode);
             assert!(!layout.normalize);
             assert_eq!(layout.max_seq_length, 512);
@@ -270,18 +335,64 @@ mod tests {
 
     #[test]
     fn rejects_what_it_cannot_run() {
-        assert!(SentenceLayout::from_files(None, Some("{}"), None, 512).is_err());
+        let with_pooling = |pooling| SentenceFiles { pooling: Some(pooling), ..SentenceFiles::default() };
+        let with_modules = |modules| SentenceFiles { modules: Some(modules), ..SentenceFiles::default() };
+        assert!(SentenceLayout::from_files(&with_pooling("{}"), 512).is_err());
         let both = r#"{"pooling_mode_cls_token":true,"pooling_mode_mean_tokens":true}"#;
-        assert!(SentenceLayout::from_files(None, Some(both), None, 512).is_err());
+        assert!(SentenceLayout::from_files(&with_pooling(both), 512).is_err());
         let dense = r#"[{"path":"2_Dense","type":"sentence_transformers.models.Dense"}]"#;
-        assert!(SentenceLayout::from_files(Some(dense), None, None, 512).is_err());
-        assert!(SentenceLayout::from_files(Some("not json"), None, None, 512).is_err());
+        assert!(SentenceLayout::from_files(&with_modules(dense), 512).is_err());
+        assert!(SentenceLayout::from_files(&with_modules("not json"), 512).is_err());
+        for bad in [r#"{"pooling_mode":"median"}"#, r#"{"pooling_mode":["cls","mean"]}"#, r#"{"pooling_mode":3}"#] {
+            let error = SentenceLayout::from_files(&with_pooling(bad), 512).expect_err(bad);
+            assert!(error.to_string().contains("pooling"), "{error}");
+        }
+        assert!(matches!(
+            SentenceLayout::from_files(&with_pooling(r#"{"pooling_mode":"weightedmean"}"#), 512),
+            Err(Error::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn sentence_transformers_6_pooling_mode_names() {
+        for (name, mode) in [
+            ("cls", Pooling::Cls),
+            ("mean", Pooling::Mean),
+            ("max", Pooling::Max),
+            ("mean_sqrt_len_tokens", Pooling::MeanSqrtLen),
+            ("lasttoken", Pooling::LastToken),
+        ] {
+            for text in [
+                format!(r#"{{"embedding_dimension":32,"pooling_mode":"{name}","include_prompt":true}}"#),
+                format!(r#"{{"pooling_mode":["{name}"]}}"#),
+            ] {
+                let files = SentenceFiles { pooling: Some(&text), ..SentenceFiles::default() };
+                assert_eq!(SentenceLayout::from_files(&files, 512).expect("layout").pooling, mode, "{text}");
+            }
+        }
     }
 
     #[test]
     fn max_length_is_capped_by_positions() {
-        let layout = SentenceLayout::from_files(None, None, Some(r#"{"max_seq_length":8192}"#), 512).expect("layout");
-        assert_eq!(layout.max_seq_length, 512);
+        let files = SentenceFiles { sentence_bert: Some(r#"{"max_seq_length":8192}"#), ..SentenceFiles::default() };
+        assert_eq!(SentenceLayout::from_files(&files, 512).expect("layout").max_seq_length, 512);
+    }
+
+    #[test]
+    fn max_length_falls_back_to_the_tokenizer_config() {
+        // sentence-transformers 6 writes no max_seq_length; the tokenizer's model_max_length holds it.
+        let modern = SentenceFiles {
+            sentence_bert: Some(r#"{"transformer_task":"feature-extraction"}"#),
+            tokenizer_config: Some(r#"{"model_max_length":64}"#),
+            ..SentenceFiles::default()
+        };
+        assert_eq!(SentenceLayout::from_files(&modern, 512).expect("layout").max_seq_length, 64);
+        // sentence_bert_config.json wins when it has a value; transformers' 1e30 sentinel means none.
+        let both = SentenceFiles { sentence_bert: Some(r#"{"max_seq_length":128}"#), ..modern };
+        assert_eq!(SentenceLayout::from_files(&both, 512).expect("layout").max_seq_length, 128);
+        let sentinel =
+            SentenceFiles { tokenizer_config: Some(r#"{"model_max_length":1e30}"#), ..SentenceFiles::default() };
+        assert_eq!(SentenceLayout::from_files(&sentinel, 512).expect("layout").max_seq_length, 512);
     }
 
     #[test]

@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use nstream_hub::{Hub, ModelSource};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::bert::BertEncoder;
-use crate::config::{BertConfig, SentenceLayout, read_text};
+use crate::architecture::{Architecture, Encoder};
+use crate::config::{SentenceFiles, SentenceLayout, read_text};
 use crate::error::{Error, Result};
 use crate::pooling::{normalize, pool};
 
@@ -41,21 +41,25 @@ pub struct ModelInfo {
     pub layout: SentenceLayout,
     /// The vocabulary size (token ids must be below it).
     pub vocab_size: usize,
+    /// The encoder architecture, from `config.json`.
+    pub architecture: Architecture,
 }
 
-/// Tokenizer + BERT encoder + pooling. Not thread-aware: [`crate::EmbeddingBackend`] owns one on
+/// Tokenizer + encoder (BERT, XLM-RoBERTa, ModernBERT or NomicBert) + pooling. Not thread-aware: [`crate::EmbeddingBackend`] owns one on
 /// its worker thread.
 pub struct Embedder {
     /// Shared with every [`InputEncoder`]: cloning a `Tokenizer` copies its whole vocabulary.
     tokenizer: Arc<Tokenizer>,
     truncating_tokenizer: Arc<Tokenizer>,
-    encoder: BertEncoder,
+    encoder: Encoder,
+    device: Device,
     info: ModelInfo,
     pad_id: u32,
 }
 
 impl Embedder {
-    /// Loads a sentence-transformers BERT model through `hub` (cache first; see nstream-hub).
+    /// Loads a sentence-transformers model through `hub` (cache first; see nstream-hub). The
+    /// architecture is read from `config.json` ([`Architecture::detect`]).
     pub fn load(hub: &Hub, source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
         let config = hub.resolve_file(source, "config.json")?;
         let tokenizer = hub.resolve_file(source, "tokenizer.json")?;
@@ -69,34 +73,32 @@ impl Embedder {
             _ => optional_text("1_Pooling/config.json")?,
         };
         let sentence_bert = optional_text("sentence_bert_config.json")?;
-        Self::from_parts(
-            &read_text(&config)?,
-            &tokenizer,
-            &weights,
-            modules.as_deref(),
-            pooling.as_deref(),
-            sentence_bert.as_deref(),
-            device,
-            dtype,
-        )
+        let tokenizer_config = optional_text("tokenizer_config.json")?;
+        let files = SentenceFiles {
+            modules: modules.as_deref(),
+            pooling: pooling.as_deref(),
+            sentence_bert: sentence_bert.as_deref(),
+            tokenizer_config: tokenizer_config.as_deref(),
+        };
+        Self::from_parts(&read_text(&config)?, &tokenizer, &weights, &files, device, dtype)
     }
 
     /// Loads from local files: `config.json` text, `tokenizer.json` and safetensors paths, and the
     /// optional sentence-transformers texts.
-    #[expect(clippy::too_many_arguments, reason = "each is one model file; a struct would only rename them")]
     pub fn from_parts(
         config_json: &str,
         tokenizer_path: &Path,
         weights_path: &Path,
-        modules_json: Option<&str>,
-        pooling_json: Option<&str>,
-        sentence_bert_json: Option<&str>,
+        files: &SentenceFiles<'_>,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let config = BertConfig::from_json(config_json)?;
-        let layout =
-            SentenceLayout::from_files(modules_json, pooling_json, sentence_bert_json, config.max_position_embeddings)?;
+        // The architecture first, so an unsupported one is reported before anything is read.
+        Architecture::detect(config_json)?;
+        let tensors = candle_core::safetensors::load(weights_path, &Device::Cpu)
+            .map_err(|error| Error::InvalidModel { file: "model.safetensors".into(), message: error.to_string() })?;
+        let loaded = Encoder::load(config_json, tensors, dtype, device)?;
+        let layout = SentenceLayout::from_files(files, loaded.info.max_positions)?;
 
         let mut tokenizer =
             Tokenizer::from_file(tokenizer_path).map_err(|error| Error::Tokenizer(error.to_string()))?;
@@ -111,22 +113,20 @@ impl Embedder {
                 direction: TruncationDirection::Right,
             }))
             .map_err(|error| Error::Tokenizer(error.to_string()))?;
-        let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(0);
-
-        let tensors = candle_core::safetensors::load(weights_path, &Device::Cpu)
-            .map_err(|error| Error::InvalidModel { file: "model.safetensors".into(), message: error.to_string() })?;
-        let encoder = BertEncoder::load(&tensors, &config, dtype, device)?;
+        let pad_id = loaded.info.pad_token_id.unwrap_or_else(|| tokenizer.token_to_id("[PAD]").unwrap_or(0));
         let info = ModelInfo {
-            dimension: encoder.hidden_size(),
+            dimension: loaded.info.hidden_size,
             max_seq_length: layout.max_seq_length,
             layout,
-            vocab_size: config.vocab_size,
+            vocab_size: loaded.info.vocab_size,
+            architecture: loaded.info.architecture,
         };
         tracing::info!(?info, ?dtype, device = ?device, "embedding model loaded");
         Ok(Self {
             tokenizer: Arc::new(tokenizer),
             truncating_tokenizer: Arc::new(truncating_tokenizer),
-            encoder,
+            encoder: loaded.encoder,
+            device: loaded.device,
             info,
             pad_id,
         })
@@ -171,8 +171,7 @@ impl Embedder {
             ids.extend_from_slice(&input.ids);
             ids.extend(std::iter::repeat_n(self.pad_id, longest - input.ids.len()));
         }
-        let device = self.encoder.device();
-        let ids = Tensor::from_vec(ids, (inputs.len(), longest), device)?;
+        let ids = Tensor::from_vec(ids, (inputs.len(), longest), &self.device)?;
         let hidden = self.encoder.forward(&ids, &lengths)?;
         let mut pooled = pool(&hidden, &lengths, self.info.layout.pooling)?;
         if self.info.layout.normalize {

@@ -35,7 +35,12 @@ pub enum Precision {
 }
 
 /// How to load and serve an embedding model.
+///
+/// Start from [`EmbedOptions::default`] (the CPU) or [`EmbedOptions::for_cuda`] and change what
+/// you need with the `with_*` methods; options will be added, so the struct is
+/// `#[non_exhaustive]`.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct EmbedOptions {
     /// Where the model runs.
     pub device: DeviceSpec,
@@ -58,6 +63,48 @@ impl EmbedOptions {
     /// Batching for a GPU: large batches keep it busy (text-embeddings-inference's defaults).
     pub fn for_cuda(ordinal: usize) -> Self {
         Self { device: DeviceSpec::Cuda(ordinal), max_batch_tokens: 16_384, max_batch_requests: 128, ..Self::default() }
+    }
+
+    /// Runs the model on this device.
+    pub fn with_device(mut self, device: DeviceSpec) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Loads the weights in this precision.
+    pub fn with_dtype(mut self, dtype: Precision) -> Self {
+        self.dtype = Some(dtype);
+        self
+    }
+
+    /// Puts at most this many padded tokens in one forward pass.
+    pub fn with_max_batch_tokens(mut self, tokens: usize) -> Self {
+        self.max_batch_tokens = tokens;
+        self
+    }
+
+    /// Puts at most this many inputs in one forward pass.
+    pub fn with_max_batch_requests(mut self, requests: usize) -> Self {
+        self.max_batch_requests = requests;
+        self
+    }
+
+    /// Lets at most this many requests wait for the worker.
+    pub fn with_queue_capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = capacity;
+        self
+    }
+
+    /// Accepts at most this many inputs in one request.
+    pub fn with_max_inputs_per_request(mut self, inputs: usize) -> Self {
+        self.max_inputs_per_request = inputs;
+        self
+    }
+
+    /// Uses this many CPU threads for the model.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = Some(threads);
+        self
     }
 }
 
@@ -172,6 +219,8 @@ pub struct EmbedOutput {
 struct Job {
     inputs: Vec<EncodedInput>,
     reply: oneshot::Sender<Result<Vec<Vec<f32>>>>,
+    /// The submitting request's span: the worker logs the job's work inside it.
+    span: tracing::Span,
 }
 
 /// Requests with at most this many bytes of text are tokenized on the calling (async) thread.
@@ -195,6 +244,9 @@ fn inputs_text_bytes(inputs: &[EmbedInput]) -> usize {
 /// oneshot channels. The worker drains everything queued, sorts it by length, cuts it into
 /// batches by token budget ([`plan_batches`]) and runs one forward pass per batch. Dropping the
 /// backend stops the worker once the queue is empty.
+///
+/// Each job carries the caller's tracing span: the worker logs a job's answer or failure inside
+/// it, and each batch's span follows from the spans of the requests it serves.
 pub struct EmbeddingBackend {
     name: String,
     sender: mpsc::Sender<Job>,
@@ -350,7 +402,7 @@ impl EmbeddingBackend {
     /// Embeds already encoded inputs (see [`Embedder::encode`]) on the worker thread.
     pub async fn embed_encoded(&self, inputs: Vec<EncodedInput>) -> Result<Vec<Vec<f32>>> {
         let (reply, answer) = oneshot::channel();
-        match self.sender.try_send(Job { inputs, reply }) {
+        match self.sender.try_send(Job { inputs, reply, span: tracing::Span::current() }) {
             Ok(()) => {
                 self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
                 self.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
@@ -411,7 +463,15 @@ impl Worker {
         for batch in plan_batches(&lengths, self.limits) {
             let inputs: Vec<&EncodedInput> =
                 batch.iter().map(|&item| &live[items[item].0].inputs[items[item].1]).collect();
-            match self.run_batch(&inputs) {
+            // The batch's own span, linked to the span of every request it serves.
+            let batch_span = tracing::debug_span!("embed_batch", inputs = inputs.len());
+            let mut batch_jobs: Vec<usize> = batch.iter().map(|&item| items[item].0).collect();
+            batch_jobs.sort_unstable();
+            batch_jobs.dedup();
+            for &job in &batch_jobs {
+                batch_span.follows_from(&live[job].span);
+            }
+            match batch_span.in_scope(|| self.run_batch(&inputs)) {
                 Ok(vectors) => {
                     for (&item, vector) in batch.iter().zip(vectors) {
                         let (job, input) = items[item];
@@ -421,7 +481,9 @@ impl Worker {
                     }
                 }
                 Err(error) => {
-                    tracing::error!(%error, "embedding batch failed");
+                    for &job in &batch_jobs {
+                        live[job].span.in_scope(|| tracing::error!(%error, "embedding batch failed"));
+                    }
                     let message = error.to_string();
                     for &item in &batch {
                         results[items[item].0] = Err(Error::Inference(message.clone()));
@@ -438,10 +500,12 @@ impl Worker {
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| Error::Inference("an input was left out of every batch".into()))
             });
+            let _entered = job.span.enter();
             if let Ok(vectors) = &answer {
                 self.metrics.inputs_total.fetch_add(vectors.len() as u64, Ordering::Relaxed);
                 let truncated = job.inputs.iter().filter(|input| input.truncated).count();
                 self.metrics.truncated_total.fetch_add(truncated as u64, Ordering::Relaxed);
+                tracing::debug!(inputs = vectors.len(), truncated, "embedding job answered");
             }
             // The caller may have gone meanwhile; nothing to do then.
             let _ = job.reply.send(answer);

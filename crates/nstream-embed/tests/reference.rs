@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use nstream_embed::{EmbedInput, EmbedOptions, Embedder, EmbeddingBackend, EncodedInput, Error};
+use nstream_embed::{EmbedInput, EmbedOptions, Embedder, EmbeddingBackend, EncodedInput, Error, SentenceFiles};
 use nstream_hub::{Hub, ModelSource};
 
 const REPO: &str = "sentence-transformers/all-MiniLM-L6-v2";
@@ -46,7 +46,7 @@ async fn matches_sentence_transformers_on_the_corpus() {
     let reference = read_jsonl("all-minilm-l6-v2.reference.jsonl");
     assert!(corpus.len() >= 200 && corpus.len() == reference.len());
 
-    let options = EmbedOptions { max_batch_tokens: 4096, max_batch_requests: 32, ..EmbedOptions::default() };
+    let options = EmbedOptions::default().with_max_batch_tokens(4096).with_max_batch_requests(32);
     let backend = EmbeddingBackend::load_with("minilm", &hub, &ModelSource::new(REPO), options, None).expect("loads");
     assert_eq!(backend.info().dimension, 384);
     assert_eq!(backend.info().max_seq_length, 256);
@@ -104,7 +104,7 @@ async fn truncation_can_be_refused_and_token_arrays_pass_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_overloaded_at_once() {
     let Some(hub) = hub() else { return };
-    let options = EmbedOptions { queue_capacity: 1, max_batch_requests: 1, ..EmbedOptions::default() };
+    let options = EmbedOptions::default().with_queue_capacity(1).with_max_batch_requests(1);
     let backend = EmbeddingBackend::load_with("minilm", &hub, &ModelSource::new(REPO), options, None).expect("loads");
     let heavy: Vec<EmbedInput> =
         (0..64).map(|i| EmbedInput::Text(format!("{i} {}", "long text ".repeat(100)))).collect();
@@ -136,17 +136,9 @@ fn variant(hub: &Hub, pooling: Option<&str>, modules: Option<&str>, sentence_ber
     let source = ModelSource::new(REPO);
     let path = |file: &str| hub.resolve_file(&source, file).expect("cached file");
     let config = std::fs::read_to_string(path("config.json")).expect("config");
-    Embedder::from_parts(
-        &config,
-        &path("tokenizer.json"),
-        &path("model.safetensors"),
-        modules,
-        pooling,
-        sentence_bert,
-        &Device::Cpu,
-        DType::F32,
-    )
-    .expect("variant loads")
+    let files = SentenceFiles { modules, pooling, sentence_bert, tokenizer_config: None };
+    Embedder::from_parts(&config, &path("tokenizer.json"), &path("model.safetensors"), &files, &Device::Cpu, DType::F32)
+        .expect("variant loads")
 }
 
 fn embed_one(embedder: &Embedder, text: &str) -> Vec<f32> {

@@ -187,57 +187,11 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
     (total.is_finite() && total <= 86_400.0).then(|| Duration::from_secs_f64(total))
 }
 
-/// Parses an RFC 3339 time (`2024-05-01T12:00:30Z`, `...30.5+02:00`) into a `SystemTime`.
+/// Parses an RFC 3339 time (`2024-05-01T12:00:30Z`, `...30.5+02:00`) into a `SystemTime`;
+/// `None` for anything else, times before 1970 included (no provider resets into the past).
 pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let text = text.trim();
-    let bytes = text.as_bytes();
-    if bytes.len() < 20 || bytes[4] != b'-' || bytes[7] != b'-' || !matches!(bytes[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let number = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
-    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
-    if bytes[13] != b':' || bytes[16] != b':' {
-        return None;
-    }
-    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let mut rest = &text[19..];
-    let mut fraction = 0.0;
-    if let Some(after_dot) = rest.strip_prefix('.') {
-        let digits = after_dot.find(|character: char| !character.is_ascii_digit()).unwrap_or(after_dot.len());
-        fraction = format!("0.{}", &after_dot[..digits]).parse().ok()?;
-        rest = &after_dot[digits..];
-    }
-    let offset_seconds = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6
-            && rest.is_ascii()
-            && (rest.starts_with('+') || rest.starts_with('-'))
-            && &rest[3..4] == ":" =>
-        {
-            let hours: i64 = rest[1..3].parse().ok()?;
-            let minutes: i64 = rest[4..6].parse().ok()?;
-            let magnitude = hours * 3600 + minutes * 60;
-            if rest.starts_with('-') { -magnitude } else { magnitude }
-        }
-        _ => return None,
-    };
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
-    let whole = u64::try_from(seconds).ok()?;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(whole) + Duration::from_secs_f64(fraction))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_index = (month + 9) % 12;
-    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+    let timestamp: jiff::Timestamp = text.trim().parse().ok()?;
+    (timestamp >= jiff::Timestamp::UNIX_EPOCH).then(|| SystemTime::from(timestamp))
 }
 
 #[cfg(test)]
@@ -328,6 +282,15 @@ mod tests {
         assert_eq!(parse_rfc3339("2023-11-14T22:13:20Z"), Some(epoch(1_700_000_000)));
         assert_eq!(parse_rfc3339("2023-11-15T00:13:20+02:00"), Some(epoch(1_700_000_000)));
         assert_eq!(parse_rfc3339("2023-11-14T22:13:20.5Z"), Some(epoch(1_700_000_000) + Duration::from_millis(500)));
+        assert_eq!(
+            parse_rfc3339("2023-11-14T23:43:20.125+01:30"),
+            Some(epoch(1_700_000_000) + Duration::from_millis(125)),
+            "an offset and fractional seconds together"
+        );
+        assert_eq!(
+            parse_rfc3339("2023-11-14T17:13:20.000000001-05:00"),
+            Some(epoch(1_700_000_000) + Duration::from_nanos(1))
+        );
         for bad in [
             "",
             "2023-11-14",

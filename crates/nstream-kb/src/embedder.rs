@@ -64,6 +64,8 @@ impl Embed for BackendEmbedder {
             let mut request = EmbeddingRequest::new(&self.model, Input::TextBatch(batch.to_vec()));
             // Chunks are cut to the model's length, but special tokens may push one over.
             request.truncate = true;
+            // Backends trust their callers to validate (ModelBackend's contract).
+            request.validate().map_err(|cause| Error::Embedding { model: self.model.clone(), cause })?;
             let response = self
                 .backend
                 .embed(request)

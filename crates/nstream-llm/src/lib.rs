@@ -48,4 +48,4 @@ pub use backend::{
 };
 pub use error::{Error, Result};
 pub use model::{LoraAdapter, Requantize};
-pub use scheduler::LlmMetrics;
+pub use scheduler::{LlmMetrics, TokenObserver, TokenTiming};

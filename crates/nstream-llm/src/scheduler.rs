@@ -7,10 +7,15 @@
 //! for those decoding, a prompt chunk (bounded by a token budget) for those still prefilling, so
 //! a long prompt delays the others by one chunk at a time, not by its whole length. A sequence
 //! leaves the batch the moment it finishes, fails, or its receiver is dropped (client gone).
+//!
+//! A job carries the tracing span of the request that submitted it ([`Job::new`]); what the
+//! scheduler logs about a sequence (admitted, finished, failed) is logged inside that span, so
+//! a request id set by the server's trace layer follows the work onto this thread.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use nstream_backend::chat::FinishReason;
 use tokio::sync::mpsc;
@@ -132,6 +137,17 @@ pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
 pub struct Job {
     /// The sequences.
     pub sequences: Vec<SequenceRequest>,
+    /// The submitting request's span: the scheduler logs the job's work inside it.
+    pub span: tracing::Span,
+    /// When the job was queued, for the time to first token.
+    pub queued: Instant,
+}
+
+impl Job {
+    /// A job of `sequences`, carrying the caller's current span and queued now.
+    pub fn new(sequences: Vec<SequenceRequest>) -> Self {
+        Self { sequences, span: tracing::Span::current(), queued: Instant::now() }
+    }
 }
 
 /// How the scheduler batches.
@@ -141,6 +157,29 @@ pub struct SchedulerLimits {
     pub max_running_sequences: usize,
     /// Most prompt tokens prefilled in one step, over all sequences.
     pub prefill_chunk_tokens: usize,
+}
+
+/// When a generated token came, as reported to a [`TokenObserver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenTiming {
+    /// A sequence's first token, this long after its job was queued (time to first token).
+    First(Duration),
+    /// A later token, this long after the same sequence's previous one (inter-token latency).
+    Next(Duration),
+}
+
+/// A callback run on the scheduler thread for every generated token (streamed or not); keep
+/// it cheap.
+pub type TokenObserver = Arc<dyn Fn(TokenTiming) + Send + Sync>;
+
+/// The token observer of [`LlmMetrics`], set once.
+#[derive(Default)]
+struct ObserverSlot(OnceLock<TokenObserver>);
+
+impl std::fmt::Debug for ObserverSlot {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(if self.0.get().is_some() { "Some(TokenObserver)" } else { "None" })
+    }
 }
 
 /// Live counters of a scheduler, shared with the backend (all monotonic except the gauges).
@@ -164,6 +203,31 @@ pub struct LlmMetrics {
     pub steps_total: AtomicU64,
     /// Time in forward steps, microseconds.
     pub step_micros_total: AtomicU64,
+    /// Gauge: tokens held in the K/V cache by the running sequences.
+    pub kv_cache_tokens: AtomicU64,
+    /// Gauge: tokens the allocated K/V memory holds (slots × per-slot capacity; it grows by
+    /// doubling up to the context length).
+    pub kv_cache_capacity_tokens: AtomicU64,
+    /// Gauge: K/V slots held by running sequences.
+    pub kv_cache_slots_used: AtomicU64,
+    /// Gauge: K/V slots allocated.
+    pub kv_cache_slots: AtomicU64,
+    /// Told of every generated token's timing, when set.
+    token_observer: ObserverSlot,
+}
+
+impl LlmMetrics {
+    /// Reports every generated token's timing to `observer` from now on (e.g. to feed
+    /// Prometheus histograms). Only the first observer set is kept: false if one was already.
+    pub fn set_token_observer(&self, observer: TokenObserver) -> bool {
+        self.token_observer.0.set(observer).is_ok()
+    }
+
+    fn observe_token(&self, timing: TokenTiming) {
+        if let Some(observer) = self.token_observer.0.get() {
+            observer(timing);
+        }
+    }
 }
 
 struct Running {
@@ -179,6 +243,12 @@ struct Running {
     pending_logprobs: Vec<TokenLogprob>,
     /// Log probabilities of the prompt tokens read so far (when asked for).
     prompt_logprobs: Vec<TokenLogprob>,
+    /// The submitting request's span.
+    span: tracing::Span,
+    /// When the job was queued.
+    queued: Instant,
+    /// When the previous token was generated.
+    last_token_at: Option<Instant>,
 }
 
 enum Outcome {
@@ -247,31 +317,41 @@ impl Scheduler {
                 }
             };
             self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            for mut request in job.sequences {
+            let Job { sequences, span, queued } = job;
+            let _entered = span.enter();
+            for mut request in sequences {
                 if request.events.is_closed() {
                     self.metrics.cancelled_total.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(index = request.index, "sequence cancelled before admission");
                     continue;
                 }
                 let limit = request.prompt.len() + request.max_new_tokens;
                 let mut cache = match self.model.new_cache(request.prompt.len() + INITIAL_ANSWER_CAPACITY, limit) {
                     Ok(cache) if cache.limit() == limit => cache,
                     Ok(_) => {
-                        fail(&request, "the sequence does not fit the context".into());
+                        refuse(&request, "the sequence does not fit the context".into());
                         continue;
                     }
                     Err(error) => {
-                        fail(&request, error.to_string());
+                        refuse(&request, error.to_string());
                         continue;
                     }
                 };
                 // The cache holds the adapter from here on (one reference per sequence).
                 if let Err(error) = cache.set_adapter(request.adapter.take()) {
-                    fail(&request, error.to_string());
+                    refuse(&request, error.to_string());
                     continue;
                 }
                 let sampler = Sampler::new(request.sampling.clone(), &request.prompt);
                 let stop = StopMatcher::new(request.stop.clone());
                 let decoder = IncrementalDecoder::after_prompt(&self.tokenizer, &request.prompt);
+                tracing::debug!(
+                    index = request.index,
+                    prompt_tokens = request.prompt.len(),
+                    max_new_tokens = request.max_new_tokens,
+                    waited_ms = queued.elapsed().as_millis() as u64,
+                    "sequence admitted"
+                );
                 self.running.push(Running {
                     request,
                     cache,
@@ -283,19 +363,46 @@ impl Scheduler {
                     generated: 0,
                     pending_logprobs: Vec::new(),
                     prompt_logprobs: Vec::new(),
+                    span: span.clone(),
+                    queued,
+                    last_token_at: None,
                 });
             }
-            self.metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+            self.publish_occupancy();
         }
+    }
+
+    /// The running-batch and K/V-cache gauges.
+    fn publish_occupancy(&self) {
+        let metrics = &self.metrics;
+        metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+        let tokens: usize = self.running.iter().map(|sequence| sequence.cache.len()).sum();
+        metrics.kv_cache_tokens.store(tokens as u64, Ordering::Relaxed);
+        let usage = self.model.kv_usage();
+        metrics.kv_cache_capacity_tokens.store(usage.capacity_tokens as u64, Ordering::Relaxed);
+        metrics.kv_cache_slots_used.store(usage.slots_used as u64, Ordering::Relaxed);
+        metrics.kv_cache_slots.store(usage.slots as u64, Ordering::Relaxed);
     }
 
     fn drop_cancelled(&mut self) {
         let before = self.running.len();
-        self.running.retain(|sequence| !sequence.request.events.is_closed());
+        self.running.retain(|sequence| {
+            let gone = sequence.request.events.is_closed();
+            if gone {
+                sequence.span.in_scope(|| {
+                    tracing::debug!(
+                        index = sequence.request.index,
+                        generated = sequence.generated,
+                        "sequence cancelled"
+                    );
+                });
+            }
+            !gone
+        });
         let cancelled = before - self.running.len();
         if cancelled > 0 {
             self.metrics.cancelled_total.fetch_add(cancelled as u64, Ordering::Relaxed);
-            self.metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+            self.publish_occupancy();
         }
     }
 
@@ -366,9 +473,9 @@ impl Scheduler {
         let mut finished = vec![false; self.running.len()];
         match result {
             Err(error) => {
-                tracing::error!(%error, "generation step failed");
+                tracing::error!(%error, sequences = plan.len(), "generation step failed");
                 for &(position, _, _) in &plan {
-                    fail(&self.running[position].request, error.to_string());
+                    fail(&self.running[position], error.to_string());
                     finished[position] = true;
                 }
             }
@@ -406,11 +513,7 @@ impl Scheduler {
                     }
                     // `max_tokens: 0` (with `echo`): the prompt was all there was to read.
                     if sequence.request.max_new_tokens == 0 {
-                        let _ = sequence.request.events.send(SequenceEvent::Finished {
-                            index: sequence.request.index,
-                            reason: FinishReason::Length,
-                            completion_tokens: 0,
-                        });
+                        finish(sequence, FinishReason::Length);
                         finished[position] = true;
                         continue;
                     }
@@ -422,24 +525,25 @@ impl Scheduler {
                         Some(Pick::Logits(logits)) => match choose(sequence, logits) {
                             Ok(token) => token,
                             Err(error) => {
-                                fail(&sequence.request, error.to_string());
+                                fail(sequence, error.to_string());
                                 finished[position] = true;
                                 continue;
                             }
                         },
                         None => {
-                            fail(&sequence.request, "the forward pass returned too few rows".into());
+                            fail(sequence, "the forward pass returned too few rows".into());
                             finished[position] = true;
                             continue;
                         }
                     };
                     self.metrics.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    self.metrics.observe_token(match sequence.last_token_at.replace(now) {
+                        None => TokenTiming::First(now - sequence.queued),
+                        Some(previous) => TokenTiming::Next(now - previous),
+                    });
                     if let Outcome::Finished(reason) = accept(sequence, token, &self.tokenizer) {
-                        let _ = sequence.request.events.send(SequenceEvent::Finished {
-                            index: sequence.request.index,
-                            reason,
-                            completion_tokens: sequence.generated,
-                        });
+                        finish(sequence, reason);
                         finished[position] = true;
                     }
                 }
@@ -450,7 +554,7 @@ impl Scheduler {
             position += 1;
             !finished[position - 1]
         });
-        self.metrics.running_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+        self.publish_occupancy();
     }
 }
 
@@ -484,8 +588,32 @@ impl Iterator for Either {
     }
 }
 
-fn fail(request: &SequenceRequest, message: String) {
+/// Reports a request's failure before it was admitted, inside the current (its job's) span.
+fn refuse(request: &SequenceRequest, message: String) {
+    tracing::warn!(index = request.index, %message, "sequence refused");
     let _ = request.events.send(SequenceEvent::Failed { index: request.index, message });
+}
+
+/// Reports a running sequence's failure, logged inside its request's span.
+fn fail(sequence: &Running, message: String) {
+    let index = sequence.request.index;
+    sequence.span.in_scope(|| tracing::warn!(index, %message, "sequence failed"));
+    let _ = sequence.request.events.send(SequenceEvent::Failed { index, message });
+}
+
+/// Reports a sequence's end, logged inside its request's span.
+fn finish(sequence: &Running, reason: FinishReason) {
+    let (index, completion_tokens) = (sequence.request.index, sequence.generated);
+    sequence.span.in_scope(|| {
+        tracing::debug!(
+            index,
+            ?reason,
+            completion_tokens,
+            elapsed_ms = sequence.queued.elapsed().as_millis() as u64,
+            "sequence finished"
+        );
+    });
+    let _ = sequence.request.events.send(SequenceEvent::Finished { index, reason, completion_tokens });
 }
 
 /// Samples a sequence's next token from its row of logits: the constraint's mask, then the

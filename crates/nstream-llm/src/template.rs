@@ -12,6 +12,7 @@ use nstream_backend::chat::{ChatMessage, Role};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::tokenizer::LlmTokenizer;
 
 /// ChatML, used when the model file has no template.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -166,6 +167,27 @@ impl ChatTemplate {
     /// ChatML ([`CHATML_TEMPLATE`]).
     pub fn chatml() -> Result<Self> {
         Self::new(CHATML_TEMPLATE, "", "<|im_end|>")
+    }
+
+    /// A model's template: its own `source` (from `tokenizer_config.json`, `chat_template.jinja`
+    /// or GGUF metadata), with the bos/eos texts its config names or else those of `tokenizer`'s
+    /// special tokens; ChatML when the model has none. The one rule for serving and fine-tuning,
+    /// so both render a conversation alike.
+    pub fn for_model(
+        source: Option<&str>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        tokenizer: &LlmTokenizer,
+    ) -> Result<Self> {
+        let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
+        match source {
+            Some(source) => Self::new(
+                source,
+                bos_token.unwrap_or_else(|| token_text(tokenizer.bos_token())),
+                eos_token.unwrap_or_else(|| token_text(tokenizer.eos_token())),
+            ),
+            None => Self::chatml(),
+        }
     }
 
     /// Renders the conversation; with `add_generation_prompt` the text ends where the

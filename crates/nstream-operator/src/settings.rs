@@ -45,7 +45,8 @@ pub struct GpuToleration {
 pub struct OperatorSettings {
     /// The `nstream-server` image for CPU pods.
     pub server_image: String,
-    /// The `nstream-server` image built with CUDA, for pods that ask for GPUs.
+    /// The `nstream-server` image built with CUDA, for pods that ask for GPUs. A repository of
+    /// its own (not a tag of the CPU one), so a kustomize `images:` entry overrides each alone.
     pub server_image_cuda: String,
     /// `imagePullPolicy` of the server container; the cluster default when `None`.
     pub image_pull_policy: Option<String>,
@@ -77,7 +78,7 @@ impl Default for OperatorSettings {
     fn default() -> Self {
         Self {
             server_image: format!("ghcr.io/nstream-ai/nstream-server:{}", env!("CARGO_PKG_VERSION")),
-            server_image_cuda: format!("ghcr.io/nstream-ai/nstream-server:{}-cuda", env!("CARGO_PKG_VERSION")),
+            server_image_cuda: format!("ghcr.io/nstream-ai/nstream-server-cuda:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: None,
             server_port: 8080,
             service_port: 80,

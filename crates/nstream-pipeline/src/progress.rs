@@ -167,21 +167,15 @@ pub fn utc_now() -> String {
     format_utc(now.as_secs(), now.subsec_millis())
 }
 
-/// RFC 3339 UTC text of `seconds` since the epoch plus `millis`.
+/// RFC 3339 UTC text of `seconds` since the epoch plus `millis`, always with three fractional
+/// digits (so stamps sort as text).
 pub fn format_utc(seconds: u64, millis: u32) -> String {
-    let days = seconds / 86_400;
-    let rest = seconds % 86_400;
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rest / 3600, (rest % 3600) / 60, rest % 60)
+    let nanoseconds = i32::try_from(millis.min(999) * 1_000_000).unwrap_or(0);
+    match jiff::Timestamp::new(i64::try_from(seconds).unwrap_or(i64::MAX), nanoseconds) {
+        Ok(timestamp) => format!("{timestamp:.3}"),
+        // Past jiff's range (year 9999): the latest time it can write.
+        Err(_) => format!("{:.3}", jiff::Timestamp::MAX),
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +187,9 @@ mod tests {
         assert_eq!(format_utc(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_utc(951_782_400, 5), "2000-02-29T00:00:00.005Z");
         assert_eq!(format_utc(1_795_651_200, 999), "2026-11-26T00:00:00.999Z");
+        assert_eq!(format_utc(1_700_000_000, 120), "2023-11-14T22:13:20.120Z");
         assert_eq!(utc_now().len(), 24);
+        let read_back: jiff::Timestamp = format_utc(1_700_000_000, 120).parse().expect("RFC 3339");
+        assert_eq!(read_back.as_millisecond(), 1_700_000_000_120);
     }
 }

@@ -16,12 +16,29 @@ use crate::error::{ProviderError, Result};
 use crate::secrets::{SecretLookup, resolve_secret};
 
 /// How models are loaded (device, batching); one set for every model of a file.
+///
+/// `#[non_exhaustive]`: start from [`LoadOptions::default`] and use the `with_*` methods.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct LoadOptions {
     /// Embedding models: device, dtype, batch budget, queue size, threads.
     pub embed: EmbedOptions,
     /// Causal LMs (BaseModels): device, threads, running sequences, prefill chunk, queue size.
     pub llm: LlmOptions,
+}
+
+impl LoadOptions {
+    /// Loads embedding models with these options.
+    pub fn with_embed(mut self, embed: EmbedOptions) -> Self {
+        self.embed = embed;
+        self
+    }
+
+    /// Loads causal LMs with these options.
+    pub fn with_llm(mut self, llm: LlmOptions) -> Self {
+        self.llm = llm;
+        self
+    }
 }
 
 /// A model ready to serve, under the name clients route by.

@@ -1,12 +1,13 @@
 //! Model metrics on the server's Prometheus registry: the embedding workers' and LLM schedulers'
-//! counters read at scrape time, and histograms of embedding batches fed after each forward pass.
+//! counters and gauges read at scrape time, histograms of embedding batches fed after each
+//! forward pass, and the LLMs' time to first token and inter-token latency fed per token.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nstream_embed::{BatchObserver, BatchStats, EmbedMetrics, MetricsSnapshot};
-use nstream_llm::LlmMetrics;
+use nstream_llm::{LlmMetrics, TokenTiming};
 use nstream_server::Metrics;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -72,7 +73,7 @@ impl prometheus_client::collector::Collector for EmbedCollector {
 type LlmSeries = (&'static str, &'static str, MetricType, fn(&LlmMetrics) -> &AtomicU64);
 
 /// Every exported LLM counter or gauge.
-const LLM_SERIES: [LlmSeries; 8] = [
+const LLM_SERIES: [LlmSeries; 12] = [
     ("nstream_llm_queue_depth", "Requests waiting for admission to the running batch.", MetricType::Gauge, |m| {
         &m.queue_depth
     }),
@@ -92,6 +93,19 @@ const LLM_SERIES: [LlmSeries; 8] = [
     ("nstream_llm_steps", "Forward steps run (prefill chunks and decode steps).", MetricType::Counter, |m| {
         &m.steps_total
     }),
+    ("nstream_llm_kv_cache_tokens", "Tokens held in the K/V cache by running sequences.", MetricType::Gauge, |m| {
+        &m.kv_cache_tokens
+    }),
+    (
+        "nstream_llm_kv_cache_capacity_tokens",
+        "Tokens the allocated K/V cache holds (slots times per-slot capacity).",
+        MetricType::Gauge,
+        |m| &m.kv_cache_capacity_tokens,
+    ),
+    ("nstream_llm_kv_cache_slots_used", "K/V cache slots held by running sequences.", MetricType::Gauge, |m| {
+        &m.kv_cache_slots_used
+    }),
+    ("nstream_llm_kv_cache_slots", "K/V cache slots allocated.", MetricType::Gauge, |m| &m.kv_cache_slots),
 ];
 
 /// Reads each causal LM's scheduler counters when `/metrics` is scraped.
@@ -139,6 +153,8 @@ pub struct ModelMetricsExporter {
     llm_collector: Arc<LlmCollector>,
     batch_sizes: Family<ModelLabels, Histogram>,
     batch_seconds: Family<ModelLabels, Histogram>,
+    first_token_seconds: Family<ModelLabels, Histogram>,
+    inter_token_seconds: Family<ModelLabels, Histogram>,
 }
 
 impl ModelMetricsExporter {
@@ -150,6 +166,12 @@ impl ModelMetricsExporter {
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 2.0, 9)));
         let batch_seconds: Family<ModelLabels, Histogram> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14)));
+        // 1 ms to about 65 s: a queued request on a busy CPU waits seconds for its first token.
+        let first_token_seconds: Family<ModelLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 17)));
+        // 0.5 ms to about 4 s per token.
+        let inter_token_seconds: Family<ModelLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14)));
         metrics.with_registry(|registry| {
             registry.register_collector(Box::new(collector.clone()));
             registry.register_collector(Box::new(llm_collector.clone()));
@@ -159,8 +181,18 @@ impl ModelMetricsExporter {
                 "Time of one forward pass.",
                 batch_seconds.clone(),
             );
+            registry.register(
+                "nstream_llm_time_to_first_token_seconds",
+                "Time from a request's admission queue to each of its sequences' first token.",
+                first_token_seconds.clone(),
+            );
+            registry.register(
+                "nstream_llm_inter_token_latency_seconds",
+                "Time between consecutive tokens of a sequence.",
+                inter_token_seconds.clone(),
+            );
         });
-        Self { collector, llm_collector, batch_sizes, batch_seconds }
+        Self { collector, llm_collector, batch_sizes, batch_seconds, first_token_seconds, inter_token_seconds }
     }
 
     /// An observer for the worker of model `name`.
@@ -179,8 +211,19 @@ impl ModelMetricsExporter {
         self.collector.models.lock().unwrap_or_else(PoisonError::into_inner).push((name.to_string(), metrics));
     }
 
-    /// Exports the scheduler counters of a loaded causal LM.
+    /// Exports the scheduler counters and gauges of a loaded causal LM, and feeds its token
+    /// timings into the time-to-first-token and inter-token latency histograms.
     pub fn track_llm(&self, name: &str, metrics: Arc<LlmMetrics>) {
+        let labels: ModelLabels = [("model", name.to_string())];
+        let first = self.first_token_seconds.get_or_create(&labels).clone();
+        let next = self.inter_token_seconds.get_or_create(&labels).clone();
+        let observed = metrics.set_token_observer(Arc::new(move |timing| match timing {
+            TokenTiming::First(wait) => first.observe(wait.as_secs_f64()),
+            TokenTiming::Next(gap) => next.observe(gap.as_secs_f64()),
+        }));
+        if !observed {
+            tracing::warn!(model = name, "the model's token timings already feed another exporter");
+        }
         self.llm_collector.models.lock().unwrap_or_else(PoisonError::into_inner).push((name.to_string(), metrics));
     }
 }
@@ -218,10 +261,17 @@ mod tests {
         llm_metrics.running_sequences.store(4, Ordering::Relaxed);
         llm_metrics.generated_tokens_total.store(1234, Ordering::Relaxed);
         llm_metrics.step_micros_total.store(2_500_000, Ordering::Relaxed);
+        llm_metrics.kv_cache_tokens.store(300, Ordering::Relaxed);
+        llm_metrics.kv_cache_capacity_tokens.store(1024, Ordering::Relaxed);
         exporter.track_llm("smollm2", llm_metrics);
         let text = metrics.encode().unwrap();
         assert!(text.contains("nstream_llm_running_sequences{model=\"smollm2\"} 4"), "{text}");
         assert!(text.contains("nstream_llm_generated_tokens_total{model=\"smollm2\"} 1234"), "{text}");
         assert!(text.contains("nstream_llm_step_seconds_total{model=\"smollm2\"} 2.5"), "{text}");
+        assert!(text.contains("nstream_llm_kv_cache_tokens{model=\"smollm2\"} 300"), "{text}");
+        assert!(text.contains("nstream_llm_kv_cache_capacity_tokens{model=\"smollm2\"} 1024"), "{text}");
+        // Histograms exist from the moment the model is tracked (empty until tokens come).
+        assert!(text.contains("nstream_llm_time_to_first_token_seconds_count{model=\"smollm2\"} 0"), "{text}");
+        assert!(text.contains("nstream_llm_inter_token_latency_seconds_count{model=\"smollm2\"} 0"), "{text}");
     }
 }

@@ -16,7 +16,11 @@ use crate::metrics::ModelMetricsExporter;
 use crate::secrets::SecretLookup;
 
 /// Where and how to serve.
+///
+/// `#[non_exhaustive]`: start from [`ServeSettings::default`] (or [`crate::ServeArgs::settings`])
+/// and use the `with_*` methods.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ServeSettings {
     /// Address to listen on.
     pub host: String,
@@ -47,6 +51,50 @@ impl Default for ServeSettings {
             load: LoadOptions::default(),
             data_dir: None,
         }
+    }
+}
+
+impl ServeSettings {
+    /// Listens on this address.
+    pub fn with_host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+
+    /// Listens on this port (0 picks a free one).
+    pub fn with_port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Requires this bearer key on `/v1/*`.
+    pub fn with_api_key(mut self, api_key: SecretString) -> Self {
+        self.api_key = Some(api_key);
+        self
+    }
+
+    /// Refuses request bodies above this many bytes.
+    pub fn with_max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body_bytes = bytes;
+        self
+    }
+
+    /// Refuses embeddings requests with more inputs than this.
+    pub fn with_max_embedding_inputs(mut self, inputs: usize) -> Self {
+        self.max_embedding_inputs = inputs;
+        self
+    }
+
+    /// Loads models with these options.
+    pub fn with_load(mut self, load: LoadOptions) -> Self {
+        self.load = load;
+        self
+    }
+
+    /// Keeps files, vector stores and embedded KnowledgeBase stores under this folder.
+    pub fn with_data_dir(mut self, data_dir: impl Into<std::path::PathBuf>) -> Self {
+        self.data_dir = Some(data_dir.into());
+        self
     }
 }
 

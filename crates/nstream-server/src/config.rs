@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use subtle::ConstantTimeEq;
+
 /// A bearer API key. `Debug` prints `ApiKey(***)` and there is no `Display`, so settings that
 /// hold one can be logged safely.
 #[derive(Clone, PartialEq, Eq)]
@@ -18,18 +20,11 @@ impl ApiKey {
         &self.0
     }
 
-    /// Compares with a presented key in time independent of where they differ, so response
-    /// timing does not reveal how much of a guess was right.
+    /// Compares with a presented key in time independent of where they differ (`subtle`), so
+    /// response timing does not reveal how much of a guess was right; only a length mismatch
+    /// answers early, so the length is all that timing can tell.
     pub fn matches(&self, presented: &str) -> bool {
-        let expected = self.0.as_bytes();
-        let presented = presented.as_bytes();
-        let mut difference = u8::from(expected.len() != presented.len());
-        // Walk the expected key whatever the presented length, so the length is all that leaks.
-        for (index, expected_byte) in expected.iter().enumerate() {
-            let presented_byte = presented.get(index).copied().unwrap_or(0);
-            difference |= expected_byte ^ presented_byte;
-        }
-        difference == 0
+        self.0.as_bytes().ct_eq(presented.as_bytes()).into()
     }
 }
 
@@ -40,7 +35,10 @@ impl fmt::Debug for ApiKey {
 }
 
 /// Limits and access control of the HTTP server.
+///
+/// `#[non_exhaustive]`: start from [`ServerConfig::default`] and use the `with_*` methods.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// Largest accepted request body in bytes; larger bodies get a 413. Default 4 MiB, which
     /// holds 2048 inputs of about 2 KB each.
@@ -98,5 +96,8 @@ mod tests {
         assert!(!key.matches("sk-ab"));
         assert!(!key.matches("sk-abcd"));
         assert!(!key.matches(""));
+        assert!(!key.matches("SK-ABC"), "the comparison is byte for byte, case included");
+        assert!(ApiKey::new("ключ-🔑").matches("ключ-🔑"));
+        assert!(!ApiKey::new("ключ-🔑").matches("ключ-🔒"));
     }
 }

@@ -38,7 +38,8 @@ pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; versio
 struct RequestLabels {
     route: String,
     model: String,
-    status: String,
+    /// The HTTP status code (`code`, as Prometheus' own `promhttp` and most exporters name it).
+    code: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,6 +92,7 @@ struct MetricsInner {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    stream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     embedding_inputs: Family<ModelLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
 }
@@ -110,9 +112,12 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with the server's metrics registered:
     ///
-    /// - `nstream_server_requests_total{route,model,status}`: answered requests.
+    /// - `nstream_server_requests_total{route,model,code}`: answered requests, by HTTP status code.
     /// - `nstream_server_request_duration_seconds{route,model}`: time to the response head
     ///   (for streams: to the first chunk, i.e. time to first token).
+    /// - `nstream_server_stream_duration_seconds{route,model}`: time to the last chunk of a
+    ///   streamed answer (`data: [DONE]` or the error event that ends it); streams the client
+    ///   left early are not counted.
     /// - `nstream_server_embedding_inputs_total{model}`: inputs embedded.
     /// - `nstream_server_tokens_total{model,kind}`: prompt and completion tokens, from the
     ///   backends' usage.
@@ -121,12 +126,14 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let request_duration =
             Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
+        let stream_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
         let embedding_inputs = Family::<ModelLabels, Counter>::default();
         let tokens = Family::<TokenLabels, Counter>::default();
         // prometheus-client appends `_total` to counters and the unit suffix to histograms.
         registry.register(
             "nstream_server_requests",
-            "HTTP requests answered, by route, model and status",
+            "HTTP requests answered, by route, model and status code",
             requests.clone(),
         );
         registry.register_with_unit(
@@ -134,6 +141,12 @@ impl Metrics {
             "Time from request to response head, by route and model",
             Unit::Seconds,
             request_duration.clone(),
+        );
+        registry.register_with_unit(
+            "nstream_server_stream_duration",
+            "Time from request to the last chunk of a streamed answer, by route and model",
+            Unit::Seconds,
+            stream_duration.clone(),
         );
         registry.register("nstream_server_embedding_inputs", "Inputs embedded, by model", embedding_inputs.clone());
         registry.register(
@@ -146,6 +159,7 @@ impl Metrics {
                 registry: Mutex::new(registry),
                 requests,
                 request_duration,
+                stream_duration,
                 embedding_inputs,
                 tokens,
             }),
@@ -177,11 +191,19 @@ impl Metrics {
             .get_or_create(&RequestLabels {
                 route: route.to_owned(),
                 model: model.to_owned(),
-                status: status.to_string(),
+                code: status.to_string(),
             })
             .inc();
         self.inner
             .request_duration
+            .get_or_create(&RouteLabels { route: route.to_owned(), model: model.to_owned() })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Records how long a streamed answer took, from the request to its last chunk.
+    pub fn record_stream(&self, route: &str, model: &str, duration: Duration) {
+        self.inner
+            .stream_duration
             .get_or_create(&RouteLabels { route: route.to_owned(), model: model.to_owned() })
             .observe(duration.as_secs_f64());
     }
@@ -213,12 +235,19 @@ mod tests {
         metrics.record_request("/v1/embeddings", "bge", 200, Duration::from_millis(3));
         metrics.record_embedding_inputs("bge", 2);
         metrics.record_tokens("bge", TokenKind::Prompt, 7);
+        metrics.record_stream("/v1/chat/completions", "llm", Duration::from_millis(40));
         let text = metrics.encode().expect("encodes");
         assert!(
-            text.contains(r#"nstream_server_requests_total{route="/v1/embeddings",model="bge",status="200"} 1"#),
+            text.contains(r#"nstream_server_requests_total{route="/v1/embeddings",model="bge",code="200"} 1"#),
             "{text}"
         );
         assert!(text.contains("nstream_server_request_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.contains(
+                r#"nstream_server_stream_duration_seconds_count{route="/v1/chat/completions",model="llm"} 1"#
+            ),
+            "{text}"
+        );
         assert!(text.contains(r#"nstream_server_embedding_inputs_total{model="bge"} 2"#));
         assert!(text.contains(r#"nstream_server_tokens_total{model="bge",kind="prompt"} 7"#));
     }

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::metrics::{OPENMETRICS_CONTENT_TYPE, TokenKind};
 use crate::state::AppState;
-use crate::stream::{StreamedChunk, sse_response};
+use crate::stream::{StreamMetrics, StreamedChunk, sse_response};
 
 /// The model a request was routed to, put in the response extensions for the metrics layer.
 /// Only registered names end up there, so label cardinality stays bounded.
@@ -169,6 +169,8 @@ trait GenerationRequest: Send + Sized + 'static {
     type Response: Serialize + Send;
     /// One streamed chunk.
     type Chunk: StreamedChunk;
+    /// The route that serves it (the metrics' `route` label).
+    const ROUTE: &'static str;
     /// The model asked for.
     fn model(&self) -> &str;
     /// The request's own checks.
@@ -192,10 +194,11 @@ trait GenerationRequest: Send + Sized + 'static {
 }
 
 macro_rules! generation_request {
-    ($($request:ty => $response:ty, $chunk:ty, $answer:ident, $answer_stream:ident;)*) => {$(
+    ($($route:literal: $request:ty => $response:ty, $chunk:ty, $answer:ident, $answer_stream:ident;)*) => {$(
         impl GenerationRequest for $request {
             type Response = $response;
             type Chunk = $chunk;
+            const ROUTE: &'static str = $route;
             fn model(&self) -> &str {
                 &self.model
             }
@@ -225,12 +228,13 @@ macro_rules! generation_request {
 }
 
 generation_request! {
-    ChatCompletionRequest => ChatCompletionResponse, ChatCompletionChunk, chat, chat_stream;
-    CompletionRequest => CompletionResponse, CompletionChunk, complete, complete_stream;
+    "/v1/chat/completions": ChatCompletionRequest => ChatCompletionResponse, ChatCompletionChunk, chat, chat_stream;
+    "/v1/completions": CompletionRequest => CompletionResponse, CompletionChunk, complete, complete_stream;
 }
 
 /// Answers a chat or completion request: whole (its usage recorded), or as server-sent events.
 async fn generate<R: GenerationRequest>(state: &AppState, mut request: R) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
     let backend = find_model(state, request.model())?;
     request.validate()?;
     let model_name = request.model().to_owned();
@@ -240,7 +244,8 @@ async fn generate<R: GenerationRequest>(state: &AppState, mut request: R) -> Res
         // the client did not ask for it.
         request.ask_for_usage();
         let stream = request.answer_stream(backend).await?;
-        return sse_response(stream, client_wants_usage, state.metrics().clone(), model_name).await;
+        let labels = StreamMetrics { metrics: state.metrics().clone(), route: R::ROUTE, model: model_name, started };
+        return sse_response(stream, client_wants_usage, labels).await;
     }
     let response = request.answer(backend).await?;
     if let Some(usage) = R::usage(&response) {

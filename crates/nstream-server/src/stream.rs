@@ -1,6 +1,7 @@
 //! Server-sent events for streamed chat and completions: `data: {chunk}` ... `data: [DONE]`.
 
 use std::convert::Infallible;
+use std::time::Instant;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -42,11 +43,22 @@ macro_rules! streamed_chunk {
 }
 streamed_chunk!(ChatCompletionChunk, CompletionResponse);
 
+/// Where a stream's metrics go: the registry, the labels, and when the request began.
+pub(crate) struct StreamMetrics {
+    /// The server's metrics.
+    pub(crate) metrics: Metrics,
+    /// The route label (`/v1/chat/completions`, `/v1/completions`).
+    pub(crate) route: &'static str,
+    /// The model label.
+    pub(crate) model: String,
+    /// When the handler began, for the stream's duration.
+    pub(crate) started: Instant,
+}
+
 struct StreamState<T> {
     chunks: BoxStream<'static, Result<T, BackendError>>,
     client_wants_usage: bool,
-    metrics: Metrics,
-    model: String,
+    labels: StreamMetrics,
     phase: Phase,
 }
 
@@ -66,15 +78,14 @@ enum Phase {
 pub(crate) async fn sse_response<T: StreamedChunk>(
     mut chunks: BoxStream<'static, Result<T, BackendError>>,
     client_wants_usage: bool,
-    metrics: Metrics,
-    model: String,
+    labels: StreamMetrics,
 ) -> Result<Response, ApiError> {
     let first = match chunks.next().await {
         Some(Err(error)) => return Err(ApiError::from(error)),
         other => other,
     };
     let chunks = futures_util::stream::iter(first).chain(chunks).boxed();
-    let state = StreamState { chunks, client_wants_usage, metrics, model, phase: Phase::Streaming };
+    let state = StreamState { chunks, client_wants_usage, labels, phase: Phase::Streaming };
     let events = futures_util::stream::unfold(state, |mut state| async move {
         let event = next_event(&mut state).await?;
         Some((Ok::<Event, Infallible>(event), state))
@@ -88,6 +99,8 @@ async fn next_event<T: StreamedChunk>(state: &mut StreamState<T>) -> Option<Even
             Phase::Finished => return None,
             Phase::SendDone => {
                 state.phase = Phase::Finished;
+                let StreamMetrics { metrics, route, model, started } = &state.labels;
+                metrics.record_stream(route, model, started.elapsed());
                 return Some(Event::default().data("[DONE]"));
             }
             Phase::Streaming => {}
@@ -96,8 +109,9 @@ async fn next_event<T: StreamedChunk>(state: &mut StreamState<T>) -> Option<Even
             None => state.phase = Phase::SendDone,
             Some(Ok(mut chunk)) => {
                 if let Some(usage) = chunk.take_usage() {
-                    state.metrics.record_tokens(&state.model, TokenKind::Prompt, usage.prompt_tokens);
-                    state.metrics.record_tokens(&state.model, TokenKind::Completion, usage.completion_tokens);
+                    let StreamMetrics { metrics, model, .. } = &state.labels;
+                    metrics.record_tokens(model, TokenKind::Prompt, usage.prompt_tokens);
+                    metrics.record_tokens(model, TokenKind::Completion, usage.completion_tokens);
                     if state.client_wants_usage {
                         chunk.set_usage(usage);
                     } else if !chunk.has_choices() {

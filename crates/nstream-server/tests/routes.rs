@@ -391,6 +391,35 @@ async fn chat_validation_errors_name_the_parameter() {
     assert_eq!(error["param"], "messages[0].role");
 }
 
+/// ModelBackend's contract: the server validates, backends do not. Each request the request
+/// type's `validate()` refuses gets its 400 naming the field without reaching the backend.
+#[tokio::test]
+async fn invalid_generation_requests_never_reach_the_backend() {
+    let app = TestApp::new();
+    let message = json!([{"role": "user", "content": "x"}]);
+    let cases = [
+        ("/v1/chat/completions", json!({"model": CHAT_MODEL, "messages": []}), "messages"),
+        ("/v1/chat/completions", json!({"model": CHAT_MODEL, "messages": message, "n": 0}), "n"),
+        ("/v1/chat/completions", json!({"model": CHAT_MODEL, "messages": message, "max_tokens": 0}), "max_tokens"),
+        ("/v1/chat/completions", json!({"model": CHAT_MODEL, "messages": message, "top_k": 0}), "top_k"),
+        (
+            "/v1/chat/completions",
+            json!({"model": CHAT_MODEL, "messages": message, "stream_options": {"include_usage": true}}),
+            "stream_options",
+        ),
+        ("/v1/completions", json!({"model": CHAT_MODEL, "prompt": "x", "n": 200}), "n"),
+        ("/v1/completions", json!({"model": CHAT_MODEL, "prompt": "x", "max_tokens": 0}), "max_tokens"),
+        ("/v1/completions", json!({"model": CHAT_MODEL, "prompt": "x", "logprobs": 6}), "logprobs"),
+    ];
+    for (path, body, param) in cases {
+        let error = app.post_json(path, body.clone()).await.openai_error(StatusCode::BAD_REQUEST);
+        assert_eq!(error["param"], param, "{body}: {error}");
+        assert!(error["message"].as_str().unwrap_or_default().contains(param), "{body}: {error}");
+    }
+    let stats = app.chat.stats();
+    assert_eq!((stats.chat_calls, stats.completion_calls), (0, 0), "a refused request reached the backend");
+}
+
 #[tokio::test]
 async fn chat_streams_sse_ending_with_done() {
     let app = TestApp::new();
@@ -519,15 +548,46 @@ async fn metrics_count_requests_inputs_and_tokens() {
     );
     let text = response.text();
     for expected in [
-        format!(r#"nstream_server_requests_total{{route="/v1/embeddings",model="{EMBEDDING_MODEL}",status="200"}} 1"#),
+        format!(r#"nstream_server_requests_total{{route="/v1/embeddings",model="{EMBEDDING_MODEL}",code="200"}} 1"#),
         // Unknown model names are not used as labels, so clients cannot blow up cardinality.
-        r#"nstream_server_requests_total{route="/v1/embeddings",model="",status="404"} 1"#.to_owned(),
+        r#"nstream_server_requests_total{route="/v1/embeddings",model="",code="404"} 1"#.to_owned(),
         format!(r#"nstream_server_embedding_inputs_total{{model="{EMBEDDING_MODEL}"}} 2"#),
         format!(r#"nstream_server_tokens_total{{model="{EMBEDDING_MODEL}",kind="prompt"}} 3"#),
         "nstream_server_request_duration_seconds_bucket".to_owned(),
     ] {
         assert!(text.contains(&expected), "missing {expected} in\n{text}");
     }
+}
+
+#[tokio::test]
+async fn metrics_time_streams_to_their_last_chunk() {
+    let app = TestApp::with_backends(
+        ServerConfig::default(),
+        FakeBackend::embedding(EMBEDDING_MODEL, EMBEDDING_DIMENSION),
+        FakeBackend::chat(CHAT_MODEL).with_token_delay(Duration::from_millis(20)),
+    );
+    let response = app
+        .post_json(
+            "/v1/chat/completions",
+            json!({"model": CHAT_MODEL, "stream": true, "messages": [{"role": "user", "content": "one two three four"}]}),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert!(response.text().trim_end().ends_with("data: [DONE]"), "{}", response.text());
+    let text = app.get("/metrics").await.text();
+    let count = format!(
+        r#"nstream_server_stream_duration_seconds_count{{route="/v1/chat/completions",model="{CHAT_MODEL}"}} 1"#
+    );
+    assert!(text.contains(&count), "missing {count} in\n{text}");
+    // The stream lasted at least its token delays; the head came before most of them.
+    let sum_prefix =
+        format!(r#"nstream_server_stream_duration_seconds_sum{{route="/v1/chat/completions",model="{CHAT_MODEL}"}} "#);
+    let seconds: f64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix(sum_prefix.as_str()))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {sum_prefix} in\n{text}"));
+    assert!(seconds >= 0.06, "the stream took {seconds} s, less than three token delays");
 }
 
 // ---------- request ids ----------

@@ -16,7 +16,7 @@ use nstream_hub::{ResolvedModel, WeightFormat};
 use nstream_llm::SafetensorsFiles;
 use nstream_llm::model::LlamaConfig;
 use nstream_llm::template::ChatTemplate;
-use nstream_llm::tokenizer::{HfTokenizerConfig, LlmTokenizer};
+use nstream_llm::tokenizer::LlmTokenizer;
 
 use crate::error::{Error, Result};
 
@@ -132,19 +132,7 @@ impl BaseModel {
             }
         }
         check_shapes(&config, &weights, &config_file)?;
-        let tokenizer_config =
-            HfTokenizerConfig::read(files.tokenizer_config.as_deref(), files.chat_template.as_deref())?;
-        let (eos_ids, bos_id) = nstream_llm::end_ids(&files.config, files.generation_config.as_deref())?;
-        let tokenizer = LlmTokenizer::from_hf(&files.tokenizer, &tokenizer_config, &eos_ids, bos_id)?;
-        let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
-        let template = match &tokenizer_config.chat_template {
-            Some(source) => ChatTemplate::new(
-                source,
-                tokenizer_config.bos_token.clone().unwrap_or_else(|| token_text(tokenizer.bos_token())),
-                tokenizer_config.eos_token.clone().unwrap_or_else(|| token_text(tokenizer.eos_token())),
-            )?,
-            None => ChatTemplate::chatml()?,
-        };
+        let (tokenizer, template, _) = files.tokenizer_and_template()?;
         let tokenizer_files = [
             Some(&files.tokenizer),
             files.tokenizer_config.as_ref(),
@@ -224,13 +212,8 @@ impl BaseModel {
         config.rope_is_neox = true;
         check_shapes(&config, &weights, &file_name)?;
         let tokenizer = LlmTokenizer::from_gguf(&content)?;
-        let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
-        let template = match content.metadata.get("tokenizer.chat_template").and_then(|value| value.to_string().ok()) {
-            Some(source) => {
-                ChatTemplate::new(source, token_text(tokenizer.bos_token()), token_text(tokenizer.eos_token()))?
-            }
-            None => ChatTemplate::chatml()?,
-        };
+        let source = content.metadata.get("tokenizer.chat_template").and_then(|value| value.to_string().ok());
+        let template = ChatTemplate::for_model(source.map(String::as_str), None, None, &tokenizer)?;
         Ok(Self {
             config,
             weights,

@@ -1,6 +1,7 @@
 //! `nstream chat`: talk to a chat model from the terminal, interactively or once for scripts.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use nstream_backend::chat::{ChatMessage, Role};
 use nstream_backend::{ChatCompletionRequest, ModelBackend, StreamOptions};
 use nstream_core::ModelResource;
 use nstream_providers::{LoadOptions, SecretLookup, load_model};
+use rustyline::error::ReadlineError;
 
 /// Arguments of `nstream chat`.
 #[derive(Args, Debug)]
@@ -42,6 +44,8 @@ pub struct ChatArgs {
 
 /// Streams one answer to stdout and returns its text.
 async fn answer(backend: &dyn ModelBackend, request: ChatCompletionRequest) -> anyhow::Result<String> {
+    // Backends take requests as valid (ModelBackend's contract): the caller checks them.
+    request.validate()?;
     let mut stream = backend.chat_stream(request).await?;
     let mut text = String::new();
     let mut stdout = std::io::stdout();
@@ -90,14 +94,8 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!("chatting with {} (empty line or Ctrl-D to quit)", model.name);
-    let stdin = std::io::stdin();
-    loop {
-        eprint!("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line).context("cannot read standard input")? == 0 || line.trim().is_empty() {
-            break;
-        }
-        messages.push(ChatMessage::new(Role::User, line.trim_end().to_string()));
+    let mut turn = |line: &str| {
+        messages.push(ChatMessage::new(Role::User, line.to_string()));
         match runtime.block_on(answer(model.backend.as_ref(), request(&messages))) {
             Ok(text) => messages.push(ChatMessage::new(Role::Assistant, text)),
             Err(error) => {
@@ -105,6 +103,57 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<ExitCode> {
                 messages.pop();
             }
         }
+    };
+    if std::io::stdin().is_terminal() {
+        chat_in_terminal(&mut turn)?;
+    } else {
+        // Piped input (scripts, tests): one question per line, no line editing.
+        let stdin = std::io::stdin();
+        loop {
+            eprint!("> ");
+            let mut line = String::new();
+            if stdin.lock().read_line(&mut line).context("cannot read standard input")? == 0 || line.trim().is_empty() {
+                break;
+            }
+            turn(line.trim_end());
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the questions of earlier chats are kept, for the up arrow and Ctrl-R.
+fn history_file() -> PathBuf {
+    nstream_providers::default_data_dir().join("chat_history")
+}
+
+/// The interactive loop on a terminal: line editing, and the history of earlier chats.
+fn chat_in_terminal(turn: &mut impl FnMut(&str)) -> anyhow::Result<()> {
+    let mut editor = rustyline::DefaultEditor::new().context("cannot set up line editing on this terminal")?;
+    let history = history_file();
+    // A first chat has no history yet; any other problem only costs the history.
+    if let Err(error) = editor.load_history(&history)
+        && history.exists()
+    {
+        eprintln!("warning: cannot read the chat history {}: {error}", history.display());
+    }
+    loop {
+        match editor.readline("> ") {
+            Ok(line) if line.trim().is_empty() => break,
+            Ok(line) => {
+                let _ = editor.add_history_entry(line.as_str());
+                turn(line.trim_end());
+            }
+            // Ctrl-C drops the line being typed, as shells do; Ctrl-D quits.
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(error) => return Err(error).context("cannot read the terminal"),
+        }
+    }
+    if let Some(folder) = history.parent() {
+        let _ = std::fs::create_dir_all(folder);
+    }
+    if let Err(error) = editor.save_history(&history) {
+        eprintln!("warning: cannot save the chat history to {}: {error}", history.display());
+    }
+    Ok(())
 }

@@ -11,7 +11,7 @@ use nstream_core::crd;
 #[derive(Args, Debug)]
 pub struct CrdsArgs {
     /// Write one file per CRD into this folder instead of printing them (deploy/crds/ is made so).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long = "out-dir", alias = "output-dir", value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
 }
 

@@ -560,7 +560,7 @@ fn report_markdown(
 
 /// Runs `nstream distill`.
 pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
-    super::init_logging();
+    super::init_logging(nstream_core::cli::LogFormat::Text)?;
     let timeout = Duration::try_from_secs_f64(args.timeout)
         .ok()
         .filter(|duration| !duration.is_zero())

@@ -21,7 +21,7 @@ pub struct EmbedArgs {
     pub name: Option<String>,
     /// What to print: cosine similarities (the default with two texts or more), vectors, or a JSON
     /// document with both.
-    #[arg(short, long, value_enum)]
+    #[arg(short = 'o', long = "output-format", alias = "output", value_enum)]
     pub output: Option<EmbedOutput>,
     /// The texts to embed.
     #[arg(required = true, value_name = "TEXT")]
@@ -65,6 +65,8 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<ExitCode> {
     let model = load(args)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let request = EmbeddingRequest::new(&model.name, Input::TextBatch(args.texts.clone()));
+    // Backends take requests as valid (ModelBackend's contract): the caller checks them.
+    request.validate()?;
     let response = runtime.block_on(model.backend.embed(request)).context("embedding failed")?;
     let vectors: Vec<Vec<f32>> = response.data.into_iter().map(|item| item.embedding).collect();
     let similarity: Vec<Vec<f32>> =

@@ -47,7 +47,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     pub schema: Option<PathBuf>,
     /// Where answers, journals and the report go.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long = "out-dir", alias = "output", value_name = "DIR")]
     pub output: PathBuf,
     /// The model (one of --model, by name) before fine-tuning: the floor of "gap closed".
     #[arg(long, value_name = "NAME")]
@@ -229,7 +229,7 @@ impl ReferenceLoss for TrainingForwardLoss {
 
 /// Runs `nstream eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    super::init_logging();
+    super::init_logging(nstream_core::cli::LogFormat::Text)?;
     let timeout = Duration::try_from_secs_f64(args.timeout)
         .ok()
         .filter(|duration| !duration.is_zero())

@@ -43,7 +43,7 @@ pub struct FinetuneArgs {
     pub validation_split: Option<f64>,
     /// The output folder: the adapter (or model), training_args.json, metrics.jsonl, report.md,
     /// loss_curve.svg and the checkpoint.
-    #[arg(long, value_name = "DIR", env = "NSTREAM_FINETUNE_OUTPUT")]
+    #[arg(long = "out-dir", alias = "output", value_name = "DIR", env = "NSTREAM_FINETUNE_OUTPUT")]
     pub output: Option<PathBuf>,
     /// A YAML file with any of these settings (flag names, e.g. `learning-rate: 2e-4`).
     #[arg(long, value_name = "FILE", env = "NSTREAM_FINETUNE_CONFIG")]
@@ -109,7 +109,7 @@ pub struct FinetuneArgs {
     /// Also write the base with the adapter merged in (safetensors bases), in DIR/merged.
     #[arg(long)]
     pub merge: bool,
-    /// Continue the run in --output from its last checkpoint.
+    /// Continue the run in --out-dir from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
     /// `cpu`, or `cuda`/`cuda:N` (a build with the cuda feature) [default: cpu].
@@ -295,7 +295,7 @@ fn device(name: Option<&str>) -> anyhow::Result<Device> {
 
 fn settings(args: &FinetuneArgs) -> anyhow::Result<Settings> {
     let Some(data) = args.data.clone() else { bail!("--data is required (a JSONL file)") };
-    let Some(output) = args.output.clone() else { bail!("--output is required (a folder)") };
+    let Some(output) = args.output.clone() else { bail!("--out-dir is required (a folder)") };
     let mut settings = Settings::new(data, output);
     settings.validation = args.validation.clone();
     macro_rules! set {
@@ -374,7 +374,7 @@ pub(crate) fn load_training_base(resource: &ModelResource, device: &Device) -> a
 
 /// Runs the fine-tuning and prints the summary.
 pub fn run(args: FinetuneArgs) -> anyhow::Result<ExitCode> {
-    super::init_logging();
+    super::init_logging(nstream_core::cli::LogFormat::Text)?;
     let args = merge(args)?;
     let settings = settings(&args)?;
     let resource = pick_model(&args)?;

@@ -37,7 +37,7 @@ pub struct GenerateArgs {
     pub input_format: Option<InputFormat>,
     /// The fine-tuning file to write (OpenAI chat format). Provenance, failures, report and the
     /// journal are written next to it.
-    #[arg(short, long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
     pub output: Option<PathBuf>,
     /// A YAML file with any of these settings (flag names, e.g. `max-cost: 5`).
     #[arg(long, value_name = "FILE")]
@@ -242,7 +242,7 @@ fn pick_model(args: &GenerateArgs) -> anyhow::Result<ModelResource> {
 
 /// Runs generation and prints the summary.
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
-    super::init_logging();
+    super::init_logging(nstream_core::cli::LogFormat::Text)?;
     let args = merge(args)?;
     let mut resource = pick_model(&args)?;
     let model_label = format!("{}/{}", resource.kind(), resource.name().unwrap_or_default());

@@ -223,7 +223,7 @@ async fn open_store(picked: &Picked) -> anyhow::Result<Arc<dyn Store>> {
 
 /// Runs a `kb` subcommand.
 pub fn run(args: &KbArgs) -> anyhow::Result<ExitCode> {
-    super::init_logging();
+    super::init_logging(nstream_core::cli::LogFormat::Text)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         match &args.command {

@@ -16,7 +16,7 @@ pub struct ValidateArgs {
     #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
     pub paths: Vec<PathBuf>,
     /// Output format: `text` (one line per problem) or `json` (one report for machines).
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    #[arg(short = 'o', long = "output-format", alias = "output", value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
     /// Print nothing for valid documents and no summary, only problems.
     #[arg(short, long)]

@@ -56,6 +56,30 @@ pub(super) struct ChoiceResult {
     pub(super) prompt_logprobs: Vec<crate::scheduler::TokenLogprob>,
 }
 
+/// [`SamplingParams`] from a chat or a completion request, which carry the same OpenAI sampling
+/// fields under the same names (two types, so a macro), with OpenAI's defaults (temperature 1,
+/// top_p 1).
+macro_rules! sampling {
+    ($request:expr) => {{
+        let request = $request;
+        SamplingParams {
+            temperature: request.temperature.unwrap_or(1.0).max(0.0),
+            top_p: request.top_p.unwrap_or(1.0).clamp(0.0, 1.0),
+            top_k: request.top_k.map(|k| k as usize),
+            // A negative seed is as good a seed as any: keep its bits.
+            seed: request.seed.map(|seed| seed as u64),
+            presence_penalty: request.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: request.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: request.repetition_penalty.filter(|penalty| *penalty > 0.0).unwrap_or(1.0),
+            logit_bias: request
+                .logit_bias
+                .as_ref()
+                .map(|bias| bias.iter().filter_map(|(token, value)| Some((token.parse().ok()?, *value))).collect())
+                .unwrap_or_default(),
+        }
+    }};
+}
+
 impl LlmBackend {
     /// Tokenises on a blocking thread when a runtime is present (long prompts take milliseconds).
     async fn encode(&self, text: String, add_bos: bool) -> Result<Vec<u32>> {
@@ -130,7 +154,7 @@ impl LlmBackend {
         let count = sequences.len();
         // Counted before sending so the scheduler's decrement can never come first.
         self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
-        match self.sender.try_send(Job { sequences }) {
+        match self.sender.try_send(Job::new(sequences)) {
             Ok(()) => {
                 self.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
             }
@@ -221,16 +245,7 @@ impl LlmBackend {
             prompts: vec![ids],
             choices: request.choice_count(),
             max_new_tokens: request.max_new_tokens(),
-            sampling: sampling(
-                request.temperature,
-                request.top_p,
-                request.top_k,
-                request.seed,
-                request.presence_penalty,
-                request.frequency_penalty,
-                request.repetition_penalty,
-                request.logit_bias.as_ref(),
-            ),
+            sampling: sampling!(request),
             stop: request.stop.as_ref().map(StopSequences::to_vec).unwrap_or_default(),
             ignore_eos: request.ignore_eos,
             constraint,
@@ -271,16 +286,7 @@ impl LlmBackend {
             choices: request.n.unwrap_or(1).max(1),
             // OpenAI's default for legacy completions.
             max_new_tokens: Some(request.max_tokens.unwrap_or(16)),
-            sampling: sampling(
-                request.temperature,
-                request.top_p,
-                request.top_k,
-                request.seed,
-                request.presence_penalty,
-                request.frequency_penalty,
-                request.repetition_penalty,
-                request.logit_bias.as_ref(),
-            ),
+            sampling: sampling!(request),
             stop: request.stop.as_ref().map(StopSequences::to_vec).unwrap_or_default(),
             ignore_eos: request.ignore_eos,
             constraint: None,
@@ -295,31 +301,4 @@ impl LlmBackend {
 /// Usage with the counts clamped to `u32`.
 pub(super) fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
     Usage::new(u32::try_from(prompt_tokens).unwrap_or(u32::MAX), u32::try_from(completion_tokens).unwrap_or(u32::MAX))
-}
-
-/// Sampling settings from the OpenAI fields, with OpenAI's defaults (temperature 1, top_p 1).
-#[expect(clippy::too_many_arguments, reason = "one argument per OpenAI field, shared by chat and completions")]
-fn sampling(
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<u32>,
-    seed: Option<i64>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    repetition_penalty: Option<f32>,
-    logit_bias: Option<&std::collections::BTreeMap<String, f32>>,
-) -> SamplingParams {
-    SamplingParams {
-        temperature: temperature.unwrap_or(1.0).max(0.0),
-        top_p: top_p.unwrap_or(1.0).clamp(0.0, 1.0),
-        top_k: top_k.map(|k| k as usize),
-        // A negative seed is as good a seed as any: keep its bits.
-        seed: seed.map(|seed| seed as u64),
-        presence_penalty: presence_penalty.unwrap_or(0.0),
-        frequency_penalty: frequency_penalty.unwrap_or(0.0),
-        repetition_penalty: repetition_penalty.filter(|penalty| *penalty > 0.0).unwrap_or(1.0),
-        logit_bias: logit_bias
-            .map(|bias| bias.iter().filter_map(|(token, value)| Some((token.parse().ok()?, *value))).collect())
-            .unwrap_or_default(),
-    }
 }

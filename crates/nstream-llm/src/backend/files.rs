@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use nstream_hub::ResolvedModel;
 
 use crate::error::{Error, Result};
+use crate::template::ChatTemplate;
+use crate::tokenizer::{HfTokenizerConfig, LlmTokenizer};
 
 /// The local files of a Hugging Face safetensors checkpoint.
 #[derive(Clone, Debug)]
@@ -25,6 +27,19 @@ pub struct SafetensorsFiles {
 }
 
 impl SafetensorsFiles {
+    /// The checkpoint's tokenizer (`tokenizer.json`, with the end ids of `config.json` and
+    /// `generation_config.json`), its chat template (see [`ChatTemplate::for_model`]), and whether
+    /// that template is the model's own (`tokenizer_config.json` or `chat_template.jinja`) rather
+    /// than ChatML. Serving and fine-tuning both read a checkpoint's text side through it.
+    pub fn tokenizer_and_template(&self) -> Result<(LlmTokenizer, ChatTemplate, bool)> {
+        let config = HfTokenizerConfig::read(self.tokenizer_config.as_deref(), self.chat_template.as_deref())?;
+        let (eos_ids, bos_id) = end_ids(&self.config, self.generation_config.as_deref())?;
+        let tokenizer = LlmTokenizer::from_hf(&self.tokenizer, &config, &eos_ids, bos_id)?;
+        let template =
+            ChatTemplate::for_model(config.chat_template.as_deref(), config.bos_token, config.eos_token, &tokenizer)?;
+        Ok((tokenizer, template, config.chat_template.is_some()))
+    }
+
     /// The files the hub resolved; `config.json` and `tokenizer.json` are required.
     pub fn from_resolved(resolved: &ResolvedModel) -> Result<Self> {
         let missing = |file: &str| Error::InvalidModel {

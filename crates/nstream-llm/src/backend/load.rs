@@ -10,12 +10,11 @@ use nstream_kernels::CpuLevel;
 
 use super::adapters::{AdapterSource, is_local_path, local_path};
 use super::device::thread_pool;
-use super::files::end_ids;
 use super::{LlmBackend, LlmInfo, LlmOptions, SafetensorsFiles};
 use crate::error::{Error, Result};
 use crate::model::LlamaModel;
 use crate::template::ChatTemplate;
-use crate::tokenizer::{HfTokenizerConfig, LlmTokenizer};
+use crate::tokenizer::LlmTokenizer;
 
 impl LlmBackend {
     /// Resolves a model through the hub (from the environment: `HF_HOME`, `HF_HUB_OFFLINE`...),
@@ -132,21 +131,10 @@ impl LlmBackend {
             Some(pool) => pool.install(load)?,
             None => load()?,
         };
-        let tokenizer_config =
-            HfTokenizerConfig::read(files.tokenizer_config.as_deref(), files.chat_template.as_deref())?;
-        let (eos_ids, bos_id) = end_ids(&files.config, files.generation_config.as_deref())?;
-        let tokenizer = Arc::new(LlmTokenizer::from_hf(&files.tokenizer, &tokenizer_config, &eos_ids, bos_id)?);
-        let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
-        let template = match &tokenizer_config.chat_template {
-            Some(source) => ChatTemplate::new(
-                source,
-                tokenizer_config.bos_token.clone().unwrap_or_else(|| token_text(tokenizer.bos_token())),
-                tokenizer_config.eos_token.clone().unwrap_or_else(|| token_text(tokenizer.eos_token())),
-            )?,
-            None => ChatTemplate::chatml()?,
-        };
+        let (tokenizer, template, own_template) = files.tokenizer_and_template()?;
+        let tokenizer = Arc::new(tokenizer);
         let weights = format!("{:?}", model.dtype()).to_lowercase();
-        let info = LlmInfo::new(&model, &tokenizer, &options, tokenizer_config.chat_template.is_some(), weights);
+        let info = LlmInfo::new(&model, &tokenizer, &options, own_template, weights);
         tracing::info!(model = %name, ?info, "loaded safetensors model");
         Ok(Self::start(name, model, tokenizer, template, info, &options, pool))
     }
@@ -166,14 +154,8 @@ impl LlmBackend {
             None => load()?,
         };
         let tokenizer = Arc::new(LlmTokenizer::from_gguf(&content)?);
-        let token_text = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default().to_owned();
         let file_template = content.metadata.get("tokenizer.chat_template").and_then(|value| value.to_string().ok());
-        let template = match file_template {
-            Some(source) => {
-                ChatTemplate::new(source, token_text(tokenizer.bos_token()), token_text(tokenizer.eos_token()))?
-            }
-            None => ChatTemplate::chatml()?,
-        };
+        let template = ChatTemplate::for_model(file_template.map(String::as_str), None, None, &tokenizer)?;
         let info = LlmInfo::new(&model, &tokenizer, &options, file_template.is_some(), "gguf".into());
         let kernels = if !options.device.is_cpu() {
             "cuda"

@@ -10,7 +10,11 @@ use crate::tokenizer::LlmTokenizer;
 pub const CUDA_PREFILL_CHUNK_TOKENS: usize = 2048;
 
 /// How to load and serve a causal LM.
+///
+/// Start from [`LlmOptions::default`] (the CPU) and change what you need with the `with_*`
+/// methods; options will be added, so the struct is `#[non_exhaustive]`.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct LlmOptions {
     /// Where the model runs.
     pub device: DeviceSpec,
@@ -24,7 +28,7 @@ pub struct LlmOptions {
     /// Most prompt tokens prefilled in one step (a long prompt is prefilled in chunks, so it
     /// delays the running sequences by one chunk at a time).
     pub prefill_chunk_tokens: usize,
-    /// Most requests waiting for admission; more are refused with [`Error::Overloaded`].
+    /// Most requests waiting for admission; more are refused with [`crate::Error::Overloaded`].
     pub queue_capacity: usize,
     /// Serve at most this context (tokens), below the model's own; `None` serves the model's
     /// (capped at [`crate::model::MAX_CONTEXT`]).
@@ -42,6 +46,50 @@ impl Default for LlmOptions {
             queue_capacity: 64,
             context_length: None,
         }
+    }
+}
+
+impl LlmOptions {
+    /// Runs the model on this device.
+    pub fn with_device(mut self, device: DeviceSpec) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Treats slow GGUF formats this way at load (CPU only).
+    pub fn with_requantize(mut self, requantize: Requantize) -> Self {
+        self.requantize = requantize;
+        self
+    }
+
+    /// Uses this many CPU threads for the model (`None`: candle's default).
+    pub fn with_threads(mut self, threads: Option<usize>) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Decodes at most this many sequences together.
+    pub fn with_max_running_sequences(mut self, sequences: usize) -> Self {
+        self.max_running_sequences = sequences;
+        self
+    }
+
+    /// Prefills at most this many prompt tokens per step.
+    pub fn with_prefill_chunk_tokens(mut self, tokens: usize) -> Self {
+        self.prefill_chunk_tokens = tokens;
+        self
+    }
+
+    /// Lets at most this many requests wait for admission.
+    pub fn with_queue_capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = capacity;
+        self
+    }
+
+    /// Serves at most this context, in tokens (`None`: the model's own).
+    pub fn with_context_length(mut self, tokens: Option<usize>) -> Self {
+        self.context_length = tokens;
+        self
     }
 }
 

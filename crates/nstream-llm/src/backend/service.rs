@@ -90,7 +90,6 @@ impl ModelBackend for LlmBackend {
     }
 
     async fn chat(&self, request: ChatCompletionRequest) -> nstream_backend::Result<ChatCompletionResponse> {
-        request.validate()?;
         let generation = self.chat_generation(&request).await?;
         let tools = generation.tools.clone();
         let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());
@@ -124,7 +123,6 @@ impl ModelBackend for LlmBackend {
     }
 
     async fn chat_stream(&self, request: ChatCompletionRequest) -> nstream_backend::Result<ChatCompletionStream> {
-        request.validate()?;
         let generation = self.chat_generation(&request).await?;
         let tools = generation.tools.clone();
         let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());
@@ -239,7 +237,6 @@ impl ModelBackend for LlmBackend {
     }
 
     async fn complete(&self, request: CompletionRequest) -> nstream_backend::Result<CompletionResponse> {
-        request.validate()?;
         let (generation, texts) = self.completion_generation(&request).await?;
         let choices_per_prompt = generation.choices as usize;
         let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());
@@ -277,7 +274,6 @@ impl ModelBackend for LlmBackend {
     }
 
     async fn complete_stream(&self, request: CompletionRequest) -> nstream_backend::Result<CompletionStream> {
-        request.validate()?;
         let (generation, texts) = self.completion_generation(&request).await?;
         let choices_per_prompt = generation.choices as usize;
         let bytes = generation.logprobs.map(|_| self.vocabulary_bytes());

@@ -108,6 +108,11 @@ impl KvPool {
         }
     }
 
+    /// What the pool holds now.
+    pub(super) fn usage(&self) -> KvUsage {
+        KvUsage { slots_used: self.live, slots: self.slots, capacity_tokens: self.slots * self.capacity }
+    }
+
     /// Makes room for `needed` tokens per slot (doubling, capped at the context length).
     pub(super) fn reserve(&mut self, needed: usize) -> Result<()> {
         if needed <= self.capacity {
@@ -119,6 +124,17 @@ impl KvPool {
         let capacity = needed.max(self.capacity.saturating_mul(2)).min(self.context_length);
         self.resize(self.slots, capacity)
     }
+}
+
+/// How much of a model's K/V memory is allocated and claimed, for the KV-cache gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvUsage {
+    /// Slots held by live sequences.
+    pub slots_used: usize,
+    /// Slots allocated (grown by doubling; kept until the next sequence after an idle spell).
+    pub slots: usize,
+    /// Tokens the allocated memory holds: slots × the per-slot capacity.
+    pub capacity_tokens: usize,
 }
 
 /// One sequence's claim on the model's K/V memory: a slot of the pool, its length (the position

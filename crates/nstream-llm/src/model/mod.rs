@@ -29,7 +29,7 @@
 //!
 //! Mixture-of-experts and the old GGML format of the original are left out.
 //!
-//! One job per file: [`config`] (hyper-parameters from GGUF metadata or `config.json`), `weights`
+//! One job per file: `config` (hyper-parameters from GGUF metadata or `config.json`), `weights`
 //! (projections and their stacking), `gguf` and `safetensors` (loading), `kv_pool` (the pooled
 //! K/V memory), `forward` (one batched step) and `attention` (decode and prefill attention).
 
@@ -47,7 +47,7 @@ use candle_core::{D, DType, Device, Tensor};
 pub use config::{LlamaConfig, RopeScaling};
 pub use forward::StepInput;
 pub use gguf::Requantize;
-pub use kv_pool::SequenceCache;
+pub use kv_pool::{KvUsage, SequenceCache};
 pub use lora::LoraAdapter;
 
 use crate::error::Result;
@@ -162,6 +162,11 @@ impl LlamaModel {
     pub fn with_batched_decode_attention(mut self) -> Self {
         self.batched_decode = true;
         self
+    }
+
+    /// How much of the K/V pool is allocated and claimed now.
+    pub fn kv_usage(&self) -> KvUsage {
+        lock(&self.pool).usage()
     }
 
     /// A cache slot for a sequence that will hold at most `limit` tokens (capped at the context

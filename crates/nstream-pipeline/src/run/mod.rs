@@ -54,7 +54,10 @@ pub struct Parameters {
 }
 
 /// Everything a run needs besides the model.
+///
+/// `#[non_exhaustive]`: start from [`Settings::new`] and set the fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Settings {
     /// The input file.
     pub input: PathBuf,

@@ -177,6 +177,13 @@ impl Shared {
         let mut invalid_answers = 0u32;
         let mut last_error: Option<Value> = work.last_error.clone();
         let request = self.request(&work.messages);
+        // Backends trust their callers to validate (ModelBackend's contract): an item whose request
+        // can never be valid fails at once, without an attempt.
+        if let Err(error) = request.validate() {
+            let described =
+                json!({"kind": error_kind(&error), "status": error.status_code(), "message": error.to_string()});
+            return self.record_failure(work, described, attempt, estimate).await.map(Some);
+        }
         let tokens =
             estimate_prompt_tokens(&work.messages) + u64::from(self.settings.parameters.max_tokens.unwrap_or(0));
         loop {

@@ -1,0 +1,146 @@
+//! `kubectl kustomize` renders what `kubectl apply -k deploy/` installs, and an overlay's `images:`
+//! entries set the operator's image and the server images it gives the pods it creates.
+//!
+//! Needs `kubectl` (with its built-in kustomize, 1.14 or later) on PATH, or NSTREAM_KUBECTL naming
+//! it; NSTREAM_SKIP_KUBECTL=1 skips these tests, saying so.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use nstream_operator::settings::OperatorSettings;
+use support::repo_root;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `kubectl kustomize FOLDER`, as parsed documents; `None` when skipped.
+fn render(folder: &Path) -> Option<Vec<serde_yaml::Value>> {
+    if std::env::var_os("NSTREAM_SKIP_KUBECTL").is_some_and(|value| value == "1") {
+        eprintln!("NSTREAM_SKIP_KUBECTL=1: kustomize rendering not tested");
+        return None;
+    }
+    let kubectl = std::env::var("NSTREAM_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let output = Command::new(&kubectl).arg("kustomize").arg(folder).output().unwrap_or_else(|error| {
+        panic!("running `{kubectl} kustomize`: {error}; install kubectl or set NSTREAM_SKIP_KUBECTL=1")
+    });
+    assert!(
+        output.status.success(),
+        "`{kubectl} kustomize {}` failed: {}",
+        folder.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("kustomize prints UTF-8");
+    Some(
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|document| serde::Deserialize::deserialize(document).expect("kustomize prints YAML objects"))
+            .collect(),
+    )
+}
+
+/// (kind, name) of each object.
+fn identities<'a>(documents: impl IntoIterator<Item = &'a serde_yaml::Value>) -> BTreeSet<(String, String)> {
+    documents
+        .into_iter()
+        .map(|document| {
+            let field = |value: &serde_yaml::Value| value.as_str().expect("a string").to_string();
+            (field(&document["kind"]), field(&document["metadata"]["name"]))
+        })
+        .collect()
+}
+
+/// The operator's container: its image and its server images (NSTREAM_SERVER_IMAGE, _CUDA).
+fn operator_images(documents: &[serde_yaml::Value]) -> (String, String, String) {
+    let deployments: Vec<Deployment> = documents
+        .iter()
+        .filter(|document| document["kind"] == "Deployment")
+        .map(|document| serde_yaml::from_value(document.clone()).expect("a Deployment"))
+        .collect();
+    assert_eq!(deployments.len(), 1, "one Deployment (the operator's) is rendered");
+    let pod = deployments[0].spec.as_ref().and_then(|spec| spec.template.spec.as_ref()).expect("a pod template");
+    let container = &pod.containers[0];
+    let env = |name: &str| {
+        container
+            .env
+            .iter()
+            .flatten()
+            .find(|variable| variable.name == name)
+            .and_then(|variable| variable.value.clone())
+            .unwrap_or_else(|| panic!("the operator container has no {name}"))
+    };
+    (
+        container.image.clone().expect("the operator's image"),
+        env("NSTREAM_SERVER_IMAGE"),
+        env("NSTREAM_SERVER_IMAGE_CUDA"),
+    )
+}
+
+/// A path from `from` to `to` (both absolute) made of `..` and `to`'s components: kustomize only
+/// takes relative paths to other kustomizations.
+fn relative(from: &Path, to: &Path) -> std::path::PathBuf {
+    let ups = from.components().filter(|component| matches!(component, Component::Normal(_))).count();
+    let mut path: std::path::PathBuf = std::iter::repeat_n("..", ups).collect();
+    path.extend(to.components().filter(|component| matches!(component, Component::Normal(_))));
+    path
+}
+
+#[test]
+fn deploy_renders_every_manifest_with_this_versions_images() {
+    let root = repo_root();
+    let Some(documents) = render(&root.join("deploy")) else { return };
+
+    // Every object of deploy/crds and deploy/operator, and nothing else.
+    let mut expected = Vec::new();
+    for folder in ["deploy/crds", "deploy/operator"] {
+        for entry in std::fs::read_dir(root.join(folder)).expect("deploy folder") {
+            let text = std::fs::read_to_string(entry.expect("entry").path()).expect("manifest");
+            for document in serde_yaml::Deserializer::from_str(&text) {
+                expected.push(serde::Deserialize::deserialize(document).expect("a YAML manifest"));
+            }
+        }
+    }
+    assert_eq!(identities(&documents), identities(&expected));
+
+    // The shipped images are this version's, and the server images agree with the operator's own
+    // defaults (what it uses when the variables are unset).
+    let defaults = OperatorSettings::default();
+    let (operator, server, server_cuda) = operator_images(&documents);
+    assert_eq!(operator, format!("ghcr.io/nstream-ai/nstream-operator:{VERSION}"));
+    assert_eq!(server, defaults.server_image);
+    assert_eq!(server_cuda, defaults.server_image_cuda);
+    assert_eq!(server, format!("ghcr.io/nstream-ai/nstream-server:{VERSION}"));
+    assert_eq!(server_cuda, format!("ghcr.io/nstream-ai/nstream-server-cuda:{VERSION}"));
+}
+
+#[test]
+fn an_overlay_sets_the_server_images_one_by_one() {
+    let root = repo_root();
+    let overlay = tempfile::Builder::new().prefix("nstream-kustomize-").tempdir().expect("temporary folder");
+    let base = relative(overlay.path(), &root.join("deploy"));
+    let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "resources:\n  - {}\nimages:\n  - name: ghcr.io/nstream-ai/nstream-server\n    newName: registry.example/team/server\n    newTag: 2.0.0-rc1\n  - name: ghcr.io/nstream-ai/nstream-server-cuda\n    newName: registry.example/team/server-cuda\n    digest: {digest}\n",
+            base.display()
+        ),
+    )
+    .expect("writing the overlay");
+    let Some(documents) = render(overlay.path()) else { return };
+    let (operator, server, server_cuda) = operator_images(&documents);
+    assert_eq!(server, "registry.example/team/server:2.0.0-rc1");
+    assert_eq!(server_cuda, format!("registry.example/team/server-cuda@{digest}"));
+    assert_eq!(operator, format!("ghcr.io/nstream-ai/nstream-operator:{VERSION}"), "only the named images change");
+}
+
+#[test]
+fn the_local_images_example_points_at_the_images_the_script_builds() {
+    let Some(documents) = render(&repo_root().join("examples/overlays/local-images")) else { return };
+    let (operator, server, server_cuda) = operator_images(&documents);
+    // scripts/images.sh build tags localhost/NAME:VERSION.
+    assert_eq!(operator, format!("localhost/nstream-operator:{VERSION}"));
+    assert_eq!(server, format!("localhost/nstream-server:{VERSION}"));
+    assert_eq!(server_cuda, format!("ghcr.io/nstream-ai/nstream-server-cuda:{VERSION}"), "no local CUDA image");
+}
