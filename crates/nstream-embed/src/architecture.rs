@@ -167,13 +167,9 @@ impl Encoder {
             Architecture::ModernBert => {
                 let config = ModernBertFields::parse(config_json)?;
                 let candle_config = config.to_candle()?;
-                // candle's model reads `model.`-prefixed names, as in the masked-LM checkpoints;
-                // an exported ModernBertModel (sentence-transformers) has none.
-                let tensors = if tensors.keys().any(|name| name.starts_with("model.")) {
-                    tensors
-                } else {
-                    tensors.into_iter().map(|(name, tensor)| (format!("model.{name}"), tensor)).collect()
-                };
+                // The masked-LM checkpoints name weights `model.*`; an exported ModernBertModel
+                // (sentence-transformers) does not.
+                let tensors = with_model_prefix(tensors);
                 let builder = VarBuilder::from_tensors(tensors, DType::F32, device);
                 let model = modernbert::ModernBert::load(builder, &candle_config).map_err(weights_error)?;
                 (
@@ -200,13 +196,9 @@ impl Encoder {
             Architecture::Qwen2 => {
                 let config = Qwen2Fields::parse(config_json)?;
                 let candle_config = config.to_candle()?;
-                // candle's model reads `model.`-prefixed names, as in the hub's gte-Qwen2
-                // checkpoints; an exported Qwen2Model (sentence-transformers) has none.
-                let tensors = if tensors.keys().any(|name| name.starts_with("model.")) {
-                    tensors
-                } else {
-                    tensors.into_iter().map(|(name, tensor)| (format!("model.{name}"), tensor)).collect()
-                };
+                // The hub's gte-Qwen2 checkpoints name weights `model.*`; an exported Qwen2Model
+                // (sentence-transformers) does not.
+                let tensors = with_model_prefix(tensors);
                 let builder = VarBuilder::from_tensors(tensors, DType::F32, device);
                 let model = qwen2::Model::new(&candle_config, builder).map_err(weights_error)?;
                 (
@@ -245,6 +237,16 @@ impl Encoder {
 }
 
 /// (batch, sequence) u32: 1 on real tokens, 0 on padding.
+/// Prefixes every weight name with `model.` (what candle's ModernBERT and Qwen2 read) unless the
+/// checkpoint's names already carry it.
+fn with_model_prefix(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    if tensors.keys().any(|name| name.starts_with("model.")) {
+        tensors
+    } else {
+        tensors.into_iter().map(|(name, tensor)| (format!("model.{name}"), tensor)).collect()
+    }
+}
+
 fn attention_mask(input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
     let (batch, sequence) = input_ids.dims2()?;
     if lengths.len() != batch {

@@ -1,12 +1,34 @@
 //! Batching decisions, as text-embeddings-inference makes them: by token budget, sorted by length.
 
 /// Limits of one forward pass.
+///
+/// `#[non_exhaustive]`: build it with [`BatchLimits::new`] and the `with_*` methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BatchLimits {
     /// Most padded tokens in one batch: batch size × longest sequence.
     pub max_batch_tokens: usize,
     /// Most inputs in one batch.
     pub max_batch_requests: usize,
+}
+
+impl BatchLimits {
+    /// Limits of `max_batch_tokens` padded tokens and `max_batch_requests` inputs per batch.
+    pub fn new(max_batch_tokens: usize, max_batch_requests: usize) -> Self {
+        Self { max_batch_tokens, max_batch_requests }
+    }
+
+    /// Sets the most padded tokens in one batch.
+    pub fn with_max_batch_tokens(mut self, max_batch_tokens: usize) -> Self {
+        self.max_batch_tokens = max_batch_tokens;
+        self
+    }
+
+    /// Sets the most inputs in one batch.
+    pub fn with_max_batch_requests(mut self, max_batch_requests: usize) -> Self {
+        self.max_batch_requests = max_batch_requests;
+        self
+    }
 }
 
 /// Splits inputs of the given token `lengths` into batches: indices sorted by length (so each batch

@@ -9,7 +9,11 @@
 use std::collections::HashMap;
 
 /// The sampling settings of one sequence (already validated by the request types).
+///
+/// `#[non_exhaustive]`: start from [`SamplingParams::default`] (OpenAI's defaults) or
+/// [`SamplingParams::greedy`] and use the `with_*` methods.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct SamplingParams {
     /// 0 means greedy (deterministic); OpenAI's default is 1.
     pub temperature: f32,
@@ -49,6 +53,49 @@ impl SamplingParams {
     /// Greedy decoding with no penalties.
     pub fn greedy() -> Self {
         Self { temperature: 0.0, ..Self::default() }
+    }
+
+    /// Sets the temperature (0: greedy).
+    pub fn with_temperature(mut self, temperature: f32) -> Self {
+        self.temperature = temperature;
+        self
+    }
+
+    /// Sets the nucleus mass, in (0, 1].
+    pub fn with_top_p(mut self, top_p: f32) -> Self {
+        self.top_p = top_p;
+        self
+    }
+
+    /// Keeps only the `top_k` most likely tokens (`None`: all).
+    pub fn with_top_k(mut self, top_k: Option<usize>) -> Self {
+        self.top_k = top_k;
+        self
+    }
+
+    /// Seeds the generator (`None`: a fresh seed per sequence).
+    pub fn with_seed(mut self, seed: Option<u64>) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Sets OpenAI's presence and frequency penalties.
+    pub fn with_penalties(mut self, presence_penalty: f32, frequency_penalty: f32) -> Self {
+        self.presence_penalty = presence_penalty;
+        self.frequency_penalty = frequency_penalty;
+        self
+    }
+
+    /// Sets the Hugging Face repetition penalty (1: off).
+    pub fn with_repetition_penalty(mut self, repetition_penalty: f32) -> Self {
+        self.repetition_penalty = repetition_penalty;
+        self
+    }
+
+    /// Adds `bias` to the logits of the given token ids.
+    pub fn with_logit_bias(mut self, logit_bias: Vec<(u32, f32)>) -> Self {
+        self.logit_bias = logit_bias;
+        self
     }
 }
 

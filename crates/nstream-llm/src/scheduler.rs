@@ -151,12 +151,35 @@ impl Job {
 }
 
 /// How the scheduler batches.
+///
+/// `#[non_exhaustive]`: build it with [`SchedulerLimits::new`] and the `with_*` methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SchedulerLimits {
     /// Most sequences decoding together (a job larger than this still runs, alone).
     pub max_running_sequences: usize,
     /// Most prompt tokens prefilled in one step, over all sequences.
     pub prefill_chunk_tokens: usize,
+}
+
+impl SchedulerLimits {
+    /// Limits of `max_running_sequences` sequences and `prefill_chunk_tokens` prompt tokens per
+    /// step.
+    pub fn new(max_running_sequences: usize, prefill_chunk_tokens: usize) -> Self {
+        Self { max_running_sequences, prefill_chunk_tokens }
+    }
+
+    /// Sets the most sequences decoding together.
+    pub fn with_max_running_sequences(mut self, max_running_sequences: usize) -> Self {
+        self.max_running_sequences = max_running_sequences;
+        self
+    }
+
+    /// Sets the most prompt tokens prefilled in one step.
+    pub fn with_prefill_chunk_tokens(mut self, prefill_chunk_tokens: usize) -> Self {
+        self.prefill_chunk_tokens = prefill_chunk_tokens;
+        self
+    }
 }
 
 /// When a generated token came, as reported to a [`TokenObserver`].

@@ -272,6 +272,25 @@ impl LoraConfig {
         }
     }
 
+    /// Sets the dropout on the adapter's input during training.
+    pub fn with_dropout(mut self, lora_dropout: f64) -> Self {
+        self.lora_dropout = lora_dropout;
+        self
+    }
+
+    /// Scales by `lora_alpha / sqrt(r)` (rsLoRA) instead of `lora_alpha / r`.
+    pub fn with_rslora(mut self, use_rslora: bool) -> Self {
+        self.use_rslora = use_rslora;
+        self
+    }
+
+    /// Records the base model's repository and its revision (`None`: `main`).
+    pub fn with_base_model(mut self, repo_id: impl Into<String>, revision: Option<String>) -> Self {
+        self.base_model_name_or_path = Some(repo_id.into());
+        self.revision = revision;
+        self
+    }
+
     /// The factor of `B A`: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
         let rank = self.r.max(1) as f64;

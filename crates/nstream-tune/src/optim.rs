@@ -3,7 +3,11 @@
 //! `torch.nn.utils.clip_grad_norm_` compute them, so that runs agree with theirs step for step.
 
 /// AdamW's hyper-parameters.
+///
+/// `#[non_exhaustive]`: start from [`AdamWConfig::default`] (PyTorch's defaults, no weight decay)
+/// and use the `with_*` methods.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct AdamWConfig {
     /// β₁.
     pub beta1: f32,
@@ -18,6 +22,27 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     fn default() -> Self {
         Self { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+impl AdamWConfig {
+    /// Sets β₁ and β₂.
+    pub fn with_betas(mut self, beta1: f32, beta2: f32) -> Self {
+        self.beta1 = beta1;
+        self.beta2 = beta2;
+        self
+    }
+
+    /// Sets ε.
+    pub fn with_epsilon(mut self, epsilon: f32) -> Self {
+        self.epsilon = epsilon;
+        self
+    }
+
+    /// Sets the decoupled weight decay.
+    pub fn with_weight_decay(mut self, weight_decay: f32) -> Self {
+        self.weight_decay = weight_decay;
+        self
     }
 }
 

@@ -254,11 +254,8 @@ fn generate(plan: &Plan, folder: &RunFolder, args: &DistillArgs, timeout: Durati
         settings.template = Some((folder.template().display().to_string(), template.clone()));
     }
     settings.system = task.system_prompt.clone();
-    settings.parameters = Parameters {
-        temperature: generation.temperature,
-        max_tokens: Some(plan.max_tokens()),
-        ..Parameters::default()
-    };
+    settings.parameters = Parameters::default().with_max_tokens(plan.max_tokens());
+    settings.parameters.temperature = generation.temperature;
     if let Some(schema) = &task.response_schema {
         settings.format = AnswerFormat::Json;
         settings.schema = Some(schema.clone());

@@ -285,13 +285,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     settings.report = args.report.clone();
     settings.template = template;
     settings.system = args.system.clone();
-    settings.parameters = Parameters {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        max_tokens: args.max_tokens,
-        seed: args.seed,
-        stop: args.stop.clone(),
-    };
+    // `Parameters` is non-exhaustive: the flags fill the fields they name.
+    let mut parameters = Parameters::default().with_stop(args.stop.clone());
+    parameters.temperature = args.temperature;
+    parameters.top_p = args.top_p;
+    parameters.max_tokens = args.max_tokens;
+    parameters.seed = args.seed;
+    settings.parameters = parameters;
     settings.format = args.format.unwrap_or_default();
     settings.schema = schema;
     if let Some(retries) = args.invalid_answer_retries {

@@ -165,7 +165,7 @@ impl EvalSettings {
             scorers: vec![Scorer::Exact],
             judges: BTreeMap::new(),
             reference_model: None,
-            parameters: Parameters { temperature: Some(0.0), max_tokens: Some(512), ..Parameters::default() },
+            parameters: Parameters::default().with_temperature(0.0).with_max_tokens(512),
             concurrency: defaults.concurrency,
             requests_per_minute: None,
             tokens_per_minute: None,
@@ -418,8 +418,7 @@ pub async fn evaluate(models: Vec<EvalModel>, settings: EvalSettings) -> Result<
                 write_jsonl(&input, &records)?;
                 let output = judge_dir.join(format!("{}.jsonl", slug(&model.name)));
                 let mut judge_settings = settings.clone();
-                judge_settings.parameters =
-                    Parameters { temperature: Some(0.0), max_tokens: Some(8), ..Parameters::default() };
+                judge_settings.parameters = Parameters::default().with_temperature(0.0).with_max_tokens(8);
                 let graded =
                     answer(judge.backend.clone(), judge.info.clone(), &input, &output, &judge_settings).await?;
                 for (record_index, position) in positions.iter().enumerate() {

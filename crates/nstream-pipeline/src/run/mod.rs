@@ -34,7 +34,11 @@ use summary::Finished;
 use worker::{Budget, Shared, estimate_prompt_tokens};
 
 /// Sampling parameters sent with every request; they are part of every item key.
+///
+/// `#[non_exhaustive]`: start from [`Parameters::default`] (the provider's defaults) and use the
+/// `with_*` methods.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Parameters {
     /// Sampling temperature.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -51,6 +55,38 @@ pub struct Parameters {
     /// Stop sequences.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+}
+
+impl Parameters {
+    /// Sets the sampling temperature.
+    pub fn with_temperature(mut self, temperature: f32) -> Self {
+        self.temperature = Some(temperature);
+        self
+    }
+
+    /// Sets the nucleus sampling mass.
+    pub fn with_top_p(mut self, top_p: f32) -> Self {
+        self.top_p = Some(top_p);
+        self
+    }
+
+    /// Sets the most tokens per answer.
+    pub fn with_max_tokens(mut self, max_tokens: u32) -> Self {
+        self.max_tokens = Some(max_tokens);
+        self
+    }
+
+    /// Sets the seed, for providers that honour it.
+    pub fn with_seed(mut self, seed: i64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Sets the stop sequences.
+    pub fn with_stop(mut self, stop: Vec<String>) -> Self {
+        self.stop = stop;
+        self
+    }
 }
 
 /// Everything a run needs besides the model.
