@@ -102,11 +102,23 @@ async fn metrics_time_a_streamed_generation_and_show_the_kv_cache() {
     let events = response.text().await.expect("the stream reads");
     assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
 
-    let text = server.client().get(server.url("/metrics")).send().await.expect("answered").text().await.expect("text");
     let labels = format!(r#"{{model="{CHAT_MODEL}"}}"#);
-    let value = |name: &str| sample(&text, &format!("{name}{labels}"));
     let stream =
         format!(r#"nstream_server_stream_duration_seconds_count{{route="/v1/chat/completions",model="{CHAT_MODEL}"}}"#);
+    // The client can read [DONE] before the server records the stream and before the scheduler
+    // frees the sequence and updates the gauges: read /metrics until both show, within a bound.
+    let settled_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text =
+            server.client().get(server.url("/metrics")).send().await.expect("answered").text().await.expect("text");
+        let settled = sample(&text, &stream).is_some()
+            && sample(&text, &format!("nstream_llm_kv_cache_tokens{labels}")) == Some(0.0);
+        if settled || std::time::Instant::now() > settled_by {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let value = |name: &str| sample(&text, &format!("{name}{labels}"));
     assert_eq!(sample(&text, &stream), Some(1.0), "{stream} in\n{text}");
     // max_tokens 8 with no early stop: one first token and up to seven gaps after it.
     assert_eq!(value("nstream_llm_time_to_first_token_seconds_count"), Some(1.0), "{text}");

@@ -264,6 +264,15 @@ async fn scheduler_logs_in_the_request_span_and_times_every_token() {
     assert!(timings[1..].iter().all(|timing| matches!(timing, nstream_llm::TokenTiming::Next(_))), "{timings:?}");
 
     let gauge = |value: &std::sync::atomic::AtomicU64| value.load(std::sync::atomic::Ordering::Relaxed);
+    // The answer reaches the caller before the scheduler frees the sequence and updates the
+    // gauges (and logs "sequence finished"): wait for both, within a bound.
+    let freed_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (gauge(&metrics.kv_cache_tokens) != 0
+        || !String::from_utf8_lossy(&captured.0.lock().expect("not poisoned")).contains("sequence finished"))
+        && std::time::Instant::now() < freed_by
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(gauge(&metrics.kv_cache_tokens), 0, "the finished sequence holds no token");
     assert_eq!(gauge(&metrics.kv_cache_slots_used), 0);
     assert!(gauge(&metrics.kv_cache_slots) >= 1);
