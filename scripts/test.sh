@@ -26,6 +26,13 @@ echo "== packaging: every publishable crate packs with its metadata and resolves
 # builds above and below compile the same sources. Only nstream-e2e (publish = false) is skipped.
 cargo publish --workspace --dry-run --allow-dirty --locked --no-verify
 
+echo "== fuzzing: every parser (GGUF, safetensors, tokenizers, chat templates, SSE, journal, YAML), 15 s each"
+# cargo-fuzz on nightly, in its own target directory; the seeds are fuzz/seeds/, the grown corpora
+# are cached outside the repository (docs/reliability.md). NSTREAM_FUZZ_SECONDS=0 skips the step.
+if [[ "${NSTREAM_FUZZ_SECONDS:-15}" != 0 ]]; then
+  scripts/fuzz.sh "${NSTREAM_FUZZ_SECONDS:-15}"
+fi
+
 echo "== Kubernetes testbed for the operator's end-to-end test (etcd, kube-apiserver, kube-controller-manager)"
 # Built from Go modules once (10-20 min cold on 2 cores), cached outside the repository.
 scripts/testbed.sh build

@@ -176,9 +176,27 @@ async fn api_key_from_the_environment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_server_gracefully_with_exit_0() {
-    let mut server = Server::start(&[]).await.expect("the server starts");
+    let mut server = Server::start(&["--drain-delay", "2"]).await.expect("the server starts");
     server.check_serving().await.expect("serving");
-    let status = server.terminate(Duration::from_secs(30)).expect("exits after SIGTERM");
+    let (ready, models, client) = (server.url("/ready"), server.url("/v1/models"), server.client().clone());
+    assert_eq!(client.get(&ready).send().await.expect("answered").status(), StatusCode::OK);
+    let stopping = tokio::task::spawn_blocking(move || {
+        let status = server.terminate(Duration::from_secs(30));
+        (status, server)
+    });
+    // /ready fails first, while the API still answers during the drain delay.
+    let mut draining = false;
+    for _ in 0..150 {
+        if client.get(&ready).send().await.is_ok_and(|answer| answer.status() == StatusCode::SERVICE_UNAVAILABLE) {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(draining, "/ready never answered 503 after SIGTERM");
+    assert_eq!(client.get(&models).send().await.expect("served while draining").status(), StatusCode::OK);
+    let (status, server) = stopping.await.expect("joins");
+    let status = status.expect("exits after SIGTERM");
     assert!(status.success(), "exit status {status}; output:\n{}", server.logs());
     let logs = server.logs();
     assert!(logs.contains("SIGTERM"), "{logs}");

@@ -66,6 +66,27 @@ struct Cli {
     /// found) when neither its spec nor its key changed; 0 turns the checks off (no egress).
     #[arg(long, env = "NSTREAM_PROVIDER_CHECK_INTERVAL_SECONDS", default_value_t = 600)]
     provider_check_interval_seconds: u64,
+    /// Put a NetworkPolicy in front of each server: ingress to the serving port only from the
+    /// namespaces and pods the two flags below select (false: none, and the operator's own are
+    /// deleted).
+    #[arg(long, env = "NSTREAM_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
+    /// Namespaces whose pods may reach servers, `key=value` (repeatable, all must match);
+    /// llm.nstream.ai/access=true when unset; an empty value: no namespace may.
+    #[arg(
+        long = "network-policy-allow-namespace-label",
+        env = "NSTREAM_NETWORK_POLICY_ALLOW_NAMESPACE_LABELS",
+        value_delimiter = ','
+    )]
+    network_policy_allow_namespace_labels: Vec<String>,
+    /// Pods of a resource's own namespace that may reach its server, `key=value` (repeatable, all
+    /// must match); llm.nstream.ai/access=true when unset; an empty value: no pod may.
+    #[arg(
+        long = "network-policy-allow-pod-label",
+        env = "NSTREAM_NETWORK_POLICY_ALLOW_POD_LABELS",
+        value_delimiter = ','
+    )]
+    network_policy_allow_pod_labels: Vec<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "NSTREAM_METRICS_ADDRESS", default_value = "0.0.0.0:8081")]
     metrics_address: SocketAddr,
@@ -86,6 +107,11 @@ struct Cli {
     /// Seconds a Lease holds without renewal.
     #[arg(long, env = "NSTREAM_LEASE_DURATION_SECONDS", default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// Reconcile only the resources of these namespaces (repeatable, or comma-separated), each
+    /// watched on its own so a Role per namespace is enough (deploy/overlays/namespaced); every
+    /// namespace when unset (needs the ClusterRole of deploy/operator/rbac.yaml).
+    #[arg(long = "watch-namespace", env = "NSTREAM_WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
     /// Log as JSON lines.
     #[arg(long, env = "NSTREAM_LOG_JSON")]
     log_json: bool,
@@ -130,8 +156,51 @@ impl Cli {
             .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
         settings.resync = Duration::from_secs(self.resync_seconds.max(1));
         settings.provider_check_interval = Duration::from_secs(self.provider_check_interval_seconds);
+        settings.network_policy.enabled = self.network_policy;
+        if !self.network_policy_allow_namespace_labels.is_empty() {
+            settings.network_policy.allow_namespace_labels =
+                label_pairs("--network-policy-allow-namespace-label", &self.network_policy_allow_namespace_labels)?;
+        }
+        if !self.network_policy_allow_pod_labels.is_empty() {
+            settings.network_policy.allow_pod_labels =
+                label_pairs("--network-policy-allow-pod-label", &self.network_policy_allow_pod_labels)?;
+        }
+        settings.watch_namespaces = watch_namespaces(&self.watch_namespaces)?;
         Ok(settings)
     }
+}
+
+/// The namespaces of `--watch-namespace`, each a DNS label, duplicates dropped.
+fn watch_namespaces(names: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut namespaces: Vec<String> = Vec::new();
+    for name in names.iter().map(|name| name.trim()).filter(|name| !name.is_empty()) {
+        let valid = name.len() <= 63
+            && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        anyhow::ensure!(
+            valid,
+            "--watch-namespace {name:?} is not a namespace name (lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit)"
+        );
+        if !namespaces.iter().any(|known| known == name) {
+            namespaces.push(name.to_string());
+        }
+    }
+    Ok(namespaces)
+}
+
+/// `key=value` pairs of a label flag; empty values are skipped (so `''` clears the default).
+fn label_pairs(flag: &str, pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .filter(|(key, _)| !key.is_empty())
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .with_context(|| format!("{flag} {pair:?} is not key=value"))
+        })
+        .collect()
 }
 
 async fn shutdown_signal() {

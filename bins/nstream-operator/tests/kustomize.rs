@@ -144,3 +144,97 @@ fn the_local_images_example_points_at_the_images_the_script_builds() {
     assert_eq!(server, format!("localhost/nstream-server:{VERSION}"));
     assert_eq!(server_cuda, format!("ghcr.io/nstream-ai/nstream-server-cuda:{VERSION}"), "no local CUDA image");
 }
+
+/// Every (apiGroup, resource, verb) an RBAC role of `kind` named `name` grants (in `namespace`
+/// for a Role).
+fn grants(
+    documents: &[serde_yaml::Value],
+    kind: &str,
+    name: &str,
+    namespace: Option<&str>,
+) -> Option<BTreeSet<(String, String, String)>> {
+    let role = documents.iter().find(|document| {
+        document["kind"] == kind
+            && document["metadata"]["name"] == name
+            && document["metadata"]["namespace"].as_str() == namespace
+    })?;
+    let strings = |value: &serde_yaml::Value| -> Vec<String> {
+        value.as_sequence().into_iter().flatten().filter_map(|item| item.as_str().map(String::from)).collect()
+    };
+    let mut grants = BTreeSet::new();
+    for rule in role["rules"].as_sequence().expect("rules") {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    grants.insert((group.clone(), resource.clone(), verb));
+                }
+            }
+        }
+    }
+    Some(grants)
+}
+
+#[test]
+fn the_cluster_wide_install_never_lists_or_watches_secrets() {
+    let Some(documents) = render(&repo_root().join("deploy")) else { return };
+    let grants = grants(&documents, "ClusterRole", "nstream-operator", None).expect("the operator's ClusterRole");
+    for (group, resource, verb) in &grants {
+        let secrets = group.is_empty() && (resource == "secrets" || resource == "*");
+        assert!(
+            !(secrets && ["list", "watch", "*"].contains(&verb.as_str())),
+            "the ClusterRole grants {verb} on {resource}: every Secret of the cluster"
+        );
+    }
+    assert!(grants.contains(&(String::new(), "secrets".into(), "get".into())), "referenced Secrets are read");
+}
+
+#[test]
+fn the_namespaced_overlay_has_a_role_per_watched_namespace_and_no_cluster_role() {
+    let root = repo_root();
+    let Some(cluster_wide) = render(&root.join("deploy")) else { return };
+    let Some(documents) = render(&root.join("examples/overlays/namespaced")) else { return };
+    let kinds: BTreeSet<String> =
+        documents.iter().map(|document| document["kind"].as_str().expect("a kind").to_string()).collect();
+    assert!(!kinds.contains("ClusterRole") && !kinds.contains("ClusterRoleBinding"), "{kinds:?}");
+
+    let deployment = documents.iter().find(|document| document["kind"] == "Deployment").expect("the operator");
+    let watched = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .find(|variable| variable["name"] == "NSTREAM_WATCH_NAMESPACES")
+        .and_then(|variable| variable["value"].as_str())
+        .expect("NSTREAM_WATCH_NAMESPACES is set")
+        .to_string();
+    let watched: Vec<&str> = watched.split(',').map(str::trim).collect();
+    assert!(!watched.is_empty() && watched.iter().all(|namespace| !namespace.is_empty()), "{watched:?}");
+
+    // The Role grants what the ClusterRole grants, plus list and watch on Secrets, in its
+    // namespace only: the two cannot drift apart.
+    let mut expected = grants(&cluster_wide, "ClusterRole", "nstream-operator", None).expect("the ClusterRole");
+    for verb in ["list", "watch"] {
+        expected.insert((String::new(), "secrets".into(), verb.into()));
+    }
+    for namespace in &watched {
+        let role = grants(&documents, "Role", "nstream-operator", Some(namespace))
+            .unwrap_or_else(|| panic!("no Role nstream-operator in the watched namespace {namespace}"));
+        assert_eq!(role, expected, "the Role in {namespace}");
+        let binding = documents
+            .iter()
+            .find(|document| {
+                document["kind"] == "RoleBinding"
+                    && document["metadata"]["name"] == "nstream-operator"
+                    && document["metadata"]["namespace"] == *namespace
+            })
+            .unwrap_or_else(|| panic!("no RoleBinding nstream-operator in {namespace}"));
+        assert_eq!(binding["roleRef"]["kind"], "Role");
+        assert_eq!(binding["roleRef"]["name"], "nstream-operator");
+        assert_eq!(binding["subjects"][0]["name"], "nstream-operator");
+        assert_eq!(binding["subjects"][0]["namespace"], "nstream-system");
+    }
+    // Every Role of the overlay is the leader Lease's or a watched namespace's.
+    for document in documents.iter().filter(|document| document["kind"] == "Role") {
+        let namespace = document["metadata"]["namespace"].as_str().expect("a namespace");
+        assert!(namespace == "nstream-system" || watched.contains(&namespace), "a Role in {namespace}");
+    }
+}

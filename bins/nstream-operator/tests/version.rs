@@ -34,3 +34,14 @@ fn exit_codes_are_listed_and_bad_settings_exit_2() {
     assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
     assert!(text(&output.stderr).contains("--gpu-node-selector \"no-equals-sign\" is not key=value"));
 }
+
+#[test]
+fn a_watch_namespace_that_is_not_a_namespace_name_exits_2_naming_the_flag() {
+    let output = operator(&["--watch-namespace", "models,Not_A_Namespace", "--metrics-address", "127.0.0.1:0"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("--watch-namespace \"Not_A_Namespace\" is not a namespace name"),
+        "{}",
+        text(&output.stderr)
+    );
+}

@@ -11,7 +11,8 @@ use nstream_providers::ServeArgs;
 /// The exit codes, for `--help` (docs/cli.md lists those of every binary).
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  stopped by SIGINT/SIGTERM after finishing the requests in flight
+  0  stopped by SIGINT/SIGTERM after draining: /ready fails, then --drain-delay, then requests
+     in flight finish within --shutdown-timeout (streams still running end with an error event)
   2  error: bad usage, an invalid or unloadable model file, an address in use";
 
 /// Serve the models of one YAML file (EmbeddingModels, BaseModels, MegaModels) on one port, routed

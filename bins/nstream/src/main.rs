@@ -16,7 +16,8 @@ Exit codes:
   2    error: bad usage or input, or a failure that stopped the command
   3    generate finished, but some inputs failed (the journal says which)
   4    generate stopped at its cost budget (--max-cost)
-  130  interrupted (Ctrl-C); the work done so far is kept and resumable";
+  130  interrupted (Ctrl-C); the work done so far is kept and resumable
+  143  generate stopped by SIGTERM (the same clean stop as Ctrl-C)";
 
 /// nstream: MegaModel, BaseModel and EmbeddingModel as Kubernetes resources, served behind one
 /// OpenAI-compatible API, on a laptop or a cluster.
@@ -34,7 +35,7 @@ enum Command {
     /// Print the CustomResourceDefinitions of the five kinds as YAML.
     Crds(commands::crds::CrdsArgs),
     /// Local mode: serve every servable model of a file on one port, routed by model name.
-    Up(commands::up::UpArgs),
+    Up(Box<commands::up::UpArgs>),
     /// Embed texts with an EmbeddingModel (a YAML file or a hub repository id) and print the
     /// vectors or their cosine similarities.
     Embed(commands::embed::EmbedArgs),

@@ -403,3 +403,182 @@ async fn a_model_picked_by_name_and_its_retry_limit_bound_the_attempts() {
     assert_eq!(failures[0]["error"]["status"], 502);
     assert!(failures[0]["error"]["message"].as_str().expect("message").contains("500"), "{}", failures[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_what_is_in_flight_like_ctrl_c_and_resume_completes() {
+    const INPUTS: usize = 200;
+    let provider = TestProvider::start(TestProviderConfig {
+        latency: Duration::from_millis(100),
+        ..TestProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let folder = tempfile::tempdir().expect("dir");
+    lay_out(folder.path(), &provider, INPUTS);
+    let child = generate(folder.path(), COMMON).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+    assert!(status.success());
+    let output = tokio::task::block_in_place(|| child.wait_with_output()).expect("exits");
+    assert_eq!(output.status.code(), Some(143), "SIGTERM exits 128 + 15 after a clean stop: {}", stderr(&output));
+    assert!(stderr(&output).contains("generate interrupted"), "{}", stderr(&output));
+    let rows = read_jsonl(&folder.path().join("out/train.jsonl"));
+    assert!(!rows.is_empty() && rows.len() < INPUTS, "{} rows", rows.len());
+    // Every request sent was answered and written: nothing in flight was dropped.
+    assert_eq!(provider.counts().len(), rows.len());
+    assert!(!folder.path().join("out/train.journal.lock").exists(), "a clean stop releases the lock");
+
+    let mut args = COMMON.to_vec();
+    args.push("--resume");
+    let output = tokio::task::block_in_place(|| run(folder.path(), &args));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(read_jsonl(&folder.path().join("out/train.jsonl")).len(), INPUTS);
+    assert!(provider.counts().values().all(|count| *count == 1), "each input sent once");
+}
+
+/// Waits (at most 20 s) for `path` to exist.
+async fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_on_the_same_output_refuses_naming_the_first_and_a_crashed_one_blocks_nothing() {
+    const INPUTS: usize = 60;
+    let provider = TestProvider::start(TestProviderConfig {
+        latency: Duration::from_millis(100),
+        ..TestProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let folder = tempfile::tempdir().expect("dir");
+    lay_out(folder.path(), &provider, INPUTS);
+    // Two at a time, so the run lasts seconds.
+    let mut args = COMMON.to_vec();
+    let concurrency = args.iter().position(|arg| *arg == "--concurrency").expect("--concurrency") + 1;
+    args[concurrency] = "2";
+    let mut first = generate(folder.path(), &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let lock = folder.path().join("out/train.journal.lock");
+    wait_for(&lock).await;
+    let mut resume = args.clone();
+    resume.push("--resume");
+    for second_args in [&resume, &{
+        let mut overwrite = args.clone();
+        overwrite.push("--overwrite");
+        overwrite
+    }] {
+        let started = Instant::now();
+        let output = tokio::task::block_in_place(|| run(folder.path(), second_args));
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        let message = stderr(&output);
+        assert!(message.contains("train.journal is in use by another run"), "{message}");
+        assert!(message.contains(&format!("pid {} on host ", first.id())), "the first run is named: {message}");
+        assert!(started.elapsed() < Duration::from_secs(10), "refused at once, not after waiting");
+    }
+    assert!(folder.path().join("out/train.journal").exists(), "the refused --overwrite deleted nothing");
+
+    // A crash (SIGKILL) leaves the lock file behind, but the OS released its lock.
+    first.kill().expect("kill -9");
+    tokio::task::block_in_place(|| first.wait()).expect("reaped");
+    assert!(lock.exists(), "a crash cannot remove the lock file");
+    let output = tokio::task::block_in_place(|| run(folder.path(), &resume));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let rows = read_jsonl(&folder.path().join("out/train.jsonl"));
+    let expected: Vec<String> = (0..INPUTS).map(|index| expected_answer(&question(index))).collect();
+    let answers: Vec<String> =
+        rows.iter().map(|row| row["messages"][2]["content"].as_str().expect("answer").to_owned()).collect();
+    assert_eq!(answers, expected, "every input once, in input order");
+    assert!(!lock.exists(), "the lock file goes with a clean exit");
+}
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (e.g. `64k`) at `path`, or says why it cannot (not root, no
+    /// `mount`, a container without the capability).
+    fn mount(path: &Path, size: &str) -> Result<Self, String> {
+        std::fs::create_dir_all(path).map_err(|error| error.to_string())?;
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|error| format!("cannot run mount: {error}"))?;
+        if !output.status.success() {
+            return Err(format!("mount failed: {}", String::from_utf8_lossy(&output.stderr).trim()));
+        }
+        Ok(Self { path: path.to_path_buf() })
+    }
+
+    /// Gives the tmpfs `size` (room freed, as an operator would).
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .expect("mount -o remount");
+        assert!(status.success(), "remount to {size}");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_keeps_the_journal_and_a_rerun_with_room_resumes_without_duplicates() {
+    const INPUTS: usize = 300;
+    let folder = tempfile::tempdir().expect("dir");
+    // 64 KiB holds the journal of far fewer than INPUTS answers.
+    let disk = match SmallDisk::mount(&folder.path().join("out"), "64k") {
+        Ok(disk) => disk,
+        Err(reason) => {
+            eprintln!("skipped: a full disk needs a small tmpfs, and {reason}");
+            return;
+        }
+    };
+    let provider = TestProvider::start(TestProviderConfig::default()).await.expect("provider");
+    lay_out(folder.path(), &provider, INPUTS);
+    let output = tokio::task::block_in_place(|| run(folder.path(), COMMON));
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    let journal = folder.path().join("out/train.journal");
+    assert!(
+        message.contains(&format!("no space left on device while writing {}", journal.display()))
+            || message.contains("no space left on device while writing out/train.journal"),
+        "{message}"
+    );
+    assert!(message.contains("--resume"), "the message says how to continue: {message}");
+    // Every line on disk is whole and parses: nothing torn, nothing acknowledged lost.
+    let entries = read_jsonl(&journal);
+    let answered_before: Vec<String> = entries
+        .iter()
+        .filter(|entry| entry["t"] == "done")
+        .map(|entry| entry["record"]["row"]["messages"][1]["content"].as_str().expect("question").to_owned())
+        .collect();
+    assert!(!answered_before.is_empty() && answered_before.len() < INPUTS, "{} answered", answered_before.len());
+    let counts_before = provider.counts();
+
+    disk.resize("16m");
+    let mut args = COMMON.to_vec();
+    args.push("--resume");
+    let output = tokio::task::block_in_place(|| run(folder.path(), &args));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let rows = read_jsonl(&folder.path().join("out/train.jsonl"));
+    let expected: Vec<String> = (0..INPUTS).map(|index| expected_answer(&question(index))).collect();
+    let answers: Vec<String> =
+        rows.iter().map(|row| row["messages"][2]["content"].as_str().expect("answer").to_owned()).collect();
+    assert_eq!(answers, expected, "every input once, in input order");
+    let counts = provider.counts();
+    for question in &answered_before {
+        assert_eq!(counts[question], counts_before[question], "{question} was journaled before and not sent again");
+    }
+    assert!(counts.values().all(|count| *count <= 2), "only answers lost in flight are asked again: {counts:?}");
+}

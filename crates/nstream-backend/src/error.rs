@@ -56,6 +56,15 @@ pub enum BackendError {
         retry_after: Duration,
     },
 
+    /// A rate limit of ours (a MegaModel's client-side requests or tokens per minute) is reached
+    /// and the request would have waited longer than allowed for a slot. HTTP 429 with a
+    /// `Retry-After` header, OpenAI's `rate_limit_error` type and `rate_limit_exceeded` code.
+    #[error("the rate limit of this model is reached; retry after {} seconds", retry_after_seconds(*.retry_after))]
+    RateLimited {
+        /// When a slot frees up (a lower bound: other callers may take it first).
+        retry_after: Duration,
+    },
+
     /// The model is still loading (or reloading) and cannot serve yet. HTTP 503.
     #[error("the model is not ready yet")]
     NotReady,
@@ -119,6 +128,7 @@ impl BackendError {
             Self::InvalidRequest { .. } | Self::Unsupported { .. } => 400,
             Self::ContextLengthExceeded { .. } => 400,
             Self::Overloaded { .. } | Self::NotReady | Self::Cancelled => 503,
+            Self::RateLimited { .. } => 429,
             Self::Upstream { status, .. } => match status {
                 // The client's request was at fault: pass the verdict through.
                 400 | 404 | 409 | 413 | 422 => *status,
@@ -139,7 +149,7 @@ impl BackendError {
             | Self::Unsupported { .. }
             | Self::ContextLengthExceeded { .. }
             | Self::NotFound { .. } => "invalid_request_error",
-            Self::Upstream { status: 429, .. } => "rate_limit_error",
+            Self::Upstream { status: 429, .. } | Self::RateLimited { .. } => "rate_limit_error",
             Self::Upstream { status, .. } if self.status_code() == *status => "invalid_request_error",
             Self::Overloaded { .. }
             | Self::NotReady
@@ -157,6 +167,7 @@ impl BackendError {
             Self::Unsupported { .. } => Some("unsupported_capability"),
             Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
             Self::Overloaded { .. } => Some("model_overloaded"),
+            Self::RateLimited { .. } => Some("rate_limit_exceeded"),
             Self::NotReady => Some("model_not_ready"),
             Self::Upstream { .. } => Some("upstream_error"),
             Self::Timeout => Some("timeout"),
@@ -178,7 +189,7 @@ impl BackendError {
     /// How long the client should wait before retrying, sent as `Retry-After` in whole seconds.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Overloaded { retry_after } => Some(*retry_after),
+            Self::Overloaded { retry_after } | Self::RateLimited { retry_after } => Some(*retry_after),
             Self::Upstream { retry_after, .. } => *retry_after,
             _ => None,
         }
@@ -234,6 +245,12 @@ mod tests {
                 "server_error",
                 Some("model_overloaded"),
             ),
+            (
+                BackendError::RateLimited { retry_after: Duration::from_millis(2500) },
+                429,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
             (BackendError::NotReady, 503, "server_error", Some("model_not_ready")),
             (BackendError::Timeout, 504, "server_error", Some("timeout")),
             (BackendError::Cancelled, 503, "server_error", Some("cancelled")),
@@ -266,6 +283,10 @@ mod tests {
         assert_eq!(overloaded(Duration::from_millis(2500)).retry_after_seconds(), Some(3));
         assert_eq!(overloaded(Duration::ZERO).retry_after_seconds(), Some(1));
         assert_eq!(BackendError::NotReady.retry_after_seconds(), None);
+        assert_eq!(
+            BackendError::RateLimited { retry_after: Duration::from_millis(2500) }.retry_after_seconds(),
+            Some(3)
+        );
     }
 
     #[test]

@@ -154,6 +154,13 @@ pub struct MegaModelLimits {
     #[validate(range(min = 0, max = 20))]
     #[schemars(range(min = 0, max = 20))]
     pub max_retries: Option<u32>,
+    /// Longest a request waits, in seconds, for room under `requestsPerMinute` and
+    /// `tokensPerMinute`; one that would wait longer is refused at once with 429 and
+    /// `Retry-After` (30 when omitted; 0 refuses every request that does not fit at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 0, max = 3600))]
+    #[schemars(range(min = 0, max = 3600))]
+    pub rate_limit_wait_seconds: Option<u32>,
 }
 
 /// A hosted model provider.
@@ -225,13 +232,15 @@ impl ModelTemplate {
 /// An Azure OpenAI deployment, exactly as the specification lists its fields.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
 #[x_kube(validation = Rule::new("has(self.apikey) != has(self.apikeySecretRef)").message("set exactly one of apikey and apikeySecretRef"))]
+#[x_kube(validation = Rule::new("!has(self.apikey)").message("an inline apikey is refused on a cluster (it would be stored readable in etcd): put the key in a Secret labelled llm.nstream.ai/provider-credentials=true and name it in apikeySecretRef {name, key}; local files (nstream up -f) keep inline keys"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AzureOpenAiTemplate {
     /// The `api-version` query parameter, such as `2023-10-01-preview` or `2024-10-21`.
     #[validate(regex(path = *patterns::AZURE_API_VERSION))]
     #[schemars(regex(pattern = patterns::AZURE_API_VERSION_PATTERN))]
     pub api_version: String,
-    /// The API key, inline. Prefer `apikeySecretRef` on a cluster.
+    /// The API key, inline: local files only. A cluster's API server refuses it (a CRD rule,
+    /// so it never rests in etcd); there, use `apikeySecretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apikey: Option<SecretString>,
     /// The API key, from a Kubernetes Secret.
@@ -251,6 +260,7 @@ pub struct AzureOpenAiTemplate {
 /// OpenAI's API or any OpenAI-compatible endpoint (Gemini, vLLM, LiteLLM, a corporate gateway).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
 #[x_kube(validation = Rule::new("has(self.apikey) != has(self.apikeySecretRef)").message("set exactly one of apikey and apikeySecretRef"))]
+#[x_kube(validation = Rule::new("!has(self.apikey)").message("an inline apikey is refused on a cluster (it would be stored readable in etcd): put the key in a Secret labelled llm.nstream.ai/provider-credentials=true and name it in apikeySecretRef {name, key}; local files (nstream up -f) keep inline keys"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OpenAiTemplate {
     /// Base URL of the API, `https://api.openai.com/v1` when omitted. For Gemini use
@@ -259,7 +269,8 @@ pub struct OpenAiTemplate {
     #[validate(url)]
     #[schemars(regex(pattern = r"^https?://"))]
     pub endpoint: Option<String>,
-    /// The API key, inline. Prefer `apikeySecretRef` on a cluster.
+    /// The API key, inline: local files only. A cluster's API server refuses it (a CRD rule,
+    /// so it never rests in etcd); there, use `apikeySecretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apikey: Option<SecretString>,
     /// The API key, from a Kubernetes Secret.
@@ -290,6 +301,7 @@ impl OpenAiTemplate {
 /// Anthropic's Messages API.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
 #[x_kube(validation = Rule::new("has(self.apikey) != has(self.apikeySecretRef)").message("set exactly one of apikey and apikeySecretRef"))]
+#[x_kube(validation = Rule::new("!has(self.apikey)").message("an inline apikey is refused on a cluster (it would be stored readable in etcd): put the key in a Secret labelled llm.nstream.ai/provider-credentials=true and name it in apikeySecretRef {name, key}; local files (nstream up -f) keep inline keys"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AnthropicTemplate {
     /// Base URL of the API, `https://api.anthropic.com` when omitted.
@@ -297,7 +309,8 @@ pub struct AnthropicTemplate {
     #[validate(url)]
     #[schemars(regex(pattern = r"^https?://"))]
     pub endpoint: Option<String>,
-    /// The API key, inline. Prefer `apikeySecretRef` on a cluster.
+    /// The API key, inline: local files only. A cluster's API server refuses it (a CRD rule,
+    /// so it never rests in etcd); there, use `apikeySecretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apikey: Option<SecretString>,
     /// The API key, from a Kubernetes Secret.

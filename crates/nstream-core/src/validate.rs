@@ -233,8 +233,89 @@ impl Check for MegaModelSpec {
                 "the resource endpoint only (https://NAME.openai.azure.com); the deployment goes in `deployment`",
             ));
         }
+        let endpoints = [
+            ("azureOpenAI", template.azure_open_ai.as_ref().map(|azure| azure.endpoint.as_str())),
+            ("openAI", template.open_ai.as_ref().and_then(|open_ai| open_ai.endpoint.as_deref())),
+            ("anthropic", template.anthropic.as_ref().and_then(|claude| claude.endpoint.as_deref())),
+        ];
+        for (name, endpoint) in endpoints {
+            if let Some(endpoint) = endpoint
+                && plain_http_refused(endpoint)
+            {
+                problems.push(Problem::new(
+                    format!("{template_path}.{name}.endpoint"),
+                    format!("{} (plain http:// sends the API key unencrypted)", quote(endpoint)),
+                    PLAIN_HTTP_EXPECTED,
+                ));
+            }
+        }
         problems
     }
+}
+
+/// What an endpoint refused by [`plain_http_refused`] should be instead.
+pub const PLAIN_HTTP_EXPECTED: &str = "an https:// URL; http:// only for loopback (localhost, 127.0.0.0/8, [::1]) or \
+     cluster-local names (a single-label Service name such as `proxy`, NAME.NAMESPACE.svc, *.svc.cluster.local, \
+     *.cluster.local)";
+
+/// Whether `endpoint` is a plain `http://` URL to a host outside this machine and the cluster, to
+/// which a provider client would send the API key unencrypted. `https://` URLs, and text that is
+/// not an http URL at all (the `url` rule reports that), are not refused here.
+///
+/// Allowed over http: loopback (`localhost`, `127.0.0.0/8`, `[::1]`), names under `.svc`,
+/// `.svc.cluster.local` or `.cluster.local`, and single-label names (`http://proxy:8080`): inside a
+/// pod those resolve to a Service of its own namespace first, and no public host has a
+/// single-label name. A single label must be a DNS-1035 label (starting with a letter), so a
+/// number such as `http://134744072` (which URL parsers read as an IPv4 address) is refused.
+/// Hosts with any character outside `a-z 0-9 . -` (percent escapes, Unicode) are refused.
+pub fn plain_http_refused(endpoint: &str) -> bool {
+    let trimmed = endpoint.trim();
+    let Some(scheme_end) = trimmed.find("://") else { return false };
+    if !trimmed[..scheme_end].eq_ignore_ascii_case("http") {
+        return false;
+    }
+    let rest = &trimmed[scheme_end + 3..];
+    let authority = rest.split(['/', '?', '#', '\\']).next().unwrap_or_default();
+    // Credentials before the last `@` are no part of the host.
+    let host_and_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = if let Some(bracketed) = host_and_port.strip_prefix('[') {
+        match bracketed.split_once(']') {
+            Some((address, _)) => return !address.parse::<std::net::Ipv6Addr>().is_ok_and(|ip| ip.is_loopback()),
+            None => return true,
+        }
+    } else {
+        host_and_port.split(':').next().unwrap_or_default()
+    };
+    !plain_http_host_allowed(host)
+}
+
+/// Whether a host name or IPv4 address (as written in a URL, without brackets or port) may be
+/// reached over plain http: see [`plain_http_refused`]. IPv6 addresses: only `::1`, written bare.
+pub fn plain_http_host_allowed(host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(&host);
+    if let Ok(address) = host.parse::<std::net::Ipv4Addr>() {
+        return address.is_loopback();
+    }
+    if let Ok(address) = host.parse::<std::net::Ipv6Addr>() {
+        return address.is_loopback();
+    }
+    let plain = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+        });
+    if !plain {
+        return false;
+    }
+    if host == "localhost" {
+        return true;
+    }
+    if [".svc", ".svc.cluster.local", ".cluster.local"].iter().any(|suffix| host.ends_with(suffix)) {
+        return true;
+    }
+    // A single DNS-1035 label: a Service of the pod's namespace.
+    !host.contains('.') && host.starts_with(|character: char| character.is_ascii_lowercase())
 }
 
 fn check_serving_info(info: &ServingInfo, path: &str, problems: &mut Vec<Problem>) {
@@ -399,5 +480,47 @@ mod tests {
     fn long_values_are_cut() {
         let long = "x".repeat(200);
         assert!(quote(&long).chars().count() < 90);
+    }
+}
+
+#[cfg(test)]
+mod plain_http_tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_refused_outside_loopback_and_the_cluster() {
+        for allowed in [
+            "https://api.openai.com/v1",
+            "http://127.0.0.1:8080/v1",
+            "http://127.8.9.10",
+            "HTTP://LOCALHOST:1234",
+            "http://localhost./v1",
+            "http://[::1]:8000/v1",
+            "http://proxy:8080",
+            "http://vllm.models.svc:8000/v1",
+            "http://vllm.models.svc.cluster.local/v1",
+            "http://gateway.cluster.local",
+            "http://user:pass@127.0.0.1:9/x",
+            "not a url",
+        ] {
+            assert!(!plain_http_refused(allowed), "{allowed} should be allowed");
+        }
+        for refused in [
+            "http://api.openai.com/v1",
+            "http://10.0.0.5:8000/v1",
+            "http://192.168.1.20",
+            "http://[2001:db8::1]:80/",
+            "http://[::ffff:8.8.8.8]/",
+            "http://134744072/v1",
+            "http://0x08080808/",
+            "http://evil.com%2esvc/",
+            "http://127.0.0.1@evil.com/",
+            "http://evil.com\\@127.0.0.1/",
+            "http://svc.evil.com",
+            "http://[::1",
+            "http://",
+        ] {
+            assert!(plain_http_refused(refused), "{refused} should be refused");
+        }
     }
 }

@@ -83,3 +83,18 @@ fn cross_field_rules_are_in_the_schema_for_the_api_server() {
     assert!(yaml.contains("(self.modelProvider == 'AzureOpenAI') == has(self.modelTemplate.azureOpenAI)"));
     assert!(yaml.contains("isInteger()"));
 }
+
+#[test]
+fn inline_mega_model_keys_are_refused_by_the_api_server_with_a_pointer_to_secret_refs() {
+    let definitions = crd::crds();
+    let mega = definitions.iter().find(|definition| definition.spec.names.kind == "MegaModel").unwrap();
+    let schema = serde_json::to_value(&mega.spec.versions[0].schema).unwrap();
+    let templates = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["modelTemplate"]["properties"];
+    for template in ["azureOpenAI", "openAI", "anthropic"] {
+        let rules = templates[template]["x-kubernetes-validations"].as_array().cloned().unwrap_or_default();
+        let refusal = rules.iter().find(|rule| rule["rule"] == "!has(self.apikey)");
+        let message = refusal.and_then(|rule| rule["message"].as_str()).unwrap_or_default();
+        assert!(message.contains("apikeySecretRef"), "{template}: {rules:?}");
+        assert!(message.contains("llm.nstream.ai/provider-credentials=true"), "{template}: {message}");
+    }
+}

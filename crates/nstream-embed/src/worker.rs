@@ -369,7 +369,9 @@ impl EmbeddingBackend {
 
     /// Embeds `inputs` in order. With `truncate` false, an input over the maximum length is an
     /// error instead of being cut. Tokenization runs on a blocking thread when a tokio runtime is
-    /// present; the forward pass always runs on the model's worker thread.
+    /// present; the forward pass always runs on the model's worker thread. The queue slot is
+    /// taken before tokenisation: with the queue full, the request is refused
+    /// ([`Error::Overloaded`]) before any work is spent on it.
     pub async fn embed(&self, inputs: Vec<EmbedInput>, truncate: bool) -> Result<EmbedOutput> {
         if inputs.is_empty() {
             return Err(Error::InvalidInput { index: 0, message: "no input was given".into() });
@@ -380,6 +382,14 @@ impl EmbeddingBackend {
                 message: format!("a request holds at most {} inputs", self.max_inputs_per_request),
             });
         }
+        let permit = match self.sender.clone().try_reserve_owned() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.overloaded_total.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::Overloaded { retry_after: self.retry_after() });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::WorkerStopped),
+        };
         let text_bytes = inputs_text_bytes(&inputs);
         let encoder = self.encoder.clone();
         let encode = move || -> Result<Vec<EncodedInput>> {
@@ -395,7 +405,12 @@ impl EmbeddingBackend {
         };
         let prompt_tokens = encoded.iter().map(|input| input.ids.len()).sum();
         let truncated: Vec<bool> = encoded.iter().map(|input| input.truncated).collect();
-        let embeddings = self.embed_encoded(encoded).await?;
+        let (reply, answer) = oneshot::channel();
+        // Counted before sending so the worker's decrement can never come first.
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        self.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
+        permit.send(Job { inputs: encoded, reply, span: tracing::Span::current() });
+        let embeddings = answer.await.map_err(|_| Error::WorkerStopped)??;
         Ok(EmbedOutput { embeddings, prompt_tokens, truncated })
     }
 

@@ -25,7 +25,10 @@ use crate::error::{Error, ProviderError, Result};
 use crate::openai::{self, AzureApiVersion, OpenAiWire, StreamItem};
 use crate::options::HostedOptions;
 use crate::sse::SseParser;
-use crate::transport::{Answer, PreparedRequest, Transport, describe_reqwest, scrub_secret};
+use crate::transport::{
+    Answer, Capped, MAX_ANSWER_BYTES, MAX_EMBEDDING_BYTES_PER_INPUT, PreparedRequest, Transport, describe_reqwest,
+    read_capped, scrub_secret,
+};
 
 /// The wire format of the provider.
 #[derive(Debug, Clone)]
@@ -68,6 +71,19 @@ fn normalise_endpoint(endpoint: &str) -> Result<String> {
     let valid = (trimmed.starts_with("https://") || trimmed.starts_with("http://")) && trimmed.len() > "https://".len();
     if !valid || trimmed.contains("/openai/deployments/") || trimmed.contains(char::is_whitespace) {
         return Err(Error::InvalidEndpoint { endpoint: endpoint.to_owned() });
+    }
+    // Validation refuses these too; checked again here, on the URL as reqwest will read it, for
+    // callers that skip validation.
+    let url = reqwest::Url::parse(trimmed).map_err(|_| Error::InvalidEndpoint { endpoint: endpoint.to_owned() })?;
+    if url.scheme() == "http" {
+        // The parsed host: numeric hosts normalised to dotted IPv4, IPv6 in brackets.
+        let allowed = url.host_str().is_some_and(|host| {
+            let host = host.strip_prefix('[').and_then(|host| host.strip_suffix(']')).unwrap_or(host);
+            nstream_core::validate::plain_http_host_allowed(host)
+        });
+        if !allowed || nstream_core::validate::plain_http_refused(trimmed) {
+            return Err(Error::InsecureEndpoint { endpoint: endpoint.to_owned() });
+        }
     }
     Ok(trimmed.to_owned())
 }
@@ -160,9 +176,15 @@ impl HostedBackend {
         }
     }
 
-    async fn read_body(&self, answer: Answer) -> std::result::Result<Bytes, BackendError> {
-        match tokio::time::timeout_at(answer.deadline, answer.response.bytes()).await {
-            Ok(Ok(body)) => Ok(body),
+    /// Reads a 2xx answer of at most `cap` bytes (a longer one is refused, not buffered).
+    async fn read_body(&self, answer: Answer, cap: usize) -> std::result::Result<Bytes, BackendError> {
+        match tokio::time::timeout_at(answer.deadline, read_capped(answer.response, cap)).await {
+            Ok(Ok(Capped { truncated: true, .. })) => Err(BackendError::Upstream {
+                status: 502,
+                message: format!("the provider's answer is longer than {} MiB; refused", cap >> 20),
+                retry_after: None,
+            }),
+            Ok(Ok(capped)) => Ok(capped.body),
             Ok(Err(error)) => Err(BackendError::Upstream {
                 status: 502,
                 message: self.transport.scrub(&format!("reading the answer failed: {}", describe_reqwest(&error))),
@@ -262,6 +284,13 @@ fn estimate_prompt_tokens(request: &ChatCompletionRequest) -> u64 {
     request.messages.iter().map(|message| estimate_tokens(message.text().len()) + 4).sum()
 }
 
+/// What a chat request is charged against the TPM limit: the prompt once plus the completion
+/// limit for each of its `n` choices, as providers count it.
+fn estimate_chat_tokens(request: &ChatCompletionRequest, completion_limit: u32) -> u64 {
+    let choices = u64::from(request.choice_count().max(1));
+    estimate_prompt_tokens(request).saturating_add(u64::from(completion_limit).saturating_mul(choices))
+}
+
 #[async_trait]
 impl ModelBackend for HostedBackend {
     fn describe(&self) -> ModelDescription {
@@ -291,18 +320,18 @@ impl ModelBackend for HostedBackend {
         match &self.wire {
             Wire::OpenAi(wire) => {
                 let (body, _) = wire.chat_body(&request)?;
-                let tokens = estimate_prompt_tokens(&request) + u64::from(request.max_new_tokens().unwrap_or(0));
+                let tokens = estimate_chat_tokens(&request, request.max_new_tokens().unwrap_or(0));
                 let prepared = self.prepare(Method::POST, wire.url("chat/completions"), Some(&body), tokens);
                 let answer = self.transport.send(&prepared).await?;
-                let body = self.read_body(answer).await?;
+                let body = self.read_body(answer, MAX_ANSWER_BYTES).await?;
                 openai::parse_chat_response(&body, &request.model)
             }
             Wire::Anthropic(wire) => {
                 let body = wire.body(&request, false)?;
-                let tokens = estimate_prompt_tokens(&request) + u64::from(wire.max_tokens(&request));
+                let tokens = estimate_chat_tokens(&request, wire.max_tokens(&request));
                 let prepared = self.prepare(Method::POST, wire.messages_url(), Some(&body), tokens);
                 let answer = self.transport.send(&prepared).await?;
-                let body = self.read_body(answer).await?;
+                let body = self.read_body(answer, MAX_ANSWER_BYTES).await?;
                 anthropic::parse_response(&body, &request.model)
             }
         }
@@ -318,7 +347,7 @@ impl ModelBackend for HostedBackend {
         let state = match &self.wire {
             Wire::OpenAi(wire) => {
                 let (body, upstream_sends_usage) = wire.chat_body(&request)?;
-                let tokens = prompt_tokens + u64::from(request.max_new_tokens().unwrap_or(0));
+                let tokens = estimate_chat_tokens(&request, request.max_new_tokens().unwrap_or(0));
                 let prepared = self.prepare(Method::POST, wire.url("chat/completions"), Some(&body), tokens);
                 let answer = self.transport.send(&prepared).await?;
                 let decoder = Decoder::OpenAi {
@@ -336,7 +365,7 @@ impl ModelBackend for HostedBackend {
             }
             Wire::Anthropic(wire) => {
                 let body = wire.body(&request, true)?;
-                let tokens = prompt_tokens + u64::from(wire.max_tokens(&request));
+                let tokens = estimate_chat_tokens(&request, wire.max_tokens(&request));
                 let prepared = self.prepare(Method::POST, wire.messages_url(), Some(&body), tokens);
                 let answer = self.transport.send(&prepared).await?;
                 let decoder = Decoder::Anthropic { translator: StreamTranslator::new(&request.model), include_usage };
@@ -362,7 +391,8 @@ impl ModelBackend for HostedBackend {
         let body = wire.embedding_body(&request);
         let prepared = self.prepare(Method::POST, wire.url("embeddings"), Some(&body), tokens);
         let answer = self.transport.send(&prepared).await?;
-        let body = self.read_body(answer).await?;
+        let cap = MAX_ANSWER_BYTES.saturating_add(request.input.len().saturating_mul(MAX_EMBEDDING_BYTES_PER_INPUT));
+        let body = self.read_body(answer, cap).await?;
         openai::parse_embeddings(&body, &request.model, request.input.len())
     }
 }
@@ -427,6 +457,16 @@ impl StreamState {
                             break;
                         }
                         self.handle(&event.event, &event.data);
+                    }
+                    if self.parser.oversized_events() > 0 && !self.finished {
+                        let limit = self.parser.max_event_bytes();
+                        self.fail(BackendError::Upstream {
+                            status: 502,
+                            message: format!(
+                                "the provider's stream sent an event longer than {limit} bytes; the stream is refused"
+                            ),
+                            retry_after: None,
+                        });
                     }
                 }
             }

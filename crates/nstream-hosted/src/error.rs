@@ -26,6 +26,16 @@ pub enum Error {
         /// The endpoint as written.
         endpoint: String,
     },
+    /// The endpoint is a plain `http://` URL to a host outside this machine and the cluster: the
+    /// key would cross networks unencrypted. See [`nstream_core::validate::plain_http_refused`].
+    #[error(
+        "endpoint {endpoint:?} is plain http:// to a host that is neither loopback nor cluster-local; expected {}",
+        nstream_core::validate::PLAIN_HTTP_EXPECTED
+    )]
+    InsecureEndpoint {
+        /// The endpoint as written.
+        endpoint: String,
+    },
     /// The API key is empty or cannot be sent as an HTTP header value.
     #[error("the API key is empty or contains characters that cannot be sent in an HTTP header")]
     InvalidApiKey,

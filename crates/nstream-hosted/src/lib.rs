@@ -39,9 +39,21 @@
 //! # Resilience
 //!
 //! See [`retry`] and [`limiter`]: retried statuses and headers honoured, the cap on total waiting,
-//! the sliding-window RPM/TPM limiter. A per-attempt timeout bounds a non-streamed answer, or a
-//! stream's headers and then each gap between events; a timed-out attempt is not retried. A
-//! stream is retried only before its first byte; a cut mid-way ends it with an error item.
+//! the sliding-window RPM/TPM limiter (a request that would wait for it longer than
+//! [`HostedOptions::max_rate_limit_wait`] is refused with `BackendError::RateLimited`, a 429; a
+//! chat request is charged its prompt plus `max_tokens` per choice of `n`). A per-attempt timeout
+//! bounds a non-streamed answer, or a stream's headers and then each gap between events; a
+//! timed-out attempt is not retried. A stream is retried only before its first byte; a cut
+//! mid-way ends it with an error item.
+//!
+//! # Hardening
+//!
+//! Redirects are never followed (they would carry the key to another host): a 3xx is an error
+//! naming the status and the host it pointed to. A plain `http://` endpoint is refused unless its
+//! host is loopback or cluster-local ([`nstream_core::validate::plain_http_refused`]). Chat answers
+//! are read up to 16 MiB (embeddings answers 16 MiB plus 192 KiB per input), one SSE event up to
+//! 1 MiB: past those the call fails with a 502 naming the cap, instead of buffering without
+//! limit. Error bodies are read up to 64 KiB and cut there.
 //!
 //! # Why reqwest and not async-openai
 //!
@@ -68,7 +80,9 @@ pub mod limiter;
 mod openai;
 mod options;
 pub mod retry;
-mod sse;
+// Public only for the fuzz targets (fuzz/); not part of the supported API.
+#[doc(hidden)]
+pub mod sse;
 mod transport;
 
 pub use backend::HostedBackend;

@@ -9,6 +9,13 @@
 //! request widens to the full minute.
 //!
 //! Every attempt upstream, retries included, takes a slot: the provider counts them all.
+//!
+//! The gateway admits with [`RateLimiter::acquire_or_shed`]: a caller waits for a slot at most
+//! [`RateLimiter::with_max_wait`] (30 s by default), and a request that would have to wait longer
+//! is refused at once with [`RateLimited`], which the server answers with 429 and `Retry-After`,
+//! so a burst above the quota is shed instead of queued without bound (every queued caller holds
+//! a connection and memory, and its client has likely given up long before its turn). Batch
+//! callers that would rather wait (`nstream generate`) use [`RateLimiter::acquire`].
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -18,12 +25,24 @@ use tokio::time::Instant;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// How long a caller may wait for a slot unless told otherwise.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// A request refused because it would have waited for the rate limits longer than allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the client-side rate limit is reached; a slot frees in {retry_after:?}")]
+pub struct RateLimited {
+    /// When the slot this request needed frees up (a lower bound: other callers may take it).
+    pub retry_after: Duration,
+}
+
 /// A sliding-window limiter on requests and tokens; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct RateLimiter {
     window: Duration,
     request_quota: Option<u64>,
     token_quota: Option<u64>,
+    max_wait: Duration,
     log: Mutex<Log>,
 }
 
@@ -51,8 +70,22 @@ impl RateLimiter {
             window,
             request_quota: requests_per_minute.map(|limit| per_window(limit, window)),
             token_quota: tokens_per_minute.map(|limit| per_window(limit, window)),
+            max_wait: DEFAULT_MAX_WAIT,
             log: Mutex::new(Log::default()),
         }
+    }
+
+    /// Sets the longest a caller of [`RateLimiter::acquire_or_shed`] waits for a slot before it is
+    /// refused ([`DEFAULT_MAX_WAIT`] unless set; zero refuses any request that does not fit at
+    /// once; `Duration::MAX` never refuses).
+    pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+
+    /// The longest a caller waits for a slot.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
     }
 
     /// Whether any limit is configured.
@@ -70,14 +103,26 @@ impl RateLimiter {
         self.request_quota
     }
 
-    /// Waits until one more request of `tokens` estimated tokens fits, then records it.
+    /// Waits until one more request of `tokens` estimated tokens fits, however long that takes,
+    /// then records it.
     ///
     /// A request estimated above the whole token quota is admitted alone into an empty window
     /// rather than never. Waiters are served roughly in order: the log is behind tokio's fair
     /// mutex and each waiter sleeps only until the slot it needs frees up.
     pub async fn acquire(&self, tokens: u64) {
+        // Without a time to give up at, `admit` only returns once the request is recorded.
+        let _ = self.admit(tokens, None).await;
+    }
+
+    /// As [`RateLimiter::acquire`], but when the slot the request needs would free up later than
+    /// [`RateLimiter::max_wait`] after the call, refuses it at once (it is not recorded then).
+    pub async fn acquire_or_shed(&self, tokens: u64) -> Result<(), RateLimited> {
+        self.admit(tokens, Instant::now().checked_add(self.max_wait)).await
+    }
+
+    async fn admit(&self, tokens: u64, give_up_at: Option<Instant>) -> Result<(), RateLimited> {
         if !self.is_limited() {
-            return;
+            return Ok(());
         }
         loop {
             let wake_at = {
@@ -88,7 +133,10 @@ impl RateLimiter {
                     None => {
                         log.tokens += tokens;
                         log.admitted.push_back((now, tokens));
-                        return;
+                        return Ok(());
+                    }
+                    Some(wake_at) if give_up_at.is_some_and(|give_up_at| wake_at > give_up_at) => {
+                        return Err(RateLimited { retry_after: wake_at.duration_since(now) });
                     }
                     Some(wake_at) => wake_at,
                 }
@@ -213,5 +261,72 @@ mod tests {
         assert!(!limiter.is_limited());
         let times = admit_all(limiter, 1000, 1_000_000).await;
         assert_eq!(*times.last().unwrap(), Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod shedding_tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_would_wait_past_the_bound_is_refused_with_the_wait() {
+        assert_eq!(RateLimiter::new(Some(60), None, Duration::from_secs(10)).max_wait(), DEFAULT_MAX_WAIT);
+        // 60 RPM over 10 s windows: 10 requests per window. With a 15 s bound, a burst of 25 gets
+        // 10 slots now, 10 at 10 s, and the last 5 (which would run at 20 s) are refused.
+        let limiter =
+            Arc::new(RateLimiter::new(Some(60), None, Duration::from_secs(10)).with_max_wait(Duration::from_secs(15)));
+        let origin = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..25 {
+            let limiter = Arc::clone(&limiter);
+            tasks.push(tokio::spawn(async move {
+                let outcome = limiter.acquire_or_shed(1).await;
+                (outcome, Instant::now().duration_since(origin))
+            }));
+        }
+        let mut admitted = Vec::new();
+        let mut refused = Vec::new();
+        for task in tasks {
+            match task.await.expect("task") {
+                (Ok(()), at) => admitted.push(at),
+                (Err(shed), at) => refused.push((shed.retry_after, at)),
+            }
+        }
+        admitted.sort();
+        assert_eq!(admitted.len(), 20);
+        assert_eq!(admitted[..10], [Duration::ZERO; 10]);
+        assert_eq!(admitted[10..], [Duration::from_secs(10); 10]);
+        // Refused once the wait they would need was known to cross the bound, never later than it.
+        assert_eq!(refused.len(), 5);
+        for (retry_after, at) in refused {
+            assert!(at <= Duration::from_secs(15), "refused at {at:?}");
+            assert_eq!(at + retry_after, Duration::from_secs(20));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_zero_bound_only_requests_that_fit_now_pass() {
+        let limiter = RateLimiter::new(Some(6), None, Duration::from_secs(10)).with_max_wait(Duration::ZERO);
+        limiter.acquire_or_shed(1).await.expect("the window has room");
+        let start = Instant::now();
+        let refused = limiter.acquire_or_shed(1).await.expect_err("the window is full and waiting is not allowed");
+        assert_eq!(Instant::now(), start, "refused without waiting");
+        assert_eq!(refused.retry_after, Duration::from_secs(10));
+        // `acquire` waits instead, and `Duration::MAX` never refuses.
+        limiter.acquire(1).await;
+        assert_eq!(Instant::now().duration_since(start), Duration::from_secs(10));
+        let patient = RateLimiter::new(Some(6), None, Duration::from_secs(10)).with_max_wait(Duration::MAX);
+        patient.acquire_or_shed(1).await.expect("fits");
+        patient.acquire_or_shed(1).await.expect("waits the 10 s instead of refusing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_per_minute_shed_too() {
+        let limiter = RateLimiter::new(None, Some(600), Duration::from_secs(10)).with_max_wait(Duration::from_secs(5));
+        limiter.acquire_or_shed(100).await.expect("the window holds 100 tokens");
+        let refused = limiter.acquire_or_shed(50).await.expect_err("the next room is 10 s away");
+        assert_eq!(refused.retry_after, Duration::from_secs(10));
     }
 }

@@ -31,6 +31,10 @@ pub struct HostedOptions {
     /// The sliding window the per-minute limits are enforced over (it must divide a minute).
     /// Azure enforces RPM over 10-second windows, hence the default.
     pub rate_limit_window: Duration,
+    /// Longest a request waits for a slot under the per-minute limits; one that would wait
+    /// longer is refused at once with [`nstream_backend::BackendError::RateLimited`] (HTTP 429
+    /// with `Retry-After`) instead of queueing.
+    pub max_rate_limit_wait: Duration,
     /// Time allowed to open a TCP/TLS connection.
     pub connect_timeout: Duration,
 }
@@ -46,6 +50,7 @@ impl Default for HostedOptions {
             requests_per_minute: None,
             tokens_per_minute: None,
             rate_limit_window: Duration::from_secs(10),
+            max_rate_limit_wait: crate::limiter::DEFAULT_MAX_WAIT,
             connect_timeout: Duration::from_secs(10),
         }
     }
@@ -87,6 +92,12 @@ impl HostedOptions {
     /// Sets [`HostedOptions::rate_limit_window`].
     pub fn with_rate_limit_window(mut self, window: Duration) -> Self {
         self.rate_limit_window = window;
+        self
+    }
+
+    /// Sets [`HostedOptions::max_rate_limit_wait`].
+    pub fn with_max_rate_limit_wait(mut self, max_wait: Duration) -> Self {
+        self.max_rate_limit_wait = max_wait;
         self
     }
 

@@ -10,7 +10,7 @@ use reqwest::{Method, StatusCode};
 use tokio::time::Instant;
 
 use crate::error::{Error, ProviderError};
-use crate::limiter::RateLimiter;
+use crate::limiter::{RateLimited, RateLimiter};
 use crate::options::HostedOptions;
 use crate::retry::{self, GiveUp, RetryPolicy};
 
@@ -25,6 +25,20 @@ pub(crate) struct PreparedRequest {
     /// Estimated tokens, charged to the TPM limit.
     pub(crate) estimated_tokens: u64,
 }
+
+/// Most bytes of a provider's error body read: enough for any real error message, and bounded so
+/// that a misbehaving endpoint cannot make us buffer without limit. Longer bodies are cut.
+pub(crate) const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// Most bytes of a non-streamed chat answer, and the base of an embeddings answer's cap: far
+/// above any real chat completion.
+pub(crate) const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// What an embeddings answer may add per input on top of [`MAX_ANSWER_BYTES`]: one vector of
+/// 3072 floats (the largest OpenAI and Azure models) is about 70 KB as JSON; twice that, rounded.
+/// A batch of 2048 inputs (OpenAI's maximum) may so take up to 400 MiB: bounded by what the
+/// client sent, which the server's body limit bounds in turn.
+pub(crate) const MAX_EMBEDDING_BYTES_PER_INPUT: usize = 192 * 1024;
 
 /// A successful (2xx) response and the deadline its attempt must finish by.
 pub(crate) struct Answer {
@@ -64,6 +78,9 @@ impl Transport {
         }
         let client = reqwest::Client::builder()
             .connect_timeout(options.connect_timeout)
+            // A redirect would carry `api-key`, `x-api-key` or `Authorization` to whatever host
+            // the Location names: never follow one (a 3xx becomes an error naming the host).
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("nstream-hosted/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| Error::Client(error.without_url().to_string()))?;
@@ -74,7 +91,8 @@ impl Transport {
                 options.requests_per_minute,
                 options.tokens_per_minute,
                 options.rate_limit_window,
-            ),
+            )
+            .with_max_wait(options.max_rate_limit_wait),
             timeout: options.timeout,
             api_key,
             provider,
@@ -92,7 +110,7 @@ impl Transport {
             let (retryable, hint) = match &failure {
                 Failure::Status { retryable, hint, .. } => (*retryable, *hint),
                 Failure::Connection(_) => (true, None),
-                Failure::Timeout => (false, None),
+                Failure::Timeout | Failure::Redirect { .. } | Failure::Shed(_) => (false, None),
             };
             if !retryable {
                 return Err(self.backend_error(failure, budget.retries() + 1, None));
@@ -115,7 +133,9 @@ impl Transport {
 
     /// Sends once, without retry (connectivity checks), returning the status and body of any answer.
     pub(crate) async fn send_once(&self, request: &PreparedRequest) -> Result<(StatusCode, Bytes), BackendError> {
-        self.limiter.acquire(request.estimated_tokens).await;
+        if let Err(shed) = self.limiter.acquire_or_shed(request.estimated_tokens).await {
+            return Err(self.backend_error(Failure::Shed(shed), 1, None));
+        }
         let deadline = Instant::now() + self.timeout;
         let response = match tokio::time::timeout_at(deadline, self.build(request).send()).await {
             Err(_) => return Err(BackendError::Timeout),
@@ -124,8 +144,12 @@ impl Transport {
             Ok(Ok(response)) => response,
         };
         let status = response.status();
-        match tokio::time::timeout_at(deadline, response.bytes()).await {
-            Ok(Ok(body)) => Ok((status, body)),
+        if status.is_redirection() {
+            return Err(self.backend_error(Failure::redirect(status.as_u16(), response.headers()), 1, None));
+        }
+        let cap = if status.is_success() { MAX_ANSWER_BYTES } else { MAX_ERROR_BODY_BYTES };
+        match tokio::time::timeout_at(deadline, read_capped(response, cap)).await {
+            Ok(Ok(capped)) => Ok((status, capped.body)),
             Ok(Err(error)) => Err(self.backend_error(Failure::Connection(describe_reqwest(&error)), 1, None)),
             Err(_) => Err(BackendError::Timeout),
         }
@@ -140,7 +164,7 @@ impl Transport {
     }
 
     async fn attempt(&self, request: &PreparedRequest) -> Result<Answer, Failure> {
-        self.limiter.acquire(request.estimated_tokens).await;
+        self.limiter.acquire_or_shed(request.estimated_tokens).await.map_err(Failure::Shed)?;
         let deadline = Instant::now() + self.timeout;
         let response = match tokio::time::timeout_at(deadline, self.build(request).send()).await {
             Err(_) => return Err(Failure::Timeout),
@@ -152,9 +176,13 @@ impl Transport {
         if status.is_success() {
             return Ok(Answer { response, deadline });
         }
+        if status.is_redirection() {
+            return Err(Failure::redirect(status.as_u16(), response.headers()));
+        }
         let headers = response.headers().clone();
-        let body = match tokio::time::timeout_at(deadline, response.bytes()).await {
-            Ok(Ok(body)) => body,
+        // An error body is only read for its message: cut, not refused, when it is too long.
+        let body = match tokio::time::timeout_at(deadline, read_capped(response, MAX_ERROR_BODY_BYTES)).await {
+            Ok(Ok(capped)) => capped.body,
             Ok(Err(_)) => Bytes::new(),
             Err(_) => return Err(Failure::Timeout),
         };
@@ -174,6 +202,16 @@ impl Transport {
         };
         match failure {
             Failure::Timeout => BackendError::Timeout,
+            Failure::Shed(RateLimited { retry_after }) => BackendError::RateLimited { retry_after },
+            Failure::Redirect { status, location } => BackendError::Upstream {
+                status,
+                message: self.scrub(&format!(
+                    "the {} API answered a redirect to {location}, which is not followed (it would carry the \
+                     API key to that host); set the endpoint to the URL that answers directly",
+                    self.provider
+                )),
+                retry_after: None,
+            },
             Failure::Connection(message) => BackendError::Upstream {
                 status: 502,
                 message: self.scrub(&format!("could not reach the {} API: {message}{after}", self.provider)),
@@ -233,6 +271,16 @@ pub(crate) enum Failure {
     Connection(String),
     /// The attempt ran past the timeout.
     Timeout,
+    /// The provider answered a 3xx, which is never followed.
+    Redirect {
+        /// The 3xx status.
+        status: u16,
+        /// Where it pointed: scheme, host and port of `Location` only (its path and query may
+        /// hold tokens).
+        location: String,
+    },
+    /// Our own rate limiter refused to wait any longer.
+    Shed(RateLimited),
 }
 
 impl Failure {
@@ -241,8 +289,56 @@ impl Failure {
             Self::Status { status, error, .. } => format!("{status} {}", error.describe()),
             Self::Connection(message) => message.clone(),
             Self::Timeout => "timeout".to_owned(),
+            Self::Redirect { status, location } => format!("{status} redirect to {location}"),
+            Self::Shed(shed) => shed.to_string(),
         }
     }
+
+    fn redirect(status: u16, headers: &HeaderMap) -> Self {
+        let location = headers
+            .get(reqwest::header::LOCATION)
+            .and_then(|value| value.to_str().ok())
+            .map_or_else(|| "no Location".to_owned(), describe_location);
+        Self::Redirect { status, location }
+    }
+}
+
+/// The scheme, host and port of a `Location` header, as `host https://other.example:8443`; a
+/// relative Location is a path on the same host.
+fn describe_location(location: &str) -> String {
+    match reqwest::Url::parse(location) {
+        Ok(url) => match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("host {}://{host}:{port}", url.scheme()),
+            (Some(host), None) => format!("host {}://{host}", url.scheme()),
+            (None, _) => format!("a {} URL without host", url.scheme()),
+        },
+        Err(_) => "another path on the same host".to_owned(),
+    }
+}
+
+/// A body read up to a cap.
+pub(crate) struct Capped {
+    /// The bytes read (at most the cap).
+    pub(crate) body: Bytes,
+    /// Whether the body was longer than the cap (and was cut).
+    pub(crate) truncated: bool,
+}
+
+/// Reads a response body, stopping at `cap` bytes: a body announced or found longer is cut there
+/// and marked truncated, so that no answer can make us buffer more than `cap`.
+pub(crate) async fn read_capped(mut response: reqwest::Response, cap: usize) -> reqwest::Result<Capped> {
+    let announced = response.content_length().and_then(|length| usize::try_from(length).ok());
+    // Trust a Content-Length only so far: a lying one must not reserve the whole cap up front.
+    let mut body = Vec::with_capacity(announced.unwrap_or(0).min(cap).min(1024 * 1024));
+    while let Some(chunk) = response.chunk().await? {
+        let room = cap - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok(Capped { body: body.into(), truncated: true });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Capped { body: body.into(), truncated: false })
 }
 
 /// A reqwest error without its URL (which is ours, but needs no repeating) and with its cause.

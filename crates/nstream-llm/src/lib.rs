@@ -45,6 +45,7 @@ pub mod tokenizer;
 
 pub use backend::{
     AdapterSource, CUDA_PREFILL_CHUNK_TOKENS, DeviceSpec, LlmBackend, LlmInfo, LlmOptions, SafetensorsFiles, end_ids,
+    parse_memory_size,
 };
 pub use error::{Error, Result};
 pub use model::{LoraAdapter, Requantize};

@@ -2,7 +2,11 @@
 //!
 //! Jobs (one or more sequences: a request's prompts × `n`) arrive on a bounded channel; a full
 //! channel is the caller's [`crate::Error::Overloaded`]. Between two decode steps the scheduler
-//! admits queued jobs while the running batch has room, so new sequences join a batch already
+//! admits queued sequences, one by one in arrival order, while the running batch has room: fewer
+//! than [`SchedulerLimits::max_running_sequences`] run, and the K/V tokens they reserve (prompt
+//! plus `max_tokens` each) stay within [`SchedulerLimits::kv_token_budget`]. A job larger than
+//! either runs in waves; the sequence at the head waits until it fits, and nothing overtakes it
+//! (so a large request is never starved by small ones). New sequences join a batch already
 //! decoding. Each step feeds every running sequence at once to [`LlamaModel::forward`]: one token
 //! for those decoding, a prompt chunk (bounded by a token budget) for those still prefilling, so
 //! a long prompt delays the others by one chunk at a time, not by its whole length. A sequence
@@ -156,17 +160,26 @@ impl Job {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SchedulerLimits {
-    /// Most sequences decoding together (a job larger than this still runs, alone).
+    /// Most sequences decoding together (a job larger than this runs in waves).
     pub max_running_sequences: usize,
     /// Most prompt tokens prefilled in one step, over all sequences.
     pub prefill_chunk_tokens: usize,
+    /// Most K/V tokens the running sequences may reserve together, each its prompt plus its
+    /// `max_tokens` (capped by the context).
+    pub kv_token_budget: usize,
 }
 
 impl SchedulerLimits {
     /// Limits of `max_running_sequences` sequences and `prefill_chunk_tokens` prompt tokens per
-    /// step.
+    /// step, with no K/V token budget beyond that.
     pub fn new(max_running_sequences: usize, prefill_chunk_tokens: usize) -> Self {
-        Self { max_running_sequences, prefill_chunk_tokens }
+        Self { max_running_sequences, prefill_chunk_tokens, kv_token_budget: usize::MAX }
+    }
+
+    /// Sets the most K/V tokens the running sequences may reserve together.
+    pub fn with_kv_token_budget(mut self, tokens: usize) -> Self {
+        self.kv_token_budget = tokens;
+        self
     }
 
     /// Sets the most sequences decoding together.
@@ -235,6 +248,11 @@ pub struct LlmMetrics {
     pub kv_cache_slots_used: AtomicU64,
     /// Gauge: K/V slots allocated.
     pub kv_cache_slots: AtomicU64,
+    /// Gauge: K/V tokens reserved by the running sequences (each its prompt plus `max_tokens`),
+    /// at most the budget.
+    pub kv_cache_reserved_tokens: AtomicU64,
+    /// Gauge: sequences of admitted jobs waiting for room in the running batch.
+    pub waiting_sequences: AtomicU64,
     /// Told of every generated token's timing, when set.
     token_observer: ObserverSlot,
 }
@@ -255,6 +273,8 @@ impl LlmMetrics {
 
 struct Running {
     request: SequenceRequest,
+    /// K/V tokens reserved for the sequence (its prompt plus its most new tokens).
+    reservation: usize,
     cache: SequenceCache,
     prefilled: usize,
     last: [u32; 1],
@@ -287,6 +307,15 @@ pub struct Scheduler {
     limits: SchedulerLimits,
     metrics: Arc<LlmMetrics>,
     running: Vec<Running>,
+    /// Sequences taken off the channel that wait for room, in arrival order.
+    waiting: std::collections::VecDeque<Waiting>,
+}
+
+/// A sequence of a received job, not yet admitted.
+struct Waiting {
+    request: SequenceRequest,
+    span: tracing::Span,
+    queued: Instant,
 }
 
 /// The first cache allocation of a sequence: the prompt and a stretch of answer; it doubles
@@ -302,7 +331,7 @@ impl Scheduler {
         limits: SchedulerLimits,
         metrics: Arc<LlmMetrics>,
     ) -> Self {
-        Self { model, tokenizer, receiver, limits, metrics, running: Vec::new() }
+        Self { model, tokenizer, receiver, limits, metrics, running: Vec::new(), waiting: Default::default() }
     }
 
     /// Serves until every sender is gone and the batch is empty.
@@ -320,79 +349,126 @@ impl Scheduler {
         tracing::debug!("generation scheduler stopped: every sender is gone");
     }
 
-    /// Takes queued jobs while there is room; blocks when nothing runs. False when the channel
-    /// is closed and nothing is left to do.
+    /// Admits waiting sequences while there is room, taking the next job off the channel once
+    /// every sequence of the last is admitted; blocks when nothing runs or waits. False when the
+    /// channel is closed and nothing is left to do.
     fn admit(&mut self) -> bool {
         loop {
-            let room = self.limits.max_running_sequences.saturating_sub(self.running.len());
-            if !self.running.is_empty() && room == 0 {
-                return true;
+            while let Some(head) = self.waiting.front() {
+                if self.running.len() >= self.limits.max_running_sequences.max(1) {
+                    self.publish_occupancy();
+                    return true;
+                }
+                if head.request.events.is_closed() {
+                    let Some(gone) = self.waiting.pop_front() else { break };
+                    self.metrics.cancelled_total.fetch_add(1, Ordering::Relaxed);
+                    gone.span.in_scope(|| {
+                        tracing::debug!(index = gone.request.index, "sequence cancelled before admission");
+                    });
+                    continue;
+                }
+                let reservation = self.reservation(&head.request);
+                // Strict arrival order: the head waits for room and nothing overtakes it.
+                if !self.running.is_empty() && self.reserved().saturating_add(reservation) > self.limits.kv_token_budget
+                {
+                    self.publish_occupancy();
+                    return true;
+                }
+                let Some(waiting) = self.waiting.pop_front() else { break };
+                self.start(waiting, reservation);
             }
+            self.publish_occupancy();
             let job = if self.running.is_empty() {
                 match self.receiver.blocking_recv() {
                     Some(job) => job,
                     None => return false,
                 }
-            } else {
+            } else if self.running.len() < self.limits.max_running_sequences {
                 match self.receiver.try_recv() {
                     Ok(job) => job,
                     Err(_) => return true,
                 }
+            } else {
+                return true;
             };
             self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             let Job { sequences, span, queued } = job;
-            let _entered = span.enter();
-            for mut request in sequences {
-                if request.events.is_closed() {
-                    self.metrics.cancelled_total.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(index = request.index, "sequence cancelled before admission");
-                    continue;
-                }
-                let limit = request.prompt.len() + request.max_new_tokens;
-                let mut cache = match self.model.new_cache(request.prompt.len() + INITIAL_ANSWER_CAPACITY, limit) {
-                    Ok(cache) if cache.limit() == limit => cache,
-                    Ok(_) => {
-                        refuse(&request, "the sequence does not fit the context".into());
-                        continue;
-                    }
-                    Err(error) => {
-                        refuse(&request, error.to_string());
-                        continue;
-                    }
-                };
-                // The cache holds the adapter from here on (one reference per sequence).
-                if let Err(error) = cache.set_adapter(request.adapter.take()) {
-                    refuse(&request, error.to_string());
-                    continue;
-                }
-                let sampler = Sampler::new(request.sampling.clone(), &request.prompt);
-                let stop = StopMatcher::new(request.stop.clone());
-                let decoder = IncrementalDecoder::after_prompt(&self.tokenizer, &request.prompt);
-                tracing::debug!(
-                    index = request.index,
-                    prompt_tokens = request.prompt.len(),
-                    max_new_tokens = request.max_new_tokens,
-                    waited_ms = queued.elapsed().as_millis() as u64,
-                    "sequence admitted"
-                );
-                self.running.push(Running {
-                    request,
-                    cache,
-                    prefilled: 0,
-                    last: [0],
-                    sampler,
-                    decoder,
-                    stop,
-                    generated: 0,
-                    pending_logprobs: Vec::new(),
-                    prompt_logprobs: Vec::new(),
-                    span: span.clone(),
-                    queued,
-                    last_token_at: None,
-                });
-            }
-            self.publish_occupancy();
+            self.waiting.extend(sequences.into_iter().map(|request| Waiting { request, span: span.clone(), queued }));
         }
+    }
+
+    /// K/V tokens a sequence reserves: its prompt and its most new tokens (at least one), within
+    /// the context.
+    fn reservation(&self, request: &SequenceRequest) -> usize {
+        request.prompt.len().saturating_add(request.max_new_tokens.max(1)).min(self.model.config().context_length)
+    }
+
+    /// K/V tokens reserved by the running sequences.
+    fn reserved(&self) -> usize {
+        self.running.iter().map(|sequence| sequence.reservation).sum()
+    }
+
+    /// Starts a waiting sequence: takes its cache slot and joins the running batch (or reports
+    /// why it cannot).
+    fn start(&mut self, waiting: Waiting, reservation: usize) {
+        let Waiting { mut request, span, queued } = waiting;
+        let entered = span.enter();
+        if reservation > self.limits.kv_token_budget {
+            // Admission refuses these with a 400; a caller of the scheduler itself gets this.
+            refuse(
+                &request,
+                format!(
+                    "the sequence needs {reservation} K/V tokens, over the budget of {}",
+                    self.limits.kv_token_budget
+                ),
+            );
+            return;
+        }
+        let limit = request.prompt.len() + request.max_new_tokens;
+        let mut cache = match self.model.new_cache(request.prompt.len() + INITIAL_ANSWER_CAPACITY, limit) {
+            Ok(cache) if cache.limit() == limit => cache,
+            Ok(_) => {
+                refuse(&request, "the sequence does not fit the context".into());
+                return;
+            }
+            Err(error) => {
+                refuse(&request, error.to_string());
+                return;
+            }
+        };
+        // The cache holds the adapter from here on (one reference per sequence).
+        if let Err(error) = cache.set_adapter(request.adapter.take()) {
+            refuse(&request, error.to_string());
+            return;
+        }
+        let sampler = Sampler::new(request.sampling.clone(), &request.prompt);
+        let stop = StopMatcher::new(request.stop.clone());
+        let decoder = IncrementalDecoder::after_prompt(&self.tokenizer, &request.prompt);
+        tracing::debug!(
+            index = request.index,
+            prompt_tokens = request.prompt.len(),
+            max_new_tokens = request.max_new_tokens,
+            reservation,
+            waited_ms = queued.elapsed().as_millis() as u64,
+            "sequence admitted"
+        );
+        drop(entered);
+        self.running.push(Running {
+            request,
+            reservation,
+            cache,
+            prefilled: 0,
+            last: [0],
+            sampler,
+            decoder,
+            stop,
+            generated: 0,
+            pending_logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
+            span,
+            queued,
+            last_token_at: None,
+        });
     }
 
     /// The running-batch and K/V-cache gauges.
@@ -405,6 +481,8 @@ impl Scheduler {
         metrics.kv_cache_capacity_tokens.store(usage.capacity_tokens as u64, Ordering::Relaxed);
         metrics.kv_cache_slots_used.store(usage.slots_used as u64, Ordering::Relaxed);
         metrics.kv_cache_slots.store(usage.slots as u64, Ordering::Relaxed);
+        metrics.kv_cache_reserved_tokens.store(self.reserved() as u64, Ordering::Relaxed);
+        metrics.waiting_sequences.store(self.waiting.len() as u64, Ordering::Relaxed);
     }
 
     fn drop_cancelled(&mut self) {

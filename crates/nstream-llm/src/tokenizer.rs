@@ -196,10 +196,15 @@ impl LlmTokenizer {
         bos_id: Option<u32>,
     ) -> Result<Self> {
         let file = path.display().to_string();
-        let inner = Tokenizer::from_file(path).map_err(|error| Error::InvalidModel {
+        let text = std::fs::read_to_string(path).map_err(|cause| Error::Io { path: file.clone(), cause })?;
+        let invalid = |error: &dyn std::fmt::Display| Error::InvalidModel {
             file: file.clone(),
             message: format!("not a tokenizer.json: {error}"),
-        })?;
+        };
+        // JSON syntax first: the tokenizers crate panics on a syntax error inside `decoder`
+        // (tokenizers 0.22 `DecoderWrapper::deserialize` unwraps it).
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|error| invalid(&error))?;
+        let inner = text.parse::<Tokenizer>().map_err(|error| invalid(&error))?;
         let size = inner.get_vocab_size(true);
         let tokens: Vec<String> = (0..size as u32).map(|id| inner.id_to_token(id).unwrap_or_default()).collect();
         let id_of = |name: &Option<String>| name.as_deref().and_then(|name| inner.token_to_id(name));
@@ -406,5 +411,21 @@ impl IncrementalDecoder {
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         Ok(text.get(prefix.len()..).unwrap_or_default().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_syntax_error_in_the_decoder_is_an_error_not_a_panic() {
+        // Found by fuzz/fuzz_targets/tokenizer_json.rs: tokenizers 0.22 panicked on it.
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("tokenizer.json");
+        std::fs::write(&path, br#"{"version": "1.0", "decoder": x}"#).unwrap();
+        let error = LlmTokenizer::from_hf(&path, &HfTokenizerConfig::default(), &[], None).unwrap_err().to_string();
+        assert!(error.contains("tokenizer.json") && error.contains("not a tokenizer.json"), "{error}");
+        assert!(error.contains("line 1 column 31"), "{error}");
     }
 }

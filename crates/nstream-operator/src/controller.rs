@@ -1,5 +1,8 @@
-//! The controllers: one per kind, each reconciling a resource into its ConfigMap, Secret,
-//! Deployment and Service with server-side apply, then writing the status it derives.
+//! The controllers: one per kind, each reconciling a resource into its ConfigMap, Secrets,
+//! Deployment, Service and NetworkPolicy with server-side apply, then writing the status it
+//! derives. Nothing is applied over a same-named object the resource does not control, the API
+//! key Secret is only ever created, and a MegaModel's key Secret is read only when it carries
+//! [`PROVIDER_CREDENTIALS_LABEL`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,9 +11,10 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -24,9 +28,9 @@ use crate::desired;
 use crate::error::{Error, Result};
 use crate::health::{self, Blocker, Observed};
 use crate::metrics::Metrics;
-use crate::model::{Credential, ServedResource};
+use crate::model::{Credential, Served, ServedResource, api_key_secret_name, credentials_secret_name, object_name};
 use crate::provider::ProviderChecks;
-use crate::settings::{FIELD_MANAGER, OperatorSettings};
+use crate::settings::{FIELD_MANAGER, OperatorSettings, PROVIDER_CREDENTIALS_LABEL};
 
 /// What every reconcile shares.
 pub struct Context {
@@ -42,6 +46,8 @@ pub struct Context {
     versions: Mutex<HashMap<String, String>>,
     /// The latest provider check of every MegaModel.
     provider_checks: ProviderChecks,
+    /// Consecutive failed reconciles per object, for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
@@ -54,6 +60,7 @@ impl Context {
             metrics,
             recorder,
             versions: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
             provider_checks: ProviderChecks::default(),
         }
     }
@@ -87,12 +94,146 @@ where
     Ok(stored)
 }
 
+/// Whether `metadata` names the resource of `uid` as its controller.
+fn controlled_by(metadata: &ObjectMeta, uid: &str) -> bool {
+    !uid.is_empty()
+        && metadata.owner_references.iter().flatten().any(|owner| owner.uid == uid && owner.controller == Some(true))
+}
+
+/// The blocker for an object `kind` `name` that exists without the resource as its controller.
+fn name_conflict(served: &Served, kind: &str, name: &str) -> Blocker {
+    Blocker::NameConflict {
+        kind: kind.into(),
+        object: format!("{}/{name}", served.namespace),
+        owner_kind: served.kind.as_str().into(),
+        owner_name: served.name.clone(),
+    }
+}
+
+/// `Some` when an object of type `T` named `name` exists and the resource is not its controller.
+async fn conflict_of<T>(client: &Client, served: &Served, name: &str) -> Result<Option<Blocker>>
+where
+    T: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api = Api::<T>::namespaced(client.clone(), &served.namespace);
+    let existing = api.get_metadata_opt(name).await.map_err(Error::Kube)?;
+    Ok(existing
+        .filter(|object| !controlled_by(&object.metadata, &served.uid))
+        .map(|_| name_conflict(served, &T::kind(&()), name)))
+}
+
+/// The first object the resource would apply that exists under its name without the resource as
+/// its controller: force server-side apply would silently take it over, so the reconcile refuses.
+async fn first_name_conflict(client: &Client, served: &Served, settings: &OperatorSettings) -> Result<Option<Blocker>> {
+    let name = object_name(served.kind, &served.name);
+    if let Some(conflict) = conflict_of::<ConfigMap>(client, served, &name).await? {
+        return Ok(Some(conflict));
+    }
+    if let Some(conflict) = conflict_of::<Service>(client, served, &name).await? {
+        return Ok(Some(conflict));
+    }
+    if let Some(conflict) = conflict_of::<Deployment>(client, served, &name).await? {
+        return Ok(Some(conflict));
+    }
+    if settings.network_policy.enabled
+        && let Some(conflict) = conflict_of::<NetworkPolicy>(client, served, &name).await?
+    {
+        return Ok(Some(conflict));
+    }
+    if matches!(served.credential, Some(Credential::Inline { .. }))
+        && let Some(conflict) =
+            conflict_of::<Secret>(client, served, &credentials_secret_name(served.kind, &served.name)).await?
+    {
+        return Ok(Some(conflict));
+    }
+    Ok(None)
+}
+
+/// The API key Secret as it is, or why it cannot be used. Read in full (its value is not kept)
+/// so that one call checks both its owner and its key.
+async fn existing_api_key(secrets: &Api<Secret>, served: &Served) -> Result<Option<std::result::Result<(), Blocker>>> {
+    let name = api_key_secret_name(served.kind, &served.name);
+    let Some(secret) = secrets.get_opt(&name).await.map_err(Error::Kube)? else {
+        return Ok(None);
+    };
+    if !controlled_by(&secret.metadata, &served.uid) {
+        return Ok(Some(Err(name_conflict(served, "Secret", &name))));
+    }
+    let has_key = secret.data.as_ref().is_some_and(|data| data.contains_key(desired::API_KEY_DATA_KEY));
+    Ok(Some(if has_key {
+        Ok(())
+    } else {
+        Err(Blocker::SecretKeyMissing { name, key: desired::API_KEY_DATA_KEY.into() })
+    }))
+}
+
+/// Creates the API key Secret with a new random key. Only ever created, never applied: the value
+/// a user wrote to rotate the key must survive every reconcile.
+async fn create_api_key(secrets: &Api<Secret>, served: &Served, context: &Context, kind: &str) -> Result<()> {
+    let key = desired::generate_api_key().map_err(|cause| Error::Random { cause })?;
+    let secret = desired::api_key_secret(served, &key);
+    let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
+    match secrets.create(&params, &secret).await {
+        Ok(_) => {
+            context.metrics.wrote(kind, "Secret");
+            tracing::info!(secret = %api_key_secret_name(served.kind, &served.name), "created the API key Secret");
+            Ok(())
+        }
+        // Created in between (another reconcile): the next reconcile checks its owner.
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(error) => Err(Error::Kube(error)),
+    }
+}
+
+/// Applies the resource's NetworkPolicy, or, when they are turned off, deletes the one the
+/// operator made earlier (never one it does not control).
+async fn reconcile_network_policy(served: &Served, context: &Context, kind: &str) -> Result<()> {
+    let policies = Api::<NetworkPolicy>::namespaced(context.client.clone(), &served.namespace);
+    match desired::network_policy(served, &context.settings) {
+        Some(policy) => {
+            apply(&policies, &policy, context, kind).await?;
+        }
+        None => {
+            let name = object_name(served.kind, &served.name);
+            let existing = policies.get_metadata_opt(&name).await.map_err(Error::Kube)?;
+            if existing.is_some_and(|policy| controlled_by(&policy.metadata, &served.uid)) {
+                match policies.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => context.metrics.wrote(kind, "NetworkPolicy"),
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(error) => return Err(Error::Kube(error)),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads the referenced Secret's key: its content hash and value, or why it cannot be used.
+/// With `require_opt_in`, a Secret without [`PROVIDER_CREDENTIALS_LABEL`]` = "true"` is not read.
 async fn referenced_secret(
     secrets: &Api<Secret>,
     name: &str,
     key: &str,
+    require_opt_in: bool,
 ) -> Result<std::result::Result<(String, nstream_core::SecretString), Blocker>> {
+    if require_opt_in {
+        // Metadata first: the value of a Secret that was not opted in never reaches the operator.
+        let Some(metadata) = secrets.get_metadata_opt(name).await.map_err(Error::Kube)? else {
+            return Ok(Err(Blocker::SecretNotFound { name: name.into() }));
+        };
+        let opted_in = metadata
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(PROVIDER_CREDENTIALS_LABEL))
+            .is_some_and(|value| value == "true");
+        if !opted_in {
+            return Ok(Err(Blocker::SecretNotOptedIn { name: name.into() }));
+        }
+    }
     let Some(secret) = secrets.get_opt(name).await.map_err(Error::Kube)? else {
         return Ok(Err(Blocker::SecretNotFound { name: name.into() }));
     };
@@ -136,6 +277,29 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
         blocker = Some(Blocker::InvalidSpec(format!("replicas {} is not a whole number", served.template.replicas)));
     }
 
+    let invalid = matches!(blocker, Some(Blocker::InvalidSpec(_)));
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    // Ownership first, so that a conflict applies nothing at all.
+    let mut api_key = None;
+    if !invalid {
+        blocker = first_name_conflict(client, &served, settings).await?;
+        if blocker.is_none() {
+            api_key = existing_api_key(&secrets, &served).await?;
+            if let Some(Err(conflict @ Blocker::NameConflict { .. })) = &api_key {
+                blocker = Some(conflict.clone());
+            }
+        }
+    }
+    let conflicted = matches!(blocker, Some(Blocker::NameConflict { .. }));
+    let hands_off = invalid || conflicted;
+    if !hands_off {
+        match api_key {
+            None => create_api_key(&secrets, &served, &context, kind).await?,
+            Some(Err(unusable)) => blocker = Some(unusable),
+            Some(Ok(())) => {}
+        }
+    }
+
     let mut secret_hash = None;
     let mut secret_value = None;
     if blocker.is_none() {
@@ -148,8 +312,9 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
                 secret_value = Some(value.clone());
             }
             Some(Credential::Reference(reference)) => {
-                let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
-                match referenced_secret(&secrets, &reference.name, &reference.key).await? {
+                // A MegaModel's key goes to the endpoint its spec names: only opted-in Secrets.
+                let require_opt_in = object.mega_model_spec().is_some();
+                match referenced_secret(&secrets, &reference.name, &reference.key, require_opt_in).await? {
                     Ok((hash, value)) => {
                         secret_hash = Some(hash);
                         secret_value = Some(value);
@@ -163,8 +328,7 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
 
     let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
     let mut deployment = None;
-    let invalid = matches!(blocker, Some(Blocker::InvalidSpec(_)));
-    if !invalid {
+    if !hands_off {
         apply(&Api::<ConfigMap>::namespaced(client.clone(), namespace), &desired::config_map(&served), &context, kind)
             .await?;
         apply(
@@ -174,13 +338,14 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
             kind,
         )
         .await?;
+        reconcile_network_policy(&served, &context, kind).await?;
     }
     if blocker.is_none() {
         let wanted = desired::deployment(&served, settings, secret_hash.as_deref());
         deployment = Some(apply(&deployments, &wanted, &context, kind).await?);
-    } else {
+    } else if !conflicted {
         // A missing Secret leaves a running Deployment alone: its pods still hold the old value.
-        let name = crate::model::object_name(served.kind, &served.name);
+        let name = object_name(served.kind, &served.name);
         deployment = deployments.get_opt(&name).await.map_err(Error::Kube)?.or(deployment);
     }
 
@@ -225,7 +390,7 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
         deployment: deployment.as_ref(),
         pods: &pods,
         blocker,
-        endpoint: (!invalid).then(|| desired::endpoint(&served, settings)),
+        endpoint: (!hands_off).then(|| desired::endpoint(&served, settings)),
         selector: Some(desired::selector_string(&served)),
         provider,
     };
@@ -270,34 +435,137 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
     Ok(Action::requeue(if check_in_flight { settings.resync.min(Duration::from_secs(1)) } else { settings.resync }))
 }
 
-/// After a failed reconcile: count it by error label and retry soon.
+/// The first retry after a failure comes this soon; each further consecutive failure doubles it.
+pub const RETRY_BASE: Duration = Duration::from_secs(1);
+
+/// Retries of a resource that keeps failing come at most this far apart.
+pub const RETRY_CAP: Duration = Duration::from_secs(5 * 60);
+
+/// The delay before retrying after the `failures`-th consecutive failure (1 for the first):
+/// `base * 2^(failures - 1)`, at most `cap`, then shortened by up to a fifth by `jitter` (in
+/// `[0, 1)`), so that resources failing together do not retry in lockstep.
+pub fn retry_delay(failures: u32, base: Duration, cap: Duration, jitter: f64) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    let exponential = base.checked_mul(1 << doublings).unwrap_or(cap).min(cap);
+    let jittered = exponential.mul_f64(1.0 - 0.2 * jitter.clamp(0.0, 1.0));
+    // Whole milliseconds: finer is meaningless for a requeue.
+    Duration::from_millis(u64::try_from(jittered.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A number in `[0, 1)` from the standard library's randomly keyed hasher (jitter needs no
+/// cryptographic quality).
+fn jitter() -> f64 {
+    use std::hash::BuildHasher;
+    let bits = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn object_key<K: ServedResource>(object: &K) -> String {
+    format!("{}/{}/{}", K::KIND.as_str(), object.namespace().unwrap_or_default(), object.name_any())
+}
+
+impl Context {
+    /// Counts one more consecutive failure of `key`; the delay before its retry.
+    fn failed(&self, key: String) -> Duration {
+        let failures = match self.failures.lock() {
+            Ok(mut failures) => {
+                let count = failures.entry(key).or_insert(0);
+                *count = count.saturating_add(1);
+                *count
+            }
+            Err(_) => 1,
+        };
+        retry_delay(failures, RETRY_BASE, RETRY_CAP, jitter())
+    }
+
+    /// Forgets the failures of `key`: its next failure retries after [`RETRY_BASE`] again.
+    fn succeeded(&self, key: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(key);
+        }
+    }
+}
+
+/// [`reconcile`], and a success resets the object's retry backoff.
+pub async fn reconcile_with_backoff<K: ServedResource>(object: Arc<K>, context: Arc<Context>) -> Result<Action> {
+    let key = object_key(&*object);
+    let result = reconcile(object, context.clone()).await;
+    if result.is_ok() {
+        context.succeeded(&key);
+    }
+    result
+}
+
+/// After a failed reconcile: count it by error label and retry with exponential backoff per
+/// object (see [`retry_delay`]), reset by its next success.
 pub fn error_policy<K: ServedResource>(object: Arc<K>, error: &Error, context: Arc<Context>) -> Action {
     context.metrics.failed(K::KIND.as_str(), &error.label());
-    tracing::warn!(kind = K::KIND.as_str(), name = %object.name_any(), namespace = object.namespace().unwrap_or_default(), error = %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+    let delay = context.failed(object_key(&*object));
+    tracing::warn!(kind = K::KIND.as_str(), name = %object.name_any(), namespace = object.namespace().unwrap_or_default(), error = %error, retry_seconds = delay.as_secs_f64(), "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// An API of namespaced objects in `namespace`, or in every namespace when `None`.
+fn scoped<T>(client: &Client, namespace: Option<&str>) -> Api<T>
+where
+    T: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
 }
 
 /// Runs the controller of one kind until `shutdown` resolves: watches the resources, the objects
-/// they own, their pods (via the model-name annotation) and the Secrets they reference.
+/// they own, their pods (via the model-name annotation) and, in watched namespaces, the Secrets
+/// they may read. With [`OperatorSettings::watch_namespaces`] set, one controller per namespace,
+/// each watching only its namespace; otherwise one for the whole cluster.
 pub async fn run<K: ServedResource>(context: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    use futures_util::FutureExt;
+    let namespaces = context.settings.watch_namespaces.clone();
+    if namespaces.is_empty() {
+        run_in::<K>(context, None, shutdown).await;
+        return;
+    }
+    let shutdown = shutdown.shared();
+    futures_util::future::join_all(
+        namespaces.iter().map(|namespace| run_in::<K>(context.clone(), Some(namespace.as_str()), shutdown.clone())),
+    )
+    .await;
+}
+
+/// The controller of one kind over `namespace` (every namespace when `None`).
+async fn run_in<K: ServedResource>(
+    context: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = context.client.clone();
-    let owned = watcher::Config::default().labels(&format!("{}={}", desired::KIND_LABEL, K::KIND.as_str()));
-    let controller = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default())
+    let owned_label = format!("{}={}", desired::KIND_LABEL, K::KIND.as_str());
+    let owned = watcher::Config::default().labels(&owned_label);
+    let controller = Controller::new(scoped::<K>(&client, namespace), watcher::Config::default())
         .with_config(controller::Config::default().concurrency(16));
     let store = controller.store();
-    // Only the Secrets' metadata is watched (a changed value moves the resourceVersion); the
-    // value is read by the reconcile that needs it, so no Secret data is cached here.
-    let secrets = Api::<PartialObjectMeta<Secret>>::all(client.clone());
-    controller
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .watches(Api::<Pod>::all(client.clone()), owned, |pod: Pod| {
+    let mut controller = controller
+        .owns(scoped::<Deployment>(&client, namespace), owned.clone())
+        .owns(scoped::<Service>(&client, namespace), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, namespace), owned.clone())
+        .owns(scoped::<NetworkPolicy>(&client, namespace), owned.clone())
+        .watches(scoped::<Pod>(&client, namespace), owned.clone(), |pod: Pod| {
             let name = pod.annotations().get(desired::MODEL_NAME_ANNOTATION).cloned();
             let namespace = pod.namespace();
             name.zip(namespace).map(|(name, namespace)| ObjectRef::<K>::new(&name).within(&namespace))
-        })
-        .watches(secrets, watcher::Config::default(), move |secret: PartialObjectMeta<Secret>| {
+        });
+    // Secrets are watched only inside watched namespaces (never list/watch on Secrets across the
+    // cluster: the cluster-wide mode notices a rotated Secret at the next resync), only their
+    // metadata (the value is read by the reconcile that needs it, so no Secret data is cached),
+    // and only those the operator may read: its own (by label) and those opted in with
+    // PROVIDER_CREDENTIALS_LABEL.
+    if let Some(namespace) = namespace {
+        // Api<PartialObjectMeta<_>> makes metadata-only requests.
+        let secrets = Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), namespace);
+        let opted_in = watcher::Config::default().labels(&format!("{PROVIDER_CREDENTIALS_LABEL}=true"));
+        controller = controller.owns(secrets.clone(), owned).watches(secrets, opted_in, move |secret| {
             let secret_name = secret.name_any();
             let secret_namespace = secret.namespace();
             store
@@ -309,13 +577,86 @@ pub async fn run<K: ServedResource>(context: Arc<Context>, shutdown: impl Future
                 })
                 .map(|model| ObjectRef::from_obj(&*model))
                 .collect::<Vec<_>>()
-        })
+        });
+    }
+    controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile::<K>, error_policy::<K>, context)
+        .run(reconcile_with_backoff::<K>, error_policy::<K>, context)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(error = %error, "controller event");
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use kube::Client;
+    use kube::client::Body;
+    use kube::runtime::controller::Action;
+    use nstream_core::EmbeddingModel;
+
+    use super::{Context, RETRY_BASE, error_policy, retry_delay};
+    use crate::error::Error;
+    use crate::fixtures::{HubModelFixture, settings};
+    use crate::metrics::Metrics;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_cap_with_at_most_a_fifth_of_jitter() {
+        assert_eq!(retry_delay(1, SECOND, 300 * SECOND, 0.0), SECOND);
+        assert_eq!(retry_delay(2, SECOND, 300 * SECOND, 0.0), 2 * SECOND);
+        assert_eq!(retry_delay(5, SECOND, 300 * SECOND, 0.0), 16 * SECOND);
+        assert_eq!(retry_delay(9, SECOND, 300 * SECOND, 0.0), 256 * SECOND);
+        assert_eq!(retry_delay(10, SECOND, 300 * SECOND, 0.0), 300 * SECOND, "capped");
+        assert_eq!(retry_delay(u32::MAX, SECOND, 300 * SECOND, 0.0), 300 * SECOND, "no overflow");
+        assert_eq!(retry_delay(0, SECOND, 300 * SECOND, 0.0), SECOND, "0 counts as the first failure");
+        assert_eq!(retry_delay(3, SECOND, 300 * SECOND, 0.5), 4 * SECOND * 9 / 10);
+        let most_jitter = retry_delay(3, SECOND, 300 * SECOND, 0.999_999);
+        assert!(most_jitter >= 4 * SECOND * 8 / 10 && most_jitter < 4 * SECOND, "{most_jitter:?}");
+        assert_eq!(retry_delay(3, SECOND, 300 * SECOND, 7.0), 4 * SECOND * 8 / 10, "jitter is clamped");
+    }
+
+    fn context() -> Arc<Context> {
+        // Never called: error_policy makes no request.
+        let service = tower::service_fn(|_request: axum::http::Request<Body>| async {
+            Err::<axum::http::Response<Body>, std::io::Error>(std::io::Error::other("no API server in this test"))
+        });
+        Arc::new(Context::new(Client::new(service, "models"), settings(), Arc::new(Metrics::default()), None))
+    }
+
+    fn delay_of(action: &Action) -> Duration {
+        // Action keeps its delay private; these are the delays error_policy can return.
+        (0..=u64::try_from((RETRY_BASE * 16).as_millis()).unwrap_or(0))
+            .map(Duration::from_millis)
+            .find(|delay| Action::requeue(*delay) == *action)
+            .unwrap_or(Duration::MAX)
+    }
+
+    #[tokio::test]
+    async fn error_policy_backs_off_per_object_and_a_success_resets_it() {
+        let context = context();
+        let failing = Arc::new(EmbeddingModel::test("failing"));
+        let other = Arc::new(EmbeddingModel::test("other"));
+        let error = Error::MissingMetadata("namespace");
+        let mut delays = Vec::new();
+        for _ in 0..4 {
+            delays.push(delay_of(&error_policy(failing.clone(), &error, context.clone())));
+        }
+        for pair in delays.windows(2) {
+            assert!(pair[1] > pair[0], "each consecutive failure waits longer: {delays:?}");
+        }
+        assert!(delays[3] <= RETRY_BASE * 8, "{delays:?}");
+        let first_of_other = delay_of(&error_policy(other.clone(), &error, context.clone()));
+        assert!(first_of_other <= RETRY_BASE, "another object's failures are its own: {first_of_other:?}");
+
+        context.succeeded(&super::object_key(&*failing));
+        let after_success = delay_of(&error_policy(failing, &error, context));
+        assert!(after_success <= RETRY_BASE, "a success resets the backoff: {after_success:?}");
+    }
 }

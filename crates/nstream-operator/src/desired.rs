@@ -1,5 +1,6 @@
 //! The objects a resource should own, built by pure functions: a ConfigMap with the model file,
-//! a Secret for an inline credential, the server Deployment and its Service.
+//! a Secret for an inline credential, the Secret of the server's API key, the server Deployment,
+//! its Service and the NetworkPolicy in front of its pods.
 //!
 //! The server runs with `workingDir: /nstream` and only relative paths (`config/model.yaml`,
 //! `secrets`, `cache/huggingface`), so the same command, arguments and environment run unchanged
@@ -15,13 +16,16 @@ use k8s_openapi::api::core::v1::{
     ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort,
     ServiceSpec, Toleration, Volume, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use nstream_core::Resources;
+use nstream_core::{Resources, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Credential, Served, credentials_secret_name, object_name};
+use crate::model::{Credential, Served, api_key_secret_name, credentials_secret_name, object_name};
 use crate::settings::{
     ADAPTERS_CLAIM_ANNOTATION, ADAPTERS_MOUNT_PATH, CACHE_CLAIM_ANNOTATION, ModelCache, OperatorSettings,
 };
@@ -30,6 +34,20 @@ use crate::settings::{
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
 /// Label: which kind the objects serve (each controller watches only its own kind).
 pub const KIND_LABEL: &str = "llm.nstream.ai/kind";
+
+/// How long a server keeps serving after SIGTERM with `/ready` failing, so endpoints drop it
+/// before it stops accepting: `nstream-server`'s default `drain_delay`, which the operator
+/// relies on (it passes no flag).
+pub const SERVER_DRAIN_DELAY_SECONDS: i64 = 5;
+
+/// How long a server then lets requests in flight finish: `nstream-server`'s default
+/// `shutdown_timeout`.
+pub const SERVER_SHUTDOWN_TIMEOUT_SECONDS: i64 = 25;
+
+/// The pods' `terminationGracePeriodSeconds`: the drain delay and the shutdown timeout, plus a
+/// margin for the process to exit, so the kubelet's SIGKILL never cuts a drain short. The server
+/// drains on SIGTERM itself, so the pods need no preStop hook.
+pub const SERVER_TERMINATION_GRACE_SECONDS: i64 = SERVER_DRAIN_DELAY_SECONDS + SERVER_SHUTDOWN_TIMEOUT_SECONDS + 10;
 /// Label: who manages the objects.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// The value of [`MANAGED_BY_LABEL`].
@@ -50,6 +68,12 @@ pub const CONTAINER_NAME: &str = "server";
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// The user the server runs as (the images' non-root user).
 pub const SERVER_USER: i64 = 65532;
+/// The data key of the API key in its Secret ([`api_key_secret`]).
+pub const API_KEY_DATA_KEY: &str = "api-key";
+/// Where the API key Secret is mounted, relative to [`WORKING_DIR`].
+pub const API_KEY_DIR: &str = "api-key";
+/// The prefix of generated API keys, so a leaked one is recognisable in a scan.
+pub const API_KEY_PREFIX: &str = "nstream-";
 
 /// The labels every object of a resource carries.
 pub fn labels(served: &Served) -> BTreeMap<String, String> {
@@ -131,6 +155,34 @@ pub fn credentials_secret(served: &Served) -> Option<Secret> {
     })
 }
 
+/// A new API key: [`API_KEY_PREFIX`] and 32 bytes from the operating system's random number
+/// generator, base64url without padding.
+pub fn generate_api_key() -> Result<SecretString, String> {
+    use base64::Engine as _;
+    use rand::TryRng as _;
+    let mut bytes = [0u8; 32];
+    rand::rngs::SysRng.try_fill_bytes(&mut bytes).map_err(|error| error.to_string())?;
+    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    Ok(SecretString::new(format!("{API_KEY_PREFIX}{encoded}")))
+}
+
+/// The Secret holding the API key clients present to the resource's server, owned by the
+/// resource. Created once when missing ([`crate::controller`]), never applied again, so a user
+/// may replace the value to rotate it (the server re-reads its file).
+pub fn api_key_secret(served: &Served, key: &SecretString) -> Secret {
+    Secret {
+        metadata: metadata(served, api_key_secret_name(served.kind, &served.name)),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(API_KEY_DATA_KEY.to_string(), ByteString(key.expose().as_bytes().to_vec()))])),
+        ..Secret::default()
+    }
+}
+
+/// The file the server reads its API key from, relative to [`WORKING_DIR`].
+pub fn api_key_file() -> String {
+    format!("{API_KEY_DIR}/{API_KEY_DATA_KEY}")
+}
+
 /// The Secret name and key the server reads the credential from.
 pub fn credential_location(served: &Served) -> Option<(String, String)> {
     match served.credential.as_ref()? {
@@ -195,6 +247,9 @@ pub fn server_args(served: &Served, settings: &OperatorSettings) -> Vec<String> 
         "--port".to_string(),
         settings.server_port.to_string(),
         "--log-json".to_string(),
+        // A path, never the key: the key lives only in its Secret.
+        "--api-key-file".to_string(),
+        api_key_file(),
     ];
     if gpus(served) > 0 {
         args.extend(["--device".to_string(), "cuda".to_string()]);
@@ -300,7 +355,19 @@ pub fn volumes(served: &Served, settings: &OperatorSettings) -> (Vec<Volume>, Ve
         mount("config", format!("{WORKING_DIR}/config"), true),
         mount("cache", format!("{WORKING_DIR}/cache"), false),
         mount("tmp", "/tmp".into(), false),
+        mount("api-key", format!("{WORKING_DIR}/{API_KEY_DIR}"), true),
     ];
+    // Not a subPath mount: the kubelet updates the file when the Secret changes.
+    volumes.push(Volume {
+        name: "api-key".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(api_key_secret_name(served.kind, &served.name)),
+            items: Some(vec![KeyToPath { key: API_KEY_DATA_KEY.into(), path: API_KEY_DATA_KEY.into(), mode: None }]),
+            default_mode: Some(0o440),
+            optional: None,
+        }),
+        ..Volume::default()
+    });
     if let Some(claim_name) = served.annotations.get(ADAPTERS_CLAIM_ANNOTATION) {
         volumes.push(Volume {
             name: "adapters".into(),
@@ -428,7 +495,7 @@ pub fn deployment(served: &Served, settings: &OperatorSettings, secret_hash: Opt
                     }),
                     tolerations,
                     node_selector,
-                    termination_grace_period_seconds: Some(30),
+                    termination_grace_period_seconds: Some(SERVER_TERMINATION_GRACE_SECONDS),
                     ..PodSpec::default()
                 }),
             },
@@ -456,6 +523,53 @@ pub fn service(served: &Served, settings: &OperatorSettings) -> Service {
         }),
         status: None,
     }
+}
+
+/// The NetworkPolicy in front of the server's pods: ingress only to the serving port, only from
+/// the pods of the resource's namespace and the namespaces that carry the configured labels.
+/// `None` when turned off. With no label configured at all, no pod may connect.
+pub fn network_policy(served: &Served, settings: &OperatorSettings) -> Option<NetworkPolicy> {
+    let policy = &settings.network_policy;
+    if !policy.enabled {
+        return None;
+    }
+    let selector = |labels: &BTreeMap<String, String>| LabelSelector {
+        match_labels: Some(labels.clone()),
+        match_expressions: None,
+    };
+    let mut from = Vec::new();
+    if !policy.allow_pod_labels.is_empty() {
+        // A pod selector alone: pods of the policy's own namespace.
+        from.push(NetworkPolicyPeer { pod_selector: Some(selector(&policy.allow_pod_labels)), ..Default::default() });
+    }
+    if !policy.allow_namespace_labels.is_empty() {
+        from.push(NetworkPolicyPeer {
+            namespace_selector: Some(selector(&policy.allow_namespace_labels)),
+            ..Default::default()
+        });
+    }
+    // A rule with no `from` admits every source: with nothing to allow, no rule at all.
+    let ingress = if from.is_empty() {
+        Vec::new()
+    } else {
+        vec![NetworkPolicyIngressRule {
+            from: Some(from),
+            ports: Some(vec![NetworkPolicyPort {
+                port: Some(IntOrString::Int(i32::from(settings.server_port))),
+                protocol: Some("TCP".into()),
+                end_port: None,
+            }]),
+        }]
+    };
+    Some(NetworkPolicy {
+        metadata: metadata(served, object_name(served.kind, &served.name)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(selector(&selector_labels(served))),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(ingress),
+            egress: None,
+        }),
+    })
 }
 
 /// The OpenAI-compatible base URL clients call: the Service's cluster DNS name.

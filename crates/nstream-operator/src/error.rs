@@ -18,6 +18,12 @@ pub enum Error {
     /// The resource has no namespace or name (the API server never sends one like that).
     #[error("the resource has no {0}")]
     MissingMetadata(&'static str),
+    /// The operating system's random number generator failed (no API key could be made).
+    #[error("the operating system's random number generator failed: {cause}")]
+    Random {
+        /// What the generator reported (shown in the message, so not also a `source()`).
+        cause: String,
+    },
 }
 
 impl Error {
@@ -28,6 +34,7 @@ impl Error {
             Self::Kube(_) => "kube_client".into(),
             Self::Serialise { .. } => "serialise".into(),
             Self::MissingMetadata(_) => "missing_metadata".into(),
+            Self::Random { .. } => "random".into(),
         }
     }
 }

@@ -26,6 +26,24 @@ pub enum Blocker {
         /// The missing key.
         key: String,
     },
+    /// A MegaModel's `apikeySecretRef` names a Secret that does not carry the opt-in label
+    /// ([`crate::settings::PROVIDER_CREDENTIALS_LABEL`]), so the operator did not read it.
+    SecretNotOptedIn {
+        /// The Secret's name.
+        name: String,
+    },
+    /// An object the resource needs exists under the same name without the resource as its
+    /// controller owner; applying would take it over, so nothing is applied.
+    NameConflict {
+        /// The object's kind, such as `Service`.
+        kind: String,
+        /// `namespace/name` of the object.
+        object: String,
+        /// The resource's kind.
+        owner_kind: String,
+        /// The resource's name.
+        owner_name: String,
+    },
 }
 
 impl Blocker {
@@ -35,6 +53,8 @@ impl Blocker {
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::SecretNotFound { .. } => "SecretNotFound",
             Self::SecretKeyMissing { .. } => "SecretKeyMissing",
+            Self::SecretNotOptedIn { .. } => "SecretNotOptedIn",
+            Self::NameConflict { .. } => "NameConflict",
         }
     }
 
@@ -44,6 +64,16 @@ impl Blocker {
             Self::InvalidSpec(problems) => format!("the spec is invalid: {problems}"),
             Self::SecretNotFound { name } => format!("Secret {name:?} does not exist in this namespace"),
             Self::SecretKeyMissing { name, key } => format!("Secret {name:?} has no key {key:?}"),
+            Self::SecretNotOptedIn { name } => format!(
+                "Secret {name:?} is not labelled for provider credentials, so the operator does not read it: \
+                 add the label with `kubectl label secret {name} {label}=true` once you agree that its value \
+                 is sent to the endpoint this MegaModel names",
+                label = crate::settings::PROVIDER_CREDENTIALS_LABEL
+            ),
+            Self::NameConflict { kind, object, owner_kind, owner_name } => format!(
+                "{kind} {object} exists and is not owned by {owner_kind} {owner_name}; \
+                 nothing was applied: delete or rename that object, or give this resource another name"
+            ),
         }
     }
 }

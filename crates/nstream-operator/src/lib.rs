@@ -1,5 +1,6 @@
 //! The Kubernetes operator of nstream: each MegaModel, BaseModel and EmbeddingModel becomes an
-//! `nstream-server` Deployment and Service, with a status that tells the truth.
+//! `nstream-server` Deployment and Service, behind an API key of its own and a NetworkPolicy,
+//! with a status that tells the truth.
 //!
 //! Desired objects are pure functions ([`desired`]), status is derived from the Deployment's and
 //! the pods' real state ([`health`]), and [`controller`] applies them with server-side apply

@@ -105,6 +105,12 @@ pub fn credentials_secret_name(kind: ModelKind, name: &str) -> String {
     format!("{}-credentials", object_name(kind, name))
 }
 
+/// The name of the Secret holding the API key clients present to the resource's server
+/// (`<object name>-api-key`).
+pub fn api_key_secret_name(kind: ModelKind, name: &str) -> String {
+    format!("{}-api-key", object_name(kind, name))
+}
+
 /// The name of the Deployment, Service and ConfigMap of a resource: `<prefix>-<name>`, a DNS-1035
 /// label (a Service name), so it stays under 63 characters and has no dots; a name that does not fit
 /// is shortened and made unique with a hash of the original.

@@ -61,6 +61,20 @@ impl MockApi {
             self.events.push(body.clone());
             return json_response(StatusCode::CREATED, &body);
         }
+        if method == Method::POST {
+            let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let path = format!("{path}/{name}");
+            if self.objects.contains_key(&path) {
+                return json_response(
+                    StatusCode::CONFLICT,
+                    &serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "exists"}),
+                );
+            }
+            let mut stored = body.clone();
+            stored["metadata"]["resourceVersion"] = serde_json::json!("1");
+            self.objects.insert(path, stored.clone());
+            return json_response(StatusCode::CREATED, &stored);
+        }
         if method == Method::PATCH && path.ends_with("/status") {
             self.status_writes.push(body.clone());
             let Some(model) = self.objects.get_mut(path.trim_end_matches("/status")) else { return not_found() };
@@ -86,6 +100,14 @@ impl MockApi {
             return json_response(StatusCode::OK, &stored);
         }
         json_response(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({}))
+    }
+
+    fn created(&self) -> Vec<String> {
+        self.calls
+            .iter()
+            .filter(|(method, path)| method == Method::POST && !path.contains("/events"))
+            .map(|(_, path)| path.clone())
+            .collect()
     }
 
     fn applied(&self) -> Vec<String> {
@@ -142,7 +164,10 @@ async fn a_new_model_gets_its_objects_a_status_and_an_event_then_nothing_more() 
         let api = api.lock().expect("mock");
         (api.applied(), api.status_writes.first().cloned().expect("a status write"), api.events.len())
     };
-    assert_eq!(applied, ["secrets", "configmaps", "services", "deployments"]);
+    assert_eq!(applied, ["secrets", "configmaps", "services", "networkpolicies", "deployments"]);
+    let api_key_path = "/api/v1/namespaces/models/secrets/em-minilm-api-key";
+    let api_key = api.lock().expect("mock").objects.get(api_key_path).cloned().expect("the API key Secret");
+    assert_eq!(api_key["metadata"]["ownerReferences"][0]["uid"], "uid-minilm");
     assert_eq!(first_status["status"]["conditions"].as_array().map(Vec::len), Some(3));
     assert_eq!(first_status["status"]["endpoint"], "http://em-minilm.models.svc.cluster.local/v1");
     assert!(!first_status.to_string().contains("hf_mock_token"), "the token leaked into the status");
@@ -152,6 +177,8 @@ async fn a_new_model_gets_its_objects_a_status_and_an_event_then_nothing_more() 
     let model = with_status(model, &first_status);
     reconcile(Arc::new(model), context).await.expect("second reconcile");
     let api = api.lock().expect("mock");
+    assert_eq!(api.created(), ["/api/v1/namespaces/models/secrets"], "the API key is made once, never again");
+    assert_eq!(api.objects.get(api_key_path), Some(&api_key), "the key changed on a reconcile");
     assert_eq!(api.status_writes.len(), 1, "an unchanged status was written again");
     assert_eq!(api.events.len(), 1, "an unchanged status published an event");
     let deployment = api.objects.get("/apis/apps/v1/namespaces/models/deployments/em-minilm").expect("deployment");
@@ -198,4 +225,68 @@ async fn a_model_being_deleted_is_left_to_the_garbage_collector() {
     let context = mocked_context(api.clone());
     reconcile(Arc::new(model), context).await.expect("reconcile");
     assert!(api.lock().expect("mock").calls.is_empty(), "a deleting model must not recreate its objects");
+}
+
+fn degraded(write: &serde_json::Value) -> serde_json::Value {
+    write["status"]["conditions"]
+        .as_array()
+        .and_then(|conditions| conditions.iter().find(|condition| condition["type"] == "Degraded"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_object_of_the_same_name_that_the_resource_does_not_own_is_never_taken_over() {
+    let model = EmbeddingModel::test("minilm");
+    let api = api_with(&model);
+    let theirs = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "em-minilm", "namespace": "models", "resourceVersion": "7"}, "spec": {"ports": [{"port": 443}]}});
+    api.lock().expect("mock").objects.insert("/api/v1/namespaces/models/services/em-minilm".into(), theirs.clone());
+    let context = mocked_context(api.clone());
+    reconcile(Arc::new(model), context).await.expect("reconcile");
+    let api = api.lock().expect("mock");
+    assert!(api.applied().is_empty(), "applied {:?} next to a Service it does not own", api.applied());
+    assert!(api.created().is_empty(), "created {:?}", api.created());
+    assert_eq!(api.objects.get("/api/v1/namespaces/models/services/em-minilm"), Some(&theirs));
+    let condition = degraded(&api.status_writes[0]);
+    assert_eq!(condition["reason"], "NameConflict");
+    let message = condition["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("Service models/em-minilm exists and is not owned by EmbeddingModel minilm"),
+        "{message}"
+    );
+    assert!(
+        api.events.iter().any(|event| event["reason"] == "NameConflict" && event["type"] == "Warning"),
+        "a Warning event says why: {:?}",
+        api.events
+    );
+    assert!(api.status_writes[0]["status"].get("endpoint").is_none(), "someone else's Service is not advertised");
+}
+
+#[tokio::test]
+async fn a_mega_model_key_secret_without_the_opt_in_label_is_not_read() {
+    let mut model = crate::fixtures::openai_mega_model("gateway", "unused");
+    if let Some(openai) = model.spec.model_template.open_ai.as_mut() {
+        openai.apikey = None;
+        openai.apikey_secret_ref = Some(nstream_core::SecretKeyRef { name: "billing".into(), key: "token".into() });
+    }
+    let mut api = MockApi::default();
+    api.objects.insert(
+        "/apis/llm.nstream.ai/v1/namespaces/models/megamodels/gateway".into(),
+        serde_json::to_value(&model).unwrap_or_default(),
+    );
+    api.objects.insert(
+        "/api/v1/namespaces/models/secrets/billing".into(),
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "billing", "namespace": "models"}, "data": {"token": "c2VjcmV0"}}),
+    );
+    let api = Arc::new(Mutex::new(api));
+    let context = mocked_context(api.clone());
+    reconcile(Arc::new(model), context).await.expect("reconcile");
+    let api = api.lock().expect("mock");
+    assert!(!api.applied().contains(&"deployments".to_string()), "{:?}", api.applied());
+    let condition = degraded(&api.status_writes[0]);
+    assert_eq!(condition["reason"], "SecretNotOptedIn");
+    let message = condition["message"].as_str().unwrap_or_default();
+    assert!(message.contains("kubectl label secret billing llm.nstream.ai/provider-credentials=true"), "{message}");
 }

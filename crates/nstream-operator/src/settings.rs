@@ -18,6 +18,36 @@ pub const ADAPTERS_CLAIM_ANNOTATION: &str = "llm.nstream.ai/adapters-claim";
 /// Where the claim of [`ADAPTERS_CLAIM_ANNOTATION`] is mounted.
 pub const ADAPTERS_MOUNT_PATH: &str = "/adapters";
 
+/// Label a Secret must carry (value `"true"`) before a MegaModel's `apikeySecretRef` may name
+/// it: the operator sends the referenced value to the endpoint the MegaModel names, so a Secret
+/// is only read once its owner opted it in.
+pub const PROVIDER_CREDENTIALS_LABEL: &str = "llm.nstream.ai/provider-credentials";
+
+/// The default label (`KEY=VALUE`) of the namespaces, and of the pods in a resource's own
+/// namespace, that the NetworkPolicy lets reach a server.
+pub const DEFAULT_ACCESS_LABEL: (&str, &str) = ("llm.nstream.ai/access", "true");
+
+/// The NetworkPolicy the operator puts in front of each server's pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkPolicySettings {
+    /// Create one per resource (and delete the operator's own when turned off).
+    pub enabled: bool,
+    /// Pods in namespaces carrying all these labels may reach the serving port; no namespace
+    /// rule when empty.
+    pub allow_namespace_labels: BTreeMap<String, String>,
+    /// Pods carrying all these labels in the resource's own namespace may reach the serving
+    /// port; no pod rule when empty.
+    pub allow_pod_labels: BTreeMap<String, String>,
+}
+
+impl Default for NetworkPolicySettings {
+    fn default() -> Self {
+        let (key, value) = DEFAULT_ACCESS_LABEL;
+        let labels = BTreeMap::from([(key.to_string(), value.to_string())]);
+        Self { enabled: true, allow_namespace_labels: labels.clone(), allow_pod_labels: labels }
+    }
+}
+
 /// Where the server keeps downloaded weights.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelCache {
@@ -72,6 +102,11 @@ pub struct OperatorSettings {
     /// How often a MegaModel's provider is checked when neither its spec nor its key changed
     /// (a change is checked at once); zero turns the checks off (no egress from the operator).
     pub provider_check_interval: Duration,
+    /// The NetworkPolicy in front of each server.
+    pub network_policy: NetworkPolicySettings,
+    /// The namespaces whose resources are reconciled, each watched on its own (so a Role in each
+    /// is enough); every namespace when empty (a ClusterRole is needed).
+    pub watch_namespaces: Vec<String>,
 }
 
 impl Default for OperatorSettings {
@@ -90,6 +125,8 @@ impl Default for OperatorSettings {
             gpu_node_selector: BTreeMap::new(),
             resync: Duration::from_secs(5 * 60),
             provider_check_interval: Duration::from_secs(10 * 60),
+            network_policy: NetworkPolicySettings::default(),
+            watch_namespaces: Vec::new(),
         }
     }
 }

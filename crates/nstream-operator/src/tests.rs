@@ -47,7 +47,17 @@ fn an_embedding_model_runs_one_cpu_server_with_its_model_file() {
     assert_eq!(container.command, Some(vec!["nstream-server".to_string()]));
     assert_eq!(
         container.args.clone().unwrap_or_default(),
-        ["--model-file", "config/model.yaml", "--host", "0.0.0.0", "--port", "8080", "--log-json"]
+        [
+            "--model-file",
+            "config/model.yaml",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8080",
+            "--log-json",
+            "--api-key-file",
+            "api-key/api-key"
+        ]
     );
     assert_eq!(container.working_dir.as_deref(), Some("/nstream"));
     let resources = container.resources.clone().expect("resources");
@@ -600,4 +610,124 @@ fn a_cpu_limit_sizes_candles_thread_pool_in_whole_cores() {
         Some("4".into())
     );
     assert_eq!(thread_pool(EmbeddingModel::test("minilm")), None, "no limit: the server counts the cores it has");
+}
+
+// ------------------------------------------------------------------------------------------
+// Access control
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn the_server_reads_its_api_key_from_the_mounted_secret_never_from_a_flag_or_a_plain_variable() {
+    let served = EmbeddingModel::test("minilm").served();
+    let deployment = desired::deployment(&served, &settings(), None);
+    let container = server(&deployment);
+    let args = container.args.clone().unwrap_or_default();
+    let position = args.iter().position(|arg| arg == "--api-key-file").expect("--api-key-file");
+    assert_eq!(args[position + 1], "api-key/api-key", "relative to the working directory");
+    assert!(!args.iter().any(|arg| arg == "--api-key"), "{args:?}");
+    for var in container.env.clone().unwrap_or_default() {
+        assert!(!var.name.contains("API_KEY"), "the key must not be an environment variable: {var:?}");
+    }
+    let mount = container
+        .volume_mounts
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|mount| mount.name == "api-key")
+        .expect("the api-key mount");
+    assert_eq!(mount.mount_path, format!("{}/api-key", desired::WORKING_DIR));
+    assert_eq!(mount.read_only, Some(true));
+    assert!(mount.sub_path.is_none(), "a subPath mount never sees a rotated key");
+    let volume = pod_spec(&deployment)
+        .volumes
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|volume| volume.name == "api-key")
+        .expect("the api-key volume");
+    let source = volume.secret.expect("a Secret volume");
+    assert_eq!(source.secret_name.as_deref(), Some("em-minilm-api-key"));
+    assert_eq!(source.items.expect("items")[0].key, "api-key");
+}
+
+#[test]
+fn api_keys_are_32_random_bytes_in_base64url_owned_by_the_resource() {
+    let first = desired::generate_api_key().expect("a key");
+    let second = desired::generate_api_key().expect("a key");
+    assert_ne!(first.expose(), second.expose());
+    let encoded = first.expose().strip_prefix(desired::API_KEY_PREFIX).expect("the prefix");
+    assert_eq!(encoded.len(), 43, "32 bytes in unpadded base64");
+    assert!(encoded.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_'));
+    assert!(!format!("{first:?}").contains(encoded), "Debug shows the key");
+
+    let served = EmbeddingModel::test("minilm").served();
+    let secret = desired::api_key_secret(&served, &first);
+    assert_eq!(secret.metadata.name.as_deref(), Some("em-minilm-api-key"));
+    let owner = &secret.metadata.owner_references.clone().unwrap_or_default()[0];
+    assert_eq!((owner.uid.as_str(), owner.controller), ("uid-minilm", Some(true)));
+    let stored = secret.data.clone().unwrap_or_default();
+    assert_eq!(stored.get("api-key").map(|value| value.0.as_slice()), Some(first.expose().as_bytes()));
+}
+
+#[test]
+fn the_network_policy_admits_only_the_serving_port_from_labelled_namespaces_and_pods() {
+    let served = EmbeddingModel::test("minilm").served();
+    let policy = desired::network_policy(&served, &settings()).expect("on by default");
+    let spec = policy.spec.expect("spec");
+    assert_eq!(spec.pod_selector.and_then(|selector| selector.match_labels), Some(desired::selector_labels(&served)));
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+    let rules = spec.ingress.expect("ingress");
+    assert_eq!(rules.len(), 1);
+    let ports = rules[0].ports.clone().expect("ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].port, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8080)));
+    let from = rules[0].from.clone().expect("from");
+    let access = std::collections::BTreeMap::from([("llm.nstream.ai/access".to_string(), "true".to_string())]);
+    // Same-namespace pods by label (no namespace selector), and labelled namespaces.
+    assert!(from.iter().any(|peer| peer.namespace_selector.is_none()
+        && peer.pod_selector.as_ref().and_then(|selector| selector.match_labels.clone()) == Some(access.clone())));
+    assert!(from.iter().any(|peer| peer.pod_selector.is_none()
+        && peer.namespace_selector.as_ref().and_then(|selector| selector.match_labels.clone())
+            == Some(access.clone())));
+    assert_eq!(policy.metadata.owner_references.map(|owners| owners[0].uid.clone()), Some("uid-minilm".into()));
+
+    // No label configured: no rule at all (an empty `from` would admit everyone).
+    let mut closed = settings();
+    closed.network_policy.allow_namespace_labels.clear();
+    closed.network_policy.allow_pod_labels.clear();
+    let policy = desired::network_policy(&served, &closed).expect("still a policy");
+    assert_eq!(policy.spec.and_then(|spec| spec.ingress), Some(Vec::new()));
+
+    let mut off = settings();
+    off.network_policy.enabled = false;
+    assert!(desired::network_policy(&served, &off).is_none());
+}
+
+#[test]
+fn blockers_for_access_control_name_the_label_and_the_object_never_a_value() {
+    let opt_in = Blocker::SecretNotOptedIn { name: "openai".into() };
+    assert_eq!(opt_in.reason(), "SecretNotOptedIn");
+    assert!(opt_in.message().contains("kubectl label secret openai llm.nstream.ai/provider-credentials=true"));
+    let conflict = Blocker::NameConflict {
+        kind: "Service".into(),
+        object: "default/mm-foo".into(),
+        owner_kind: "MegaModel".into(),
+        owner_name: "foo".into(),
+    };
+    assert_eq!(conflict.reason(), "NameConflict");
+    assert!(conflict.message().starts_with("Service default/mm-foo exists and is not owned by MegaModel foo"));
+}
+
+#[test]
+fn a_terminating_server_has_time_to_drain_and_finish_its_requests_before_sigkill() {
+    let deployment = desired::deployment(&EmbeddingModel::test("minilm").served(), &settings(), None);
+    // nstream-server on SIGTERM: /ready fails for its drain delay (5 s by default), then requests
+    // in flight get its shutdown timeout (25 s by default); the kubelet kills at the grace period.
+    let grace = pod_spec(&deployment).termination_grace_period_seconds.expect("a grace period");
+    assert!(grace >= 5 + 25 + 5, "terminationGracePeriodSeconds {grace} cuts the drain short");
+    assert_eq!(grace, desired::SERVER_TERMINATION_GRACE_SECONDS);
+    // The server drains on SIGTERM itself: no preStop sleep, and its defaults are not overridden.
+    assert!(server(&deployment).lifecycle.is_none());
+    let args = server(&deployment).args.clone().unwrap_or_default();
+    assert!(!args.iter().any(|arg| arg.starts_with("--drain-delay") || arg.starts_with("--shutdown-timeout")));
 }

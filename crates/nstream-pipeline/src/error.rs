@@ -69,6 +69,29 @@ pub enum Error {
         /// Recorded failures it holds.
         failed: usize,
     },
+    /// Another run holds the journal's lock: two runs on one journal would send inputs twice.
+    #[error(
+        "{} is in use by another run ({holder}): wait for it to finish or stop it, then run again (a run that crashed holds no lock)",
+        path.display()
+    )]
+    JournalLocked {
+        /// The journal file.
+        path: PathBuf,
+        /// Who holds it: pid, host and start time, as the holder wrote them in the lock file.
+        holder: String,
+    },
+    /// The disk (or the quota) is full. Everything journaled before stays valid: free space and
+    /// run again with `--resume`.
+    #[error(
+        "no space left on device while writing {}: {cause}; everything journaled so far is kept: free space and run again with --resume",
+        path.display()
+    )]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+        /// What the operating system said (shown in the message, so not also a `source()`).
+        cause: std::io::Error,
+    },
     /// A data file as a whole is unusable (e.g. a held-out set with no record).
     #[error("{}: {message}", path.display())]
     InvalidData {
@@ -88,7 +111,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// An I/O error on `path`; a full disk becomes [`Error::NoSpace`], so that it is named as such.
     pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
-        Self::Io { path: path.into(), cause }
+        if cause.kind() == std::io::ErrorKind::StorageFull {
+            Self::NoSpace { path: path.into(), cause }
+        } else {
+            Self::Io { path: path.into(), cause }
+        }
     }
 }

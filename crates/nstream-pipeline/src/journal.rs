@@ -25,17 +25,26 @@
 //! - `failed`: a recorded failure, with its provenance. `--retry-failed` gives the key a fresh
 //!   attempt budget (attempts are counted from the last `failed` line).
 //! - `run`: one per run, describing its settings (for people reading the journal).
+//!
+//! # One run at a time, and a full disk
+//!
+//! An open journal holds an exclusive lock ([`crate::lock`]): a second run on the same output
+//! refuses at once, naming the first. A write that fails (a full disk) is cut back to the last
+//! acknowledged line and stops the writer: every line acknowledged before stays valid, and a run
+//! resumed once there is room again continues from them.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
+use crate::lock::JournalLock;
 
 /// Most lines written with one sync.
 const MAX_GROUP: usize = 512;
@@ -164,16 +173,42 @@ pub enum OpenMode {
     Overwrite,
 }
 
+/// Why the writer stopped: the I/O error's kind and its message.
+type WriteFailure = (ErrorKind, String);
+
 struct Pending {
     line: Vec<u8>,
-    ack: oneshot::Sender<std::result::Result<u64, String>>,
+    ack: oneshot::Sender<std::result::Result<u64, WriteFailure>>,
+}
+
+/// Where the writer thread puts lines: the journal file, or in unit tests one that fails.
+trait Sink: Send {
+    /// Writes `bytes` at the end and syncs them.
+    fn append_synced(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// Cuts the file back to `length` bytes (after a failed write).
+    fn truncate(&mut self, length: u64) -> std::io::Result<()>;
+}
+
+impl Sink for File {
+    fn append_synced(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)?;
+        self.sync_data()
+    }
+
+    fn truncate(&mut self, length: u64) -> std::io::Result<()> {
+        self.set_len(length)?;
+        self.sync_data()
+    }
 }
 
 /// An open journal: appends go through one writer thread that syncs each group of lines before
-/// acknowledging any of them.
+/// acknowledging any of them. It holds the journal's lock until dropped.
 pub struct Journal {
     path: PathBuf,
     sender: mpsc::UnboundedSender<Pending>,
+    /// The first write failure; every later append reports it.
+    failure: Arc<OnceLock<WriteFailure>>,
+    _lock: JournalLock,
 }
 
 impl std::fmt::Debug for Journal {
@@ -184,8 +219,19 @@ impl std::fmt::Debug for Journal {
 
 impl Journal {
     /// Opens (or creates) the journal at `path`, recovering from a torn last line, and returns
-    /// what it already holds.
+    /// what it already holds. Fails with [`Error::JournalLocked`] while another run has it open.
     pub fn open(path: &Path, mode: OpenMode) -> Result<(Self, JournalState)> {
+        Self::open_with(path, mode, |file| Box::new(file))
+    }
+
+    /// [`Journal::open`] whose writer puts lines through `sink` (a failing one in unit tests).
+    fn open_with(
+        path: &Path,
+        mode: OpenMode,
+        sink: impl FnOnce(File) -> Box<dyn Sink>,
+    ) -> Result<(Self, JournalState)> {
+        // Locked before anything is read or removed: an overwrite must not delete a live run's journal.
+        let lock = JournalLock::acquire(path)?;
         if mode == OpenMode::Overwrite {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
@@ -212,20 +258,19 @@ impl Journal {
             file.set_len(valid_length).and_then(|()| file.sync_all()).map_err(|error| Error::io(path, error))?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(|error| Error::io(path, error))?;
-        if !existed && let Some(parent) = path.parent() {
+        if !existed {
             // Make the new file's directory entry durable too.
-            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
-            if let Ok(directory) = File::open(parent) {
-                let _ = directory.sync_all();
-            }
+            crate::output::sync_directory_of(path)?;
         }
         let (sender, receiver) = mpsc::unbounded_channel();
-        let thread_path = path.to_path_buf();
+        let failure = Arc::new(OnceLock::new());
+        let writer_failure = Arc::clone(&failure);
+        let sink = sink(file);
         std::thread::Builder::new()
             .name("nstream-journal".into())
-            .spawn(move || writer(file, valid_length, receiver, &thread_path))
+            .spawn(move || writer(sink, valid_length, receiver, &writer_failure))
             .map_err(|error| Error::io(path, error))?;
-        Ok((Self { path: path.to_path_buf(), sender }, state))
+        Ok((Self { path: path.to_path_buf(), sender, failure, _lock: lock }, state))
     }
 
     /// Reads the journal and rebuilds the state; returns the length of its valid part.
@@ -272,16 +317,30 @@ impl Journal {
             serde_json::to_vec(entry).map_err(|error| self.error(format!("cannot encode an entry: {error}")))?;
         line.push(b'\n');
         let (ack, answer) = oneshot::channel();
-        self.sender.send(Pending { line, ack }).map_err(|_| self.error("the journal writer stopped".into()))?;
+        if self.sender.send(Pending { line, ack }).is_err() {
+            return Err(self.stopped());
+        }
         match answer.await {
             Ok(Ok(offset)) => Ok(offset),
-            Ok(Err(message)) => Err(self.error(message)),
-            Err(_) => Err(self.error("the journal writer stopped".into())),
+            Ok(Err(failure)) => Err(self.write_error(&failure)),
+            Err(_) => Err(self.stopped()),
         }
     }
 
     fn error(&self, message: String) -> Error {
         Error::Journal { path: self.path.clone(), message }
+    }
+
+    /// The writer is gone: report why (the failed write), so every append names the real cause.
+    fn stopped(&self) -> Error {
+        match self.failure.get() {
+            Some(failure) => self.write_error(failure),
+            None => self.error("the journal writer stopped".into()),
+        }
+    }
+
+    fn write_error(&self, (kind, message): &WriteFailure) -> Error {
+        Error::io(&self.path, std::io::Error::new(*kind, message.clone()))
     }
 
     /// The journal's path.
@@ -290,7 +349,12 @@ impl Journal {
     }
 }
 
-fn writer(mut file: File, mut length: u64, mut receiver: mpsc::UnboundedReceiver<Pending>, path: &Path) {
+fn writer(
+    mut sink: Box<dyn Sink>,
+    mut length: u64,
+    mut receiver: mpsc::UnboundedReceiver<Pending>,
+    failure: &OnceLock<WriteFailure>,
+) {
     while let Some(first) = receiver.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -305,7 +369,7 @@ fn writer(mut file: File, mut length: u64, mut receiver: mpsc::UnboundedReceiver
             offsets.push(length + buffer.len() as u64);
             buffer.extend_from_slice(&pending.line);
         }
-        let outcome = file.write_all(&buffer).and_then(|()| file.sync_data());
+        let outcome = sink.append_synced(&buffer);
         match outcome {
             Ok(()) => {
                 length += buffer.len() as u64;
@@ -314,9 +378,13 @@ fn writer(mut file: File, mut length: u64, mut receiver: mpsc::UnboundedReceiver
                 }
             }
             Err(error) => {
-                let message = format!("cannot write {}: {error}", path.display());
+                // Part of the group may be on disk: cut it off, so the journal holds exactly the
+                // acknowledged lines (had this failed too, opening cuts a torn tail anyway).
+                let _ = sink.truncate(length);
+                let reported = (error.kind(), error.to_string());
+                let _ = failure.set(reported.clone());
                 for pending in group {
-                    let _ = pending.ack.send(Err(message.clone()));
+                    let _ = pending.ack.send(Err(reported.clone()));
                 }
                 // The file's state is unknown after a failed sync: stop accepting lines.
                 return;
@@ -413,6 +481,71 @@ mod tests {
         let (_journal, state) = Journal::open(&path, OpenMode::Resume).expect("recovers");
         assert_eq!(state.keys["a"].attempts, 1);
         assert_eq!(state.truncated_bytes, 4);
+    }
+
+    /// A file that takes `room` more bytes, then fails as a full disk does (after a short write).
+    struct FullDisk {
+        file: File,
+        room: usize,
+    }
+
+    impl Sink for FullDisk {
+        fn append_synced(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            let fits = bytes.len().min(self.room);
+            self.file.write_all(&bytes[..fits])?;
+            self.room -= fits;
+            if fits < bytes.len() {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            self.file.sync_data()
+        }
+
+        fn truncate(&mut self, length: u64) -> std::io::Result<()> {
+            self.file.set_len(length)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_named_and_keeps_every_acknowledged_line() {
+        let folder = tempfile::tempdir().expect("dir");
+        let path = folder.path().join("run.journal");
+        let done = |key: &str| Entry::Done { key: key.into(), record: json!({"row": key}) };
+        let one_line = serde_json::to_vec(&done("k0")).expect("encode").len() + 1;
+        let full = |file| -> Box<dyn Sink> { Box::new(FullDisk { file, room: one_line * 3 + one_line / 2 }) };
+        let (journal, _) = Journal::open_with(&path, OpenMode::Fresh, full).expect("open");
+        for key in ["k0", "k1", "k2"] {
+            journal.append(&done(key)).await.expect("room for three");
+        }
+        let error = journal.append(&done("k3")).await.expect_err("the disk is full");
+        let message = error.to_string();
+        assert!(matches!(error, Error::NoSpace { .. }), "{message}");
+        assert!(message.starts_with(&format!("no space left on device while writing {}", path.display())), "{message}");
+        assert!(message.contains("--resume"), "{message}");
+        // Later appends report the same cause, not a vague "writer stopped".
+        let later = journal.append(&done("k4")).await.expect_err("stopped").to_string();
+        assert!(later.starts_with("no space left on device"), "{later}");
+        drop(journal);
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), (one_line * 3) as u64, "the short write was cut off");
+        let (_journal, state) = Journal::open(&path, OpenMode::Resume).expect("resume once there is room");
+        assert_eq!(state.truncated_bytes, 0);
+        assert_eq!(state.answered(), 3);
+        assert!(!state.keys.contains_key("k3"));
+    }
+
+    #[tokio::test]
+    async fn an_open_journal_is_locked_even_against_overwrite() {
+        let folder = tempfile::tempdir().expect("dir");
+        let path = folder.path().join("run.journal");
+        let (journal, _) = Journal::open(&path, OpenMode::Fresh).expect("open");
+        journal.append(&Entry::Done { key: "a".into(), record: json!({"row": 1}) }).await.expect("append");
+        for mode in [OpenMode::Resume, OpenMode::Overwrite, OpenMode::Fresh] {
+            let error = Journal::open(&path, mode).expect_err("locked");
+            assert!(matches!(error, Error::JournalLocked { .. }), "{mode:?}: {error}");
+        }
+        assert!(path.exists(), "a refused overwrite deletes nothing");
+        drop(journal);
+        let (_journal, state) = Journal::open(&path, OpenMode::Resume).expect("free once closed");
+        assert_eq!(state.answered(), 1);
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ pub mod input;
 pub mod journal;
 pub mod key;
 pub mod limits;
+pub mod lock;
 mod model;
 mod names;
 pub mod output;

@@ -236,6 +236,7 @@ mod tests {
             tokens_per_minute: Some(9000),
             timeout_seconds: Some(5),
             max_retries: Some(3),
+            rate_limit_wait_seconds: None,
         });
         let taken = take_over_limits(&mut resource, Duration::from_millis(90_500));
         assert_eq!(

@@ -65,14 +65,51 @@ pub(crate) struct Written {
     pub total_cost: f64,
 }
 
-/// Writes `bytes` to `path` through a synced temporary file and a rename.
+/// Writes `bytes` to `path` through a synced temporary file and a [`rename_durably`]. A failure
+/// (a full disk) leaves the old file as it was and removes the temporary one.
 pub fn write_atomically(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
     let temporary = temporary_path(path);
-    let result = std::fs::File::create(&temporary).and_then(|mut file| {
+    let written = std::fs::File::create(&temporary).and_then(|mut file| {
         file.write_all(bytes.as_ref())?;
         file.sync_all()
     });
-    result.and_then(|()| std::fs::rename(&temporary, path)).map_err(|error| Error::io(path, error))
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(Error::io(&temporary, error));
+    }
+    rename_durably(&temporary, path)
+}
+
+/// Renames `from` over `to` and syncs the directory holding `to`: without the directory sync, a
+/// power loss after the rename can bring back the old file (or no file) even though the new
+/// one's data was synced. Every temporary-file-and-rename of the pipeline goes through here.
+pub fn rename_durably(from: &Path, to: &Path) -> Result<()> {
+    if let Err(error) = std::fs::rename(from, to) {
+        let _ = std::fs::remove_file(from);
+        return Err(Error::io(to, error));
+    }
+    sync_directory_of(to)
+}
+
+/// Syncs the directory that holds `path`, making a rename or a new file in it durable.
+pub fn sync_directory_of(path: &Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    sync_directory(parent)
+}
+
+/// Opens `directory` and syncs it (on Unix; elsewhere a directory cannot be opened as a file and
+/// the rename itself is what the platform offers).
+fn sync_directory(directory: &Path) -> Result<()> {
+    #[cfg(test)]
+    tests::SYNCED_DIRECTORIES.with(|synced| synced.borrow_mut().push(directory.to_path_buf()));
+    if cfg!(unix) {
+        std::fs::File::open(directory).and_then(|handle| handle.sync_all()).map_err(|error| Error::io(directory, error))
+    } else {
+        Ok(())
+    }
 }
 
 fn temporary_path(path: &Path) -> PathBuf {
@@ -96,16 +133,30 @@ impl LineFile {
     }
 
     fn line(&mut self, value: &Value) -> Result<()> {
+        // `serde_json` wraps the writer's errors; unwrap them so a full disk keeps its kind.
         serde_json::to_writer(&mut self.writer, value)
-            .map_err(std::io::Error::other)
+            .map_err(|error| match error.io_error_kind() {
+                Some(kind) => std::io::Error::new(kind, error),
+                None => std::io::Error::other(error),
+            })
             .and_then(|()| self.writer.write_all(b"\n"))
             .map_err(|error| Error::io(&self.temporary, error))
     }
 
-    fn commit(self) -> Result<()> {
-        let file = self.writer.into_inner().map_err(|error| Error::io(&self.temporary, error.into_error()))?;
-        file.sync_all().map_err(|error| Error::io(&self.temporary, error))?;
-        std::fs::rename(&self.temporary, &self.path).map_err(|error| Error::io(&self.path, error))
+    fn commit(mut self) -> Result<()> {
+        let synced = self.writer.flush().and_then(|()| self.writer.get_ref().sync_all());
+        if let Err(error) = synced {
+            return Err(Error::io(&self.temporary, error));
+        }
+        rename_durably(&self.temporary, &self.path)
+    }
+}
+
+impl Drop for LineFile {
+    /// A file not committed (an error stopped the writing) leaves no temporary file behind; a
+    /// committed one was renamed, so there is nothing to remove.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.temporary);
     }
 }
 
@@ -183,7 +234,85 @@ fn journal_mismatch(paths: &OutputPaths, offset: u64) -> Error {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
+
     use super::*;
+
+    thread_local! {
+        /// The directories [`sync_directory`] synced on this thread, for the tests.
+        pub(super) static SYNCED_DIRECTORIES: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn take_synced() -> Vec<PathBuf> {
+        SYNCED_DIRECTORIES.with(|synced| std::mem::take(&mut *synced.borrow_mut()))
+    }
+
+    #[test]
+    fn an_atomic_write_syncs_the_directory_after_the_rename_and_leaves_no_temporary() {
+        let folder = tempfile::tempdir().expect("dir");
+        let path = folder.path().join("report.json");
+        std::fs::write(&path, "old").expect("old");
+        take_synced();
+        write_atomically(&path, "new").expect("write");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
+        assert_eq!(take_synced(), vec![folder.path().to_path_buf()]);
+        assert!(!temporary_path(&path).exists());
+        // A bare file name is in the current directory.
+        assert_eq!(
+            sync_directory_of(Path::new("train.jsonl")).map(|()| take_synced()).expect("sync"),
+            vec![PathBuf::from(".")]
+        );
+    }
+
+    #[test]
+    fn line_files_rename_durably_and_an_uncommitted_one_leaves_nothing() {
+        let folder = tempfile::tempdir().expect("dir");
+        let path = folder.path().join("train.jsonl");
+        take_synced();
+        let mut file = LineFile::create(&path).expect("create");
+        file.line(&json!({"a": 1})).expect("line");
+        file.commit().expect("commit");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "{\"a\":1}\n");
+        assert_eq!(take_synced(), vec![folder.path().to_path_buf()]);
+        let mut abandoned = LineFile::create(&path).expect("create");
+        abandoned.line(&json!({"b": 2})).expect("line");
+        drop(abandoned);
+        assert!(!temporary_path(&path).exists(), "an abandoned temporary file is removed");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "{\"a\":1}\n", "the old file is kept");
+        let error = rename_durably(&folder.path().join("missing"), &path).expect_err("nothing to rename");
+        assert!(error.to_string().contains("train.jsonl"), "{error}");
+    }
+
+    /// Every rename of the pipeline and of the commands built on it (generate, eval, distill) is
+    /// [`rename_durably`]'s: a bare rename would skip the directory sync.
+    #[test]
+    fn every_rename_goes_through_rename_durably() {
+        fn sources(folder: &Path, found: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(folder).expect("source folder").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    sources(&path, found);
+                } else if path.extension().is_some_and(|extension| extension == "rs") {
+                    found.push(path);
+                }
+            }
+        }
+        let crate_root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        sources(&crate_root.join("src"), &mut files);
+        sources(&crate_root.join("../../bins/nstream/src"), &mut files);
+        assert!(files.len() > 20, "the sources were found: {files:?}");
+        let bare_rename = ["fs::", "rename("].concat();
+        let mut offenders = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).expect("source");
+            let allowed = usize::from(file.ends_with("src/output.rs"));
+            if text.matches(&bare_rename).count() > allowed {
+                offenders.push(file.display().to_string());
+            }
+        }
+        assert!(offenders.is_empty(), "use nstream_pipeline::output::rename_durably in {offenders:?}");
+    }
 
     #[test]
     fn sibling_files_follow_the_output_name() {

@@ -8,6 +8,7 @@ use nstream_core::SecretString;
 use nstream_embed::{DeviceSpec, EmbedOptions, Precision};
 use nstream_llm::{LlmOptions, Requantize};
 
+use crate::http_limits::HttpLimits;
 use crate::load::LoadOptions;
 use crate::serve::ServeSettings;
 
@@ -68,15 +69,30 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free one).
     #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_PORT", default_value_t = ServeArgs::DEFAULT_PORT))]
     pub port: u16,
-    /// Require `Authorization: Bearer <key>` on /v1 routes (health, ready and metrics stay open).
+    /// Require `Authorization: Bearer <key>` on /v1 routes (health and ready stay open); the
+    /// key is named `default` in logs.
     #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_API_KEY", hide_env_values = true, value_parser = parse_secret))]
     pub api_key: Option<SecretString>,
+    /// A file holding one bearer key (a trailing newline is ignored), re-read when it changes
+    /// (a mounted Kubernetes Secret); named `key-file` in logs.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH", env = "NSTREAM_API_KEY_FILE"))]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// A YAML or JSON file of named keys, each with optional `models`, `requestsPerMinute` and
+    /// `tokensPerMinute`; re-read when it changes (see docs/cli.md).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH", env = "NSTREAM_API_KEYS_FILE"))]
+    pub api_keys_file: Option<std::path::PathBuf>,
+    /// Require a valid key on /metrics too (health and ready stay open).
+    #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_METRICS_REQUIRE_KEY"))]
+    pub metrics_require_key: bool,
     /// Largest request body in bytes; larger ones get a 413.
     #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_MAX_BODY_BYTES", default_value_t = ServeArgs::DEFAULT_MAX_BODY_BYTES))]
     pub max_body_bytes: usize,
     /// Most inputs in one embeddings request.
     #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_MAX_EMBEDDING_INPUTS", default_value_t = ServeArgs::DEFAULT_MAX_EMBEDDING_INPUTS))]
     pub max_embedding_inputs: usize,
+    /// Time limits, the concurrency limit and the drain sequence of the HTTP server.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    pub http_limits: HttpLimits,
     /// Where models run.
     #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_DEVICE", value_enum, default_value_t = DeviceArg::Cpu))]
     pub device: DeviceArg,
@@ -105,6 +121,12 @@ pub struct ServeArgs {
     /// BaseModels: serve at most this context in tokens (prompt plus completion).
     #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_CONTEXT_LENGTH", value_parser = clap::value_parser!(u32).range(16..)))]
     pub context_length: Option<u32>,
+    /// BaseModels: K/V cache the running sequences may reserve together, in bytes or with a
+    /// unit (`2Gi`, `512Mi`); each reserves its prompt plus `max_tokens`, waits until that fits,
+    /// and a request that can never fit is a 400. Default: room for --max-running-sequences
+    /// full contexts.
+    #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_KV_CACHE_MEMORY", value_parser = nstream_llm::parse_memory_size))]
+    pub kv_cache_memory: Option<u64>,
     /// BaseModels: re-quantisation of slow GGUF formats at load (CPU only).
     #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_REQUANTIZE", value_enum, default_value_t = RequantizeArg::Auto))]
     pub requantize: RequantizeArg,
@@ -121,8 +143,12 @@ impl Default for ServeArgs {
             host: Self::DEFAULT_HOST.to_string(),
             port: Self::DEFAULT_PORT,
             api_key: None,
+            api_key_file: None,
+            api_keys_file: None,
+            metrics_require_key: false,
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             max_embedding_inputs: Self::DEFAULT_MAX_EMBEDDING_INPUTS,
+            http_limits: HttpLimits::default(),
             device: DeviceArg::Cpu,
             dtype: None,
             threads: None,
@@ -132,6 +158,7 @@ impl Default for ServeArgs {
             max_running_sequences: None,
             prefill_chunk_tokens: None,
             context_length: None,
+            kv_cache_memory: None,
             requantize: RequantizeArg::Auto,
             data_dir: None,
         }
@@ -225,13 +252,18 @@ impl ServeArgs {
                 |tokens| tokens as usize,
             ))
             .with_queue_capacity(self.queue_capacity.unwrap_or(defaults.queue_capacity))
-            .with_context_length(self.context_length.map(|tokens| tokens as usize));
+            .with_context_length(self.context_length.map(|tokens| tokens as usize))
+            .with_kv_cache_memory(self.kv_cache_memory);
         ServeSettings {
             host: self.host.clone(),
             port: self.port,
             api_key: self.api_key.clone(),
+            api_key_file: self.api_key_file.clone(),
+            api_keys_file: self.api_keys_file.clone(),
+            metrics_require_key: self.metrics_require_key,
             max_body_bytes: self.max_body_bytes,
             max_embedding_inputs: self.max_embedding_inputs,
+            http_limits: self.http_limits,
             load: LoadOptions { embed, llm },
             data_dir: self.data_dir.clone(),
         }

@@ -18,6 +18,7 @@
 
 mod args;
 mod error;
+mod http_limits;
 mod knowledge;
 mod load;
 mod metrics;
@@ -27,6 +28,7 @@ mod threads;
 
 pub use args::{DeviceArg, DtypeArg, RequantizeArg, ServeArgs};
 pub use error::{ProviderError, Result};
+pub use http_limits::HttpLimits;
 pub use knowledge::{default_data_dir, embedded_store_path, embedding_model_of, open_knowledge_base, open_store};
 pub use load::{
     LoadOptions, LoadedModel, hosted_backend, hosted_options, load_embedding_repo, load_model, load_model_and_adapters,

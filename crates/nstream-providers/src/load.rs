@@ -60,6 +60,9 @@ pub fn hosted_options(spec: &MegaModelSpec) -> HostedOptions {
         if let Some(retries) = limits.max_retries {
             options = options.with_max_retries(retries);
         }
+        if let Some(seconds) = limits.rate_limit_wait_seconds {
+            options = options.with_max_rate_limit_wait(Duration::from_secs(u64::from(seconds)));
+        }
     }
     options
 }

@@ -26,12 +26,21 @@ pub struct ServeSettings {
     pub host: String,
     /// Port to listen on; 0 picks a free one.
     pub port: u16,
-    /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
+    /// When set, `/v1/*` requires `Authorization: Bearer <key>` (the key named `default`).
     pub api_key: Option<SecretString>,
+    /// A file holding one key, re-read when it changes ([`ServerConfig::api_key_file`]).
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// A YAML or JSON file of named keys, re-read when it changes
+    /// ([`ServerConfig::api_keys_file`]).
+    pub api_keys_file: Option<std::path::PathBuf>,
+    /// Whether `/metrics` requires a valid key.
+    pub metrics_require_key: bool,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
     /// Most inputs in one embeddings request.
     pub max_embedding_inputs: usize,
+    /// Time limits, the concurrency limit and the drain sequence.
+    pub http_limits: crate::HttpLimits,
     /// How models are loaded.
     pub load: LoadOptions,
     /// Files, vector stores and embedded KnowledgeBase stores; the default data directory when
@@ -46,8 +55,12 @@ impl Default for ServeSettings {
             host: "127.0.0.1".to_string(),
             port: 8080,
             api_key: None,
+            api_key_file: None,
+            api_keys_file: None,
+            metrics_require_key: false,
             max_body_bytes: server.max_body_bytes,
             max_embedding_inputs: server.max_embedding_inputs,
+            http_limits: crate::HttpLimits::default(),
             load: LoadOptions::default(),
             data_dir: None,
         }
@@ -82,6 +95,12 @@ impl ServeSettings {
     /// Refuses embeddings requests with more inputs than this.
     pub fn with_max_embedding_inputs(mut self, inputs: usize) -> Self {
         self.max_embedding_inputs = inputs;
+        self
+    }
+
+    /// Uses these time limits, concurrency limit and drain sequence.
+    pub fn with_http_limits(mut self, limits: crate::HttpLimits) -> Self {
+        self.http_limits = limits;
         self
     }
 
@@ -143,8 +162,9 @@ pub fn load_models(
     Ok(models)
 }
 
-/// Serves loaded models until SIGINT/SIGTERM, then finishes in-flight requests. `metrics` is the
-/// registry the models were loaded with.
+/// Serves loaded models until SIGINT/SIGTERM, then drains ([`nstream_server::serve_with`]:
+/// `/ready` fails, the drain delay on SIGTERM, in-flight requests finish within the shutdown
+/// timeout). `metrics` is the registry the models were loaded with.
 pub async fn serve_models(models: Vec<LoadedModel>, settings: &ServeSettings, metrics: Metrics) -> Result<()> {
     serve_models_with(models, None, settings, metrics).await
 }
@@ -161,24 +181,34 @@ pub async fn serve_models_with(
     for model in models {
         registry.register_as(model.name, model.backend)?;
     }
-    let mut config = ServerConfig::default()
-        .with_max_body_bytes(settings.max_body_bytes)
-        .with_max_embedding_inputs(settings.max_embedding_inputs);
+    let mut config = settings.http_limits.apply(
+        ServerConfig::default()
+            .with_max_body_bytes(settings.max_body_bytes)
+            .with_max_embedding_inputs(settings.max_embedding_inputs),
+    );
     if let Some(key) = &settings.api_key {
         config = config.with_api_key(ApiKey::new(key.expose()));
     }
-    let mut state = AppState::new(registry, config, metrics);
+    if let Some(path) = &settings.api_key_file {
+        config = config.with_api_key_file(path);
+    }
+    if let Some(path) = &settings.api_keys_file {
+        config = config.with_api_keys_file(path);
+    }
+    config = config.with_metrics_require_key(settings.metrics_require_key);
+    // `try_new`: a key file that is missing or invalid at start-up stops the server.
+    let mut state = AppState::try_new(registry, config, metrics)?;
     if let Some(vector_stores) = vector_stores {
         state = state.with_vector_stores(vector_stores);
     }
-    let app = nstream_server::app(state);
+    let app = nstream_server::app(state.clone());
     let address = format!("{}:{}", settings.host, settings.port);
     let listener = tokio::net::TcpListener::bind(&address)
         .await
         .map_err(|cause| ProviderError::Bind { address: address.clone(), cause })?;
     let local = listener.local_addr().map_err(|cause| ProviderError::Bind { address, cause })?;
     tracing::info!(models = ?names, "serving on http://{local}/v1");
-    nstream_server::serve(listener, app, nstream_server::shutdown_signal()).await?;
+    nstream_server::serve_with(listener, app, &state, nstream_server::termination_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

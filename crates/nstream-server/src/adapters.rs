@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use nstream_backend::ModelBackend;
 use serde::Deserialize;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::state::{AppState, ServerError};
@@ -90,8 +91,26 @@ fn pick_base(state: &AppState, request: &LoadAdapter) -> Result<(String, Arc<dyn
     }
 }
 
+/// Adapters change what every client is served, so a key limited to some models may not load or
+/// unload them.
+fn may_manage_adapters(caller: &Caller) -> Result<(), ApiError> {
+    if caller.is_restricted() {
+        return Err(ApiError::permission_denied(
+            "This API key is limited to some models and may not load or unload LoRA adapters",
+        ));
+    }
+    Ok(())
+}
+
 /// `POST /v1/load_lora_adapter`.
-pub(crate) async fn load(State(state): State<AppState>, OpenAiJson(request): OpenAiJson<LoadAdapter>) -> Response {
+pub(crate) async fn load(
+    State(state): State<AppState>,
+    caller: Caller,
+    OpenAiJson(request): OpenAiJson<LoadAdapter>,
+) -> Response {
+    if let Err(error) = may_manage_adapters(&caller) {
+        return error.into_response();
+    }
     load_adapter(state, request).await.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
 }
 
@@ -135,7 +154,14 @@ async fn load_adapter(state: AppState, request: LoadAdapter) -> Result<Response,
 }
 
 /// `POST /v1/unload_lora_adapter`.
-pub(crate) async fn unload(State(state): State<AppState>, OpenAiJson(request): OpenAiJson<UnloadAdapter>) -> Response {
+pub(crate) async fn unload(
+    State(state): State<AppState>,
+    caller: Caller,
+    OpenAiJson(request): OpenAiJson<UnloadAdapter>,
+) -> Response {
+    if let Err(error) = may_manage_adapters(&caller) {
+        return error.into_response();
+    }
     unload_adapter(&state, &request.lora_name).map_or_else(IntoResponse::into_response, IntoResponse::into_response)
 }
 

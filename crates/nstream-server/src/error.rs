@@ -108,6 +108,20 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message).with_code("invalid_api_key")
     }
 
+    /// 403 for a key that may not use a route at all (a key limited to some models managing
+    /// adapters).
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message).with_code("insufficient_permissions")
+    }
+
+    /// 429 for a key past its own requests or tokens per minute, with `Retry-After`; `limit` is
+    /// OpenAI's error type for it, `"requests"` or `"tokens"`.
+    pub fn rate_limit_exceeded(limit: &'static str, message: impl Into<String>, retry_after_seconds: u64) -> Self {
+        let mut error = Self::new(StatusCode::TOO_MANY_REQUESTS, limit, message).with_code("rate_limit_exceeded");
+        error.0.retry_after_seconds = Some(retry_after_seconds.max(1));
+        error
+    }
+
     /// 413 for a body over the configured limit.
     pub fn payload_too_large(limit_bytes: usize) -> Self {
         Self::new(
@@ -132,6 +146,62 @@ impl ApiError {
             format!("Expected a request with `Content-Type: application/json`, got {received}"),
         )
         .with_code("unsupported_media_type")
+    }
+
+    /// 429 when the server already serves [`crate::ServerConfig::max_concurrent_requests`]
+    /// requests; the client should retry after a second.
+    pub fn server_overloaded(limit: usize) -> Self {
+        let mut error = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!("The server is serving its limit of {limit} concurrent requests; retry shortly"),
+        )
+        .with_code("server_overloaded");
+        error.0.retry_after_seconds = Some(1);
+        error
+    }
+
+    /// 408 for a client that did not send its body within `limit`.
+    pub fn body_read_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("The request body was not received within {} s", limit.as_secs_f64()),
+        )
+        .with_code("request_timeout")
+    }
+
+    /// 504 for a request the server did not answer within `limit`.
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            format!("The request was not answered within the server's limit of {} s", limit.as_secs_f64()),
+        )
+        .with_code("request_timeout")
+    }
+
+    /// The error event that ends a stream past [`crate::ServerConfig::stream_deadline`].
+    pub fn stream_deadline_exceeded(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            format!("The stream reached the server's limit of {} s and was ended", limit.as_secs_f64()),
+        )
+        .with_code("stream_deadline_exceeded")
+    }
+
+    /// 503 (or the error event that ends a stream) when the server stops before the request is
+    /// done; another replica can serve a retry.
+    pub fn server_shutting_down() -> Self {
+        let mut error = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "The server is shutting down and ended the request; retry it",
+        )
+        .with_code("server_shutting_down");
+        error.0.retry_after_seconds = Some(1);
+        error
     }
 
     /// 500 whose `detail` is logged, not returned.
@@ -216,8 +286,9 @@ impl IntoResponse for ApiError {
         if self.0.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if self.0.status == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of an oversized body may still be in flight: the connection cannot be reused.
+        if matches!(self.0.status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) {
+            // The rest of an oversized or late body may still be in flight: the connection cannot
+            // be reused.
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response

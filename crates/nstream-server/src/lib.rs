@@ -15,7 +15,7 @@
 //! | `/v1/files`, `/v1/vector_stores[/{id}[/files[/{file}]\|/search]]` | OpenAI's files and vector-stores API, answered by [`AppState::with_vector_stores`]'s backend |
 //! | `GET /health` | 200 while the process answers (liveness) |
 //! | `GET /ready` | 200 when every model reports ready, else 503 with each model's state (readiness) |
-//! | `GET /metrics` | Prometheus/OpenMetrics text (see [`Metrics`]) |
+//! | `GET /metrics` | Prometheus/OpenMetrics text (see [`Metrics`]); needs a key with [`ServerConfig::metrics_require_key`] |
 //!
 //! # Errors
 //!
@@ -28,18 +28,32 @@
 //!
 //! - `x-request-id`: kept from the request or generated (UUID v4), echoed on the response and
 //!   recorded on the request's tracing span.
-//! - Bearer auth on `/v1/*` when [`ServerConfig::api_key`] is set; probes and metrics stay open.
+//! - Bearer auth on `/v1/*` when any key source is set ([`ServerConfig::api_key`],
+//!   [`ServerConfig::api_key_file`], [`ServerConfig::api_keys_file`]; see [`auth`]): named keys,
+//!   re-read when their files change, each optionally limited to some models (others answer 404
+//!   `model_not_found` and are left out of `/v1/models`) and to requests and tokens per minute
+//!   (429 `rate_limit_exceeded` with `Retry-After` and OpenAI's `x-ratelimit-*` headers). The
+//!   key's name is recorded on the request span. `/health` and `/ready` stay open; `/metrics`
+//!   too unless [`ServerConfig::metrics_require_key`].
 //! - Body limit [`ServerConfig::max_body_bytes`] (413), at most
 //!   [`ServerConfig::max_embedding_inputs`] inputs per embeddings request (400).
+//! - Overload control on `/v1/*`, before the key check and before the body is read: at most
+//!   [`ServerConfig::max_concurrent_requests`] at once (429 `server_overloaded`, `Retry-After`);
+//!   [`ServerConfig::body_read_timeout`] (408), [`ServerConfig::request_timeout`] (504) and
+//!   [`ServerConfig::stream_deadline`] (an error event ends the stream). [`serve_with`] adds the
+//!   header-read timeout and the drain sequence. Refusals are counted by reason ([`ShedReason`]).
 //! - A panic in a handler becomes a 500 JSON error rather than a dropped connection.
 //! - No CORS layer: browsers cannot call the API cross-origin unless a proxy in front allows it.
 
 mod adapters;
+pub mod auth;
 mod config;
 mod error;
 mod extract;
 mod metrics;
+mod overload;
 mod routes;
+mod shutdown;
 mod state;
 mod stream;
 mod vector_stores;
@@ -58,10 +72,12 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+pub use auth::{KeyIdentity, KeyRing, KeySources, Refusal};
 pub use config::{ApiKey, ServerConfig};
 pub use error::ApiError;
 pub use extract::OpenAiJson;
-pub use metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, TokenKind};
+pub use metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, ShedReason, TokenKind};
+pub use shutdown::{Shutdown, termination_signal};
 pub use state::{AppState, ModelRegistry, ServerError};
 
 /// The whole HTTP application for `state`.
@@ -76,16 +92,20 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(routes::get_model))
         .merge(vector_stores::routes())
         // `route_layer`: only matched routes need a key, so unknown paths still answer 404.
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    let operations = Router::new()
-        .route("/health", get(routes::health))
-        .route("/ready", get(routes::ready))
-        .route("/metrics", get(routes::metrics));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
+        // Outside the key check: overload is shed before any other work.
+        .route_layer(middleware::from_fn_with_state(state.clone(), overload::limit));
+    let operations = Router::new().route("/health", get(routes::health)).route("/ready", get(routes::ready));
+    let mut metrics = Router::new().route("/metrics", get(routes::metrics));
+    if state.config().metrics_require_key {
+        metrics = metrics.route_layer(middleware::from_fn_with_state(state.clone(), auth::require_any_key));
+    }
 
     let request_id_header = header::HeaderName::from_static("x-request-id");
     Router::new()
         .merge(api)
         .merge(operations)
+        .merge(metrics)
         .fallback(routes::route_not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config().max_body_bytes))
@@ -111,6 +131,8 @@ fn request_span(request: &Request) -> tracing::Span {
         method = %request.method(),
         path = request.uri().path(),
         request_id,
+        // The key's name (never the key), recorded by the auth middleware.
+        key = tracing::field::Empty,
     )
 }
 
@@ -154,24 +176,6 @@ async fn refuse_declared_oversize(State(state): State<AppState>, request: Reques
     ApiError::payload_too_large(limit).into_response()
 }
 
-async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(expected) = &state.config().api_key else {
-        return next.run(request).await;
-    };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
-        .map(str::trim);
-    match presented {
-        Some(key) if expected.matches(key) => next.run(request).await,
-        Some(_) => ApiError::unauthorized("Incorrect API key provided").into_response(),
-        None => ApiError::unauthorized("You didn't provide an API key; send it as `Authorization: Bearer <key>`")
-            .into_response(),
-    }
-}
-
 async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
@@ -185,41 +189,53 @@ async fn record_metrics(State(state): State<AppState>, request: Request, next: N
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting connections and
-/// waits for in-flight requests (streams included) to finish before returning.
+/// waits for in-flight requests (streams included) to finish before returning. Headers must
+/// arrive within [`ServerConfig::default`]'s `header_read_timeout`; [`serve_with`] applies the
+/// app's own settings and the whole drain sequence.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
-    Ok(())
+    let settings = shutdown::ConnectionSettings {
+        header_read_timeout: ServerConfig::default().header_read_timeout,
+        drain_delay: std::time::Duration::ZERO,
+        shutdown_timeout: None,
+    };
+    let shutdown = async move {
+        shutdown.await;
+        Shutdown::Now
+    };
+    shutdown::run(listener, app, shutdown::Lifecycle::default(), settings, shutdown).await
+}
+
+/// Serves `app`, built from `state` (possibly with more layers), on `listener` with `state`'s
+/// connection and shutdown settings. When `shutdown` completes:
+///
+/// 1. `/ready` answers 503 at once;
+/// 2. for [`Shutdown::Drain`], requests are still accepted for [`ServerConfig::drain_delay`];
+/// 3. the listener closes and in-flight requests may finish within
+///    [`ServerConfig::shutdown_timeout`];
+/// 4. then streams still running end with an error event (`code: "server_shutting_down"`) and
+///    `data: [DONE]`, other requests are answered 503, and the function returns.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    state: &AppState,
+    shutdown: impl Future<Output = Shutdown> + Send + 'static,
+) -> Result<(), ServerError> {
+    let config = state.config();
+    let settings = shutdown::ConnectionSettings {
+        header_read_timeout: config.header_read_timeout,
+        drain_delay: config.drain_delay,
+        shutdown_timeout: config.shutdown_timeout,
+    };
+    shutdown::run(listener, app, state.lifecycle().clone(), settings, shutdown).await
 }
 
 /// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM (what Kubernetes sends). Pass it to
-/// [`serve`]. If a handler cannot be installed, that signal is logged and ignored.
+/// [`serve`]; [`termination_signal`] also says which came, for [`serve_with`]. If a handler
+/// cannot be installed, that signal is logged and ignored.
 pub async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::warn!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => tracing::info!("received Ctrl-C, shutting down"),
-        () = terminate => tracing::info!("received SIGTERM, shutting down"),
-    }
+    termination_signal().await;
 }

@@ -59,6 +59,39 @@ struct TokenLabels {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    reason: &'static str,
+}
+
+/// Why the server refused or cut short a request on its own (see [`Metrics::record_shed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShedReason {
+    /// 429: [`crate::ServerConfig::max_concurrent_requests`] were being served.
+    ConcurrencyLimit,
+    /// 408: the body did not arrive within [`crate::ServerConfig::body_read_timeout`].
+    BodyReadTimeout,
+    /// 504: no answer within [`crate::ServerConfig::request_timeout`].
+    RequestTimeout,
+    /// A stream ended at [`crate::ServerConfig::stream_deadline`].
+    StreamDeadline,
+    /// Ended by the shutdown timeout ([`crate::ServerConfig::shutdown_timeout`]).
+    Shutdown,
+}
+
+impl ShedReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::ConcurrencyLimit => "concurrency_limit",
+            Self::BodyReadTimeout => "body_read_timeout",
+            Self::RequestTimeout => "request_timeout",
+            Self::StreamDeadline => "stream_deadline",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Which tokens a count is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
@@ -95,6 +128,7 @@ struct MetricsInner {
     stream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     embedding_inputs: Family<ModelLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
+    shed: Family<ShedLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,6 +155,9 @@ impl Metrics {
     /// - `nstream_server_embedding_inputs_total{model}`: inputs embedded.
     /// - `nstream_server_tokens_total{model,kind}`: prompt and completion tokens, from the
     ///   backends' usage.
+    /// - `nstream_server_shed_requests_total{reason}`: requests the server refused or cut short
+    ///   on its own ([`ShedReason`]: `concurrency_limit`, `body_read_timeout`,
+    ///   `request_timeout`, `stream_deadline`, `shutdown`).
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
@@ -130,6 +167,7 @@ impl Metrics {
             Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
         let embedding_inputs = Family::<ModelLabels, Counter>::default();
         let tokens = Family::<TokenLabels, Counter>::default();
+        let shed = Family::<ShedLabels, Counter>::default();
         // prometheus-client appends `_total` to counters and the unit suffix to histograms.
         registry.register(
             "nstream_server_requests",
@@ -154,6 +192,11 @@ impl Metrics {
             "Tokens processed, by model and kind (prompt or completion)",
             tokens.clone(),
         );
+        registry.register(
+            "nstream_server_shed_requests",
+            "Requests refused or cut short by the server's own limits, by reason",
+            shed.clone(),
+        );
         Self {
             inner: Arc::new(MetricsInner {
                 registry: Mutex::new(registry),
@@ -162,6 +205,7 @@ impl Metrics {
                 stream_duration,
                 embedding_inputs,
                 tokens,
+                shed,
             }),
         }
     }
@@ -213,6 +257,11 @@ impl Metrics {
         self.inner.embedding_inputs.get_or_create(&ModelLabels { model: model.to_owned() }).inc_by(count);
     }
 
+    /// Counts one request refused or cut short by the server's own limits.
+    pub fn record_shed(&self, reason: ShedReason) {
+        self.inner.shed.get_or_create(&ShedLabels { reason: reason.as_str() }).inc();
+    }
+
     /// Counts tokens.
     pub fn record_tokens(&self, model: &str, kind: TokenKind, count: u32) {
         if count == 0 {
@@ -250,5 +299,8 @@ mod tests {
         );
         assert!(text.contains(r#"nstream_server_embedding_inputs_total{model="bge"} 2"#));
         assert!(text.contains(r#"nstream_server_tokens_total{model="bge",kind="prompt"} 7"#));
+        metrics.record_shed(ShedReason::ConcurrencyLimit);
+        let text = metrics.encode().expect("encodes");
+        assert!(text.contains(r#"nstream_server_shed_requests_total{reason="concurrency_limit"} 1"#), "{text}");
     }
 }

@@ -16,11 +16,12 @@ use nstream_backend::embedding::{EmbeddingRequest, EmbeddingUsage, EncodingForma
 use nstream_backend::{Capability, Health, ModelBackend, ModelDescription, ModelKind, StreamOptions, Usage};
 use serde::Serialize;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::metrics::{OPENMETRICS_CONTENT_TYPE, TokenKind};
 use crate::state::AppState;
-use crate::stream::{StreamMetrics, StreamedChunk, sse_response};
+use crate::stream::{StreamEnds, StreamMetrics, StreamedChunk, sse_response};
 
 /// The model a request was routed to, put in the response extensions for the metrics layer.
 /// Only registered names end up there, so label cardinality stays bounded.
@@ -36,21 +37,27 @@ fn labelled(model: Option<String>, result: Result<Response, ApiError>) -> Respon
     response
 }
 
-fn find_model(state: &AppState, name: &str) -> Result<Arc<dyn ModelBackend>, ApiError> {
+/// The backend serving `name`, when the caller may use it; a model the caller's key may not
+/// use is answered exactly like one that does not exist.
+fn find_model(state: &AppState, caller: &Caller, name: &str) -> Result<Arc<dyn ModelBackend>, ApiError> {
+    if !caller.allows_model(name) {
+        return Err(ApiError::model_not_found(name));
+    }
     state.models().get(name).ok_or_else(|| ApiError::model_not_found(name))
 }
 
 /// `POST /v1/embeddings`.
 pub(crate) async fn embeddings(
     State(state): State<AppState>,
+    caller: Caller,
     OpenAiJson(request): OpenAiJson<EmbeddingRequest>,
 ) -> Response {
     let model = state.models().get(&request.model).map(|_| request.model.clone());
-    labelled(model, embed(&state, request).await)
+    labelled(model, embed(&state, &caller, request).await)
 }
 
-async fn embed(state: &AppState, request: EmbeddingRequest) -> Result<Response, ApiError> {
-    let backend = find_model(state, &request.model)?;
+async fn embed(state: &AppState, caller: &Caller, request: EmbeddingRequest) -> Result<Response, ApiError> {
+    let backend = find_model(state, caller, &request.model)?;
     request.validate()?;
     let input_count = request.input.len();
     let limit = state.config().max_embedding_inputs;
@@ -76,6 +83,7 @@ async fn embed(state: &AppState, request: EmbeddingRequest) -> Result<Response, 
     let dimensions = request.dimensions;
     let model_name = request.model.clone();
     let response = backend.embed(request).await?;
+    caller.settle_tokens(response.usage.total_tokens);
 
     let metrics = state.metrics();
     metrics.record_embedding_inputs(&model_name, response.data.len() as u64);
@@ -147,19 +155,21 @@ enum WireVector {
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
+    caller: Caller,
     OpenAiJson(request): OpenAiJson<ChatCompletionRequest>,
 ) -> Response {
     let model = state.models().get(&request.model).map(|_| request.model.clone());
-    labelled(model, generate(&state, request).await)
+    labelled(model, generate(&state, caller, request).await)
 }
 
 /// `POST /v1/completions`.
 pub(crate) async fn completions(
     State(state): State<AppState>,
+    caller: Caller,
     OpenAiJson(request): OpenAiJson<CompletionRequest>,
 ) -> Response {
     let model = state.models().get(&request.model).map(|_| request.model.clone());
-    labelled(model, generate(&state, request).await)
+    labelled(model, generate(&state, caller, request).await)
 }
 
 /// What the chat and completion endpoints share, so that one handler serves both: a request that
@@ -233,9 +243,13 @@ generation_request! {
 }
 
 /// Answers a chat or completion request: whole (its usage recorded), or as server-sent events.
-async fn generate<R: GenerationRequest>(state: &AppState, mut request: R) -> Result<Response, ApiError> {
+async fn generate<R: GenerationRequest>(
+    state: &AppState,
+    caller: Caller,
+    mut request: R,
+) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
-    let backend = find_model(state, request.model())?;
+    let backend = find_model(state, &caller, request.model())?;
     request.validate()?;
     let model_name = request.model().to_owned();
     let (stream, client_wants_usage) = request.stream();
@@ -244,12 +258,17 @@ async fn generate<R: GenerationRequest>(state: &AppState, mut request: R) -> Res
         // the client did not ask for it.
         request.ask_for_usage();
         let stream = request.answer_stream(backend).await?;
-        let labels = StreamMetrics { metrics: state.metrics().clone(), route: R::ROUTE, model: model_name, started };
-        return sse_response(stream, client_wants_usage, labels).await;
+        let labels =
+            StreamMetrics { metrics: state.metrics().clone(), route: R::ROUTE, model: model_name, started, caller };
+        let deadline =
+            state.config().stream_deadline.map(|limit| (tokio::time::Instant::from_std(started) + limit, limit));
+        let ends = StreamEnds { deadline, shutdown: state.lifecycle().subscribe() };
+        return sse_response(stream, client_wants_usage, labels, ends).await;
     }
     let response = request.answer(backend).await?;
     if let Some(usage) = R::usage(&response) {
         record_usage(state, &model_name, usage);
+        caller.settle_tokens(usage.total_tokens);
     }
     Ok(Json(response).into_response())
 }
@@ -303,15 +322,19 @@ fn wire_model(name: &str, description: ModelDescription) -> WireModel {
 }
 
 /// `GET /v1/models`.
-pub(crate) async fn list_models(State(state): State<AppState>) -> Response {
-    let data: Vec<WireModel> =
-        state.models().iter().map(|(name, backend)| wire_model(&name, backend.describe())).collect();
+pub(crate) async fn list_models(State(state): State<AppState>, caller: Caller) -> Response {
+    let data: Vec<WireModel> = state
+        .models()
+        .iter()
+        .filter(|(name, _)| caller.allows_model(name))
+        .map(|(name, backend)| wire_model(&name, backend.describe()))
+        .collect();
     Json(serde_json::json!({ "object": "list", "data": data })).into_response()
 }
 
 /// `GET /v1/models/{id}`; the id may contain slashes (`BAAI/bge-small-en-v1.5`).
-pub(crate) async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.models().get(&id) {
+pub(crate) async fn get_model(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Response {
+    match state.models().get(&id).filter(|_| caller.allows_model(&id)) {
         Some(backend) => labelled(Some(id.clone()), Ok(Json(wire_model(&id, backend.describe())).into_response())),
         None => ApiError::model_not_found(&id).into_response(),
     }
@@ -325,8 +348,13 @@ pub(crate) async fn health() -> Response {
 /// How long one backend may take to answer a readiness probe.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `GET /ready`: 200 only when at least one model is registered and every model is ready.
+/// `GET /ready`: 200 only when at least one model is registered and every model is ready, and
+/// the server is not shutting down (then 503 at once, so load balancers stop sending traffic
+/// while in-flight requests finish).
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
+    if state.lifecycle().is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "draining" }))).into_response();
+    }
     let checks = state.models().iter().map(|(name, backend)| async move {
         let health = tokio::time::timeout(HEALTH_CHECK_TIMEOUT, backend.health())
             .await

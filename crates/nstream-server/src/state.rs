@@ -5,8 +5,10 @@ use std::sync::{Arc, RwLock};
 
 use nstream_backend::{ModelBackend, VectorStoreBackend};
 
+use crate::auth::{KeyFileError, KeyRing, KeySources};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
+use crate::shutdown::Lifecycle;
 
 /// Errors building or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,12 @@ pub enum ServerError {
     /// Binding or serving the socket failed.
     #[error("server I/O error: {0}")]
     Io(std::io::Error),
+    /// The API key files could not be loaded.
+    #[error("API keys: {0}")]
+    Keys(KeyFileError),
+    /// `/metrics` should require a key but no key is configured.
+    #[error("metrics_require_key is set but no API key is configured (api_key, api_key_file or api_keys_file)")]
+    MetricsKeyWithoutKeys,
 }
 
 impl From<std::io::Error> for ServerError {
@@ -137,6 +145,12 @@ struct StateInner {
     config: ServerConfig,
     metrics: Metrics,
     vector_stores: Option<VectorStores>,
+    /// Where the server is in its shutdown, shared with [`crate::serve_with`].
+    lifecycle: Lifecycle,
+    /// Permits for [`ServerConfig::max_concurrent_requests`]; `None` without a limit.
+    admission: Option<Arc<tokio::sync::Semaphore>>,
+    /// The accepted API keys; `None` when requests need no key.
+    keys: Option<KeyRing>,
 }
 
 /// The files and vector stores, when served; `Debug` names no internals.
@@ -152,8 +166,38 @@ impl std::fmt::Debug for VectorStores {
 impl AppState {
     /// State for [`crate::app`]. Pass the same [`Metrics`] whose registry the backends
     /// registered their own metrics in, so `/metrics` shows them too.
+    ///
+    /// Key files that cannot be loaded are logged and refuse every request until they become
+    /// valid (never open the server); [`AppState::try_new`] reports them instead.
     pub fn new(models: ModelRegistry, config: ServerConfig, metrics: Metrics) -> Self {
-        Self { inner: Arc::new(StateInner { models, config, metrics, vector_stores: None }) }
+        let sources = KeySources::from_config(&config);
+        let keys = (!sources.is_empty()).then(|| KeyRing::load_or_refuse_all(sources));
+        Self::with_key_ring(models, config, metrics, keys)
+    }
+
+    fn with_key_ring(models: ModelRegistry, config: ServerConfig, metrics: Metrics, keys: Option<KeyRing>) -> Self {
+        let admission = (config.max_concurrent_requests > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)));
+        let lifecycle = Lifecycle::default();
+        Self {
+            inner: Arc::new(StateInner { models, config, metrics, vector_stores: None, lifecycle, admission, keys }),
+        }
+    }
+
+    /// [`AppState::new`], failing when the key files cannot be loaded or `/metrics` should
+    /// require a key and none is configured (what a binary wants at start-up).
+    pub fn try_new(models: ModelRegistry, config: ServerConfig, metrics: Metrics) -> Result<Self, ServerError> {
+        let sources = KeySources::from_config(&config);
+        if config.metrics_require_key && sources.is_empty() {
+            return Err(ServerError::MetricsKeyWithoutKeys);
+        }
+        let ring = if sources.is_empty() { None } else { Some(KeyRing::load(sources).map_err(ServerError::Keys)?) };
+        Ok(Self::with_key_ring(models, config, metrics, ring))
+    }
+
+    /// The accepted API keys; `None` when requests need no key.
+    pub fn key_ring(&self) -> Option<&KeyRing> {
+        self.inner.keys.as_ref()
     }
 
     /// The served models.
@@ -176,6 +220,16 @@ impl AppState {
         let mut inner = Arc::unwrap_or_clone(self.inner);
         inner.vector_stores = Some(VectorStores(backend));
         Self { inner: Arc::new(inner) }
+    }
+
+    /// Where the server is in its shutdown.
+    pub(crate) fn lifecycle(&self) -> &Lifecycle {
+        &self.inner.lifecycle
+    }
+
+    /// The permits of [`ServerConfig::max_concurrent_requests`], when limited.
+    pub(crate) fn admission(&self) -> Option<&Arc<tokio::sync::Semaphore>> {
+        self.inner.admission.as_ref()
     }
 
     /// The files and vector stores, when served.

@@ -12,8 +12,10 @@ use nstream_backend::completion::CompletionResponse;
 use nstream_backend::{BackendError, Usage};
 use serde::Serialize;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::metrics::{Metrics, TokenKind};
+use crate::metrics::{Metrics, ShedReason, TokenKind};
+use crate::shutdown::{Phase, until_aborted};
 
 /// A streamed chunk type whose usage the server reads and may strip.
 pub(crate) trait StreamedChunk: Serialize + Send + 'static {
@@ -53,17 +55,28 @@ pub(crate) struct StreamMetrics {
     pub(crate) model: String,
     /// When the handler began, for the stream's duration.
     pub(crate) started: Instant,
+    /// Who asked, to settle the key's token estimate with the stream's usage.
+    pub(crate) caller: Caller,
+}
+
+/// What ends a stream early, with an error event: its total deadline and the server's shutdown.
+pub(crate) struct StreamEnds {
+    /// When the stream must end, and the limit it was computed from (for the message).
+    pub(crate) deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+    /// The server's shutdown phase; [`Phase::Aborting`] ends the stream.
+    pub(crate) shutdown: tokio::sync::watch::Receiver<Phase>,
 }
 
 struct StreamState<T> {
     chunks: BoxStream<'static, Result<T, BackendError>>,
     client_wants_usage: bool,
     labels: StreamMetrics,
-    phase: Phase,
+    ends: StreamEnds,
+    phase: StreamPhase,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
+enum StreamPhase {
     Streaming,
     SendDone,
     Finished,
@@ -74,18 +87,21 @@ enum Phase {
 /// The first chunk is awaited before answering, so an error the backend reports at once (queue
 /// full, not ready) still gets its proper status and JSON body instead of a 200 stream that
 /// fails. Later errors are sent as a `data: {"error": ...}` event followed by `[DONE]`, as an
-/// HTTP status can no longer change.
+/// HTTP status can no longer change. So is the end of a stream cut by `ends` (its deadline, the
+/// server's shutdown timeout): OpenAI's clients raise on such an event rather than take the
+/// truncated answer as whole.
 pub(crate) async fn sse_response<T: StreamedChunk>(
     mut chunks: BoxStream<'static, Result<T, BackendError>>,
     client_wants_usage: bool,
     labels: StreamMetrics,
+    ends: StreamEnds,
 ) -> Result<Response, ApiError> {
     let first = match chunks.next().await {
         Some(Err(error)) => return Err(ApiError::from(error)),
         other => other,
     };
     let chunks = futures_util::stream::iter(first).chain(chunks).boxed();
-    let state = StreamState { chunks, client_wants_usage, labels, phase: Phase::Streaming };
+    let state = StreamState { chunks, client_wants_usage, labels, ends, phase: StreamPhase::Streaming };
     let events = futures_util::stream::unfold(state, |mut state| async move {
         let event = next_event(&mut state).await?;
         Some((Ok::<Event, Infallible>(event), state))
@@ -96,22 +112,38 @@ pub(crate) async fn sse_response<T: StreamedChunk>(
 async fn next_event<T: StreamedChunk>(state: &mut StreamState<T>) -> Option<Event> {
     loop {
         match state.phase {
-            Phase::Finished => return None,
-            Phase::SendDone => {
-                state.phase = Phase::Finished;
-                let StreamMetrics { metrics, route, model, started } = &state.labels;
+            StreamPhase::Finished => return None,
+            StreamPhase::SendDone => {
+                state.phase = StreamPhase::Finished;
+                let StreamMetrics { metrics, route, model, started, .. } = &state.labels;
                 metrics.record_stream(route, model, started.elapsed());
                 return Some(Event::default().data("[DONE]"));
             }
-            Phase::Streaming => {}
+            StreamPhase::Streaming => {}
         }
-        match state.chunks.next().await {
-            None => state.phase = Phase::SendDone,
+        let deadline = state.ends.deadline;
+        let next = tokio::select! {
+            next = state.chunks.next() => next,
+            () = sleep_until(deadline) => {
+                state.phase = StreamPhase::SendDone;
+                state.labels.metrics.record_shed(ShedReason::StreamDeadline);
+                let limit = deadline.map(|(_, limit)| limit).unwrap_or_default();
+                return Some(error_event(&ApiError::stream_deadline_exceeded(limit)));
+            }
+            () = until_aborted(&mut state.ends.shutdown) => {
+                state.phase = StreamPhase::SendDone;
+                state.labels.metrics.record_shed(ShedReason::Shutdown);
+                return Some(error_event(&ApiError::server_shutting_down()));
+            }
+        };
+        match next {
+            None => state.phase = StreamPhase::SendDone,
             Some(Ok(mut chunk)) => {
                 if let Some(usage) = chunk.take_usage() {
-                    let StreamMetrics { metrics, model, .. } = &state.labels;
+                    let StreamMetrics { metrics, model, caller, .. } = &state.labels;
                     metrics.record_tokens(model, TokenKind::Prompt, usage.prompt_tokens);
                     metrics.record_tokens(model, TokenKind::Completion, usage.completion_tokens);
+                    caller.settle_tokens(usage.total_tokens);
                     if state.client_wants_usage {
                         chunk.set_usage(usage);
                     } else if !chunk.has_choices() {
@@ -122,16 +154,23 @@ async fn next_event<T: StreamedChunk>(state: &mut StreamState<T>) -> Option<Even
                 return Some(match serde_json::to_string(&chunk) {
                     Ok(json) => Event::default().data(json),
                     Err(error) => {
-                        state.phase = Phase::SendDone;
+                        state.phase = StreamPhase::SendDone;
                         error_event(&ApiError::internal(format!("serialising a stream chunk failed: {error}")))
                     }
                 });
             }
             Some(Err(error)) => {
-                state.phase = Phase::SendDone;
+                state.phase = StreamPhase::SendDone;
                 return Some(error_event(&ApiError::from(error)));
             }
         }
+    }
+}
+
+async fn sleep_until(deadline: Option<(tokio::time::Instant, std::time::Duration)>) {
+    match deadline {
+        Some((instant, _)) => tokio::time::sleep_until(instant).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -363,3 +363,32 @@ pub fn hf_home() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/huggingface"))
 }
+
+/// A kubeconfig for the ServiceAccount `namespace/name` (a token from the TokenRequest API), so a
+/// process runs with that account's RBAC only; written under `folder`.
+pub async fn service_account_kubeconfig(
+    admin: &Client,
+    admin_kubeconfig: &Path,
+    namespace: &str,
+    name: &str,
+    folder: &Path,
+) -> PathBuf {
+    let request: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 86400}
+    }))
+    .expect("token request");
+    let accounts = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), namespace);
+    let token: k8s_openapi::api::authentication::v1::TokenRequest = accounts
+        .create_subresource("token", name, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|error| panic!("a token for the ServiceAccount {namespace}/{name}: {error}"));
+    let token = token.status.expect("token status").token;
+    let admin_config = std::fs::read_to_string(admin_kubeconfig).expect("admin kubeconfig");
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&admin_config).expect("YAML");
+    config["users"] = serde_yaml::from_str(&format!("- name: {name}\n  user:\n    token: {token}\n")).expect("YAML");
+    config["contexts"][0]["context"]["user"] = name.into();
+    let path = folder.join(format!("{namespace}-{name}.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML")).expect("writing kubeconfig");
+    path
+}

@@ -1,6 +1,7 @@
-//! Admission: a request's prompts tokenised and checked against the context on the caller's
-//! side, queued for the scheduler (or refused when the queue is full), and the non-streamed
-//! results collected.
+//! Admission: room in the scheduler's queue taken first (a full queue refuses the request before
+//! any template rendering or tokenisation, so refusals stay cheap under overload), the request's
+//! prompts tokenised and checked against the context and the K/V token budget on the caller's
+//! side, queued for the scheduler, and the non-streamed results collected.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,6 +37,10 @@ pub(super) struct Generation {
     pub(super) prompt_logprobs: Option<usize>,
     /// The tools of a chat request, for parsing calls out of the answers.
     pub(super) tools: Option<ToolPlan>,
+    /// The request field holding the prompt (`messages` or `prompt`), for errors.
+    pub(super) prompt_param: &'static str,
+    /// The queue slot taken before the prompt was rendered and tokenised.
+    pub(super) permit: mpsc::OwnedPermit<Job>,
 }
 
 /// The receiving side of a submitted [`Generation`].
@@ -91,9 +96,25 @@ impl LlmBackend {
         }
     }
 
-    /// Checks every prompt against the context and queues the sequences.
+    /// A slot in the scheduler's queue, taken before the expensive work (rendering,
+    /// tokenising) so that a request the queue has no room for costs nearly nothing; dropping it
+    /// gives the slot back.
+    fn queue_room(&self) -> Result<mpsc::OwnedPermit<Job>> {
+        match self.sender.clone().try_reserve_owned() {
+            Ok(permit) => Ok(permit),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.overloaded_total.fetch_add(1, Ordering::Relaxed);
+                Err(Error::Overloaded { retry_after: Duration::from_secs(1) })
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::SchedulerStopped),
+        }
+    }
+
+    /// Checks every prompt against the context and the K/V token budget, and queues the
+    /// sequences.
     pub(super) fn submit(&self, generation: Generation) -> Result<Submitted> {
         let context = self.info.context_length;
+        let budget = self.info.kv_token_budget;
         let total = generation.prompts.len().saturating_mul(generation.choices as usize);
         if total > MAX_SEQUENCES_PER_REQUEST {
             return Err(Error::invalid_param(
@@ -122,7 +143,8 @@ impl LlmBackend {
             }
             let max_new = match generation.max_new_tokens {
                 Some(max) => max as usize,
-                None => context.saturating_sub(prompt.len()),
+                // No `max_tokens`: as much as the context and the budget leave.
+                None => context.min(budget).saturating_sub(prompt.len()),
             };
             let requested = prompt.len().saturating_add(max_new.max(1));
             if requested > context {
@@ -132,6 +154,7 @@ impl LlmBackend {
                     requested_tokens: requested,
                 });
             }
+            check_budget(prompt.len(), max_new, budget, generation.prompt_param)?;
             prompt_tokens += prompt.len();
             for choice in 0..generation.choices {
                 let mut sampling = generation.sampling.clone();
@@ -154,19 +177,8 @@ impl LlmBackend {
         let count = sequences.len();
         // Counted before sending so the scheduler's decrement can never come first.
         self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
-        match self.sender.try_send(Job::new(sequences)) {
-            Ok(()) => {
-                self.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(error) => {
-                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                if let mpsc::error::TrySendError::Closed(_) = error {
-                    return Err(Error::SchedulerStopped);
-                }
-                self.metrics.overloaded_total.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::Overloaded { retry_after: Duration::from_secs(1) });
-            }
-        }
+        generation.permit.send(Job::new(sequences));
+        self.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
         Ok(Submitted { events, prompt_tokens, sequences: count })
     }
 
@@ -206,6 +218,7 @@ impl LlmBackend {
     pub(super) async fn chat_generation(&self, request: &ChatCompletionRequest) -> Result<Generation> {
         structured::check_text_only(request)?;
         let logprobs = structured::chat_logprobs_count(request)?;
+        let permit = self.queue_room()?;
         let uses_tools = request.tools.as_ref().is_some_and(|tools| !tools.is_empty()) || request.tool_choice.is_some();
         let tools = if uses_tools {
             let engine = self.constraint_engine()?;
@@ -252,6 +265,8 @@ impl LlmBackend {
             logprobs,
             prompt_logprobs: None,
             tools,
+            prompt_param: "messages",
+            permit,
         })
     }
 
@@ -263,6 +278,7 @@ impl LlmBackend {
         if request.best_of.is_some_and(|best_of| best_of != request.n.unwrap_or(1)) {
             return Err(Error::invalid_param("best_of", "this model does not support `best_of` other than `n`"));
         }
+        let permit = self.queue_room()?;
         let mut prompts = Vec::new();
         let mut texts = Vec::new();
         for item in request.prompt.items() {
@@ -293,9 +309,37 @@ impl LlmBackend {
             logprobs: structured::completion_logprobs_count(request),
             prompt_logprobs: if request.echo { structured::completion_logprobs_count(request) } else { None },
             tools: None,
+            prompt_param: "prompt",
+            permit,
         };
         Ok((generation, texts))
     }
+}
+
+/// Refuses a sequence whose K/V reservation (prompt plus `max_new` tokens, at least one) can
+/// never fit `budget`, naming the field to change and the numbers.
+fn check_budget(prompt: usize, max_new: usize, budget: usize, prompt_param: &'static str) -> Result<()> {
+    let requested = prompt.saturating_add(max_new.max(1));
+    if requested <= budget {
+        return Ok(());
+    }
+    if prompt >= budget {
+        return Err(Error::invalid_param(
+            prompt_param,
+            format!(
+                "the prompt holds {prompt} tokens, but this model's K/V cache budget holds at most {budget} tokens \
+                 per request (prompt plus completion)"
+            ),
+        ));
+    }
+    Err(Error::invalid_param(
+        "max_tokens",
+        format!(
+            "the prompt ({prompt} tokens) plus max_tokens ({max_new}) needs {requested} K/V cache tokens, but this \
+             model's budget holds at most {budget} per request: ask for at most {} new tokens",
+            budget - prompt
+        ),
+    ))
 }
 
 /// Usage with the counts clamped to `u32`.

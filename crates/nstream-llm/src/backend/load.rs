@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file;
 use nstream_hub::{Hub, ModelSource, WeightFormat};
 use nstream_kernels::CpuLevel;
 
@@ -144,8 +143,7 @@ impl LlmBackend {
         let name = name.into();
         let io_error = |cause| Error::Io { path: path.display().to_string(), cause };
         let mut file = std::fs::File::open(path).map_err(io_error)?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|error| Error::InvalidModel { file: path.display().to_string(), message: error.to_string() })?;
+        let content = crate::model::read_gguf(&mut file, &path.display().to_string())?;
         let device = options.device.device()?;
         let pool = thread_pool(options.threads)?;
         let mut load = || LlamaModel::from_gguf(&content, &mut file, &device, options.requantize);

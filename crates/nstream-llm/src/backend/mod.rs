@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 pub use adapters::AdapterSource;
 pub use device::DeviceSpec;
 pub use files::{SafetensorsFiles, end_ids};
-pub use options::{CUDA_PREFILL_CHUNK_TOKENS, LlmInfo, LlmOptions};
+pub use options::{CUDA_PREFILL_CHUNK_TOKENS, LlmInfo, LlmOptions, parse_memory_size};
 
 use crate::constrained::ConstraintEngine;
 use crate::error::{Error, Result};
@@ -91,10 +91,8 @@ impl LlmBackend {
     ) -> Arc<Self> {
         let (sender, receiver) = mpsc::channel(options.queue_capacity.max(1));
         let metrics = Arc::new(LlmMetrics::default());
-        let limits = SchedulerLimits {
-            max_running_sequences: options.max_running_sequences.max(1),
-            prefill_chunk_tokens: options.prefill_chunk_tokens.max(1),
-        };
+        let limits = SchedulerLimits::new(options.max_running_sequences.max(1), options.prefill_chunk_tokens.max(1))
+            .with_kv_token_budget(info.kv_token_budget);
         let model = Arc::new(model);
         let scheduler =
             Scheduler::new(Arc::clone(&model), Arc::clone(&tokenizer), receiver, limits, Arc::clone(&metrics));

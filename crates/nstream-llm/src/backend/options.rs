@@ -33,6 +33,11 @@ pub struct LlmOptions {
     /// Serve at most this context (tokens), below the model's own; `None` serves the model's
     /// (capped at [`crate::model::MAX_CONTEXT`]).
     pub context_length: Option<usize>,
+    /// Bytes of K/V cache the running sequences may reserve together (each reserves its prompt
+    /// plus `max_tokens`); a sequence waits until its reservation fits, and one that can never
+    /// fit is refused. `None`: room for `max_running_sequences` full contexts (no limit beyond
+    /// the sequence count).
+    pub kv_cache_memory: Option<u64>,
 }
 
 impl Default for LlmOptions {
@@ -45,6 +50,7 @@ impl Default for LlmOptions {
             prefill_chunk_tokens: 256,
             queue_capacity: 64,
             context_length: None,
+            kv_cache_memory: None,
         }
     }
 }
@@ -91,6 +97,43 @@ impl LlmOptions {
         self.context_length = tokens;
         self
     }
+
+    /// Lets the running sequences reserve at most this many bytes of K/V cache (`None`: room
+    /// for `max_running_sequences` full contexts).
+    pub fn with_kv_cache_memory(mut self, bytes: Option<u64>) -> Self {
+        self.kv_cache_memory = bytes;
+        self
+    }
+}
+
+/// Reads a memory size: bytes (`1073741824`), or a number with a binary (`512Mi`, `2Gi`, `1Ti`,
+/// `64Ki`) or decimal (`500M`, `2G`) suffix, as Kubernetes quantities are written.
+pub fn parse_memory_size(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|character: char| !character.is_ascii_digit() && character != '.').unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let multiplier: u64 = match suffix.trim() {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}`; expected bytes or a number with Ki, Mi, Gi, Ti, K, M, G or T"
+            ));
+        }
+    };
+    let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a memory size such as 2Gi or 512Mi"))?;
+    let bytes = value * multiplier as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("`{text}` is not a positive memory size"));
+    }
+    Ok(bytes as u64)
 }
 
 /// What a loaded model is.
@@ -104,6 +147,9 @@ pub struct LlmInfo {
     pub vocab_size: usize,
     /// Whether the file's own chat template is used (else ChatML).
     pub has_chat_template: bool,
+    /// Most K/V tokens the running sequences may reserve together (from
+    /// [`LlmOptions::kv_cache_memory`], else `max_running_sequences` × the context).
+    pub kv_token_budget: usize,
     /// The weights as loaded: `gguf` (quantised as stored, or re-quantised), or the compute
     /// dtype of a safetensors checkpoint (`f32` on CPU; `f32`, `f16` or `bf16` on CUDA).
     pub weights: String,
@@ -120,12 +166,36 @@ impl LlmInfo {
         weights: String,
     ) -> Self {
         let config = model.config();
+        let context_length = options.context_length.map_or(config.context_length, |cap| cap.min(config.context_length));
+        let kv_token_budget = match options.kv_cache_memory {
+            Some(bytes) => usize::try_from(bytes / model.kv_bytes_per_token().max(1) as u64).unwrap_or(usize::MAX),
+            None => options.max_running_sequences.max(1).saturating_mul(context_length),
+        };
         Self {
             architecture: config.architecture.clone(),
-            context_length: options.context_length.map_or(config.context_length, |cap| cap.min(config.context_length)),
+            context_length,
+            kv_token_budget,
             vocab_size: config.vocab_size.min(tokenizer.vocab_size()),
             has_chat_template,
             weights,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_memory_size;
+
+    #[test]
+    fn memory_sizes_read_as_kubernetes_writes_them() {
+        assert_eq!(parse_memory_size("2Gi"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("1.5Gi"), Ok(3 << 29));
+        assert_eq!(parse_memory_size("500M"), Ok(500_000_000));
+        assert_eq!(parse_memory_size("1048576"), Ok(1 << 20));
+        for bad in ["", "Gi", "2 GB", "-1", "0", "2Zi", "1e999"] {
+            let error = parse_memory_size(bad).expect_err(bad);
+            assert!(error.contains(bad), "{error}");
         }
     }
 }

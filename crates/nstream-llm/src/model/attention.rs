@@ -1,6 +1,6 @@
-//! Attention over the K/V pool: the decoding sequences together (one batched product over the
-//! pool's slots, or on the CPU in f32 a per-sequence kernel straight from the pool's memory), and
-//! each prefill chunk with its causal mask.
+//! Attention over the K/V pool: the decoding sequences together (one batched product over their
+//! regions gathered side by side, or on the CPU in f32 a per-sequence kernel straight from the
+//! pool's memory), and each prefill chunk with its causal mask.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -28,11 +28,11 @@ pub(super) fn attend(
     }
     let mut row = 0;
     let mut masks = step.prefill_masks.iter();
-    for input in inputs {
+    for (input, &start) in inputs.iter().zip(&step.starts) {
         let count = input.tokens.len();
         if count > 1 {
             let mask = masks.next().ok_or_else(|| Error::Inference("a prefill mask is missing".into()))?;
-            parts.push(prefill_attention(queries, pool_keys, pool_values, input, row, mask, config)?);
+            parts.push(prefill_attention(queries, (pool_keys, pool_values), (input, start), row, mask, config)?);
         }
         row += count;
     }
@@ -44,8 +44,8 @@ pub(super) fn attend(
     })
 }
 
-/// The decoding sequences' attention as one batched product over the pool's first slots,
-/// `(sequences, heads * head_dim)` in step order.
+/// The decoding sequences' attention as one batched product over their regions, gathered side
+/// by side and padded to the longest, `(sequences, heads * head_dim)` in step order.
 fn batched_decode_attention(
     queries: &Tensor,
     pool_keys: &Tensor,
@@ -59,22 +59,29 @@ fn batched_decode_attention(
     let scale = 1.0 / (head_dim as f64).sqrt();
     // (rows, heads, d) -> per slot (slots, kv_heads, group, d): query heads h*group..h*group+group
     // share key/value head h, so no K/V repetition.
+    let count = batched.count;
     let query = queries.reshape((rows, kv_heads, group, head_dim))?.index_select(&batched.query_rows, 0)?;
-    let all_keys = pool_keys.narrow(0, 0, batched.slots)?.narrow(2, 0, batched.longest)?;
-    let all_values = pool_values.narrow(0, 0, batched.slots)?.narrow(2, 0, batched.longest)?;
+    // (kv_heads, count * longest, d) -> (count, kv_heads, longest, d)
+    let gather = |pool: &Tensor| -> Result<Tensor> {
+        Ok(pool
+            .index_select(&batched.positions, 1)?
+            .reshape((kv_heads, count, batched.longest, head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?)
+    };
+    let (all_keys, all_values) = (gather(pool_keys)?, gather(pool_values)?);
     let scores = (query.matmul(&all_keys.t()?)? * scale)?.broadcast_add(&batched.mask)?;
     let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-    let attended = weights.matmul(&all_values)?.reshape((batched.slots, config.heads * head_dim))?;
-    Ok(attended.index_select(&batched.output_rows, 0)?)
+    Ok(weights.matmul(&all_values)?.reshape((count, config.heads * head_dim))?)
 }
 
-/// One prefill chunk's attention over its slot (the cached prefix and the chunk itself, masked
-/// causally), `(count, heads * head_dim)`; `row` is the chunk's first row in the step.
+/// One prefill chunk's attention over its region starting at `start` (the cached prefix and the
+/// chunk itself, masked causally), `(count, heads * head_dim)`; `row` is the chunk's first row in
+/// the step.
 fn prefill_attention(
     queries: &Tensor,
-    pool_keys: &Tensor,
-    pool_values: &Tensor,
-    input: &StepInput<'_>,
+    (pool_keys, pool_values): (&Tensor, &Tensor),
+    (input, start): (&StepInput<'_>, usize),
     row: usize,
     mask: &Tensor,
     config: &LlamaConfig,
@@ -83,10 +90,9 @@ fn prefill_attention(
     let group = config.heads / kv_heads;
     let scale = 1.0 / (head_dim as f64).sqrt();
     let count = input.tokens.len();
-    let start = input.cache.len;
-    let total = start + count;
-    let slot_keys = pool_keys.narrow(0, input.cache.slot, 1)?.squeeze(0)?.narrow(1, 0, total)?;
-    let slot_values = pool_values.narrow(0, input.cache.slot, 1)?.squeeze(0)?.narrow(1, 0, total)?;
+    let total = input.cache.len + count;
+    let slot_keys = pool_keys.narrow(1, start, total)?;
+    let slot_values = pool_values.narrow(1, start, total)?;
     let query =
         queries.narrow(0, row, count)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * count, head_dim))?;
     let scores = (query.matmul(&slot_keys.t()?)? * scale)?
@@ -103,7 +109,8 @@ fn prefill_attention(
 
 /// The sequences of a step that decode one token.
 pub(super) struct DecodeBatch {
-    /// `(step row, slot, length after this step)` of each, in step order.
+    /// `(step row, region start on the pool's token axis, length after this step)` of each, in
+    /// step order.
     pub(super) sequences: Vec<(usize, usize, usize)>,
     /// The tensors of one batched product over the pool (any device but the CPU in f32, which
     /// has [`cpu_decode_attention`]).
@@ -113,34 +120,35 @@ pub(super) struct DecodeBatch {
     reorder: Option<Tensor>,
 }
 
-/// The decoding sequences laid out for one batched attention over the pool's first `slots`
-/// slots (live slots are packed at the front).
+/// The decoding sequences laid out for one batched attention over their regions, gathered side
+/// by side.
 struct BatchedDecode {
-    /// Slots covered: the highest decoding slot plus one.
-    slots: usize,
+    /// Decoding sequences.
+    count: usize,
     /// The longest decoding sequence after this step, so the keys attended.
     longest: usize,
-    /// For each slot, the step row holding its query (row 0 for slots not decoding).
+    /// The step row holding each sequence's query, in step order.
     query_rows: Tensor,
-    /// `(slots, 1, 1, longest)`, 0 where a slot's query may look, -inf past its length. Slots
-    /// not decoding see their position 0 so that no softmax row is all -inf.
+    /// `count * longest` pool positions: each sequence's tokens, its last one repeated past its
+    /// length (masked out).
+    positions: Tensor,
+    /// `(count, 1, 1, longest)`, 0 where a sequence's query may look, -inf past its length.
     mask: Tensor,
-    /// The slots of the decoding sequences, in step order.
-    output_rows: Tensor,
 }
 
 impl DecodeBatch {
     pub(super) fn new(
         inputs: &[StepInput<'_>],
+        starts: &[usize],
         device: &Device,
         dtype: DType,
         force_batched: bool,
     ) -> Result<Option<Self>> {
         let mut sequences = Vec::new();
         let mut row = 0;
-        for input in inputs {
+        for (input, &start) in inputs.iter().zip(starts) {
             if input.tokens.len() == 1 {
-                sequences.push((row, input.cache.slot, input.cache.len + 1));
+                sequences.push((row, start, input.cache.len + 1));
             }
             row += input.tokens.len();
         }
@@ -167,25 +175,25 @@ impl DecodeBatch {
         let batched = if device.is_cpu() && dtype == DType::F32 && !force_batched {
             None
         } else {
-            let slots = sequences.iter().map(|&(_, slot, _)| slot + 1).max().unwrap_or(1);
+            let count = sequences.len();
             let longest = sequences.iter().map(|&(_, _, length)| length).max().unwrap_or(1);
-            let mut query_rows = vec![0u32; slots];
-            let mut lengths = vec![1usize; slots];
-            for &(row, slot, length) in &sequences {
-                query_rows[slot] = row as u32;
-                lengths[slot] = length;
-            }
-            let mask: Vec<f32> = lengths
+            let query_rows: Vec<u32> = sequences.iter().map(|&(row, _, _)| row as u32).collect();
+            let positions: Vec<u32> = sequences
                 .iter()
-                .flat_map(|&length| (0..longest).map(move |key| if key < length { 0.0 } else { f32::NEG_INFINITY }))
+                .flat_map(|&(_, start, length)| (0..longest).map(move |key| (start + key.min(length - 1)) as u32))
                 .collect();
-            let output_rows: Vec<u32> = sequences.iter().map(|&(_, slot, _)| slot as u32).collect();
+            let mask: Vec<f32> = sequences
+                .iter()
+                .flat_map(|&(_, _, length)| {
+                    (0..longest).map(move |key| if key < length { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
             Some(BatchedDecode {
-                slots,
+                count,
                 longest,
-                query_rows: Tensor::from_vec(query_rows, slots, device)?,
-                mask: Tensor::from_vec(mask, (slots, 1, 1, longest), device)?.to_dtype(dtype)?,
-                output_rows: Tensor::from_vec(output_rows, sequences.len(), device)?,
+                query_rows: Tensor::from_vec(query_rows, count, device)?,
+                positions: Tensor::from_vec(positions, count * longest, device)?,
+                mask: Tensor::from_vec(mask, (count, 1, 1, longest), device)?.to_dtype(dtype)?,
             })
         };
         Ok(Some(Self { sequences, batched, reorder }))
@@ -233,9 +241,10 @@ fn cpu_decode_attention(
     // row and read its cached keys and values once.
     nstream_kernels::for_each_row(&CandleThreads, &mut output, group * head_dim, &|index, out| {
         let (sequence, kv_head) = (index / kv_heads, index % kv_heads);
-        let (row, slot, length) = sequences[sequence];
+        let (row, start, length) = sequences[sequence];
         let queries = &query_data[(row * heads + kv_head * group) * head_dim..][..group * head_dim];
-        let base = (slot * kv_heads + kv_head) * capacity * head_dim;
+        // The pool is (kv_heads, capacity, head_dim): head `kv_head`'s tokens of this region.
+        let base = (kv_head * capacity + start) * head_dim;
         let keys = &key_data[base..base + length * head_dim];
         let values = &value_data[base..base + length * head_dim];
         nstream_kernels::attend(queries, keys, values, head_dim, scale, out);

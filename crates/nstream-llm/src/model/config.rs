@@ -143,11 +143,40 @@ impl LlamaConfig {
         {
             return Err(Error::Unsupported(format!("partial RoPE ({rope_dim} of {head_dim} dimensions)")));
         }
-        let vocab_size = content
+        // Each block is several tensors: a count beyond the file's tensors is corrupt metadata,
+        // refused before anything is sized by it.
+        if layers > content.tensor_infos.len() {
+            return Err(Error::InvalidModel {
+                file: "gguf".into(),
+                message: format!(
+                    "`{}` is {layers}, but the file holds only {} tensors (each block has several)",
+                    key("block_count"),
+                    content.tensor_infos.len()
+                ),
+            });
+        }
+        let embeddings = content
             .tensor_infos
             .get("token_embd.weight")
-            .map(|info| info.shape.dims()[0])
             .ok_or_else(|| Error::InvalidModel { file: "gguf".into(), message: "no token_embd.weight".into() })?;
+        let (vocab_size, width) = match embeddings.shape.dims() {
+            [vocab_size, width] => (*vocab_size, *width),
+            dims => {
+                return Err(Error::InvalidModel {
+                    file: "gguf".into(),
+                    message: format!("tensor `token_embd.weight` has shape {dims:?} (expected [vocabulary, width])"),
+                });
+            }
+        };
+        if width != hidden_size {
+            return Err(Error::InvalidModel {
+                file: "gguf".into(),
+                message: format!(
+                    "`{}` is {hidden_size}, but tensor `token_embd.weight` is {width} wide",
+                    key("embedding_length")
+                ),
+            });
+        }
         // llama.cpp's rule (llama_model_rope_type): these use NeoX pairs, Llama-like ones do not.
         let rope_is_neox = matches!(architecture.as_str(), "qwen" | "qwen2" | "qwen3" | "phi3" | "stablelm" | "olmo2");
         Ok(Self {

@@ -38,12 +38,15 @@ pub(super) struct Step {
     fused_cpu_ops: bool,
     /// The sequences decoding one token, when there are any.
     pub(super) decode: Option<DecodeBatch>,
-    /// `(row of each slot, position of each (slot, head, dimension))` for the decode scatter.
+    /// `(step row of each decoding sequence, pool position of each (head, sequence,
+    /// dimension))` for the decode scatter.
     decode_writes: Option<(Tensor, Tensor)>,
     /// The causal mask of each prefill chunk, in input order.
     pub(super) prefill_masks: Vec<Tensor>,
-    /// The pool's capacity per slot during this step.
+    /// Tokens along the pool's token axis during this step.
     pub(super) capacity: usize,
+    /// Where each input's region starts on the pool's token axis, in input order.
+    pub(super) starts: Vec<usize>,
     /// The LoRA adapters of the step's sequences and their rows.
     lora: StepLora,
 }
@@ -90,11 +93,10 @@ impl LlamaModel {
     }
 
     /// The step's token ids and their positions, in input order, after checking each input
-    /// against its cache's limit and the vocabulary; makes room in the pool for the longest.
+    /// against its cache's limit and the vocabulary; makes room in the pool for each.
     fn step_rows(&self, inputs: &[StepInput<'_>], pool: &mut KvPool) -> Result<(Vec<u32>, Vec<u32>)> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
-        let mut needed = 0;
         for input in inputs {
             let start = input.cache.len;
             let end = start + input.tokens.len();
@@ -104,11 +106,10 @@ impl LlamaModel {
             if let Some(&bad) = input.tokens.iter().find(|&&token| token as usize >= self.config.vocab_size) {
                 return Err(Error::Inference(format!("token id {bad} is outside the vocabulary")));
             }
-            needed = needed.max(end);
+            pool.reserve(input.cache.slot, end)?;
             tokens.extend_from_slice(input.tokens);
             positions.extend((start..end).map(|position| position as u32));
         }
-        pool.reserve(needed)?;
         Ok((tokens, positions))
     }
 
@@ -116,8 +117,9 @@ impl LlamaModel {
     fn prepare_step(&self, inputs: &[StepInput<'_>], pool: &KvPool, positions: Vec<u32>) -> Result<Step> {
         let rows = positions.len();
         let position_ids = Tensor::from_vec(positions, rows, &self.device)?;
-        let decode = DecodeBatch::new(inputs, &self.device, self.dtype, self.batched_decode)?;
-        let decode_writes = self.decode_writes(decode.as_ref(), pool)?;
+        let starts = inputs.iter().map(|input| pool.start(input.cache.slot)).collect::<Result<Vec<usize>>>()?;
+        let decode = DecodeBatch::new(inputs, &starts, &self.device, self.dtype, self.batched_decode)?;
+        let decode_writes = self.decode_writes(decode.as_ref())?;
         let prefill_masks = inputs
             .iter()
             .filter(|input| input.tokens.len() > 1)
@@ -147,27 +149,30 @@ impl LlamaModel {
             decode,
             decode_writes,
             prefill_masks,
-            capacity: pool.capacity,
+            capacity: pool.tokens,
+            starts,
             lora,
         })
     }
 
-    /// Where the new K/V rows of decoding sequences go: one scatter along the positions, one
-    /// value per (slot, head), `u32::MAX` (skipped) where a slot does not decode. Every (slot,
-    /// head, dimension) is its own GPU thread, so the write costs the same for 1 or 64
+    /// Where the new K/V rows of decoding sequences go: one scatter along the pool's token
+    /// axis, at each sequence's region start plus its position, for every (head, sequence,
+    /// dimension). Every one is its own GPU thread, so the write costs the same for 1 or 64
     /// sequences. (Prefill chunks are block copies, one per sequence.)
-    fn decode_writes(&self, decode: Option<&DecodeBatch>, pool: &KvPool) -> Result<Option<(Tensor, Tensor)>> {
+    fn decode_writes(&self, decode: Option<&DecodeBatch>) -> Result<Option<(Tensor, Tensor)>> {
         let Some(decode) = decode else { return Ok(None) };
         let (kv_heads, head_dim) = (self.config.kv_heads, self.config.head_dim);
-        let mut slot_rows = vec![0u32; pool.slots];
-        let mut positions = vec![u32::MAX; pool.slots * kv_heads * head_dim];
-        for &(row, slot, length) in &decode.sequences {
-            slot_rows[slot] = row as u32;
-            positions[slot * kv_heads * head_dim..(slot + 1) * kv_heads * head_dim].fill((length - 1) as u32);
+        let count = decode.sequences.len();
+        let rows: Vec<u32> = decode.sequences.iter().map(|&(row, _, _)| row as u32).collect();
+        let mut positions = Vec::with_capacity(kv_heads * count * head_dim);
+        for _ in 0..kv_heads {
+            for &(_, start, length) in &decode.sequences {
+                positions.extend(std::iter::repeat_n((start + length - 1) as u32, head_dim));
+            }
         }
         Ok(Some((
-            Tensor::from_vec(slot_rows, pool.slots, &self.device)?,
-            Tensor::from_vec(positions, (pool.slots, kv_heads, 1, head_dim), &self.device)?,
+            Tensor::from_vec(rows, count, &self.device)?,
+            Tensor::from_vec(positions, (kv_heads, count, head_dim), &self.device)?,
         )))
     }
 
@@ -188,7 +193,7 @@ impl LlamaModel {
         let pool_keys = &pool.keys[layer_index];
         let pool_values = &pool.values[layer_index];
         let values = values.reshape((step.rows, config.kv_heads, config.head_dim))?;
-        self.store_kv(pool, (pool_keys, pool_values), (&keys, &values), inputs, step)?;
+        self.store_kv((pool_keys, pool_values), (&keys, &values), inputs, step)?;
         let attended = attend(&queries, pool_keys, pool_values, inputs, step, config)?;
         let output = layer.attention_output.forward(&attended)?;
         let output = self.lora(output, &attended, layer_index, Group::Output, step)?;
@@ -251,24 +256,25 @@ impl LlamaModel {
     /// with one scatter, each prefill chunk as a block at its cache's length.
     fn store_kv(
         &self,
-        pool: &KvPool,
         (pool_keys, pool_values): (&Tensor, &Tensor),
         (keys, values): (&Tensor, &Tensor),
         inputs: &[StepInput<'_>],
         step: &Step,
     ) -> Result<()> {
-        if let Some((slot_rows, positions)) = &step.decode_writes {
-            let shape = (pool.slots, self.config.kv_heads, 1, self.config.head_dim);
-            pool_keys.scatter_set(positions, &keys.index_select(slot_rows, 0)?.reshape(shape)?, 2)?;
-            pool_values.scatter_set(positions, &values.index_select(slot_rows, 0)?.reshape(shape)?, 2)?;
+        if let Some((rows, positions)) = &step.decode_writes {
+            for (pool_part, part) in [(pool_keys, keys), (pool_values, values)] {
+                // (sequences, kv_heads, head_dim) -> (kv_heads, sequences, head_dim), the pool's order.
+                let new_rows = part.index_select(rows, 0)?.transpose(0, 1)?.contiguous()?;
+                pool_part.scatter_set(positions, &new_rows, 1)?;
+            }
         }
         let mut row = 0;
-        for input in inputs {
+        for (input, &start) in inputs.iter().zip(&step.starts) {
             let count = input.tokens.len();
             if count > 1 {
                 for (pool_part, part) in [(pool_keys, keys), (pool_values, values)] {
-                    let block = part.narrow(0, row, count)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-                    pool_part.narrow(0, input.cache.slot, 1)?.slice_set(&block, 2, input.cache.len)?;
+                    let block = part.narrow(0, row, count)?.transpose(0, 1)?.contiguous()?;
+                    pool_part.slice_set(&block, 1, start + input.cache.len)?;
                 }
             }
             row += count;

@@ -5,14 +5,14 @@
 //! down to what continuous batching needs:
 //!
 //! - the weights ([`LlamaModel`]) hold no mutable state, so one model serves many sequences;
-//! - the K/V memory is one preallocated pool per layer, `(slots, kv_heads, capacity, head_dim)`,
-//!   growing by doubling (never `Tensor::cat` per token); each sequence owns a slot of it
-//!   through its [`SequenceCache`], with its own position;
+//! - the K/V memory is one pool per layer, `(kv_heads, tokens, head_dim)`, in which each
+//!   sequence owns a region of the token axis through its [`SequenceCache`], sized for its own
+//!   length and growing by doubling (never `Tensor::cat` per token), with its own position;
 //! - [`LlamaModel::forward`] runs one step for several sequences at once: every projection and
 //!   MLP is one matrix product over all the step's rows (prefill chunks and single decode tokens
 //!   mixed), RoPE takes a position per row, the new K/V rows go into the pool with one scatter,
-//!   the decoding sequences attend together in one batched product over their slots (masked to
-//!   each one's length) and prefill chunks attend one by one with a causal mask;
+//!   the decoding sequences attend together in one batched product over their regions (gathered
+//!   and masked to each one's length) and prefill chunks attend one by one with a causal mask;
 //! - grouped-query attention reshapes the queries instead of repeating K/V;
 //! - projections that read the same input (q/k/v on the CPU, gate/up everywhere) are stacked into
 //!   one matrix product when that changes no weight bit;
@@ -46,7 +46,7 @@ use candle_core::{D, DType, Device, Tensor};
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use forward::StepInput;
-pub use gguf::Requantize;
+pub use gguf::{Requantize, read_gguf};
 pub use kv_pool::{KvUsage, SequenceCache};
 pub use lora::LoraAdapter;
 
@@ -164,6 +164,13 @@ impl LlamaModel {
         self
     }
 
+    /// Bytes of K/V cache one token takes: K and V of every layer's K/V heads, in the cache's
+    /// dtype.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let config = &self.config;
+        2 * config.layers * config.kv_heads * config.head_dim * self.dtype.size_in_bytes()
+    }
+
     /// How much of the K/V pool is allocated and claimed now.
     pub fn kv_usage(&self) -> KvUsage {
         lock(&self.pool).usage()
@@ -173,7 +180,7 @@ impl LlamaModel {
     /// length); the pool makes room for `initial` of them now and grows later as needed.
     pub fn new_cache(&self, initial: usize, limit: usize) -> Result<SequenceCache> {
         let limit = limit.min(self.config.context_length).max(1);
-        let slot = lock(&self.pool).acquire(initial.clamp(1, limit))?;
+        let slot = lock(&self.pool).acquire(initial, limit)?;
         Ok(SequenceCache { slot, len: 0, limit, pool: std::sync::Arc::clone(&self.pool), adapter: None })
     }
 }

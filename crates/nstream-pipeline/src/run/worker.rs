@@ -93,7 +93,9 @@ fn classify(error: &BackendError) -> ErrorClass {
         BackendError::Upstream { status, retry_after, .. } if is_retryable_status(*status) => {
             ErrorClass::Transient(*retry_after)
         }
-        BackendError::Overloaded { retry_after } => ErrorClass::RateLimited(Some(*retry_after)),
+        BackendError::Overloaded { retry_after } | BackendError::RateLimited { retry_after } => {
+            ErrorClass::RateLimited(Some(*retry_after))
+        }
         BackendError::Timeout | BackendError::NotReady | BackendError::Cancelled | BackendError::Internal(_) => {
             ErrorClass::Transient(None)
         }
@@ -103,7 +105,7 @@ fn classify(error: &BackendError) -> ErrorClass {
 
 fn error_kind(error: &BackendError) -> &'static str {
     match error {
-        BackendError::Upstream { status: 429, .. } => "rate_limited",
+        BackendError::Upstream { status: 429, .. } | BackendError::RateLimited { .. } => "rate_limited",
         BackendError::Upstream { status, .. } if *status >= 500 => "upstream_error",
         BackendError::Upstream { .. } => "rejected",
         BackendError::Timeout => "timeout",
