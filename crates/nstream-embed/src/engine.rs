@@ -100,8 +100,7 @@ impl Embedder {
         let loaded = Encoder::load(config_json, tensors, dtype, device)?;
         let layout = SentenceLayout::from_files(files, loaded.info.max_positions)?;
 
-        let mut tokenizer =
-            Tokenizer::from_file(tokenizer_path).map_err(|error| Error::Tokenizer(error.to_string()))?;
+        let mut tokenizer = read_tokenizer(tokenizer_path)?;
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(|error| Error::Tokenizer(error.to_string()))?;
         let mut truncating_tokenizer = tokenizer.clone();
@@ -242,5 +241,30 @@ fn encode_input(
             let truncated = ids.len() > max_tokens;
             Ok(EncodedInput { ids: ids[..ids.len().min(max_tokens)].to_vec(), truncated })
         }
+    }
+}
+
+/// Reads a `tokenizer.json`, checking its JSON syntax first: the tokenizers crate (0.22) panics on
+/// a syntax error inside `decoder` (found by fuzz/fuzz_targets/tokenizer_json.rs).
+fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let invalid = |message: String| Error::Tokenizer(format!("{}: {message}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|error| invalid(error.to_string()))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|error| invalid(format!("not a tokenizer.json: {error}")))?;
+    text.parse::<Tokenizer>().map_err(|error| invalid(format!("not a tokenizer.json: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_syntax_error_in_the_decoder_is_an_error_not_a_panic() {
+        // Found by fuzz/fuzz_targets/tokenizer_json.rs: tokenizers 0.22 panicked on it.
+        let folder = tempfile::tempdir().expect("dir");
+        let path = folder.path().join("tokenizer.json");
+        std::fs::write(&path, br#"{"version": "1.0", "decoder": x}"#).expect("write");
+        let error = read_tokenizer(&path).expect_err("refused").to_string();
+        assert!(error.contains("not a tokenizer.json") && error.contains("line 1 column 31"), "{error}");
     }
 }

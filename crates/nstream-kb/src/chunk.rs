@@ -25,8 +25,13 @@ impl TokenOffsets for tokenizers::Tokenizer {
 
 /// Loads a `tokenizer.json` without padding or truncation, for chunking.
 pub fn load_tokenizer(path: &std::path::Path) -> Result<tokenizers::Tokenizer> {
-    let mut tokenizer = tokenizers::Tokenizer::from_file(path)
-        .map_err(|error| Error::Tokenizer(format!("{}: {error}", path.display())))?;
+    let invalid = |message: String| Error::Tokenizer(format!("{}: {message}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|error| invalid(error.to_string()))?;
+    // JSON syntax first: the tokenizers crate (0.22) panics on a syntax error inside `decoder`.
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|error| invalid(format!("not a tokenizer.json: {error}")))?;
+    let mut tokenizer =
+        text.parse::<tokenizers::Tokenizer>().map_err(|error| invalid(format!("not a tokenizer.json: {error}")))?;
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).map_err(|error| Error::Tokenizer(error.to_string()))?;
     Ok(tokenizer)
@@ -309,5 +314,15 @@ mod tests {
     #[test]
     fn empty_text_has_no_chunks() {
         assert!(chunker(10, 2, Splitting::Auto).chunk("  \n\n ", Format::Text).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_json_syntax_error_in_the_decoder_is_an_error_not_a_panic() {
+        // Found by fuzz/fuzz_targets/tokenizer_json.rs: tokenizers 0.22 panicked on it.
+        let folder = tempfile::tempdir().expect("dir");
+        let path = folder.path().join("tokenizer.json");
+        std::fs::write(&path, br#"{"version": "1.0", "decoder": x}"#).expect("write");
+        let error = load_tokenizer(&path).expect_err("refused").to_string();
+        assert!(error.contains("not a tokenizer.json") && error.contains("line 1 column 31"), "{error}");
     }
 }
