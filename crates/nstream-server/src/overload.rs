@@ -1,16 +1,19 @@
 //! Overload control on `/v1/*`: the concurrency limit (429 before any work), the body-read and
 //! request timeouts, and answering what is still running when the shutdown timeout passes.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use http_body_util::BodyExt;
+use hyper::body::{Frame, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::ApiError;
 use crate::metrics::ShedReason;
@@ -57,13 +60,36 @@ pub(crate) async fn limit(State(state): State<AppState>, request: Request, next:
     };
     match permit {
         // A stream holds its permit until its last event is sent (or the client leaves).
-        Some(permit) => response.map(|body| {
-            Body::new(body.map_frame(move |frame| {
-                let _held = &permit;
-                frame
-            }))
-        }),
+        Some(permit) => response.map(|body| Body::new(HoldingPermit { inner: body, _permit: permit })),
         None => response,
+    }
+}
+
+/// A response body that holds a concurrency permit until it is dropped and is otherwise the
+/// inner body, size hint included: a JSON answer keeps its `Content-Length` instead of becoming
+/// chunked (which `map_frame` would do, having no size hint).
+struct HoldingPermit {
+    inner: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl HttpBody for HoldingPermit {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(context)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

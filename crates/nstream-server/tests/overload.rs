@@ -101,6 +101,41 @@ async fn a_client_that_stalls_in_its_headers_is_disconnected_while_others_are_se
     server.task.await.expect("server task joins").expect("server stops cleanly");
 }
 
+/// A JSON answer keeps its `Content-Length` under the concurrency limit's permit (a body wrapper
+/// without the inner size hint made every answer chunked, which HTTP/1.1 clients that read to
+/// the end without de-chunking, like the e2e tests' raw ones, then failed to parse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_answer_keeps_its_content_length_under_the_concurrency_limit() {
+    let server = start(relaxed().with_max_concurrent_requests(4), FakeBackend::chat(CHAT_MODEL)).await;
+    let body = json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hello there"}]}).to_string();
+    let mut stream = TcpStream::connect(server.address).await.expect("connects");
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("writes");
+    let (response, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(closed, "{response}");
+    let (head, answer) = response.split_once("\r\n\r\n").expect("a head");
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("transfer-encoding: chunked"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .unwrap_or_else(|| panic!("no content-length in {head}"))
+        .trim()
+        .parse()
+        .expect("a number");
+    assert_eq!(length, answer.len());
+    let answer: serde_json::Value = serde_json::from_str(answer).expect("the body is the JSON answer");
+    assert_eq!(answer["object"], "chat.completion");
+
+    server.stop.send(Shutdown::Now).expect("server still running");
+    server.task.await.expect("server task joins").expect("server stops cleanly");
+}
+
 #[tokio::test]
 async fn a_body_that_does_not_arrive_in_time_is_answered_408() {
     let app = TestApp::with_config(relaxed().with_body_read_timeout(Some(Duration::from_millis(200))));
