@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,39 +46,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from gateway.bench import free_port, rss_kib, wait_ready  # noqa: E402  (benches/gateway/bench.py)
 FAKE = ROOT / "tests" / "python" / "fake_provider.py"
 PROVIDER_KEY = "sk-fake-openai"  # fake_provider.py's default OpenAI key
 KINDS = ("chat-stream", "chat", "embeddings", "gateway")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready within {timeout}s")
-
-
-def rss_kib(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0])
-    return fields
 
 
 def model_file(provider_url: str) -> str:
@@ -268,7 +239,7 @@ def main() -> int:
         argv += arguments.server_arg
         server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=(folder / "server.log").open("w"))
         processes.append(server)
-        wait_ready(f"http://127.0.0.1:{port}/ready", server)
+        wait_ready(f"http://127.0.0.1:{port}/ready", server, timeout=300.0)
         memory.append((0.0, rss_kib(server.pid)["VmRSS"]))
         print(f"soak: server ready, log {folder / 'server.log'}; steady {arguments.minutes} min at "
               f"{arguments.rate}/s", file=sys.stderr)
