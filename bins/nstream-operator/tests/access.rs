@@ -11,8 +11,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -34,23 +33,7 @@ async fn operator_kubeconfig(testbed: &Testbed, admin: &Client) -> std::path::Pa
             apply_object(admin, object).await.unwrap_or_else(|error| panic!("applying {file}: {error}"));
         }
     }
-    let request: TokenRequest = serde_json::from_value(serde_json::json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [], "expirationSeconds": 86400}
-    }))
-    .expect("token request");
-    let token: TokenRequest = Api::<ServiceAccount>::namespaced(admin.clone(), "nstream-system")
-        .create_subresource("token", "nstream-operator", &PostParams::default(), &request)
-        .await
-        .expect("a token for the operator's ServiceAccount");
-    let token = token.status.expect("token status").token;
-    let admin_config = std::fs::read_to_string(&testbed.kubeconfig).expect("admin kubeconfig");
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&admin_config).expect("YAML");
-    config["users"] = serde_yaml::from_str(&format!("- name: operator\n  user:\n    token: {token}\n")).expect("YAML");
-    config["contexts"][0]["context"]["user"] = "operator".into();
-    let path = testbed.path().join("operator.kubeconfig");
-    std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML")).expect("writing kubeconfig");
-    path
+    service_account_kubeconfig(admin, &testbed.kubeconfig, "nstream-system", "nstream-operator", testbed.path()).await
 }
 
 fn embedding_model(name: &str) -> String {

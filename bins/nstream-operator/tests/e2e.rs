@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -119,24 +118,7 @@ async fn operator_kubeconfig(testbed: &Testbed, admin: &Client) -> std::path::Pa
         (pods.items.len() == 2).then_some(())
     })
     .await;
-    let request: TokenRequest = serde_json::from_value(serde_json::json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [], "expirationSeconds": 86400}
-    }))
-    .expect("token request");
-    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), "nstream-system");
-    let token: TokenRequest = accounts
-        .create_subresource("token", "nstream-operator", &PostParams::default(), &request)
-        .await
-        .expect("a token for the operator's ServiceAccount");
-    let token = token.status.expect("token status").token;
-    let admin_config = std::fs::read_to_string(&testbed.kubeconfig).expect("admin kubeconfig");
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&admin_config).expect("YAML");
-    config["users"] = serde_yaml::from_str(&format!("- name: operator\n  user:\n    token: {token}\n")).expect("YAML");
-    config["contexts"][0]["context"]["user"] = "operator".into();
-    let path = testbed.path().join("operator.kubeconfig");
-    std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML")).expect("writing kubeconfig");
-    path
+    service_account_kubeconfig(admin, &testbed.kubeconfig, "nstream-system", "nstream-operator", testbed.path()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -773,7 +755,9 @@ async fn killing_the_leader_mid_way_converges(
     }
     // The killed replica comes back as the standby.
     let logs = first.log.parent().expect("logs").to_path_buf();
-    *first = Operator::start(&logs.join("operator.kubeconfig"), "operator-a", &logs, operator_args);
+    // The kubeconfig operator_kubeconfig wrote there (support::service_account_kubeconfig's name).
+    *first =
+        Operator::start(&logs.join("nstream-system-nstream-operator.kubeconfig"), "operator-a", &logs, operator_args);
     second
 }
 
