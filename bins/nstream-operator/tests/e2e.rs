@@ -968,14 +968,15 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
         assert!(!serde_json::to_string(&container).expect("JSON").contains(&key), "the key is in the container");
         let (status, refused) = http_get(port, "/v1/models").await.expect("/v1/models");
         assert_eq!(status, 401, "a request without the key must be refused: {refused}");
-        let (status, models) = http_with_key(port, "GET", "/v1/models", None, &key).await.expect("/v1/models");
+        let (status, models) = http_with_key(port, "GET", "/v1/models", None, Some(&key)).await.expect("/v1/models");
         assert_eq!(status, 200, "{models}");
         let models: serde_json::Value = serde_json::from_str(&models).expect("JSON");
         let model = models["data"][0]["id"].as_str().expect("a model id").to_string();
         let body =
             serde_json::json!({"model": model, "input": ["The operator built this server.", "Kubernetes scales it."]});
-        let (status, answer) =
-            http_with_key(port, "POST", "/v1/embeddings", Some(&body.to_string()), &key).await.expect("/v1/embeddings");
+        let (status, answer) = http_with_key(port, "POST", "/v1/embeddings", Some(&body.to_string()), Some(&key))
+            .await
+            .expect("/v1/embeddings");
         assert_eq!(status, 200, "{answer}");
         let answer: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
         let vectors = answer["data"].as_array().expect("data");
@@ -984,31 +985,6 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
         assert_eq!(dimension, 384, "all-MiniLM-L6-v2 has 384 dimensions");
         eprintln!("  nstream-server answered 2 embeddings of {dimension} dimensions for model {model}");
     }
-}
-
-/// One HTTP/1.0 request (so the answer is never chunked) with `Authorization: Bearer <key>`:
-/// status code and body.
-async fn http_with_key(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    key: &str,
-) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).to_string();
-    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, rest)| rest.to_string()).unwrap_or_default();
-    Ok((status, body))
 }
 
 /// A child process killed and reaped when dropped (pass or fail).
