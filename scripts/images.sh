@@ -111,6 +111,21 @@ build_image() {
   else
     cp "$binary" "$context/$name"
   fi
+  # The operator's image also ships the router (deploy/router runs it from there), the server's
+  # the command line (the operator's Distillation Jobs run `nstream distill` from it).
+  local companion=
+  [[ $name == nstream-operator ]] && companion=nstream-router
+  [[ $name == nstream-server ]] && companion=nstream
+  if [[ -n $companion ]]; then
+    local path
+    path="$(dirname "$binary")/$companion"
+    [[ -x $path ]] || die "$path is missing (cargo build did not make it?)"
+    if [[ $path == */debug/* ]] && command -v objcopy >/dev/null; then
+      objcopy --strip-debug "$path" "$context/$companion"
+    else
+      cp "$path" "$context/$companion"
+    fi
+  fi
   local pull=missing
   [[ $base == localhost/* ]] && pull=never
   echo "== podman build $image (FROM $base)" >&2
@@ -132,7 +147,7 @@ build() {
     ensure_base_image
     base=$base_image
   fi
-  local flags=(--locked -p nstream-server-bin -p nstream-operator-bin)
+  local flags=(--locked -p nstream-server-bin -p nstream-operator-bin -p nstream-router-bin -p nstream)
   [[ $profile == release ]] && flags+=(--release)
   cargo build "${flags[@]}"
   for name in nstream-server nstream-operator; do
@@ -211,7 +226,7 @@ check() {
   flock 9
 
   # The debug binaries `cargo test --workspace` builds (a no-op after it).
-  cargo build --locked -p nstream-server-bin -p nstream-operator-bin
+  cargo build --locked -p nstream-server-bin -p nstream-operator-bin -p nstream-router-bin -p nstream
   local started=$SECONDS
   ensure_base_image
   local server_image=localhost/nstream-server:check operator_image=localhost/nstream-operator:check
@@ -234,11 +249,23 @@ check() {
   grep -q -- '--server-image' "$work/operator.out" \
     || die "nstream-operator --help in its image printed: $(cat "$work/operator.out")"
   echo "== $operator_image: $entrypoint --help runs from the image's filesystem as user $(pm image inspect --format '{{.Config.User}}' "$operator_image")"
+  # The router, from the same image, as deploy/router/deployment.yaml runs it.
+  in_image "$work/operator" "$operator_image" LD_BIND_NOW=1 -- /usr/local/bin/nstream-router --help \
+    >"$work/router.out" 9>&- || die "nstream-router --help failed in the operator image: $(cat "$work/router.out")"
+  grep -q -- '--static-route' "$work/router.out" \
+    || die "nstream-router --help in the operator image printed: $(cat "$work/router.out")"
+  echo "== $operator_image: /usr/local/bin/nstream-router --help runs from the image's filesystem"
 
   # The server as the operator's Deployment runs it (crates/nstream-operator/src/desired.rs): the
   # bare command `nstream-server`, in WorkingDir, with the model file, secrets and Hugging Face
   # cache laid out under it as the pod's volumes, offline, as user 65532.
   export_image "$server_image" "$work/server"
+  # The command line the Distillation Jobs run from this image (crates/nstream-operator/src/distillation.rs).
+  in_image "$work/server" "$server_image" LD_BIND_NOW=1 -- nstream distill --help >"$work/distill.out" 9>&- \
+    || die "nstream distill --help failed in the server image: $(cat "$work/distill.out")"
+  grep -q -- '--stage' "$work/distill.out" \
+    || die "nstream distill --help in the server image printed: $(cat "$work/distill.out")"
+  echo "== $server_image: nstream distill --help runs from the image's filesystem"
   local pod_dir="$work/server/nstream" model=models--sentence-transformers--all-MiniLM-L6-v2
   local hub="${HF_HOME:-$cache/huggingface}/hub"
   [[ -d $hub/$model ]] || die "$hub/$model is missing (scripts/offline-models.sh lays it out)"

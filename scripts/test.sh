@@ -43,7 +43,9 @@ trap 'scripts/pg-test-server.sh stop' EXIT
 export NSTREAM_REQUIRE_PG=1
 
 echo "== tests"
-cargo test --workspace --locked
+# No backtraces: a failing test's message must stay in the tail of the log CI shows (a backtrace
+# of a long async test pushes it out); rerun one test with RUST_BACKTRACE=1 to get one.
+RUST_BACKTRACE=0 cargo test --workspace --locked
 
 echo "== the official openai Python client against nstream-server"
 # The debug nstream-server and nstream the Rust tests use (a no-op when `cargo test` built them).

@@ -142,7 +142,7 @@ up() {
   "$bin/kube-controller-manager" --kubeconfig "$state/kubeconfig" \
     --authentication-kubeconfig "$state/kubeconfig" --authorization-kubeconfig "$state/kubeconfig" \
     --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false \
-    --controllers 'deployment-controller,replicaset-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller' \
+    --controllers 'deployment-controller,replicaset-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,endpointslice-controller,job-controller' \
     --service-account-private-key-file "$state/service-account.key" --root-ca-file "$state/ca.crt" \
     --use-service-account-credentials=false \
     >"$state/kube-controller-manager.log" 2>&1 &

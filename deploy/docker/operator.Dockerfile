@@ -1,10 +1,10 @@
-# nstream-operator. A runtime image around a binary built outside it:
+# nstream-operator and nstream-router. A runtime image around two binaries built outside it:
 #
 #   scripts/images.sh build            # cargo build --release, then this file and server.Dockerfile
 #
-# or by hand, with a context folder that holds only the binary:
+# or by hand, with a context folder that holds only the two binaries:
 #
-#   mkdir -p /tmp/ctx && cp target/release/nstream-operator /tmp/ctx/
+#   mkdir -p /tmp/ctx && cp target/release/nstream-operator target/release/nstream-router /tmp/ctx/
 #   podman build -f deploy/docker/operator.Dockerfile -t nstream-operator:0.1.0 /tmp/ctx
 #
 # Small: no candle, no model clients; only the Kubernetes API (rustls on ring, so no OpenSSL). It
@@ -13,6 +13,8 @@
 ARG BASE=gcr.io/distroless/cc-debian12:nonroot
 FROM ${BASE}
 COPY nstream-operator /usr/local/bin/nstream-operator
+# The router runs from this image too (deploy/router: command /usr/local/bin/nstream-router).
+COPY nstream-router /usr/local/bin/nstream-router
 ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 USER 65532:65532
 EXPOSE 8081

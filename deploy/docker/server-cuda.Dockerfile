@@ -19,10 +19,13 @@ ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/root/.cargo/registry --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p nstream-server-bin --features cuda && cp target/release/nstream-server /nstream-server
+    cargo build --release --locked -p nstream-server-bin -p nstream --features cuda \
+    && cp target/release/nstream-server target/release/nstream /
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04
 COPY --from=build /nstream-server /usr/local/bin/nstream-server
+# The command line too: the operator's Distillation Jobs run `nstream distill` from this image.
+COPY --from=build /nstream /usr/local/bin/nstream
 RUN groupadd -g 65532 nonroot && useradd -u 65532 -g 65532 -d /tmp -s /usr/sbin/nologin nonroot
 WORKDIR /nstream
 USER 65532:65532

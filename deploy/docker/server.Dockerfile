@@ -17,6 +17,8 @@
 ARG BASE=gcr.io/distroless/cc-debian12:nonroot
 FROM ${BASE}
 COPY nstream-server /usr/local/bin/nstream-server
+# The command line too: the operator's Distillation Jobs run `nstream distill` from this image.
+COPY nstream /usr/local/bin/nstream
 # The Deployment's command is the bare name `nstream-server`; a base imported from a tarball has no
 # PATH of its own.
 ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin

@@ -69,7 +69,7 @@ async fn metrics_count_requests_inputs_and_tokens() {
     );
     let text = response.text().await.expect("text");
     for expected in [
-        r#"nstream_server_requests_total{route="/v1/embeddings",model="all-minilm-l6-v2",code="200"} 1"#,
+        r#"nstream_server_requests_total{route="/v1/embeddings",model="all-minilm-l6-v2",code="200",key="none"} 1"#,
         r#"nstream_server_embedding_inputs_total{model="all-minilm-l6-v2"} 2"#,
         // "hello world" is [CLS] hello world [SEP], "a" is [CLS] a [SEP].
         r#"nstream_server_tokens_total{model="all-minilm-l6-v2",kind="prompt"} 7"#,

@@ -30,6 +30,14 @@ struct Cli {
     /// The nstream-server image built with CUDA, for pods that ask for GPUs.
     #[arg(long, env = "NSTREAM_SERVER_IMAGE_CUDA")]
     server_image_cuda: Option<String>,
+    /// The image of the `nstream` command line, for the Jobs of Distillations [default: the
+    /// server image, which ships `nstream` next to `nstream-server`].
+    #[arg(long, env = "NSTREAM_DISTILL_IMAGE")]
+    distill_image: Option<String>,
+    /// The same built with CUDA, for Distillation Jobs whose student asks for GPUs [default: the
+    /// CUDA server image].
+    #[arg(long, env = "NSTREAM_DISTILL_IMAGE_CUDA")]
+    distill_image_cuda: Option<String>,
     /// imagePullPolicy of server containers (Always, IfNotPresent, Never); the cluster default when unset.
     #[arg(long, env = "NSTREAM_IMAGE_PULL_POLICY")]
     image_pull_policy: Option<String>,
@@ -87,6 +95,10 @@ struct Cli {
         value_delimiter = ','
     )]
     network_policy_allow_pod_labels: Vec<String>,
+    /// Seconds between two decisions of the autoscaler (it scrapes each Ready pod of every
+    /// resource with maxReplicas); 0 turns it off.
+    #[arg(long, env = "NSTREAM_AUTOSCALE_INTERVAL_SECONDS", default_value_t = 5)]
+    autoscale_interval_seconds: u64,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "NSTREAM_METRICS_ADDRESS", default_value = "0.0.0.0:8081")]
     metrics_address: SocketAddr,
@@ -126,6 +138,10 @@ impl Cli {
         if let Some(image) = &self.server_image_cuda {
             settings.server_image_cuda = image.clone();
         }
+        // The server images ship `nstream` too, so Jobs follow a changed server image.
+        settings.distill_image = self.distill_image.clone().unwrap_or_else(|| settings.server_image.clone());
+        settings.distill_image_cuda =
+            self.distill_image_cuda.clone().unwrap_or_else(|| settings.server_image_cuda.clone());
         settings.image_pull_policy = self.image_pull_policy.clone();
         settings.server_port = self.server_port;
         settings.cluster_domain = self.cluster_domain.clone();
@@ -156,6 +172,7 @@ impl Cli {
             .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
         settings.resync = Duration::from_secs(self.resync_seconds.max(1));
         settings.provider_check_interval = Duration::from_secs(self.provider_check_interval_seconds);
+        settings.autoscale_interval = Duration::from_secs(self.autoscale_interval_seconds);
         settings.network_policy.enabled = self.network_policy;
         if !self.network_policy_allow_namespace_labels.is_empty() {
             settings.network_policy.allow_namespace_labels =

@@ -1,6 +1,8 @@
 //! The operator against a real control plane: etcd + kube-apiserver + kube-controller-manager
 //! built from Go modules (`scripts/testbed.sh`), started and stopped by this test. No kubelet:
-//! the test marks pods Ready or crash-looping itself, as KubeAI's integration tests do.
+//! the test marks pods Ready or crash-looping itself, as KubeAI's integration tests do, except
+//! where the Deployment's own command must serve: there the stand-in kubelet
+//! (tests/support/kubelet.rs) runs the pod as a local `nstream-server`.
 //!
 //! One test function runs the scenarios in order on one control plane (one namespace each), so
 //! the processes are stopped when it ends, pass or fail.
@@ -408,6 +410,8 @@ async fn invalid_resources_are_rejected_by_the_api_server(client: &Client) {
         ("21-gpu-fraction.yaml", "resourceLimit.gpu"),
         ("26-replicas-word.yaml", "replicas"),
         ("36-token-inline-and-ref.yaml", "set at most one of modelProviderToken and modelProviderTokenSecretRef"),
+        ("72-openai-endpoint-plain-http.yaml", "plain http:// sends the API key unencrypted"),
+        ("73-anthropic-endpoint-plain-http.yaml", "plain http:// sends the API key unencrypted"),
     ];
     for (file, expected) in must_reject {
         let message = rejected.get(file).unwrap_or_else(|| panic!("the API server accepted {file}"));
@@ -840,9 +844,10 @@ async fn count_writes(client: &Client, namespace: &str, window: Duration) -> usi
 }
 
 /// Runs the real `nstream-server` with exactly the command, arguments and environment of the
-/// Deployment the operator built for examples/quickstart.yaml, in a folder laid out like the pod:
-/// the working directory holds each volume at its mount path (the ConfigMap's model file, the
-/// cache, which here is the offline Hugging Face cache as a pre-filled claim would be).
+/// Deployment the operator built for examples/quickstart.yaml, through the stand-in kubelet
+/// (tests/support/kubelet.rs): the pod's volumes materialised (the ConfigMap's model file, the key
+/// and token Secrets, the cache, which here is the offline Hugging Face cache as a pre-filled claim
+/// would be), on the pod's own loopback address.
 async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::Path) {
     namespace(client, "serve").await;
     let quickstart = std::fs::read_to_string(repo_root().join("examples/quickstart.yaml")).expect("quickstart");
@@ -858,6 +863,12 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
         1,
     );
     assert!(document.contains("hf_e2e_inline_token"), "the quickstart changed shape");
+    let cache = hf_home();
+    assert!(
+        cache.join("hub/models--sentence-transformers--all-MiniLM-L6-v2").is_dir(),
+        "{} lacks all-MiniLM-L6-v2: run scripts/offline-models.sh",
+        cache.display()
+    );
     let applied = apply_yaml(client, "serve", &document).await.expect("the quickstart applies");
     let name = applied.name_any();
     let object = format!("em-{name}");
@@ -868,131 +879,53 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
     .await;
     let pod = deployment.spec.as_ref().and_then(|spec| spec.template.spec.clone()).expect("pod spec");
     let container = pod.containers[0].clone();
-    let working_dir = std::path::PathBuf::from(container.working_dir.clone().expect("workingDir"));
-    let root = tempfile::Builder::new().prefix("nstream-pod-").tempdir_in(scratch).expect("pod folder");
 
     let deployment_text = serde_json::to_string(&deployment).expect("JSON");
     assert!(!deployment_text.contains("hf_e2e_inline_token"), "the inline token leaked into the Deployment");
-    let mut mounted_secret = false;
-    // Volumes, as the kubelet would mount them (paths under workingDir).
-    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), "serve");
-    for mount in container.volume_mounts.clone().unwrap_or_default() {
-        let Ok(relative) = std::path::Path::new(&mount.mount_path).strip_prefix(&working_dir) else {
-            continue; // /tmp: the machine's own
-        };
-        let target = root.path().join(relative);
-        let volume = pod
-            .volumes
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .find(|volume| volume.name == mount.name)
-            .expect("volume");
-        if let Some(source) = volume.config_map {
-            std::fs::create_dir_all(&target).expect("mount folder");
-            let data = config_maps.get(&source.name).await.expect("the ConfigMap").data.unwrap_or_default();
-            for item in source.items.unwrap_or_default() {
-                std::fs::write(target.join(&item.path), data.get(&item.key).expect("ConfigMap key")).expect("writing");
-            }
-        } else if let Some(source) = volume.secret {
-            std::fs::create_dir_all(&target).expect("mount folder");
-            let name = source.secret_name.clone().expect("secret name");
-            let secret = Api::<Secret>::namespaced(client.clone(), "serve").get(&name).await.expect("the Secret");
-            let data = secret.data.unwrap_or_default();
-            for item in source.items.unwrap_or_default() {
-                std::fs::write(target.join(&item.path), &data.get(&item.key).expect("Secret key").0).expect("writing");
-            }
-            mounted_secret = true;
-        } else if volume.empty_dir.is_some() || volume.persistent_volume_claim.is_some() {
-            // The model cache: the offline Hugging Face cache plays the pre-filled claim.
-            std::fs::create_dir_all(&target).expect("mount folder");
-            let cache = hf_home();
-            assert!(
-                cache.join("hub/models--sentence-transformers--all-MiniLM-L6-v2").is_dir(),
-                "{} lacks all-MiniLM-L6-v2: run scripts/offline-models.sh",
-                cache.display()
-            );
-            std::os::unix::fs::symlink(&cache, target.join("huggingface")).expect("linking the cache");
-        } else {
-            panic!("unexpected volume {:?}", volume.name);
-        }
-    }
+    let token_volume = pod.volumes.iter().flatten().find(|volume| {
+        volume.secret.as_ref().is_some_and(|secret| secret.secret_name.as_deref() != Some(&format!("{object}-api-key")))
+    });
+    let token_volume = token_volume.expect("the token Secret is a volume");
+    let mounts = container.volume_mounts.clone().unwrap_or_default();
+    assert!(mounts.iter().any(|mount| mount.name == token_volume.name), "the token Secret is not mounted");
+    assert_eq!(container.command.clone().expect("command"), ["nstream-server"]);
+    assert!(container.env.iter().flatten().all(|var| var.value.is_some()), "plain values only: {:?}", container.env);
+    eprintln!("  running {:?} {:?} with {:?}", container.command, container.args, container.env);
 
-    assert!(mounted_secret, "the token Secret is not mounted");
-    let binary = server_binary();
-    let command = container.command.clone().expect("command");
-    assert_eq!(command, ["nstream-server"]);
-    let args = container.args.clone().expect("args");
-    let env: Vec<(String, String)> = container
-        .env
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|var| (var.name, var.value.expect("plain values only")))
-        .collect();
-    eprintln!("  running {command:?} {args:?} with {env:?} in {}", root.path().display());
-    let log = std::fs::File::create(scratch.join("nstream-server.log")).expect("log");
-    let child = std::sync::Mutex::new(KillOnDrop(
-        std::process::Command::new(&command[0])
-            .args(&args)
-            .env_clear()
-            .envs(env.iter().map(|(name, value)| (name.as_str(), value.as_str())))
-            .env("PATH", binary.parent().expect("bin folder"))
-            .current_dir(root.path())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("starting nstream-server"),
-    ));
-    let port = container.ports.as_ref().and_then(|ports| ports.first()).map(|port| port.container_port).expect("port");
-    let port = u16::try_from(port).expect("a port");
-    {
-        eventually("nstream-server /ready", 3 * MINUTE, || async {
-            let exited = child.lock().map(|mut child| child.0.try_wait().ok().flatten()).ok().flatten();
-            if let Some(status) = exited {
-                panic!(
-                    "nstream-server exited with {status}: {}",
-                    std::fs::read_to_string(scratch.join("nstream-server.log")).unwrap_or_default()
-                );
-            }
-            matches!(http_get(port, "/ready").await, Ok((200, _))).then_some(())
-        })
-        .await;
-        // The API key the operator generated, as a client gets it (kubectl get secret ... | base64 -d).
-        let key_secret = Api::<Secret>::namespaced(client.clone(), "serve")
-            .get(&format!("{object}-api-key"))
-            .await
-            .expect("the API key Secret");
-        let key = key_secret.data.unwrap_or_default().get("api-key").map(|value| value.0.clone()).expect("api-key");
-        let key = String::from_utf8(key).expect("a text key");
-        assert!(!serde_json::to_string(&container).expect("JSON").contains(&key), "the key is in the container");
-        let (status, refused) = http_get(port, "/v1/models").await.expect("/v1/models");
-        assert_eq!(status, 401, "a request without the key must be refused: {refused}");
-        let (status, models) = http_with_key(port, "GET", "/v1/models", None, Some(&key)).await.expect("/v1/models");
-        assert_eq!(status, 200, "{models}");
-        let models: serde_json::Value = serde_json::from_str(&models).expect("JSON");
-        let model = models["data"][0]["id"].as_str().expect("a model id").to_string();
-        let body =
-            serde_json::json!({"model": model, "input": ["The operator built this server.", "Kubernetes scales it."]});
-        let (status, answer) = http_with_key(port, "POST", "/v1/embeddings", Some(&body.to_string()), Some(&key))
-            .await
-            .expect("/v1/embeddings");
-        assert_eq!(status, 200, "{answer}");
-        let answer: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
-        let vectors = answer["data"].as_array().expect("data");
-        assert_eq!(vectors.len(), 2);
-        let dimension = vectors[0]["embedding"].as_array().map(Vec::len).unwrap_or(0);
-        assert_eq!(dimension, 384, "all-MiniLM-L6-v2 has 384 dimensions");
-        eprintln!("  nstream-server answered 2 embeddings of {dimension} dimensions for model {model}");
-    }
-}
-
-/// A child process killed and reaped when dropped (pass or fail).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    let kubelet = kubelet::Kubelet::start(
+        client.clone(),
+        "serve",
+        &format!("app.kubernetes.io/instance={object}"),
+        kubelet::KubeletOptions::new(scratch),
+    );
+    let pods = kubelet.wait_ready(1, 3 * MINUTE).await;
+    let address = pods[0].address;
+    let log = kubelet.log_of(&pods[0].name);
+    assert!(!log.contains("hf_e2e_inline_token"), "the token is in the server's log");
+    // The API key the operator generated, as a client gets it (kubectl get secret ... | base64 -d).
+    let key_secret = Api::<Secret>::namespaced(client.clone(), "serve")
+        .get(&format!("{object}-api-key"))
+        .await
+        .expect("the API key Secret");
+    let key = key_secret.data.unwrap_or_default().get("api-key").map(|value| value.0.clone()).expect("api-key");
+    let key = String::from_utf8(key).expect("a text key");
+    assert!(!serde_json::to_string(&container).expect("JSON").contains(&key), "the key is in the container");
+    let (status, refused) = kubelet::http_to(address, "GET", "/v1/models", None, None).await.expect("/v1/models");
+    assert_eq!(status, 401, "a request without the key must be refused: {refused}");
+    let (status, models) = kubelet::http_to(address, "GET", "/v1/models", None, Some(&key)).await.expect("/v1/models");
+    assert_eq!(status, 200, "{models}");
+    let models: serde_json::Value = serde_json::from_str(&models).expect("JSON");
+    let model = models["data"][0]["id"].as_str().expect("a model id").to_string();
+    let body =
+        serde_json::json!({"model": model, "input": ["The operator built this server.", "Kubernetes scales it."]});
+    let (status, answer) = kubelet::http_to(address, "POST", "/v1/embeddings", Some(&body.to_string()), Some(&key))
+        .await
+        .expect("/v1/embeddings");
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    let vectors = answer["data"].as_array().expect("data");
+    assert_eq!(vectors.len(), 2);
+    let dimension = vectors[0]["embedding"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(dimension, 384, "all-MiniLM-L6-v2 has 384 dimensions");
+    eprintln!("  nstream-server at {address} answered 2 embeddings of {dimension} dimensions for model {model}");
 }

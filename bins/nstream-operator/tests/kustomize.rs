@@ -55,7 +55,7 @@ fn identities<'a>(documents: impl IntoIterator<Item = &'a serde_yaml::Value>) ->
 fn operator_images(documents: &[serde_yaml::Value]) -> (String, String, String) {
     let deployments: Vec<Deployment> = documents
         .iter()
-        .filter(|document| document["kind"] == "Deployment")
+        .filter(|document| document["kind"] == "Deployment" && document["metadata"]["name"] == "nstream-operator")
         .map(|document| serde_yaml::from_value(document.clone()).expect("a Deployment"))
         .collect();
     assert_eq!(deployments.len(), 1, "one Deployment (the operator's) is rendered");
@@ -93,7 +93,7 @@ fn deploy_renders_every_manifest_with_this_versions_images() {
 
     // Every object of deploy/crds and deploy/operator, and nothing else.
     let mut expected = Vec::new();
-    for folder in ["deploy/crds", "deploy/operator"] {
+    for folder in ["deploy/crds", "deploy/operator", "deploy/router"] {
         for entry in std::fs::read_dir(root.join(folder)).expect("deploy folder") {
             let text = std::fs::read_to_string(entry.expect("entry").path()).expect("manifest");
             for document in serde_yaml::Deserializer::from_str(&text) {

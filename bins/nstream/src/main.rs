@@ -17,7 +17,7 @@ Exit codes:
   3    generate finished, but some inputs failed (the journal says which)
   4    generate stopped at its cost budget (--max-cost)
   130  interrupted (Ctrl-C); the work done so far is kept and resumable
-  143  generate stopped by SIGTERM (the same clean stop as Ctrl-C)";
+  143  generate or eval stopped by SIGTERM (the same clean stop as Ctrl-C)";
 
 /// nstream: MegaModel, BaseModel and EmbeddingModel as Kubernetes resources, served behind one
 /// OpenAI-compatible API, on a laptop or a cluster.

@@ -242,3 +242,27 @@ fn bad_files_are_explained() {
     assert!(stderr.contains("another version of Distillation orders"), "{stderr}");
     assert!(stderr.contains("--overwrite"), "{stderr}");
 }
+
+#[test]
+fn a_stage_runs_alone_only_after_the_ones_before_it_and_reports_in_one_json_line() {
+    let folder = tempfile::tempdir().expect("tempdir");
+    lay_out(folder.path(), 9);
+    let message = folder.path().join("termination-log");
+    let output = command(folder.path(), &["-f", "distill.yaml", "--stage", "finetune"])
+        .env("NSTREAM_TERMINATION_MESSAGE", &message)
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("stage generate is not done yet; run `--stage generate` first"), "{stderr}");
+    let text = std::fs::read_to_string(&message).expect("the termination message");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let summary: Value = serde_json::from_str(&text).expect("one JSON line");
+    assert_eq!(summary["ok"], false);
+    assert!(summary["error"].as_str().is_some_and(|error| error.contains("stage generate is not done")), "{summary}");
+
+    // Stages run in order: one cannot be skipped between two asked for.
+    let output = command(folder.path(), &["-f", "distill.yaml", "--stage", "generate,eval"]).output().expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("stage split lies between them"), "{stderr}");
+}

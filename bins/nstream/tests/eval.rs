@@ -2,31 +2,22 @@
 //! model cache as the base, and MegaModels on the local test provider (nstream-pipeline's
 //! `test-server`) as teacher, student and judge. Scores, intervals and gap closed are checked
 //! against what the provider is known to answer; a second run sends nothing and writes the same
-//! report; bad input is explained.
+//! report; bad input is explained; SIGTERM stops a run cleanly and the rerun resumes it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod support;
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use nstream_pipeline::testing::{TestProvider, TestProviderConfig, expected_answer};
 use serde_json::{Value, json};
+use support::{read_jsonl, repo_root, stderr};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_nstream");
 const ITEMS: usize = 8;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn eval(folder: &Path, args: &[&str]) -> Output {
-    let mut command = Command::new(BINARY);
-    command.arg("eval").args(args).current_dir(folder);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("NSTREAM_") {
-            command.env_remove(name);
-        }
-    }
-    command.env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn").stdin(Stdio::null());
-    command.output().expect("nstream runs")
+    support::nstream(folder, "eval").args(args).output().expect("nstream runs")
 }
 
 fn question(index: usize) -> String {
@@ -235,4 +226,57 @@ async fn bad_input_is_explained_before_any_request() {
         assert!(!stderr.contains("sk-test-pipeline"), "the key leaked: {stderr}");
     }
     assert!(provider.counts().is_empty(), "nothing was sent: {:?}", provider.counts());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_the_answers_so_far_and_the_rerun_asks_nothing_twice() {
+    const HELD_OUT: usize = 40;
+    // Two requests at a time of 100 ms each: about two seconds of answering.
+    let provider = TestProvider::start(TestProviderConfig {
+        latency: Duration::from_millis(100),
+        ..TestProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let folder = tempfile::tempdir().expect("tempdir");
+    std::fs::write(folder.path().join("models.yaml"), provider.megamodel_yaml("teacher")).expect("models");
+    let lines: Vec<String> = (0..HELD_OUT)
+        .map(|index| {
+            json!({"messages": [
+                {"role": "user", "content": question(index)},
+                {"role": "assistant", "content": expected_answer(&question(index))},
+            ]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(folder.path().join("heldout.jsonl"), lines.join("\n") + "\n").expect("data");
+    let args = ["--data", "heldout.jsonl", "-f", "models.yaml", "--model", "teacher", "--concurrency", "2"];
+    let args: Vec<&str> = args.into_iter().chain(["--output", "out", "-o", "json"]).collect();
+
+    let child = support::nstream(folder.path(), "eval")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // A few requests reached the provider: the run is answering, its signal handler installed.
+    support::wait_until("four requests", || provider.counts().len() >= 4).await;
+    support::terminate(&child);
+    let output = tokio::task::block_in_place(|| child.wait_with_output()).expect("exits");
+    assert_eq!(output.status.code(), Some(143), "SIGTERM exits 128 + 15 after a clean stop: {}", stderr(&output));
+    assert!(stderr(&output).contains("eval interrupted"), "{}", stderr(&output));
+    let answers = read_jsonl(&folder.path().join("out/answers/teacher.jsonl"));
+    assert!(!answers.is_empty() && answers.len() < HELD_OUT, "{} answers", answers.len());
+    // Every request sent was answered and kept: the ones in flight were not dropped.
+    assert_eq!(provider.counts().len(), answers.len());
+    assert!(!folder.path().join("out/report.json").exists(), "an interrupted eval writes no report");
+    assert!(!folder.path().join("out/answers/teacher.journal.lock").exists(), "a clean stop releases the lock");
+
+    let rerun = eval(folder.path(), &args);
+    assert_eq!(rerun.status.code(), Some(0), "{}", stderr(&rerun));
+    let report: Value = serde_json::from_slice(&rerun.stdout).expect("the report on stdout is JSON");
+    assert_eq!(report["scored_items"], HELD_OUT);
+    assert_eq!(metric(&report, "teacher", "exact")["mean"], 1.0, "{report:#}");
+    assert_eq!(provider.counts().len(), HELD_OUT);
+    assert!(provider.counts().values().all(|count| *count == 1), "each prompt sent once: {:?}", provider.counts());
 }

@@ -2,48 +2,28 @@
 //! provider (nstream-pipeline's `test-server`), killed with SIGKILL at random points and resumed;
 //! bad input and its messages; and SmolLM2 served locally from the offline model cache.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nstream_pipeline::testing::{TestProvider, TestProviderConfig, expected_answer};
 use serde_json::{Value, json};
+use support::{read_jsonl, repo_root, stderr};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_nstream");
 /// The inline key of the test MegaModel: it must never appear in any output or message.
 const KEY: &str = "sk-test-pipeline-0123456789";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// `nstream generate` with a clean environment (no inherited NSTREAM_* settings, offline hub).
 fn generate(folder: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(BINARY);
-    command.arg("generate").args(args).current_dir(folder);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("NSTREAM_") {
-            command.env_remove(name);
-        }
-    }
-    command.env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn").stdin(Stdio::null());
+    let mut command = support::nstream(folder, "generate");
+    command.args(args);
     command
 }
 
 fn run(folder: &Path, args: &[&str]) -> Output {
     generate(folder, args).output().expect("nstream runs")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
-        .collect()
 }
 
 fn question(index: usize) -> String {
@@ -417,8 +397,7 @@ async fn sigterm_finishes_what_is_in_flight_like_ctrl_c_and_resume_completes() {
     lay_out(folder.path(), &provider, INPUTS);
     let child = generate(folder.path(), COMMON).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
-    assert!(status.success());
+    support::terminate(&child);
     let output = tokio::task::block_in_place(|| child.wait_with_output()).expect("exits");
     assert_eq!(output.status.code(), Some(143), "SIGTERM exits 128 + 15 after a clean stop: {}", stderr(&output));
     assert!(stderr(&output).contains("generate interrupted"), "{}", stderr(&output));
@@ -438,11 +417,7 @@ async fn sigterm_finishes_what_is_in_flight_like_ctrl_c_and_resume_completes() {
 
 /// Waits (at most 20 s) for `path` to exist.
 async fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_until(&format!("{} appearing", path.display()), || path.exists()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,14 @@ pub trait ModelBackend: Send + Sync {
     fn adapter_sequences(&self) -> Option<usize> {
         None
     }
+
+    /// Requests (or sequences) admitted but waiting for the model: queued for the worker or for
+    /// room in the running batch. The server exports it as `nstream_server_requests_waiting`
+    /// for autoscalers. `None` when the backend has no queue of its own, or shares its parent's
+    /// (a LoRA adapter: its parent reports the shared queue, so it is counted once).
+    fn waiting_requests(&self) -> Option<u64> {
+        None
+    }
 }
 
 #[cfg(test)]

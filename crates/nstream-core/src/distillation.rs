@@ -12,8 +12,11 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 use validator::Validate;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
 use crate::patterns;
-use crate::status::ModelStatus;
+use crate::quantity::ResourceQuantity;
+use crate::status::{ConditionStatus, ModelStatus};
 use crate::validate::{Check, Problem, field_rules, quote};
 
 /// The share of the inputs held out for evaluation when `split.heldOut` is omitted.
@@ -31,13 +34,15 @@ pub const DEFAULT_SAVE_EVERY: u32 = 10;
     version = "v1",
     kind = "Distillation",
     namespaced,
-    status = "ModelStatus",
+    status = "DistillationStatus",
     derive = "PartialEq",
     shortname = "distill",
     category = "nstream",
     doc = "A teacher's answers to a task, a student BaseModel fine-tuned on them and evaluated against the teacher.",
     printcolumn(name = "Teacher", type_ = "string", json_path = ".spec.teacher"),
     printcolumn(name = "Student", type_ = "string", json_path = ".spec.student"),
+    printcolumn(name = "Stage", type_ = "string", json_path = ".status.stage"),
+    printcolumn(name = "Score", type_ = "string", json_path = ".status.score"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -83,6 +88,179 @@ pub struct DistillationSpec {
     #[validate(length(min = 1, max = 4096), regex(path = *patterns::DISPLAY_NAME))]
     #[schemars(length(min = 1, max = 4096))]
     pub output: Option<String>,
+    /// On a cluster only (`nstream distill` ignores it): the PersistentVolumeClaim holding the
+    /// run folder (data, journals, checkpoints, the adapter) and what becomes of it when the
+    /// Distillation is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(nested)]
+    pub storage: Option<DistillationStorage>,
+}
+
+/// What becomes of the data claim the operator made when its Distillation is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum DataPolicy {
+    /// The claim stays (the teacher's answers cost money; the adapter is served from it).
+    #[default]
+    Keep,
+    /// The claim is deleted with the Distillation (a claim named in `claimName` never is).
+    Delete,
+}
+
+/// The claim of a Distillation on a cluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Validate)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DistillationStorage {
+    /// An existing PersistentVolumeClaim of the namespace to use (never deleted by the operator);
+    /// the operator makes `distill-<metadata.name>` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(regex(path = *patterns::DNS_SUBDOMAIN), length(max = 253))]
+    #[schemars(regex(pattern = patterns::DNS_SUBDOMAIN_PATTERN), length(max = 253))]
+    pub claim_name: Option<String>,
+    /// The size of the claim the operator makes; 10Gi when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ResourceQuantity>,
+    /// The storage class of the claim the operator makes; the cluster's default when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(regex(path = *patterns::DNS_SUBDOMAIN), length(max = 253))]
+    #[schemars(regex(pattern = patterns::DNS_SUBDOMAIN_PATTERN), length(max = 253))]
+    pub storage_class_name: Option<String>,
+    /// `Keep` (default) or `Delete`: what becomes of the claim the operator made when the
+    /// Distillation is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_policy: Option<DataPolicy>,
+}
+
+/// The size of the claim the operator makes when `storage.size` is omitted.
+pub const DEFAULT_CLAIM_SIZE: &str = "10Gi";
+
+/// The phase of one stage (one Job) of a Distillation on a cluster.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum StagePhase {
+    /// Waiting for the stages before it.
+    #[default]
+    Pending,
+    /// Its Job exists and has not finished (retries included).
+    Running,
+    /// Its Job completed.
+    Succeeded,
+    /// Its Job failed beyond its retries.
+    Failed,
+}
+
+/// One stage of a Distillation on a cluster: its Job and what the Job's pods reported.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DistillationStageStatus {
+    /// `generate` (teacher answers and the split), `finetune` or `eval`.
+    pub name: String,
+    /// Pending, Running, Succeeded or Failed.
+    pub phase: StagePhase,
+    /// The stage's Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Pods the Job started (a retry after a pod died counts one more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i32>,
+    /// When the Job started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the Job completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// What the stage's last finished pod reported, in words (answers, steps, loss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// US dollars paid to the teacher so far (earlier attempts included), where its price is
+    /// known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// Why the stage failed, or is waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One model's headline score on the held-out inputs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DistillationScore {
+    /// The model's name.
+    pub model: String,
+    /// `teacher`, `base` or `student`.
+    pub role: String,
+    /// The headline metric (the first of the first scorer).
+    pub metric: String,
+    /// The mean, from 0 to 1.
+    pub score: f64,
+    /// The low end of its 95% bootstrap interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low: Option<f64>,
+    /// The high end of its 95% bootstrap interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high: Option<f64>,
+}
+
+/// Condition type of a Distillation: every stage succeeded and the adapter is on the student.
+pub const SUCCEEDED: &str = "Succeeded";
+
+/// The observed state of a Distillation on a cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DistillationStatus {
+    /// `Ready` and `Succeeded` (both True once the adapter is on the student), `Degraded` when a
+    /// stage failed or the spec cannot run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The stage running now, or `Succeeded` / `Failed` at the end (a printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// The student's headline score, such as `json_exact 100.0%` (a printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<String>,
+    /// The PersistentVolumeClaim holding the run folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+    /// The model id the student serves the adapter under, once attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// The stages in order: generate, finetune, eval.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub stages: Vec<DistillationStageStatus>,
+    /// The headline per model, from the eval stage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scores: Vec<DistillationScore>,
+}
+
+impl DistillationStatus {
+    /// The condition of a type, if set.
+    pub fn condition(&self, condition_type: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|condition| condition.type_ == condition_type)
+    }
+
+    /// Sets a condition; `lastTransitionTime` moves only when the status changes (as
+    /// [`ModelStatus::set_condition`]).
+    pub fn set_condition(
+        &mut self,
+        condition_type: &str,
+        status: ConditionStatus,
+        reason: &str,
+        message: &str,
+        observed_generation: Option<i64>,
+        now: Time,
+    ) {
+        let mut conditions = ModelStatus { conditions: std::mem::take(&mut self.conditions), ..ModelStatus::default() };
+        conditions.set_condition(condition_type, status, reason, message, observed_generation, now);
+        self.conditions = conditions.conditions;
+    }
+
+    /// The status of a stage, if listed.
+    pub fn stage(&self, name: &str) -> Option<&DistillationStageStatus> {
+        self.stages.iter().find(|stage| stage.name == name)
+    }
 }
 
 /// The task: inputs, prompt and answer format.
@@ -110,6 +288,13 @@ pub struct DistillationTask {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_object")]
     pub response_schema: Option<serde_json::Value>,
+    /// On a cluster: a ConfigMap of the namespace holding the inputs under the key
+    /// `task.dataset`; without it, `task.dataset` is a path on the data claim. `nstream distill`
+    /// ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(regex(path = *patterns::DNS_SUBDOMAIN), length(max = 253))]
+    #[schemars(regex(pattern = patterns::DNS_SUBDOMAIN_PATTERN), length(max = 253))]
+    pub dataset_config_map: Option<String>,
     /// The most tokens of one answer; 256 when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[validate(range(min = 1, max = 32768))]
@@ -277,6 +462,11 @@ impl DistillationSpec {
         }
     }
 
+    /// The data claim's policy, with its default.
+    pub fn data_policy(&self) -> DataPolicy {
+        self.storage.as_ref().and_then(|storage| storage.data_policy).unwrap_or_default()
+    }
+
     /// The name of the BaseModel written for the fine-tuned student.
     pub fn student_name_or_default(&self, distillation_name: &str) -> String {
         self.student_name.clone().unwrap_or_else(|| format!("{distillation_name}-student"))
@@ -341,6 +531,11 @@ impl Check for DistillationSpec {
                     ));
                 }
             }
+        }
+        if let Some(size) = self.storage.as_ref().and_then(|storage| storage.size.as_ref())
+            && !size.amount().is_ok_and(|amount| amount.is_positive())
+        {
+            problems.push(Problem::new(format!("{prefix}.storage.size"), quote(size.as_str()), "a size such as 10Gi"));
         }
         for (field, path) in [(Some(&self.task.dataset), "task.dataset"), (self.output.as_ref(), "output")] {
             if let Some(text) = field

@@ -35,8 +35,9 @@ pub mod status;
 pub mod validate;
 
 pub use distillation::{
-    Distillation, DistillationEvaluation, DistillationGeneration, DistillationSpec, DistillationSplit,
-    DistillationTask, FineTuning, FineTuningMethod,
+    DataPolicy, Distillation, DistillationEvaluation, DistillationGeneration, DistillationScore, DistillationSpec,
+    DistillationSplit, DistillationStageStatus, DistillationStatus, DistillationStorage, DistillationTask, FineTuning,
+    FineTuningMethod, StagePhase,
 };
 pub use document::{
     Diagnostic, LoadError, LoadedDocument, ModelResource, Origin, Outcome, load_path, parse_bytes, parse_str,
@@ -49,9 +50,9 @@ pub use quantity::{Amount, QuantityError, ResourceQuantity, parse_quantity};
 pub use replicas::Replicas;
 pub use secret::{SecretKeyRef, SecretSource, SecretString};
 pub use spec::{
-    AdapterSpec, AnthropicTemplate, ApiKeyFields, AzureOpenAiTemplate, BaseModel, BaseModelSpec, EmbeddingModel,
-    EmbeddingModelSpec, HubModelSpec, MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec, ModelHub,
-    ModelTemplate, OpenAiTemplate, ProviderTemplate, Resources, ServingInfo, ServingTemplate,
+    AdapterSpec, AnthropicTemplate, ApiKeyFields, Autoscaling, AzureOpenAiTemplate, BaseModel, BaseModelSpec,
+    EmbeddingModel, EmbeddingModelSpec, HubModelSpec, MegaModel, MegaModelLimits, MegaModelProvider, MegaModelSpec,
+    ModelHub, ModelTemplate, OpenAiTemplate, ProviderTemplate, Resources, ServingInfo, ServingTemplate,
 };
-pub use status::ModelStatus;
+pub use status::{AutoscalerStatus, ModelStatus};
 pub use validate::{Check, Problem};

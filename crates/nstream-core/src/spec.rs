@@ -233,6 +233,7 @@ impl ModelTemplate {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
 #[x_kube(validation = Rule::new("has(self.apikey) != has(self.apikeySecretRef)").message("set exactly one of apikey and apikeySecretRef"))]
 #[x_kube(validation = Rule::new("!has(self.apikey)").message("an inline apikey is refused on a cluster (it would be stored readable in etcd): put the key in a Secret labelled llm.nstream.ai/provider-credentials=true and name it in apikeySecretRef {name, key}; local files (nstream up -f) keep inline keys"))]
+#[x_kube(validation = Rule::new(crate::validate::PLAIN_HTTP_CEL_RULE).message(crate::validate::PLAIN_HTTP_CEL_MESSAGE).field_path(".endpoint"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AzureOpenAiTemplate {
     /// The `api-version` query parameter, such as `2023-10-01-preview` or `2024-10-21`.
@@ -252,8 +253,8 @@ pub struct AzureOpenAiTemplate {
     #[schemars(regex(pattern = patterns::AZURE_DEPLOYMENT_PATTERN))]
     pub deployment: String,
     /// The resource endpoint, such as `https://my-resource.openai.azure.com`.
-    #[validate(url)]
-    #[schemars(regex(pattern = r"^https?://"))]
+    #[validate(url, length(max = 2048))]
+    #[schemars(regex(pattern = r"^https?://"), length(max = 2048))]
     pub endpoint: String,
 }
 
@@ -261,13 +262,14 @@ pub struct AzureOpenAiTemplate {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
 #[x_kube(validation = Rule::new("has(self.apikey) != has(self.apikeySecretRef)").message("set exactly one of apikey and apikeySecretRef"))]
 #[x_kube(validation = Rule::new("!has(self.apikey)").message("an inline apikey is refused on a cluster (it would be stored readable in etcd): put the key in a Secret labelled llm.nstream.ai/provider-credentials=true and name it in apikeySecretRef {name, key}; local files (nstream up -f) keep inline keys"))]
+#[x_kube(validation = Rule::new(crate::validate::PLAIN_HTTP_CEL_RULE).message(crate::validate::PLAIN_HTTP_CEL_MESSAGE).field_path(".endpoint"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OpenAiTemplate {
     /// Base URL of the API, `https://api.openai.com/v1` when omitted. For Gemini use
     /// `https://generativelanguage.googleapis.com/v1beta/openai`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[validate(url)]
-    #[schemars(regex(pattern = r"^https?://"))]
+    #[validate(url, length(max = 2048))]
+    #[schemars(regex(pattern = r"^https?://"), length(max = 2048))]
     pub endpoint: Option<String>,
     /// The API key, inline: local files only. A cluster's API server refuses it (a CRD rule,
     /// so it never rests in etcd); there, use `apikeySecretRef`.
@@ -302,12 +304,13 @@ impl OpenAiTemplate {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Validate)]
 #[x_kube(validation = Rule::new("has(self.apikey) != has(self.apikeySecretRef)").message("set exactly one of apikey and apikeySecretRef"))]
 #[x_kube(validation = Rule::new("!has(self.apikey)").message("an inline apikey is refused on a cluster (it would be stored readable in etcd): put the key in a Secret labelled llm.nstream.ai/provider-credentials=true and name it in apikeySecretRef {name, key}; local files (nstream up -f) keep inline keys"))]
+#[x_kube(validation = Rule::new(crate::validate::PLAIN_HTTP_CEL_RULE).message(crate::validate::PLAIN_HTTP_CEL_MESSAGE).field_path(".endpoint"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AnthropicTemplate {
     /// Base URL of the API, `https://api.anthropic.com` when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[validate(url)]
-    #[schemars(regex(pattern = r"^https?://"))]
+    #[validate(url, length(max = 2048))]
+    #[schemars(regex(pattern = r"^https?://"), length(max = 2048))]
     pub endpoint: Option<String>,
     /// The API key, inline: local files only. A cluster's API server refuses it (a CRD rule,
     /// so it never rests in etcd); there, use `apikeySecretRef`.
@@ -413,6 +416,7 @@ macro_rules! hub_model_resource {
             printcolumn(name = "Model", type_ = "string", json_path = $model_path),
             printcolumn(name = "Replicas", type_ = "string", json_path = $replicas_path),
             printcolumn(name = "Ready-Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
+            printcolumn(name = "Desired", type_ = "integer", json_path = ".status.autoscaler.desiredReplicas"),
             printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
             printcolumn(
                 name = "Reason",
@@ -550,7 +554,9 @@ pub struct ServingInfo {
     /// `model`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[validate(nested)]
-    #[schemars(length(max = 64))]
+    // A list map keyed by name, so the operator's Distillations add their adapter entry under a
+    // field manager of their own without taking over the user's entries.
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub adapters: Option<Vec<AdapterSpec>>,
 }
 
@@ -594,21 +600,90 @@ pub enum ModelHub {
     HuggingFace,
 }
 
-/// Replicas and resources of the servers of one model.
+/// Replicas and resources of the servers of one model, and the autoscaling bounds.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Validate)]
+#[x_kube(validation = Rule::new("has(self.maxReplicas) || !(has(self.minReplicas) || has(self.targetRequestsPerReplica) || has(self.scaleDownDelaySeconds))").message("minReplicas, targetRequestsPerReplica and scaleDownDelaySeconds need maxReplicas (autoscaling is on when maxReplicas is set)"))]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas").message("minReplicas must be at most maxReplicas"))]
 #[x_kube(validation = Rule::new("!has(self.resourceRequest) || !has(self.resourceLimit) || ((!has(self.resourceRequest.cpu) || !has(self.resourceLimit.cpu) || quantity(string(self.resourceRequest.cpu)).compareTo(quantity(string(self.resourceLimit.cpu))) <= 0) && (!has(self.resourceRequest.memory) || !has(self.resourceLimit.memory) || quantity(string(self.resourceRequest.memory)).compareTo(quantity(string(self.resourceLimit.memory))) <= 0) && (!has(self.resourceRequest.gpu) || !has(self.resourceLimit.gpu) || quantity(string(self.resourceRequest.gpu)).compareTo(quantity(string(self.resourceLimit.gpu))) <= 0))").message("each resourceRequest must be at most its resourceLimit"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServingTemplate {
     /// Number of server replicas; 1 when omitted. An integer without quotes (`replicas: 1`): the
     /// API server refuses a string here.
+    ///
+    /// With autoscaling (`maxReplicas` set) it is only the starting count, kept within
+    /// `[minReplicas, maxReplicas]`, and the operator's autoscaler (or `kubectl scale`) changes it.
     #[serde(default)]
     pub replicas: Replicas,
+    /// Autoscaling: the fewest replicas; 1 when omitted. 0 scales the model to zero when idle
+    /// (the router scales it back to 1 when a request comes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: Option<i32>,
+    /// Autoscaling: the most replicas. Setting it turns autoscaling on; without it `replicas`
+    /// is a fixed size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_replicas: Option<i32>,
+    /// Autoscaling: the load one replica should carry, in requests in flight (waiting ones
+    /// included); the autoscaler wants `ceil(load / targetRequestsPerReplica)` replicas. 16 when
+    /// omitted (the generative server's default running batch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_requests_per_replica: Option<i32>,
+    /// Autoscaling: how long the load must have asked for fewer replicas before the autoscaler
+    /// scales down (and for none before it scales to zero); 30 when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub scale_down_delay_seconds: Option<i32>,
     /// The most each replica may use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_limit: Option<Resources>,
     /// What each replica is guaranteed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_request: Option<Resources>,
+}
+
+/// The autoscaling bounds of a [`ServingTemplate`], defaults applied ([`ServingTemplate::autoscaling`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Autoscaling {
+    /// The fewest replicas (`minReplicas`; may be 0).
+    pub min_replicas: i32,
+    /// The most replicas (`maxReplicas`).
+    pub max_replicas: i32,
+    /// Requests in flight one replica should carry (`targetRequestsPerReplica`).
+    pub target_requests_per_replica: i32,
+    /// How long the load must ask for fewer replicas before scaling down.
+    pub scale_down_delay: std::time::Duration,
+}
+
+impl Autoscaling {
+    /// `minReplicas` when omitted.
+    pub const DEFAULT_MIN_REPLICAS: i32 = 1;
+    /// `targetRequestsPerReplica` when omitted: the generative server's default running batch
+    /// (`--max-running-sequences`), so a replica at target decodes a full batch without a queue.
+    pub const DEFAULT_TARGET_REQUESTS_PER_REPLICA: i32 = 16;
+    /// `scaleDownDelaySeconds` when omitted: KubeAI's default. (An HPA waits 300 s, made for
+    /// noisy CPU figures; request counts are exact, and a model server idle for 30 s costs a GPU.)
+    pub const DEFAULT_SCALE_DOWN_DELAY_SECONDS: i32 = 30;
+}
+
+impl ServingTemplate {
+    /// The autoscaling bounds, when autoscaling is on (`maxReplicas` set), with defaults
+    /// applied; `None` for a fixed size. Assumes a valid template (see `validate`): values out of
+    /// range are clamped rather than refused here.
+    pub fn autoscaling(&self) -> Option<Autoscaling> {
+        let max_replicas = self.max_replicas?.max(1);
+        let min_replicas = self.min_replicas.unwrap_or(Autoscaling::DEFAULT_MIN_REPLICAS).clamp(0, max_replicas);
+        let target =
+            self.target_requests_per_replica.unwrap_or(Autoscaling::DEFAULT_TARGET_REQUESTS_PER_REPLICA).max(1);
+        let delay = self.scale_down_delay_seconds.unwrap_or(Autoscaling::DEFAULT_SCALE_DOWN_DELAY_SECONDS).max(0);
+        Some(Autoscaling {
+            min_replicas,
+            max_replicas,
+            target_requests_per_replica: target,
+            scale_down_delay: std::time::Duration::from_secs(u64::try_from(delay).unwrap_or(0)),
+        })
+    }
 }
 
 /// CPU, memory and GPUs, as Kubernetes quantities.

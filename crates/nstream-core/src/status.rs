@@ -38,6 +38,37 @@ pub struct ModelStatus {
     /// which a HorizontalPodAutoscaler reads).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// The operator's autoscaler: what it wants and why (set only with `maxReplicas`; written
+    /// under a field manager of its own, `nstream-operator-autoscaler`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<AutoscalerStatus>,
+}
+
+/// The autoscaler's latest decision for a resource.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalerStatus {
+    /// The replicas the autoscaler asks for now (after the bounds and the scale-down delay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// The replicas the load alone asks for: `ceil(currentLoad / targetRequestsPerReplica)`
+    /// within `[minReplicas, maxReplicas]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended_replicas: Option<i32>,
+    /// Requests in flight (waiting ones included) summed over the Ready pods at the last
+    /// scrape; absent when no pod could be scraped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_load: Option<i64>,
+    /// Why, in one word: `ScaledUp`, `ScaledDown`, `Stable`, `ScaleDownDelayed`,
+    /// `LoadUnknown`, `HorizontalPodAutoscaler`.
+    #[serde(default)]
+    pub reason: String,
+    /// Why, in a sentence.
+    #[serde(default)]
+    pub message: String,
+    /// When the autoscaler last changed the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
 }
 
 /// The status of a condition.

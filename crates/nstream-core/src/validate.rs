@@ -258,6 +258,25 @@ pub const PLAIN_HTTP_EXPECTED: &str = "an https:// URL; http:// only for loopbac
      cluster-local names (a single-label Service name such as `proxy`, NAME.NAMESPACE.svc, *.svc.cluster.local, \
      *.cluster.local)";
 
+/// The CRD's CEL rule (on each provider template) that refuses what [`plain_http_refused`] refuses,
+/// so a cluster's API server enforces it too: a plain `http://` endpoint's host (after any
+/// `user@`, before any port) must be loopback (`127.0.0.0/8`, `[::1]`, `localhost`), under `.svc`
+/// or `.cluster.local`, or a single DNS-1035 label. One regular expression over the endpoint
+/// itself, whose `maxLength` bounds CEL's cost estimate (the `url()` functions' results have no
+/// size, which puts a rule using them far over the API server's budget). `[.]` is a literal dot.
+pub const PLAIN_HTTP_CEL_RULE: &str = concat!(
+    r"!has(self.endpoint) || !self.endpoint.startsWith('http://') || self.endpoint.matches(",
+    r"r'(?is)^http://([^/?#\\]*@)?",
+    r"(127([.](25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}|\[(::1|0:0:0:0:0:0:0:1)\]",
+    r"|([a-z0-9-]+[.])+(svc|cluster[.]local)|[a-z][a-z0-9-]*)",
+    r"[.]?(:[^/?#\\@]*)?([/?#\\].*)?$')",
+);
+
+/// The API server's message when [`PLAIN_HTTP_CEL_RULE`] refuses an endpoint.
+pub const PLAIN_HTTP_CEL_MESSAGE: &str = "plain http:// sends the API key unencrypted: expected an https:// URL; \
+     http:// only for loopback (localhost, 127.0.0.0/8, [::1]) or cluster-local names (a single-label Service name \
+     such as `proxy`, NAME.NAMESPACE.svc, *.svc.cluster.local, *.cluster.local)";
+
 /// Whether `endpoint` is a plain `http://` URL to a host outside this machine and the cluster, to
 /// which a provider client would send the API key unencrypted. `https://` URLs, and text that is
 /// not an http URL at all (the `url` rule reports that), are not refused here.
@@ -375,6 +394,7 @@ fn check_serving_template(template: &ServingTemplate, path: &str, problems: &mut
         )),
         (Replicas::Number(_), Some(_)) => {}
     }
+    check_autoscaling(template, path, problems);
     let mut all_valid = true;
     for (section, resources) in
         [("resourceLimit", &template.resource_limit), ("resourceRequest", &template.resource_request)]
@@ -397,6 +417,59 @@ fn check_serving_template(template: &ServingTemplate, path: &str, problems: &mut
                     format!("{path}.resourceRequest.{name}"),
                     format!("{} above resourceLimit.{name} {}", quote(request.as_str()), quote(limit.as_str())),
                     format!("a request at most its limit ({})", limit.as_str()),
+                ));
+            }
+        }
+    }
+}
+
+/// The autoscaling fields: each in range, `minReplicas <= maxReplicas`, and none without
+/// `maxReplicas` (which turns autoscaling on; the others alone would be silently ignored).
+/// `replicas` outside `[minReplicas, maxReplicas]` is not a problem: it is the starting count,
+/// clamped by the autoscaler (refusing it would also refuse a `kubectl scale` beyond the bounds
+/// half-way through, since the API server checks the scale subresource's writes too).
+fn check_autoscaling(template: &ServingTemplate, path: &str, problems: &mut Vec<Problem>) {
+    let fields = [
+        ("minReplicas", template.min_replicas, 0, "a whole number of replicas, 0 or more (0 scales to zero when idle)"),
+        ("maxReplicas", template.max_replicas, 1, "a whole number of replicas, 1 or more"),
+        (
+            "targetRequestsPerReplica",
+            template.target_requests_per_replica,
+            1,
+            "a whole number of requests per replica, 1 or more, such as `targetRequestsPerReplica: 16`",
+        ),
+        ("scaleDownDelaySeconds", template.scale_down_delay_seconds, 0, "a whole number of seconds, 0 or more"),
+    ];
+    let mut in_range = true;
+    for (name, value, least, expected) in fields {
+        if let Some(value) = value
+            && value < least
+        {
+            in_range = false;
+            problems.push(Problem::new(format!("{path}.{name}"), value.to_string(), expected));
+        }
+    }
+    if let (true, Some(min), Some(max)) = (in_range, template.min_replicas, template.max_replicas)
+        && min > max
+    {
+        problems.push(Problem::new(
+            format!("{path}.minReplicas"),
+            format!("{min}, above maxReplicas {max}"),
+            format!("at most maxReplicas ({max})"),
+        ));
+    }
+    if template.max_replicas.is_none() {
+        let orphans = [
+            ("minReplicas", template.min_replicas.is_some()),
+            ("targetRequestsPerReplica", template.target_requests_per_replica.is_some()),
+            ("scaleDownDelaySeconds", template.scale_down_delay_seconds.is_some()),
+        ];
+        for (name, set) in orphans {
+            if set {
+                problems.push(Problem::new(
+                    format!("{path}.{name}"),
+                    "set without maxReplicas",
+                    "maxReplicas too: autoscaling is on only when maxReplicas is set (without it `replicas` is a fixed size)",
                 ));
             }
         }
@@ -487,40 +560,100 @@ mod tests {
 mod plain_http_tests {
     use super::*;
 
+    /// Endpoints a provider client may call over plain http, and endpoints it must refuse.
+    const PLAIN_HTTP_ALLOWED: [&str; 12] = [
+        "https://api.openai.com/v1",
+        "http://127.0.0.1:8080/v1",
+        "http://127.8.9.10",
+        "HTTP://LOCALHOST:1234",
+        "http://localhost./v1",
+        "http://[::1]:8000/v1",
+        "http://proxy:8080",
+        "http://vllm.models.svc:8000/v1",
+        "http://vllm.models.svc.cluster.local/v1",
+        "http://gateway.cluster.local",
+        "http://user:pass@127.0.0.1:9/x",
+        "not a url",
+    ];
+    const PLAIN_HTTP_REFUSED: [&str; 15] = [
+        "http://api.openai.com/v1",
+        "http://10.0.0.5:8000/v1",
+        "http://192.168.1.20",
+        "http://[2001:db8::1]:80/",
+        "http://[::ffff:8.8.8.8]/",
+        "http://134744072/v1",
+        "http://0x08080808/",
+        "http://evil.com%2esvc/",
+        "http://127.0.0.1@evil.com/",
+        "http://127.0.0.1:80@evil.com/",
+        "http://evil.com\\@127.0.0.1/",
+        "http://svc.evil.com",
+        "http://127.0.0.256/",
+        "http://[::1",
+        "http://",
+    ];
+
     #[test]
     fn plain_http_is_refused_outside_loopback_and_the_cluster() {
-        for allowed in [
-            "https://api.openai.com/v1",
-            "http://127.0.0.1:8080/v1",
-            "http://127.8.9.10",
-            "HTTP://LOCALHOST:1234",
-            "http://localhost./v1",
-            "http://[::1]:8000/v1",
-            "http://proxy:8080",
-            "http://vllm.models.svc:8000/v1",
-            "http://vllm.models.svc.cluster.local/v1",
-            "http://gateway.cluster.local",
-            "http://user:pass@127.0.0.1:9/x",
-            "not a url",
-        ] {
+        for allowed in PLAIN_HTTP_ALLOWED {
             assert!(!plain_http_refused(allowed), "{allowed} should be allowed");
         }
-        for refused in [
-            "http://api.openai.com/v1",
-            "http://10.0.0.5:8000/v1",
-            "http://192.168.1.20",
-            "http://[2001:db8::1]:80/",
-            "http://[::ffff:8.8.8.8]/",
-            "http://134744072/v1",
-            "http://0x08080808/",
-            "http://evil.com%2esvc/",
-            "http://127.0.0.1@evil.com/",
-            "http://evil.com\\@127.0.0.1/",
-            "http://svc.evil.com",
-            "http://[::1",
-            "http://",
-        ] {
+        for refused in PLAIN_HTTP_REFUSED {
             assert!(plain_http_refused(refused), "{refused} should be refused");
         }
+    }
+
+    /// The CRD's CEL rule decides as [`plain_http_refused`] does: its regular expression (RE2, as
+    /// the API server runs it; the `regex` crate reads this one the same way) on every endpoint
+    /// of the lists that starts with `http://` (the schema's pattern refuses other spellings).
+    #[test]
+    fn the_crd_rule_refuses_what_validation_refuses() {
+        let rule = PLAIN_HTTP_CEL_RULE;
+        let start = rule.find("matches(r'").expect("a raw-string regex") + "matches(r'".len();
+        let end = rule.rfind("')").expect("its end");
+        let expression = regex::Regex::new(&rule[start..end]).expect("the rule's regex compiles");
+        let endpoints = PLAIN_HTTP_ALLOWED.iter().chain(&PLAIN_HTTP_REFUSED);
+        for endpoint in endpoints.filter(|endpoint| endpoint.starts_with("http://")) {
+            assert_eq!(!expression.is_match(endpoint), plain_http_refused(endpoint), "{endpoint}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod autoscaling_tests {
+    use super::*;
+
+    fn problems_of(template: &ServingTemplate) -> Vec<String> {
+        let mut problems = Vec::new();
+        check_autoscaling(template, "spec.t", &mut problems);
+        problems.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn bounds_are_checked_and_defaulted() {
+        let fixed = ServingTemplate::default();
+        assert_eq!(fixed.autoscaling(), None);
+        assert!(problems_of(&fixed).is_empty());
+
+        let on = ServingTemplate { max_replicas: Some(4), ..ServingTemplate::default() };
+        let bounds = on.autoscaling().expect("on with maxReplicas");
+        assert_eq!((bounds.min_replicas, bounds.max_replicas, bounds.target_requests_per_replica), (1, 4, 16));
+        assert_eq!(bounds.scale_down_delay, std::time::Duration::from_secs(30));
+        assert!(problems_of(&on).is_empty());
+
+        let inverted = ServingTemplate { min_replicas: Some(5), ..on.clone() };
+        assert_eq!(
+            problems_of(&inverted),
+            ["spec.t.minReplicas: found 5, above maxReplicas 4, expected at most maxReplicas (4)"]
+        );
+        let negative = ServingTemplate { min_replicas: Some(-1), scale_down_delay_seconds: Some(-3), ..on.clone() };
+        let found = problems_of(&negative);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("spec.t.minReplicas: found -1"), "{found:?}");
+        assert!(found[1].starts_with("spec.t.scaleDownDelaySeconds: found -3"), "{found:?}");
+        let orphan = ServingTemplate { target_requests_per_replica: Some(2), ..ServingTemplate::default() };
+        let found = problems_of(&orphan);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("targetRequestsPerReplica: found set without maxReplicas"), "{found:?}");
     }
 }

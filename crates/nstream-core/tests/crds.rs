@@ -98,3 +98,20 @@ fn inline_mega_model_keys_are_refused_by_the_api_server_with_a_pointer_to_secret
         assert!(message.contains("llm.nstream.ai/provider-credentials=true"), "{template}: {message}");
     }
 }
+
+#[test]
+fn plain_http_mega_model_endpoints_are_refused_by_the_api_server_as_by_validate() {
+    let definitions = crd::crds();
+    let mega = definitions.iter().find(|definition| definition.spec.names.kind == "MegaModel").unwrap();
+    let schema = serde_json::to_value(&mega.spec.versions[0].schema).unwrap();
+    let templates = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["modelTemplate"]["properties"];
+    for template in ["azureOpenAI", "openAI", "anthropic"] {
+        let rules = templates[template]["x-kubernetes-validations"].as_array().cloned().unwrap_or_default();
+        let refusal = rules.iter().find(|rule| rule["rule"] == nstream_core::validate::PLAIN_HTTP_CEL_RULE);
+        let refusal = refusal.unwrap_or_else(|| panic!("{template}: no plain-http rule in {rules:?}"));
+        assert_eq!(refusal["fieldPath"], ".endpoint", "{template}");
+        assert!(refusal["message"].as_str().is_some_and(|message| message.contains("https://")), "{refusal}");
+        // CEL's cost estimate needs a bounded string.
+        assert_eq!(templates[template]["properties"]["endpoint"]["maxLength"], 2048, "{template}");
+    }
+}

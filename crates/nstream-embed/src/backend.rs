@@ -44,6 +44,11 @@ impl ModelBackend for EmbeddingBackend {
         }
     }
 
+    fn waiting_requests(&self) -> Option<u64> {
+        // The worker's queue, counting the batch being embedded until it is answered.
+        Some(self.metrics().queue_depth.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     async fn embed(&self, request: EmbeddingRequest) -> nstream_backend::Result<EmbeddingResponse> {
         let dimension = self.info().dimension;
         if let Some(asked) = request.dimensions

@@ -399,10 +399,11 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
     if previous != Some(&status) {
         let api = Api::<K>::namespaced(client.clone(), namespace);
         // Server-side apply of the whole status: a field the operator no longer sets is removed.
+        // `autoscaler` is the autoscaler's (its own field manager): left out, so it is kept.
         let patch = serde_json::json!({
             "apiVersion": nstream_core::spec::API_VERSION,
             "kind": kind,
-            "status": status,
+            "status": nstream_core::ModelStatus { autoscaler: None, ..status.clone() },
         });
         let params = PatchParams::apply(FIELD_MANAGER).force();
         api.patch_status(&served.name, &params, &Patch::Apply(&patch)).await.map_err(Error::Kube)?;

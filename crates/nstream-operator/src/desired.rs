@@ -231,10 +231,15 @@ pub fn resource_requirements(served: &Served) -> ResourceRequirements {
     }
 }
 
-/// The replica count of the spec; `None` when it is not a count (the API server's schema rejects
-/// that, so it only happens with a schema older than the operator).
+/// The replica count of the spec, within `[minReplicas, maxReplicas]` when autoscaling; `None`
+/// when it is not a count (the API server's schema rejects that, so it only happens with a
+/// schema older than the operator).
 pub fn replicas(served: &Served) -> Option<i32> {
-    served.template.replicas.count()
+    let count = served.template.replicas.count()?;
+    Some(match served.template.autoscaling() {
+        Some(bounds) => count.clamp(bounds.min_replicas, bounds.max_replicas),
+        None => count,
+    })
 }
 
 /// The server's command line, relative to [`WORKING_DIR`].

@@ -6,10 +6,15 @@
 //! the pods' real state ([`health`]), and [`controller`] applies them with server-side apply
 //! under one field manager. [`run`] adds leader election ([`leader`]) and graceful shutdown.
 //! MegaModels also get a live check of their provider ([`provider`]), run in the background with
-//! nstream-hosted's client.
+//! nstream-hosted's client. The leader also runs the [`autoscaler`], which scales BaseModels and
+//! EmbeddingModels with `maxReplicas` on their servers' load through the scale subresource.
+//! Distillations run as one Job per stage over a claim ([`distillation`]), ending with the adapter
+//! on the student BaseModel.
 
+pub mod autoscaler;
 pub mod controller;
 pub mod desired;
+pub mod distillation;
 pub mod error;
 pub mod health;
 pub mod leader;
@@ -73,6 +78,17 @@ fn stopped(mut stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send +
     }
 }
 
+/// The autoscaler, unless its interval is zero (then it waits for `stop` alone).
+async fn autoscale(context: Arc<Context>, stop: impl Future<Output = ()>) {
+    let interval = context.settings.autoscale_interval;
+    if interval.is_zero() {
+        stop.await;
+        return;
+    }
+    let settings = autoscaler::AutoscalerSettings { interval, ..autoscaler::AutoscalerSettings::default() };
+    autoscaler::Autoscaler::new(context, settings).run(stop).await;
+}
+
 /// Runs the three controllers until `stop` becomes `true` (graceful shutdown) or leadership is
 /// lost. With `leader` set, waits for the Lease first and releases it at the end.
 pub async fn run(
@@ -127,6 +143,8 @@ pub async fn run(
         controller::run::<MegaModel>(context.clone(), stopped(halt.clone())),
         controller::run::<BaseModel>(context.clone(), stopped(halt.clone())),
         controller::run::<EmbeddingModel>(context.clone(), stopped(halt.clone())),
+        distillation::run(context.clone(), stopped(halt.clone())),
+        autoscale(context.clone(), stopped(halt.clone())),
     );
     forward.abort();
     metrics.leader.set(0);

@@ -168,7 +168,21 @@ fn base(kind: ModelKind, metadata: &k8s_openapi::apimachinery::pkg::apis::meta::
     }
 }
 
-fn server_document(kind: ModelKind, name: &str, spec: serde_json::Value) -> serde_json::Value {
+/// The fields of a ServingTemplate that size the Deployment and mean nothing to the server.
+const SCALING_FIELDS: [&str; 5] =
+    ["replicas", "minReplicas", "maxReplicas", "targetRequestsPerReplica", "scaleDownDelaySeconds"];
+
+/// The model file's document: the spec without the scaling fields, so that a scale (by
+/// `kubectl scale`, an HPA or the autoscaler) changes neither the file nor the config hash on the
+/// pod template, and does not roll the pods already serving.
+fn server_document(kind: ModelKind, name: &str, mut spec: serde_json::Value) -> serde_json::Value {
+    for template in ["baseModelServingTemplate", "embeddingModelServingTemplate"] {
+        if let Some(fields) = spec.get_mut(template).and_then(serde_json::Value::as_object_mut) {
+            for field in SCALING_FIELDS {
+                fields.remove(field);
+            }
+        }
+    }
     serde_json::json!({
         "apiVersion": nstream_core::spec::API_VERSION,
         "kind": kind.as_str(),

@@ -78,6 +78,11 @@ pub struct OperatorSettings {
     /// The `nstream-server` image built with CUDA, for pods that ask for GPUs. A repository of
     /// its own (not a tag of the CPU one), so a kustomize `images:` entry overrides each alone.
     pub server_image_cuda: String,
+    /// The image holding the `nstream` command line, for the Jobs of Distillations (the server
+    /// image by default: it ships `nstream` too).
+    pub distill_image: String,
+    /// The same built with CUDA, for the Jobs that run a student with GPUs.
+    pub distill_image_cuda: String,
     /// `imagePullPolicy` of the server container; the cluster default when `None`.
     pub image_pull_policy: Option<String>,
     /// The port the server listens on inside the pod.
@@ -104,6 +109,9 @@ pub struct OperatorSettings {
     pub provider_check_interval: Duration,
     /// The NetworkPolicy in front of each server.
     pub network_policy: NetworkPolicySettings,
+    /// How often the autoscaler scrapes the pods of each resource with `maxReplicas` and
+    /// decides its replicas ([`crate::autoscaler`]); zero turns it off.
+    pub autoscale_interval: Duration,
     /// The namespaces whose resources are reconciled, each watched on its own (so a Role in each
     /// is enough); every namespace when empty (a ClusterRole is needed).
     pub watch_namespaces: Vec<String>,
@@ -114,6 +122,9 @@ impl Default for OperatorSettings {
         Self {
             server_image: format!("ghcr.io/nstream-ai/nstream-server:{}", env!("CARGO_PKG_VERSION")),
             server_image_cuda: format!("ghcr.io/nstream-ai/nstream-server-cuda:{}", env!("CARGO_PKG_VERSION")),
+            // The server images ship `nstream` next to `nstream-server` (deploy/docker).
+            distill_image: format!("ghcr.io/nstream-ai/nstream-server:{}", env!("CARGO_PKG_VERSION")),
+            distill_image_cuda: format!("ghcr.io/nstream-ai/nstream-server-cuda:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: None,
             server_port: 8080,
             service_port: 80,
@@ -126,6 +137,7 @@ impl Default for OperatorSettings {
             resync: Duration::from_secs(5 * 60),
             provider_check_interval: Duration::from_secs(10 * 60),
             network_policy: NetworkPolicySettings::default(),
+            autoscale_interval: Duration::from_secs(5),
             watch_namespaces: Vec::new(),
         }
     }

@@ -114,6 +114,20 @@ fn replicas_come_from_the_spec() {
 }
 
 #[test]
+fn a_scale_does_not_change_the_pod_template() {
+    // A changed pod template rolls every pod: a scale (kubectl scale, an HPA, the autoscaler)
+    // must only change the Deployment's replicas.
+    let template = |replicas| {
+        let deployment =
+            desired::deployment(&EmbeddingModel::test("minilm").with_replicas(replicas).served(), &settings(), None);
+        deployment.spec.map(|spec| spec.template)
+    };
+    assert_eq!(template(1), template(3));
+    let file = desired::model_file(&EmbeddingModel::test("minilm").with_replicas(3).served());
+    assert!(!file.contains("replicas"), "the model file holds the replica count:\n{file}");
+}
+
+#[test]
 fn gpu_nodes_can_be_selected_by_label() {
     let mut settings = settings();
     settings.gpu_node_selector.insert("nvidia.com/gpu.present".into(), "true".into());

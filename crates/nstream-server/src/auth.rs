@@ -785,6 +785,48 @@ const TOKEN_ROUTES: [&str; 3] = ["/v1/embeddings", "/v1/chat/completions", "/v1/
 /// model reports replaces it afterwards.
 const BYTES_PER_ESTIMATED_TOKEN: u64 = 4;
 
+/// The fields of a request body that bound how many tokens its answer may use.
+#[derive(Deserialize)]
+struct CompletionLimit {
+    max_tokens: Option<serde_json::Value>,
+    max_completion_tokens: Option<serde_json::Value>,
+    n: Option<serde_json::Value>,
+}
+
+/// The tokens a request body may use, as the hosted client's limiter counts them: the prompt
+/// (the body's size, a rough upper bound) plus the completion limit (`max_completion_tokens`,
+/// else `max_tokens`) for each of its `n` choices. A body that is not JSON, or a field of the
+/// wrong type, counts its size only: the handler refuses it anyway.
+fn estimate_body_tokens(body: &[u8]) -> u64 {
+    let prompt = (body.len() as u64).div_ceil(BYTES_PER_ESTIMATED_TOKEN);
+    let Ok(limit) = serde_json::from_slice::<CompletionLimit>(body) else { return prompt };
+    let number = |value: Option<serde_json::Value>| value.as_ref().and_then(serde_json::Value::as_u64);
+    let completion = number(limit.max_completion_tokens).or(number(limit.max_tokens)).unwrap_or(0);
+    let choices = number(limit.n).unwrap_or(1).max(1);
+    prompt.saturating_add(completion.saturating_mul(choices))
+}
+
+/// Reads the body of a request whose tokens are counted, so that its completion limit counts in
+/// the estimate ([`estimate_body_tokens`]); the handler then reads the same bytes. The body is
+/// bounded by [`crate::ServerConfig::max_body_bytes`], as the handlers bound it.
+async fn read_for_estimate(request: Request, limit: usize) -> Result<(Request, u64), Response> {
+    let (parts, body) = request.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            let too_large =
+                std::error::Error::source(&error).is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
+            return Err(if too_large {
+                ApiError::payload_too_large(limit).into_response()
+            } else {
+                ApiError::bad_request(format!("Could not read the request body: {error}"), None).into_response()
+            });
+        }
+    };
+    let estimate = estimate_body_tokens(&bytes);
+    Ok((Request::from_parts(parts, axum::body::Body::from(bytes)), estimate))
+}
+
 /// The bearer key of a request, if it sent one.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -827,7 +869,7 @@ fn refusal_response(refusal: Refusal) -> Response {
 /// `/v1/*`: the key must be valid and within its rates; the caller is put in the request's
 /// extensions for the handlers ([`Caller`]), the key's name on the request's span, and the
 /// key's `x-ratelimit-*` headers on the response.
-pub(crate) async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub(crate) async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(ring) = state.key_ring().cloned() else {
         return next.run(request).await;
     };
@@ -838,21 +880,23 @@ pub(crate) async fn require_key(State(state): State<AppState>, mut request: Requ
     tracing::Span::current().record("key", identity.name());
     let counts_tokens =
         request.extensions().get::<MatchedPath>().is_some_and(|path| TOKEN_ROUTES.contains(&path.as_str()));
-    let estimate = if counts_tokens {
-        request
-            .headers()
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .map_or(0, |bytes| bytes.div_ceil(BYTES_PER_ESTIMATED_TOKEN))
+    // Only a key with a token rate needs the estimate, so only its requests are read here.
+    let (mut request, estimate) = if counts_tokens && identity.tokens_per_minute.is_some() {
+        match read_for_estimate(request, state.config().max_body_bytes).await {
+            Ok(read) => read,
+            Err(response) => return response,
+        }
     } else {
-        0
+        (request, 0)
     };
+    let label = KeyLabel(Arc::clone(&identity.name));
     let status = match ring.admit(&identity, estimate) {
         Ok(status) => status,
         Err(refusal) => {
             tracing::info!(key = identity.name(), "rate limited");
-            return refusal_response(refusal);
+            let mut response = refusal_response(refusal);
+            response.extensions_mut().insert(label);
+            return response;
         }
     };
     let charge = (counts_tokens && identity.tokens_per_minute.is_some()).then(|| {
@@ -866,8 +910,14 @@ pub(crate) async fn require_key(State(state): State<AppState>, mut request: Requ
     request.extensions_mut().insert(Caller { identity: Some(identity), charge });
     let mut response = next.run(request).await;
     status.write_headers(response.headers_mut());
+    response.extensions_mut().insert(label);
     response
 }
+
+/// The name of the key a request came with, on its response, for the `key` label of
+/// `nstream_server_requests_total` (the name, never the key).
+#[derive(Clone, Debug)]
+pub(crate) struct KeyLabel(pub(crate) Arc<str>);
 
 /// `/metrics` when it requires a key: any valid key, whatever its models and rates.
 pub(crate) async fn require_any_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -878,7 +928,9 @@ pub(crate) async fn require_any_key(State(state): State<AppState>, request: Requ
     match ring.authenticate(bearer(request.headers())) {
         Ok(identity) => {
             tracing::Span::current().record("key", identity.name());
-            next.run(request).await
+            let mut response = next.run(request).await;
+            response.extensions_mut().insert(KeyLabel(Arc::clone(&identity.name)));
+            response
         }
         Err(refusal) => refusal_response(refusal),
     }
@@ -1004,6 +1056,23 @@ mod tests {
         assert_eq!(ring.authorize(Some("sk-a"), Some("m2")), Err(Refusal::ModelNotAllowed { model: "m2".into() }));
         let printed = format!("{ring:?}");
         assert!(!printed.contains("sk-"), "{printed}");
+    }
+
+    #[test]
+    fn body_estimates_count_the_completion_limit_of_every_choice() {
+        let estimate = |body: serde_json::Value| {
+            let text = body.to_string();
+            estimate_body_tokens(text.as_bytes()) - (text.len() as u64).div_ceil(BYTES_PER_ESTIMATED_TOKEN)
+        };
+        assert_eq!(estimate(serde_json::json!({"max_tokens": 100, "n": 3})), 300);
+        assert_eq!(estimate(serde_json::json!({"max_completion_tokens": 50, "max_tokens": 999})), 50);
+        assert_eq!(estimate(serde_json::json!({"max_tokens": 100, "n": 0})), 100);
+        let huge = serde_json::json!({"max_tokens": u64::MAX, "n": 4}).to_string();
+        assert_eq!(estimate_body_tokens(huge.as_bytes()), u64::MAX, "saturates");
+        // Wrong types and bodies that are not JSON count their size only.
+        assert_eq!(estimate(serde_json::json!({"max_tokens": "many", "n": 2})), 0);
+        assert_eq!(estimate(serde_json::json!({"input": "hello"})), 0);
+        assert_eq!(estimate_body_tokens(b"{not json"), 3);
     }
 
     #[test]

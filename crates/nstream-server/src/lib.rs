@@ -76,7 +76,7 @@ pub use auth::{KeyIdentity, KeyRing, KeySources, Refusal};
 pub use config::{ApiKey, ServerConfig};
 pub use error::ApiError;
 pub use extract::OpenAiJson;
-pub use metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, ShedReason, TokenKind};
+pub use metrics::{InFlight, Metrics, NO_KEY, OPENMETRICS_CONTENT_TYPE, ShedReason, TokenKind};
 pub use shutdown::{Shutdown, termination_signal};
 pub use state::{AppState, ModelRegistry, ServerError};
 
@@ -184,7 +184,8 @@ async fn record_metrics(State(state): State<AppState>, request: Request, next: N
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
     let response = next.run(request).await;
     let model = response.extensions().get::<routes::ModelLabel>().map_or("", |label| label.0.as_str());
-    state.metrics().record_request(&route, model, response.status().as_u16(), started.elapsed());
+    let key = response.extensions().get::<auth::KeyLabel>().map_or(metrics::NO_KEY, |label| &*label.0);
+    state.metrics().record_request(&route, model, key, response.status().as_u16(), started.elapsed());
     response
 }
 

@@ -28,6 +28,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -40,7 +41,12 @@ struct RequestLabels {
     model: String,
     /// The HTTP status code (`code`, as Prometheus' own `promhttp` and most exporters name it).
     code: String,
+    /// The name of the caller's API key (never the key), [`NO_KEY`] without a valid one.
+    key: String,
 }
+
+/// The `key` label of requests without a valid API key (or of a server without keys).
+pub const NO_KEY: &str = "none";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -129,6 +135,8 @@ struct MetricsInner {
     embedding_inputs: Family<ModelLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     shed: Family<ShedLabels, Counter>,
+    in_flight: Gauge,
+    waiting: Family<ModelLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -146,7 +154,9 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with the server's metrics registered:
     ///
-    /// - `nstream_server_requests_total{route,model,code}`: answered requests, by HTTP status code.
+    /// - `nstream_server_requests_total{route,model,code,key}`: answered requests, by HTTP status
+    ///   code and by the name of the caller's API key (never the key; [`NO_KEY`] without a valid
+    ///   one). Key names come from the server's key files, so the label's values are bounded.
     /// - `nstream_server_request_duration_seconds{route,model}`: time to the response head
     ///   (for streams: to the first chunk, i.e. time to first token).
     /// - `nstream_server_stream_duration_seconds{route,model}`: time to the last chunk of a
@@ -158,6 +168,13 @@ impl Metrics {
     /// - `nstream_server_shed_requests_total{reason}`: requests the server refused or cut short
     ///   on its own ([`ShedReason`]: `concurrency_limit`, `body_read_timeout`,
     ///   `request_timeout`, `stream_deadline`, `shutdown`).
+    /// - `nstream_server_requests_in_flight`: `/v1/*` requests admitted and not yet answered
+    ///   (a stream until its last chunk is sent or its client leaves), waiting ones included.
+    /// - `nstream_server_requests_waiting{model}`: of those, requests admitted but waiting for
+    ///   the model (its queue, [`nstream_backend::ModelBackend::waiting_requests`]), read at
+    ///   each scrape.
+    ///
+    /// The two gauges are what autoscalers scale on (the operator's, or an HPA/KEDA).
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
@@ -168,10 +185,12 @@ impl Metrics {
         let embedding_inputs = Family::<ModelLabels, Counter>::default();
         let tokens = Family::<TokenLabels, Counter>::default();
         let shed = Family::<ShedLabels, Counter>::default();
+        let in_flight = Gauge::default();
+        let waiting = Family::<ModelLabels, Gauge>::default();
         // prometheus-client appends `_total` to counters and the unit suffix to histograms.
         registry.register(
             "nstream_server_requests",
-            "HTTP requests answered, by route, model and status code",
+            "HTTP requests answered, by route, model, status code and API key name",
             requests.clone(),
         );
         registry.register_with_unit(
@@ -197,6 +216,16 @@ impl Metrics {
             "Requests refused or cut short by the server's own limits, by reason",
             shed.clone(),
         );
+        registry.register(
+            "nstream_server_requests_in_flight",
+            "API requests admitted and not yet answered (streams until they end), waiting ones included",
+            in_flight.clone(),
+        );
+        registry.register(
+            "nstream_server_requests_waiting",
+            "API requests admitted but waiting for the model (its queue), by model",
+            waiting.clone(),
+        );
         Self {
             inner: Arc::new(MetricsInner {
                 registry: Mutex::new(registry),
@@ -206,6 +235,8 @@ impl Metrics {
                 embedding_inputs,
                 tokens,
                 shed,
+                in_flight,
+                waiting,
             }),
         }
     }
@@ -228,14 +259,15 @@ impl Metrics {
         Ok(text)
     }
 
-    /// Counts one answered request and its duration.
-    pub fn record_request(&self, route: &str, model: &str, status: u16, duration: Duration) {
+    /// Counts one answered request of the key named `key` ([`NO_KEY`] for none) and its duration.
+    pub fn record_request(&self, route: &str, model: &str, key: &str, status: u16, duration: Duration) {
         self.inner
             .requests
             .get_or_create(&RequestLabels {
                 route: route.to_owned(),
                 model: model.to_owned(),
                 code: status.to_string(),
+                key: key.to_owned(),
             })
             .inc();
         self.inner
@@ -262,6 +294,21 @@ impl Metrics {
         self.inner.shed.get_or_create(&ShedLabels { reason: reason.as_str() }).inc();
     }
 
+    /// Counts one request in flight until the returned guard is dropped.
+    pub fn start_request(&self) -> InFlight {
+        self.inner.in_flight.inc();
+        InFlight { gauge: self.inner.in_flight.clone() }
+    }
+
+    /// Sets the waiting requests of each model, replacing the previous values (so a model no
+    /// longer served stops being reported).
+    pub fn set_waiting(&self, waiting: impl IntoIterator<Item = (String, u64)>) {
+        self.inner.waiting.clear();
+        for (model, count) in waiting {
+            self.inner.waiting.get_or_create(&ModelLabels { model }).set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Counts tokens.
     pub fn record_tokens(&self, model: &str, kind: TokenKind, count: u32) {
         if count == 0 {
@@ -274,6 +321,19 @@ impl Metrics {
     }
 }
 
+/// A request counted in `nstream_server_requests_in_flight` until dropped
+/// ([`Metrics::start_request`]).
+#[derive(Debug)]
+pub struct InFlight {
+    gauge: Gauge,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,13 +341,15 @@ mod tests {
     #[test]
     fn encodes_the_documented_names() {
         let metrics = Metrics::new();
-        metrics.record_request("/v1/embeddings", "bge", 200, Duration::from_millis(3));
+        metrics.record_request("/v1/embeddings", "bge", "team-a", 200, Duration::from_millis(3));
         metrics.record_embedding_inputs("bge", 2);
         metrics.record_tokens("bge", TokenKind::Prompt, 7);
         metrics.record_stream("/v1/chat/completions", "llm", Duration::from_millis(40));
         let text = metrics.encode().expect("encodes");
         assert!(
-            text.contains(r#"nstream_server_requests_total{route="/v1/embeddings",model="bge",code="200"} 1"#),
+            text.contains(
+                r#"nstream_server_requests_total{route="/v1/embeddings",model="bge",code="200",key="team-a"} 1"#
+            ),
             "{text}"
         );
         assert!(text.contains("nstream_server_request_duration_seconds_bucket"), "{text}");
@@ -302,5 +364,22 @@ mod tests {
         metrics.record_shed(ShedReason::ConcurrencyLimit);
         let text = metrics.encode().expect("encodes");
         assert!(text.contains(r#"nstream_server_shed_requests_total{reason="concurrency_limit"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn in_flight_follows_the_guards_and_waiting_is_replaced() {
+        let metrics = Metrics::new();
+        let first = metrics.start_request();
+        let second = metrics.start_request();
+        assert!(metrics.encode().unwrap().contains("nstream_server_requests_in_flight 2"));
+        drop(first);
+        assert!(metrics.encode().unwrap().contains("nstream_server_requests_in_flight 1"));
+        drop(second);
+        assert!(metrics.encode().unwrap().contains("nstream_server_requests_in_flight 0"));
+        metrics.set_waiting([("llm".to_owned(), 3), ("gone".to_owned(), 1)]);
+        metrics.set_waiting([("llm".to_owned(), 2)]);
+        let text = metrics.encode().unwrap();
+        assert!(text.contains(r#"nstream_server_requests_waiting{model="llm"} 2"#), "{text}");
+        assert!(!text.contains("gone"), "{text}");
     }
 }

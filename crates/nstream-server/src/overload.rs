@@ -16,13 +16,15 @@ use hyper::body::{Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::ApiError;
-use crate::metrics::ShedReason;
+use crate::metrics::{InFlight, ShedReason};
 use crate::shutdown::until_aborted;
 use crate::state::AppState;
 
 /// Admits a `/v1/*` request under [`crate::ServerConfig::max_concurrent_requests`] and bounds
 /// its time. Runs before the body is read, so a refused request costs no parsing.
 pub(crate) async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // Counted from admission to the end of the answer's body (a stream's last event).
+    let in_flight = state.metrics().start_request();
     let permit = match state.admission() {
         None => None,
         Some(permits) => match Arc::clone(permits).try_acquire_owned() {
@@ -58,19 +60,19 @@ pub(crate) async fn limit(State(state): State<AppState>, request: Request, next:
     } else {
         response
     };
-    match permit {
-        // A stream holds its permit until its last event is sent (or the client leaves).
-        Some(permit) => response.map(|body| Body::new(HoldingPermit { inner: body, _permit: permit })),
-        None => response,
-    }
+    // A stream holds its permit (and stays in flight) until its last event is sent (or the
+    // client leaves).
+    response.map(|body| Body::new(HoldingPermit { inner: body, _permit: permit, _in_flight: in_flight }))
 }
 
-/// A response body that holds a concurrency permit until it is dropped and is otherwise the
-/// inner body, size hint included: a JSON answer keeps its `Content-Length` instead of becoming
-/// chunked (which `map_frame` would do, having no size hint).
+/// A response body that holds a concurrency permit and the in-flight count until it is dropped
+/// and is otherwise the inner body, size hint included: a JSON answer keeps its
+/// `Content-Length` instead of becoming chunked (which `map_frame` would do, having no size
+/// hint).
 struct HoldingPermit {
     inner: Body,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
+    _in_flight: InFlight,
 }
 
 impl HttpBody for HoldingPermit {

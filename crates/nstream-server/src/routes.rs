@@ -370,6 +370,8 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: the shared registry in the OpenMetrics text format.
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    let waiting = state.models().iter().filter_map(|(name, backend)| Some((name, backend.waiting_requests()?)));
+    state.metrics().set_waiting(waiting.collect::<Vec<_>>());
     match state.metrics().encode() {
         Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
         Err(error) => ApiError::internal(format!("encoding metrics failed: {error}")).into_response(),

@@ -237,3 +237,56 @@ fn start_up_refuses_invalid_key_files_and_a_metrics_key_without_keys() {
     let result = AppState::try_new(ModelRegistry::new(), config, Metrics::new());
     assert!(matches!(result, Err(ServerError::MetricsKeyWithoutKeys)));
 }
+
+#[tokio::test]
+async fn a_requests_token_estimate_counts_its_completion_limit_times_n_until_usage_settles_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = "keys:\n  - name: a\n    key: sk-a\n    tokensPerMinute: 1000\n  - name: b\n    key: sk-b\n    tokensPerMinute: 1000\n";
+    let (app, _) = keys_app(dir.path(), keys);
+    let remaining = |response: &TestResponse| -> u64 {
+        response.headers["x-ratelimit-remaining-tokens"].to_str().expect("ascii").parse().expect("a count")
+    };
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    // Three choices of at most 100 tokens each: 300 tokens besides the prompt, counted at admission.
+    let body = json!({"model": CHAT_MODEL, "messages": messages, "max_tokens": 100, "n": 3}).to_string();
+    let three = app.send(with_key(json_request("/v1/chat/completions", body), "sk-a")).await;
+    assert_eq!(three.status, StatusCode::OK, "{}", three.text());
+    assert!((600..=700).contains(&remaining(&three)), "{:?}", three.headers);
+    // `max_completion_tokens` counts the same.
+    let body = json!({"model": CHAT_MODEL, "messages": messages, "max_completion_tokens": 250}).to_string();
+    let newer = app.send(with_key(json_request("/v1/chat/completions", body), "sk-b")).await;
+    assert_eq!(newer.status, StatusCode::OK, "{}", newer.text());
+    assert!((650..=750).contains(&remaining(&newer)), "{:?}", newer.headers);
+    // The usage replaced the first estimate: what the fake model wrote, far below 300.
+    let again = chat(&app, "sk-a").await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+    assert!(remaining(&again) > 900, "{:?}", again.headers);
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_key_name_never_by_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = "keys:\n  - name: team-a\n    key: sk-secret-team-a\n  - name: team-b\n    key: sk-secret-team-b\n";
+    let (app, _) = keys_app(dir.path(), keys);
+    for key in ["sk-secret-team-a", "sk-secret-team-a", "sk-secret-team-b"] {
+        assert_eq!(chat(&app, key).await.status, StatusCode::OK);
+    }
+    assert_eq!(chat(&app, "sk-wrong").await.status, StatusCode::UNAUTHORIZED);
+    let text = app.metrics.encode().expect("encodes");
+    let line = |code: u16, key: &str, model: &str| {
+        format!(
+            r#"nstream_server_requests_total{{route="/v1/chat/completions",model="{model}",code="{code}",key="{key}"}}"#
+        )
+    };
+    assert!(text.contains(&format!("{} 2", line(200, "team-a", CHAT_MODEL))), "{text}");
+    assert!(text.contains(&format!("{} 1", line(200, "team-b", CHAT_MODEL))), "{text}");
+    // No valid key: `none`, as without keys configured.
+    assert!(text.contains(&format!("{} 1", line(401, "none", ""))), "{text}");
+    assert!(!text.contains("sk-"), "a key leaked into the metrics: {text}");
+
+    let open = TestApp::new();
+    assert_eq!(open.post_json("/v1/embeddings", json!({"model": EMBEDDING_MODEL, "input": "hi"})).await.status, 200);
+    let text = open.metrics.encode().expect("encodes");
+    let expected = format!(r#"{{route="/v1/embeddings",model="{EMBEDDING_MODEL}",code="200",key="none"}} 1"#);
+    assert!(text.contains(&format!("nstream_server_requests_total{expected}")), "{text}");
+}

@@ -548,9 +548,11 @@ async fn metrics_count_requests_inputs_and_tokens() {
     );
     let text = response.text();
     for expected in [
-        format!(r#"nstream_server_requests_total{{route="/v1/embeddings",model="{EMBEDDING_MODEL}",code="200"}} 1"#),
+        format!(
+            r#"nstream_server_requests_total{{route="/v1/embeddings",model="{EMBEDDING_MODEL}",code="200",key="none"}} 1"#
+        ),
         // Unknown model names are not used as labels, so clients cannot blow up cardinality.
-        r#"nstream_server_requests_total{route="/v1/embeddings",model="",code="404"} 1"#.to_owned(),
+        r#"nstream_server_requests_total{route="/v1/embeddings",model="",code="404",key="none"} 1"#.to_owned(),
         format!(r#"nstream_server_embedding_inputs_total{{model="{EMBEDDING_MODEL}"}} 2"#),
         format!(r#"nstream_server_tokens_total{{model="{EMBEDDING_MODEL}",kind="prompt"}} 3"#),
         "nstream_server_request_duration_seconds_bucket".to_owned(),

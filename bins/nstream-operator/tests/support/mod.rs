@@ -4,6 +4,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
+pub mod kubelet;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -100,7 +102,10 @@ impl Operator {
             .env_clear()
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
-            .args(["--identity", identity, "--lease-namespace", "nstream-system", "--lease-duration-seconds", "4"])
+            // 10 s: a standby takes over within seconds, and the leader's renew deadline (two
+            // thirds of it) holds on a loaded 2-core machine (at 4 s, one slow etcd write made
+            // the leader step down and exit 2 mid-test).
+            .args(["--identity", identity, "--lease-namespace", "nstream-system", "--lease-duration-seconds", "10"])
             .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
             .args(["--server-image", "nstream-server:e2e", "--resync-seconds", "5", "--log-json"])
             .args(extra)
@@ -194,7 +199,8 @@ pub async fn http_with_key(
     Ok((status, body))
 }
 
-fn dechunk(mut text: &str) -> String {
+/// The body of a chunked HTTP/1.1 answer, de-chunked.
+pub fn dechunk(mut text: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = text.split_once("\r\n") {
         let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
@@ -346,9 +352,26 @@ pub fn crash_looping_status(restarts: i32) -> serde_json::Value {
 /// The `nstream-server` binary: `NSTREAM_SERVER_BIN`, else built with cargo next to this test
 /// executable (a no-op when it is fresh), as the workspace's end-to-end harness does.
 pub fn server_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("NSTREAM_SERVER_BIN") {
+    cargo_binary("NSTREAM_SERVER_BIN", "nstream-server-bin", "nstream-server")
+}
+
+/// The `nstream-router` binary: `NSTREAM_ROUTER_BIN`, else built with cargo next to this test
+/// executable (a no-op when it is fresh).
+pub fn router_binary() -> PathBuf {
+    cargo_binary("NSTREAM_ROUTER_BIN", "nstream-router-bin", "nstream-router")
+}
+
+/// The `nstream` CLI: `NSTREAM_BIN`, else built with cargo next to this test executable (a no-op
+/// when it is fresh).
+pub fn nstream_binary() -> PathBuf {
+    cargo_binary("NSTREAM_BIN", "nstream", "nstream")
+}
+
+/// The binary `binary` of the package `package`: the file `variable` names, else built with cargo.
+fn cargo_binary(variable: &str, package: &str, binary: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(variable) {
         let path = PathBuf::from(path);
-        assert!(path.is_file(), "NSTREAM_SERVER_BIN names {}, which is not a file", path.display());
+        assert!(path.is_file(), "{variable} names {}, which is not a file", path.display());
         return path;
     }
     let executable = std::env::current_exe().expect("the test executable's path");
@@ -357,13 +380,13 @@ pub fn server_binary() -> PathBuf {
     let target_folder = profile_folder.parent().expect("<target>").to_path_buf();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "nstream-server-bin", "--target-dir"])
+        .args(["build", "--quiet", "-p", package, "--bin", binary, "--target-dir"])
         .arg(&target_folder)
         .current_dir(repo_root())
         .status()
-        .expect("running cargo build -p nstream-server-bin");
-    assert!(status.success(), "cargo build -p nstream-server-bin failed");
-    let path = profile_folder.join("nstream-server");
+        .unwrap_or_else(|error| panic!("running cargo build -p {package}: {error}"));
+    assert!(status.success(), "cargo build -p {package} failed");
+    let path = profile_folder.join(binary);
     assert!(path.is_file(), "{} is missing after cargo build", path.display());
     path
 }

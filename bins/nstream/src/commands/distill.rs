@@ -11,7 +11,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use clap::Args;
 use nstream_core::{BaseModel, Distillation, DistillationSpec, FineTuningMethod, LoadedDocument, ModelResource};
 use nstream_pipeline::eval::{EvalReport, EvalSettings, ReferenceLoss, Role, Scorer, evaluate};
@@ -22,7 +21,7 @@ use nstream_providers::{LoadOptions, SecretLookup, load_model};
 use serde::{Deserialize, Serialize};
 
 use super::eval::{OutputFormat, TrainingForwardLoss, eval_model};
-use super::finetune::{ProgressArg, load_training_base};
+use super::finetune::{ProgressArg, device, load_training_base};
 
 /// Arguments of `nstream distill`.
 #[derive(Args, Debug)]
@@ -43,6 +42,10 @@ pub struct DistillArgs {
     /// CPU threads of the local models [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the finetune stage trains: `cpu`, or `cuda`/`cuda:N` (a build with the cuda
+    /// feature) [default: cpu]. The other stages run on the CPU.
+    #[arg(long, env = "NSTREAM_DEVICE")]
+    pub device: Option<String>,
     /// Limit of one teacher request, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
     pub timeout: f64,
@@ -52,6 +55,144 @@ pub struct DistillArgs {
     /// How the result is printed on standard output.
     #[arg(short = 'o', long = "output-format", value_enum, default_value_t = OutputFormat::Text)]
     pub output_format: OutputFormat,
+    /// Run only these stages (comma-separated or repeated), in order: the stages before them must
+    /// be done already (the operator runs one Job per stage this way). Every stage when omitted.
+    #[arg(long = "stage", value_enum, value_delimiter = ',', value_name = "STAGE")]
+    pub stages: Vec<StageArg>,
+    /// Write a one-line JSON summary here when the run ends, succeeded or failed: the stages run,
+    /// their figures (answers, cost, steps, loss, the headline per model) and the error. A
+    /// Kubernetes container's `terminationMessagePath`, which the operator reads back.
+    #[arg(long, value_name = "FILE", env = "NSTREAM_TERMINATION_MESSAGE")]
+    pub termination_message: Option<PathBuf>,
+    /// Call the teacher at this OpenAI-compatible base URL instead of the endpoint its MegaModel
+    /// names (a port-forward or a proxy to the same teacher; the operator's tests stand in for
+    /// cluster DNS with it). The teacher must be an OpenAI-compatible MegaModel.
+    #[arg(long, value_name = "URL", env = "NSTREAM_DISTILL_TEACHER_ENDPOINT")]
+    pub teacher_endpoint: Option<String>,
+}
+
+/// A stage of `--stage`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageArg {
+    /// The teacher answers the inputs.
+    Generate,
+    /// The answers into training and held-out parts.
+    Split,
+    /// The student is fine-tuned.
+    Finetune,
+    /// The models are scored on the held-out part.
+    Eval,
+}
+
+impl StageArg {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Generate => "generate",
+            Self::Split => "split",
+            Self::Finetune => "finetune",
+            Self::Eval => "eval",
+        }
+    }
+}
+
+/// The most bytes Kubernetes keeps of a termination message.
+const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+
+/// The one-line JSON summary of `--termination-message`.
+#[derive(Serialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+struct RunSummary {
+    /// The stages this run did (those done earlier are not repeated).
+    stages: Vec<String>,
+    /// Whether the run ended without an error.
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generate: Option<GenerateFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    split: Option<SplitFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finetune: Option<FinetuneFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval: Option<EvalFigures>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct GenerateFigures {
+    inputs: usize,
+    answered: usize,
+    failed: usize,
+    /// Answered by this run (the others came from the journal of earlier runs).
+    answered_now: u64,
+    /// Teacher requests of this run.
+    requests: u64,
+    /// Dollars spent, earlier runs included (absent without a price).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_usd: Option<f64>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct SplitFigures {
+    train: usize,
+    held_out: usize,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct FinetuneFigures {
+    step: usize,
+    total_steps: usize,
+    train_examples: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss: Option<f64>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct EvalFigures {
+    headline: String,
+    models: Vec<ModelScore>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct ModelScore {
+    model: String,
+    role: String,
+    score: f64,
+    low: f64,
+    high: f64,
+}
+
+impl RunSummary {
+    /// The summary as one JSON line under Kubernetes' limit: a long error is shortened first.
+    fn line(&mut self) -> String {
+        let mut text = serde_json::to_string(self).unwrap_or_default();
+        while text.len() > TERMINATION_MESSAGE_LIMIT {
+            match self.error.as_mut() {
+                Some(error) if error.len() > 64 => {
+                    let mut keep = error.len() / 2;
+                    while !error.is_char_boundary(keep) {
+                        keep -= 1;
+                    }
+                    error.truncate(keep);
+                    error.push_str("...");
+                }
+                _ => {
+                    // Only the figures are left: drop them rather than write a cut line.
+                    self.eval = None;
+                    self.generate = None;
+                    text = serde_json::to_string(self).unwrap_or_default();
+                    break;
+                }
+            }
+            text = serde_json::to_string(self).unwrap_or_default();
+        }
+        text
+    }
 }
 
 /// The four stages, in order.
@@ -194,6 +335,20 @@ fn plan(args: &DistillArgs) -> anyhow::Result<Plan> {
         }
         None => bail!("spec.teacher: {file} holds no model named {}", spec.teacher),
     };
+    let mut teacher = teacher;
+    if let Some(endpoint) = &args.teacher_endpoint {
+        match &mut teacher {
+            ModelResource::MegaModel(mega) if mega.spec.model_template.open_ai.is_some() => {
+                if let Some(openai) = mega.spec.model_template.open_ai.as_mut() {
+                    openai.endpoint = Some(endpoint.clone());
+                }
+            }
+            _ => bail!(
+                "--teacher-endpoint: the teacher {} is not an OpenAI-compatible MegaModel (modelTemplate.openAI)",
+                spec.teacher
+            ),
+        }
+    }
     let student = match named(&spec.student) {
         Some(ModelResource::BaseModel(model)) => model.clone(),
         Some(other) => bail!("spec.student: {} is a {}, expected a BaseModel", spec.student, other.kind()),
@@ -235,7 +390,13 @@ fn announce(stage: &str, what: &str) {
 }
 
 /// Stage 1: the teacher answers every input, through the exactly-once journal.
-fn generate(plan: &Plan, folder: &RunFolder, args: &DistillArgs, timeout: Duration) -> anyhow::Result<()> {
+fn generate(
+    plan: &Plan,
+    folder: &RunFolder,
+    args: &DistillArgs,
+    timeout: Duration,
+    figures: &mut Option<GenerateFigures>,
+) -> anyhow::Result<()> {
     let mut teacher = plan.teacher.clone();
     let label = format!("{}/{}", teacher.kind(), plan.spec.teacher);
     let taken = take_over_limits(&mut teacher, timeout);
@@ -283,6 +444,14 @@ fn generate(plan: &Plan, folder: &RunFolder, args: &DistillArgs, timeout: Durati
         "distill: generate: {} inputs, {} answered ({} now, {} from earlier runs), {} failed; {} requests",
         summary.inputs, summary.answered, summary.generated_now, summary.skipped_done, summary.failed, summary.requests
     );
+    *figures = Some(GenerateFigures {
+        inputs: summary.inputs,
+        answered: summary.answered,
+        failed: summary.failed,
+        answered_now: summary.generated_now,
+        requests: summary.requests,
+        cost_usd: summary.total_cost_usd,
+    });
     match summary.stop {
         Stop::Budget => {
             bail!("generate stopped at generation.maxCost; raise it and run again (the answers so far are kept)")
@@ -358,7 +527,12 @@ fn split(plan: &Plan, folder: &RunFolder) -> anyhow::Result<(usize, usize)> {
 }
 
 /// Stage 3: the student fine-tuned on train.jsonl, resumed from its last checkpoint.
-fn finetune(plan: &Plan, folder: &RunFolder, args: &DistillArgs) -> anyhow::Result<()> {
+fn finetune(
+    plan: &Plan,
+    folder: &RunFolder,
+    args: &DistillArgs,
+    figures: &mut Option<FinetuneFigures>,
+) -> anyhow::Result<()> {
     let output = folder.student();
     let checkpoint = output.join(nstream_tune::train::CHECKPOINT_FILE);
     let resume = checkpoint.is_file();
@@ -397,7 +571,7 @@ fn finetune(plan: &Plan, folder: &RunFolder, args: &DistillArgs) -> anyhow::Resu
         Some(ProgressArg::Auto) | None => nstream_tune::ProgressMode::Auto,
     };
     settings.validate().context("spec.fineTuning")?;
-    let base = load_training_base(&ModelResource::BaseModel(plan.student.clone()), &Device::Cpu)?;
+    let base = load_training_base(&ModelResource::BaseModel(plan.student.clone()), &device(args.device.as_deref())?)?;
     let stop = AtomicBool::new(false);
     let summary = nstream_tune::finetune(base, &settings, resume, &stop)?;
     eprintln!(
@@ -408,6 +582,12 @@ fn finetune(plan: &Plan, folder: &RunFolder, args: &DistillArgs) -> anyhow::Resu
         summary.final_loss.map_or_else(|| "-".to_owned(), |loss| format!("{loss:.4}")),
         summary.tokens_per_second
     );
+    *figures = Some(FinetuneFigures {
+        step: summary.steps,
+        total_steps: summary.total_steps,
+        train_examples: summary.train_examples,
+        loss: summary.final_loss,
+    });
     match summary.stop {
         nstream_tune::Stop::Complete => Ok(()),
         nstream_tune::Stop::Interrupted => bail!("finetune was interrupted; run again to continue"),
@@ -553,14 +733,57 @@ fn report_markdown(
     text
 }
 
-/// Runs `nstream distill`.
+/// Runs `nstream distill`; with `--termination-message`, writes the run's summary there at the
+/// end, whether it succeeded or not.
 pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
     super::init_logging(nstream_core::cli::LogFormat::Text)?;
+    let mut summary = RunSummary::default();
+    let result = run_stages(&args, &mut summary);
+    if let Some(path) = &args.termination_message {
+        summary.ok = result.is_ok();
+        summary.error = result.as_ref().err().map(|error| format!("{error:#}"));
+        // Written in place, not through a rename: a container's terminationMessagePath is a file
+        // the kubelet bind-mounts, which cannot be replaced.
+        if let Err(error) = std::fs::write(path, summary.line() + "\n") {
+            tracing::warn!(error = %error, path = %path.display(), "cannot write the termination message");
+        }
+    }
+    result
+}
+
+/// The lines of a JSONL file that hold something.
+fn count_records(path: &Path) -> anyhow::Result<usize> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text.lines().filter(|line| !line.trim().is_empty()).count())
+}
+
+/// Which of the four stages this run does: `--stage`'s, or all. Every stage before the first
+/// wanted one must be done already.
+fn wanted_stages(args: &DistillArgs, state: &State) -> anyhow::Result<Vec<&'static str>> {
+    if args.stages.is_empty() {
+        return Ok(STAGES.to_vec());
+    }
+    let wanted: Vec<&'static str> =
+        STAGES.iter().copied().filter(|stage| args.stages.iter().any(|arg| arg.name() == *stage)).collect();
+    let first = STAGES.iter().position(|stage| Some(stage) == wanted.first()).unwrap_or(0);
+    let last = STAGES.iter().position(|stage| Some(stage) == wanted.last()).unwrap_or(0);
+    for stage in &STAGES[..first] {
+        if !state.done(stage) {
+            bail!("--stage {}: stage {stage} is not done yet; run `--stage {stage}` first", wanted.join(","));
+        }
+    }
+    if let Some(gap) = STAGES[first..=last].iter().find(|stage| !wanted.contains(stage)) {
+        bail!("--stage {}: stage {gap} lies between them; name it too", wanted.join(","));
+    }
+    Ok(wanted)
+}
+
+fn run_stages(args: &DistillArgs, summary: &mut RunSummary) -> anyhow::Result<ExitCode> {
     let timeout = Duration::try_from_secs_f64(args.timeout)
         .ok()
         .filter(|duration| !duration.is_zero())
         .context("--timeout must be a positive number of seconds")?;
-    let plan = plan(&args)?;
+    let plan = plan(args)?;
     let folder = plan.run_folder();
     if args.overwrite && folder.root.exists() {
         std::fs::remove_dir_all(&folder.root).with_context(|| format!("cannot clear {}", folder.root.display()))?;
@@ -580,48 +803,72 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
             state.save(&folder.state())?;
         }
     }
+    let wanted = wanted_stages(args, &state)?;
+    let wants = |stage: &str| wanted.contains(&stage);
     // Ctrl-C (or a Job's SIGTERM) ends the run at once: every stage resumes from its journal or
     // checkpoint, so stopping hard loses at most `saveEvery` steps of training.
     let started = Instant::now();
-    if state.done("generate") {
-        announce("generate", "done in an earlier run");
-    } else {
-        announce("generate", &format!("the teacher {} answers {}", plan.spec.teacher, plan.spec.task.dataset));
-        let stage_started = Instant::now();
-        let result = generate(&plan, &folder, &args, timeout);
-        state.record("generate", stage_started, result.is_ok());
-        state.save(&folder.state())?;
-        result?;
-    }
-    if let Some(schema) = &plan.spec.task.response_schema {
-        write_atomically(&folder.schema(), &(serde_json::to_string_pretty(schema)? + "\n"))?;
+    if wants("generate") {
+        if state.done("generate") {
+            announce("generate", "done in an earlier run");
+        } else {
+            announce("generate", &format!("the teacher {} answers {}", plan.spec.teacher, plan.spec.task.dataset));
+            let stage_started = Instant::now();
+            let result = generate(&plan, &folder, args, timeout, &mut summary.generate);
+            state.record("generate", stage_started, result.is_ok());
+            state.save(&folder.state())?;
+            result?;
+            summary.stages.push("generate".into());
+        }
+        if let Some(schema) = &plan.spec.task.response_schema {
+            write_atomically(&folder.schema(), &(serde_json::to_string_pretty(schema)? + "\n"))?;
+        }
     }
 
-    announce("split", &format!("{:.0}% held out for evaluation", plan.spec.held_out() * 100.0));
-    let stage_started = Instant::now();
-    let sizes = split(&plan, &folder)?;
-    state.record("split", stage_started, true);
-    state.save(&folder.state())?;
-    eprintln!("distill: split: {} to train on, {} held out", sizes.0, sizes.1);
-
-    if state.done("finetune") {
-        announce("finetune", "done in an earlier run");
-    } else {
-        announce("finetune", &format!("{} on {}", plan.spec.student, folder.train().display()));
+    let sizes = if !wants("split") && !wants("finetune") && !wants("eval") {
+        None
+    } else if wants("split") {
+        announce("split", &format!("{:.0}% held out for evaluation", plan.spec.held_out() * 100.0));
         let stage_started = Instant::now();
-        let result = finetune(&plan, &folder, &args);
-        state.record("finetune", stage_started, result.is_ok());
+        let sizes = split(&plan, &folder)?;
+        state.record("split", stage_started, true);
         state.save(&folder.state())?;
-        result?;
+        eprintln!("distill: split: {} to train on, {} held out", sizes.0, sizes.1);
+        summary.stages.push("split".into());
+        Some(sizes)
+    } else {
+        Some((count_records(&folder.train())?, count_records(&folder.held_out())?))
+    };
+    summary.split = sizes.map(|(train, held_out)| SplitFigures { train, held_out });
+
+    if wants("finetune") {
+        if state.done("finetune") {
+            announce("finetune", "done in an earlier run");
+        } else {
+            announce("finetune", &format!("{} on {}", plan.spec.student, folder.train().display()));
+            let stage_started = Instant::now();
+            let result = finetune(&plan, &folder, args, &mut summary.finetune);
+            state.record("finetune", stage_started, result.is_ok());
+            state.save(&folder.state())?;
+            result?;
+            summary.stages.push("finetune".into());
+        }
     }
     let student = student_resource(&plan, &folder)?;
-    let yaml = format!(
-        "# The student of Distillation {} (written by `nstream distill`): `nstream up -f {}`\n{}",
-        plan.name,
-        folder.student_yaml().display(),
-        serde_yaml::to_string(&student)?
-    );
-    write_atomically(&folder.student_yaml(), &yaml)?;
+    let sizes = sizes.unwrap_or_default();
+    if wants("finetune") {
+        let yaml = format!(
+            "# The student of Distillation {} (written by `nstream distill`): `nstream up -f {}`\n{}",
+            plan.name,
+            folder.student_yaml().display(),
+            serde_yaml::to_string(&student)?
+        );
+        write_atomically(&folder.student_yaml(), &yaml)?;
+    }
+    if !wants("eval") {
+        eprintln!("distill: {} done in {:.0}s (this run)", wanted.join(", "), started.elapsed().as_secs_f64());
+        return Ok(ExitCode::SUCCESS);
+    }
 
     announce(
         "eval",
@@ -633,10 +880,28 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
         ),
     );
     let stage_started = Instant::now();
-    let result = eval(&plan, &folder, &args, &student, timeout);
+    let result = eval(&plan, &folder, args, &student, timeout);
     state.record("eval", stage_started, result.is_ok());
     state.save(&folder.state())?;
     let report = result?;
+    summary.stages.push("eval".into());
+    summary.eval = Some(EvalFigures {
+        headline: report.headline.clone(),
+        models: report
+            .models
+            .iter()
+            .filter_map(|model| {
+                let metric = model.metrics.get(&report.headline)?;
+                Some(ModelScore {
+                    model: model.name.clone(),
+                    role: format!("{:?}", model.role).to_lowercase(),
+                    score: metric.mean,
+                    low: metric.low,
+                    high: metric.high,
+                })
+            })
+            .collect(),
+    });
     write_atomically(&folder.report(), &report_markdown(&plan, &folder, &state, &report, sizes))?;
 
     match args.output_format {

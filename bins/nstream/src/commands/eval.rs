@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -16,13 +17,14 @@ use nstream_backend::chat::{ChatMessage, Role as ChatRole};
 use nstream_core::ModelResource;
 use nstream_llm::template::ChatTemplate;
 use nstream_llm::tokenizer::LlmTokenizer;
-use nstream_pipeline::eval::{EvalModel, EvalReport, EvalSettings, Judge, ReferenceLoss, Role, Scorer, evaluate};
+use nstream_pipeline::eval::{EvalModel, EvalReport, EvalSettings, Judge, ReferenceLoss, Role, Scorer, evaluate_until};
 use nstream_pipeline::{ModelInfo, OpenMode, PriceTable, ProgressMode, TakenLimits, take_over_limits};
 use nstream_providers::{LoadOptions, SecretLookup, load_model};
 use nstream_tune::data::tokenize_messages;
 use nstream_tune::forward::{Batch, LoraSpec, TrainModel};
 
 use super::model_file::pick;
+use super::signals;
 
 /// Arguments of `nstream eval`.
 #[derive(Args, Debug)]
@@ -320,7 +322,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     settings.seed = args.seed;
 
     let runtime = tokio::runtime::Runtime::new()?;
-    let report = runtime.block_on(evaluate(models, settings))?;
+    // The first Ctrl-C or SIGTERM lets the requests in flight finish and journals them; running the
+    // same command again resumes without asking (or paying for) an answer twice.
+    let (stopped_by, interrupt) = signals::first_stop("running the same command again continues");
+    let Some(report) = runtime.block_on(evaluate_until(models, settings, interrupt))? else {
+        eprintln!(
+            "eval interrupted: the answers so far are kept in {}; run the same command again to continue",
+            args.output.join("answers").display()
+        );
+        return Ok(ExitCode::from(stopped_by.load(Ordering::Relaxed)));
+    };
     match args.output_format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Text => print_table(&report, &args.output),

@@ -277,7 +277,8 @@ fn pick_model(args: &FinetuneArgs) -> anyhow::Result<ModelResource> {
     super::model_file::pick(&file.display().to_string(), Some(model), "BaseModel", accept)
 }
 
-fn device(name: Option<&str>) -> anyhow::Result<Device> {
+/// The device `--device` names (`cpu`, `cuda`, `cuda:N`).
+pub(crate) fn device(name: Option<&str>) -> anyhow::Result<Device> {
     match name.unwrap_or("cpu") {
         "cpu" => Ok(Device::Cpu),
         cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {

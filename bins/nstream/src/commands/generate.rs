@@ -3,8 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -16,6 +15,8 @@ use nstream_pipeline::{
 };
 use nstream_providers::{LoadOptions, SecretLookup, load_model};
 use serde::Deserialize;
+
+use super::signals;
 
 /// Arguments of `nstream generate`. Every setting can also come from `--config FILE` (YAML, the
 /// same names as the flags); flags win over the file.
@@ -331,21 +332,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     }
 
     let runtime = tokio::runtime::Runtime::new()?;
-    // The first Ctrl-C or SIGTERM (what Kubernetes, systemd and `kill` send) lets requests in
-    // flight finish and writes the output; a second one exits at once (the journal is consistent
-    // at every moment, so nothing is lost either way).
-    let stopped_by = Arc::new(AtomicU8::new(EXIT_INTERRUPTED));
-    let interrupt = {
-        let stopped_by = Arc::clone(&stopped_by);
-        async move {
-            stopped_by.store(stop_signal().await, Ordering::Relaxed);
-            tokio::spawn(async {
-                let code = stop_signal().await;
-                eprintln!("interrupted again: exiting now; --resume continues from the journal");
-                std::process::exit(i32::from(code));
-            });
-        }
-    };
+    // The first Ctrl-C or SIGTERM lets requests in flight finish and writes the output; a second
+    // one exits at once (see `signals`).
+    let (stopped_by, interrupt) = signals::first_stop("--resume continues from the journal");
     let summary = runtime.block_on(nstream_pipeline::generate_until(loaded.backend, info, settings, interrupt))?;
     print_summary(&summary);
     Ok(match summary.stop {
@@ -354,36 +343,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         Stop::Complete if summary.failed > 0 => ExitCode::from(3),
         Stop::Complete => ExitCode::SUCCESS,
     })
-}
-
-/// Exit code after a Ctrl-C (SIGINT): 128 + 2, as shells report it.
-const EXIT_INTERRUPTED: u8 = 130;
-/// Exit code after a SIGTERM: 128 + 15.
-const EXIT_TERMINATED: u8 = 143;
-
-/// Waits for Ctrl-C or (on Unix) SIGTERM and returns the exit code that names it. A signal whose
-/// handler cannot be installed is never reported (the default action stays).
-async fn stop_signal() -> u8 {
-    let interrupt = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                terminate.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => EXIT_INTERRUPTED,
-        () = terminate => EXIT_TERMINATED,
-    }
 }
 
 fn print_summary(summary: &Summary) {

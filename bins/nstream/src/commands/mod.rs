@@ -12,6 +12,7 @@ pub mod generate;
 pub mod kb;
 pub mod man;
 mod model_file;
+mod signals;
 pub mod up;
 pub mod validate;
 

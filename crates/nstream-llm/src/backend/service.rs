@@ -81,6 +81,20 @@ impl ModelBackend for LlmBackend {
         self.parent.as_ref().map(|_| LlmBackend::adapter_sequences(self))
     }
 
+    fn waiting_requests(&self) -> Option<u64> {
+        // An adapter shares its parent's scheduler (and counters): the parent reports them.
+        if self.parent.is_some() {
+            return None;
+        }
+        let metrics = self.metrics();
+        // Jobs not yet taken off the admission channel, plus sequences admitted but waiting for
+        // room in the running batch.
+        Some(
+            metrics.queue_depth.load(std::sync::atomic::Ordering::Relaxed)
+                + metrics.waiting_sequences.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     async fn health(&self) -> Health {
         if self.is_running() {
             Health::Ready

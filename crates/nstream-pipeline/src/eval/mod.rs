@@ -19,6 +19,10 @@
 //!    intervals; with a base and a teacher, each student's "gap closed" is
 //!    `(student - base) / (teacher - base)`. Nothing in the report depends on when it ran, so a
 //!    resumed run writes the same report as an uninterrupted one.
+//!
+//! [`evaluate_until`] stops early when its interrupt completes (Ctrl-C, SIGTERM): requests in
+//! flight finish and are journaled, nothing new starts, and no report is written; the next run
+//! resumes from the journals (the reference losses, local and free, are computed again).
 
 mod data;
 mod report;
@@ -26,6 +30,7 @@ mod scorer;
 mod stats;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +49,7 @@ use crate::model::ModelInfo;
 use crate::output::write_atomically;
 use crate::price::PriceTable;
 use crate::progress::ProgressMode;
-use crate::run::{Parameters, Settings, generate};
+use crate::run::{Parameters, Settings, Stop, generate_until};
 
 /// What a model is in the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -197,15 +202,36 @@ fn slug(name: &str) -> String {
     if slug.is_empty() || slug.starts_with('.') { format!("model{slug}") } else { slug }
 }
 
+/// Whether an evaluation was asked to stop: set once by a task awaiting the caller's interrupt.
+type Stopping = tokio::sync::watch::Receiver<bool>;
+
+/// Completes when `stopping` turns true (never, once its sender is gone without it).
+async fn stopped(mut stopping: Stopping) {
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Aborts the task awaiting the interrupt when the evaluation ends, however it ends.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs `backend` over the prompt records in `input` into `output` through the generate pipeline,
-/// then reads back what was answered, by record index.
+/// then reads back what was answered, by record index; `None` when `stopping` interrupted it
+/// (what was answered stays in the journal).
 async fn answer(
     backend: Arc<dyn ModelBackend>,
     info: ModelInfo,
     input: &Path,
     output: &Path,
     settings: &EvalSettings,
-) -> Result<Answers> {
+    stopping: &Stopping,
+) -> Result<Option<Answers>> {
     let mut run = Settings::new(input, output);
     run.parameters = settings.parameters.clone();
     run.invalid_answer_retries = 0;
@@ -218,7 +244,10 @@ async fn answer(
     run.prices = settings.prices.clone();
     run.mode = settings.mode;
     run.progress = settings.progress;
-    let summary = generate(backend, info, run).await?;
+    let summary = generate_until(backend, info, run, stopped(stopping.clone())).await?;
+    if summary.stop == Stop::Interrupted {
+        return Ok(None);
+    }
     let paths = summary.files.clone();
     let outputs = read_lines(&paths.output)?;
     let provenance = read_lines(&paths.provenance)?;
@@ -232,7 +261,7 @@ async fn answer(
             .unwrap_or_default();
         answers.by_item.insert(line.saturating_sub(1) as usize, (text, provenance));
     }
-    Ok(answers)
+    Ok(Some(answers))
 }
 
 fn read_lines(path: &Path) -> Result<Vec<Value>> {
@@ -299,6 +328,28 @@ pub fn judge_verdict(reply: &str) -> f64 {
 
 /// Evaluates `models` on the held-out set and writes the reports (see the module docs).
 pub async fn evaluate(models: Vec<EvalModel>, settings: EvalSettings) -> Result<EvalReport> {
+    let report = evaluate_until(models, settings, std::future::pending()).await?;
+    // Only an interrupt ends an evaluation without a report, and this one has none.
+    report.ok_or_else(|| Error::InvalidSetting { setting: "interrupt", reason: "stopped without an interrupt".into() })
+}
+
+/// [`evaluate`] that stops early when `interrupt` completes (Ctrl-C, SIGTERM): no new request
+/// starts, requests in flight finish and are journaled, and `None` is returned without a report.
+/// Running it again with the same settings resumes: nothing answered is asked (or paid) again.
+pub async fn evaluate_until(
+    models: Vec<EvalModel>,
+    settings: EvalSettings,
+    interrupt: impl Future<Output = ()> + Send + 'static,
+) -> Result<Option<EvalReport>> {
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    // One interrupt serves every stage, so it is awaited once, in its own task.
+    let _watcher = AbortOnDrop(
+        tokio::spawn(async move {
+            interrupt.await;
+            let _ = stop.send(true);
+        })
+        .abort_handle(),
+    );
     if models.is_empty() {
         return Err(Error::InvalidSetting { setting: "model", reason: "give at least one model to evaluate".into() });
     }
@@ -352,7 +403,11 @@ pub async fn evaluate(models: Vec<EvalModel>, settings: EvalSettings) -> Result<
     for model in order {
         tracing::info!(model = %model.name, items = items.len(), "answering the held-out prompts");
         let output = dir.join("answers").join(format!("{}.jsonl", slug(&model.name)));
-        let found = answer(model.backend.clone(), model.info.clone(), &prompts_path, &output, &settings).await?;
+        let Some(found) =
+            answer(model.backend.clone(), model.info.clone(), &prompts_path, &output, &settings, &stopping).await?
+        else {
+            return Ok(None);
+        };
         if settings.reference_model.as_deref() == Some(model.name.as_str()) {
             for (index, item) in items.iter_mut().enumerate() {
                 item.reference = found.by_item.get(&index).map(|(text, _)| text.clone()).unwrap_or_default();
@@ -419,8 +474,12 @@ pub async fn evaluate(models: Vec<EvalModel>, settings: EvalSettings) -> Result<
                 let output = judge_dir.join(format!("{}.jsonl", slug(&model.name)));
                 let mut judge_settings = settings.clone();
                 judge_settings.parameters = Parameters::default().with_temperature(0.0).with_max_tokens(8);
-                let graded =
-                    answer(judge.backend.clone(), judge.info.clone(), &input, &output, &judge_settings).await?;
+                let Some(graded) =
+                    answer(judge.backend.clone(), judge.info.clone(), &input, &output, &judge_settings, &stopping)
+                        .await?
+                else {
+                    return Ok(None);
+                };
                 for (record_index, position) in positions.iter().enumerate() {
                     if let Some((reply, _)) = graded.by_item.get(&record_index) {
                         verdicts[*position] = judge_verdict(reply);
@@ -438,13 +497,17 @@ pub async fn evaluate(models: Vec<EvalModel>, settings: EvalSettings) -> Result<
         let work: Vec<(Vec<Value>, String)> =
             scored.iter().map(|index| (items[*index].messages.clone(), items[*index].reference.clone())).collect();
         let name = model.name.clone();
+        let stop = stopping.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut total = (0.0, 0usize);
             for (messages, reference) in &work {
+                if *stop.borrow() {
+                    return Ok(None);
+                }
                 let (sum, tokens) = loss.reference_loss(messages, reference)?;
                 total = (total.0 + sum, total.1 + tokens);
             }
-            Ok::<_, String>(total)
+            Ok::<_, String>(Some(total))
         })
         .await
         .map_err(|error| Error::InvalidData {
@@ -455,7 +518,11 @@ pub async fn evaluate(models: Vec<EvalModel>, settings: EvalSettings) -> Result<
             path: settings.data.clone(),
             message: format!("the loss of {name}: {message}"),
         })?;
+        let Some(result) = result else { return Ok(None) };
         losses.insert(model.name.clone(), result);
+    }
+    if *stopping.borrow() {
+        return Ok(None);
     }
 
     let report = report::build(
@@ -470,7 +537,7 @@ pub async fn evaluate(models: Vec<EvalModel>, settings: EvalSettings) -> Result<
         &settings,
     );
     write_report(&report, &items, &scored, &answers_view(&answers), &scores, dir)?;
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// Answers by model, by item index: text and provenance.
