@@ -203,7 +203,10 @@ impl LlmTokenizer {
         };
         // JSON syntax first: the tokenizers crate panics on a syntax error inside `decoder`
         // (tokenizers 0.22 `DecoderWrapper::deserialize` unwraps it).
-        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|error| invalid(&error))?;
+        let json = serde_json::from_str::<serde_json::Value>(&text).map_err(|error| invalid(&error))?;
+        if let Some(problem) = json.get("decoder").and_then(|decoder| unsafe_decoder(decoder, "decoder")) {
+            return Err(invalid(&problem));
+        }
         let inner = text.parse::<Tokenizer>().map_err(|error| invalid(&error))?;
         let size = inner.get_vocab_size(true);
         let tokens: Vec<String> = (0..size as u32).map(|id| inner.id_to_token(id).unwrap_or_default()).collect();
@@ -414,6 +417,30 @@ impl IncrementalDecoder {
     }
 }
 
+/// A decoder the tokenizers crate would panic on while decoding, found in `decoder` (or in a
+/// `Sequence` inside it): `Strip` with `stop` above 0 indexes before the start of a token made
+/// only of its `content` character and shorter than `stop` (tokenizers 0.22, found by fuzzing).
+/// Real tokenizers strip at the start only (`stop: 0`).
+fn unsafe_decoder(decoder: &serde_json::Value, path: &str) -> Option<String> {
+    match decoder.get("type").and_then(serde_json::Value::as_str) {
+        Some("Strip") => {
+            let stop = decoder.get("stop").and_then(serde_json::Value::as_u64).unwrap_or(0);
+            (stop > 0).then(|| {
+                format!(
+                    "{path}.stop is {stop}: a Strip decoder that strips the end of tokens is not supported (expected 0)"
+                )
+            })
+        }
+        Some("Sequence") => decoder.get("decoders").and_then(serde_json::Value::as_array).and_then(|decoders| {
+            decoders
+                .iter()
+                .enumerate()
+                .find_map(|(index, inner)| unsafe_decoder(inner, &format!("{path}.decoders[{index}]")))
+        }),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,5 +454,23 @@ mod tests {
         let error = LlmTokenizer::from_hf(&path, &HfTokenizerConfig::default(), &[], None).unwrap_err().to_string();
         assert!(error.contains("tokenizer.json") && error.contains("not a tokenizer.json"), "{error}");
         assert!(error.contains("line 1 column 31"), "{error}");
+    }
+
+    #[test]
+    fn a_strip_decoder_that_strips_the_end_is_refused_not_a_panic_when_decoding() {
+        // Found by fuzz/fuzz_targets/tokenizer_json.rs (10-minute run): tokenizers 0.22's Strip
+        // decoder indexes before the start of a token shorter than `stop` made of `content`.
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [{"type": "Strip", "content": " ", "start": 0, "stop": 2}]},
+            "model": {"type": "WordLevel", "vocab": {" ": 0, "a": 1}, "unk_token": "a"}}"#;
+        let upstream = json.parse::<Tokenizer>().expect("tokenizers reads it");
+        let decoded = std::panic::catch_unwind(|| upstream.decode(&[0], false));
+        assert!(decoded.is_err(), "tokenizers no longer panics here: the check may go");
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("tokenizer.json");
+        std::fs::write(&path, json).unwrap();
+        let error = LlmTokenizer::from_hf(&path, &HfTokenizerConfig::default(), &[], None).unwrap_err().to_string();
+        assert!(error.contains("decoder.decoders[0].stop is 2") && error.contains("expected 0"), "{error}");
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! 1. **Read** the held-out set ([`read_items`]) and write its prompts (the conversations without
 //!    the reference answers) to `DIR/prompts.jsonl`.
-//! 2. **Answer.** Each model runs over the prompts through [`generate`]: the same
+//! 2. **Answer.** Each model runs over the prompts through [`generate`](crate::run::generate): the same
 //!    exactly-once journal, retries, RPM/TPM pacing and cost accounting, so an interrupted eval
 //!    resumes without paying for an answer twice. Answers land in `DIR/answers/MODEL.jsonl`
 //!    (with provenance: tokens, latency, cost). With a reference model, its answers replace the
