@@ -39,6 +39,7 @@ mod fake;
 mod input;
 mod model;
 mod model_error;
+mod panic;
 mod usage;
 pub mod vector_store;
 
@@ -52,5 +53,6 @@ pub use error::{BackendError, Result};
 pub use fake::{FakeBackend, FakeBackendStats};
 pub use input::{Input, InputItem};
 pub use model::{Capability, Health, ModelDescription, ModelKind};
+pub use panic::catch_panic;
 pub use usage::{StopSequences, StreamOptions, Usage, unix_timestamp};
 pub use vector_store::VectorStoreBackend;

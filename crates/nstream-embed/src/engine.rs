@@ -213,10 +213,17 @@ fn encode_input(
     match input {
         EmbedInput::Text(text) => {
             let tokenizer_error = |error: tokenizers::Error| Error::Tokenizer(format!("input {index}: {error}"));
-            let encoding = truncating_tokenizer.encode(text.as_str(), true).map_err(tokenizer_error)?;
+            // The tokenizers crate panics on some malformed files instead of returning an error:
+            // that is this input's error, not the worker's end.
+            let encode = |tokenizer: &Tokenizer| {
+                nstream_backend::catch_panic(|| tokenizer.encode(text.as_str(), true))
+                    .map_err(|panic| Error::Tokenizer(format!("input {index}: the tokenizer failed ({panic})")))?
+                    .map_err(tokenizer_error)
+            };
+            let encoding = encode(truncating_tokenizer)?;
             let truncated = !encoding.get_overflowing().is_empty();
             if truncated && !truncate {
-                let tokens = tokenizer.encode(text.as_str(), true).map_err(tokenizer_error)?.len();
+                let tokens = encode(tokenizer)?.len();
                 return Err(Error::InputTooLong { index, tokens, max_tokens });
             }
             let ids = encoding.get_ids().to_vec();
@@ -251,7 +258,15 @@ fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
     let text = std::fs::read_to_string(path).map_err(|error| invalid(error.to_string()))?;
     serde_json::from_str::<serde::de::IgnoredAny>(&text)
         .map_err(|error| invalid(format!("not a tokenizer.json: {error}")))?;
-    text.parse::<Tokenizer>().map_err(|error| invalid(format!("not a tokenizer.json: {error}")))
+    let tokenizer = text.parse::<Tokenizer>().map_err(|error| invalid(format!("not a tokenizer.json: {error}")))?;
+    // The crate checks little when reading and panics later on what it missed (a template naming
+    // an undeclared special token panics on every encode): one encode now makes that a load error.
+    match nstream_backend::catch_panic(|| tokenizer.encode("a", true)) {
+        Ok(_) => Ok(tokenizer),
+        Err(panic) => {
+            Err(invalid(format!("not a usable tokenizer.json: the tokenizers library failed on it ({panic})")))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -266,5 +281,23 @@ mod tests {
         std::fs::write(&path, br#"{"version": "1.0", "decoder": x}"#).expect("write");
         let error = read_tokenizer(&path).expect_err("refused").to_string();
         assert!(error.contains("not a tokenizer.json") && error.contains("line 1 column 31"), "{error}");
+    }
+
+    #[test]
+    fn a_template_naming_an_undeclared_special_token_is_a_load_error_not_a_panic_per_request() {
+        // tokenizers 0.22 reads this file, then panics on every encode with special tokens
+        // (found by fuzz/fuzz_targets/tokenizer_json.rs on nstream-llm's loader).
+        let folder = tempfile::tempdir().expect("folder");
+        let path = folder.path().join("tokenizer.json");
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "decoder": null,
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {}},
+            "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}"#;
+        std::fs::write(&path, json).expect("write");
+        let error = read_tokenizer(&path).expect_err("refused").to_string();
+        assert!(error.contains("the tokenizers library failed on it"), "{error}");
     }
 }

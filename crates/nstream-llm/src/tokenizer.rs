@@ -195,6 +195,23 @@ impl LlmTokenizer {
         eos_ids: &[u32],
         bos_id: Option<u32>,
     ) -> Result<Self> {
+        // The tokenizers crate checks little of a file when reading it and panics later on what
+        // it missed (found by fuzzing: a template naming an undeclared special token): a panic
+        // while loading and probing is this file's error, not the process's end.
+        nstream_backend::catch_panic(|| Self::read_hf(path, config, eos_ids, bos_id)).unwrap_or_else(|panic| {
+            Err(Error::InvalidModel {
+                file: path.display().to_string(),
+                message: format!("not a usable tokenizer.json: the tokenizers library failed on it ({panic})"),
+            })
+        })
+    }
+
+    fn read_hf(
+        path: &std::path::Path,
+        config: &HfTokenizerConfig,
+        eos_ids: &[u32],
+        bos_id: Option<u32>,
+    ) -> Result<Self> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|cause| Error::Io { path: file.clone(), cause })?;
         let invalid = |error: &dyn std::fmt::Display| Error::InvalidModel {
@@ -232,7 +249,9 @@ impl LlmTokenizer {
     /// `add_bos`, the beginning-of-sequence token is prepended when the model wants one
     /// (`tokenizer.ggml.add_bos_token`) and the text does not start with it already.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, false).map_err(|error| Error::Tokenizer(error.to_string()))?;
+        let encoding = nstream_backend::catch_panic(|| self.inner.encode(text, false))
+            .map_err(Error::Tokenizer)?
+            .map_err(|error| Error::Tokenizer(error.to_string()))?;
         let mut ids = encoding.get_ids().to_vec();
         if add_bos
             && self.add_bos
@@ -246,7 +265,9 @@ impl LlmTokenizer {
 
     /// Turns ids back into text, leaving special tokens out when `skip_special` is set.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|error| Error::Tokenizer(error.to_string()))
+        nstream_backend::catch_panic(|| self.inner.decode(ids, skip_special))
+            .map_err(Error::Tokenizer)?
+            .map_err(|error| Error::Tokenizer(error.to_string()))
     }
 
     /// The number of tokens in the vocabulary.
@@ -472,5 +493,28 @@ mod tests {
         std::fs::write(&path, json).unwrap();
         let error = LlmTokenizer::from_hf(&path, &HfTokenizerConfig::default(), &[], None).unwrap_err().to_string();
         assert!(error.contains("decoder.decoders[0].stop is 2") && error.contains("expected 0"), "{error}");
+    }
+
+    #[test]
+    fn a_template_naming_an_undeclared_special_token_is_an_error_not_a_panic() {
+        // Found by fuzz/fuzz_targets/tokenizer_json.rs (10-minute run): tokenizers 0.22 reads it,
+        // then panics adding the template's special tokens.
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "decoder": null,
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<t>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "<s>": 1}, "unk_token": "a"}}"#;
+        let upstream = json.parse::<Tokenizer>().expect("tokenizers reads it");
+        let encoded = std::panic::catch_unwind(|| upstream.encode("a", true));
+        assert!(encoded.is_err(), "tokenizers no longer panics here");
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("tokenizer.json");
+        std::fs::write(&path, json).unwrap();
+        let config = HfTokenizerConfig { bos_token: Some("<s>".into()), ..HfTokenizerConfig::default() };
+        let error = LlmTokenizer::from_hf(&path, &config, &[], None).unwrap_err().to_string();
+        assert!(error.contains("the tokenizers library failed on it"), "{error}");
     }
 }
