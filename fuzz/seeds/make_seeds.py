@@ -185,6 +185,21 @@ def main():
     for variant in ["f32", "sentencepiece"]:
         source = os.path.join(ROOT, "tests/fixtures/llm/tiny-llama", variant, "tokenizer.json")
         write("tokenizer_json", f"tiny-llama-{variant}.json", open(source, "rb").read())
+    # Two files the tokenizers crate (0.22) reads and then panics on, found by 10-minute runs
+    # (docs/reliability.md): nstream must answer each with an error.
+    bare = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": None, "post_processor": None, "decoder": None}
+    write("tokenizer_json", "strip-decoder-stop.json", json.dumps({
+        **bare, "decoder": {"type": "Sequence", "decoders": [{"type": "Strip", "content": " ", "start": 0, "stop": 2}]},
+        "model": {"type": "WordLevel", "vocab": {" ": 0, "a": 1, "<s>": 2, "</s>": 3}, "unk_token": "a"}}).encode())
+    write("tokenizer_json", "template-undeclared-special-token.json", json.dumps({
+        **bare, "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<t>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "model": {"type": "WordLevel", "vocab": {"a": 0, "<s>": 1, "</s>": 2}, "unk_token": "a"}}).encode())
 
     # Chat templates: source, NUL, conversation.
     conversation = json.dumps([

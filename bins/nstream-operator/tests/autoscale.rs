@@ -177,9 +177,14 @@ async fn load_scales_an_embedding_model_up_and_back_down_and_idle_scales_it_to_z
         status.current_load.is_some_and(|load| load <= 1).then(Instant::now)
     })
     .await;
+    // The scale is written before the status that explains it: wait for both (a 3 -> 2 -> 1
+    // path shows replicas 1 next to the previous tick's "keeping 2" for a moment).
     let scaled_down = eventually("the idle model goes back to 1 replica", MINUTE, || async {
         let model = model(&client).await;
-        (replicas(&model) == 1).then(|| autoscaler(&model)).flatten()
+        (replicas(&model) == 1)
+            .then(|| autoscaler(&model))
+            .flatten()
+            .filter(|status| status.desired_replicas == Some(1))
     })
     .await;
     let waited = low_since.elapsed();
@@ -203,7 +208,10 @@ async fn load_scales_an_embedding_model_up_and_back_down_and_idle_scales_it_to_z
         .expect("minReplicas 0");
     let zero = eventually("the idle model scales to zero", MINUTE, || async {
         let model = model(&client).await;
-        (replicas(&model) == 0).then(|| autoscaler(&model)).flatten()
+        (replicas(&model) == 0)
+            .then(|| autoscaler(&model))
+            .flatten()
+            .filter(|status| status.desired_replicas == Some(0))
     })
     .await;
     assert_eq!(zero.desired_replicas, Some(0), "{zero:?}");
