@@ -333,7 +333,9 @@ async fn a_distillation_runs_its_stages_as_jobs_resumes_a_killed_one_and_attache
     // points. (Its server is not run here: the stand-in kubelet does not rewrite the absolute
     // paths inside the model file; docs/adapters.md's mechanism serves it on a cluster.)
     let deployment =
-        eventually("the student's Deployment mounts the claim", MINUTE, || async {
+        // Three minutes: on a loaded 2-core machine the student's reconcile can sit in its
+        // per-object backoff when the adapter lands (one local run missed a one-minute wait).
+        eventually("the student's Deployment mounts the claim", 3 * MINUTE, || async {
             let deployment =
                 Api::<Deployment>::namespaced(client.clone(), NAMESPACE).get_opt("bm-smollm2").await.ok()??;
             let pod = deployment.spec.as_ref()?.template.spec.clone()?;
