@@ -260,16 +260,17 @@ check() {
   # bare command `nstream-server`, in WorkingDir, with the model file, secrets and Hugging Face
   # cache laid out under it as the pod's volumes, offline, as user 65532.
   export_image "$server_image" "$work/server"
-  # The command line the Distillation Jobs run from this image (crates/nstream-operator/src/distillation.rs).
+  local pod_dir="$work/server/nstream" model=models--sentence-transformers--all-MiniLM-L6-v2
+  local hub="${HF_HOME:-$cache/huggingface}/hub"
+  [[ -d $hub/$model ]] || die "$hub/$model is missing (scripts/offline-models.sh lays it out)"
+  mkdir -p "$pod_dir/config" "$pod_dir/secrets" "$pod_dir/cache/huggingface/hub"
+  # The command line the Distillation Jobs run from this image (crates/nstream-operator/src/distillation.rs),
+  # in its WorkingDir (a container runtime makes it; the exported filesystem has it only from here).
   in_image "$work/server" "$server_image" LD_BIND_NOW=1 -- nstream distill --help >"$work/distill.out" 9>&- \
     || die "nstream distill --help failed in the server image: $(cat "$work/distill.out")"
   grep -q -- '--stage' "$work/distill.out" \
     || die "nstream distill --help in the server image printed: $(cat "$work/distill.out")"
   echo "== $server_image: nstream distill --help runs from the image's filesystem"
-  local pod_dir="$work/server/nstream" model=models--sentence-transformers--all-MiniLM-L6-v2
-  local hub="${HF_HOME:-$cache/huggingface}/hub"
-  [[ -d $hub/$model ]] || die "$hub/$model is missing (scripts/offline-models.sh lays it out)"
-  mkdir -p "$pod_dir/config" "$pod_dir/secrets" "$pod_dir/cache/huggingface/hub"
   cp examples/all-minilm-l6-v2.yaml "$pod_dir/config/model.yaml"
   # A copy, not hard links: it is handed to user 65532 below, as fsGroup does in the pod.
   cp -a "$hub/$model" "$pod_dir/cache/huggingface/hub/"
