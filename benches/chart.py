@@ -447,6 +447,41 @@ def kb_ann(text: str) -> Chart:
     return chart
 
 
+def soak(data: dict) -> Chart:
+    """nstream-server's memory and latency through a soak, per five minutes, and its burst (benches/soak)."""
+    steady, memory = data["steady"], data["memory"]
+    span = 300.0
+    spans = max(1, math.ceil(max(at for *_, at in steady) / span))
+    labels = [f"{index * 5}-{index * 5 + 5} min" for index in range(spans)]
+    kinds = [("chat-stream", OURS), ("chat", VARIANT), ("embeddings", EXTRA), ("gateway", PEER)]
+    chart = Chart(
+        "Soak: nstream-server under mixed traffic at a fixed rate, then a burst at 10x",
+        f"{len(steady):,} requests in the steady phase; checks: "
+        + ", ".join(f"{check} {'pass' if passed else 'FAIL'}" for check, passed in data["verdict"].items()),
+        [(kind, colour) for kind, colour in kinds] + [("VmRSS", "#76b7b2"), ("answers in the burst", "#e15759")],
+    )
+    rss = []
+    for index, label in enumerate(labels):
+        samples = [kib for at, kib in memory if index * span <= at < (index + 1) * span]
+        if samples:
+            rss.append(Group(label, [("VmRSS", max(samples) / 1024)]))
+    chart.panels.append(Panel("nstream-server memory (VmRSS), MiB, highest sample in each five minutes", rss))
+    latency = []
+    for index, label in enumerate(labels):
+        bars = []
+        for kind, _ in kinds:
+            seconds = sorted(latency for name, _, latency, _, at in steady
+                             if name == kind and index * span <= at < (index + 1) * span)
+            if seconds:
+                bars.append((kind, seconds[min(len(seconds) - 1, math.ceil(0.99 * len(seconds)) - 1)]))
+        latency.append(Group(label, bars))
+    chart.panels.append(Panel("p99 latency per kind, s, lower is better", latency, decimals=2))
+    statuses = sorted(data["burst_statuses"].items())
+    chart.panels.append(Panel("Burst: answers by HTTP status (200 served, 429/503 refused with Retry-After)",
+                              [Group(status, [("answers in the burst", count)]) for status, count in statuses], decimals=0))
+    return chart
+
+
 def build(paths: list[Path], bench: str | None = None) -> Chart:
     """The chart of one or more results files of one bench (default: the folder above `results/`)."""
     bench = bench or paths[0].resolve().parent.parent.name
@@ -459,13 +494,13 @@ def build(paths: list[Path], bench: str | None = None) -> Chart:
         raise ValueError(f"{bench}: one results file per chart, got {len(paths)}")
     if bench == "llm":
         return llm_gpu(loaded[0]) if paths[0].name.startswith("gpu-") else llm(loaded[0])
-    builders = {"embeddings": embeddings, "gateway": gateway, "adapters": adapters, "kb": kb}
+    builders = {"embeddings": embeddings, "gateway": gateway, "adapters": adapters, "kb": kb, "soak": soak}
     if bench not in builders:
         raise ValueError(f"{paths[0]}: no chart for bench {bench!r} (expected one of {', '.join(BENCH_NAMES)})")
     return builders[bench](loaded[0])
 
 
-BENCH_NAMES = ("adapters", "embeddings", "finetune", "gateway", "kb", "kb-ann", "llm")
+BENCH_NAMES = ("adapters", "embeddings", "finetune", "gateway", "kb", "kb-ann", "llm", "soak")
 
 
 def default_output(paths: list[Path], bench: str | None = None) -> Path:
