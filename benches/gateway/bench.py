@@ -16,68 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-FAKE = ROOT / "tests" / "python" / "fake_provider.py"
-KEY = "sk-fake-openai"  # fake_provider.py's default OpenAI key
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402  (benches/harness.py)
+from harness import free_port, rss_kib, wait_ready, wrk  # noqa: E402
+
 MODEL = "bench-mega"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.02)
-    raise RuntimeError(f"{url} not ready within {timeout}s")
-
-
-def rss_kib(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0])
-    return fields
-
-
-def wrk(url: str, body: dict, connections: int, seconds: int, threads: int) -> dict:
-    env = dict(os.environ, BODY=json.dumps(body), AUTH=f"Bearer {KEY}")
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s",
-               "-s", str(HERE / "wrk-post.lua"), url]
-    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    line = next((line for line in output.splitlines() if line.startswith("WRKJSON ")), None)
-    if line is None:
-        raise RuntimeError(f"no WRKJSON line from {command}:\n{output}")
-    result = json.loads(line[len("WRKJSON "):])
-    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
-    if result["socket_errors"] or result["non_2xx"]:
-        raise RuntimeError(f"errors in {command}: {result}")
-    return result
 
 
 def model_file(provider_url: str) -> str:
@@ -105,19 +54,13 @@ def main() -> int:
 
     processes: list[subprocess.Popen] = []
     try:
-        fake = subprocess.Popen([sys.executable, str(FAKE), "--port", "0", "--no-log"], stdout=subprocess.PIPE,
-                                text=True)
-        processes.append(fake)
-        first = fake.stdout.readline() if fake.stdout else ""
-        if "fake provider on " not in first:
-            raise RuntimeError(f"the fake provider did not start: {first!r}")
-        provider = first.split("fake provider on ", 1)[1].strip()
+        provider = harness.start_fake_provider(processes)
 
         folder = Path(tempfile.mkdtemp(prefix="nstream-gateway-bench-"))
         (folder / "model.yaml").write_text(model_file(provider))
         port = free_port()
-        env = {key: value for key, value in os.environ.items() if not key.startswith("NSTREAM_")}
-        env.update(NSTREAM_SECRET_OPENAI_API_KEY=KEY, RUST_LOG=arguments.rust_log, NO_COLOR="1")
+        env = harness.binary_environment(NSTREAM_SECRET_OPENAI_API_KEY=harness.PROVIDER_KEY,
+                                         RUST_LOG=arguments.rust_log, NO_COLOR="1")
         server = subprocess.Popen(
             [str(arguments.server_bin), "--model-file", str(folder / "model.yaml"), "--port", str(port)],
             env=env, stdout=subprocess.DEVNULL, stderr=(folder / "server.log").open("w"),
@@ -150,8 +93,7 @@ def main() -> int:
                 if "gateway" in name:
                     served += result["requests"]
                 results[name].append(result)
-                print(f"round {round_index + 1} {name}: p50 {result['p50_us']} us, p99 {result['p99_us']} us, "
-                      f"{result['rps']:.0f} req/s", file=sys.stderr)
+                harness.print_round(round_index, name, result)
         memory.append(("after the measured rounds", served, rss_kib(server.pid)))
         for run in (1, 2):
             result = wrk(*through, connections=arguments.connections, seconds=arguments.long_seconds, threads=2)
@@ -161,31 +103,14 @@ def main() -> int:
         if server.poll() is not None:
             raise RuntimeError(f"nstream-server exited with {server.returncode}")
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        harness.stop(processes, 10)
 
     def median(name: str, key: str) -> float:
-        return statistics.median(result[key] for result in results[name])
+        return harness.median(results, name, key)
 
-    added = {
-        key: statistics.median(g[key] - d[key] for g, d in zip(results["latency gateway"], results["latency direct"]))
-        for key in ("p50_us", "p90_us", "p99_us", "p999_us", "mean_us")
-    }
-    lines = [
-        "| scenario | p50 | p90 | p99 | p99.9 | requests/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in results:
-        lines.append(
-            f"| {name} | {median(name, 'p50_us'):.0f} us | {median(name, 'p90_us'):.0f} us | "
-            f"{median(name, 'p99_us'):.0f} us | {median(name, 'p999_us'):.0f} us | {median(name, 'rps'):.0f} |"
-        )
+    added = harness.added(results, "latency gateway", "latency direct",
+                          ("p50_us", "p90_us", "p99_us", "p999_us", "mean_us"))
+    lines = harness.scenario_table(results)
     lines += [
         "",
         f"Added by the gateway, one connection (median over rounds of gateway minus direct): p50 "
@@ -209,7 +134,6 @@ def main() -> int:
     if arguments.json:
         arguments.json.write_text(json.dumps({"results": results, "added": added, "memory": memory,
                                               "python": platform.python_version()}, indent=1))
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import chart  # benches/chart.py: the results' SVG chart, next to them
         chart.after_run(arguments.json, bench="gateway")
     return 0

@@ -19,16 +19,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "gateway"))
-from bench import FAKE, free_port, rss_kib, wait_ready, wrk  # noqa: E402  (the gateway benchmark's helpers)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402  (benches/harness.py)
+from harness import free_port, rss_kib, wait_ready, wrk  # noqa: E402
 
 MODEL = "gpt-4o-mini"  # what the fake provider answers to
 
@@ -45,18 +44,11 @@ def main() -> int:
     load_before = os.getloadavg()
     processes: list[subprocess.Popen] = []
     try:
-        fake = subprocess.Popen([sys.executable, str(FAKE), "--port", "0", "--no-log"], stdout=subprocess.PIPE,
-                                text=True)
-        processes.append(fake)
-        first = fake.stdout.readline() if fake.stdout else ""
-        if "fake provider on " not in first:
-            raise RuntimeError(f"the fake provider did not start: {first!r}")
-        provider = first.split("fake provider on ", 1)[1].strip()
+        provider = harness.start_fake_provider(processes)
 
         folder = Path(tempfile.mkdtemp(prefix="nstream-router-bench-"))
         port = free_port()
-        env = {key: value for key, value in os.environ.items() if not key.startswith("NSTREAM_")}
-        env.update(RUST_LOG="warn", NO_COLOR="1")
+        env = harness.binary_environment(RUST_LOG="warn", NO_COLOR="1")
         router = subprocess.Popen(
             [str(arguments.router_bin), "--address", f"127.0.0.1:{port}", "--static-route", f"{MODEL}={provider}"],
             env=env, stdout=subprocess.DEVNULL, stderr=(folder / "router.log").open("w"),
@@ -82,29 +74,19 @@ def main() -> int:
             ):
                 result = wrk(url, body, connections, arguments.seconds, threads)
                 results[name].append(result)
-                print(f"round {round_index + 1} {name}: p50 {result['p50_us']} us, p99 {result['p99_us']} us, "
-                      f"{result['rps']:.0f} req/s", file=sys.stderr)
+                harness.print_round(round_index, name, result)
         router_memory = rss_kib(router.pid)
         if router.poll() is not None:
             raise RuntimeError(f"nstream-router exited with {router.returncode}")
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        harness.stop(processes, 10)
     load_after = os.getloadavg()
 
     def median(name: str, key: str) -> float:
-        return statistics.median(result[key] for result in results[name])
+        return harness.median(results, name, key)
 
     def added(kind: str) -> dict[str, float]:
-        pairs = zip(results[f"{kind} router"], results[f"{kind} direct"])
-        rows = list(pairs)
-        return {key: statistics.median(r[key] - d[key] for r, d in rows) for key in ("p50_us", "p99_us", "mean_us")}
+        return harness.added(results, f"{kind} router", f"{kind} direct", ("p50_us", "p99_us", "mean_us"))
 
     single, concurrent = added("latency"), added("concurrent")
     lines = [
@@ -114,15 +96,7 @@ def main() -> int:
         f"- **Command**: `python3 benches/router/bench.py --router-bin {arguments.router_bin}` "
         f"(rounds {arguments.rounds}, {arguments.seconds} s per scenario, {arguments.connections} connections)",
         "",
-        "| scenario | p50 | p90 | p99 | p99.9 | requests/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in results:
-        lines.append(
-            f"| {name} | {median(name, 'p50_us'):.0f} us | {median(name, 'p90_us'):.0f} us | "
-            f"{median(name, 'p99_us'):.0f} us | {median(name, 'p999_us'):.0f} us | {median(name, 'rps'):.0f} |"
-        )
-    lines += [
+        *harness.scenario_table(results),
         "",
         f"Added by the router, one connection (median over rounds of router minus direct): p50 "
         f"**{single['p50_us']:.0f} us**, p99 {single['p99_us']:.0f} us, mean {single['mean_us']:.0f} us. "

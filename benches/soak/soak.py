@@ -44,12 +44,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE.parent))
-from gateway.bench import free_port, rss_kib, wait_ready  # noqa: E402  (benches/gateway/bench.py)
-FAKE = ROOT / "tests" / "python" / "fake_provider.py"
-PROVIDER_KEY = "sk-fake-openai"  # fake_provider.py's default OpenAI key
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402  (benches/harness.py)
+from harness import free_port, rss_kib, wait_ready  # noqa: E402
+
 KINDS = ("chat-stream", "chat", "embeddings", "gateway")
 
 
@@ -220,19 +218,13 @@ def main() -> int:
     processes: list[subprocess.Popen] = []
     memory: list[tuple[float, int]] = []
     try:
-        fake = subprocess.Popen([sys.executable, str(FAKE), "--port", "0", "--no-log", "--rate-429",
-                                 str(arguments.rate_429), "--latency-ms", "50"], stdout=subprocess.PIPE, text=True)
-        processes.append(fake)
-        first = fake.stdout.readline() if fake.stdout else ""
-        if "fake provider on " not in first:
-            raise RuntimeError(f"the fake provider did not start: {first!r}")
-        provider = first.split("fake provider on ", 1)[1].strip()
+        provider = harness.start_fake_provider(processes, "--rate-429", str(arguments.rate_429), "--latency-ms", "50")
 
         folder = Path(tempfile.mkdtemp(prefix="nstream-soak-"))
         (folder / "models.yaml").write_text(model_file(provider))
         port = free_port()
-        env = {key: value for key, value in os.environ.items() if not key.startswith("NSTREAM_")}
-        env.update(NSTREAM_SECRET_OPENAI_API_KEY=PROVIDER_KEY, RUST_LOG="warn", NO_COLOR="1")
+        env = harness.binary_environment(NSTREAM_SECRET_OPENAI_API_KEY=harness.PROVIDER_KEY, RUST_LOG="warn",
+                                         NO_COLOR="1")
         argv = [str(arguments.server_bin), "--model-file", str(folder / "models.yaml"), "--port", str(port)]
         if arguments.threads:
             argv += ["--threads", str(arguments.threads)]
@@ -265,14 +257,7 @@ def main() -> int:
             except (urllib.error.URLError, OSError):
                 healthy = False
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        harness.stop(processes, 30)
 
     window = arguments.window_seconds
     windows = int(arguments.minutes * 60 // window) or 1

@@ -23,25 +23,9 @@ use support::*;
 const MINUTE: Duration = Duration::from_secs(60);
 const NAMESPACE: &str = "access";
 
-/// The operator's own credentials: a token of the ServiceAccount that deploy/operator/rbac.yaml
-/// binds, so the scenarios prove that RBAC is enough.
-async fn operator_kubeconfig(testbed: &Testbed, admin: &Client) -> std::path::PathBuf {
-    for file in ["deploy/operator/namespace.yaml", "deploy/operator/serviceaccount.yaml", "deploy/operator/rbac.yaml"] {
-        let text = std::fs::read_to_string(repo_root().join(file)).expect("deploy file");
-        for document in text.split("\n---\n") {
-            let object: kube::api::DynamicObject = serde_yaml::from_str(document).expect("a Kubernetes object");
-            apply_object(admin, object).await.unwrap_or_else(|error| panic!("applying {file}: {error}"));
-        }
-    }
-    service_account_kubeconfig(admin, &testbed.kubeconfig, "nstream-system", "nstream-operator", testbed.path()).await
-}
-
-fn embedding_model(name: &str) -> String {
-    format!(
-        "apiVersion: llm.nstream.ai/v1\nkind: EmbeddingModel\nmetadata:\n  name: {name}\nspec:\n  \
-         embeddingModelName: all-MiniLM-L6-v2\n  embeddingModelServingInfo:\n    \
-         hfModelId: sentence-transformers/all-MiniLM-L6-v2\n    modelProvider: HUGGINGFACE\n"
-    )
+/// An EmbeddingModel `name` without a serving template (the defaults: one replica).
+fn embedding(name: &str) -> String {
+    embedding_model(name).to_string()
 }
 
 fn condition(status: Option<&ModelStatus>, kind: &str) -> Option<(String, String, String)> {
@@ -86,18 +70,24 @@ impl HasStatus for MegaModel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn access_control_on_a_real_api_server() {
-    let testbed = Testbed::start();
-    let admin = testbed.client().await;
+    // The clock of the steps starts before the control plane does.
     let started = Instant::now();
     let step = |name: &str| eprintln!("[{:>6.1} s] {name}", started.elapsed().as_secs_f64());
-    let kubeconfig = operator_kubeconfig(&testbed, &admin).await;
-    namespace(&admin, NAMESPACE).await;
-    let mut operator = Operator::start(
-        &kubeconfig,
-        "operator-access",
-        testbed.path(),
-        &["--provider-check-interval-seconds", "0", "--server-port", "8123"],
-    );
+    // The operator runs with the ServiceAccount of deploy/operator, so the scenarios prove that
+    // its RBAC is enough; it watches every namespace.
+    let credentials = async |testbed: &Testbed, admin: &Client| {
+        let kubeconfig = operator_service_account_kubeconfig(testbed, admin).await;
+        namespace(admin, NAMESPACE).await;
+        kubeconfig
+    };
+    let settings = OperatorSettings::new("operator-access").arguments(&[
+        "--provider-check-interval-seconds",
+        "0",
+        "--server-port",
+        "8123",
+    ]);
+    let mut setup = OperatorTestbed::start_with_credentials(settings, credentials).await;
+    let admin = setup.client.clone();
 
     step("the API server refuses a MegaModel with an inline key, pointing to apikeySecretRef");
     inline_keys_are_refused(&admin).await;
@@ -114,9 +104,9 @@ async fn access_control_on_a_real_api_server() {
     step("a same-named object the resource does not own is never taken over");
     name_conflict(&admin).await;
 
-    let log = operator.log_text();
+    let log = setup.operator.log_text();
     assert!(!log.contains("\"level\":\"ERROR\""), "the operator logged errors:\n{log}");
-    operator.kill();
+    setup.operator.kill();
     step("done");
 }
 
@@ -137,7 +127,7 @@ async fn inline_keys_are_refused(client: &Client) {
 }
 
 async fn api_key_secret(client: &Client) {
-    let applied = apply_yaml(client, NAMESPACE, &embedding_model("keyed")).await.expect("applies");
+    let applied = apply_yaml(client, NAMESPACE, &embedding("keyed")).await.expect("applies");
     let uid = applied.uid().expect("uid");
     let secrets = Api::<Secret>::namespaced(client.clone(), NAMESPACE);
     let secret = eventually("the API key Secret em-keyed-api-key", MINUTE, || async {
@@ -248,7 +238,7 @@ async fn name_conflict(client: &Client) {
     }))
     .expect("service");
     services.create(&PostParams::default(), &theirs).await.expect("their Service");
-    apply_yaml(client, NAMESPACE, &embedding_model("taken")).await.expect("applies");
+    apply_yaml(client, NAMESPACE, &embedding("taken")).await.expect("applies");
     let (status, _, message) = degraded_with::<EmbeddingModel>(client, "taken", "NameConflict").await;
     assert_eq!(status, "True");
     assert!(

@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use nstream_core::{AutoscalerStatus, EmbeddingModel};
-use support::kubelet::{Kubelet, KubeletOptions, http_to};
+use support::kubelet::KubeletOptions;
 use support::*;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -22,28 +21,16 @@ const NAMESPACE: &str = "autoscale";
 /// `scaleDownDelaySeconds` of the test's model.
 const DELAY: Duration = Duration::from_secs(5);
 
-fn embedding_model(min_replicas: i32) -> String {
-    format!(
-        r#"
-apiVersion: llm.nstream.ai/v1
-kind: EmbeddingModel
-metadata:
-  name: mini
-spec:
-  embeddingModelName: all-MiniLM-L6-v2
-  embeddingModelServingInfo:
-    hfModelId: sentence-transformers/all-MiniLM-L6-v2
-    modelProvider: HUGGINGFACE
-  embeddingModelServingTemplate:
-    minReplicas: {min_replicas}
-    maxReplicas: 3
-    targetRequestsPerReplica: 1
-    scaleDownDelaySeconds: {}
-    resourceRequest: {{cpu: 100m, memory: 256Mi}}
-    resourceLimit: {{cpu: "1", memory: 1Gi}}
-"#,
-        DELAY.as_secs()
-    )
+/// The autoscaled EmbeddingModel `mini`: from `min_replicas` to 3, one request in flight per
+/// replica, scaled down after [`DELAY`].
+fn autoscaled_model(min_replicas: i32) -> String {
+    embedding_model("mini")
+        .serving_template(&format!("minReplicas: {min_replicas}"))
+        .serving_template("maxReplicas: 3")
+        .serving_template("targetRequestsPerReplica: 1")
+        .serving_template(&format!("scaleDownDelaySeconds: {}", DELAY.as_secs()))
+        .small_resources()
+        .to_string()
 }
 
 async fn model(client: &kube::Client) -> EmbeddingModel {
@@ -72,50 +59,42 @@ async fn scale_event(client: &kube::Client, reason: &str) -> Option<String> {
         .next_back()
 }
 
+/// Waits (a minute at most) until the model's scale is `wanted` and the autoscaler's status says
+/// it wants `wanted` (the scale is written before the status that explains it); that status.
+async fn wait_scaled(client: &kube::Client, what: &str, wanted: i32) -> AutoscalerStatus {
+    eventually(what, MINUTE, || async {
+        let model = model(client).await;
+        (replicas(&model) == wanted)
+            .then(|| autoscaler(&model))
+            .flatten()
+            .filter(|status| status.desired_replicas == Some(wanted))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn load_scales_an_embedding_model_up_and_back_down_and_idle_scales_it_to_zero() {
-    assert!(
-        hf_home().join("hub/models--sentence-transformers--all-MiniLM-L6-v2").is_dir(),
-        "{} lacks all-MiniLM-L6-v2: run scripts/offline-models.sh",
-        hf_home().display()
-    );
-    let testbed = Testbed::start();
-    let client = testbed.client().await;
-    namespace(&client, NAMESPACE).await;
+    assert_model_cached(MINI_LM);
+    let setup = OperatorTestbed::start(
+        OperatorSettings::new("autoscale")
+            .watch_namespace(NAMESPACE)
+            .serve_locally()
+            .arguments(&["--autoscale-interval-seconds", "1"]),
+    )
+    .await;
+    let client = setup.client.clone();
 
     // Bounds that contradict each other are refused by the API server (the CRD's CEL rule).
     let invalid =
-        embedding_model(1).replace("minReplicas: 1", "minReplicas: 3").replace("maxReplicas: 3", "maxReplicas: 2");
+        autoscaled_model(1).replace("minReplicas: 1", "minReplicas: 3").replace("maxReplicas: 3", "maxReplicas: 2");
     let refused = apply_yaml(&client, NAMESPACE, &invalid).await.expect_err("minReplicas above maxReplicas");
     assert!(refused.to_string().contains("minReplicas must be at most maxReplicas"), "{refused}");
 
-    let server_port = free_port().to_string();
-    let operator = Operator::start(
-        &testbed.kubeconfig,
-        "autoscale",
-        testbed.path(),
-        &[
-            "--hub-offline",
-            "--server-port",
-            server_port.as_str(),
-            "--watch-namespace",
-            NAMESPACE,
-            "--autoscale-interval-seconds",
-            "1",
-        ],
-    );
-    let servers = Arc::new(Kubelet::start(
-        client.clone(),
-        NAMESPACE,
-        "app.kubernetes.io/instance=em-mini",
-        KubeletOptions::new(testbed.path()),
-    ));
-    apply_yaml(&client, NAMESPACE, &embedding_model(1)).await.expect("the EmbeddingModel applies");
+    let servers =
+        Arc::new(setup.kubelet(NAMESPACE, "app.kubernetes.io/instance=em-mini", KubeletOptions::new(setup.path())));
+    apply_yaml(&client, NAMESPACE, &autoscaled_model(1)).await.expect("the EmbeddingModel applies");
     let first = servers.wait_ready(1, 2 * MINUTE).await;
-    let key =
-        Api::<Secret>::namespaced(client.clone(), NAMESPACE).get("em-mini-api-key").await.expect("the key Secret");
-    let key = key.data.unwrap_or_default().get("api-key").map(|value| value.0.clone()).expect("api-key");
-    let key = String::from_utf8(key).expect("a text key");
+    let key = api_key(&client, NAMESPACE, "em-mini-api-key").await;
     eventually("the autoscaler reports the idle model as Stable at 1", 30 * Duration::from_secs(1), || async {
         let status = autoscaler(&model(&client).await)?;
         (status.reason == "Stable" && status.desired_replicas == Some(1) && status.current_load == Some(0))
@@ -153,14 +132,7 @@ async fn load_scales_an_embedding_model_up_and_back_down_and_idle_scales_it_to_z
         })
         .collect();
 
-    let scaled_up = eventually("the load drives the model to 3 replicas", MINUTE, || async {
-        let model = model(&client).await;
-        (replicas(&model) == 3)
-            .then(|| autoscaler(&model))
-            .flatten()
-            .filter(|status| status.desired_replicas == Some(3))
-    })
-    .await;
+    let scaled_up = wait_scaled(&client, "the load drives the model to 3 replicas", 3).await;
     // Why, in status (the next tick may already call it Stable) and in an Event.
     assert!(["ScaledUp", "Stable"].contains(&scaled_up.reason.as_str()), "{scaled_up:?}");
     assert!(scaled_up.message.contains("at a target of 1 per replica"), "{}", scaled_up.message);
@@ -179,14 +151,7 @@ async fn load_scales_an_embedding_model_up_and_back_down_and_idle_scales_it_to_z
     .await;
     // The scale is written before the status that explains it: wait for both (a 3 -> 2 -> 1
     // path shows replicas 1 next to the previous tick's "keeping 2" for a moment).
-    let scaled_down = eventually("the idle model goes back to 1 replica", MINUTE, || async {
-        let model = model(&client).await;
-        (replicas(&model) == 1)
-            .then(|| autoscaler(&model))
-            .flatten()
-            .filter(|status| status.desired_replicas == Some(1))
-    })
-    .await;
+    let scaled_down = wait_scaled(&client, "the idle model goes back to 1 replica", 1).await;
     let waited = low_since.elapsed();
     // Not before the delay: the last sample asking for more was at most a tick (1 s) and a poll
     // (0.2 s) before `low_since`.
@@ -206,17 +171,11 @@ async fn load_scales_an_embedding_model_up_and_back_down_and_idle_scales_it_to_z
         .patch("mini", &PatchParams::default(), &Patch::Merge(&to_zero))
         .await
         .expect("minReplicas 0");
-    let zero = eventually("the idle model scales to zero", MINUTE, || async {
-        let model = model(&client).await;
-        (replicas(&model) == 0)
-            .then(|| autoscaler(&model))
-            .flatten()
-            .filter(|status| status.desired_replicas == Some(0))
-    })
-    .await;
+    let zero = wait_scaled(&client, "the idle model scales to zero", 0).await;
     assert_eq!(zero.desired_replicas, Some(0), "{zero:?}");
     servers.wait_running(0, MINUTE).await;
     // Three scales (1 -> 3 -> 1 -> 0), each written through the scale subresource.
-    let scales = operator.metric_sum(r#"nstream_operator_writes_total{kind="EmbeddingModel",object="scale"}"#).await;
-    assert!(scales >= 3.0, "{}", operator.metrics().await);
+    let scales =
+        setup.operator.metric_sum(r#"nstream_operator_writes_total{kind="EmbeddingModel",object="scale"}"#).await;
+    assert!(scales >= 3.0, "{}", setup.operator.metrics().await);
 }

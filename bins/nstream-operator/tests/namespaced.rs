@@ -19,24 +19,6 @@ use support::*;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-fn embedding_model(name: &str) -> String {
-    format!(
-        r#"
-apiVersion: llm.nstream.ai/v1
-kind: EmbeddingModel
-metadata:
-  name: {name}
-spec:
-  embeddingModelName: all-MiniLM-L6-v2
-  embeddingModelServingInfo:
-    hfModelId: sentence-transformers/all-MiniLM-L6-v2
-    modelProvider: HUGGINGFACE
-  embeddingModelServingTemplate:
-    replicas: 1
-"#
-    )
-}
-
 /// The objects `kubectl kustomize examples/overlays/namespaced` renders; `None` when skipped.
 fn namespaced_overlay() -> Option<Vec<DynamicObject>> {
     if std::env::var_os("NSTREAM_SKIP_KUBECTL").is_some_and(|value| value == "1") {
@@ -61,29 +43,46 @@ fn namespaced_overlay() -> Option<Vec<DynamicObject>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_only_the_roles_of_the_namespaced_overlay_the_operator_reconciles_its_namespace_only() {
     let Some(objects) = namespaced_overlay() else { return };
-    let testbed = Testbed::start();
-    let admin = testbed.client().await;
-    for object in objects {
-        let what =
-            format!("{} {}", object.types.as_ref().map(|types| types.kind.as_str()).unwrap_or(""), object.name_any());
-        apply_object(&admin, object).await.unwrap_or_else(|error| panic!("applying {what}: {error}"));
-    }
-    namespace(&admin, "elsewhere").await;
-    let kubeconfig =
-        service_account_kubeconfig(&admin, &testbed.kubeconfig, "nstream-system", "nstream-operator", testbed.path())
-            .await;
+    // The operator runs with the overlay's ServiceAccount ("models", the namespace it watches, is
+    // one of the overlay's objects).
+    let overlay_credentials = async |testbed: &Testbed, admin: &kube::Client| {
+        for object in objects {
+            let what = format!(
+                "{} {}",
+                object.types.as_ref().map(|types| types.kind.as_str()).unwrap_or(""),
+                object.name_any()
+            );
+            apply_object(admin, object).await.unwrap_or_else(|error| panic!("applying {what}: {error}"));
+        }
+        namespace(admin, "elsewhere").await;
+        let kubeconfig = service_account_kubeconfig(
+            admin,
+            &testbed.kubeconfig,
+            "nstream-system",
+            "nstream-operator",
+            testbed.path(),
+        )
+        .await;
 
-    // The ServiceAccount really holds no cluster-wide grant: RBAC refuses it elsewhere.
-    let operator_client = client_for(&kubeconfig).await;
-    let refused =
-        Api::<EmbeddingModel>::namespaced(operator_client.clone(), "elsewhere").list(&ListParams::default()).await;
-    assert!(matches!(&refused, Err(kube::Error::Api(status)) if status.code == 403), "{refused:?}");
-    let refused = Api::<Secret>::all(operator_client).list(&ListParams::default()).await;
-    assert!(matches!(&refused, Err(kube::Error::Api(status)) if status.code == 403), "{refused:?}");
-
-    let mut operator = Operator::start(&kubeconfig, "namespaced", testbed.path(), &["--watch-namespace", "models"]);
-    apply_yaml(&admin, "models", &embedding_model("watched")).await.expect("the watched resource");
-    apply_yaml(&admin, "elsewhere", &embedding_model("ignored")).await.expect("the other resource");
+        // The ServiceAccount really holds no cluster-wide grant: RBAC refuses it elsewhere.
+        let operator_client = client_for(&kubeconfig).await;
+        let refused =
+            Api::<EmbeddingModel>::namespaced(operator_client.clone(), "elsewhere").list(&ListParams::default()).await;
+        assert!(matches!(&refused, Err(kube::Error::Api(status)) if status.code == 403), "{refused:?}");
+        let refused = Api::<Secret>::all(operator_client).list(&ListParams::default()).await;
+        assert!(matches!(&refused, Err(kube::Error::Api(status)) if status.code == 403), "{refused:?}");
+        kubeconfig
+    };
+    let mut setup = OperatorTestbed::start_with_credentials(
+        OperatorSettings::new("namespaced").watch_namespace("models"),
+        overlay_credentials,
+    )
+    .await;
+    let admin = setup.client.clone();
+    let watched_model = embedding_model("watched").replicas(1).to_string();
+    apply_yaml(&admin, "models", &watched_model).await.expect("the watched resource");
+    let ignored_model = embedding_model("ignored").replicas(1).to_string();
+    apply_yaml(&admin, "elsewhere", &ignored_model).await.expect("the other resource");
 
     let watched = Api::<EmbeddingModel>::namespaced(admin.clone(), "models");
     eventually("the watched resource gets a Deployment and a status", MINUTE, || async {
@@ -99,9 +98,9 @@ async fn with_only_the_roles_of_the_namespaced_overlay_the_operator_reconciles_i
     assert!(ignored.status.is_none(), "a resource outside the watched namespace got a status: {:?}", ignored.status);
     let deployments = Api::<Deployment>::namespaced(admin.clone(), "elsewhere").list(&ListParams::default()).await;
     assert!(deployments.expect("listing").items.is_empty(), "a Deployment was made outside the watched namespace");
-    let log = operator.log_text();
+    let log = setup.operator.log_text();
     assert!(!log.contains("forbidden"), "the operator asked for more than its Roles grant:\n{log}");
 
-    let exit = operator.terminate();
-    assert!(exit.success(), "the operator exited with {exit}:\n{}", operator.log_text());
+    let exit = setup.operator.terminate();
+    assert!(exit.success(), "the operator exited with {exit}:\n{}", setup.operator.log_text());
 }

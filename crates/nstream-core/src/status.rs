@@ -96,7 +96,7 @@ impl ConditionStatus {
 impl ModelStatus {
     /// The condition of a type, if set.
     pub fn condition(&self, condition_type: &str) -> Option<&Condition> {
-        self.conditions.iter().find(|condition| condition.type_ == condition_type)
+        find_condition(&self.conditions, condition_type)
     }
 
     /// Whether the `Ready` condition is `True`.
@@ -115,26 +115,49 @@ impl ModelStatus {
         observed_generation: Option<i64>,
         now: Time,
     ) {
-        let status = status.as_str();
-        match self.conditions.iter_mut().find(|condition| condition.type_ == condition_type) {
-            Some(existing) => {
-                if existing.status != status {
-                    existing.last_transition_time = now;
-                    existing.status = status.to_string();
-                }
-                existing.reason = reason.to_string();
-                existing.message = message.to_string();
-                existing.observed_generation = observed_generation;
+        set_condition_in(&mut self.conditions, condition_type, status, reason, message, observed_generation, now);
+    }
+}
+
+/// The condition of `condition_type` among `conditions` (any resource's status), if set.
+pub fn find_condition<'conditions>(
+    conditions: &'conditions [Condition],
+    condition_type: &str,
+) -> Option<&'conditions Condition> {
+    conditions.iter().find(|condition| condition.type_ == condition_type)
+}
+
+/// Sets the condition of `condition_type` among `conditions` (any resource's status), adding it
+/// when missing. `lastTransitionTime` moves only when the status changes, as Kubernetes
+/// convention asks, so an unchanged condition causes no write.
+pub fn set_condition_in(
+    conditions: &mut Vec<Condition>,
+    condition_type: &str,
+    status: ConditionStatus,
+    reason: &str,
+    message: &str,
+    observed_generation: Option<i64>,
+    now: Time,
+) {
+    let status = status.as_str();
+    match conditions.iter_mut().find(|condition| condition.type_ == condition_type) {
+        Some(existing) => {
+            if existing.status != status {
+                existing.last_transition_time = now;
+                existing.status = status.to_string();
             }
-            None => self.conditions.push(Condition {
-                type_: condition_type.to_string(),
-                status: status.to_string(),
-                reason: reason.to_string(),
-                message: message.to_string(),
-                observed_generation,
-                last_transition_time: now,
-            }),
+            existing.reason = reason.to_string();
+            existing.message = message.to_string();
+            existing.observed_generation = observed_generation;
         }
+        None => conditions.push(Condition {
+            type_: condition_type.to_string(),
+            status: status.to_string(),
+            reason: reason.to_string(),
+            message: message.to_string(),
+            observed_generation,
+            last_transition_time: now,
+        }),
     }
 }
 

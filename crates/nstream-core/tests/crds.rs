@@ -84,14 +84,27 @@ fn cross_field_rules_are_in_the_schema_for_the_api_server() {
     assert!(yaml.contains("isInteger()"));
 }
 
-#[test]
-fn inline_mega_model_keys_are_refused_by_the_api_server_with_a_pointer_to_secret_refs() {
+/// The providers' templates of the MegaModel CRD's schema.
+const MEGA_MODEL_TEMPLATES: [&str; 3] = ["azureOpenAI", "openAI", "anthropic"];
+
+/// The schema of `spec.modelTemplate`'s properties in the MegaModel CRD: one entry per template.
+fn mega_model_template_schemas() -> Value {
     let definitions = crd::crds();
     let mega = definitions.iter().find(|definition| definition.spec.names.kind == "MegaModel").unwrap();
     let schema = serde_json::to_value(&mega.spec.versions[0].schema).unwrap();
-    let templates = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["modelTemplate"]["properties"];
-    for template in ["azureOpenAI", "openAI", "anthropic"] {
-        let rules = templates[template]["x-kubernetes-validations"].as_array().cloned().unwrap_or_default();
+    schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["modelTemplate"]["properties"].clone()
+}
+
+/// The CEL rules (`x-kubernetes-validations`) of one template's schema; none when it has none.
+fn validation_rules(template_schema: &Value) -> Vec<Value> {
+    template_schema["x-kubernetes-validations"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn inline_mega_model_keys_are_refused_by_the_api_server_with_a_pointer_to_secret_refs() {
+    let templates = mega_model_template_schemas();
+    for template in MEGA_MODEL_TEMPLATES {
+        let rules = validation_rules(&templates[template]);
         let refusal = rules.iter().find(|rule| rule["rule"] == "!has(self.apikey)");
         let message = refusal.and_then(|rule| rule["message"].as_str()).unwrap_or_default();
         assert!(message.contains("apikeySecretRef"), "{template}: {rules:?}");
@@ -101,12 +114,9 @@ fn inline_mega_model_keys_are_refused_by_the_api_server_with_a_pointer_to_secret
 
 #[test]
 fn plain_http_mega_model_endpoints_are_refused_by_the_api_server_as_by_validate() {
-    let definitions = crd::crds();
-    let mega = definitions.iter().find(|definition| definition.spec.names.kind == "MegaModel").unwrap();
-    let schema = serde_json::to_value(&mega.spec.versions[0].schema).unwrap();
-    let templates = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["modelTemplate"]["properties"];
-    for template in ["azureOpenAI", "openAI", "anthropic"] {
-        let rules = templates[template]["x-kubernetes-validations"].as_array().cloned().unwrap_or_default();
+    let templates = mega_model_template_schemas();
+    for template in MEGA_MODEL_TEMPLATES {
+        let rules = validation_rules(&templates[template]);
         let refusal = rules.iter().find(|rule| rule["rule"] == nstream_core::validate::PLAIN_HTTP_CEL_RULE);
         let refusal = refusal.unwrap_or_else(|| panic!("{template}: no plain-http rule in {rules:?}"));
         assert_eq!(refusal["fieldPath"], ".endpoint", "{template}");

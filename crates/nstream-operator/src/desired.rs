@@ -101,22 +101,40 @@ pub fn selector_string(served: &Served) -> String {
 
 /// The owner reference that ties an object to the resource, so deleting the resource deletes it.
 pub fn owner_reference(served: &Served) -> OwnerReference {
+    controller_reference(served.kind.as_str(), &served.name, &served.uid)
+}
+
+/// The owner reference that makes the nstream resource of `kind`, `name` and `uid` an object's
+/// controller: deleting the resource deletes the object, and the object blocks the deletion
+/// until it is gone.
+pub fn controller_reference(kind: &str, name: &str, uid: &str) -> OwnerReference {
     OwnerReference {
         api_version: nstream_core::spec::API_VERSION.to_string(),
-        kind: served.kind.as_str().to_string(),
-        name: served.name.clone(),
-        uid: served.uid.clone(),
+        kind: kind.to_string(),
+        name: name.to_string(),
+        uid: uid.to_string(),
         controller: Some(true),
         block_owner_deletion: Some(true),
     }
 }
 
 fn metadata(served: &Served, name: String) -> ObjectMeta {
+    object_metadata(name, &served.namespace, labels(served), Some(owner_reference(served)))
+}
+
+/// The metadata of an object the operator makes: its name, namespace and labels, and the
+/// owner that controls it (none for an object that outlives its resource).
+pub fn object_metadata(
+    name: String,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+    owner: Option<OwnerReference>,
+) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
-        namespace: Some(served.namespace.clone()),
-        labels: Some(labels(served)),
-        owner_references: Some(vec![owner_reference(served)]),
+        namespace: Some(namespace.to_string()),
+        labels: Some(labels),
+        owner_references: owner.map(|owner| vec![owner]),
         ..ObjectMeta::default()
     }
 }
@@ -315,90 +333,176 @@ fn cache_volume(served: &Served, settings: &OperatorSettings) -> Volume {
         ModelCache::EmptyDir { .. } => None,
     });
     match claim {
-        Some(claim_name) => Volume {
-            name: "cache".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name, read_only: None }),
-            ..Volume::default()
-        },
+        Some(claim_name) => claim_volume("cache", claim_name, false),
         None => {
             let size_limit = match &settings.model_cache {
                 ModelCache::EmptyDir { size_limit } => size_limit.clone().map(Quantity),
                 ModelCache::Claim(_) => None,
             };
-            Volume {
-                name: "cache".into(),
-                empty_dir: Some(EmptyDirVolumeSource { size_limit, medium: None }),
-                ..Volume::default()
-            }
+            empty_dir_volume("cache", size_limit)
         }
     }
 }
 
-/// The volumes of the pod and where the container mounts them.
-pub fn volumes(served: &Served, settings: &OperatorSettings) -> (Vec<Volume>, Vec<VolumeMount>) {
-    let name = object_name(served.kind, &served.name);
-    let mount = |volume: &str, path: String, read_only: bool| VolumeMount {
+/// A mount of the pod volume named `volume` at `path`, read-only when `read_only`.
+pub fn volume_mount(volume: &str, path: String, read_only: bool) -> VolumeMount {
+    VolumeMount {
         name: volume.into(),
         mount_path: path,
         read_only: read_only.then_some(true),
         ..VolumeMount::default()
-    };
-    let mut volumes = vec![
-        Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: name.clone(),
-                items: Some(vec![KeyToPath { key: MODEL_FILE_KEY.into(), path: MODEL_FILE_KEY.into(), mode: None }]),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        cache_volume(served, settings),
-        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
-    ];
-    let mut mounts = vec![
-        mount("config", format!("{WORKING_DIR}/config"), true),
-        mount("cache", format!("{WORKING_DIR}/cache"), false),
-        mount("tmp", "/tmp".into(), false),
-        mount("api-key", format!("{WORKING_DIR}/{API_KEY_DIR}"), true),
-    ];
-    // Not a subPath mount: the kubelet updates the file when the Secret changes.
-    volumes.push(Volume {
-        name: "api-key".into(),
+    }
+}
+
+/// A volume named `volume` holding the entry `key` of the ConfigMap `config_map`, as a file of
+/// the same name.
+pub fn config_map_volume(volume: &str, config_map: String, key: &str) -> Volume {
+    Volume {
+        name: volume.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map,
+            items: Some(vec![KeyToPath { key: key.into(), path: key.into(), mode: None }]),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+/// A volume named `volume` holding the entry `key` of the Secret `secret`, as a file of the same
+/// name that only the pods' user and group read (mode 0440). Mount it whole, never by `subPath`:
+/// the kubelet then updates the file when the Secret changes.
+pub fn secret_volume(volume: &str, secret: String, key: &str) -> Volume {
+    Volume {
+        name: volume.into(),
         secret: Some(SecretVolumeSource {
-            secret_name: Some(api_key_secret_name(served.kind, &served.name)),
-            items: Some(vec![KeyToPath { key: API_KEY_DATA_KEY.into(), path: API_KEY_DATA_KEY.into(), mode: None }]),
+            secret_name: Some(secret),
+            items: Some(vec![KeyToPath { key: key.into(), path: key.into(), mode: None }]),
             default_mode: Some(0o440),
             optional: None,
         }),
         ..Volume::default()
-    });
+    }
+}
+
+/// A volume named `volume` of the PersistentVolumeClaim `claim`, read-only when `read_only`.
+pub fn claim_volume(volume: &str, claim: String, read_only: bool) -> Volume {
+    Volume {
+        name: volume.into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim,
+            read_only: read_only.then_some(true),
+        }),
+        ..Volume::default()
+    }
+}
+
+/// An `emptyDir` volume named `volume`, at most `size_limit` large when given.
+pub fn empty_dir_volume(volume: &str, size_limit: Option<Quantity>) -> Volume {
+    Volume {
+        name: volume.into(),
+        empty_dir: Some(EmptyDirVolumeSource { size_limit, medium: None }),
+        ..Volume::default()
+    }
+}
+
+/// Where the container mounts the credential Secret `secret`: `secrets/<secret>` in
+/// [`WORKING_DIR`], so its key `<key>` is the file `secrets/<secret>/<key>` that nstream's
+/// `NSTREAM_SECRETS_DIR` lookup reads.
+pub fn secrets_dir(secret: &str) -> String {
+    format!("{WORKING_DIR}/secrets/{secret}")
+}
+
+/// The volumes of the pod and where the container mounts them.
+pub fn volumes(served: &Served, settings: &OperatorSettings) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mut volumes = vec![
+        config_map_volume("config", object_name(served.kind, &served.name), MODEL_FILE_KEY),
+        cache_volume(served, settings),
+        empty_dir_volume("tmp", None),
+        // Not a subPath mount: the kubelet updates the file when the Secret changes.
+        secret_volume("api-key", api_key_secret_name(served.kind, &served.name), API_KEY_DATA_KEY),
+    ];
+    let mut mounts = vec![
+        volume_mount("config", format!("{WORKING_DIR}/config"), true),
+        volume_mount("cache", format!("{WORKING_DIR}/cache"), false),
+        volume_mount("tmp", "/tmp".into(), false),
+        volume_mount("api-key", format!("{WORKING_DIR}/{API_KEY_DIR}"), true),
+    ];
     if let Some(claim_name) = served.annotations.get(ADAPTERS_CLAIM_ANNOTATION) {
-        volumes.push(Volume {
-            name: "adapters".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: claim_name.clone(),
-                read_only: Some(true),
-            }),
-            ..Volume::default()
-        });
-        mounts.push(mount("adapters", ADAPTERS_MOUNT_PATH.into(), true));
+        volumes.push(claim_volume("adapters", claim_name.clone(), true));
+        mounts.push(volume_mount("adapters", ADAPTERS_MOUNT_PATH.into(), true));
     }
     if let Some((secret_name, key)) = credential_location(served) {
-        // Mounted as `secrets/<name>/<key>`: the layout nstream-server's NSTREAM_SECRETS_DIR lookup reads.
-        volumes.push(Volume {
-            name: "credentials".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret_name.clone()),
-                items: Some(vec![KeyToPath { key: key.clone(), path: key, mode: None }]),
-                default_mode: Some(0o440),
-                optional: None,
-            }),
-            ..Volume::default()
-        });
-        mounts.push(mount("credentials", format!("{WORKING_DIR}/secrets/{secret_name}"), true));
+        volumes.push(secret_volume("credentials", secret_name.clone(), &key));
+        mounts.push(volume_mount("credentials", secrets_dir(&secret_name), true));
     }
     (volumes, mounts)
+}
+
+/// The security context of every container the operator runs: no privilege escalation, a
+/// read-only root filesystem, a non-root user and no capabilities.
+pub fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        ..SecurityContext::default()
+    }
+}
+
+/// The security context of every pod the operator runs: the images' non-root user and group
+/// ([`SERVER_USER`]), which also owns the writable volumes (`fsGroup`), and the runtime's
+/// default seccomp profile.
+pub fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(SERVER_USER),
+        run_as_group: Some(SERVER_USER),
+        fs_group: Some(SERVER_USER),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// The tolerations and node selector of a pod that takes `gpus` GPUs: the configured GPU
+/// tolerations (operator `Exists`) and node selector when `gpus > 0`, else none; an empty list
+/// or map is none.
+pub fn gpu_placement(
+    settings: &OperatorSettings,
+    gpus: u32,
+) -> (Option<Vec<Toleration>>, Option<BTreeMap<String, String>>) {
+    if gpus == 0 {
+        return (None, None);
+    }
+    let tolerations = settings
+        .gpu_tolerations
+        .iter()
+        .map(|toleration| Toleration {
+            key: Some(toleration.key.clone()),
+            operator: Some("Exists".into()),
+            effect: toleration.effect.clone(),
+            ..Toleration::default()
+        })
+        .collect::<Vec<_>>();
+    let selector = settings.gpu_node_selector.clone();
+    ((!tolerations.is_empty()).then_some(tolerations), (!selector.is_empty()).then_some(selector))
+}
+
+/// The pod spec of one `container` with `volumes`, as the operator runs every pod: no service
+/// account token, no service links, [`pod_security_context`], and the [`gpu_placement`] of
+/// `gpus` GPUs. Callers add what is their own (restart policy, grace period).
+pub fn pod_spec(container: Container, volumes: Vec<Volume>, settings: &OperatorSettings, gpus: u32) -> PodSpec {
+    let (tolerations, node_selector) = gpu_placement(settings, gpus);
+    PodSpec {
+        containers: vec![container],
+        volumes: Some(volumes),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(pod_security_context()),
+        tolerations,
+        node_selector,
+        ..PodSpec::default()
+    }
 }
 
 /// The server Deployment. `secret_hash` is the hash of the credential's current value (from the
@@ -431,31 +535,9 @@ pub fn deployment(served: &Served, settings: &OperatorSettings, secret_hash: Opt
         startup_probe: Some(startup_probe(settings)),
         readiness_probe: Some(http_probe("/ready", 5, 3)),
         liveness_probe: Some(http_probe("/health", 10, 3)),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(container_security_context()),
         volume_mounts: Some(volume_mounts),
         ..Container::default()
-    };
-    let (tolerations, node_selector) = if gpus > 0 {
-        let tolerations = settings
-            .gpu_tolerations
-            .iter()
-            .map(|toleration| Toleration {
-                key: Some(toleration.key.clone()),
-                operator: Some("Exists".into()),
-                effect: toleration.effect.clone(),
-                ..Toleration::default()
-            })
-            .collect::<Vec<_>>();
-        let selector = settings.gpu_node_selector.clone();
-        ((!tolerations.is_empty()).then_some(tolerations), (!selector.is_empty()).then_some(selector))
-    } else {
-        (None, None)
     };
     // GPU replicas replace one at a time without a surge, so a rollout needs no spare GPU.
     let rolling_update = if gpus > 0 {
@@ -483,25 +565,8 @@ pub fn deployment(served: &Served, settings: &OperatorSettings, secret_hash: Opt
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(SERVER_USER),
-                        run_as_group: Some(SERVER_USER),
-                        fs_group: Some(SERVER_USER),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            localhost_profile: None,
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    tolerations,
-                    node_selector,
                     termination_grace_period_seconds: Some(SERVER_TERMINATION_GRACE_SECONDS),
-                    ..PodSpec::default()
+                    ..pod_spec(container, volumes, settings, gpus)
                 }),
             },
             ..DeploymentSpec::default()

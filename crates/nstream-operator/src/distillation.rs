@@ -18,10 +18,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, KeyToPath,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext,
-    PodSpec, PodTemplateSpec, SeccompProfile, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    ConfigMap, Container, EnvVar, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodSpec, PodTemplateSpec,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
@@ -42,7 +40,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::controller::Context;
-use crate::desired::{self, MANAGED_BY, MANAGED_BY_LABEL, SERVER_USER, WORKING_DIR};
+use crate::desired::{self, MANAGED_BY, MANAGED_BY_LABEL, WORKING_DIR};
 use crate::error::{Error, Result};
 use crate::model::{Served, ServedResource, api_key_secret_name};
 use crate::settings::{ADAPTERS_CLAIM_ANNOTATION, ADAPTERS_MOUNT_PATH, FIELD_MANAGER, OperatorSettings};
@@ -243,24 +241,11 @@ fn labels(plan: &Plan) -> BTreeMap<String, String> {
 
 /// The owner reference tying an object to its Distillation.
 pub fn owner_reference(plan: &Plan) -> OwnerReference {
-    OwnerReference {
-        api_version: nstream_core::spec::API_VERSION.to_string(),
-        kind: KIND.to_string(),
-        name: plan.name.clone(),
-        uid: plan.uid.clone(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }
+    desired::controller_reference(KIND, &plan.name, &plan.uid)
 }
 
 fn metadata(plan: &Plan, name: String, owned: bool) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: Some(plan.namespace.clone()),
-        labels: Some(labels(plan)),
-        owner_references: owned.then(|| vec![owner_reference(plan)]),
-        ..ObjectMeta::default()
-    }
+    desired::object_metadata(name, &plan.namespace, labels(plan), owned.then(|| owner_reference(plan)))
 }
 
 /// The distill file the Jobs run: the teacher as an OpenAI-compatible MegaModel pointing at its
@@ -349,76 +334,25 @@ pub fn job(plan: &Plan, stage: Stage, settings: &OperatorSettings) -> Job {
     // Only fine-tuning trains on the GPU (`nstream distill --device cuda`); eval runs the
     // student on the CPU, so its Job does not hold a GPU.
     let gpus = if stage == Stage::Finetune { desired::gpus(student) } else { 0 };
-    let mount = |volume: &str, path: String, read_only: bool| VolumeMount {
-        name: volume.into(),
-        mount_path: path,
-        read_only: read_only.then_some(true),
-        ..VolumeMount::default()
-    };
     let mut volumes = vec![
-        Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: config_map_name(&plan.name),
-                items: Some(vec![KeyToPath {
-                    key: DISTILL_FILE_KEY.into(),
-                    path: DISTILL_FILE_KEY.into(),
-                    mode: None,
-                }]),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        Volume {
-            name: "data".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: claim_name(&plan.name, &plan.spec),
-                read_only: None,
-            }),
-            ..Volume::default()
-        },
-        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
-        Volume {
-            name: "teacher-key".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(plan.teacher.api_key_secret.clone()),
-                items: Some(vec![KeyToPath {
-                    key: desired::API_KEY_DATA_KEY.into(),
-                    path: desired::API_KEY_DATA_KEY.into(),
-                    mode: None,
-                }]),
-                default_mode: Some(0o440),
-                optional: None,
-            }),
-            ..Volume::default()
-        },
+        desired::config_map_volume("config", config_map_name(&plan.name), DISTILL_FILE_KEY),
+        desired::claim_volume("data", claim_name(&plan.name, &plan.spec), false),
+        desired::empty_dir_volume("tmp", None),
+        desired::secret_volume("teacher-key", plan.teacher.api_key_secret.clone(), desired::API_KEY_DATA_KEY),
     ];
     let mut mounts = vec![
         // One file in the working directory: the paths of the file are relative to it.
         VolumeMount {
             sub_path: Some(DISTILL_FILE_KEY.into()),
-            ..mount("config", format!("{WORKING_DIR}/{DISTILL_FILE_KEY}"), true)
+            ..desired::volume_mount("config", format!("{WORKING_DIR}/{DISTILL_FILE_KEY}"), true)
         },
-        mount("data", format!("{WORKING_DIR}/{DATA_DIR}"), false),
-        mount("tmp", "/tmp".into(), false),
-        // The `secrets/<name>/<key>` layout NSTREAM_SECRETS_DIR reads.
-        mount("teacher-key", format!("{WORKING_DIR}/secrets/{}", plan.teacher.api_key_secret), true),
+        desired::volume_mount("data", format!("{WORKING_DIR}/{DATA_DIR}"), false),
+        desired::volume_mount("tmp", "/tmp".into(), false),
+        desired::volume_mount("teacher-key", desired::secrets_dir(&plan.teacher.api_key_secret), true),
     ];
     if let Some(dataset) = &plan.spec.task.dataset_config_map {
-        volumes.push(Volume {
-            name: "dataset".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: dataset.clone(),
-                items: Some(vec![KeyToPath {
-                    key: plan.spec.task.dataset.clone(),
-                    path: plan.spec.task.dataset.clone(),
-                    mode: None,
-                }]),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-        mounts.push(mount("dataset", format!("{WORKING_DIR}/{DATASET_DIR}"), true));
+        volumes.push(desired::config_map_volume("dataset", dataset.clone(), &plan.spec.task.dataset));
+        mounts.push(desired::volume_mount("dataset", format!("{WORKING_DIR}/{DATASET_DIR}"), true));
     }
     // The student's model cache (its cache claim, or an emptyDir) and its hub token, as its
     // server pods have them.
@@ -465,31 +399,9 @@ pub fn job(plan: &Plan, stage: Stage, settings: &OperatorSettings) -> Job {
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
         // A pod killed before it wrote its summary shows the end of its log instead.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(desired::container_security_context()),
         volume_mounts: Some(mounts),
         ..Container::default()
-    };
-    let (tolerations, node_selector) = if gpus > 0 {
-        let tolerations: Vec<Toleration> = settings
-            .gpu_tolerations
-            .iter()
-            .map(|toleration| Toleration {
-                key: Some(toleration.key.clone()),
-                operator: Some("Exists".into()),
-                effect: toleration.effect.clone(),
-                ..Toleration::default()
-            })
-            .collect();
-        let selector = settings.gpu_node_selector.clone();
-        ((!tolerations.is_empty()).then_some(tolerations), (!selector.is_empty()).then_some(selector))
-    } else {
-        (None, None)
     };
     let mut job_labels = labels(plan);
     job_labels.insert(STAGE_LABEL.to_string(), stage.name().to_string());
@@ -500,28 +412,11 @@ pub fn job(plan: &Plan, stage: Stage, settings: &OperatorSettings) -> Job {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(job_labels), ..ObjectMeta::default() }),
                 spec: Some(PodSpec {
-                    containers: vec![container],
                     // A dead pod is replaced by a new one (the Job counts it), never restarted in
-                    // place: each attempt is visible.
+                    // place: each attempt is visible. The claim is written by the pods' group
+                    // (`fsGroup`).
                     restart_policy: Some("Never".into()),
-                    volumes: Some(volumes),
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(SERVER_USER),
-                        run_as_group: Some(SERVER_USER),
-                        // The claim is written by the pods' group.
-                        fs_group: Some(SERVER_USER),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            localhost_profile: None,
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    tolerations,
-                    node_selector,
-                    ..PodSpec::default()
+                    ..desired::pod_spec(container, volumes, settings, gpus)
                 }),
             },
             ..JobSpec::default()

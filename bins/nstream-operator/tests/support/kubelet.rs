@@ -6,10 +6,12 @@
 //! # Usage
 //!
 //! ```ignore
-//! use support::kubelet::{Kubelet, KubeletOptions, http_to};
+//! use support::kubelet::KubeletOptions;
+//! use support::*;
 //!
-//! let kubelet = Kubelet::start(client.clone(), "serve", "app.kubernetes.io/instance=em-mini",
-//!     KubeletOptions::new(testbed.path()));
+//! // setup: an OperatorTestbed (support/mod.rs); the same as
+//! // Kubelet::start(client.clone(), "serve", "app.kubernetes.io/instance=em-mini", options).
+//! let kubelet = setup.kubelet("serve", "app.kubernetes.io/instance=em-mini", KubeletOptions::new(setup.path()));
 //! // Waits until exactly 2 selected pods answer their readiness probe (panics after the timeout,
 //! // with the pods' logs).
 //! let pods = kubelet.wait_ready(2, Duration::from_secs(120)).await;
@@ -1252,7 +1254,7 @@ impl PodRun {
                     let path = action.path.clone().unwrap_or_else(|| "/".into());
                     let answer = tokio::time::timeout(
                         Duration::from_secs(1),
-                        http_to(SocketAddr::new(ip, port), "GET", &path, None, None),
+                        super::http_to(SocketAddr::new(ip, port), "GET", &path, None, None),
                     )
                     .await;
                     matches!(answer, Ok(Ok((200..=399, _))))
@@ -1595,35 +1597,6 @@ async fn resolve_binary(binary: Binary) -> PathBuf {
             CLI.get_or_init(|| path).clone()
         }
     }
-}
-
-/// [`super::http_with_key`] to any address: status code and body.
-pub async fn http_to(
-    address: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    key: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    let body = body.unwrap_or("");
-    let authorization = key.map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).to_string();
-    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    let body = match text.split_once("\r\n\r\n") {
-        Some((head, rest)) if head.to_ascii_lowercase().contains("transfer-encoding: chunked") => super::dechunk(rest),
-        Some((_, rest)) => rest.to_string(),
-        None => String::new(),
-    };
-    Ok((status, body))
 }
 
 #[cfg(test)]

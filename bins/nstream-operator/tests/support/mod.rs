@@ -1,16 +1,50 @@
 //! The harness of the end-to-end tests: a real control plane from `scripts/testbed.sh` (etcd,
 //! kube-apiserver, kube-controller-manager) in a temporary folder, the operator binary as a child
 //! process, and helpers that play the kubelet's part (marking pods Ready or crash-looping).
+//!
+//! # Starting a test
+//!
+//! Every test starts with [`OperatorTestbed::start`]: a control plane, an admin client, the
+//! test's namespace and the operator watching it. Copy this, not the steps it takes:
+//!
+//! ```ignore
+//! mod support;
+//!
+//! use support::kubelet::KubeletOptions;
+//! use support::*;
+//!
+//! const NAMESPACE: &str = "my-feature";
+//!
+//! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+//! async fn my_feature_on_a_real_api_server() {
+//!     assert_model_cached(MINI_LM); // before the slow start: a clear message when it is missing
+//!     let setup = OperatorTestbed::start(OperatorSettings::new("my-feature").watch_namespace(NAMESPACE).serve_locally()).await;
+//!     let client = setup.client.clone();
+//!     // Runs the operator's pods as local processes (tests/support/kubelet.rs).
+//!     let servers = setup.kubelet(NAMESPACE, "app.kubernetes.io/instance=em-mini", KubeletOptions::new(setup.path()));
+//!     apply_yaml(&client, NAMESPACE, &embedding_model("mini").replicas(1).to_string()).await.expect("applies");
+//!     let pods = servers.wait_ready(1, Duration::from_secs(120)).await;
+//!     let key = api_key(&client, NAMESPACE, "em-mini-api-key").await;
+//!     let (status, body) = http_to(pods[0].address, "GET", "/v1/models", None, Some(&key)).await.expect("/v1/models");
+//! }
+//! ```
+//!
+//! Run as the operator's own ServiceAccount instead of the admin:
+//! `OperatorTestbed::start_with_credentials(settings, operator_service_account_kubeconfig)`.
 
-#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+#![allow(dead_code, unused_imports, reason = "each test binary uses a different part of the harness")]
 
+pub mod fixtures;
 pub mod kubelet;
 
+pub use fixtures::{MINI_LM, ModelYaml, SMOL_LM, assert_model_cached, embedding_model, smollm2_base_model};
+
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::discovery::ApiResource;
@@ -66,6 +100,147 @@ impl Drop for Testbed {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// How [`OperatorTestbed::start`] runs the operator: its identity, the namespace it watches and
+/// its arguments, built like prose:
+/// `OperatorSettings::new("autoscale").watch_namespace("autoscale").serve_locally().arguments(&["--autoscale-interval-seconds", "1"])`.
+#[derive(Clone, Debug)]
+pub struct OperatorSettings {
+    identity: String,
+    namespace: Option<String>,
+    serve_locally: bool,
+    arguments: Vec<String>,
+}
+
+impl OperatorSettings {
+    /// An operator with the identity `identity` (its `--identity`, also in its log file's name),
+    /// the settings [`Operator::start`] always passes, and nothing else: it watches every
+    /// namespace.
+    pub fn new(identity: &str) -> Self {
+        Self { identity: identity.to_string(), namespace: None, serve_locally: false, arguments: Vec::new() }
+    }
+
+    /// Creates `namespace` before the operator starts, and has the operator watch it only
+    /// (`--watch-namespace`).
+    pub fn watch_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_string());
+        self
+    }
+
+    /// The servers the operator deploys read weights from the offline cache only
+    /// (`--hub-offline`) and listen on a free port ([`OperatorTestbed::server_port`]), so the
+    /// stand-in kubelet can run them on this machine.
+    pub fn serve_locally(mut self) -> Self {
+        self.serve_locally = true;
+        self
+    }
+
+    /// More arguments for the operator, as on its command line (`["--resync-seconds", "1"]`).
+    pub fn arguments(mut self, arguments: &[&str]) -> Self {
+        self.arguments.extend(arguments.iter().map(|argument| argument.to_string()));
+        self
+    }
+}
+
+/// What every test of the operator starts with: a control plane, an admin client, and the
+/// operator running against it (see the module's documentation). When dropped, the operator is
+/// killed first, then the control plane stops.
+pub struct OperatorTestbed {
+    /// The operator started by [`OperatorTestbed::start`]; a test may replace it (a restart).
+    pub operator: Operator,
+    /// A client with the admin certificate.
+    pub client: Client,
+    /// The port the operator's servers listen on, with [`OperatorSettings::serve_locally`].
+    pub server_port: Option<u16>,
+    operator_kubeconfig: PathBuf,
+    operator_arguments: Vec<String>,
+    /// The control plane (declared last: it stops after the operator is killed).
+    pub testbed: Testbed,
+}
+
+impl OperatorTestbed {
+    /// Starts a control plane ([`Testbed::start`]), creates the namespace of
+    /// [`OperatorSettings::watch_namespace`] and starts the operator with the admin credentials.
+    pub async fn start(settings: OperatorSettings) -> Self {
+        Self::start_with_credentials(settings, async |testbed: &Testbed, _: &Client| testbed.kubeconfig.clone()).await
+    }
+
+    /// [`OperatorTestbed::start`], with the operator running on the kubeconfig that `credentials`
+    /// returns: it is called with the control plane and an admin client once the control plane is
+    /// up, before anything else (for instance [`operator_service_account_kubeconfig`], or a test's
+    /// own RBAC set-up).
+    pub async fn start_with_credentials(
+        settings: OperatorSettings,
+        credentials: impl AsyncFnOnce(&Testbed, &Client) -> PathBuf,
+    ) -> Self {
+        let testbed = Testbed::start();
+        let client = testbed.client().await;
+        let operator_kubeconfig = credentials(&testbed, &client).await;
+        let server_port = settings.serve_locally.then(free_port);
+        let mut operator_arguments = Vec::new();
+        if let Some(port) = server_port {
+            operator_arguments.extend(["--hub-offline".to_string(), "--server-port".to_string(), port.to_string()]);
+        }
+        if let Some(watched) = &settings.namespace {
+            namespace(&client, watched).await;
+            operator_arguments.extend(["--watch-namespace".to_string(), watched.clone()]);
+        }
+        operator_arguments.extend(settings.arguments);
+        let arguments: Vec<&str> = operator_arguments.iter().map(String::as_str).collect();
+        let operator = Operator::start(&operator_kubeconfig, &settings.identity, testbed.path(), &arguments);
+        Self { operator, client, server_port, operator_kubeconfig, operator_arguments, testbed }
+    }
+
+    /// Another operator process with the same credentials and arguments as the first, named
+    /// `identity` (a standby replica, or a restart).
+    pub fn start_another_operator(&self, identity: &str) -> Operator {
+        let arguments: Vec<&str> = self.operator_arguments.iter().map(String::as_str).collect();
+        Operator::start(&self.operator_kubeconfig, identity, self.testbed.path(), &arguments)
+    }
+
+    /// A folder for logs and files that lives as long as the control plane ([`Testbed::path`]).
+    pub fn path(&self) -> &Path {
+        self.testbed.path()
+    }
+
+    /// A stand-in kubelet (tests/support/kubelet.rs) running the pods of `namespace` that
+    /// `label_selector` selects; `KubeletOptions::new(setup.path())` for the defaults.
+    pub fn kubelet(&self, namespace: &str, label_selector: &str, options: kubelet::KubeletOptions) -> kubelet::Kubelet {
+        kubelet::Kubelet::start(self.client.clone(), namespace, label_selector, options)
+    }
+}
+
+/// Server-side applies every document of the repository's YAML files `files` (paths from the
+/// repository root, documents separated by `---` lines).
+pub async fn apply_repository_files(admin: &Client, files: &[&str]) {
+    for file in files {
+        let text = std::fs::read_to_string(repo_root().join(file)).expect("deploy file");
+        for document in text.split("\n---\n") {
+            let object: DynamicObject = serde_yaml::from_str(document).expect("a Kubernetes object");
+            apply_object(admin, object).await.unwrap_or_else(|error| panic!("applying {file}: {error}"));
+        }
+    }
+}
+
+/// The operator's own credentials, for [`OperatorTestbed::start_with_credentials`]: applies
+/// deploy/operator's namespace, ServiceAccount and RBAC, and returns a kubeconfig with a token of
+/// that ServiceAccount, so a test proves that RBAC is enough.
+pub async fn operator_service_account_kubeconfig(testbed: &Testbed, admin: &Client) -> PathBuf {
+    apply_repository_files(
+        admin,
+        &["deploy/operator/namespace.yaml", "deploy/operator/serviceaccount.yaml", "deploy/operator/rbac.yaml"],
+    )
+    .await;
+    service_account_kubeconfig(admin, &testbed.kubeconfig, "nstream-system", "nstream-operator", testbed.path()).await
+}
+
+/// The API key of a server the operator deploys: the `api-key` entry of the Secret `secret`
+/// (`<kind prefix>-<name>-api-key`), as `kubectl get secret ... | base64 -d` shows it.
+pub async fn api_key(client: &Client, namespace: &str, secret: &str) -> String {
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace).get(secret).await.expect("the API key Secret");
+    let key = secret.data.unwrap_or_default().get("api-key").map(|value| value.0.clone()).expect("api-key");
+    String::from_utf8(key).expect("a text key")
 }
 
 /// A client for a kubeconfig file.
@@ -178,12 +353,36 @@ pub async fn http_with_key(
     body: Option<&str>,
     key: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    http_to(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), method, path, body, key).await
+}
+
+/// [`http_with_key`] to any address (a stand-in pod's): status code and body.
+pub async fn http_to(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let (status, _, body) = http_with_head(address, method, path, body, key).await?;
+    Ok((status, body))
+}
+
+/// One HTTP/1.1 request (JSON `body`, `Authorization: Bearer <key>` when `key` is given, the
+/// connection closed after it): the status code, the head (lowercase) and the body (de-chunked).
+pub async fn http_with_head(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> std::io::Result<(u16, String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
     let body = body.unwrap_or("");
     let authorization = key.map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;
@@ -191,12 +390,10 @@ pub async fn http_with_key(
     stream.read_to_end(&mut response).await?;
     let text = String::from_utf8_lossy(&response).to_string();
     let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    let body = match text.split_once("\r\n\r\n") {
-        Some((head, rest)) if head.to_ascii_lowercase().contains("transfer-encoding: chunked") => dechunk(rest),
-        Some((_, rest)) => rest.to_string(),
-        None => String::new(),
-    };
-    Ok((status, body))
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let head = head.to_ascii_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+    Ok((status, head, body))
 }
 
 /// The body of a chunked HTTP/1.1 answer, de-chunked.
