@@ -1,5 +1,5 @@
-//! `nstream-operator`: reconciles MegaModel, BaseModel and EmbeddingModel resources into
-//! `nstream-server` Deployments and Services. Reads the cluster from the in-cluster service
+//! `nstream-operator`: reconciles MegaModel, BaseModel, EmbeddingModel and KnowledgeBase
+//! resources into `nstream-server` Deployments and Services, and Distillations into Jobs. Reads the cluster from the in-cluster service
 //! account or `KUBECONFIG`.
 
 use std::collections::BTreeMap;
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{CommandFactory, FromArgMatches, Parser};
-use nstream_core::cli::{LogFormat, VersionInfo, init_logging};
+use clap::Parser;
+use nstream_core::cli::{LogFormat, VersionInfo, exit_code, init_logging, parse_arguments, run_on_runtime};
 use nstream_operator::settings::GpuToleration;
 use nstream_operator::{LeaderSettings, Metrics, ModelCache, OperatorSettings, Outcome};
 
@@ -242,25 +242,8 @@ async fn shutdown_signal() {
 
 fn main() -> std::process::ExitCode {
     // The operator runs no model: its version names the commit only.
-    let version = VersionInfo::new(env!("CARGO_PKG_VERSION"), env!("NSTREAM_GIT_COMMIT"));
-    // clap keeps &'static strs; the two texts are made once per process.
-    let command = Cli::command().version(version.short().leak() as &str).long_version(version.long().leak() as &str);
-    let cli = match Cli::from_arg_matches(&command.get_matches()) {
-        Ok(cli) => cli,
-        Err(error) => error.exit(),
-    };
-    let outcome = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|runtime| runtime.block_on(run(cli)));
-    match outcome {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    let cli: Cli = parse_arguments(&VersionInfo::new(env!("CARGO_PKG_VERSION"), env!("NSTREAM_GIT_COMMIT")));
+    exit_code(run_on_runtime(run(cli)))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

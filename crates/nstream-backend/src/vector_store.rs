@@ -191,9 +191,9 @@ pub struct CreateVectorStore {
     pub metadata: Option<Map<String, Value>>,
     /// `{"type":"auto"}` or `{"type":"static","static":{"max_chunk_size_tokens","chunk_overlap_tokens"}}`.
     pub chunking_strategy: Option<Value>,
-    /// Accepted and kept; nstream never expires stores.
+    /// `{"anchor": "last_active_at", "days": 1..365}`: the store expires that long after its last use.
     pub expires_after: Option<Value>,
-    /// Not supported (400 when set).
+    /// A description (at most 512 characters), shown on the store.
     pub description: Option<String>,
 }
 
@@ -206,8 +206,16 @@ pub struct UpdateVectorStore {
     pub name: Option<String>,
     /// New metadata (replaces the old; `embedding_model` cannot change).
     pub metadata: Option<Map<String, Value>>,
-    /// Accepted and kept; nstream never expires stores.
+    /// A new expiration policy: absent keeps the old one, `Some(Value::Null)` (JSON `null`) removes
+    /// it, an object replaces it.
+    #[serde(default, deserialize_with = "present")]
     pub expires_after: Option<Value>,
+}
+
+/// A field that may be `null`: `Some(Value::Null)` when the body says `null`, `None` (with
+/// `#[serde(default)]`) when it leaves the field out.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 /// `POST /v1/vector_stores/{id}/files/{file_id}`: new attributes (the file is indexed again).
@@ -249,16 +257,19 @@ pub struct VectorStoreObject {
     pub usage_bytes: u64,
     /// Its files by status.
     pub file_counts: FileCounts,
-    /// `in_progress` while a file is, else `completed`.
+    /// `expired` once past `expires_at`, else `in_progress` while a file is, else `completed`.
     pub status: String,
-    /// As created.
+    /// `{"anchor": "last_active_at", "days": N}` when the store expires.
     pub expires_after: Option<Value>,
-    /// Never set.
+    /// Unix seconds when it expires (`last_active_at` + the days), when it does.
     pub expires_at: Option<u64>,
     /// Unix seconds of the last search or change.
     pub last_active_at: Option<u64>,
     /// As created, with `embedding_model` filled in.
     pub metadata: Map<String, Value>,
+    /// As created (left out when none was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// `POST /v1/vector_stores/{id}/files`.
@@ -304,6 +315,74 @@ pub struct VectorStoreFileObject {
     pub chunking_strategy: Value,
     /// As attached.
     pub attributes: Map<String, Value>,
+}
+
+/// One entry of `files` in `POST /v1/vector_stores/{id}/file_batches`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct FileBatchEntry {
+    /// A file uploaded to `/v1/files`.
+    pub file_id: String,
+    /// This file's attributes.
+    pub attributes: Option<Map<String, Value>>,
+    /// This file's chunking strategy.
+    pub chunking_strategy: Option<Value>,
+}
+
+/// `POST /v1/vector_stores/{id}/file_batches`: exactly one of `file_ids` and `files`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CreateVectorStoreFileBatch {
+    /// Files to attach, all with `attributes` and `chunking_strategy`.
+    pub file_ids: Option<Vec<String>>,
+    /// Files to attach, each with its own attributes and chunking strategy.
+    pub files: Option<Vec<FileBatchEntry>>,
+    /// Attributes of every file of `file_ids`.
+    pub attributes: Option<Map<String, Value>>,
+    /// Chunking strategy of every file of `file_ids`; the store's own when omitted.
+    pub chunking_strategy: Option<Value>,
+}
+
+/// A batch of files attached to a vector store together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VectorStoreFileBatchObject {
+    /// `vsfb_...`.
+    pub id: String,
+    /// Always `vector_store.file_batch`.
+    pub object: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The store.
+    pub vector_store_id: String,
+    /// `in_progress` while a file of it is, then `completed`, `cancelled` (when cancelled) or
+    /// `failed` (when every file failed).
+    pub status: String,
+    /// Its files by status.
+    pub file_counts: FileCounts,
+}
+
+impl Listed for VectorStoreFileBatchObject {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn created_at(&self) -> u64 {
+        self.created_at
+    }
+}
+
+/// The parsed text of a vector-store file: `GET /v1/vector_stores/{id}/files/{file_id}/content`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VectorStoreFileContentPage {
+    /// Always `vector_store.file_content.page`.
+    pub object: String,
+    /// The file's documents (one for most files; one per line of a JSONL file).
+    pub data: Vec<SearchContent>,
+    /// Always false (one page).
+    pub has_more: bool,
+    /// Always null.
+    pub next_page: Option<String>,
 }
 
 /// `ranking_options` of a search.
@@ -411,6 +490,40 @@ pub trait VectorStoreBackend: Send + Sync {
         let _ = request;
         Err(BackendError::invalid_request(format!("vector store {store}: updates are not supported by this backend")))
     }
+    /// Attaches several files together: answers at once with `in_progress`.
+    async fn create_file_batch(
+        &self,
+        store: &str,
+        request: CreateVectorStoreFileBatch,
+    ) -> Result<VectorStoreFileBatchObject> {
+        let _ = request;
+        Err(unsupported(store, "file batches"))
+    }
+    /// One file batch.
+    async fn file_batch(&self, store: &str, batch: &str) -> Result<VectorStoreFileBatchObject> {
+        let _ = batch;
+        Err(unsupported(store, "file batches"))
+    }
+    /// Cancels the files of a batch that are still in progress.
+    async fn cancel_file_batch(&self, store: &str, batch: &str) -> Result<VectorStoreFileBatchObject> {
+        let _ = batch;
+        Err(unsupported(store, "file batches"))
+    }
+    /// A page of a batch's files.
+    async fn list_file_batch_files(
+        &self,
+        store: &str,
+        batch: &str,
+        query: ListQuery,
+    ) -> Result<ListPage<VectorStoreFileObject>> {
+        let _ = (batch, query);
+        Err(unsupported(store, "file batches"))
+    }
+    /// The parsed text of one of a store's files.
+    async fn vector_store_file_content(&self, store: &str, file: &str) -> Result<VectorStoreFileContentPage> {
+        let _ = file;
+        Err(unsupported(store, "file contents"))
+    }
     /// Replaces a file's attributes.
     async fn update_vector_store_file(
         &self,
@@ -423,6 +536,10 @@ pub trait VectorStoreBackend: Send + Sync {
             "vector store {store}, file {file}: updates are not supported by this backend"
         )))
     }
+}
+
+fn unsupported(store: &str, what: &str) -> BackendError {
+    BackendError::invalid_request(format!("vector store {store}: {what} are not supported by this backend"))
 }
 
 #[cfg(test)]
@@ -460,6 +577,17 @@ mod tests {
         let all = paginate(&files, &ascending, 100).unwrap();
         assert_eq!(all.first_id.as_deref(), Some("a"));
         assert_eq!(all.last_id.as_deref(), Some("d"));
+    }
+
+    #[test]
+    fn an_update_tells_null_from_absent() {
+        let absent: UpdateVectorStore = serde_json::from_str(r#"{"name": "a"}"#).unwrap();
+        assert_eq!(absent.expires_after, None);
+        let null: UpdateVectorStore = serde_json::from_str(r#"{"expires_after": null}"#).unwrap();
+        assert_eq!(null.expires_after, Some(Value::Null));
+        let set: UpdateVectorStore =
+            serde_json::from_str(r#"{"expires_after": {"anchor": "last_active_at", "days": 2}}"#).unwrap();
+        assert_eq!(set.expires_after.unwrap()["days"], 2);
     }
 
     #[test]

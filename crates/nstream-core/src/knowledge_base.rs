@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use validator::Validate;
 
 use crate::patterns;
+use crate::quantity::ResourceQuantity;
 use crate::secret::SecretKeyRef;
 use crate::status::ModelStatus;
 use crate::validate::{Check, Problem, field_rules, quote};
@@ -25,6 +26,9 @@ pub const DEFAULT_MAX_NUM_RESULTS: u32 = 10;
 pub const MAX_NUM_RESULTS_LIMIT: u32 = 100;
 /// The table of the postgres store when `store.postgres.table` is omitted.
 pub const DEFAULT_POSTGRES_TABLE: &str = "nstream_chunks";
+/// The size of the PersistentVolumeClaim the operator makes for an embedded store when
+/// `store.embedded.size` is omitted.
+pub const DEFAULT_CLAIM_SIZE: &str = "10Gi";
 
 /// A PostgreSQL table name nstream creates: lower-case, unquoted, at most 63 bytes.
 pub const TABLE_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
@@ -37,7 +41,7 @@ pub const TABLE_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
     version = "v1",
     kind = "KnowledgeBase",
     namespaced,
-    status = "ModelStatus",
+    status = "KnowledgeBaseStatus",
     derive = "PartialEq",
     shortname = "kb",
     category = "nstream",
@@ -50,6 +54,8 @@ pub const TABLE_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
         priority = "1"
     ),
+    printcolumn(name = "Deployment", type_ = "string", json_path = ".status.deployment", priority = "1"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -162,6 +168,17 @@ pub struct EmbeddedStore {
     #[validate(length(min = 1, max = 4096), regex(path = *patterns::DISPLAY_NAME))]
     #[schemars(length(min = 1, max = 4096))]
     pub path: Option<String>,
+    /// On a cluster only (local serving ignores it): the size of the PersistentVolumeClaim the
+    /// operator makes for the store; 10Gi when omitted. Read when the claim is made: changing it
+    /// later does not resize the claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ResourceQuantity>,
+    /// On a cluster only: the storage class of that claim; the cluster's default when omitted.
+    /// Read when the claim is made, like `size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(regex(path = *patterns::DNS_SUBDOMAIN), length(max = 253))]
+    #[schemars(regex(pattern = patterns::DNS_SUBDOMAIN_PATTERN), length(max = 253))]
+    pub storage_class_name: Option<String>,
 }
 
 /// A PostgreSQL store; the server needs the pgvector extension (>= 0.7).
@@ -183,6 +200,23 @@ impl PostgresStore {
     pub fn table_or_default(&self) -> &str {
         self.table.as_deref().unwrap_or(DEFAULT_POSTGRES_TABLE)
     }
+}
+
+/// The observed state of a KnowledgeBase on a cluster: the conditions, replicas and endpoint of
+/// the server Deployment that serves it, and the names of that Deployment and of the claim of its
+/// embedded store.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KnowledgeBaseStatus {
+    /// `Ready`, `Progressing`, `Degraded` (and `ReplicasLimited`), replicas, the endpoint.
+    #[serde(flatten)]
+    pub serving: ModelStatus,
+    /// The Deployment whose pods serve the KnowledgeBase (`kb-<metadata.name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// The PersistentVolumeClaim of the embedded store; absent for a postgres store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
 }
 
 static TABLE_NAME: std::sync::LazyLock<regex::Regex> =
@@ -230,6 +264,15 @@ impl Check for KnowledgeBaseSpec {
                     "embedded: {path: ...} or postgres: {connectionSecretRef: {name, key}}",
                 )),
                 _ => {}
+            }
+            if let Some(size) = store.embedded.as_ref().and_then(|embedded| embedded.size.as_ref())
+                && !size.amount().is_ok_and(|amount| amount.is_positive())
+            {
+                problems.push(Problem::new(
+                    format!("{prefix}.store.embedded.size"),
+                    quote(size.as_str()),
+                    "a size such as 10Gi",
+                ));
             }
             if let Some(path_text) = store.embedded.as_ref().and_then(|embedded| embedded.path.as_deref())
                 && path_text.split(['/', '\\']).any(|part| part == "..")

@@ -43,8 +43,8 @@ pub use document::{
     Diagnostic, LoadError, LoadedDocument, ModelResource, Origin, Outcome, load_path, parse_bytes, parse_str,
 };
 pub use knowledge_base::{
-    Chunking, EmbeddedStore, KnowledgeBase, KnowledgeBaseSpec, KnowledgeBaseStore, PostgresStore, SearchDefaults,
-    Splitting,
+    Chunking, EmbeddedStore, KnowledgeBase, KnowledgeBaseSpec, KnowledgeBaseStatus, KnowledgeBaseStore, PostgresStore,
+    SearchDefaults, Splitting,
 };
 pub use quantity::{Amount, QuantityError, ResourceQuantity, parse_quantity};
 pub use replicas::Replicas;

@@ -1,5 +1,6 @@
 //! The OpenAI vector-stores service over real MiniLM embeddings and the embedded store: upload,
-//! attach, background indexing, search with filters, deletion, a restart, and bad requests.
+//! attach, background indexing, search with filters, deletion, a restart, bad requests, file
+//! batches (and their cancellation), a file's parsed content, and the expiry of stores.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use nstream_backend::VectorStoreBackend;
 use nstream_backend::vector_store::{
-    CreateVectorStore, CreateVectorStoreFile, FileUpload, ListQuery, SearchVectorStore,
+    CreateVectorStore, CreateVectorStoreFile, CreateVectorStoreFileBatch, FileUpload, ListQuery, SearchVectorStore,
 };
 use nstream_kb::{BackendEmbedder, EmbeddingChoice, VectorStoreService};
 use serde_json::{Value, json};
@@ -177,4 +178,157 @@ async fn files_in_progress_at_a_stop_are_indexed_on_the_next_start() {
     unique.dedup();
     assert!(!chunks.is_empty());
     assert_eq!(unique.len(), chunks.len(), "a chunk is present twice: {chunks:?}");
+}
+
+/// Uploads `name` from the fixtures as `copies` files (named `0-name`, `1-name`...).
+async fn upload(service: &VectorStoreService, name: &str, copies: usize) -> Vec<String> {
+    let bytes = std::fs::read(common::fixtures().join("docs").join(name)).unwrap();
+    let mut ids = Vec::new();
+    for copy in 0..copies {
+        let upload = FileUpload::new(format!("{copy}-{name}"), "assistants", bytes.clone());
+        ids.push(service.create_file(upload).await.unwrap().id);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_batches_complete_cancel_and_survive_a_restart() {
+    let Some((backend, tokenizer)) = common::minilm() else { return };
+    let folder = tempfile::tempdir().unwrap();
+    let root = folder.path().join("openai");
+    let service = VectorStoreService::open(&root, vec![choice(&backend, &tokenizer)], Vec::new()).await.unwrap();
+    let store = service.create_vector_store(CreateVectorStore::default()).await.unwrap();
+
+    // file_ids with shared attributes and chunking.
+    let mut ids = upload(&service, "tides.md", 1).await;
+    ids.extend(upload(&service, "espresso.md", 1).await);
+    let static_chunks = json!({"type": "static", "static": {"max_chunk_size_tokens": 120, "chunk_overlap_tokens": 20}});
+    let request = body(json!({"file_ids": ids, "attributes": {"batch": "one"}, "chunking_strategy": static_chunks}));
+    let batch = service.create_file_batch(&store.id, request).await.unwrap();
+    assert!(batch.id.starts_with("vsfb_"), "{}", batch.id);
+    assert_eq!((batch.object.as_str(), batch.vector_store_id.as_str()), ("vector_store.file_batch", store.id.as_str()));
+    assert_eq!((batch.file_counts.total, batch.file_counts.in_progress), (2, 2));
+    wait(&service).await;
+    let done = service.file_batch(&store.id, &batch.id).await.unwrap();
+    assert_eq!(done.status, "completed");
+    assert_eq!((done.file_counts.completed, done.file_counts.total), (2, 2));
+    let listed = service.list_file_batch_files(&store.id, &batch.id, ListQuery::default()).await.unwrap();
+    assert_eq!(listed.data.len(), 2);
+    for file in &listed.data {
+        assert_eq!(file.attributes["batch"], "one");
+        assert_eq!(file.chunking_strategy, static_chunks);
+    }
+    let found = service
+        .search(
+            &store.id,
+            body(json!({"query": "espresso extraction", "filters": {"type": "eq", "key": "batch", "value": "one"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.data[0].file_id, ids[1]);
+    let error = service.cancel_file_batch(&store.id, &batch.id).await.unwrap_err();
+    assert!(error.status_code() == 400 && error.to_string().contains("already completed"), "{error}");
+
+    // files with their own attributes; a missing file names its entry.
+    let missing: CreateVectorStoreFileBatch = body(json!({"files": [{"file_id": ids[0]}, {"file_id": "file-nope"}]}));
+    let error = service.create_file_batch(&store.id, missing).await.unwrap_err();
+    assert_eq!((error.status_code(), error.param()), (404, Some("files[1].file_id")));
+    assert_eq!(service.file_batch(&store.id, "vsfb_nope").await.unwrap_err().status_code(), 404);
+    let error = service.list_file_batch_files(&store.id, &batch.id, body(json!({"filter": "done"}))).await.unwrap_err();
+    assert_eq!(error.param(), Some("filter"));
+
+    // A batch larger than the files indexed at once: cancelling it leaves the waiting files
+    // cancelled, and nothing of a cancelled file is searchable.
+    let many = upload(&service, "black-holes.md", 12).await;
+    let big = service.create_file_batch(&store.id, body(json!({"file_ids": many}))).await.unwrap();
+    let cancelled = service.cancel_file_batch(&store.id, &big.id).await.unwrap();
+    assert_eq!(cancelled.status, "cancelled");
+    assert_eq!(cancelled.file_counts.in_progress, 0);
+    assert!(cancelled.file_counts.cancelled >= 8, "{:?}", cancelled.file_counts);
+    wait(&service).await;
+    let after = service.file_batch(&store.id, &big.id).await.unwrap();
+    assert_eq!(after, cancelled, "a settled batch does not change");
+    let completed: Vec<String> = service
+        .list_file_batch_files(&store.id, &big.id, body(json!({"filter": "completed", "limit": 100})))
+        .await
+        .unwrap()
+        .data
+        .into_iter()
+        .map(|file| file.id)
+        .collect();
+    let hits = service.search(&store.id, body(json!({"query": "event horizon", "max_num_results": 50}))).await.unwrap();
+    for hit in &hits.data {
+        assert!(!many.contains(&hit.file_id) || completed.contains(&hit.file_id), "{} was cancelled", hit.file_id);
+    }
+    drop(service);
+
+    // A restart keeps the batches.
+    let service = VectorStoreService::open(&root, vec![choice(&backend, &tokenizer)], Vec::new()).await.unwrap();
+    assert_eq!(service.file_batch(&store.id, &batch.id).await.unwrap(), done);
+    assert_eq!(service.file_batch(&store.id, &big.id).await.unwrap().status, "cancelled");
+
+    // The parsed content of an attached file.
+    let content = service.vector_store_file_content(&store.id, &ids[0]).await.unwrap();
+    assert_eq!(content.object, "vector_store.file_content.page");
+    let text = std::fs::read_to_string(common::fixtures().join("docs").join("tides.md")).unwrap();
+    assert_eq!(content.data.len(), 1);
+    assert_eq!((content.data[0].kind.as_str(), content.data[0].text.as_str()), ("text", text.as_str()));
+    assert_eq!(service.vector_store_file_content(&store.id, "file-nope").await.unwrap_err().status_code(), 404);
+    assert_eq!(service.vector_store_file_content("vs_nope", &ids[0]).await.unwrap_err().status_code(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_expire_after_their_days_of_inactivity() {
+    let Some((backend, tokenizer)) = common::minilm() else { return };
+    let folder = tempfile::tempdir().unwrap();
+    let root = folder.path().join("openai");
+    let service = VectorStoreService::open(&root, vec![choice(&backend, &tokenizer)], Vec::new()).await.unwrap();
+    let ids = upload(&service, "tides.md", 2).await;
+    let policy = json!({"anchor": "last_active_at", "days": 1});
+    let store =
+        service.create_vector_store(body(json!({"file_ids": [ids[0]], "expires_after": policy}))).await.unwrap();
+    assert_eq!(store.expires_after, Some(policy.clone()));
+    assert_eq!(store.expires_at, Some(store.last_active_at.unwrap() + 86_400));
+    let error = service
+        .create_vector_store(body(json!({"expires_after": {"anchor": "last_active_at", "days": 0}})))
+        .await
+        .unwrap_err();
+    assert_eq!(error.param(), Some("expires_after.days"));
+    wait(&service).await;
+    drop(service);
+
+    // Two days without use (as if): the store is expired.
+    let catalog_path = root.join("catalog.json");
+    let mut catalog: Value = serde_json::from_slice(&std::fs::read(&catalog_path).unwrap()).unwrap();
+    let now = catalog["stores"][&store.id]["object"]["last_active_at"].as_u64().unwrap();
+    catalog["stores"][&store.id]["object"]["last_active_at"] = json!(now - 2 * 86_400);
+    std::fs::write(&catalog_path, serde_json::to_vec(&catalog).unwrap()).unwrap();
+    let service = VectorStoreService::open(&root, vec![choice(&backend, &tokenizer)], Vec::new()).await.unwrap();
+    let expired = service.vector_store(&store.id).await.unwrap();
+    assert_eq!(expired.status, "expired");
+    assert_eq!(expired.expires_at, Some(now - 86_400));
+    let error = service.search(&store.id, body(json!({"query": "tides"}))).await.unwrap_err();
+    assert!(error.status_code() == 400 && error.to_string().contains("expired"), "{error}");
+    let error = service.attach_file(&store.id, body(json!({"file_id": ids[1]}))).await.unwrap_err();
+    assert!(error.to_string().contains("expired"), "{error}");
+    let error = service.update_vector_store(&store.id, body(json!({"name": "x"}))).await.unwrap_err();
+    assert!(error.to_string().contains("expired"), "{error}");
+    assert_eq!(service.list_vector_store_files(&store.id, ListQuery::default()).await.unwrap().data.len(), 1);
+
+    // A new policy revives it; null removes the policy.
+    let revived = service
+        .update_vector_store(&store.id, body(json!({"expires_after": {"anchor": "last_active_at", "days": 3}})))
+        .await
+        .unwrap();
+    assert_eq!(revived.status, "completed");
+    assert_eq!(revived.expires_at, Some(revived.last_active_at.unwrap() + 3 * 86_400));
+    let found = service.search(&store.id, body(json!({"query": "Why does the sea rise twice a day?"}))).await.unwrap();
+    assert_eq!(found.data[0].file_id, ids[0]);
+    let forever = service.update_vector_store(&store.id, body(json!({"expires_after": null}))).await.unwrap();
+    assert_eq!((forever.expires_after, forever.expires_at), (None, None));
+    let error = service
+        .update_vector_store(&store.id, body(json!({"expires_after": {"anchor": "now", "days": 3}})))
+        .await
+        .unwrap_err();
+    assert_eq!(error.param(), Some("expires_after.anchor"));
 }

@@ -79,7 +79,7 @@ impl Context {
 
 /// Server-side applies `object` under the operator's field manager and returns what the API
 /// server stored.
-async fn apply<T>(api: &Api<T>, object: &T, context: &Context, kind: &str) -> Result<T>
+pub(crate) async fn apply<T>(api: &Api<T>, object: &T, context: &Context, kind: &str) -> Result<T>
 where
     T: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
@@ -95,13 +95,13 @@ where
 }
 
 /// Whether `metadata` names the resource of `uid` as its controller.
-fn controlled_by(metadata: &ObjectMeta, uid: &str) -> bool {
+pub(crate) fn controlled_by(metadata: &ObjectMeta, uid: &str) -> bool {
     !uid.is_empty()
         && metadata.owner_references.iter().flatten().any(|owner| owner.uid == uid && owner.controller == Some(true))
 }
 
 /// The blocker for an object `kind` `name` that exists without the resource as its controller.
-fn name_conflict(served: &Served, kind: &str, name: &str) -> Blocker {
+pub(crate) fn name_conflict(served: &Served, kind: &str, name: &str) -> Blocker {
     Blocker::NameConflict {
         kind: kind.into(),
         object: format!("{}/{name}", served.namespace),
@@ -127,7 +127,11 @@ where
 
 /// The first object the resource would apply that exists under its name without the resource as
 /// its controller: force server-side apply would silently take it over, so the reconcile refuses.
-async fn first_name_conflict(client: &Client, served: &Served, settings: &OperatorSettings) -> Result<Option<Blocker>> {
+pub(crate) async fn first_name_conflict(
+    client: &Client,
+    served: &Served,
+    settings: &OperatorSettings,
+) -> Result<Option<Blocker>> {
     let name = object_name(served.kind, &served.name);
     if let Some(conflict) = conflict_of::<ConfigMap>(client, served, &name).await? {
         return Ok(Some(conflict));
@@ -154,7 +158,10 @@ async fn first_name_conflict(client: &Client, served: &Served, settings: &Operat
 
 /// The API key Secret as it is, or why it cannot be used. Read in full (its value is not kept)
 /// so that one call checks both its owner and its key.
-async fn existing_api_key(secrets: &Api<Secret>, served: &Served) -> Result<Option<std::result::Result<(), Blocker>>> {
+pub(crate) async fn existing_api_key(
+    secrets: &Api<Secret>,
+    served: &Served,
+) -> Result<Option<std::result::Result<(), Blocker>>> {
     let name = api_key_secret_name(served.kind, &served.name);
     let Some(secret) = secrets.get_opt(&name).await.map_err(Error::Kube)? else {
         return Ok(None);
@@ -172,7 +179,12 @@ async fn existing_api_key(secrets: &Api<Secret>, served: &Served) -> Result<Opti
 
 /// Creates the API key Secret with a new random key. Only ever created, never applied: the value
 /// a user wrote to rotate the key must survive every reconcile.
-async fn create_api_key(secrets: &Api<Secret>, served: &Served, context: &Context, kind: &str) -> Result<()> {
+pub(crate) async fn create_api_key(
+    secrets: &Api<Secret>,
+    served: &Served,
+    context: &Context,
+    kind: &str,
+) -> Result<()> {
     let key = desired::generate_api_key().map_err(|cause| Error::Random { cause })?;
     let secret = desired::api_key_secret(served, &key);
     let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
@@ -190,7 +202,7 @@ async fn create_api_key(secrets: &Api<Secret>, served: &Served, context: &Contex
 
 /// Applies the resource's NetworkPolicy, or, when they are turned off, deletes the one the
 /// operator made earlier (never one it does not control).
-async fn reconcile_network_policy(served: &Served, context: &Context, kind: &str) -> Result<()> {
+pub(crate) async fn reconcile_network_policy(served: &Served, context: &Context, kind: &str) -> Result<()> {
     let policies = Api::<NetworkPolicy>::namespaced(context.client.clone(), &served.namespace);
     match desired::network_policy(served, &context.settings) {
         Some(policy) => {
@@ -213,7 +225,7 @@ async fn reconcile_network_policy(served: &Served, context: &Context, kind: &str
 
 /// Reads the referenced Secret's key: its content hash and value, or why it cannot be used.
 /// With `require_opt_in`, a Secret without [`PROVIDER_CREDENTIALS_LABEL`]` = "true"` is not read.
-async fn referenced_secret(
+pub(crate) async fn referenced_secret(
     secrets: &Api<Secret>,
     name: &str,
     key: &str,
@@ -467,7 +479,7 @@ fn object_key<K: ServedResource>(object: &K) -> String {
 
 impl Context {
     /// Counts one more consecutive failure of `key`; the delay before its retry.
-    fn failed(&self, key: String) -> Duration {
+    pub(crate) fn failed(&self, key: String) -> Duration {
         let failures = match self.failures.lock() {
             Ok(mut failures) => {
                 let count = failures.entry(key).or_insert(0);
@@ -480,7 +492,7 @@ impl Context {
     }
 
     /// Forgets the failures of `key`: its next failure retries after [`RETRY_BASE`] again.
-    fn succeeded(&self, key: &str) {
+    pub(crate) fn succeeded(&self, key: &str) {
         if let Ok(mut failures) = self.failures.lock() {
             failures.remove(key);
         }
@@ -507,7 +519,7 @@ pub fn error_policy<K: ServedResource>(object: Arc<K>, error: &Error, context: A
 }
 
 /// An API of namespaced objects in `namespace`, or in every namespace when `None`.
-fn scoped<T>(client: &Client, namespace: Option<&str>) -> Api<T>
+pub(crate) fn scoped<T>(client: &Client, namespace: Option<&str>) -> Api<T>
 where
     T: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
 {

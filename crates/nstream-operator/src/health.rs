@@ -32,6 +32,11 @@ pub enum Blocker {
         /// The Secret's name.
         name: String,
     },
+    /// A KnowledgeBase's `spec.embeddingModel` names no EmbeddingModel of its namespace.
+    EmbeddingModelNotFound {
+        /// The EmbeddingModel's name.
+        name: String,
+    },
     /// An object the resource needs exists under the same name without the resource as its
     /// controller owner; applying would take it over, so nothing is applied.
     NameConflict {
@@ -54,6 +59,7 @@ impl Blocker {
             Self::SecretNotFound { .. } => "SecretNotFound",
             Self::SecretKeyMissing { .. } => "SecretKeyMissing",
             Self::SecretNotOptedIn { .. } => "SecretNotOptedIn",
+            Self::EmbeddingModelNotFound { .. } => "EmbeddingModelNotFound",
             Self::NameConflict { .. } => "NameConflict",
         }
     }
@@ -70,6 +76,9 @@ impl Blocker {
                  is sent to the endpoint this MegaModel names",
                 label = crate::settings::PROVIDER_CREDENTIALS_LABEL
             ),
+            Self::EmbeddingModelNotFound { name } => {
+                format!("spec.embeddingModel: no EmbeddingModel {name:?} in this namespace; create it or name another")
+            }
             Self::NameConflict { kind, object, owner_kind, owner_name } => format!(
                 "{kind} {object} exists and is not owned by {owner_kind} {owner_name}; \
                  nothing was applied: delete or rename that object, or give this resource another name"

@@ -9,7 +9,8 @@
 //! nstream-hosted's client. The leader also runs the [`autoscaler`], which scales BaseModels and
 //! EmbeddingModels with `maxReplicas` on their servers' load through the scale subresource.
 //! Distillations run as one Job per stage over a claim ([`distillation`]), ending with the adapter
-//! on the student BaseModel.
+//! on the student BaseModel. KnowledgeBases get server Deployments of their own, with their
+//! EmbeddingModel in process and a claim for an embedded store ([`knowledge_base`]).
 
 pub mod autoscaler;
 pub mod controller;
@@ -17,6 +18,7 @@ pub mod desired;
 pub mod distillation;
 pub mod error;
 pub mod health;
+pub mod knowledge_base;
 pub mod leader;
 pub mod metrics;
 pub mod model;
@@ -89,7 +91,7 @@ async fn autoscale(context: Arc<Context>, stop: impl Future<Output = ()>) {
     autoscaler::Autoscaler::new(context, settings).run(stop).await;
 }
 
-/// Runs the three controllers until `stop` becomes `true` (graceful shutdown) or leadership is
+/// Runs the controllers until `stop` becomes `true` (graceful shutdown) or leadership is
 /// lost. With `leader` set, waits for the Lease first and releases it at the end.
 pub async fn run(
     client: Client,
@@ -144,6 +146,7 @@ pub async fn run(
         controller::run::<BaseModel>(context.clone(), stopped(halt.clone())),
         controller::run::<EmbeddingModel>(context.clone(), stopped(halt.clone())),
         distillation::run(context.clone(), stopped(halt.clone())),
+        knowledge_base::run(context.clone(), stopped(halt.clone())),
         autoscale(context.clone(), stopped(halt.clone())),
     );
     forward.abort();

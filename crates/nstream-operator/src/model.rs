@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::settings::{ADAPTERS_CLAIM_ANNOTATION, ADAPTERS_MOUNT_PATH};
 
-/// The three kinds the operator serves.
+/// The kinds the operator serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ModelKind {
     /// A hosted model behind a gateway pod.
@@ -25,10 +25,14 @@ pub enum ModelKind {
     BaseModel,
     /// A sentence-embedding model served with candle.
     EmbeddingModel,
+    /// A KnowledgeBase, served with its EmbeddingModel by servers of its own
+    /// ([`crate::knowledge_base`]).
+    KnowledgeBase,
 }
 
 impl ModelKind {
-    /// Every kind, in a fixed order.
+    /// Every model kind, in a fixed order (a KnowledgeBase is not a model: the router and the
+    /// autoscaler leave it out).
     pub const ALL: [ModelKind; 3] = [Self::MegaModel, Self::BaseModel, Self::EmbeddingModel];
 
     /// The kind as Kubernetes writes it.
@@ -37,6 +41,7 @@ impl ModelKind {
             Self::MegaModel => "MegaModel",
             Self::BaseModel => "BaseModel",
             Self::EmbeddingModel => "EmbeddingModel",
+            Self::KnowledgeBase => "KnowledgeBase",
         }
     }
 
@@ -46,6 +51,7 @@ impl ModelKind {
             Self::MegaModel => "mm",
             Self::BaseModel => "bm",
             Self::EmbeddingModel => "em",
+            Self::KnowledgeBase => "kb",
         }
     }
 
@@ -55,6 +61,7 @@ impl ModelKind {
             Self::MegaModel => "gateway",
             Self::BaseModel => "llm",
             Self::EmbeddingModel => "embeddings",
+            Self::KnowledgeBase => "knowledge-base",
         }
     }
 }

@@ -142,7 +142,8 @@ impl Scaler {
                 wake_with(Api::<EmbeddingModel>::namespaced(self.client.clone(), &resource.namespace), &resource.name)
                     .await
             }
-            ModelKind::MegaModel => Ok(WakeOutcome::AlreadyScaled),
+            // Not scaled from zero: a MegaModel's gateway and a KnowledgeBase's servers run always.
+            ModelKind::MegaModel | ModelKind::KnowledgeBase => Ok(WakeOutcome::AlreadyScaled),
         };
         match outcome {
             Ok(outcome) => {

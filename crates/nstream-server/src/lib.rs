@@ -12,7 +12,7 @@
 //! | `POST /v1/chat/completions` | JSON, or SSE when `stream` is true (`data: {chunk}` ... `data: [DONE]`) |
 //! | `POST /v1/completions` | legacy completions, same streaming |
 //! | `GET /v1/models`, `GET /v1/models/{id}` | OpenAI's list shape, plus an `nstream` object per model |
-//! | `/v1/files`, `/v1/vector_stores[/{id}[/files[/{file}]\|/search]]` | OpenAI's files and vector-stores API, answered by [`AppState::with_vector_stores`]'s backend |
+//! | `/v1/files`, `/v1/vector_stores[/{id}[/files[/{file}[/content]]\|/file_batches[/{batch}[/cancel\|/files]]\|/search]]` | OpenAI's files and vector-stores API, answered by [`AppState::with_vector_stores`]'s backend |
 //! | `GET /health` | 200 while the process answers (liveness) |
 //! | `GET /ready` | 200 when every model reports ready, else 503 with each model's state (readiness) |
 //! | `GET /metrics` | Prometheus/OpenMetrics text (see [`Metrics`]); needs a key with [`ServerConfig::metrics_require_key`] |

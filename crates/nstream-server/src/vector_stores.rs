@@ -12,8 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nstream_backend::BackendError;
 use nstream_backend::vector_store::{
-    CreateVectorStore, CreateVectorStoreFile, FileUpload, ListQuery, SearchVectorStore, UpdateVectorStore,
-    UpdateVectorStoreFile, VectorStoreBackend,
+    CreateVectorStore, CreateVectorStoreFile, CreateVectorStoreFileBatch, FileUpload, ListQuery, SearchVectorStore,
+    UpdateVectorStore, UpdateVectorStoreFile, VectorStoreBackend,
 };
 
 use crate::error::ApiError;
@@ -33,6 +33,11 @@ pub(crate) fn routes() -> Router<AppState> {
             "/v1/vector_stores/{store_id}/files/{file_id}",
             get(vector_store_file).post(update_vector_store_file).delete(detach_file),
         )
+        .route("/v1/vector_stores/{store_id}/files/{file_id}/content", get(vector_store_file_content))
+        .route("/v1/vector_stores/{store_id}/file_batches", post(create_file_batch))
+        .route("/v1/vector_stores/{store_id}/file_batches/{batch_id}", get(file_batch))
+        .route("/v1/vector_stores/{store_id}/file_batches/{batch_id}/cancel", post(cancel_file_batch))
+        .route("/v1/vector_stores/{store_id}/file_batches/{batch_id}/files", get(list_file_batch_files))
         .route("/v1/vector_stores/{store_id}/search", post(search))
 }
 
@@ -206,4 +211,44 @@ async fn search(
     OpenAiJson(request): OpenAiJson<SearchVectorStore>,
 ) -> Answer {
     Ok(json(backend(&state)?.search(&store_id, request).await?))
+}
+
+/// `GET /v1/vector_stores/{store_id}/files/{file_id}/content`: the file's parsed text.
+async fn vector_store_file_content(
+    State(state): State<AppState>,
+    Path((store_id, file_id)): Path<(String, String)>,
+) -> Answer {
+    Ok(json(backend(&state)?.vector_store_file_content(&store_id, &file_id).await?))
+}
+
+/// `POST /v1/vector_stores/{store_id}/file_batches`.
+async fn create_file_batch(
+    State(state): State<AppState>,
+    Path(store_id): Path<String>,
+    OpenAiJson(request): OpenAiJson<CreateVectorStoreFileBatch>,
+) -> Answer {
+    Ok(json(backend(&state)?.create_file_batch(&store_id, request).await?))
+}
+
+/// `GET /v1/vector_stores/{store_id}/file_batches/{batch_id}`.
+async fn file_batch(State(state): State<AppState>, Path((store_id, batch_id)): Path<(String, String)>) -> Answer {
+    Ok(json(backend(&state)?.file_batch(&store_id, &batch_id).await?))
+}
+
+/// `POST /v1/vector_stores/{store_id}/file_batches/{batch_id}/cancel` (no body).
+async fn cancel_file_batch(
+    State(state): State<AppState>,
+    Path((store_id, batch_id)): Path<(String, String)>,
+) -> Answer {
+    Ok(json(backend(&state)?.cancel_file_batch(&store_id, &batch_id).await?))
+}
+
+/// `GET /v1/vector_stores/{store_id}/file_batches/{batch_id}/files`.
+async fn list_file_batch_files(
+    State(state): State<AppState>,
+    Path((store_id, batch_id)): Path<(String, String)>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer {
+    let query = list_query(query)?;
+    Ok(json(backend(&state)?.list_file_batch_files(&store_id, &batch_id, query).await?))
 }

@@ -177,3 +177,42 @@ async fn routes_need_the_key_and_a_backend() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("serves no vector stores"), "{body}");
 }
+
+#[tokio::test]
+async fn batch_and_content_routes_reach_the_backend() {
+    let router = router(ServerConfig::default(), Some(Arc::new(Recorder::default())));
+    let post = |uri: &str, body: &'static str| {
+        Request::post(uri).header(header::CONTENT_TYPE, "application/json").body(Body::from(body)).unwrap()
+    };
+    // The recorder keeps the trait's answers for what it does not implement: a 400 saying so.
+    for (request, what) in [
+        (post("/v1/vector_stores/vs_x/file_batches", r#"{"file_ids": ["file-1"]}"#), "file batches"),
+        (Request::get("/v1/vector_stores/vs_x/file_batches/vsfb_1").body(Body::empty()).unwrap(), "file batches"),
+        (
+            Request::post("/v1/vector_stores/vs_x/file_batches/vsfb_1/cancel").body(Body::empty()).unwrap(),
+            "file batches",
+        ),
+        (
+            Request::get("/v1/vector_stores/vs_x/file_batches/vsfb_1/files?limit=2&filter=completed")
+                .body(Body::empty())
+                .unwrap(),
+            "file batches",
+        ),
+        (Request::get("/v1/vector_stores/vs_x/files/file-1/content").body(Body::empty()).unwrap(), "file contents"),
+    ] {
+        let uri = request.uri().to_string();
+        let (status, body) = send(&router, request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("{what} are not supported")), "{uri}: {body}");
+    }
+    let (status, body) = send(&router, post("/v1/vector_stores/vs_x/file_batches", r#"{"fileids": []}"#)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("fileids"), "{body}");
+    let (status, body) = send(
+        &router,
+        Request::get("/v1/vector_stores/vs_x/file_batches/vsfb_1/files?limit=lots").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}

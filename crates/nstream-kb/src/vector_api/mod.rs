@@ -5,9 +5,13 @@
 //! Layout under its folder (`<data dir>/openai`): `catalog.json` (files, stores, attachments and
 //! their status, replaced atomically), `files/<file id>` (uploads), `stores/<store id>/` (each
 //! API-created store's embedded index). KnowledgeBases declared in YAML are stores whose id is
-//! their name, kept in their own store. Attaching a file answers `in_progress` at once and indexes
-//! in the background; a file still `in_progress` when the process stopped is indexed again on the
-//! next start (documents already committed are skipped by their content hash).
+//! their name, kept in their own store. Attaching a file (alone or in a file batch) answers
+//! `in_progress` at once and indexes in the background, a few files at a time; a file still
+//! `in_progress` when the process stopped is indexed again on the next start (documents already
+//! committed are skipped by their content hash). A store with `expires_after` expires that many
+//! days after its `last_active_at` (updated by searches and changes): it is then `expired`, can be
+//! read, listed and deleted, and answers 400 to searches and new files until an update gives it a
+//! new `expires_after` (or `null`).
 
 mod catalog;
 mod request;
@@ -15,17 +19,19 @@ mod request;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use nstream_backend::BackendError;
 use nstream_backend::vector_store::{
-    CreateVectorStore, CreateVectorStoreFile, DeletedObject, FileCounts, FileObject, FileUpload, LastError, ListPage,
-    ListQuery, SearchContent, SearchResult, SearchResultsPage, SearchVectorStore, UpdateVectorStore,
-    UpdateVectorStoreFile, VectorStoreBackend, VectorStoreFileObject, VectorStoreObject, paginate,
+    CreateVectorStore, CreateVectorStoreFile, CreateVectorStoreFileBatch, DeletedObject, FileCounts, FileObject,
+    FileUpload, LastError, ListPage, ListQuery, SearchContent, SearchResult, SearchResultsPage, SearchVectorStore,
+    UpdateVectorStore, UpdateVectorStoreFile, VectorStoreBackend, VectorStoreFileBatchObject,
+    VectorStoreFileContentPage, VectorStoreFileObject, VectorStoreObject, paginate,
 };
 use nstream_core::{Chunking, Splitting};
 use serde_json::{Map, Value};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 
 use crate::chunk::{Chunker, TokenOffsets};
 use crate::collection::{Collection, SearchRequest};
@@ -34,12 +40,20 @@ use crate::error::{Error, Result};
 use crate::source::{Format, JsonlOptions, parse_text};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, now_seconds};
-use catalog::{Catalog, StoreRecord, new_id};
+use catalog::{BatchRecord, Catalog, StoreRecord, new_id};
 
 /// The most objects of one list page (OpenAI's limit for vector stores; files allow more).
 const MAX_PAGE: i64 = 100;
 /// The most objects of one page of `/v1/files`.
 const MAX_FILES_PAGE: i64 = 10_000;
+/// How many files are chunked and embedded at once (the others of a batch wait their turn, and
+/// can still be cancelled).
+const INDEXING_CONCURRENCY: usize = 4;
+/// Searches move a store's `last_active_at` (and write the catalog) when it is at least this old
+/// (seconds), so a busy store is not rewritten on every search; changes always move it.
+const ACTIVITY_SAVE_SECONDS: u64 = 60;
+/// The statuses a list of a store's files can be filtered by.
+const FILE_STATUSES: [&str; 4] = ["in_progress", "completed", "failed", "cancelled"];
 
 /// An EmbeddingModel that vector stores created through the API may embed with.
 #[derive(Clone)]
@@ -86,6 +100,25 @@ struct Inner {
     models: BTreeMap<String, EmbeddingChoice>,
     declared: HashMap<String, Collection>,
     state: Mutex<State>,
+    indexing: Semaphore,
+    /// Indexing tasks spawned and not finished (waiting for a turn included).
+    running: AtomicUsize,
+}
+
+/// Counts a running indexing task until dropped (also when the task panics).
+struct Running(Arc<Inner>);
+
+impl Running {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.running.fetch_add(1, Ordering::SeqCst);
+        Self(inner.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct State {
@@ -95,6 +128,30 @@ struct State {
 
 fn not_found(kind: &str, id: &str, param: Option<&str>) -> BackendError {
     BackendError::NotFound { message: format!("No {kind} found with id '{id}'."), param: param.map(str::to_string) }
+}
+
+/// A 400 when the store expired (searches and new files need a live store).
+fn usable(record: &StoreRecord, store: &str) -> nstream_backend::Result<()> {
+    if !record.is_expired(now_seconds()) {
+        return Ok(());
+    }
+    let days = catalog::expiry_days(record.object.expires_after.as_ref()).unwrap_or_default();
+    Err(BackendError::invalid_request(format!(
+        "vector store {store} expired at {} (Unix seconds), {days} days after it was last active; give it a new \
+         expires_after (or null) with POST /v1/vector_stores/{store} to use it again, or delete it",
+        record.expires_at().unwrap_or_default()
+    )))
+}
+
+/// A list's `filter`, checked: one of the file statuses.
+fn status_filter(query: &ListQuery) -> nstream_backend::Result<()> {
+    match &query.filter {
+        Some(status) if !FILE_STATUSES.contains(&status.as_str()) => Err(BackendError::invalid_param(
+            "filter",
+            format!("filter: found {status:?}, expected in_progress, completed, failed or cancelled"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A knowledge-base error as the API reports it: the caller's faults as 400s naming the field,
@@ -167,6 +224,8 @@ impl VectorStoreService {
                 models: models.into_iter().map(|model| (model.name.clone(), model)).collect(),
                 declared,
                 state: Mutex::new(State { catalog, open: HashMap::new() }),
+                indexing: Semaphore::new(INDEXING_CONCURRENCY),
+                running: AtomicUsize::new(0),
             }),
         };
         for (store, file) in pending {
@@ -181,7 +240,8 @@ impl VectorStoreService {
         self.inner.models.keys().cloned().collect()
     }
 
-    /// Waits until no file of any store is in progress (for tests and shutdown), at most `timeout`.
+    /// Waits until no file of any store is in progress and no indexing task runs (for tests and
+    /// shutdown), at most `timeout`.
     pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         loop {
@@ -193,7 +253,7 @@ impl VectorStoreService {
                     .values()
                     .any(|record| record.files.values().any(|file| file.status == "in_progress"))
             };
-            if !busy {
+            if !busy && self.inner.running.load(Ordering::SeqCst) == 0 {
                 return true;
             }
             if std::time::Instant::now() >= deadline {
@@ -211,7 +271,9 @@ impl VectorStoreService {
         self.inner.root.join("files").join(id)
     }
 
-    fn save(&self, catalog: &Catalog) -> nstream_backend::Result<()> {
+    /// Settles finished batches and writes the catalog.
+    fn save(&self, catalog: &mut Catalog) -> nstream_backend::Result<()> {
+        catalog.settle_batches();
         catalog.save(&self.catalog_path()).map_err(backend_error)
     }
 
@@ -249,10 +311,29 @@ impl VectorStoreService {
 
     fn spawn_indexing(&self, store_id: String, file_id: String) {
         let service = self.clone();
+        let running = Running::new(&self.inner);
         tokio::spawn(async move {
+            let _running = running;
+            // The semaphore is never closed; a failure would only mean no limit.
+            let _permit = service.inner.indexing.acquire().await.ok();
+            if !service.in_progress(&store_id, &file_id).await {
+                // Cancelled, detached or deleted while it waited its turn.
+                return;
+            }
             let outcome = service.index_file(&store_id, &file_id).await;
             service.finish_indexing(&store_id, &file_id, outcome).await;
         });
+    }
+
+    /// Whether a file of a store still waits to be indexed.
+    async fn in_progress(&self, store_id: &str, file_id: &str) -> bool {
+        let state = self.inner.state.lock().await;
+        state
+            .catalog
+            .stores
+            .get(store_id)
+            .and_then(|record| record.files.get(file_id))
+            .is_some_and(|file| file.status == "in_progress")
     }
 
     /// Reads, chunks, embeds and commits one attached file; the bytes of text indexed, or the
@@ -315,7 +396,12 @@ impl VectorStoreService {
 
     async fn finish_indexing(&self, store_id: &str, file_id: &str, outcome: Result<u64, LastError>) {
         let mut state = self.inner.state.lock().await;
-        let attached = state.catalog.stores.get_mut(store_id).and_then(|record| record.files.get_mut(file_id));
+        let attached = state
+            .catalog
+            .stores
+            .get_mut(store_id)
+            .and_then(|record| record.files.get_mut(file_id))
+            .filter(|file| file.status == "in_progress");
         match attached {
             Some(file) => {
                 match outcome {
@@ -333,11 +419,11 @@ impl VectorStoreService {
                 if let Some(record) = state.catalog.stores.get_mut(store_id) {
                     record.object.last_active_at = Some(now_seconds());
                 }
-                if let Err(error) = self.save(&state.catalog) {
+                if let Err(error) = self.save(&mut state.catalog) {
                     tracing::error!(error = %error, "saving the vector-store catalog failed");
                 }
             }
-            // Detached (or its store deleted) while it was indexed: remove what was written.
+            // Cancelled, detached (or its store deleted) while it was indexed: remove what was written.
             None => {
                 if let Ok(collection) = self.collection(&mut state, store_id, None).await {
                     drop(state);
@@ -404,6 +490,7 @@ fn vector_store_object(
         expires_at: None,
         last_active_at: Some(now),
         metadata,
+        description: None,
     }
 }
 
@@ -471,7 +558,7 @@ impl VectorStoreBackend for VectorStoreService {
         };
         let mut state = self.inner.state.lock().await;
         state.catalog.files.insert(id, file.clone());
-        self.save(&state.catalog)?;
+        self.save(&mut state.catalog)?;
         Ok(file)
     }
 
@@ -520,7 +607,7 @@ impl VectorStoreBackend for VectorStoreService {
             delete_file_documents(collection.store().as_ref(), id).await.map_err(backend_error)?;
         }
         state.catalog.files.remove(id);
-        self.save(&state.catalog)?;
+        self.save(&mut state.catalog)?;
         if let Err(error) = tokio::fs::remove_file(self.file_path(id)).await {
             tracing::warn!(file = %id, error = %error, "removing an upload's bytes failed");
         }
@@ -540,6 +627,12 @@ impl VectorStoreBackend for VectorStoreService {
         if name.chars().count() > 256 {
             return Err(BackendError::invalid_param("name", "name: expected at most 256 characters"));
         }
+        let expires_after = request.expires_after.as_ref().map(request::expires_after).transpose()?.flatten();
+        if let Some(description) = &request.description
+            && description.chars().count() > 512
+        {
+            return Err(BackendError::invalid_param("description", "description: expected at most 512 characters"));
+        }
         let mut state = self.inner.state.lock().await;
         for (index, file_id) in request.file_ids.iter().enumerate() {
             if !state.catalog.files.contains_key(file_id) {
@@ -547,8 +640,10 @@ impl VectorStoreBackend for VectorStoreService {
             }
         }
         let id = new_id("vs_");
+        let mut object = vector_store_object(&id, &name, metadata, expires_after);
+        object.description = request.description;
         let record = StoreRecord {
-            object: vector_store_object(&id, &name, metadata, request.expires_after),
+            object,
             embedding_model: model,
             max_tokens,
             overlap_tokens,
@@ -559,7 +654,7 @@ impl VectorStoreBackend for VectorStoreService {
         for file_id in &request.file_ids {
             self.attach_locked(&mut state, &id, file_id, Map::new(), None)?;
         }
-        self.save(&state.catalog)?;
+        self.save(&mut state.catalog)?;
         let object = state.catalog.stores[&id].render();
         drop(state);
         for file_id in request.file_ids {
@@ -589,7 +684,7 @@ impl VectorStoreBackend for VectorStoreService {
         }
         state.catalog.stores.remove(id);
         state.open.remove(id);
-        self.save(&state.catalog)?;
+        self.save(&mut state.catalog)?;
         let folder = self.inner.root.join("stores").join(id);
         if let Err(error) = tokio::fs::remove_dir_all(&folder).await
             && error.kind() != std::io::ErrorKind::NotFound
@@ -608,6 +703,7 @@ impl VectorStoreBackend for VectorStoreService {
         let chunking = request::chunking_strategy(request.chunking_strategy.as_ref(), "chunking_strategy")?;
         let mut state = self.inner.state.lock().await;
         let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
+        usable(record, store)?;
         if record.declared && chunking.is_some() {
             return Err(BackendError::invalid_param(
                 "chunking_strategy",
@@ -620,7 +716,7 @@ impl VectorStoreBackend for VectorStoreService {
             return Err(not_found("file", &request.file_id, Some("file_id")));
         }
         let attached = self.attach_locked(&mut state, store, &request.file_id, attributes, chunking)?;
-        self.save(&state.catalog)?;
+        self.save(&mut state.catalog)?;
         drop(state);
         self.spawn_indexing(store.to_string(), request.file_id);
         Ok(attached)
@@ -631,14 +727,7 @@ impl VectorStoreBackend for VectorStoreService {
         store: &str,
         query: ListQuery,
     ) -> nstream_backend::Result<ListPage<VectorStoreFileObject>> {
-        if let Some(status) = &query.filter
-            && !["in_progress", "completed", "failed", "cancelled"].contains(&status.as_str())
-        {
-            return Err(BackendError::invalid_param(
-                "filter",
-                format!("filter: found {status:?}, expected in_progress, completed, failed or cancelled"),
-            ));
-        }
+        status_filter(&query)?;
         let state = self.inner.state.lock().await;
         let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
         let files: Vec<VectorStoreFileObject> = record
@@ -664,7 +753,7 @@ impl VectorStoreBackend for VectorStoreService {
         }
         let collection = self.collection(&mut state, store, None).await?;
         delete_file_documents(collection.store().as_ref(), file).await.map_err(backend_error)?;
-        self.save(&state.catalog)?;
+        self.save(&mut state.catalog)?;
         Ok(DeletedObject { id: file.to_string(), object: "vector_store.file.deleted".to_string(), deleted: true })
     }
 
@@ -679,8 +768,22 @@ impl VectorStoreBackend for VectorStoreService {
         {
             return Err(BackendError::invalid_param("name", "name: expected at most 256 characters"));
         }
+        let expires_after = request.expires_after.as_ref().map(request::expires_after).transpose()?;
         let mut state = self.inner.state.lock().await;
         let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
+        match &expires_after {
+            Some(Some(_)) if record.declared => {
+                return Err(BackendError::invalid_param(
+                    "expires_after",
+                    format!(
+                        "expires_after: vector store {store} is a KnowledgeBase of the served file; it does not expire"
+                    ),
+                ));
+            }
+            // A new policy (or none) revives an expired store; other changes do not.
+            Some(_) => {}
+            None => usable(record, store)?,
+        }
         if let Some(mut metadata) = metadata {
             if metadata.get("embedding_model").is_some_and(|model| model.as_str() != Some(&record.embedding_model)) {
                 return Err(BackendError::invalid_param(
@@ -700,12 +803,12 @@ impl VectorStoreBackend for VectorStoreService {
         if let Some(name) = request.name {
             record.object.name = name;
         }
-        if request.expires_after.is_some() {
-            record.object.expires_after = request.expires_after;
+        if let Some(expires_after) = expires_after {
+            record.object.expires_after = expires_after;
         }
         record.object.last_active_at = Some(now_seconds());
         let object = record.render();
-        self.save(&state.catalog)?;
+        self.save(&mut state.catalog)?;
         Ok(object)
     }
 
@@ -718,13 +821,15 @@ impl VectorStoreBackend for VectorStoreService {
         let attributes = request::attributes(request.attributes)?;
         let mut state = self.inner.state.lock().await;
         let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
+        usable(record, store)?;
+        record.object.last_active_at = Some(now_seconds());
         let attached = record.files.get_mut(file).ok_or_else(|| not_found("file", file, None))?;
         // The attributes are part of every chunk's metadata (and of its content hash): index again.
         attached.attributes = attributes;
         attached.status = "in_progress".to_string();
         attached.last_error = None;
         let answer = attached.clone();
-        self.save(&state.catalog)?;
+        self.save(&mut state.catalog)?;
         drop(state);
         self.spawn_indexing(store.to_string(), file.to_string());
         Ok(answer)
@@ -734,6 +839,13 @@ impl VectorStoreBackend for VectorStoreService {
         let parsed = request::search(request)?;
         let (collection, files) = {
             let mut state = self.inner.state.lock().await;
+            let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
+            usable(record, store)?;
+            let now = now_seconds();
+            if now.saturating_sub(record.object.last_active_at.unwrap_or_default()) >= ACTIVITY_SAVE_SECONDS {
+                record.object.last_active_at = Some(now);
+                self.save(&mut state.catalog)?;
+            }
             let collection = self.collection(&mut state, store, None).await?;
             (collection, state.catalog.files.clone())
         };
@@ -762,6 +874,167 @@ impl VectorStoreBackend for VectorStoreService {
         Ok(SearchResultsPage {
             object: "vector_store.search_results.page".to_string(),
             search_query: parsed.queries,
+            data,
+            has_more: false,
+            next_page: None,
+        })
+    }
+
+    async fn create_file_batch(
+        &self,
+        store: &str,
+        request: CreateVectorStoreFileBatch,
+    ) -> nstream_backend::Result<VectorStoreFileBatchObject> {
+        let files = request::file_batch(request)?;
+        let mut state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
+        usable(record, store)?;
+        if record.declared
+            && let Some(file) = files.iter().find(|file| file.chunking.is_some())
+        {
+            let field = file
+                .field
+                .strip_suffix(".file_id")
+                .map_or("chunking_strategy".to_string(), |entry| format!("{entry}.chunking_strategy"));
+            return Err(BackendError::invalid_param(
+                field.clone(),
+                format!("{field}: vector store {store} is a KnowledgeBase and chunks as its spec.chunking says"),
+            ));
+        }
+        if let Some(file) = files.iter().find(|file| !state.catalog.files.contains_key(&file.file_id)) {
+            return Err(not_found("file", &file.file_id, Some(&file.field)));
+        }
+        for file in &files {
+            self.attach_locked(&mut state, store, &file.file_id, file.attributes.clone(), file.chunking)?;
+        }
+        let id = new_id("vsfb_");
+        let batch = BatchRecord {
+            id: id.clone(),
+            store: store.to_string(),
+            created_at: now_seconds(),
+            file_ids: files.iter().map(|file| file.file_id.clone()).collect(),
+            cancelled: false,
+            settled: None,
+        };
+        state.catalog.batches.insert(id.clone(), batch);
+        self.save(&mut state.catalog)?;
+        let object = state.catalog.batches[&id].render(state.catalog.stores.get(store));
+        drop(state);
+        for file in files {
+            self.spawn_indexing(store.to_string(), file.file_id);
+        }
+        Ok(object)
+    }
+
+    async fn file_batch(&self, store: &str, batch: &str) -> nstream_backend::Result<VectorStoreFileBatchObject> {
+        let state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
+        let found = state
+            .catalog
+            .batches
+            .get(batch)
+            .filter(|found| found.store == store)
+            .ok_or_else(|| not_found("file batch", batch, None))?;
+        Ok(found.render(Some(record)))
+    }
+
+    async fn cancel_file_batch(&self, store: &str, batch: &str) -> nstream_backend::Result<VectorStoreFileBatchObject> {
+        let mut state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
+        let found = state
+            .catalog
+            .batches
+            .get(batch)
+            .filter(|found| found.store == store)
+            .ok_or_else(|| not_found("file batch", batch, None))?;
+        let now = found.render(Some(record));
+        if now.status != "in_progress" {
+            return Err(BackendError::invalid_request(format!(
+                "file batch {batch} is already {}; only a batch in progress can be cancelled",
+                now.status
+            )));
+        }
+        let file_ids = found.file_ids.clone();
+        if let Some(record) = state.catalog.stores.get_mut(store) {
+            for file_id in &file_ids {
+                if let Some(file) = record.files.get_mut(file_id)
+                    && file.status == "in_progress"
+                {
+                    // A file being embedded now finishes its work, which is then removed.
+                    file.status = "cancelled".to_string();
+                    file.last_error = None;
+                }
+            }
+            record.object.last_active_at = Some(now_seconds());
+        }
+        if let Some(found) = state.catalog.batches.get_mut(batch) {
+            found.cancelled = true;
+        }
+        self.save(&mut state.catalog)?;
+        Ok(state.catalog.batches[batch].render(state.catalog.stores.get(store)))
+    }
+
+    async fn list_file_batch_files(
+        &self,
+        store: &str,
+        batch: &str,
+        query: ListQuery,
+    ) -> nstream_backend::Result<ListPage<VectorStoreFileObject>> {
+        status_filter(&query)?;
+        let state = self.inner.state.lock().await;
+        let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
+        let found = state
+            .catalog
+            .batches
+            .get(batch)
+            .filter(|found| found.store == store)
+            .ok_or_else(|| not_found("file batch", batch, None))?;
+        let files: Vec<VectorStoreFileObject> = found
+            .file_ids
+            .iter()
+            .filter_map(|file_id| record.files.get(file_id))
+            .filter(|file| query.filter.as_ref().is_none_or(|status| &file.status == status))
+            .cloned()
+            .collect();
+        paginate(&files, &query, MAX_PAGE)
+    }
+
+    async fn vector_store_file_content(
+        &self,
+        store: &str,
+        file: &str,
+    ) -> nstream_backend::Result<VectorStoreFileContentPage> {
+        let filename = {
+            let state = self.inner.state.lock().await;
+            let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
+            if !record.files.contains_key(file) {
+                return Err(not_found("file", file, None));
+            }
+            state
+                .catalog
+                .files
+                .get(file)
+                .map(|found| found.filename.clone())
+                .ok_or_else(|| not_found("file", file, None))?
+        };
+        let bytes = tokio::fs::read(self.file_path(file))
+            .await
+            .map_err(|error| BackendError::Internal(format!("reading the upload {file}: {error}")))?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            BackendError::invalid_request(format!(
+                "file {file} ({filename}) is not UTF-8 text, so it has no parsed content"
+            ))
+        })?;
+        let format = Format::of(Path::new(&filename)).unwrap_or(Format::Text);
+        let read = parse_text(&text, Path::new(&filename), file, format, &JsonlOptions::default())
+            .map_err(|error| BackendError::invalid_request(format!("file {file} ({filename}): {error}")))?;
+        let data = read
+            .documents
+            .into_iter()
+            .map(|document| SearchContent { kind: "text".to_string(), text: document.text })
+            .collect();
+        Ok(VectorStoreFileContentPage {
+            object: "vector_store.file_content.page".to_string(),
             data,
             has_more: false,
             next_page: None,

@@ -128,6 +128,122 @@ pub(super) fn chunking_strategy(raw: Option<&Value>, field: &str) -> Result<Opti
     }
 }
 
+/// The most days of an `expires_after` policy (OpenAI's limit).
+pub(super) const MAX_EXPIRY_DAYS: u64 = 365;
+
+/// `expires_after`: `None` for `null`, else `{"anchor": "last_active_at", "days": 1..365}` as
+/// stored.
+pub(super) fn expires_after(raw: &Value) -> Result<Option<Value>> {
+    let field = "expires_after";
+    let object = match raw {
+        Value::Null => return Ok(None),
+        Value::Object(object) => object,
+        _ => return Err(invalid(field, "expected an object {\"anchor\": \"last_active_at\", \"days\": N} or null")),
+    };
+    if let Some(unknown) = object.keys().find(|key| !["anchor", "days"].contains(&key.as_str())) {
+        return Err(invalid(&format!("{field}.{unknown}"), "unknown field; expected anchor and days"));
+    }
+    match object.get("anchor") {
+        Some(Value::String(anchor)) if anchor == "last_active_at" => {}
+        Some(other) => {
+            return Err(invalid(&format!("{field}.anchor"), format!("found {other}, expected \"last_active_at\"")));
+        }
+        None => return Err(invalid(&format!("{field}.anchor"), "missing; expected \"last_active_at\"")),
+    }
+    let days = object.get("days").ok_or_else(|| {
+        invalid(&format!("{field}.days"), format!("missing; expected a whole number from 1 to {MAX_EXPIRY_DAYS}"))
+    })?;
+    let days = days.as_u64().filter(|days| (1..=MAX_EXPIRY_DAYS).contains(days)).ok_or_else(|| {
+        invalid(&format!("{field}.days"), format!("found {days}, expected a whole number from 1 to {MAX_EXPIRY_DAYS}"))
+    })?;
+    Ok(Some(serde_json::json!({"anchor": "last_active_at", "days": days})))
+}
+
+/// The most files of one batch (OpenAI's limit).
+pub(super) const MAX_BATCH_FILES: usize = 2000;
+
+/// One file of a batch, checked: its id, attributes and chunking (`None`: the store's).
+pub(super) struct BatchFile {
+    pub file_id: String,
+    /// The parameter that named it (`file_ids[3]`, `files[3].file_id`).
+    pub field: String,
+    pub attributes: Map<String, Value>,
+    pub chunking: Option<(u32, u32)>,
+}
+
+/// A file batch's files: exactly one of `file_ids` (with the shared `attributes` and
+/// `chunking_strategy`) and `files` (each with its own), 1 to 2000 distinct ids.
+pub(super) fn file_batch(request: nstream_backend::vector_store::CreateVectorStoreFileBatch) -> Result<Vec<BatchFile>> {
+    let (list, files) = match (request.file_ids, request.files) {
+        (Some(_), Some(_)) => {
+            return Err(invalid("files", "give either file_ids or files, not both"));
+        }
+        (None, None) => return Err(invalid("file_ids", "expected a list of file ids (or files)")),
+        (Some(file_ids), None) => {
+            let attributes = attributes(request.attributes)?;
+            let chunking = chunking_strategy(request.chunking_strategy.as_ref(), "chunking_strategy")?;
+            let files = file_ids
+                .into_iter()
+                .enumerate()
+                .map(|(index, file_id)| BatchFile {
+                    file_id,
+                    field: format!("file_ids[{index}]"),
+                    attributes: attributes.clone(),
+                    chunking,
+                })
+                .collect::<Vec<_>>();
+            ("file_ids", files)
+        }
+        (None, Some(entries)) => {
+            for (field, given) in [
+                ("attributes", request.attributes.is_some()),
+                ("chunking_strategy", request.chunking_strategy.is_some()),
+            ] {
+                if given {
+                    return Err(invalid(field, "with files, give it in each entry of files instead"));
+                }
+            }
+            let files = entries
+                .into_iter()
+                .enumerate()
+                .map(|(index, entry)| {
+                    let attributes = attributes(entry.attributes).map_err(|error| prefixed(error, index))?;
+                    let field = format!("files[{index}].chunking_strategy");
+                    let chunking = chunking_strategy(entry.chunking_strategy.as_ref(), &field)?;
+                    Ok(BatchFile {
+                        file_id: entry.file_id,
+                        field: format!("files[{index}].file_id"),
+                        attributes,
+                        chunking,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            ("files", files)
+        }
+    };
+    if files.is_empty() || files.len() > MAX_BATCH_FILES {
+        return Err(invalid(list, format!("found {} files, expected 1 to {MAX_BATCH_FILES}", files.len())));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for file in &files {
+        if file.file_id.trim().is_empty() {
+            return Err(invalid(&file.field, "expected a file id"));
+        }
+        if !seen.insert(file.file_id.as_str()) {
+            return Err(invalid(&file.field, format!("{} is in the batch twice", file.file_id)));
+        }
+    }
+    Ok(files)
+}
+
+/// An attribute error of `files[index]`, its field prefixed.
+fn prefixed(error: BackendError, index: usize) -> BackendError {
+    let field = error.param().unwrap_or("attributes").to_string();
+    let message = error.to_string();
+    let reason = message.strip_prefix(&format!("{field}: ")).unwrap_or(&message).to_string();
+    invalid(&format!("files[{index}].{field}"), reason)
+}
+
 /// A search, checked.
 pub(super) struct ParsedSearch {
     pub queries: Vec<String>,
@@ -227,6 +343,78 @@ mod tests {
         assert_eq!(choose_model(&Map::new(), &served[..1]).unwrap(), "a");
         assert!(metadata_check(json!({"k": 1})).is_err());
         assert!(attributes(Some(json!({"k": [1]}).as_object().cloned().unwrap())).is_err());
+    }
+
+    #[test]
+    fn expiry_policies_are_checked() {
+        assert_eq!(expires_after(&Value::Null).unwrap(), None);
+        let kept = expires_after(&json!({"anchor": "last_active_at", "days": 7})).unwrap().unwrap();
+        assert_eq!(kept, json!({"anchor": "last_active_at", "days": 7}));
+        for (raw, field) in [
+            (json!("7 days"), "expires_after"),
+            (json!({"anchor": "created_at", "days": 7}), "expires_after.anchor"),
+            (json!({"days": 7}), "expires_after.anchor"),
+            (json!({"anchor": "last_active_at"}), "expires_after.days"),
+            (json!({"anchor": "last_active_at", "days": 0}), "expires_after.days"),
+            (json!({"anchor": "last_active_at", "days": 366}), "expires_after.days"),
+            (json!({"anchor": "last_active_at", "days": 1.5}), "expires_after.days"),
+            (json!({"anchor": "last_active_at", "days": 1, "hours": 2}), "expires_after.hours"),
+        ] {
+            let error = expires_after(&raw).unwrap_err();
+            assert_eq!((error.status_code(), error.param()), (400, Some(field)), "{raw}: {error}");
+            assert!(error.to_string().starts_with(field), "{error}");
+        }
+    }
+
+    fn batch(body: Value) -> Result<Vec<BatchFile>> {
+        file_batch(serde_json::from_value(body).unwrap())
+    }
+
+    #[test]
+    fn file_batches_are_checked() {
+        let shared = batch(json!({
+            "file_ids": ["file-a", "file-b"],
+            "attributes": {"team": "docs"},
+            "chunking_strategy": {"type": "static", "static": {"max_chunk_size_tokens": 300, "chunk_overlap_tokens": 30}}
+        }))
+        .unwrap();
+        assert_eq!(shared.len(), 2);
+        assert!(shared.iter().all(|file| file.attributes["team"] == "docs" && file.chunking == Some((300, 30))));
+        assert_eq!(shared[1].field, "file_ids[1]");
+        let each = batch(json!({"files": [
+            {"file_id": "file-a", "attributes": {"n": 1}},
+            {"file_id": "file-b", "chunking_strategy": {"type": "auto"}}
+        ]}))
+        .unwrap();
+        assert_eq!(each[0].attributes["n"], 1);
+        assert!(each[1].attributes.is_empty() && each[1].chunking.is_none());
+        assert_eq!(each[1].field, "files[1].file_id");
+
+        let too_many: Vec<String> = (0..=MAX_BATCH_FILES).map(|index| format!("file-{index}")).collect();
+        for (body, field) in [
+            (json!({}), "file_ids"),
+            (json!({"file_ids": []}), "file_ids"),
+            (json!({"file_ids": too_many}), "file_ids"),
+            (json!({"file_ids": ["file-a"], "files": [{"file_id": "file-b"}]}), "files"),
+            (json!({"file_ids": ["file-a", "file-a"]}), "file_ids[1]"),
+            (json!({"file_ids": [""]}), "file_ids[0]"),
+            (json!({"file_ids": ["file-a"], "attributes": {"k": [1]}}), "attributes.k"),
+            (
+                json!({"file_ids": ["file-a"], "chunking_strategy": {"type": "static", "static": {"max_chunk_size_tokens": 50, "chunk_overlap_tokens": 0}}}),
+                "chunking_strategy.static.max_chunk_size_tokens",
+            ),
+            (json!({"files": [{"file_id": "file-a"}], "attributes": {"k": "v"}}), "attributes"),
+            (json!({"files": [{"file_id": "file-a"}], "chunking_strategy": {"type": "auto"}}), "chunking_strategy"),
+            (json!({"files": [{"file_id": "file-a", "attributes": {"k": {}}}]}), "files[0].attributes.k"),
+            (
+                json!({"files": [{"file_id": "file-a"}, {"file_id": "file-b", "chunking_strategy": {"type": "big"}}]}),
+                "files[1].chunking_strategy.type",
+            ),
+        ] {
+            let error = batch(body.clone()).err().unwrap();
+            assert_eq!((error.status_code(), error.param()), (400, Some(field)), "{body}: {error}");
+            assert!(error.to_string().starts_with(field), "{body}: {error}");
+        }
     }
 
     fn metadata_check(value: Value) -> Result<Map<String, Value>> {
