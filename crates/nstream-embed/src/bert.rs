@@ -8,11 +8,17 @@
 //! - linear layers run on the flattened (batch × sequence, hidden) matrix, and no mask is built at
 //!   all when the batch has no padding (the batcher sorts by length, so that is common);
 //! - only what embeddings need: token type 0, absolute positions, no pooler, no dropout.
+//!
+//! On the CPU in f32 (the CPU default) the same weights run on nstream-kernels' dense kernels
+//! instead of candle ops (see `bert_cpu.rs`: weights packed once, fused GELU, residual and
+//! attention); [`BertEncoder::load_candle_ops`] keeps the candle path, the reference the kernels
+//! are tested and timed against.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::bert_cpu::{CpuBert, CpuLayer, Norm, activation_for, pack};
 use crate::config::{BertConfig, HiddenAct};
 use crate::error::{Error, Result};
 
@@ -54,6 +60,21 @@ struct Layer {
 
 /// BERT embeddings + encoder, loaded from a safetensors state dict.
 pub struct BertEncoder {
+    inner: Inner,
+    hidden: usize,
+    device: Device,
+}
+
+/// Which implementation runs the forward pass.
+enum Inner {
+    /// candle ops (any device and dtype).
+    Candle(CandleBert),
+    /// nstream-kernels' dense kernels (the CPU in f32).
+    Cpu(CpuBert),
+}
+
+/// The encoder as candle tensors.
+struct CandleBert {
     word_embeddings: Tensor,
     /// Position embeddings with token-type 0 already added: one add per forward instead of two.
     position_embeddings: Tensor,
@@ -113,8 +134,66 @@ impl Weights<'_> {
 
 impl BertEncoder {
     /// Builds the encoder from a state dict (names as in Hugging Face's `BertModel`, optionally
-    /// prefixed with `bert.`), converting weights to `dtype` on `device`.
+    /// prefixed with `bert.`), converting weights to `dtype` on `device`. On the CPU in f32 it
+    /// runs on nstream-kernels' dense kernels (at `NSTREAM_CPU_LEVEL`'s level), elsewhere on
+    /// candle ops.
     pub fn load(tensors: &HashMap<String, Tensor>, config: &BertConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let candle = CandleBert::load(tensors, config, dtype, device)?;
+        let inner =
+            if device.is_cpu() && dtype == DType::F32 { Inner::Cpu(candle.into_cpu()?) } else { Inner::Candle(candle) };
+        Ok(Self { inner, hidden: config.hidden_size, device: device.clone() })
+    }
+
+    /// [`BertEncoder::load`] on candle ops whatever the device and dtype: the reference the CPU
+    /// kernels are checked and timed against.
+    pub fn load_candle_ops(
+        tensors: &HashMap<String, Tensor>,
+        config: &BertConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let candle = CandleBert::load(tensors, config, dtype, device)?;
+        Ok(Self { inner: Inner::Candle(candle), hidden: config.hidden_size, device: device.clone() })
+    }
+
+    /// Whether the forward pass runs on nstream-kernels' CPU kernels (else on candle ops).
+    pub fn uses_cpu_kernels(&self) -> bool {
+        matches!(self.inner, Inner::Cpu(_))
+    }
+
+    /// The width of the hidden states.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the encoder on right-padded `input_ids` (batch, sequence; u32) whose real lengths are
+    /// `lengths`. Returns the last hidden states (batch, sequence, hidden) in f32.
+    pub fn forward(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        match &self.inner {
+            Inner::Candle(candle) => candle.forward(input_ids, lengths),
+            Inner::Cpu(cpu) => {
+                let (batch, sequence) = input_ids.dims2()?;
+                if lengths.len() != batch || lengths.iter().any(|&length| length == 0 || length > sequence) {
+                    return Err(Error::Inference(format!(
+                        "lengths {lengths:?} do not fit a batch of {batch} × {sequence}"
+                    )));
+                }
+                let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+                let states = cpu.forward(&ids, batch, sequence, lengths)?;
+                Ok(Tensor::from_vec(states, (batch, sequence, self.hidden), &self.device)?)
+            }
+        }
+    }
+}
+
+impl CandleBert {
+    /// See [`BertEncoder::load`].
+    fn load(tensors: &HashMap<String, Tensor>, config: &BertConfig, dtype: DType, device: &Device) -> Result<Self> {
         let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") { "" } else { "bert." };
         let weights = Weights { tensors, prefix, dtype, device };
         let hidden = config.hidden_size;
@@ -173,19 +252,37 @@ impl BertEncoder {
         })
     }
 
-    /// The width of the hidden states.
-    pub fn hidden_size(&self) -> usize {
-        self.hidden
+    /// The same weights for the CPU kernels (f32 on the CPU only), consuming the tensors.
+    fn into_cpu(self) -> Result<CpuBert> {
+        let norm = |norm: LayerNorm| -> Result<Norm> {
+            Ok(Norm { weight: norm.weight.to_vec1()?, bias: norm.bias.to_vec1()?, epsilon: norm.eps })
+        };
+        let word_embeddings = self.word_embeddings.flatten_all()?.to_vec1::<f32>()?;
+        let position_embeddings = self.position_embeddings.flatten_all()?.to_vec1::<f32>()?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in self.layers {
+            layers.push(CpuLayer {
+                qkv: pack(&layer.qkv.weight, &layer.qkv.bias)?,
+                attention_output: pack(&layer.attention_output.weight, &layer.attention_output.bias)?,
+                attention_norm: norm(layer.attention_norm)?,
+                intermediate: pack(&layer.intermediate.weight, &layer.intermediate.bias)?,
+                output: pack(&layer.output.weight, &layer.output.bias)?,
+                output_norm: norm(layer.output_norm)?,
+            });
+        }
+        Ok(CpuBert {
+            word_embeddings,
+            position_embeddings,
+            embeddings_norm: norm(self.embeddings_norm)?,
+            layers,
+            activation: activation_for(self.activation),
+            heads: self.heads,
+            head_dim: self.head_dim,
+        })
     }
 
-    /// The device the weights live on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Runs the encoder on right-padded `input_ids` (batch, sequence; u32) whose real lengths are
-    /// `lengths`. Returns the last hidden states (batch, sequence, hidden) in f32.
-    pub fn forward(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+    /// See [`BertEncoder::forward`].
+    fn forward(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (batch, sequence) = input_ids.dims2()?;
         if sequence > self.position_embeddings.dim(0)? {
             return Err(Error::Inference(format!(

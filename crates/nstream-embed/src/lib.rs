@@ -14,6 +14,7 @@ pub mod architecture;
 mod backend;
 pub mod batching;
 pub mod bert;
+mod bert_cpu;
 pub mod config;
 mod engine;
 mod error;

@@ -27,6 +27,10 @@
 //! This is the workspace's one crate where `unsafe` is allowed (denied by default, allowed in
 //! the SIMD modules only): calling a `#[target_feature]` function after checking the CPU has the
 //! features, and loading SIMD registers from array references.
+//!
+//! [`dense`] holds the f32 kernels of encoder models (BERT): a matrix product against weights
+//! packed once ([`dense::PackedMatrix`], AVX2 + FMA or portable), layer normalisation,
+//! activations and bidirectional attention, at the same levels.
 
 use std::fmt;
 use std::ops::Range;
@@ -39,6 +43,9 @@ mod attention;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod dense;
+#[cfg(target_arch = "x86_64")]
+mod dense_avx2;
 
 pub use attention::{attend, attend_at};
 

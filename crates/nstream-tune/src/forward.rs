@@ -17,7 +17,8 @@ use nstream_llm::model::{LlamaConfig, RopeScaling};
 use nstream_peft::Module;
 
 use crate::error::{Error, Result};
-use crate::kernels::{Attention, OutputLoss, RmsNorm, SwiGlu};
+use crate::kernels::{Attention, LoraLinear, OutputLoss, RmsNorm, SwiGlu, product_with_transposed};
+use crate::simd::Level;
 
 /// How LoRA adapts the target modules.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,6 +64,8 @@ pub struct TrainModel {
     dtype: DType,
     /// Whether the forward runs the fused CPU kernels (else the composite reference).
     fused: bool,
+    /// The instruction set the fused kernels run with.
+    level: Level,
 }
 
 /// Randomness of one forward pass (LoRA dropout): `None` is evaluation.
@@ -117,17 +120,6 @@ struct FrozenLinear {
     weight: Tensor,
 }
 
-fn contiguous_view<D: candle_core::WithDType>(
-    storage: &candle_core::CpuStorage,
-    layout: &candle_core::Layout,
-) -> candle_core::Result<Tensor> {
-    let values = storage.as_slice::<D>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Tensor::from_slice(&values[start..end], layout.shape().clone(), &Device::Cpu),
-        None => Err(candle_core::Error::Msg("frozen-linear needs a contiguous input".into())),
-    }
-}
-
 impl candle_core::CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
@@ -138,16 +130,11 @@ impl candle_core::CustomOp1 for FrozenLinear {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = match storage {
-            candle_core::CpuStorage::F32(_) => contiguous_view::<f32>(storage, layout)?,
-            candle_core::CpuStorage::F64(_) => contiguous_view::<f64>(storage, layout)?,
-            _ => return Err(candle_core::Error::Msg("frozen-linear runs in f32 or f64".into())),
-        };
-        let y = x.matmul(&self.weight.t()?)?;
-        let (guard, _) = y.storage_and_layout();
-        match &*guard {
-            candle_core::Storage::Cpu(cpu) => Ok((cpu.clone(), y.shape().clone())),
-            _ => Err(candle_core::Error::Msg("frozen-linear ran off the CPU".into())),
+        match storage {
+            candle_core::CpuStorage::F32(_) | candle_core::CpuStorage::F64(_) => {
+                product_with_transposed(storage, layout, &self.weight)
+            }
+            _ => Err(candle_core::Error::Msg("frozen-linear runs in f32 or f64".into())),
         }
     }
 
@@ -290,6 +277,7 @@ impl TrainModel {
             device,
             dtype,
             fused,
+            level: Level::detected(),
         })
     }
 
@@ -307,7 +295,11 @@ impl TrainModel {
     /// RMSNorm of `(rows, hidden)` rows.
     fn norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
-        if self.fused { Ok(x.contiguous()?.apply_op2(weight, RmsNorm { eps })?) } else { rms_norm(x, weight, eps) }
+        if self.fused {
+            Ok(x.contiguous()?.apply_op2(weight, RmsNorm { eps, level: self.level })?)
+        } else {
+            rms_norm(x, weight, eps)
+        }
     }
 
     /// The hyper-parameters.
@@ -361,23 +353,42 @@ impl TrainModel {
     fn linear(&self, x: &Tensor, layer: usize, module: Module, dropout: Option<u64>) -> Result<Tensor> {
         let prefix = format!("model.layers.{layer}.{}", module.path());
         let weight = self.weight(&format!("{prefix}.weight"))?;
-        let mut y = self.frozen_or_trained_product(x, weight)?;
-        if let Some(bias) = self.weights.get(&format!("{prefix}.bias")) {
+        let bias = self.weights.get(&format!("{prefix}.bias"));
+        let adapter = match (self.lora.get(&(layer, module)), &self.lora_spec) {
+            (Some(pair), Some(spec)) => Some((pair, spec)),
+            _ => None,
+        };
+        let mask = match (adapter, dropout) {
+            (Some((_, spec)), Some(seed)) if spec.dropout > 0.0 => {
+                // Inverted dropout with a mask drawn from a seed that depends only on the
+                // step, micro-batch, layer and module: a resumed run draws the same masks.
+                let mut rng = fastrand::Rng::with_seed(seed ^ ((layer as u64) << 32) ^ (module as u64) << 48);
+                let keep = 1.0 - spec.dropout;
+                let mask: Vec<f32> = (0..x.elem_count())
+                    .map(|_| if rng.f64() < spec.dropout { 0.0 } else { (1.0 / keep) as f32 })
+                    .collect();
+                Some(Tensor::from_vec(mask, x.dims(), &self.device)?.to_dtype(self.dtype)?)
+            }
+            _ => None,
+        };
+        let mut y = match adapter {
+            // One operation for the frozen product and the adapter (the base is frozen in LoRA).
+            Some((pair, spec)) if self.fused => x.contiguous()?.apply_op3(
+                pair.a.as_tensor(),
+                pair.b.as_tensor(),
+                LoraLinear { weight: weight.clone(), scale: spec.scale(), mask: mask.clone() },
+            )?,
+            _ => self.frozen_or_trained_product(x, weight)?,
+        };
+        if let Some(bias) = bias {
             y = y.broadcast_add(bias)?;
         }
-        if let (Some(pair), Some(spec)) = (self.lora.get(&(layer, module)), &self.lora_spec) {
-            let input = match dropout {
-                Some(seed) if spec.dropout > 0.0 => {
-                    // Inverted dropout with a mask drawn from a seed that depends only on the
-                    // step, micro-batch, layer and module: a resumed run draws the same masks.
-                    let mut rng = fastrand::Rng::with_seed(seed ^ ((layer as u64) << 32) ^ (module as u64) << 48);
-                    let keep = 1.0 - spec.dropout;
-                    let mask: Vec<f32> = (0..x.elem_count())
-                        .map(|_| if rng.f64() < spec.dropout { 0.0 } else { (1.0 / keep) as f32 })
-                        .collect();
-                    (x * Tensor::from_vec(mask, x.dims(), &self.device)?.to_dtype(self.dtype)?)?
-                }
-                _ => x.clone(),
+        if let Some((pair, spec)) = adapter
+            && !self.fused
+        {
+            let input = match &mask {
+                Some(mask) => (x * mask)?,
+                None => x.clone(),
             };
             let update = input.matmul(&pair.a.as_tensor().t()?)?.matmul(&pair.b.as_tensor().t()?)?;
             y = (y + (update * spec.scale())?)?;
@@ -440,6 +451,7 @@ impl TrainModel {
                     scale,
                     cos: cos_table.clone(),
                     sin: sin_table.clone(),
+                    level: self.level,
                 };
                 queries.contiguous()?.apply_op3(&keys.contiguous()?, &values.contiguous()?, attention)?
             } else {
@@ -468,7 +480,7 @@ impl TrainModel {
             let gate = self.linear(&normed, layer, Module::GateProj, seed(layer, Module::GateProj))?;
             let up = self.linear(&normed, layer, Module::UpProj, seed(layer, Module::UpProj))?;
             let activated = if self.fused {
-                gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?
+                gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu { level: self.level })?
             } else {
                 (silu(&gate)? * up)?
             };
@@ -516,6 +528,7 @@ impl TrainModel {
                 weight: head.clone(),
                 targets: batch.targets.clone(),
                 logits: std::sync::Mutex::new(None),
+                level: self.level,
             };
             return Ok(selected.contiguous()?.apply_op2(head, loss)?.sum_all()?);
         }

@@ -22,6 +22,7 @@ pub mod optim;
 mod progress;
 pub mod report;
 pub mod settings;
+mod simd;
 pub mod threads;
 pub mod train;
 

@@ -1,0 +1,180 @@
+//! The BERT encoder's f32 CPU path on nstream-kernels' dense kernels instead of candle ops.
+//!
+//! Why: at one sentence per request (a 15 × 384 activation) the forward pass is a few hundred
+//! small candle ops, each allocating its output and some dispatching to a thread pool, and
+//! candle's f32 products (the gemm crate) pack both operands on every call. Here the weights are
+//! packed once at load ([`PackedMatrix`]), the GELU runs inside the intermediate product, the
+//! residual add inside the layer norm, and the attention is one pass per block of query rows over
+//! the fused q/k/v rows (padding keys skipped rather than masked). Buffers are allocated once per
+//! forward pass. The threads are rayon's (the pool the worker runs in), the same that candle's
+//! products use, so no second pool competes for the cores.
+//!
+//! The arithmetic is the same as the candle path's up to rounding (f32 throughout, sums in a
+//! different order, polynomial `exp` and `erf` accurate to 1e-7 and 2e-6); tests/reference.rs checks the
+//! result against sentence-transformers, and the unit test below against the candle path.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::Tensor;
+use nstream_kernels::dense::{Activation, AttentionShape, PackedMatrix, add_layer_norm, encoder_attention};
+use nstream_kernels::{KernelError, Parallel};
+
+use crate::config::HiddenAct;
+use crate::error::{Error, Result};
+
+/// Runs work items on the rayon pool the calling thread belongs to (the global one otherwise):
+/// the caller and `threads − 1` helpers take items one at a time from a shared counter, so a
+/// helper that starts late (other processes on the cores) takes fewer.
+pub(crate) struct RayonThreads;
+
+impl Parallel for RayonThreads {
+    fn run(&self, items: usize, work: &(dyn Fn(Range<usize>) + Sync)) {
+        let threads = rayon::current_num_threads().min(items);
+        if threads <= 1 {
+            if items > 0 {
+                work(0..items);
+            }
+            return;
+        }
+        let next = AtomicUsize::new(0);
+        let take = || {
+            loop {
+                let item = next.fetch_add(1, Ordering::Relaxed);
+                if item >= items {
+                    break;
+                }
+                work(item..item + 1);
+            }
+        };
+        rayon::in_place_scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(|_| take());
+            }
+            take();
+        });
+    }
+}
+
+fn kernel_error(error: KernelError) -> Error {
+    Error::Inference(format!("BERT kernels: {error}"))
+}
+
+/// A layer norm's parameters.
+pub(crate) struct Norm {
+    pub(crate) weight: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) epsilon: f32,
+}
+
+impl Norm {
+    /// `values = norm(values + residual)`, row by row.
+    fn apply(&self, values: &mut [f32], residual: Option<&[f32]>) -> Result<()> {
+        add_layer_norm(values, residual, &self.weight, &self.bias, self.epsilon).map_err(kernel_error)
+    }
+}
+
+/// One encoder layer with its products packed.
+pub(crate) struct CpuLayer {
+    pub(crate) qkv: PackedMatrix,
+    pub(crate) attention_output: PackedMatrix,
+    pub(crate) attention_norm: Norm,
+    pub(crate) intermediate: PackedMatrix,
+    pub(crate) output: PackedMatrix,
+    pub(crate) output_norm: Norm,
+}
+
+/// The BERT encoder on the CPU in f32.
+pub(crate) struct CpuBert {
+    /// `vocab × hidden`.
+    pub(crate) word_embeddings: Vec<f32>,
+    /// `positions × hidden`, token type 0 already added.
+    pub(crate) position_embeddings: Vec<f32>,
+    pub(crate) embeddings_norm: Norm,
+    pub(crate) layers: Vec<CpuLayer>,
+    pub(crate) activation: Activation,
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+/// The kernels' activation for a config's.
+pub(crate) fn activation_for(activation: HiddenAct) -> Activation {
+    match activation {
+        HiddenAct::Gelu => Activation::GeluErf,
+        HiddenAct::GeluApproximate => Activation::GeluTanh,
+        HiddenAct::Relu => Activation::Relu,
+    }
+}
+
+/// A linear layer's weight and bias (candle tensors, f32 on the CPU) packed for the kernels.
+pub(crate) fn pack(weight: &Tensor, bias: &Tensor) -> Result<PackedMatrix> {
+    let (rows, cols) = weight.dims2()?;
+    let weights = weight.flatten_all()?.to_vec1::<f32>()?;
+    let bias = bias.to_vec1::<f32>()?;
+    PackedMatrix::new(&weights, rows, cols, Some(&bias)).map_err(kernel_error)
+}
+
+impl CpuBert {
+    fn hidden(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// The last hidden states (`batch × sequence × hidden`, row-major) of right-padded `ids`
+    /// (`batch × sequence`) whose real lengths are `lengths`.
+    pub(crate) fn forward(&self, ids: &[u32], batch: usize, sequence: usize, lengths: &[usize]) -> Result<Vec<f32>> {
+        let hidden = self.hidden();
+        let positions = self.position_embeddings.len() / hidden.max(1);
+        if sequence > positions {
+            return Err(Error::Inference(format!(
+                "sequence of {sequence} tokens exceeds the {positions} positions of the model"
+            )));
+        }
+        if ids.len() != batch * sequence {
+            return Err(Error::Inference(format!("{} token ids for a batch of {batch} × {sequence}", ids.len())));
+        }
+        let rows = batch * sequence;
+        let vocabulary = self.word_embeddings.len() / hidden.max(1);
+        let mut states = vec![0f32; rows * hidden];
+        for (row, (&id, state)) in ids.iter().zip(states.chunks_exact_mut(hidden)).enumerate() {
+            let id = id as usize;
+            if id >= vocabulary {
+                return Err(Error::Inference(format!(
+                    "token id {id} is outside the vocabulary of {vocabulary} tokens"
+                )));
+            }
+            let word = &self.word_embeddings[id * hidden..][..hidden];
+            let position = &self.position_embeddings[(row % sequence) * hidden..][..hidden];
+            for ((value, &word), &position) in state.iter_mut().zip(word).zip(position) {
+                *value = word + position;
+            }
+        }
+        self.embeddings_norm.apply(&mut states, None)?;
+
+        let intermediate_size = self.layers.first().map_or(0, |layer| layer.intermediate.rows());
+        let mut qkv = vec![0f32; rows * 3 * hidden];
+        let mut context = vec![0f32; rows * hidden];
+        let mut attention = vec![0f32; rows * hidden];
+        let mut intermediate = vec![0f32; rows * intermediate_size];
+        let shape = AttentionShape { batch, sequence, heads: self.heads, head_dim: self.head_dim };
+        let threads = &RayonThreads;
+        for layer in &self.layers {
+            layer.qkv.matmul(&states, rows, &mut qkv, Activation::Identity, threads).map_err(kernel_error)?;
+            encoder_attention(&qkv, shape, lengths, &mut context, threads).map_err(kernel_error)?;
+            layer
+                .attention_output
+                .matmul(&context, rows, &mut attention, Activation::Identity, threads)
+                .map_err(kernel_error)?;
+            layer.attention_norm.apply(&mut attention, Some(&states))?;
+            layer
+                .intermediate
+                .matmul(&attention, rows, &mut intermediate, self.activation, threads)
+                .map_err(kernel_error)?;
+            layer
+                .output
+                .matmul(&intermediate, rows, &mut states, Activation::Identity, threads)
+                .map_err(kernel_error)?;
+            layer.output_norm.apply(&mut states, Some(&attention))?;
+        }
+        Ok(states)
+    }
+}
