@@ -420,21 +420,7 @@ pub async fn reconcile<K: ServedResource>(object: Arc<K>, context: Arc<Context>)
         let params = PatchParams::apply(FIELD_MANAGER).force();
         api.patch_status(&served.name, &params, &Patch::Apply(&patch)).await.map_err(Error::Kube)?;
         context.metrics.wrote(kind, "status");
-        let reference = object.object_ref(&());
-        for transition in health::transitions(previous, &status) {
-            let event = Event {
-                type_: if transition.warning { EventType::Warning } else { EventType::Normal },
-                reason: transition.reason,
-                note: Some(transition.note),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            if let Err(error) = context.recorder.publish(&event, &reference).await {
-                tracing::warn!(error = %error, "publishing an event failed");
-            } else {
-                context.metrics.wrote(kind, "event");
-            }
-        }
+        context.publish_transitions(kind, &object.object_ref(&()), health::transitions(previous, &status)).await;
         tracing::info!(
             ready = status.is_ready(),
             ready_replicas = status.ready_replicas.unwrap_or(0),
@@ -478,6 +464,30 @@ fn object_key<K: ServedResource>(object: &K) -> String {
 }
 
 impl Context {
+    /// Publishes one Event per change of a resource's serving conditions (Warning for a change
+    /// for the worse) and counts each one written under `kind`.
+    pub(crate) async fn publish_transitions(
+        &self,
+        kind: &str,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        transitions: Vec<health::Transition>,
+    ) {
+        for transition in transitions {
+            let event = Event {
+                type_: if transition.warning { EventType::Warning } else { EventType::Normal },
+                reason: transition.reason,
+                note: Some(transition.note),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(error) = self.recorder.publish(&event, reference).await {
+                tracing::warn!(error = %error, "publishing an event failed");
+            } else {
+                self.metrics.wrote(kind, "event");
+            }
+        }
+    }
+
     /// Counts one more consecutive failure of `key`; the delay before its retry.
     pub(crate) fn failed(&self, key: String) -> Duration {
         let failures = match self.failures.lock() {

@@ -37,7 +37,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -508,21 +507,8 @@ pub async fn reconcile(knowledge_base: Arc<KnowledgeBase>, context: Arc<Context>
         let params = PatchParams::apply(FIELD_MANAGER).force();
         api.patch_status(&base.name, &params, &Patch::Apply(&patch)).await.map_err(Error::Kube)?;
         context.metrics.wrote(KIND, "status");
-        let reference = knowledge_base.object_ref(&());
-        for transition in health::transitions(previous.map(|status| &status.serving), &status.serving) {
-            let event = Event {
-                type_: if transition.warning { EventType::Warning } else { EventType::Normal },
-                reason: transition.reason,
-                note: Some(transition.note),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            if let Err(error) = context.recorder.publish(&event, &reference).await {
-                tracing::warn!(error = %error, "publishing an event failed");
-            } else {
-                context.metrics.wrote(KIND, "event");
-            }
-        }
+        let transitions = health::transitions(previous.map(|status| &status.serving), &status.serving);
+        context.publish_transitions(KIND, &knowledge_base.object_ref(&()), transitions).await;
         let ready = status.serving.condition(READY);
         tracing::info!(
             ready = status.serving.is_ready(),
