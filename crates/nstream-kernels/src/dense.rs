@@ -158,17 +158,7 @@ impl PackedMatrix {
         activation: Activation,
         parallel: &dyn Parallel,
     ) -> Result<(), KernelError> {
-        if input.len() != batch * self.cols {
-            return Err(KernelError::Shape {
-                message: format!("expected {batch} × {} input values, got {}", self.cols, input.len()),
-            });
-        }
-        if output.len() != batch * self.rows {
-            return Err(KernelError::Shape {
-                message: format!("expected {batch} × {} output values, got {}", self.rows, output.len()),
-            });
-        }
-        if batch == 0 || self.rows == 0 {
+        if !crate::check_product_shape(input, output, batch, self.rows, self.cols)? {
             return Ok(());
         }
         let panel_count = self.bias.len();

@@ -395,17 +395,7 @@ impl QuantMatrix {
         output: &mut [f32],
         parallel: &dyn Parallel,
     ) -> Result<(), KernelError> {
-        if input.len() != batch * self.cols {
-            return Err(KernelError::Shape {
-                message: format!("expected {batch} × {} input values, got {}", self.cols, input.len()),
-            });
-        }
-        if output.len() != batch * self.rows {
-            return Err(KernelError::Shape {
-                message: format!("expected {batch} × {} output values, got {}", self.rows, output.len()),
-            });
-        }
-        if batch == 0 || self.rows == 0 {
+        if !crate::check_product_shape(input, output, batch, self.rows, self.cols)? {
             return Ok(());
         }
         let activations = Activations::quantize(input, batch, self);
@@ -633,6 +623,29 @@ fn level_for(requested: Option<&str>) -> Result<CpuLevel, KernelError> {
 /// [`CpuLevel::Portable`] (false where `NSTREAM_CPU_LEVEL` names no level).
 pub fn accelerated() -> bool {
     cpu_level().is_ok_and(|level| level > CpuLevel::Portable)
+}
+
+/// Checks the buffers of a `rows` × `cols` matrix's product with `batch` input rows: the input
+/// holds `batch × cols` values and the output `batch × rows`. False when there is nothing to
+/// compute (no input row or no output column).
+pub(crate) fn check_product_shape(
+    input: &[f32],
+    output: &[f32],
+    batch: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<bool, KernelError> {
+    if input.len() != batch * cols {
+        return Err(KernelError::Shape {
+            message: format!("expected {batch} × {cols} input values, got {}", input.len()),
+        });
+    }
+    if output.len() != batch * rows {
+        return Err(KernelError::Shape {
+            message: format!("expected {batch} × {rows} output values, got {}", output.len()),
+        });
+    }
+    Ok(batch != 0 && rows != 0)
 }
 
 #[cfg(test)]
