@@ -214,6 +214,11 @@ impl Encoder {
         Ok(LoadedEncoder { encoder, info, device: device.clone() })
     }
 
+    /// Whether padding costs no work (BERT on nstream's CPU kernels packs the real tokens).
+    pub fn is_padding_free(&self) -> bool {
+        matches!(self, Self::Bert(encoder) if encoder.uses_cpu_kernels())
+    }
+
     /// Runs the encoder on right-padded `input_ids` (batch, sequence; u32) whose real lengths are
     /// `lengths`. Returns the last hidden states (batch, sequence, hidden) in f32.
     pub fn forward(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {

@@ -121,6 +121,10 @@ impl CpuBert {
 
     /// The last hidden states (`batch × sequence × hidden`, row-major) of right-padded `ids`
     /// (`batch × sequence`) whose real lengths are `lengths`.
+    ///
+    /// Padding costs nothing: the real tokens of every sequence are packed one after another (no
+    /// padding rows), every product runs on those rows only and the attention runs per sequence
+    /// over its own rows. Padding rows of the result are zeros.
     pub(crate) fn forward(&self, ids: &[u32], batch: usize, sequence: usize, lengths: &[usize]) -> Result<Vec<f32>> {
         let hidden = self.hidden();
         let positions = self.position_embeddings.len() / hidden.max(1);
@@ -132,10 +136,35 @@ impl CpuBert {
         if ids.len() != batch * sequence {
             return Err(Error::Inference(format!("{} token ids for a batch of {batch} × {sequence}", ids.len())));
         }
-        let rows = batch * sequence;
+        if lengths.len() != batch || lengths.iter().any(|&length| length > sequence) {
+            return Err(Error::Inference(format!("lengths {lengths:?} do not fit a batch of {batch} × {sequence}")));
+        }
+        let packed_ids: Vec<(u32, usize)> = ids
+            .chunks_exact(sequence.max(1))
+            .zip(lengths)
+            .flat_map(|(row, &length)| row[..length].iter().enumerate().map(|(position, &id)| (id, position)))
+            .collect();
+        let states = self.forward_packed(&packed_ids, lengths)?;
+        let mut padded = vec![0f32; batch * sequence * hidden];
+        let mut packed_rows = states.chunks_exact(hidden.max(1));
+        for (output, &length) in padded.chunks_exact_mut((sequence * hidden).max(1)).zip(lengths) {
+            for row in output.chunks_exact_mut(hidden.max(1)).take(length) {
+                if let Some(values) = packed_rows.next() {
+                    row.copy_from_slice(values);
+                }
+            }
+        }
+        Ok(padded)
+    }
+
+    /// The last hidden states of packed sequences: `tokens` holds every sequence's (id, position)
+    /// one after another, `lengths` how many belong to each. Returns `tokens.len() × hidden`.
+    fn forward_packed(&self, tokens: &[(u32, usize)], lengths: &[usize]) -> Result<Vec<f32>> {
+        let hidden = self.hidden();
+        let rows = tokens.len();
         let vocabulary = self.word_embeddings.len() / hidden.max(1);
         let mut states = vec![0f32; rows * hidden];
-        for (row, (&id, state)) in ids.iter().zip(states.chunks_exact_mut(hidden)).enumerate() {
+        for (&(id, position), state) in tokens.iter().zip(states.chunks_exact_mut(hidden)) {
             let id = id as usize;
             if id >= vocabulary {
                 return Err(Error::Inference(format!(
@@ -143,7 +172,7 @@ impl CpuBert {
                 )));
             }
             let word = &self.word_embeddings[id * hidden..][..hidden];
-            let position = &self.position_embeddings[(row % sequence) * hidden..][..hidden];
+            let position = &self.position_embeddings[position * hidden..][..hidden];
             for ((value, &word), &position) in state.iter_mut().zip(word).zip(position) {
                 *value = word + position;
             }
@@ -155,11 +184,10 @@ impl CpuBert {
         let mut context = vec![0f32; rows * hidden];
         let mut attention = vec![0f32; rows * hidden];
         let mut intermediate = vec![0f32; rows * intermediate_size];
-        let shape = AttentionShape { batch, sequence, heads: self.heads, head_dim: self.head_dim };
         let threads = &RayonThreads;
         for layer in &self.layers {
             layer.qkv.matmul(&states, rows, &mut qkv, Activation::Identity, threads).map_err(kernel_error)?;
-            encoder_attention(&qkv, shape, lengths, &mut context, threads).map_err(kernel_error)?;
+            self.attention(&qkv, lengths, &mut context)?;
             layer
                 .attention_output
                 .matmul(&context, rows, &mut attention, Activation::Identity, threads)
@@ -176,5 +204,25 @@ impl CpuBert {
             layer.output_norm.apply(&mut states, Some(&attention))?;
         }
         Ok(states)
+    }
+
+    /// Each packed sequence's attention over its own rows (`qkv`: `rows × 3·hidden`, `context`:
+    /// `rows × hidden`); the kernel spreads a sequence's blocks of query rows over the threads.
+    fn attention(&self, qkv: &[f32], lengths: &[usize], context: &mut [f32]) -> Result<()> {
+        let hidden = self.hidden();
+        let mut first = 0;
+        for &length in lengths.iter().filter(|&&length| length > 0) {
+            let shape = AttentionShape { batch: 1, sequence: length, heads: self.heads, head_dim: self.head_dim };
+            encoder_attention(
+                &qkv[first * 3 * hidden..][..length * 3 * hidden],
+                shape,
+                &[length],
+                &mut context[first * hidden..][..length * hidden],
+                &RayonThreads,
+            )
+            .map_err(kernel_error)?;
+            first += length;
+        }
+        Ok(())
     }
 }

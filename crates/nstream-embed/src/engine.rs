@@ -151,6 +151,12 @@ impl Embedder {
         }
     }
 
+    /// Whether a batch costs only its real tokens (the encoder packs sequences without padding:
+    /// BERT on nstream's CPU kernels), so batching inputs of different lengths wastes nothing.
+    pub fn is_padding_free(&self) -> bool {
+        self.encoder.is_padding_free()
+    }
+
     /// Embeds a batch in one forward pass: pads to the batch's longest input, pools, normalises
     /// when the model says so. Inputs must be non-empty and within the maximum length.
     pub fn embed_batch(&self, inputs: &[&EncodedInput]) -> Result<Vec<Vec<f32>>> {

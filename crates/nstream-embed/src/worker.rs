@@ -317,13 +317,12 @@ impl EmbeddingBackend {
         let metrics = Arc::new(EmbedMetrics::default());
         let last_batch_micros = Arc::new(AtomicU64::new(0));
         let encoder = embedder.input_encoder();
+        let padding_free = embedder.is_padding_free();
         let worker = Worker {
             embedder,
             receiver,
-            limits: BatchLimits {
-                max_batch_tokens: options.max_batch_tokens,
-                max_batch_requests: options.max_batch_requests,
-            },
+            limits: BatchLimits::new(options.max_batch_tokens, options.max_batch_requests)
+                .with_padding_free(padding_free),
             metrics: Arc::clone(&metrics),
             last_batch_micros: Arc::clone(&last_batch_micros),
             observer,
@@ -534,7 +533,12 @@ impl Worker {
             .unwrap_or_else(|_| Err(Error::Inference("the forward pass panicked".into())));
         let duration = started.elapsed();
         let tokens: usize = inputs.iter().map(|input| input.ids.len()).sum();
-        let padded_tokens = inputs.len() * inputs.iter().map(|input| input.ids.len()).max().unwrap_or(0);
+        // A padding-free encoder computes no padding rows.
+        let padded_tokens = if self.limits.padding_free {
+            tokens
+        } else {
+            inputs.len() * inputs.iter().map(|input| input.ids.len()).max().unwrap_or(0)
+        };
         let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         self.last_batch_micros.store(micros, Ordering::Relaxed);
         self.metrics.batches_total.fetch_add(1, Ordering::Relaxed);

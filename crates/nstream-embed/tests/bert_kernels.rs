@@ -102,6 +102,18 @@ fn a_random_bert_gives_the_same_states_on_the_kernels_as_on_candle_ops() {
                 "{activation} {lengths:?}: cosine {cosine}, max difference {difference}"
             );
         }
+        // Padding costs nothing on the kernels: each sequence of a mixed batch gets exactly the
+        // states it gets alone (the products are row by row, the attention per sequence), and
+        // the padding rows are zeros.
+        let lengths = [17, 3, 1, 11];
+        let input = ids(&lengths, 97);
+        let batched = kernels.forward(&input, &lengths).expect("batch").to_vec3::<f32>().expect("values");
+        for (index, &length) in lengths.iter().enumerate() {
+            let alone_input = input.narrow(0, index, 1).and_then(|row| row.narrow(1, 0, length)).expect("row");
+            let alone = kernels.forward(&alone_input, &[length]).expect("alone").to_vec3::<f32>().expect("values");
+            assert_eq!(batched[index][..length], alone[0][..], "{activation}: sequence {index} differs in a batch");
+            assert!(batched[index][length..].iter().flatten().all(|&value| value == 0.0), "{activation}: padding rows");
+        }
         let too_long = ids(&[41], 97);
         let error = kernels.forward(&too_long, &[41]).expect_err("refused").to_string();
         assert!(error.contains("41 tokens exceeds the 40 positions"), "{error}");

@@ -506,7 +506,8 @@ pub fn encoder_attention(
     }
     let level = cpu_level().unwrap_or(CpuLevel::Portable);
     parallel.run(parts.len(), &|range| {
-        let mut scores = vec![0f32; sequence];
+        // The scores of one query row, then the transposed keys of one head.
+        let mut scratch = vec![0f32; sequence * (head_dim + 1)];
         for item in range {
             let mut part = parts[item].0.lock().unwrap_or_else(PoisonError::into_inner);
             let (sequence_index, first_row, ref mut block) = *part;
@@ -514,8 +515,8 @@ pub fn encoder_attention(
             let job = AttentionRows { rows, shape, length: lengths[sequence_index], first_row };
             match level {
                 #[cfg(target_arch = "x86_64")]
-                CpuLevel::Avx2 | CpuLevel::Avx512Vnni => crate::dense_avx2::attention(&job, block, &mut scores),
-                _ => attention_portable(&job, block, &mut scores),
+                CpuLevel::Avx2 | CpuLevel::Avx512Vnni => crate::dense_avx2::attention(&job, block, &mut scratch),
+                _ => attention_portable(&job, block, &mut scratch),
             }
         }
     });
@@ -536,38 +537,39 @@ pub(crate) struct AttentionRows<'a> {
 }
 
 /// [`encoder_attention`]'s body for one item, compiled into whichever features the caller has.
-/// `output` holds the item's rows; `scores` at least `length` values.
+/// `output` holds the item's rows; `scratch` at least `length · (head_dim + 1)` values.
+///
+/// Per head, the keys are first transposed into `scratch` (`head_dim` rows of `length`), so that
+/// a query's scores are `head_dim` multiply-adds of a broadcast query value into all `length`
+/// scores at once: vector-wide, with no horizontal sum per key. Each score sums over the head's
+/// values in order.
 #[inline(always)]
-pub(crate) fn attention_portable(job: &AttentionRows<'_>, output: &mut [f32], scores: &mut [f32]) {
+pub(crate) fn attention_portable(job: &AttentionRows<'_>, output: &mut [f32], scratch: &mut [f32]) {
     let AttentionShape { heads, head_dim, .. } = job.shape;
     let hidden = heads * head_dim;
     let stride = 3 * hidden;
     let length = job.length;
-    let scores = &mut scores[..length];
-    for (offset, output_row) in output.chunks_exact_mut(hidden).enumerate() {
-        let row = job.first_row + offset;
-        for head in 0..heads {
+    let (scores, keys) = scratch.split_at_mut(length);
+    let keys = &mut keys[..head_dim * length];
+    for head in 0..heads {
+        for key_index in 0..length {
+            let key = &job.rows[key_index * stride + hidden + head * head_dim..][..head_dim];
+            for (dimension, &value) in key.iter().enumerate() {
+                keys[dimension * length + key_index] = value;
+            }
+        }
+        for (offset, output_row) in output.chunks_exact_mut(hidden).enumerate() {
+            let row = job.first_row + offset;
             let query = &job.rows[row * stride + head * head_dim..][..head_dim];
+            scores.fill(0.0);
+            for (&value, key_row) in query.iter().zip(keys.chunks_exact(length)) {
+                for (score, &key) in scores.iter_mut().zip(key_row) {
+                    *score += value * key;
+                }
+            }
             let mut largest = f32::NEG_INFINITY;
-            for (key_index, score) in scores.iter_mut().enumerate() {
-                let key = &job.rows[key_index * stride + hidden + head * head_dim..][..head_dim];
-                let mut lanes = [0f32; 8];
-                let (query_chunks, query_rest) = query.as_chunks::<8>();
-                let (key_chunks, key_rest) = key.as_chunks::<8>();
-                for (q, k) in query_chunks.iter().zip(key_chunks) {
-                    for ((lane, &q), &k) in lanes.iter_mut().zip(q).zip(k) {
-                        *lane += q * k;
-                    }
-                }
-                let mut dot = 0.0;
-                for lane in lanes {
-                    dot += lane;
-                }
-                for (&q, &k) in query_rest.iter().zip(key_rest) {
-                    dot += q * k;
-                }
-                *score = dot;
-                largest = largest.max(dot);
+            for &score in scores.iter() {
+                largest = largest.max(score);
             }
             let mut total = 0.0;
             for score in scores.iter_mut() {
@@ -874,12 +876,12 @@ mod tests {
                 }
             }
             let mut portable = vec![0f32; sequence * hidden];
-            let mut scores = vec![0f32; sequence];
+            let mut scratch = vec![0f32; sequence * (head_dim + 1)];
             let rows = &qkv[..sequence * 3 * hidden];
             attention_portable(
                 &AttentionRows { rows, shape, length: lengths[0], first_row: 0 },
                 &mut portable,
-                &mut scores,
+                &mut scratch,
             );
             for (&actual, &wanted) in portable.iter().zip(&expected) {
                 assert!((f64::from(actual) - wanted).abs() <= 1e-5, "portable: {actual} vs {wanted}");

@@ -108,13 +108,13 @@ pub(crate) fn layer_norm(values: &mut [f32], residual: Option<&[f32]>, weight: &
 }
 
 #[target_feature(enable = "avx2,fma")]
-fn attention_kernel(job: &AttentionRows<'_>, output: &mut [f32], scores: &mut [f32]) {
-    attention_portable(job, output, scores);
+fn attention_kernel(job: &AttentionRows<'_>, output: &mut [f32], scratch: &mut [f32]) {
+    attention_portable(job, output, scratch);
 }
 
 /// One work item of [`crate::dense::encoder_attention`] with AVX2 and FMA.
-pub(crate) fn attention(job: &AttentionRows<'_>, output: &mut [f32], scores: &mut [f32]) {
+pub(crate) fn attention(job: &AttentionRows<'_>, output: &mut [f32], scratch: &mut [f32]) {
     assert_level();
     // SAFETY: `assert_level` checked that the CPU has AVX2 and FMA.
-    unsafe { attention_kernel(job, output, scores) }
+    unsafe { attention_kernel(job, output, scratch) }
 }
