@@ -1,11 +1,12 @@
 //! Times all-MiniLM-L6-v2's forward pass on nstream-kernels' CPU kernels against candle ops, back
 //! to back in one process, and prints one JSON line per shape.
 //!
-//! `cargo run --release -p nstream-embed --example bert_forward -- [rounds] [kernels|candle|both]`
+//! `cargo run --release -p nstream-embed --example bert_forward -- [rounds] [kernels|candle|both|bf16]`
 //!
 //! Shapes: one sentence of 15 tokens (a search box), 4 × 32, 16 × 32 and 16 × 128 (batched
 //! ingest). Rounds alternate the two paths so that a change of load hits both. `kernels` or
-//! `candle` alone runs one path (for a profiler). Needs the model in the offline cache
+//! `candle` alone runs one path (for a profiler); `bf16` times the kernels in f32 against the
+//! kernels with bf16 products (`--dtype bf16`, CPUs with AVX-512 BF16). Needs the model in the offline cache
 //! (`scripts/offline-models.sh`).
 
 use std::time::Instant;
@@ -19,8 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let rounds: usize = arguments.first().and_then(|value| value.parse().ok()).unwrap_or(50);
     let which = arguments.get(1).map_or("both", String::as_str);
-    if !["both", "kernels", "candle"].contains(&which) {
-        return Err(format!("the second argument is kernels, candle or both, not {which:?}").into());
+    if !["both", "kernels", "candle", "bf16"].contains(&which) {
+        return Err(format!("the second argument is kernels, candle, both or bf16, not {which:?}").into());
     }
     let hub = Hub::from_env().with_offline(true).with_progress(false);
     let source = ModelSource::new("sentence-transformers/all-MiniLM-L6-v2");
@@ -30,8 +31,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if which != "candle" {
         paths.push(("kernels", BertEncoder::load(&tensors, &config, DType::F32, &Device::Cpu)?));
     }
-    if which != "kernels" {
+    if which == "candle" || which == "both" {
         paths.push(("candle", BertEncoder::load_candle_ops(&tensors, &config, DType::F32, &Device::Cpu)?));
+    }
+    if which == "bf16" {
+        if !nstream_kernels::dense_bf16::bf16_available() {
+            return Err("this CPU has no AVX-512 BF16".into());
+        }
+        // First, so that "speedup" is f32's time over bf16's.
+        paths.insert(0, ("bf16", BertEncoder::load(&tensors, &config, DType::BF16, &Device::Cpu)?));
     }
     drop(tensors);
     for (batch, sequence) in [(1, 15), (4, 32), (16, 32), (16, 128)] {
@@ -62,8 +70,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             medians.push(median);
             line += &format!(",\"{name}_median_ms\":{median:.3},\"{name}_min_ms\":{:.3}", times[0]);
         }
-        if let [kernels, candle] = medians[..] {
-            line += &format!(",\"speedup\":{:.2}", candle / kernels);
+        // The first path's speed over the second's.
+        if let [first, second] = medians[..] {
+            line += &format!(",\"speedup\":{:.2}", second / first);
         }
         println!("{line}}}");
     }

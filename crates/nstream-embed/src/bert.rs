@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use nstream_kernels::dense_bf16::bf16_available;
 
 use crate::bert_cpu::{CpuBert, CpuLayer, Norm, activation_for, pack};
 use crate::config::{BertConfig, HiddenAct};
@@ -138,9 +139,19 @@ impl BertEncoder {
     /// runs on nstream-kernels' dense kernels (at `NSTREAM_CPU_LEVEL`'s level), elsewhere on
     /// candle ops.
     pub fn load(tensors: &HashMap<String, Tensor>, config: &BertConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let bf16_products = device.is_cpu() && dtype == DType::BF16 && bf16_available();
+        if bf16_products {
+            // f32 weights for everything but the products, which pack them as bfloat16.
+            let candle = CandleBert::load(tensors, config, DType::F32, device)?;
+            let inner = Inner::Cpu(candle.into_cpu(true)?);
+            return Ok(Self { inner, hidden: config.hidden_size, device: device.clone() });
+        }
         let candle = CandleBert::load(tensors, config, dtype, device)?;
-        let inner =
-            if device.is_cpu() && dtype == DType::F32 { Inner::Cpu(candle.into_cpu()?) } else { Inner::Candle(candle) };
+        let inner = if device.is_cpu() && dtype == DType::F32 {
+            Inner::Cpu(candle.into_cpu(false)?)
+        } else {
+            Inner::Candle(candle)
+        };
         Ok(Self { inner, hidden: config.hidden_size, device: device.clone() })
     }
 
@@ -252,8 +263,9 @@ impl CandleBert {
         })
     }
 
-    /// The same weights for the CPU kernels (f32 on the CPU only), consuming the tensors.
-    fn into_cpu(self) -> Result<CpuBert> {
+    /// The same weights for the CPU kernels (f32 on the CPU only), consuming the tensors; with
+    /// `bf16_products` the products' weights are stored as bfloat16.
+    fn into_cpu(self, bf16_products: bool) -> Result<CpuBert> {
         let norm = |norm: LayerNorm| -> Result<Norm> {
             Ok(Norm { weight: norm.weight.to_vec1()?, bias: norm.bias.to_vec1()?, epsilon: norm.eps })
         };
@@ -262,11 +274,11 @@ impl CandleBert {
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in self.layers {
             layers.push(CpuLayer {
-                qkv: pack(&layer.qkv.weight, &layer.qkv.bias)?,
-                attention_output: pack(&layer.attention_output.weight, &layer.attention_output.bias)?,
+                qkv: pack(&layer.qkv.weight, &layer.qkv.bias, bf16_products)?,
+                attention_output: pack(&layer.attention_output.weight, &layer.attention_output.bias, bf16_products)?,
                 attention_norm: norm(layer.attention_norm)?,
-                intermediate: pack(&layer.intermediate.weight, &layer.intermediate.bias)?,
-                output: pack(&layer.output.weight, &layer.output.bias)?,
+                intermediate: pack(&layer.intermediate.weight, &layer.intermediate.bias, bf16_products)?,
+                output: pack(&layer.output.weight, &layer.output.bias, bf16_products)?,
                 output_norm: norm(layer.output_norm)?,
             });
         }

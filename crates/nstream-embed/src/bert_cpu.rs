@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Tensor;
 use nstream_kernels::dense::{Activation, AttentionShape, PackedMatrix, add_layer_norm, encoder_attention};
+use nstream_kernels::dense_bf16::PackedMatrixBf16;
 use nstream_kernels::{KernelError, Parallel};
 
 use crate::config::HiddenAct;
@@ -74,13 +75,39 @@ impl Norm {
     }
 }
 
+/// A linear layer packed for the kernels: f32 products, or bf16 products (`--dtype bf16` on a CPU
+/// with AVX-512 BF16; everything else stays f32).
+pub(crate) enum Linear {
+    F32(PackedMatrix),
+    Bf16(PackedMatrixBf16),
+}
+
+impl Linear {
+    /// Output features.
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            Self::F32(matrix) => matrix.rows(),
+            Self::Bf16(matrix) => matrix.rows(),
+        }
+    }
+
+    /// `output = activation(input · Wᵀ + bias)` for `batch` rows.
+    fn matmul(&self, input: &[f32], batch: usize, output: &mut [f32], activation: Activation) -> Result<()> {
+        match self {
+            Self::F32(matrix) => matrix.matmul(input, batch, output, activation, &RayonThreads),
+            Self::Bf16(matrix) => matrix.matmul(input, batch, output, activation, &RayonThreads),
+        }
+        .map_err(kernel_error)
+    }
+}
+
 /// One encoder layer with its products packed.
 pub(crate) struct CpuLayer {
-    pub(crate) qkv: PackedMatrix,
-    pub(crate) attention_output: PackedMatrix,
+    pub(crate) qkv: Linear,
+    pub(crate) attention_output: Linear,
     pub(crate) attention_norm: Norm,
-    pub(crate) intermediate: PackedMatrix,
-    pub(crate) output: PackedMatrix,
+    pub(crate) intermediate: Linear,
+    pub(crate) output: Linear,
     pub(crate) output_norm: Norm,
 }
 
@@ -107,11 +134,15 @@ pub(crate) fn activation_for(activation: HiddenAct) -> Activation {
 }
 
 /// A linear layer's weight and bias (candle tensors, f32 on the CPU) packed for the kernels.
-pub(crate) fn pack(weight: &Tensor, bias: &Tensor) -> Result<PackedMatrix> {
+/// With `bf16_products`, stored as bfloat16 for bf16 products (the caller checked the CPU).
+pub(crate) fn pack(weight: &Tensor, bias: &Tensor, bf16_products: bool) -> Result<Linear> {
     let (rows, cols) = weight.dims2()?;
     let weights = weight.flatten_all()?.to_vec1::<f32>()?;
     let bias = bias.to_vec1::<f32>()?;
-    PackedMatrix::new(&weights, rows, cols, Some(&bias)).map_err(kernel_error)
+    if bf16_products {
+        return PackedMatrixBf16::new(&weights, rows, cols, Some(&bias)).map(Linear::Bf16).map_err(kernel_error);
+    }
+    PackedMatrix::new(&weights, rows, cols, Some(&bias)).map(Linear::F32).map_err(kernel_error)
 }
 
 impl CpuBert {
@@ -184,23 +215,13 @@ impl CpuBert {
         let mut context = vec![0f32; rows * hidden];
         let mut attention = vec![0f32; rows * hidden];
         let mut intermediate = vec![0f32; rows * intermediate_size];
-        let threads = &RayonThreads;
         for layer in &self.layers {
-            layer.qkv.matmul(&states, rows, &mut qkv, Activation::Identity, threads).map_err(kernel_error)?;
+            layer.qkv.matmul(&states, rows, &mut qkv, Activation::Identity)?;
             self.attention(&qkv, lengths, &mut context)?;
-            layer
-                .attention_output
-                .matmul(&context, rows, &mut attention, Activation::Identity, threads)
-                .map_err(kernel_error)?;
+            layer.attention_output.matmul(&context, rows, &mut attention, Activation::Identity)?;
             layer.attention_norm.apply(&mut attention, Some(&states))?;
-            layer
-                .intermediate
-                .matmul(&attention, rows, &mut intermediate, self.activation, threads)
-                .map_err(kernel_error)?;
-            layer
-                .output
-                .matmul(&intermediate, rows, &mut states, Activation::Identity, threads)
-                .map_err(kernel_error)?;
+            layer.intermediate.matmul(&attention, rows, &mut intermediate, self.activation)?;
+            layer.output.matmul(&intermediate, rows, &mut states, Activation::Identity)?;
             layer.output_norm.apply(&mut states, Some(&attention))?;
         }
         Ok(states)

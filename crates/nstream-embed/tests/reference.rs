@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use nstream_embed::{EmbedInput, EmbedOptions, Embedder, EmbeddingBackend, EncodedInput, Error, SentenceFiles};
+use nstream_embed::{
+    EmbedInput, EmbedOptions, Embedder, EmbeddingBackend, EncodedInput, Error, Precision, SentenceFiles,
+};
 use nstream_hub::{Hub, ModelSource};
 
 const REPO: &str = "sentence-transformers/all-MiniLM-L6-v2";
@@ -42,12 +44,27 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn matches_sentence_transformers_on_the_corpus() {
     let Some(hub) = hub() else { return };
+    matches_the_reference(&hub, EmbedOptions::default()).await;
+}
+
+/// `--dtype bf16` on a CPU with AVX-512 BF16: bf16 products on the kernels, the same floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_products_match_sentence_transformers_on_the_corpus() {
+    let Some(hub) = hub() else { return };
+    if !nstream_kernels::dense_bf16::bf16_available() {
+        eprintln!("SKIPPED: this CPU has no AVX-512 BF16 (bf16 runs on candle ops here)");
+        return;
+    }
+    matches_the_reference(&hub, EmbedOptions::default().with_dtype(Precision::BF16)).await;
+}
+
+async fn matches_the_reference(hub: &Hub, options: EmbedOptions) {
     let corpus = read_jsonl("corpus.jsonl");
     let reference = read_jsonl("all-minilm-l6-v2.reference.jsonl");
     assert!(corpus.len() >= 200 && corpus.len() == reference.len());
 
-    let options = EmbedOptions::default().with_max_batch_tokens(4096).with_max_batch_requests(32);
-    let backend = EmbeddingBackend::load_with("minilm", &hub, &ModelSource::new(REPO), options, None).expect("loads");
+    let options = options.with_max_batch_tokens(4096).with_max_batch_requests(32);
+    let backend = EmbeddingBackend::load_with("minilm", hub, &ModelSource::new(REPO), options, None).expect("loads");
     assert_eq!(backend.info().dimension, 384);
     assert_eq!(backend.info().max_seq_length, 256);
 

@@ -46,6 +46,7 @@ mod avx512;
 pub mod dense;
 #[cfg(target_arch = "x86_64")]
 mod dense_avx2;
+pub mod dense_bf16;
 
 pub use attention::{attend, attend_at};
 
@@ -105,6 +106,11 @@ pub enum KernelError {
         /// The variable's value.
         value: String,
     },
+    /// This CPU (or the level `NSTREAM_CPU_LEVEL` allows) lacks what a kernel needs.
+    Unsupported {
+        /// What is missing.
+        message: String,
+    },
 }
 
 impl fmt::Display for KernelError {
@@ -117,7 +123,7 @@ impl fmt::Display for KernelError {
                 write!(formatter, "expected {expected} bytes of quantised blocks, got {actual}")
             }
             Self::ScaleOutOfRange => write!(formatter, "a block scale is too large for the kernel's f16 offsets"),
-            Self::Shape { message } => write!(formatter, "{message}"),
+            Self::Shape { message } | Self::Unsupported { message } => write!(formatter, "{message}"),
             Self::CpuLevel { value } => write!(
                 formatter,
                 "{CPU_LEVEL_VARIABLE}={value:?} names no CPU level: expected one of {}",
