@@ -4,8 +4,9 @@ file contents.
 nstream-server serves examples/knowledge-base.yaml (the EmbeddingModel `minilm`) with an API key
 and a throwaway data directory. The unmodified client attaches files in batches with
 `create_and_poll` and `upload_and_poll`, pages through a batch's files, cancels a batch, sets and
-removes a store's `expires_after`, reads a file's parsed content, and gets OpenAI's errors (with
-`param` naming the field) for bad batches and policies.
+removes a store's `expires_after`, uploads a file with `expires_after`, attaches a file twice,
+reads a file's parsed content, and gets OpenAI's errors (with `param` naming the field) for bad
+batches and policies.
 """
 
 from __future__ import annotations
@@ -186,3 +187,34 @@ def test_expiry_policy_and_file_content(client: openai.OpenAI) -> None:
     assert raw.read() == (DOCS / "tides.md").read_bytes()
     with pytest.raises(openai.NotFoundError):
         client.vector_stores.files.content("file-missing", vector_store_id=store.id)
+
+
+def test_file_expiry_is_accepted_and_checked(client: openai.OpenAI) -> None:
+    with open(DOCS / "tides.md", "rb") as handle:
+        expiring = client.files.create(
+            file=handle, purpose="assistants", expires_after={"anchor": "created_at", "seconds": 3600}
+        )
+    assert expiring.expires_at == expiring.created_at + 3600
+    assert client.files.retrieve(expiring.id).expires_at == expiring.expires_at
+    assert client.files.retrieve(upload(client, "espresso.md")).expires_at is None
+    allowed = "from 3600 (1 hour) to 2592000 (30 days)"
+    for policy, field, expected in [
+        ({"anchor": "created_at", "seconds": 60}, "expires_after[seconds]", allowed),
+        ({"anchor": "created_at", "seconds": 2_592_001}, "expires_after[seconds]", allowed),
+        ({"anchor": "last_active_at", "seconds": 3600}, "expires_after[anchor]", "expected created_at"),
+    ]:
+        with open(DOCS / "tides.md", "rb") as handle, pytest.raises(openai.BadRequestError) as raised:
+            client.files.create(file=handle, purpose="assistants", expires_after=policy)  # type: ignore[arg-type]
+        assert raised.value.param == field, raised.value
+        assert expected in str(raised.value), raised.value
+
+    # Attaching a file again while it is indexed answers the same vector-store file.
+    store = client.vector_stores.create(name="twice")
+    first = client.vector_stores.files.create(vector_store_id=store.id, file_id=expiring.id)
+    second = client.vector_stores.files.create(vector_store_id=store.id, file_id=expiring.id)
+    assert second.id == first.id and second.created_at == first.created_at
+    done = client.vector_stores.files.poll(expiring.id, vector_store_id=store.id, poll_interval_ms=50)
+    assert done.status == "completed", done.last_error
+    again = client.vector_stores.files.create(vector_store_id=store.id, file_id=expiring.id)
+    assert again.status == "completed" and again.created_at == first.created_at
+    assert client.vector_stores.retrieve(store.id).file_counts.total == 1

@@ -26,7 +26,8 @@ pub struct FileObject {
     pub purpose: String,
     /// Always `processed` (uploads are stored whole before the answer).
     pub status: String,
-    /// Never set: nstream keeps files until they are deleted.
+    /// When the file expires and is deleted (Unix seconds), when it was uploaded with
+    /// `expires_after`; files without one are kept until they are deleted.
     pub expires_at: Option<u64>,
     /// Never set.
     pub status_details: Option<String>,
@@ -42,12 +43,30 @@ pub struct FileUpload {
     pub purpose: String,
     /// The content.
     pub bytes: Vec<u8>,
+    /// The `expires_after[anchor]` field as sent, unchecked (the backend validates it).
+    pub expires_after_anchor: Option<String>,
+    /// The `expires_after[seconds]` field as sent, unchecked (the backend validates it).
+    pub expires_after_seconds: Option<String>,
 }
 
 impl FileUpload {
     /// An upload of `bytes` named `filename`.
     pub fn new(filename: impl Into<String>, purpose: impl Into<String>, bytes: Vec<u8>) -> Self {
-        Self { filename: filename.into(), purpose: purpose.into(), bytes }
+        Self {
+            filename: filename.into(),
+            purpose: purpose.into(),
+            bytes,
+            expires_after_anchor: None,
+            expires_after_seconds: None,
+        }
+    }
+
+    /// With OpenAI's expiration policy fields (`expires_after[anchor]`, `expires_after[seconds]`),
+    /// as the multipart body gave them.
+    pub fn with_expires_after(mut self, anchor: Option<String>, seconds: Option<String>) -> Self {
+        self.expires_after_anchor = anchor;
+        self.expires_after_seconds = seconds;
+        self
     }
 }
 

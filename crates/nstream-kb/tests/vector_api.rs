@@ -1,17 +1,20 @@
 //! The OpenAI vector-stores service over real MiniLM embeddings and the embedded store: upload,
 //! attach, background indexing, search with filters, deletion, a restart, bad requests, file
-//! batches (and their cancellation), a file's parsed content, and the expiry of stores.
+//! batches (and their cancellation), a file's parsed content, the expiry of stores and files, and
+//! attaching a file twice.
 
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nstream_backend::VectorStoreBackend;
 use nstream_backend::vector_store::{
     CreateVectorStore, CreateVectorStoreFile, CreateVectorStoreFileBatch, FileUpload, ListQuery, SearchVectorStore,
 };
-use nstream_kb::{BackendEmbedder, EmbeddingChoice, VectorStoreService};
+use nstream_kb::vector_api::Clock;
+use nstream_kb::{BackendEmbedder, Embed, EmbeddingChoice, VectorStoreService};
 use serde_json::{Value, json};
 
 fn choice(backend: &Arc<nstream_embed::EmbeddingBackend>, tokenizer: &tokenizers::Tokenizer) -> EmbeddingChoice {
@@ -331,4 +334,178 @@ async fn stores_expire_after_their_days_of_inactivity() {
         .await
         .unwrap_err();
     assert_eq!(error.param(), Some("expires_after.anchor"));
+}
+
+/// MiniLM behind a gate: every embedding waits until the test opens it, and the texts embedded
+/// are counted (so a test sees how many indexing jobs embedded a file).
+struct GatedEmbedder {
+    inner: BackendEmbedder,
+    gate: tokio::sync::Semaphore,
+    calls: AtomicUsize,
+    texts: AtomicUsize,
+}
+
+impl GatedEmbedder {
+    fn open(&self) {
+        self.gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    }
+}
+
+#[async_trait::async_trait]
+impl Embed for GatedEmbedder {
+    fn model(&self) -> &str {
+        self.inner.model()
+    }
+
+    fn dimension(&self) -> Option<usize> {
+        self.inner.dimension()
+    }
+
+    async fn embed(&self, texts: Vec<String>) -> nstream_kb::Result<Vec<Vec<f32>>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let _permit = self.gate.acquire().await.expect("the gate is never closed");
+        self.texts.fetch_add(texts.len(), Ordering::SeqCst);
+        self.inner.embed(texts).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attaching_a_file_again_answers_the_attachment_and_indexes_once() {
+    let Some((backend, tokenizer)) = common::minilm() else { return };
+    let folder = tempfile::tempdir().unwrap();
+    let root = folder.path().join("openai");
+    let embedder = Arc::new(GatedEmbedder {
+        inner: BackendEmbedder::new(backend.clone(), "minilm"),
+        gate: tokio::sync::Semaphore::new(0),
+        calls: AtomicUsize::new(0),
+        texts: AtomicUsize::new(0),
+    });
+    let model = EmbeddingChoice::new("minilm", embedder.clone(), Arc::new(tokenizer.clone()));
+    let service = VectorStoreService::open(&root, vec![model], Vec::new()).await.unwrap();
+    let file = upload(&service, "tides.md", 1).await.remove(0);
+    let store = service.create_vector_store(CreateVectorStore::default()).await.unwrap();
+    let request = || -> CreateVectorStoreFile { body(json!({"file_id": file, "attributes": {"topic": "science"}})) };
+
+    let first = service.attach_file(&store.id, request()).await.unwrap();
+    assert_eq!(first.status, "in_progress");
+    // The first attachment's job is embedding (held at the gate) when the others come.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while embedder.calls.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "indexing did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (second, third) =
+        tokio::join!(service.attach_file(&store.id, request()), service.attach_file(&store.id, request()));
+    for again in [second.unwrap(), third.unwrap()] {
+        assert_eq!(again, first, "attaching again answers the attachment in progress");
+    }
+    let batch =
+        service.create_file_batch(&store.id, body(json!({"file_ids": [file], "attributes": {"topic": "science"}})));
+    assert_eq!(batch.await.unwrap().file_counts.in_progress, 1);
+    embedder.open();
+    wait(&service).await;
+    let embedded = embedder.texts.load(Ordering::SeqCst);
+    let listed = service.list_vector_store_files(&store.id, ListQuery::default()).await.unwrap();
+    assert_eq!(listed.data.len(), 1);
+    assert_eq!(listed.data[0].status, "completed");
+    let results = service.search(&store.id, body(json!({"query": "tides", "max_num_results": 50}))).await.unwrap();
+    let mut chunks: Vec<&str> = results.data.iter().map(|hit| hit.content[0].text.as_str()).collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    assert!(!chunks.is_empty());
+    assert_eq!(chunks.len(), results.data.len(), "a chunk is present twice");
+    // One job: each chunk was embedded once (a second job would have embedded them all again).
+    assert_eq!(embedded, chunks.len(), "texts embedded for {} chunks", chunks.len());
+
+    // Completed: attaching again answers the completed file and indexes nothing.
+    let embedded = embedder.texts.load(Ordering::SeqCst);
+    let again = service.attach_file(&store.id, request()).await.unwrap();
+    assert_eq!((again.status.as_str(), again.created_at), ("completed", first.created_at));
+    wait(&service).await;
+    assert_eq!(embedder.texts.load(Ordering::SeqCst), embedded);
+
+    // Asking for other attributes or another chunking is refused, naming the field.
+    let different: CreateVectorStoreFile = body(json!({"file_id": file, "attributes": {"topic": "cooking"}}));
+    let error = service.attach_file(&store.id, different).await.unwrap_err();
+    assert_eq!((error.status_code(), error.param()), (400, Some("attributes")), "{error}");
+    assert!(error.to_string().contains("already attached"), "{error}");
+    let rechunked: CreateVectorStoreFile = body(json!({
+        "file_id": file,
+        "attributes": {"topic": "science"},
+        "chunking_strategy": {"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 10}}
+    }));
+    let error = service.attach_file(&store.id, rechunked).await.unwrap_err();
+    assert_eq!(error.param(), Some("chunking_strategy"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_uploaded_with_an_expiry_are_deleted_when_it_passes() {
+    let Some((backend, tokenizer)) = common::minilm() else { return };
+    let folder = tempfile::tempdir().unwrap();
+    let root = folder.path().join("openai");
+    let time = Arc::new(AtomicU64::new(1_800_000_000));
+    let clock: Clock = {
+        let time = time.clone();
+        Arc::new(move || time.load(Ordering::SeqCst))
+    };
+    let open =
+        || VectorStoreService::open_with_clock(&root, vec![choice(&backend, &tokenizer)], Vec::new(), clock.clone());
+    let service = open().await.unwrap();
+    let read = |name: &str| std::fs::read(common::fixtures().join("docs").join(name)).unwrap();
+
+    for (anchor, seconds, field) in [
+        (Some("created_at"), Some("60"), "expires_after[seconds]"),
+        (Some("created_at"), Some("2592001"), "expires_after[seconds]"),
+        (Some("last_active_at"), Some("3600"), "expires_after[anchor]"),
+        (None, Some("3600"), "expires_after[anchor]"),
+    ] {
+        let upload = FileUpload::new("tides.md", "assistants", read("tides.md"))
+            .with_expires_after(anchor.map(str::to_string), seconds.map(str::to_string));
+        let error = service.create_file(upload).await.unwrap_err();
+        assert_eq!((error.status_code(), error.param()), (400, Some(field)), "{error}");
+    }
+    assert!(service.list_files(ListQuery::default()).await.unwrap().data.is_empty(), "a refused upload was kept");
+
+    let upload = FileUpload::new("tides.md", "assistants", read("tides.md"))
+        .with_expires_after(Some("created_at".to_string()), Some("3600".to_string()));
+    let expiring = service.create_file(upload).await.unwrap();
+    assert_eq!(expiring.expires_at, Some(1_800_000_000 + 3_600));
+    let kept = service.create_file(FileUpload::new("espresso.md", "assistants", read("espresso.md"))).await.unwrap();
+    assert_eq!(kept.expires_at, None);
+    let store = service.create_vector_store(body(json!({"file_ids": [expiring.id, kept.id]}))).await.unwrap();
+    wait(&service).await;
+    let question =
+        || -> SearchVectorStore { body(json!({"query": "Why does the sea rise twice a day?", "max_num_results": 50})) };
+    let found = service.search(&store.id, question()).await.unwrap();
+    assert_eq!(found.data[0].file_id, expiring.id);
+
+    // A second before its expiry it is still there; at its expiry it is gone, as if deleted.
+    time.fetch_add(3_599, Ordering::SeqCst);
+    assert_eq!(service.file(&expiring.id).await.unwrap().expires_at, expiring.expires_at);
+    time.fetch_add(1, Ordering::SeqCst);
+    assert_eq!(service.file(&expiring.id).await.unwrap_err().status_code(), 404);
+    assert_eq!(service.file_content(&expiring.id).await.unwrap_err().status_code(), 404);
+    let listed: Vec<String> =
+        service.list_files(ListQuery::default()).await.unwrap().data.into_iter().map(|file| file.id).collect();
+    assert_eq!(listed, std::slice::from_ref(&kept.id));
+    let attached: Vec<String> = service
+        .list_vector_store_files(&store.id, ListQuery::default())
+        .await
+        .unwrap()
+        .data
+        .into_iter()
+        .map(|file| file.id)
+        .collect();
+    assert_eq!(attached, std::slice::from_ref(&kept.id));
+    assert_eq!(service.vector_store(&store.id).await.unwrap().file_counts.total, 1);
+    let found = service.search(&store.id, question()).await.unwrap();
+    assert!(!found.data.is_empty());
+    assert!(found.data.iter().all(|hit| hit.file_id == kept.id), "chunks of the expired file remain");
+    assert!(!root.join("files").join(&expiring.id).exists(), "the expired upload's bytes remain");
+    drop(service);
+
+    // Gone for good: the catalog was saved without it.
+    let service = open().await.unwrap();
+    assert_eq!(service.file(&expiring.id).await.unwrap_err().status_code(), 404);
+    assert_eq!(service.file(&kept.id).await.unwrap().id, kept.id);
 }

@@ -63,7 +63,8 @@ fn json<T: serde::Serialize>(value: T) -> Response {
     Json(value).into_response()
 }
 
-/// `POST /v1/files`: multipart with `file` and `purpose`.
+/// `POST /v1/files`: multipart with `file`, `purpose` and optionally `expires_after[anchor]` and
+/// `expires_after[seconds]` (checked by the backend).
 async fn create_file(State(state): State<AppState>, multipart: Result<Multipart, MultipartRejection>) -> Answer {
     let backend = backend(&state)?;
     let mut multipart = multipart.map_err(|rejection| {
@@ -71,6 +72,8 @@ async fn create_file(State(state): State<AppState>, multipart: Result<Multipart,
     })?;
     let mut upload: Option<(String, Vec<u8>)> = None;
     let mut purpose: Option<String> = None;
+    let mut expires_after_anchor: Option<String> = None;
+    let mut expires_after_seconds: Option<String> = None;
     loop {
         let field = multipart.next_field().await.map_err(|error| {
             if error.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
@@ -98,7 +101,23 @@ async fn create_file(State(state): State<AppState>, multipart: Result<Multipart,
                 })?;
                 purpose = Some(text);
             }
-            // OpenAI's optional fields (`expires_after[...]`) are accepted and ignored.
+            "expires_after[anchor]" | "expires_after[seconds]" => {
+                let text = field.text().await.map_err(|error| {
+                    ApiError::bad_request(format!("could not read `{name}`: {}", error.body_text()), Some(name.clone()))
+                })?;
+                if name == "expires_after[anchor]" {
+                    expires_after_anchor = Some(text);
+                } else {
+                    expires_after_seconds = Some(text);
+                }
+            }
+            other if other.starts_with("expires_after") => {
+                return Err(ApiError::bad_request(
+                    format!("{other}: unknown field; expected expires_after[anchor] and expires_after[seconds]"),
+                    Some(other.to_string()),
+                ));
+            }
+            // Other fields OpenAI may add are ignored, as the official clients expect.
             _ => {}
         }
     }
@@ -108,7 +127,9 @@ async fn create_file(State(state): State<AppState>, multipart: Result<Multipart,
     let purpose = purpose.filter(|purpose| !purpose.trim().is_empty()).ok_or_else(|| {
         ApiError::bad_request("purpose: expected a purpose such as `assistants`", Some("purpose".into()))
     })?;
-    Ok(json(backend.create_file(FileUpload::new(filename, purpose, bytes)).await?))
+    let upload =
+        FileUpload::new(filename, purpose, bytes).with_expires_after(expires_after_anchor, expires_after_seconds);
+    Ok(json(backend.create_file(upload).await?))
 }
 
 /// `GET /v1/files`.

@@ -81,11 +81,6 @@ impl StoreRecord {
         object.expires_at = self.expires_at();
         object
     }
-
-    /// The object as it is now.
-    pub fn render(&self) -> VectorStoreObject {
-        self.render_at(crate::store::now_seconds())
-    }
 }
 
 /// A file batch: the files it attached and, once none is in progress, its outcome.

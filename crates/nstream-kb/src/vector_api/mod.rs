@@ -12,6 +12,12 @@
 //! days after its `last_active_at` (updated by searches and changes): it is then `expired`, can be
 //! read, listed and deleted, and answers 400 to searches and new files until an update gives it a
 //! new `expires_after` (or `null`).
+//!
+//! Attaching a file that is already attached and `in_progress` or `completed` answers the existing
+//! vector-store file (one indexing job per file and store); a `failed` or `cancelled` one is
+//! indexed again. A file uploaded with `expires_after` is deleted when it expires, as
+//! `DELETE /v1/files/{id}` would delete it: gone from `/v1/files` and from every store's files and
+//! search results (checked on every request and once a minute).
 
 mod catalog;
 mod request;
@@ -31,7 +37,7 @@ use nstream_backend::vector_store::{
 };
 use nstream_core::{Chunking, Splitting};
 use serde_json::{Map, Value};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Mutex, MutexGuard, Semaphore};
 
 use crate::chunk::{Chunker, TokenOffsets};
 use crate::collection::{Collection, SearchRequest};
@@ -41,6 +47,9 @@ use crate::source::{Format, JsonlOptions, parse_text};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, now_seconds};
 use catalog::{BatchRecord, Catalog, StoreRecord, new_id};
+
+/// The time in Unix seconds; [`VectorStoreService::open_with_clock`] takes one so tests can move it.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// The most objects of one list page (OpenAI's limit for vector stores; files allow more).
 const MAX_PAGE: i64 = 100;
@@ -52,6 +61,8 @@ const INDEXING_CONCURRENCY: usize = 4;
 /// Searches move a store's `last_active_at` (and write the catalog) when it is at least this old
 /// (seconds), so a busy store is not rewritten on every search; changes always move it.
 const ACTIVITY_SAVE_SECONDS: u64 = 60;
+/// How often expired files are looked for when no request comes.
+const EXPIRY_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 /// The statuses a list of a store's files can be filtered by.
 const FILE_STATUSES: [&str; 4] = ["in_progress", "completed", "failed", "cancelled"];
 
@@ -103,6 +114,8 @@ struct Inner {
     indexing: Semaphore,
     /// Indexing tasks spawned and not finished (waiting for a turn included).
     running: AtomicUsize,
+    /// The time, in Unix seconds.
+    clock: Clock,
 }
 
 /// Counts a running indexing task until dropped (also when the task panics).
@@ -124,15 +137,18 @@ impl Drop for Running {
 struct State {
     catalog: Catalog,
     open: HashMap<String, Arc<dyn Store>>,
+    /// The files (by store and file id) that have an indexing task, and whether it must index
+    /// them again when done because they were attached or changed again while it ran.
+    jobs: HashMap<(String, String), bool>,
 }
 
 fn not_found(kind: &str, id: &str, param: Option<&str>) -> BackendError {
     BackendError::NotFound { message: format!("No {kind} found with id '{id}'."), param: param.map(str::to_string) }
 }
 
-/// A 400 when the store expired (searches and new files need a live store).
-fn usable(record: &StoreRecord, store: &str) -> nstream_backend::Result<()> {
-    if !record.is_expired(now_seconds()) {
+/// A 400 when the store expired at `now` (searches and new files need a live store).
+fn usable(record: &StoreRecord, store: &str, now: u64) -> nstream_backend::Result<()> {
+    if !record.is_expired(now) {
         return Ok(());
     }
     let days = catalog::expiry_days(record.object.expires_after.as_ref()).unwrap_or_default();
@@ -172,6 +188,17 @@ impl VectorStoreService {
     /// named by their ids, and resumes indexing files that were in progress. Call from within a
     /// tokio runtime.
     pub async fn open(root: &Path, models: Vec<EmbeddingChoice>, declared: Vec<Collection>) -> Result<Self> {
+        Self::open_with_clock(root, models, declared, Arc::new(now_seconds)).await
+    }
+
+    /// [`Self::open`] with the time given by `clock` (Unix seconds) instead of the system's: what
+    /// expires and the timestamps of new objects follow it.
+    pub async fn open_with_clock(
+        root: &Path,
+        models: Vec<EmbeddingChoice>,
+        declared: Vec<Collection>,
+        clock: Clock,
+    ) -> Result<Self> {
         if root.is_file() {
             return Err(Error::StorePath {
                 path: root.to_path_buf(),
@@ -195,7 +222,7 @@ impl VectorStoreService {
                 metadata.insert("embedding_model".to_string(), Value::String(collection.model().to_string()));
                 metadata.insert("knowledge_base".to_string(), Value::String(name.clone()));
                 StoreRecord {
-                    object: vector_store_object(name, name, metadata, None),
+                    object: vector_store_object(name, name, metadata, None, clock()),
                     embedding_model: collection.model().to_string(),
                     max_tokens: 0,
                     overlap_tokens: 0,
@@ -223,16 +250,100 @@ impl VectorStoreService {
                 root: root.to_path_buf(),
                 models: models.into_iter().map(|model| (model.name.clone(), model)).collect(),
                 declared,
-                state: Mutex::new(State { catalog, open: HashMap::new() }),
+                state: Mutex::new(State { catalog, open: HashMap::new(), jobs: HashMap::new() }),
                 indexing: Semaphore::new(INDEXING_CONCURRENCY),
                 running: AtomicUsize::new(0),
+                clock,
             }),
         };
-        for (store, file) in pending {
-            tracing::info!(store = %store, file = %file, "resuming the indexing of a file");
-            service.spawn_indexing(store, file);
+        {
+            let mut state = service.lock().await;
+            for (store, file) in pending {
+                tracing::info!(store = %store, file = %file, "resuming the indexing of a file");
+                service.request_indexing(&mut state, &store, &file);
+            }
         }
+        service.spawn_expiry_sweep();
         Ok(service)
+    }
+
+    /// Now, in Unix seconds, by the service's clock.
+    fn now(&self) -> u64 {
+        (self.inner.clock)()
+    }
+
+    /// The state, once the files that expired are deleted.
+    async fn lock(&self) -> MutexGuard<'_, State> {
+        let mut state = self.inner.state.lock().await;
+        self.expire_files(&mut state).await;
+        state
+    }
+
+    /// Deletes every file whose `expires_at` has passed, as `DELETE /v1/files/{id}` would: from
+    /// every store (its chunks included) and from the files. A file whose chunks cannot be removed
+    /// now stays hidden (it answers 404 and is not listed) and is tried again later.
+    async fn expire_files(&self, state: &mut State) {
+        let now = self.now();
+        let expired: Vec<String> =
+            state.catalog.files.values().filter(|file| is_expired(file, now)).map(|file| file.id.clone()).collect();
+        if expired.is_empty() {
+            return;
+        }
+        let mut removed = false;
+        for id in expired {
+            match self.remove_file_locked(state, &id).await {
+                Ok(()) => {
+                    tracing::info!(file = %id, "deleted an expired file");
+                    removed = true;
+                }
+                Err(error) => {
+                    tracing::warn!(file = %id, error = %error, "deleting an expired file failed; retrying later")
+                }
+            }
+        }
+        if removed && let Err(error) = self.save(&mut state.catalog) {
+            tracing::error!(error = %error, "saving the vector-store catalog failed");
+        }
+    }
+
+    /// Removes a file from every store (its chunks included), from the files and from disk; the
+    /// caller holds the lock and saves.
+    async fn remove_file_locked(&self, state: &mut State, id: &str) -> nstream_backend::Result<()> {
+        let stores: Vec<String> = state
+            .catalog
+            .stores
+            .iter()
+            .filter(|(_, record)| record.files.contains_key(id))
+            .map(|(store, _)| store.clone())
+            .collect();
+        for store in stores {
+            let collection = self.collection(state, &store, None).await?;
+            delete_file_documents(collection.store().as_ref(), id).await.map_err(backend_error)?;
+            if let Some(record) = state.catalog.stores.get_mut(&store) {
+                record.files.remove(id);
+            }
+        }
+        state.catalog.files.remove(id);
+        if let Err(error) = tokio::fs::remove_file(self.file_path(id)).await
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %id, error = %error, "removing an upload's bytes failed");
+        }
+        Ok(())
+    }
+
+    /// Deletes expired files every [`EXPIRY_SWEEP_INTERVAL`] while the service lives, so they go
+    /// even when no request comes.
+    fn spawn_expiry_sweep(&self) {
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(EXPIRY_SWEEP_INTERVAL).await;
+                let Some(inner) = inner.upgrade() else { break };
+                let service = Self { inner };
+                drop(service.lock().await);
+            }
+        });
     }
 
     /// The names of the EmbeddingModels new stores may use.
@@ -309,19 +420,37 @@ impl VectorStoreService {
         Collection::open(store_id, chunker, model.embedder.clone(), store).await.map_err(backend_error)
     }
 
-    fn spawn_indexing(&self, store_id: String, file_id: String) {
+    /// Indexes a file of a store in the background: starts a task, or, when one is already at
+    /// work on that file, has it index the file again once done (so one task at a time writes a
+    /// file's chunks, and the last attachment or change wins). The caller holds the lock.
+    fn request_indexing(&self, state: &mut State, store_id: &str, file_id: &str) {
+        let key = (store_id.to_string(), file_id.to_string());
+        if let Some(again) = state.jobs.get_mut(&key) {
+            *again = true;
+            return;
+        }
+        state.jobs.insert(key, false);
         let service = self.clone();
         let running = Running::new(&self.inner);
+        let (store_id, file_id) = (store_id.to_string(), file_id.to_string());
         tokio::spawn(async move {
             let _running = running;
             // The semaphore is never closed; a failure would only mean no limit.
             let _permit = service.inner.indexing.acquire().await.ok();
-            if !service.in_progress(&store_id, &file_id).await {
-                // Cancelled, detached or deleted while it waited its turn.
-                return;
+            let mut wrote = false;
+            loop {
+                // Not in progress: cancelled, detached or deleted while it waited its turn.
+                let outcome = match service.in_progress(&store_id, &file_id).await {
+                    true => {
+                        wrote = true;
+                        Some(service.index_file(&store_id, &file_id).await)
+                    }
+                    false => None,
+                };
+                if !service.finish_indexing(&store_id, &file_id, outcome, wrote).await {
+                    break;
+                }
             }
-            let outcome = service.index_file(&store_id, &file_id).await;
-            service.finish_indexing(&store_id, &file_id, outcome).await;
         });
     }
 
@@ -394,16 +523,35 @@ impl VectorStoreService {
         Ok(size)
     }
 
-    async fn finish_indexing(&self, store_id: &str, file_id: &str, outcome: Result<u64, LastError>) {
+    /// Records the outcome of indexing a file (`None`: it was no longer in progress, nothing was
+    /// indexed this time; `wrote`: an earlier pass of the task may have written chunks); `true`
+    /// when the file must be indexed again (attached or changed meanwhile).
+    async fn finish_indexing(
+        &self,
+        store_id: &str,
+        file_id: &str,
+        outcome: Option<Result<u64, LastError>>,
+        wrote: bool,
+    ) -> bool {
         let mut state = self.inner.state.lock().await;
+        let key = (store_id.to_string(), file_id.to_string());
+        if let Some(again) = state.jobs.get_mut(&key)
+            && *again
+        {
+            *again = false;
+            return true;
+        }
+        let now = self.now();
         let attached = state
             .catalog
             .stores
             .get_mut(store_id)
             .and_then(|record| record.files.get_mut(file_id))
             .filter(|file| file.status == "in_progress");
-        match attached {
-            Some(file) => {
+        match (attached, outcome) {
+            // In progress again after the check: another pass (its attach asked for one too).
+            (Some(_), None) => return true,
+            (Some(file), Some(outcome)) => {
                 match outcome {
                     Ok(bytes) => {
                         file.status = "completed".to_string();
@@ -417,22 +565,25 @@ impl VectorStoreService {
                     }
                 }
                 if let Some(record) = state.catalog.stores.get_mut(store_id) {
-                    record.object.last_active_at = Some(now_seconds());
+                    record.object.last_active_at = Some(now);
                 }
                 if let Err(error) = self.save(&mut state.catalog) {
                     tracing::error!(error = %error, "saving the vector-store catalog failed");
                 }
             }
             // Cancelled, detached (or its store deleted) while it was indexed: remove what was written.
-            None => {
-                if let Ok(collection) = self.collection(&mut state, store_id, None).await {
-                    drop(state);
-                    if let Err(error) = delete_file_documents(collection.store().as_ref(), file_id).await {
-                        tracing::warn!(file = %file_id, error = %error, "removing the chunks of a detached file failed");
-                    }
+            (None, _) if wrote => {
+                // Under the lock, so a new attachment's task cannot be writing the file meanwhile.
+                if let Ok(collection) = self.collection(&mut state, store_id, None).await
+                    && let Err(error) = delete_file_documents(collection.store().as_ref(), file_id).await
+                {
+                    tracing::warn!(file = %file_id, error = %error, "removing the chunks of a detached file failed");
                 }
             }
+            (None, _) => {}
         }
+        state.jobs.remove(&key);
+        false
     }
 }
 
@@ -471,13 +622,18 @@ fn chunking_value(max_tokens: u32, overlap_tokens: u32) -> Value {
     serde_json::json!({"type": "static", "static": {"max_chunk_size_tokens": max_tokens, "chunk_overlap_tokens": overlap_tokens}})
 }
 
+/// Whether a file expired by `now` (Unix seconds).
+fn is_expired(file: &FileObject, now: u64) -> bool {
+    file.expires_at.is_some_and(|expires_at| now >= expires_at)
+}
+
 fn vector_store_object(
     id: &str,
     name: &str,
     metadata: Map<String, Value>,
     expires_after: Option<Value>,
+    now: u64,
 ) -> VectorStoreObject {
-    let now = now_seconds();
     VectorStoreObject {
         id: id.to_string(),
         object: "vector_store".to_string(),
@@ -494,36 +650,90 @@ fn vector_store_object(
     }
 }
 
+/// What attaching a file to a store does.
+enum Attachment {
+    /// The file is already attached, in progress or completed, as asked: that object is the answer
+    /// and nothing is indexed again.
+    Existing(VectorStoreFileObject),
+    /// A new attachment (or a new try of a failed or cancelled one), to record and index.
+    New(VectorStoreFileObject),
+}
+
 impl VectorStoreService {
-    /// Records an attachment and starts indexing it; the caller holds the lock and saves.
-    fn attach_locked(
+    /// What attaching `file_id` to `store_id` with these attributes and chunking (`None`: the
+    /// store's) does. Attaching a file again while it is in progress or completed answers the
+    /// existing object, as long as the request asks for the same attributes and chunking; a
+    /// different ask is a 400 on `{prefix}attributes` or `{prefix}chunking_strategy`.
+    fn plan_attachment(
         &self,
-        state: &mut State,
+        record: &StoreRecord,
         store_id: &str,
         file_id: &str,
         attributes: Map<String, Value>,
         chunking: Option<(u32, u32)>,
-    ) -> nstream_backend::Result<VectorStoreFileObject> {
-        let record = state.catalog.stores.get_mut(store_id).ok_or_else(|| not_found("vector store", store_id, None))?;
+        prefix: &str,
+    ) -> nstream_backend::Result<Attachment> {
         let (max_tokens, overlap_tokens) = chunking.unwrap_or((record.max_tokens, record.overlap_tokens));
-        let attached = VectorStoreFileObject {
+        let chunking_strategy = if record.declared {
+            serde_json::json!({"type": "other"})
+        } else {
+            chunking_value(max_tokens, overlap_tokens)
+        };
+        if let Some(existing) = record.files.get(file_id)
+            && matches!(existing.status.as_str(), "in_progress" | "completed")
+        {
+            let update = format!("POST /v1/vector_stores/{store_id}/files/{file_id}");
+            if existing.attributes != attributes {
+                let field = format!("{prefix}attributes");
+                return Err(BackendError::invalid_param(
+                    field.clone(),
+                    format!(
+                        "{field}: file {file_id} is already attached to vector store {store_id} ({}) with other \
+                         attributes; change them with {update}",
+                        existing.status
+                    ),
+                ));
+            }
+            if existing.chunking_strategy != chunking_strategy {
+                let field = format!("{prefix}chunking_strategy");
+                return Err(BackendError::invalid_param(
+                    field.clone(),
+                    format!(
+                        "{field}: file {file_id} is already attached to vector store {store_id} ({}) with another \
+                         chunking strategy; detach it first to chunk it again",
+                        existing.status
+                    ),
+                ));
+            }
+            return Ok(Attachment::Existing(existing.clone()));
+        }
+        Ok(Attachment::New(VectorStoreFileObject {
             id: file_id.to_string(),
             object: "vector_store.file".to_string(),
             usage_bytes: 0,
-            created_at: now_seconds(),
+            created_at: self.now(),
             vector_store_id: store_id.to_string(),
             status: "in_progress".to_string(),
             last_error: None,
-            chunking_strategy: if record.declared {
-                serde_json::json!({"type": "other"})
-            } else {
-                chunking_value(max_tokens, overlap_tokens)
-            },
+            chunking_strategy,
             attributes,
+        }))
+    }
+
+    /// Records a planned attachment and starts indexing a new one; the caller holds the lock and
+    /// saves. The vector-store file to answer.
+    fn attach_locked(&self, state: &mut State, store_id: &str, attachment: Attachment) -> VectorStoreFileObject {
+        let attached = match attachment {
+            Attachment::Existing(existing) => return existing,
+            Attachment::New(attached) => attached,
         };
-        record.files.insert(file_id.to_string(), attached.clone());
-        record.object.last_active_at = Some(now_seconds());
-        Ok(attached)
+        let now = self.now();
+        if let Some(record) = state.catalog.stores.get_mut(store_id) {
+            record.files.insert(attached.id.clone(), attached.clone());
+            record.object.last_active_at = Some(now);
+        }
+        self.request_indexing(state, store_id, &attached.id);
+        attached
     }
 }
 
@@ -531,6 +741,8 @@ impl VectorStoreService {
 impl VectorStoreBackend for VectorStoreService {
     async fn create_file(&self, upload: FileUpload) -> nstream_backend::Result<FileObject> {
         let filename = request::filename(&upload.filename)?;
+        let expiry =
+            request::file_expiry(upload.expires_after_anchor.as_deref(), upload.expires_after_seconds.as_deref())?;
         let id = new_id("file-");
         let path = self.file_path(&id);
         let bytes = upload.bytes;
@@ -545,29 +757,32 @@ impl VectorStoreBackend for VectorStoreService {
         .await
         .map_err(|error| BackendError::Internal(format!("the upload task failed: {error}")))?
         .map_err(|error| BackendError::Internal(format!("writing {}: {error}", path.display())))?;
+        let created_at = self.now();
         let file = FileObject {
             id: id.clone(),
             object: "file".to_string(),
             bytes: size,
-            created_at: now_seconds(),
+            created_at,
             filename,
             purpose: upload.purpose,
             status: "processed".to_string(),
-            expires_at: None,
+            expires_at: expiry.map(|seconds| created_at.saturating_add(seconds)),
             status_details: None,
         };
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.lock().await;
         state.catalog.files.insert(id, file.clone());
         self.save(&mut state.catalog)?;
         Ok(file)
     }
 
     async fn list_files(&self, query: ListQuery) -> nstream_backend::Result<ListPage<FileObject>> {
-        let state = self.inner.state.lock().await;
+        let state = self.lock().await;
+        let now = self.now();
         let files: Vec<FileObject> = state
             .catalog
             .files
             .values()
+            .filter(|file| !is_expired(file, now))
             .filter(|file| query.purpose.as_ref().is_none_or(|purpose| &file.purpose == purpose))
             .cloned()
             .collect();
@@ -575,8 +790,15 @@ impl VectorStoreBackend for VectorStoreService {
     }
 
     async fn file(&self, id: &str) -> nstream_backend::Result<FileObject> {
-        let state = self.inner.state.lock().await;
-        state.catalog.files.get(id).cloned().ok_or_else(|| not_found("file", id, None))
+        let state = self.lock().await;
+        let now = self.now();
+        state
+            .catalog
+            .files
+            .get(id)
+            .filter(|file| !is_expired(file, now))
+            .cloned()
+            .ok_or_else(|| not_found("file", id, None))
     }
 
     async fn file_content(&self, id: &str) -> nstream_backend::Result<Vec<u8>> {
@@ -587,30 +809,14 @@ impl VectorStoreBackend for VectorStoreService {
     }
 
     async fn delete_file(&self, id: &str) -> nstream_backend::Result<DeletedObject> {
-        let mut state = self.inner.state.lock().await;
-        if !state.catalog.files.contains_key(id) {
+        let mut state = self.lock().await;
+        if state.catalog.files.get(id).is_none_or(|file| is_expired(file, self.now())) {
             return Err(not_found("file", id, None));
         }
         // Gone from every store's results too.
-        let stores: Vec<String> = state
-            .catalog
-            .stores
-            .iter()
-            .filter(|(_, record)| record.files.contains_key(id))
-            .map(|(store, _)| store.clone())
-            .collect();
-        for store in stores {
-            if let Some(record) = state.catalog.stores.get_mut(&store) {
-                record.files.remove(id);
-            }
-            let collection = self.collection(&mut state, &store, None).await?;
-            delete_file_documents(collection.store().as_ref(), id).await.map_err(backend_error)?;
-        }
-        state.catalog.files.remove(id);
+        let removed = self.remove_file_locked(&mut state, id).await;
         self.save(&mut state.catalog)?;
-        if let Err(error) = tokio::fs::remove_file(self.file_path(id)).await {
-            tracing::warn!(file = %id, error = %error, "removing an upload's bytes failed");
-        }
+        removed?;
         Ok(DeletedObject { id: id.to_string(), object: "file".to_string(), deleted: true })
     }
 
@@ -633,14 +839,15 @@ impl VectorStoreBackend for VectorStoreService {
         {
             return Err(BackendError::invalid_param("description", "description: expected at most 512 characters"));
         }
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.lock().await;
         for (index, file_id) in request.file_ids.iter().enumerate() {
             if !state.catalog.files.contains_key(file_id) {
                 return Err(not_found("file", file_id, Some(&format!("file_ids[{index}]"))));
             }
         }
         let id = new_id("vs_");
-        let mut object = vector_store_object(&id, &name, metadata, expires_after);
+        let now = self.now();
+        let mut object = vector_store_object(&id, &name, metadata, expires_after, now);
         object.description = request.description;
         let record = StoreRecord {
             object,
@@ -652,30 +859,35 @@ impl VectorStoreBackend for VectorStoreService {
         };
         state.catalog.stores.insert(id.clone(), record);
         for file_id in &request.file_ids {
-            self.attach_locked(&mut state, &id, file_id, Map::new(), None)?;
+            // A file listed twice is attached once.
+            let attachment = self.plan_attachment(&state.catalog.stores[&id], &id, file_id, Map::new(), None, "")?;
+            self.attach_locked(&mut state, &id, attachment);
         }
         self.save(&mut state.catalog)?;
-        let object = state.catalog.stores[&id].render();
-        drop(state);
-        for file_id in request.file_ids {
-            self.spawn_indexing(id.clone(), file_id);
-        }
-        Ok(object)
+        Ok(state.catalog.stores[&id].render_at(now))
     }
 
     async fn list_vector_stores(&self, query: ListQuery) -> nstream_backend::Result<ListPage<VectorStoreObject>> {
-        let state = self.inner.state.lock().await;
-        let stores: Vec<VectorStoreObject> = state.catalog.stores.values().map(StoreRecord::render).collect();
+        let state = self.lock().await;
+        let now = self.now();
+        let stores: Vec<VectorStoreObject> =
+            state.catalog.stores.values().map(|record| record.render_at(now)).collect();
         paginate(&stores, &query, MAX_PAGE)
     }
 
     async fn vector_store(&self, id: &str) -> nstream_backend::Result<VectorStoreObject> {
-        let state = self.inner.state.lock().await;
-        state.catalog.stores.get(id).map(StoreRecord::render).ok_or_else(|| not_found("vector store", id, None))
+        let state = self.lock().await;
+        let now = self.now();
+        state
+            .catalog
+            .stores
+            .get(id)
+            .map(|record| record.render_at(now))
+            .ok_or_else(|| not_found("vector store", id, None))
     }
 
     async fn delete_vector_store(&self, id: &str) -> nstream_backend::Result<DeletedObject> {
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.lock().await;
         let record = state.catalog.stores.get(id).ok_or_else(|| not_found("vector store", id, None))?;
         if record.declared {
             return Err(BackendError::invalid_request(format!(
@@ -701,9 +913,9 @@ impl VectorStoreBackend for VectorStoreService {
     ) -> nstream_backend::Result<VectorStoreFileObject> {
         let attributes = request::attributes(request.attributes)?;
         let chunking = request::chunking_strategy(request.chunking_strategy.as_ref(), "chunking_strategy")?;
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.lock().await;
         let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
-        usable(record, store)?;
+        usable(record, store, self.now())?;
         if record.declared && chunking.is_some() {
             return Err(BackendError::invalid_param(
                 "chunking_strategy",
@@ -715,10 +927,12 @@ impl VectorStoreBackend for VectorStoreService {
         if !state.catalog.files.contains_key(&request.file_id) {
             return Err(not_found("file", &request.file_id, Some("file_id")));
         }
-        let attached = self.attach_locked(&mut state, store, &request.file_id, attributes, chunking)?;
-        self.save(&mut state.catalog)?;
-        drop(state);
-        self.spawn_indexing(store.to_string(), request.file_id);
+        let attachment = self.plan_attachment(record, store, &request.file_id, attributes, chunking, "")?;
+        let fresh = matches!(attachment, Attachment::New(_));
+        let attached = self.attach_locked(&mut state, store, attachment);
+        if fresh {
+            self.save(&mut state.catalog)?;
+        }
         Ok(attached)
     }
 
@@ -728,7 +942,7 @@ impl VectorStoreBackend for VectorStoreService {
         query: ListQuery,
     ) -> nstream_backend::Result<ListPage<VectorStoreFileObject>> {
         status_filter(&query)?;
-        let state = self.inner.state.lock().await;
+        let state = self.lock().await;
         let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
         let files: Vec<VectorStoreFileObject> = record
             .files
@@ -740,13 +954,13 @@ impl VectorStoreBackend for VectorStoreService {
     }
 
     async fn vector_store_file(&self, store: &str, file: &str) -> nstream_backend::Result<VectorStoreFileObject> {
-        let state = self.inner.state.lock().await;
+        let state = self.lock().await;
         let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
         record.files.get(file).cloned().ok_or_else(|| not_found("file", file, None))
     }
 
     async fn detach_file(&self, store: &str, file: &str) -> nstream_backend::Result<DeletedObject> {
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.lock().await;
         let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
         if record.files.remove(file).is_none() {
             return Err(not_found("file", file, None));
@@ -769,7 +983,8 @@ impl VectorStoreBackend for VectorStoreService {
             return Err(BackendError::invalid_param("name", "name: expected at most 256 characters"));
         }
         let expires_after = request.expires_after.as_ref().map(request::expires_after).transpose()?;
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.lock().await;
+        let now = self.now();
         let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
         match &expires_after {
             Some(Some(_)) if record.declared => {
@@ -782,7 +997,7 @@ impl VectorStoreBackend for VectorStoreService {
             }
             // A new policy (or none) revives an expired store; other changes do not.
             Some(_) => {}
-            None => usable(record, store)?,
+            None => usable(record, store, now)?,
         }
         if let Some(mut metadata) = metadata {
             if metadata.get("embedding_model").is_some_and(|model| model.as_str() != Some(&record.embedding_model)) {
@@ -806,8 +1021,8 @@ impl VectorStoreBackend for VectorStoreService {
         if let Some(expires_after) = expires_after {
             record.object.expires_after = expires_after;
         }
-        record.object.last_active_at = Some(now_seconds());
-        let object = record.render();
+        record.object.last_active_at = Some(now);
+        let object = record.render_at(now);
         self.save(&mut state.catalog)?;
         Ok(object)
     }
@@ -819,10 +1034,11 @@ impl VectorStoreBackend for VectorStoreService {
         request: UpdateVectorStoreFile,
     ) -> nstream_backend::Result<VectorStoreFileObject> {
         let attributes = request::attributes(request.attributes)?;
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.lock().await;
+        let now = self.now();
         let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
-        usable(record, store)?;
-        record.object.last_active_at = Some(now_seconds());
+        usable(record, store, now)?;
+        record.object.last_active_at = Some(now);
         let attached = record.files.get_mut(file).ok_or_else(|| not_found("file", file, None))?;
         // The attributes are part of every chunk's metadata (and of its content hash): index again.
         attached.attributes = attributes;
@@ -830,18 +1046,17 @@ impl VectorStoreBackend for VectorStoreService {
         attached.last_error = None;
         let answer = attached.clone();
         self.save(&mut state.catalog)?;
-        drop(state);
-        self.spawn_indexing(store.to_string(), file.to_string());
+        self.request_indexing(&mut state, store, file);
         Ok(answer)
     }
 
     async fn search(&self, store: &str, request: SearchVectorStore) -> nstream_backend::Result<SearchResultsPage> {
         let parsed = request::search(request)?;
         let (collection, files) = {
-            let mut state = self.inner.state.lock().await;
+            let mut state = self.lock().await;
+            let now = self.now();
             let record = state.catalog.stores.get_mut(store).ok_or_else(|| not_found("vector store", store, None))?;
-            usable(record, store)?;
-            let now = now_seconds();
+            usable(record, store, now)?;
             if now.saturating_sub(record.object.last_active_at.unwrap_or_default()) >= ACTIVITY_SAVE_SECONDS {
                 record.object.last_active_at = Some(now);
                 self.save(&mut state.catalog)?;
@@ -886,9 +1101,10 @@ impl VectorStoreBackend for VectorStoreService {
         request: CreateVectorStoreFileBatch,
     ) -> nstream_backend::Result<VectorStoreFileBatchObject> {
         let files = request::file_batch(request)?;
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.lock().await;
+        let now = self.now();
         let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
-        usable(record, store)?;
+        usable(record, store, now)?;
         if record.declared
             && let Some(file) = files.iter().find(|file| file.chunking.is_some())
         {
@@ -904,30 +1120,38 @@ impl VectorStoreBackend for VectorStoreService {
         if let Some(file) = files.iter().find(|file| !state.catalog.files.contains_key(&file.file_id)) {
             return Err(not_found("file", &file.file_id, Some(&file.field)));
         }
+        // Every file is checked before any is attached.
+        let mut attachments = Vec::with_capacity(files.len());
         for file in &files {
-            self.attach_locked(&mut state, store, &file.file_id, file.attributes.clone(), file.chunking)?;
+            let prefix = file.field.strip_suffix("file_id").filter(|prefix| prefix.starts_with("files[")).unwrap_or("");
+            attachments.push(self.plan_attachment(
+                record,
+                store,
+                &file.file_id,
+                file.attributes.clone(),
+                file.chunking,
+                prefix,
+            )?);
+        }
+        for attachment in attachments {
+            self.attach_locked(&mut state, store, attachment);
         }
         let id = new_id("vsfb_");
         let batch = BatchRecord {
             id: id.clone(),
             store: store.to_string(),
-            created_at: now_seconds(),
+            created_at: now,
             file_ids: files.iter().map(|file| file.file_id.clone()).collect(),
             cancelled: false,
             settled: None,
         };
         state.catalog.batches.insert(id.clone(), batch);
         self.save(&mut state.catalog)?;
-        let object = state.catalog.batches[&id].render(state.catalog.stores.get(store));
-        drop(state);
-        for file in files {
-            self.spawn_indexing(store.to_string(), file.file_id);
-        }
-        Ok(object)
+        Ok(state.catalog.batches[&id].render(state.catalog.stores.get(store)))
     }
 
     async fn file_batch(&self, store: &str, batch: &str) -> nstream_backend::Result<VectorStoreFileBatchObject> {
-        let state = self.inner.state.lock().await;
+        let state = self.lock().await;
         let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
         let found = state
             .catalog
@@ -939,7 +1163,8 @@ impl VectorStoreBackend for VectorStoreService {
     }
 
     async fn cancel_file_batch(&self, store: &str, batch: &str) -> nstream_backend::Result<VectorStoreFileBatchObject> {
-        let mut state = self.inner.state.lock().await;
+        let mut state = self.lock().await;
+        let now = self.now();
         let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
         let found = state
             .catalog
@@ -947,11 +1172,11 @@ impl VectorStoreBackend for VectorStoreService {
             .get(batch)
             .filter(|found| found.store == store)
             .ok_or_else(|| not_found("file batch", batch, None))?;
-        let now = found.render(Some(record));
-        if now.status != "in_progress" {
+        let current = found.render(Some(record));
+        if current.status != "in_progress" {
             return Err(BackendError::invalid_request(format!(
                 "file batch {batch} is already {}; only a batch in progress can be cancelled",
-                now.status
+                current.status
             )));
         }
         let file_ids = found.file_ids.clone();
@@ -965,7 +1190,7 @@ impl VectorStoreBackend for VectorStoreService {
                     file.last_error = None;
                 }
             }
-            record.object.last_active_at = Some(now_seconds());
+            record.object.last_active_at = Some(now);
         }
         if let Some(found) = state.catalog.batches.get_mut(batch) {
             found.cancelled = true;
@@ -981,7 +1206,7 @@ impl VectorStoreBackend for VectorStoreService {
         query: ListQuery,
     ) -> nstream_backend::Result<ListPage<VectorStoreFileObject>> {
         status_filter(&query)?;
-        let state = self.inner.state.lock().await;
+        let state = self.lock().await;
         let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
         let found = state
             .catalog
@@ -1005,7 +1230,7 @@ impl VectorStoreBackend for VectorStoreService {
         file: &str,
     ) -> nstream_backend::Result<VectorStoreFileContentPage> {
         let filename = {
-            let state = self.inner.state.lock().await;
+            let state = self.lock().await;
             let record = state.catalog.stores.get(store).ok_or_else(|| not_found("vector store", store, None))?;
             if !record.files.contains_key(file) {
                 return Err(not_found("file", file, None));

@@ -23,6 +23,35 @@ pub(super) fn filename(raw: &str) -> Result<String> {
     Ok(name.to_string())
 }
 
+/// The shortest file expiry, in seconds (OpenAI's limit: one hour).
+pub(super) const MIN_FILE_EXPIRY_SECONDS: u64 = 3_600;
+/// The longest file expiry, in seconds (OpenAI's limit: 30 days).
+pub(super) const MAX_FILE_EXPIRY_SECONDS: u64 = 2_592_000;
+
+/// An upload's expiration policy (`expires_after[anchor]`, `expires_after[seconds]`), checked:
+/// the seconds after its creation when the file expires, or `None` without a policy.
+pub(super) fn file_expiry(anchor: Option<&str>, seconds: Option<&str>) -> Result<Option<u64>> {
+    let (anchor_field, seconds_field) = ("expires_after[anchor]", "expires_after[seconds]");
+    let range = format!(
+        "expected a whole number of seconds from {MIN_FILE_EXPIRY_SECONDS} (1 hour) to {MAX_FILE_EXPIRY_SECONDS} (30 days)"
+    );
+    match (anchor, seconds) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(invalid(anchor_field, "missing; expected created_at (with expires_after[seconds])")),
+        (Some(anchor), _) if anchor.trim() != "created_at" => {
+            Err(invalid(anchor_field, format!("found {anchor:?}, expected created_at")))
+        }
+        (Some(_), None) => Err(invalid(seconds_field, format!("missing; {range}"))),
+        (Some(_), Some(seconds)) => seconds
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|seconds| (MIN_FILE_EXPIRY_SECONDS..=MAX_FILE_EXPIRY_SECONDS).contains(seconds))
+            .map(Some)
+            .ok_or_else(|| invalid(seconds_field, format!("found {seconds:?}, {range}"))),
+    }
+}
+
 /// A store's `metadata`: at most 16 pairs of strings.
 pub(super) fn metadata(raw: Option<Map<String, Value>>) -> Result<Map<String, Value>> {
     let raw = raw.unwrap_or_default();
@@ -343,6 +372,29 @@ mod tests {
         assert_eq!(choose_model(&Map::new(), &served[..1]).unwrap(), "a");
         assert!(metadata_check(json!({"k": 1})).is_err());
         assert!(attributes(Some(json!({"k": [1]}).as_object().cloned().unwrap())).is_err());
+    }
+
+    #[test]
+    fn file_expiry_policies_are_checked() {
+        assert_eq!(file_expiry(None, None).unwrap(), None);
+        assert_eq!(file_expiry(Some("created_at"), Some("3600")).unwrap(), Some(3_600));
+        assert_eq!(file_expiry(Some("created_at"), Some("2592000")).unwrap(), Some(2_592_000));
+        for (anchor, seconds, field) in [
+            (None, Some("3600"), "expires_after[anchor]"),
+            (Some("last_active_at"), Some("3600"), "expires_after[anchor]"),
+            (Some("created_at"), None, "expires_after[seconds]"),
+            (Some("created_at"), Some("3599"), "expires_after[seconds]"),
+            (Some("created_at"), Some("2592001"), "expires_after[seconds]"),
+            (Some("created_at"), Some("-5"), "expires_after[seconds]"),
+            (Some("created_at"), Some("1.5"), "expires_after[seconds]"),
+            (Some("created_at"), Some("an hour"), "expires_after[seconds]"),
+        ] {
+            let error = file_expiry(anchor, seconds).unwrap_err();
+            assert_eq!((error.status_code(), error.param()), (400, Some(field)), "{anchor:?} {seconds:?}: {error}");
+            assert!(error.to_string().starts_with(field), "{error}");
+        }
+        let message = file_expiry(Some("created_at"), Some("60")).unwrap_err().to_string();
+        assert!(message.contains("3600 (1 hour) to 2592000 (30 days)"), "{message}");
     }
 
     #[test]
