@@ -4,7 +4,9 @@
 //!
 //! One run goes through uninterrupted; a second is killed with SIGKILL during generate, during
 //! finetune and during eval, and rerun each time: it must end with the same adapter, the same
-//! answers and scores, and the teacher must have answered exactly as many requests.
+//! answers and scores, and the teacher must have answered exactly as many requests. A third is
+//! stopped with SIGTERM during generate: it ends cleanly with exit code 143 and a termination
+//! message.
 
 #[path = "../../nstream-operator/tests/support/distill_demo.rs"]
 mod distill_demo;
@@ -207,4 +209,48 @@ fn a_stage_runs_alone_only_after_the_ones_before_it_and_reports_in_one_json_line
     let output = command(folder.path(), &["-f", "distill.yaml", "--stage", "generate,eval"]).output().expect("runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("stage split lies between them"), "{stderr}");
+}
+
+/// SIGTERM, as Kubernetes stops a Job's pod, during generate: the answers in flight are kept, no
+/// later stage starts, the termination message says why, and the exit code is 143 (not a death
+/// by the signal). Running again asks the teacher only for what was not answered.
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_the_run_at_a_safe_point_and_writes_the_termination_message() {
+    let folder = tempfile::tempdir().expect("tempdir");
+    let teacher = Teacher::start(folder.path(), 0.5);
+    lay_out(folder.path(), teacher.port);
+    let message = folder.path().join("termination-log");
+    let child = command(folder.path(), &["-f", "distill.yaml", "--progress", "lines"])
+        .env("NSTREAM_TERMINATION_MESSAGE", &message)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nstream runs");
+    let started = Instant::now();
+    while teacher.requests() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(300), "the teacher was never asked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+    assert!(sent.success(), "kill -TERM failed");
+    let output = child.wait_with_output().expect("reaped");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{}: {stderr}", output.status);
+    assert!(stderr.contains("terminated (SIGTERM): generate was interrupted"), "{stderr}");
+    let text = std::fs::read_to_string(&message).expect("the termination message");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let summary: Value = serde_json::from_str(&text).expect("one JSON line");
+    assert_eq!(summary["ok"], false, "{summary}");
+    let error = summary["error"].as_str().unwrap_or_default();
+    assert!(error.contains("terminated (SIGTERM)") && error.contains("generate was interrupted"), "{summary}");
+    let answered = summary["generate"]["answered"].as_u64().expect("generate's figures") as usize;
+    assert!((1..INPUTS).contains(&answered), "{summary}");
+    assert_eq!(teacher.requests(), answered, "every answer paid for was kept");
+    assert!(!folder.path().join("run/data/train.jsonl").exists(), "split ran after the stop");
+
+    // Running generate again asks only for the rest.
+    let output = command(folder.path(), &["-f", "distill.yaml", "--stage", "generate"]).output().expect("runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(teacher.requests(), INPUTS);
 }

@@ -544,16 +544,10 @@ where
 /// they may read. With [`OperatorSettings::watch_namespaces`] set, one controller per namespace,
 /// each watching only its namespace; otherwise one for the whole cluster.
 pub async fn run<K: ServedResource>(context: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    use futures_util::FutureExt;
     let namespaces = context.settings.watch_namespaces.clone();
-    if namespaces.is_empty() {
-        run_in::<K>(context, None, shutdown).await;
-        return;
-    }
-    let shutdown = shutdown.shared();
-    futures_util::future::join_all(
-        namespaces.iter().map(|namespace| run_in::<K>(context.clone(), Some(namespace.as_str()), shutdown.clone())),
-    )
+    crate::namespaces::per_namespace(&namespaces, shutdown, |namespace, shutdown| {
+        run_in::<K>(context.clone(), namespace, shutdown)
+    })
     .await;
 }
 

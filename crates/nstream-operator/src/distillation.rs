@@ -1139,39 +1139,24 @@ fn error_policy(distillation: Arc<Distillation>, error: &Error, context: Arc<Con
 /// Runs the Distillation controller until `shutdown` resolves: one over the whole cluster, or one
 /// per namespace of [`OperatorSettings::watch_namespaces`].
 pub async fn run(context: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    use futures_util::FutureExt;
     let namespaces = context.settings.watch_namespaces.clone();
-    let shutdown = shutdown.shared();
-    if namespaces.is_empty() {
-        run_in(context, None, shutdown).await;
-        return;
-    }
-    futures_util::future::join_all(
-        namespaces.iter().map(|namespace| run_in(context.clone(), Some(namespace.clone()), shutdown.clone())),
-    )
+    crate::namespaces::per_namespace(&namespaces, shutdown, |namespace, shutdown| {
+        run_in(context.clone(), namespace, shutdown)
+    })
     .await;
 }
 
+/// The Distillation controller over `namespace` (every namespace when `None`).
 async fn run_in(
     context: Arc<Context>,
-    namespace: Option<String>,
+    namespace: Option<&str>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = context.client.clone();
-    let api = |client: &Client| -> Api<Distillation> {
-        match &namespace {
-            Some(namespace) => Api::namespaced(client.clone(), namespace),
-            None => Api::all(client.clone()),
-        }
-    };
-    let jobs: Api<Job> = match &namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    };
     let owned = watcher::Config::default().labels(DISTILLATION_LABEL);
-    Controller::new(api(&client), watcher::Config::default())
+    Controller::new(crate::controller::scoped::<Distillation>(&client, namespace), watcher::Config::default())
         .with_config(controller::Config::default().concurrency(4))
-        .owns(jobs, owned)
+        .owns(crate::controller::scoped::<Job>(&client, namespace), owned)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {

@@ -549,19 +549,14 @@ fn error_policy(knowledge_base: Arc<KnowledgeBase>, error: &Error, context: Arc<
 /// changed model rolls the KnowledgeBase's servers). Secrets are read at each reconcile, so a
 /// rotated one is noticed at the next resync.
 pub async fn run(context: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    use futures_util::FutureExt;
     let namespaces = context.settings.watch_namespaces.clone();
-    let shutdown = shutdown.shared();
-    if namespaces.is_empty() {
-        run_in(context, None, shutdown).await;
-        return;
-    }
-    futures_util::future::join_all(
-        namespaces.iter().map(|namespace| run_in(context.clone(), Some(namespace.as_str()), shutdown.clone())),
-    )
+    crate::namespaces::per_namespace(&namespaces, shutdown, |namespace, shutdown| {
+        run_in(context.clone(), namespace, shutdown)
+    })
     .await;
 }
 
+/// The KnowledgeBase controller over `namespace` (every namespace when `None`).
 async fn run_in(
     context: Arc<Context>,
     namespace: Option<&str>,

@@ -22,6 +22,7 @@ pub mod knowledge_base;
 pub mod leader;
 pub mod metrics;
 pub mod model;
+mod namespaces;
 pub mod provider;
 pub mod settings;
 

@@ -2,18 +2,20 @@
 //! (`generate`, exactly once), the answers are split into training and held-out parts, the student
 //! is fine-tuned on the first (`finetune`, from its checkpoints), and the base, the student and the
 //! teacher are scored on the second (`eval`). Each stage resumes where a killed run stopped; the
-//! run ends by writing the student's BaseModel YAML and a report (see docs/distill.md).
+//! run ends by writing the student's BaseModel YAML and a report (see docs/distill.md). Ctrl-C
+//! and SIGTERM stop it at a safe point ([`stop`]).
+
+mod stop;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
 use nstream_core::{BaseModel, Distillation, DistillationSpec, FineTuningMethod, LoadedDocument, ModelResource};
-use nstream_pipeline::eval::{EvalReport, EvalSettings, ReferenceLoss, Role, Scorer, evaluate};
+use nstream_pipeline::eval::{EvalReport, EvalSettings, ReferenceLoss, Role, Scorer, evaluate_until};
 use nstream_pipeline::{
     AnswerFormat, ModelInfo, OpenMode, Parameters, PriceTable, ProgressMode, Settings, Stop, take_over_limits,
 };
@@ -396,6 +398,7 @@ fn generate(
     args: &DistillArgs,
     timeout: Duration,
     figures: &mut Option<GenerateFigures>,
+    stop: &stop::Stop,
 ) -> anyhow::Result<()> {
     let mut teacher = plan.teacher.clone();
     let label = format!("{}/{}", teacher.kind(), plan.spec.teacher);
@@ -434,12 +437,8 @@ fn generate(
     settings.mode = OpenMode::Resume;
     settings.progress = progress_mode(args.progress);
     let runtime = tokio::runtime::Runtime::new()?;
-    let summary = runtime.block_on(nstream_pipeline::generate_until(
-        loaded.backend,
-        info,
-        settings,
-        std::future::pending::<()>(),
-    ))?;
+    let summary =
+        runtime.block_on(nstream_pipeline::generate_until(loaded.backend, info, settings, stop.interrupted()))?;
     eprintln!(
         "distill: generate: {} inputs, {} answered ({} now, {} from earlier runs), {} failed; {} requests",
         summary.inputs, summary.answered, summary.generated_now, summary.skipped_done, summary.failed, summary.requests
@@ -532,6 +531,7 @@ fn finetune(
     folder: &RunFolder,
     args: &DistillArgs,
     figures: &mut Option<FinetuneFigures>,
+    stop: &stop::Stop,
 ) -> anyhow::Result<()> {
     let output = folder.student();
     let checkpoint = output.join(nstream_tune::train::CHECKPOINT_FILE);
@@ -572,8 +572,7 @@ fn finetune(
     };
     settings.validate().context("spec.fineTuning")?;
     let base = load_training_base(&ModelResource::BaseModel(plan.student.clone()), &device(args.device.as_deref())?)?;
-    let stop = AtomicBool::new(false);
-    let summary = nstream_tune::finetune(base, &settings, resume, &stop)?;
+    let summary = nstream_tune::finetune(base, &settings, resume, stop.flag())?;
     eprintln!(
         "distill: finetune: step {}/{}, {} training examples, loss {}, {:.0} tokens/s",
         summary.steps,
@@ -627,6 +626,7 @@ fn eval(
     args: &DistillArgs,
     student: &BaseModel,
     timeout: Duration,
+    stop: &stop::Stop,
 ) -> anyhow::Result<EvalReport> {
     let schema = plan.spec.task.response_schema.clone();
     let scorers = plan
@@ -680,7 +680,9 @@ fn eval(
         settings.resamples = resamples as usize;
     }
     let runtime = tokio::runtime::Runtime::new()?;
-    Ok(runtime.block_on(evaluate(models, settings))?)
+    runtime
+        .block_on(evaluate_until(models, settings, stop.interrupted()))?
+        .context("eval was interrupted; run again to continue (the answers so far are kept)")
 }
 
 /// The run's report.md: the stages and their times, the scores, and how to serve the student.
@@ -735,20 +737,40 @@ fn report_markdown(
 
 /// Runs `nstream distill`; with `--termination-message`, writes the run's summary there at the
 /// end, whether it succeeded or not.
+/// Ctrl-C or SIGTERM stops it at a safe point (see [`stop`]): the termination message says so and
+/// the exit code is the signal's (130, 143).
 pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
     super::init_logging(nstream_core::cli::LogFormat::Text)?;
+    let stop = stop::Stop::watch(args.termination_message.clone());
     let mut summary = RunSummary::default();
-    let result = run_stages(&args, &mut summary);
+    let result = run_stages(&args, &mut summary, &stop);
+    // A stage that a signal stopped says so in its own words; the signal is named in front.
+    let stopped_by = stop.exit_code().filter(|_| result.is_err());
+    let result = match stopped_by {
+        Some(code) => result.with_context(|| stop::signal_name(code)),
+        None => result,
+    };
     if let Some(path) = &args.termination_message {
         summary.ok = result.is_ok();
         summary.error = result.as_ref().err().map(|error| format!("{error:#}"));
-        // Written in place, not through a rename: a container's terminationMessagePath is a file
-        // the kubelet bind-mounts, which cannot be replaced.
-        if let Err(error) = std::fs::write(path, summary.line() + "\n") {
-            tracing::warn!(error = %error, path = %path.display(), "cannot write the termination message");
-        }
+        write_termination_message(path, &mut summary);
     }
-    result
+    match (stopped_by, result) {
+        (Some(code), Err(error)) => {
+            eprintln!("error: {error:#}");
+            Ok(ExitCode::from(code))
+        }
+        (_, result) => result,
+    }
+}
+
+/// Writes the one-line summary for Kubernetes (a warning when it cannot).
+fn write_termination_message(path: &Path, summary: &mut RunSummary) {
+    // Written in place, not through a rename: a container's terminationMessagePath is a file the
+    // kubelet bind-mounts, which cannot be replaced.
+    if let Err(error) = std::fs::write(path, summary.line() + "\n") {
+        tracing::warn!(error = %error, path = %path.display(), "cannot write the termination message");
+    }
 }
 
 /// The lines of a JSONL file that hold something.
@@ -778,7 +800,7 @@ fn wanted_stages(args: &DistillArgs, state: &State) -> anyhow::Result<Vec<&'stat
     Ok(wanted)
 }
 
-fn run_stages(args: &DistillArgs, summary: &mut RunSummary) -> anyhow::Result<ExitCode> {
+fn run_stages(args: &DistillArgs, summary: &mut RunSummary, stop: &stop::Stop) -> anyhow::Result<ExitCode> {
     let timeout = Duration::try_from_secs_f64(args.timeout)
         .ok()
         .filter(|duration| !duration.is_zero())
@@ -805,8 +827,9 @@ fn run_stages(args: &DistillArgs, summary: &mut RunSummary) -> anyhow::Result<Ex
     }
     let wanted = wanted_stages(args, &state)?;
     let wants = |stage: &str| wanted.contains(&stage);
-    // Ctrl-C (or a Job's SIGTERM) ends the run at once: every stage resumes from its journal or
-    // checkpoint, so stopping hard loses at most `saveEvery` steps of training.
+    // Ctrl-C (or a Job's SIGTERM) stops the stage in progress at a safe point and starts no other;
+    // every stage resumes from its journal or checkpoint, so even a kill loses at most `saveEvery`
+    // steps of training.
     let started = Instant::now();
     if wants("generate") {
         if state.done("generate") {
@@ -814,7 +837,7 @@ fn run_stages(args: &DistillArgs, summary: &mut RunSummary) -> anyhow::Result<Ex
         } else {
             announce("generate", &format!("the teacher {} answers {}", plan.spec.teacher, plan.spec.task.dataset));
             let stage_started = Instant::now();
-            let result = generate(&plan, &folder, args, timeout, &mut summary.generate);
+            let result = generate(&plan, &folder, args, timeout, &mut summary.generate, stop);
             state.record("generate", stage_started, result.is_ok());
             state.save(&folder.state())?;
             result?;
@@ -828,6 +851,7 @@ fn run_stages(args: &DistillArgs, summary: &mut RunSummary) -> anyhow::Result<Ex
     let sizes = if !wants("split") && !wants("finetune") && !wants("eval") {
         None
     } else if wants("split") {
+        stop.check("split")?;
         announce("split", &format!("{:.0}% held out for evaluation", plan.spec.held_out() * 100.0));
         let stage_started = Instant::now();
         let sizes = split(&plan, &folder)?;
@@ -845,9 +869,10 @@ fn run_stages(args: &DistillArgs, summary: &mut RunSummary) -> anyhow::Result<Ex
         if state.done("finetune") {
             announce("finetune", "done in an earlier run");
         } else {
+            stop.check("finetune")?;
             announce("finetune", &format!("{} on {}", plan.spec.student, folder.train().display()));
             let stage_started = Instant::now();
-            let result = finetune(&plan, &folder, args, &mut summary.finetune);
+            let result = finetune(&plan, &folder, args, &mut summary.finetune, stop);
             state.record("finetune", stage_started, result.is_ok());
             state.save(&folder.state())?;
             result?;
@@ -879,8 +904,9 @@ fn run_stages(args: &DistillArgs, summary: &mut RunSummary) -> anyhow::Result<Ex
             student.metadata.name.as_deref().unwrap_or_default()
         ),
     );
+    stop.check("eval")?;
     let stage_started = Instant::now();
-    let result = eval(&plan, &folder, args, &student, timeout);
+    let result = eval(&plan, &folder, args, &student, timeout, stop);
     state.record("eval", stage_started, result.is_ok());
     state.save(&folder.state())?;
     let report = result?;
