@@ -51,9 +51,13 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
+# Extra nstream-server flags (`--server-flags`), e.g. `--dtype bf16`.
+SERVER_FLAGS: list[str] = []
+
+
 def start_server(binary: Path, data_dir: Path, model_file: Path = MODEL_FILE, env: dict | None = None):
     process = subprocess.Popen(
-        [str(binary), "--model-file", str(model_file), "--port", "0", "--data-dir", str(data_dir)],
+        [str(binary), "--model-file", str(model_file), "--port", "0", "--data-dir", str(data_dir), *SERVER_FLAGS],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -160,7 +164,10 @@ def main() -> int:
     parser.add_argument("--chroma-batch", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--pg-url", help="also measure the PostgreSQL + pgvector store at this URL")
+    parser.add_argument("--server-flags", default="", help='extra nstream-server flags, e.g. "--dtype bf16"')
+    parser.add_argument("--label", help="results/<date>-<label>.json instead of results/<date>.json")
     arguments = parser.parse_args()
+    SERVER_FLAGS.extend(arguments.server_flags.split())
 
     rows = []
     for size in arguments.sizes:
@@ -171,6 +178,7 @@ def main() -> int:
         exact = exact_top10(passages, queries)
         row = {
             "chunks": size,
+            "server_flags": arguments.server_flags,
             "nstream_chunks_per_s": size / ours["ingest_s"],
             "chroma_chunks_per_s": size / theirs["ingest_s"],
             "nstream_p50_ms": 1000 * percentile(ours["latencies"], 0.5),
@@ -214,7 +222,8 @@ def main() -> int:
         elif "pgvector_error" in row:
             print(f"\npgvector store, {row['chunks']} chunks: failed: {row['pgvector_error']}")
     arguments.out.mkdir(parents=True, exist_ok=True)
-    results = arguments.out / f"{time.strftime('%Y-%m-%d')}.json"
+    suffix = f"-{arguments.label}" if arguments.label else ""
+    results = arguments.out / f"{time.strftime('%Y-%m-%d')}{suffix}.json"
     results.write_text(json.dumps(rows, indent=2))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import chart  # benches/chart.py: the results' SVG chart, next to them
