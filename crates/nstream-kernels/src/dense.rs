@@ -36,7 +36,7 @@ pub const PANEL: usize = 16;
 /// Input rows of the largest tile the kernels keep in registers.
 pub(crate) const TILE_ROWS: usize = 6;
 /// Input rows walked together by one work item (their inputs stay in L2 across the panels).
-const ROW_BLOCK: usize = 64;
+pub(crate) const ROW_BLOCK: usize = 64;
 /// Most work items of one product (fewer, wider ones cost less to hand out).
 const MAX_ITEMS: usize = 24;
 
@@ -161,24 +161,8 @@ impl PackedMatrix {
         if !crate::check_product_shape(input, output, batch, self.rows, self.cols)? {
             return Ok(());
         }
-        let panel_count = self.bias.len();
-        let panels_per_item = panel_count.div_ceil(MAX_ITEMS);
-        let width = panels_per_item * PANEL;
-        let items = self.rows.div_ceil(width);
-        // Each work item owns one column range of every output row.
-        let mut parts: Vec<Vec<&mut [f32]>> = (0..items).map(|_| Vec::with_capacity(batch)).collect();
-        for output_row in output.chunks_mut(self.rows) {
-            for (item, part) in output_row.chunks_mut(width).enumerate() {
-                parts[item].push(part);
-            }
-        }
-        let parts: Vec<CacheLine<Mutex<Vec<&mut [f32]>>>> =
-            parts.into_iter().map(|part| CacheLine(Mutex::new(part))).collect();
-        parallel.run(items, &|range| {
-            for item in range {
-                let mut rows = parts[item].0.lock().unwrap_or_else(PoisonError::into_inner);
-                self.multiply_item(input, item * panels_per_item, &mut rows, activation);
-            }
+        spread_panels(output, self.rows, PANEL, parallel, &|first_panel, rows| {
+            self.multiply_item(input, first_panel, rows, activation);
         });
         Ok(())
     }
@@ -236,6 +220,38 @@ impl PackedMatrix {
             }
         }
     }
+}
+
+/// Spreads a product's output columns over `parallel`: the `output_cols` columns (panels of
+/// `panel` columns) are cut into at most [`MAX_ITEMS`] ranges of whole panels, and `work` is called
+/// once per range with the index of its first panel and that column range of every output row
+/// (`output` is row-major, `output_cols` per row). The f32 and bf16 products share it.
+pub(crate) fn spread_panels(
+    output: &mut [f32],
+    output_cols: usize,
+    panel: usize,
+    parallel: &dyn Parallel,
+    work: &(dyn Fn(usize, &mut [&mut [f32]]) + Sync),
+) {
+    let panels_per_item = output_cols.div_ceil(panel).div_ceil(MAX_ITEMS);
+    let width = panels_per_item * panel;
+    let items = output_cols.div_ceil(width);
+    // Each work item owns one column range of every output row.
+    let mut parts: Vec<Vec<&mut [f32]>> =
+        (0..items).map(|_| Vec::with_capacity(output.len() / output_cols.max(1))).collect();
+    for output_row in output.chunks_mut(output_cols) {
+        for (item, part) in output_row.chunks_mut(width).enumerate() {
+            parts[item].push(part);
+        }
+    }
+    let parts: Vec<CacheLine<Mutex<Vec<&mut [f32]>>>> =
+        parts.into_iter().map(|part| CacheLine(Mutex::new(part))).collect();
+    parallel.run(items, &|range| {
+        for item in range {
+            let mut rows = parts[item].0.lock().unwrap_or_else(PoisonError::into_inner);
+            work(item * panels_per_item, &mut rows);
+        }
+    });
 }
 
 /// The portable tile: `out[r][j] = bias[j] + Σ_k inputs[r·cols + k] · steps[k][j]`, the sum in

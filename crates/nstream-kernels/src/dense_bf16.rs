@@ -17,17 +17,13 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use crate::dense::{Activation, apply_activation};
+use crate::dense::{Activation, ROW_BLOCK, apply_activation, spread_panels};
 use crate::{CacheLine, CpuLevel, KernelError, Parallel, cpu_level};
 
 /// Output columns per panel (two 512-bit registers of f32).
 pub const BF16_PANEL: usize = 32;
 /// Input rows of the largest tile.
 const TILE_ROWS: usize = 8;
-/// Input rows walked together by one work item.
-const ROW_BLOCK: usize = 64;
-/// Most work items of one product.
-const MAX_ITEMS: usize = 24;
 /// Input rows converted to bfloat16 per work item.
 const CONVERT_ROWS: usize = 32;
 
@@ -173,23 +169,8 @@ impl PackedMatrixBf16 {
                 }
             });
         }
-        let panel_count = self.bias.len();
-        let panels_per_item = panel_count.div_ceil(MAX_ITEMS);
-        let width = panels_per_item * BF16_PANEL;
-        let items = self.rows.div_ceil(width);
-        let mut parts: Vec<Vec<&mut [f32]>> = (0..items).map(|_| Vec::with_capacity(batch)).collect();
-        for output_row in output.chunks_mut(self.rows) {
-            for (item, part) in output_row.chunks_mut(width).enumerate() {
-                parts[item].push(part);
-            }
-        }
-        let parts: Vec<CacheLine<Mutex<Vec<&mut [f32]>>>> =
-            parts.into_iter().map(|part| CacheLine(Mutex::new(part))).collect();
-        parallel.run(items, &|range| {
-            for item in range {
-                let mut rows = parts[item].0.lock().unwrap_or_else(PoisonError::into_inner);
-                self.multiply_item(&converted, pairs, item * panels_per_item, &mut rows, activation);
-            }
+        spread_panels(output, self.rows, BF16_PANEL, parallel, &|first_panel, rows| {
+            self.multiply_item(&converted, pairs, first_panel, rows, activation);
         });
         Ok(())
     }
