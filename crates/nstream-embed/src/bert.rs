@@ -140,15 +140,11 @@ impl BertEncoder {
     /// candle ops.
     pub fn load(tensors: &HashMap<String, Tensor>, config: &BertConfig, dtype: DType, device: &Device) -> Result<Self> {
         let bf16_products = device.is_cpu() && dtype == DType::BF16 && bf16_available();
-        if bf16_products {
-            // f32 weights for everything but the products, which pack them as bfloat16.
-            let candle = CandleBert::load(tensors, config, DType::F32, device)?;
-            let inner = Inner::Cpu(candle.into_cpu(true)?);
-            return Ok(Self { inner, hidden: config.hidden_size, device: device.clone() });
-        }
-        let candle = CandleBert::load(tensors, config, dtype, device)?;
-        let inner = if device.is_cpu() && dtype == DType::F32 {
-            Inner::Cpu(candle.into_cpu(false)?)
+        // With bf16 products, f32 weights for everything but the products (packed as bfloat16).
+        let load_dtype = if bf16_products { DType::F32 } else { dtype };
+        let candle = CandleBert::load(tensors, config, load_dtype, device)?;
+        let inner = if device.is_cpu() && load_dtype == DType::F32 {
+            Inner::Cpu(candle.into_cpu(bf16_products)?)
         } else {
             Inner::Candle(candle)
         };
