@@ -19,6 +19,7 @@ use nstream_peft::Module;
 use crate::error::{Error, Result};
 use crate::kernels::{Attention, LoraLinear, OutputLoss, RmsNorm, SwiGlu, product_with_transposed};
 use crate::simd::Level;
+use crate::sink::{EmbeddingLookup, GradientSink, TrainedMatrix};
 
 /// How LoRA adapts the target modules.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,6 +67,12 @@ pub struct TrainModel {
     fused: bool,
     /// The instruction set the fused kernels run with.
     level: Level,
+    /// Where the fused kernels put the gradients of the matrices they hold in full fine-tuning
+    /// (see [`crate::sink`]).
+    sink: GradientSink,
+    /// A one-element trainable tensor that puts the embedding lookup into the graph when the
+    /// kernels hold the embedding matrix.
+    anchor: Var,
 }
 
 /// Randomness of one forward pass (LoRA dropout): `None` is evaluation.
@@ -113,16 +120,19 @@ impl Batch {
     }
 }
 
-/// `x W^T` for a frozen `W`, whose backward pass computes only the input's gradient: candle's
-/// matrix-product backward also computes (and allocates) the gradient of a frozen weight, which
-/// in LoRA training cost more than the rest of the step.
-struct FrozenLinear {
+/// `x W^T` for a `W` held by the operation, outside candle's graph. For a frozen `W` (LoRA) the
+/// backward pass computes only the input's gradient: candle's matrix-product backward also
+/// computes (and allocates) the gradient of a frozen weight, which in LoRA training cost more than
+/// the rest of the step. For a trained `W` (full fine-tuning, `matrix`) it also computes `W`'s
+/// gradient and hands it to the sink (see [`crate::sink`]).
+struct HeldLinear {
     weight: Tensor,
+    matrix: Option<TrainedMatrix>,
 }
 
-impl candle_core::CustomOp1 for FrozenLinear {
+impl candle_core::CustomOp1 for HeldLinear {
     fn name(&self) -> &'static str {
-        "frozen-linear"
+        "held-linear"
     }
 
     fn cpu_fwd(
@@ -138,7 +148,10 @@ impl candle_core::CustomOp1 for FrozenLinear {
         }
     }
 
-    fn bwd(&self, _arg: &Tensor, _result: &Tensor, gradient: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, _result: &Tensor, gradient: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let Some(matrix) = &self.matrix {
+            matrix.sink.add(&matrix.name, gradient.t()?.matmul(&arg.detach())?)?;
+        }
         Ok(Some(gradient.matmul(&self.weight)?))
     }
 }
@@ -267,6 +280,7 @@ impl TrainModel {
         }
         let inverse_frequencies = inverse_frequencies(&config);
         let fused = device.is_cpu() && matches!(dtype, DType::F32 | DType::F64);
+        let anchor = Var::zeros(1, dtype, &device)?;
         Ok(Self {
             config,
             weights,
@@ -278,6 +292,8 @@ impl TrainModel {
             dtype,
             fused,
             level: Level::detected(),
+            sink: GradientSink::default(),
+            anchor,
         })
     }
 
@@ -290,6 +306,38 @@ impl TrainModel {
         }
         self.fused = fused;
         Ok(self)
+    }
+
+    /// Whether the fused kernels hold the trained matrices (full fine-tuning on the CPU) and sum
+    /// their gradients in the sink rather than in candle's store.
+    fn kernels_hold_matrices(&self) -> bool {
+        self.fused && self.lora_spec.is_none()
+    }
+
+    /// The matrix `name` as a kernel holds it for training: its values outside the graph (the
+    /// same storage as the trainable tensor) and where its gradient goes.
+    fn held(&self, name: &str, weight: &Tensor) -> (Tensor, TrainedMatrix) {
+        (weight.detach(), TrainedMatrix { sink: self.sink.clone(), name: name.to_owned() })
+    }
+
+    /// Runs the backward pass of `loss` (from [`Self::summed_loss`]) and returns the gradient of
+    /// each trainable tensor, in [`Self::trainable`]'s order; an error names a tensor no gradient
+    /// reached.
+    pub fn backward(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
+        // Whatever an earlier, failed pass left in the sink is not this loss's.
+        self.sink.take()?;
+        let store = loss.backward()?;
+        let mut held = self.sink.take()?;
+        self.trainable
+            .iter()
+            .map(|(name, var)| match held.remove(name) {
+                Some(gradient) => Ok(gradient),
+                None => store
+                    .get(var.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| Error::Tensor(format!("no gradient reached {name}"))),
+            })
+            .collect()
     }
 
     /// RMSNorm of `(rows, hidden)` rows.
@@ -378,7 +426,7 @@ impl TrainModel {
                 pair.b.as_tensor(),
                 LoraLinear { weight: weight.clone(), scale: spec.scale(), mask: mask.clone() },
             )?,
-            _ => self.frozen_or_trained_product(x, weight)?,
+            _ => self.frozen_or_trained_product(x, &format!("{prefix}.weight"), weight)?,
         };
         if let Some(bias) = bias {
             y = y.broadcast_add(bias)?;
@@ -409,7 +457,14 @@ impl TrainModel {
         let (heads, kv_heads, head_dim) = (config.heads, config.kv_heads, config.head_dim);
         let group = heads / kv_heads;
         let ids = Tensor::from_vec(batch.tokens.clone(), rows * length, &self.device)?;
-        let mut hidden = self.weight("model.embed_tokens.weight")?.index_select(&ids, 0)?;
+        let embeddings_name = "model.embed_tokens.weight";
+        let embeddings = self.weight(embeddings_name)?;
+        let mut hidden = if self.kernels_hold_matrices() {
+            let (weight, matrix) = self.held(embeddings_name, embeddings);
+            self.anchor.apply_op1(EmbeddingLookup { weight, ids: batch.tokens.clone(), matrix })?
+        } else {
+            embeddings.index_select(&ids, 0)?
+        };
 
         // RoPE tables for positions 0..length (every row starts at position 0).
         let half = self.inverse_frequencies.len();
@@ -489,27 +544,32 @@ impl TrainModel {
         self.norm(&hidden, self.weight("model.norm.weight")?)
     }
 
-    /// `x W^T`: through [`FrozenLinear`] when `W` is frozen (LoRA) on the CPU, else candle's
-    /// product (whose backward computes `W`'s gradient too).
-    fn frozen_or_trained_product(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        if self.lora_spec.is_some() && self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64) {
-            Ok(x.contiguous()?.apply_op1(FrozenLinear { weight: weight.clone() })?)
+    /// `x W^T` for the weight `name`: through [`HeldLinear`] when `W` is frozen (LoRA) on the
+    /// CPU or the kernels hold it, else candle's product (whose backward computes `W`'s gradient
+    /// too).
+    fn frozen_or_trained_product(&self, x: &Tensor, name: &str, weight: &Tensor) -> Result<Tensor> {
+        if self.kernels_hold_matrices() {
+            let (weight, matrix) = self.held(name, weight);
+            Ok(x.contiguous()?.apply_op1(HeldLinear { weight, matrix: Some(matrix) })?)
+        } else if self.lora_spec.is_some() && self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64) {
+            Ok(x.contiguous()?.apply_op1(HeldLinear { weight: weight.clone(), matrix: None })?)
         } else {
             Ok(x.matmul(&weight.t()?)?)
         }
     }
 
-    fn output_head(&self) -> Result<&Tensor> {
+    /// The output head's name and matrix (the embeddings' when they are tied).
+    fn output_head(&self) -> Result<(&'static str, &Tensor)> {
         match self.weights.get("lm_head.weight") {
-            Some(head) => Ok(head),
-            None => self.weight("model.embed_tokens.weight"),
+            Some(head) => Ok(("lm_head.weight", head)),
+            None => Ok(("model.embed_tokens.weight", self.weight("model.embed_tokens.weight")?)),
         }
     }
 
     /// The logits at every position, `(batch, length, vocab)`, in the model's dtype.
     pub fn logits(&self, batch: &Batch) -> Result<Tensor> {
         let hidden = self.hidden_states(batch, None)?;
-        let logits = hidden.matmul(&self.output_head()?.t()?)?;
+        let logits = hidden.matmul(&self.output_head()?.1.t()?)?;
         Ok(logits.reshape((batch.batch, batch.length, self.config.vocab_size))?)
     }
 
@@ -522,17 +582,24 @@ impl TrainModel {
         let hidden = self.hidden_states(batch, dropout)?;
         let rows = Tensor::from_vec(batch.target_rows.clone(), batch.target_rows.len(), &self.device)?;
         let selected = hidden.index_select(&rows, 0)?;
+        let (head_name, head) = self.output_head()?;
         if self.fused {
-            let head = self.output_head()?;
+            let (head, matrix) = if self.kernels_hold_matrices() {
+                let (head, matrix) = self.held(head_name, head);
+                (head, Some(matrix))
+            } else {
+                (head.clone(), None)
+            };
             let loss = OutputLoss {
                 weight: head.clone(),
+                matrix,
                 targets: batch.targets.clone(),
                 logits: std::sync::Mutex::new(None),
                 level: self.level,
             };
-            return Ok(selected.contiguous()?.apply_op2(head, loss)?.sum_all()?);
+            return Ok(selected.contiguous()?.apply_op2(&head, loss)?.sum_all()?);
         }
-        let mut logits = self.frozen_or_trained_product(&selected, self.output_head()?)?;
+        let mut logits = self.frozen_or_trained_product(&selected, head_name, head)?;
         // The loss of a half-precision model in f32 (bf16's 8 bits of mantissa would round the
         // log-sum-exp of a 50k vocabulary).
         if matches!(self.dtype, DType::BF16 | DType::F16) {

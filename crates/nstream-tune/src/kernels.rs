@@ -508,6 +508,9 @@ pub(crate) struct OutputLoss {
     /// The head, the same tensor as the operation's second argument (which records it in the
     /// graph); the product reads this one to avoid copying it.
     pub weight: Tensor,
+    /// Where the head's gradient goes when the head is held outside the graph (full
+    /// fine-tuning): the operation's second argument then does not track a gradient.
+    pub matrix: Option<crate::sink::TrainedMatrix>,
     pub targets: Vec<u32>,
     /// The forward's logits, `(rows, vocab)` row-major, in the operation's dtype.
     pub logits: std::sync::Mutex<Option<CpuStorage>>,
@@ -635,7 +638,7 @@ fn output_loss_backward<T: Real>(
     weight: &Tensor,
     gradient: &Tensor,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    let (want_hidden, want_weight) = (hidden.track_op(), weight.track_op());
+    let (want_hidden, want_weight) = (hidden.track_op(), weight.track_op() || op.matrix.is_some());
     if !want_hidden && !want_weight {
         return Ok((None, None));
     }
@@ -669,7 +672,13 @@ fn output_loss_backward<T: Real>(
     let logit_gradient = Tensor::from_vec(logits, (rows, vocab), hidden.device())?;
     let hidden_gradient = if want_hidden { Some(logit_gradient.matmul(&op.weight.detach())?) } else { None };
     let weight_gradient = if want_weight { Some(logit_gradient.t()?.matmul(&hidden.detach())?) } else { None };
-    Ok((hidden_gradient, weight_gradient))
+    match (&op.matrix, weight_gradient) {
+        (Some(matrix), Some(gradient)) => {
+            matrix.sink.add(&matrix.name, gradient)?;
+            Ok((hidden_gradient, None))
+        }
+        (_, weight_gradient) => Ok((hidden_gradient, weight_gradient)),
+    }
 }
 
 impl CustomOp2 for OutputLoss {
@@ -1359,8 +1368,13 @@ mod tests {
             let activated = attended.apply_op2(up.as_tensor(), SwiGlu { level }).unwrap();
             let head = variable(40 * hidden, (40, hidden), 6);
             let targets: Vec<u32> = (0..rows as u32).map(|row| row * 7 % 40).collect();
-            let loss =
-                OutputLoss { weight: head.as_tensor().clone(), targets, logits: std::sync::Mutex::new(None), level };
+            let loss = OutputLoss {
+                weight: head.as_tensor().clone(),
+                matrix: None,
+                targets,
+                logits: std::sync::Mutex::new(None),
+                level,
+            };
             let losses = activated.apply_op2(head.as_tensor(), loss).unwrap();
             let gradients = losses.sum_all().unwrap().backward().unwrap();
             let mut out = vec![normed.clone(), attended.clone(), activated.clone(), losses.clone()];

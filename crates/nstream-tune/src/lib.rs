@@ -23,6 +23,7 @@ mod progress;
 pub mod report;
 pub mod settings;
 mod simd;
+mod sink;
 pub mod threads;
 pub mod train;
 

@@ -2,6 +2,8 @@
 //! `torch.optim.AdamW`, transformers' `get_cosine_schedule_with_warmup` and
 //! `torch.nn.utils.clip_grad_norm_` compute them, so that runs agree with theirs step for step.
 
+use rayon::prelude::*;
+
 /// AdamW's hyper-parameters.
 ///
 /// `#[non_exhaustive]`: start from [`AdamWConfig::default`] (PyTorch's defaults, no weight decay)
@@ -75,24 +77,69 @@ impl AdamW {
 
     /// One step at `learning_rate`: updates `parameters` in place from `gradients`.
     pub fn update(&mut self, learning_rate: f32, parameters: &mut [Vec<f32>], gradients: &[Vec<f32>]) {
+        let step = self.begin_step(learning_rate);
+        for ((parameter, gradient), moments) in parameters.iter_mut().zip(gradients).zip(&mut self.moments) {
+            step.apply(moments, parameter, gradient, 1.0);
+        }
+    }
+
+    /// Counts one more step and returns its coefficients; apply them to every parameter with
+    /// [`AdamWStep::apply`] (with that parameter's entry of [`AdamW::moments`]).
+    pub fn begin_step(&mut self, learning_rate: f32) -> AdamWStep {
         self.step += 1;
         let AdamWConfig { beta1, beta2, epsilon, weight_decay } = self.config;
         let step = self.step as i32;
         let bias_correction1 = 1.0 - beta1.powi(step);
         let bias_correction2 = 1.0 - beta2.powi(step);
-        let step_size = learning_rate / bias_correction1;
-        let bias_correction2_sqrt = bias_correction2.sqrt();
-        let decay = 1.0 - learning_rate * weight_decay;
-        for ((parameter, gradient), moments) in parameters.iter_mut().zip(gradients).zip(&mut self.moments) {
-            let values = parameter.iter_mut().zip(gradient).zip(moments.m.iter_mut().zip(moments.v.iter_mut()));
-            for ((value, &g), (m, v)) in values {
-                *value *= decay;
-                *m = *m * beta1 + (1.0 - beta1) * g;
-                *v = *v * beta2 + (1.0 - beta2) * g * g;
-                let denominator = v.sqrt() / bias_correction2_sqrt + epsilon;
-                *value -= step_size * *m / denominator;
-            }
+        AdamWStep {
+            beta1,
+            beta2,
+            epsilon,
+            step_size: learning_rate / bias_correction1,
+            bias_correction2_sqrt: bias_correction2.sqrt(),
+            decay: 1.0 - learning_rate * weight_decay,
         }
+    }
+}
+
+/// Elements per parallel task of the optimiser's passes: large enough that rayon's overhead
+/// vanishes, small enough that both cores get work on the smallest parameters (a norm's weight).
+const ELEMENTS_PER_TASK: usize = 1 << 16;
+
+/// The coefficients of one AdamW step (from [`AdamW::begin_step`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    beta1: f32,
+    beta2: f32,
+    epsilon: f32,
+    step_size: f32,
+    bias_correction2_sqrt: f32,
+    decay: f32,
+}
+
+impl AdamWStep {
+    /// Updates one parameter in place from its gradient times `gradient_scale` (the clipping
+    /// coefficient, 1 when not clipped), in one pass over the values, the gradient and the
+    /// moments, spread over rayon's threads. Each element's arithmetic is PyTorch's
+    /// `torch.optim.AdamW` (single-tensor form) in the same order.
+    pub fn apply(&self, moments: &mut Moments, parameter: &mut [f32], gradient: &[f32], gradient_scale: f32) {
+        let Self { beta1, beta2, epsilon, step_size, bias_correction2_sqrt, decay } = *self;
+        let scaled = gradient_scale != 1.0;
+        parameter
+            .par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(gradient.par_chunks(ELEMENTS_PER_TASK))
+            .zip(moments.m.par_chunks_mut(ELEMENTS_PER_TASK).zip(moments.v.par_chunks_mut(ELEMENTS_PER_TASK)))
+            .for_each(|((parameter, gradient), (m, v))| {
+                let values = parameter.iter_mut().zip(gradient).zip(m.iter_mut().zip(v.iter_mut()));
+                for ((value, &g), (m, v)) in values {
+                    let g = if scaled { g * gradient_scale } else { g };
+                    *value *= decay;
+                    *m = *m * beta1 + (1.0 - beta1) * g;
+                    *v = *v * beta2 + (1.0 - beta2) * g * g;
+                    let denominator = v.sqrt() / bias_correction2_sqrt + epsilon;
+                    *value -= step_size * *m / denominator;
+                }
+            });
     }
 }
 
@@ -106,15 +153,35 @@ pub fn learning_rate(peak: f64, completed: usize, warmup: usize, total: usize) -
     peak * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
 }
 
+/// The global L2 norm of the gradients (PyTorch's `clip_grad_norm_` before it clips), summed in
+/// f64 over fixed-size pieces in parallel (the same pieces, so the same value, on every run).
+pub fn global_norm(gradients: &[&[f32]]) -> f32 {
+    let squares: f64 = gradients
+        .iter()
+        .map(|gradient| {
+            let pieces: Vec<f64> = gradient
+                .par_chunks(ELEMENTS_PER_TASK)
+                .map(|piece| piece.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>())
+                .collect();
+            pieces.into_iter().sum::<f64>()
+        })
+        .sum();
+    squares.sqrt() as f32
+}
+
+/// The factor that brings a gradient of global norm `norm` down to `max_norm` (PyTorch's
+/// `clip_grad_norm_`): 1 when it is not above (or `max_norm` is 0, no clipping).
+pub fn clip_coefficient(norm: f32, max_norm: f32) -> f32 {
+    if max_norm > 0.0 { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 }
+}
+
 /// Scales the gradients so their global L2 norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_global_norm(gradients: &mut [Vec<f32>], max_norm: f32) -> f32 {
-    let norm = gradients.iter().flatten().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt() as f32;
-    if max_norm > 0.0 {
-        let coefficient = (max_norm / (norm + 1e-6)).min(1.0);
-        if coefficient < 1.0 {
-            gradients.iter_mut().flatten().for_each(|g| *g *= coefficient);
-        }
+    let norm = global_norm(&gradients.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    let coefficient = clip_coefficient(norm, max_norm);
+    if coefficient < 1.0 {
+        gradients.iter_mut().flatten().for_each(|g| *g *= coefficient);
     }
     norm
 }

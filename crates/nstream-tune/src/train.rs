@@ -6,16 +6,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::base::BaseModel;
 use crate::data::{DataOptions, Dataset, Example, load_dataset};
 use crate::error::{Error, Result};
 use crate::forward::{Batch, DropoutSeed, LoraSpec, TrainModel, to_peft};
-use crate::optim::{AdamW, AdamWConfig, Moments, clip_global_norm, learning_rate};
+use crate::optim::{AdamW, AdamWConfig, Moments, clip_coefficient, global_norm, learning_rate};
 use crate::progress::Progress;
 use crate::settings::{Method, Settings};
+use crate::sink::add_in_place;
 
 /// The checkpoint file in the output folder.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -219,6 +220,50 @@ struct CheckpointState {
     metrics: Vec<StepMetrics>,
 }
 
+/// Runs `f` over the values of contiguous f32 CPU tensors, in place.
+fn with_cpu_values<R>(tensors: &[Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(Tensor::storage_and_layout).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) = (&**storage, layout.contiguous_offsets())
+        else {
+            return Err(Error::Tensor("a gradient is not a contiguous f32 tensor on the CPU".into()));
+        };
+        slices.push(&values[start..end]);
+    }
+    Ok(f(&slices))
+}
+
+/// Copies `values` into a contiguous f32 CPU tensor's storage.
+struct Overwrite<'a>(&'a [f32]);
+
+impl InplaceOp1 for Overwrite<'_> {
+    fn name(&self) -> &'static str {
+        "overwrite"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(values), Some((start, end))) if end - start == self.0.len() => {
+                values[start..end].copy_from_slice(self.0);
+                Ok(())
+            }
+            _ => candle_core::bail!("overwrite: not a contiguous f32 tensor of {} values", self.0.len()),
+        }
+    }
+}
+
+/// Sets a trainable tensor to the f32 master copy `values`: in place when it is itself an f32
+/// tensor on the CPU (no copy beside the one), else converted to its device and type.
+fn overwrite(var: &Var, values: &[f32]) -> Result<()> {
+    if var.device().is_cpu() && var.dtype() == DType::F32 && var.is_contiguous() {
+        var.as_tensor().inplace_op1(&Overwrite(values))?;
+    } else {
+        var.set(&Tensor::from_slice(values, var.dims(), var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
 fn write_checkpoint(
     path: &Path,
     model: &TrainModel,
@@ -396,7 +441,7 @@ fn run(base: BaseModel, settings: &Settings, resume: bool, stop: &AtomicBool) ->
             });
         }
         for ((_, var), values) in model.trainable().iter().zip(&parameters) {
-            var.set(&Tensor::from_vec(values.clone(), var.dims(), model.device())?.to_dtype(var.dtype())?)?;
+            overwrite(var, values)?;
         }
         start_step = state.step;
         metrics = state.metrics;
@@ -450,32 +495,39 @@ fn run(base: BaseModel, settings: &Settings, resume: bool, stop: &AtomicBool) ->
         let targets: usize = batches.iter().map(Batch::target_count).sum();
         // Real tokens (not padding): what throughput counts.
         let tokens: usize = micro_indices.iter().flatten().map(|&index| dataset.train[index].tokens.len()).sum();
-        let mut gradients: Vec<Vec<f32>> = sizes.iter().map(|&size| vec![0.0f32; size]).collect();
+        // Each trainable tensor's gradient, summed over the micro-batches, as f32 on the CPU.
+        let mut gradients: Vec<Option<Tensor>> = vec![None; sizes.len()];
         let mut loss_total = 0.0f64;
         for (micro, batch) in batches.iter().enumerate() {
             let summed = model.summed_loss(batch, Some(dropout_seed(settings.seed, step, micro)))?;
             let loss = (summed / targets as f64)?;
             loss_total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = loss.backward()?;
-            for ((name, var), accumulated) in model.trainable().iter().zip(gradients.iter_mut()) {
-                let Some(gradient) = store.get(var.as_tensor()) else {
-                    return Err(Error::Tensor(format!("no gradient reached {name}")));
-                };
-                let values = gradient.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                accumulated.iter_mut().zip(values).for_each(|(sum, value)| *sum += value);
+            for (gradient, accumulated) in model.backward(&loss)?.into_iter().zip(gradients.iter_mut()) {
+                let gradient = gradient.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?;
+                match accumulated {
+                    None => *accumulated = Some(gradient),
+                    Some(sum) => add_in_place(sum, &gradient)?,
+                }
             }
         }
         if !loss_total.is_finite() {
             return Err(Error::Diverged { step: step + 1, what: "the loss".into() });
         }
-        let norm = clip_global_norm(&mut gradients, settings.max_grad_norm as f32);
+        let gradients: Vec<Tensor> = gradients.into_iter().flatten().collect();
+        let norm = with_cpu_values(&gradients, global_norm)?;
         if !norm.is_finite() {
             return Err(Error::Diverged { step: step + 1, what: "the gradient norm".into() });
         }
+        let coefficient = clip_coefficient(norm, settings.max_grad_norm as f32);
         let rate = learning_rate(settings.learning_rate, step, settings.warmup, total_steps);
-        optimizer.update(rate as f32, &mut parameters, &gradients);
-        for ((_, var), values) in model.trainable().iter().zip(&parameters) {
-            var.set(&Tensor::from_vec(values.clone(), var.dims(), model.device())?.to_dtype(var.dtype())?)?;
+        let adam_step = optimizer.begin_step(rate as f32);
+        for ((((_, var), values), moments), gradient) in
+            model.trainable().iter().zip(&mut parameters).zip(&mut optimizer.moments).zip(&gradients)
+        {
+            with_cpu_values(std::slice::from_ref(gradient), |gradient| {
+                adam_step.apply(moments, values, gradient[0], coefficient)
+            })?;
+            overwrite(var, values)?;
         }
         if settings.record_batches {
             recorded_batches.push(serde_json::json!({
