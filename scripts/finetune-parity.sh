@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Parity of `nstream finetune` with PyTorch + transformers + peft on the committed tiny checkpoint
-# (tests/fixtures/llm/tiny-llama/f32): a 21-step LoRA run with --record-batches, replayed in
-# PyTorch by tests/python/finetune_parity.py (step-1 loss within 1e-4 relative, every later step
-# within 1%, PeftModel.from_pretrained logits within 1e-3). Builds the pinned venv of
+# (tests/fixtures/llm/tiny-llama/f32): a 21-step LoRA run and a 21-step full fine-tuning run with
+# --record-batches, each replayed in PyTorch by tests/python/finetune_parity.py (step-1 loss within
+# 1e-4 relative, every later step within 1%, the logits of what we wrote within 1e-3). Builds the pinned venv of
 # scripts/python-finetune-env.sh on first use (torch from PyPI: minutes, a few GB).
 #
 # Usage: scripts/finetune-parity.sh [NSTREAM_BIN]   (default: builds the debug nstream)
@@ -52,3 +52,9 @@ HF_HUB_CACHE="$work/hub" HF_HUB_OFFLINE=1 RAYON_NUM_THREADS=2 "$nstream" finetun
   --max-steps 21 --batch-size 3 --gradient-accumulation 2 --learning-rate 3e-3 --warmup 2 \
   --rank 4 --alpha 8 --target-modules all-linear --record-batches --progress quiet >&2
 "$python" tests/python/finetune_parity.py "$work/out" "$repo/snapshots/$revision"
+# Full fine-tuning: every weight trained (the gradients summed by the kernels' sink), a smaller rate.
+HF_HUB_CACHE="$work/hub" HF_HUB_OFFLINE=1 RAYON_NUM_THREADS=2 "$nstream" finetune \
+  --model "$work/base.yaml" --data "$work/train.jsonl" --validation-split 0.2 --out-dir "$work/full" \
+  --method full --max-steps 21 --batch-size 3 --gradient-accumulation 2 --learning-rate 1e-3 \
+  --warmup 2 --record-batches --progress quiet >&2
+"$python" tests/python/finetune_parity.py "$work/full" "$repo/snapshots/$revision"

@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """Parity of `nstream finetune` with PyTorch + transformers + peft.
 
-Given the output folder of a LoRA run made with `--record-batches` (it holds the step-0 adapter,
-every step's token batches and our final logits on one example) and the base checkpoint folder,
-this replays the run in PyTorch: `PeftModel.from_pretrained(base, initial_adapter,
-is_trainable=True)`, the same batches, `torch.optim.AdamW`, transformers'
-`get_cosine_schedule_with_warmup`, `clip_grad_norm_`, and compares
+Given the output folder of a run made with `--record-batches` (it holds the step-0 adapter of a
+LoRA run, every step's token batches and our final logits on one example) and the base checkpoint
+folder, this replays the run in PyTorch: `PeftModel.from_pretrained(base, initial_adapter,
+is_trainable=True)` for LoRA, every weight of the base trainable for `--method full`, the same
+batches, `torch.optim.AdamW`, transformers' `get_cosine_schedule_with_warmup`, `clip_grad_norm_`,
+and compares
 
 - the step-1 loss (before any update): equal within 1e-4 relative;
 - the loss of every later step, in particular after 20 AdamW steps: within 1% relative;
-- `PeftModel.from_pretrained(base, our_final_adapter)`'s logits on the probe example against our
-  own forward with the adapter: max |difference| within 1e-3 (logits of order 1-10; f32).
+- the logits of what we wrote (`PeftModel.from_pretrained(base, our_final_adapter)`, or the fully
+  fine-tuned model folder loaded by `AutoModelForCausalLM`) on the probe example against our own
+  forward: max |difference| within 1e-3 (logits of order 1-10; f32).
 
 Run with the venv of scripts/python-finetune-env.sh:
     "$(scripts/python-finetune-env.sh)" tests/python/finetune_parity.py OUTPUT BASE_DIR
@@ -40,8 +42,12 @@ def main():
     if args["dropout"] != 0.0:
         sys.exit("parity needs --dropout 0 (dropout masks are drawn differently)")
 
+    full = args["method"] == "full"
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(output / "parity" / "initial_adapter"), is_trainable=True)
+    if full:
+        model = base
+    else:
+        model = PeftModel.from_pretrained(base, str(output / "parity" / "initial_adapter"), is_trainable=True)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
@@ -78,8 +84,11 @@ def main():
         failures.append(f"step {worst_step} loss: ours {ours[worst_step]} vs torch {theirs[worst_step]}")
 
     probe = json.loads((output / "parity" / "probe.json").read_text())
-    fresh = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    trained = PeftModel.from_pretrained(fresh, str(output))
+    if full:
+        trained = AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32)
+    else:
+        fresh = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        trained = PeftModel.from_pretrained(fresh, str(output))
     trained.eval()
     with torch.no_grad():
         logits = trained(input_ids=torch.tensor([probe["tokens"]], dtype=torch.long)).logits[0]
@@ -87,14 +96,15 @@ def main():
     ours_logits = torch.tensor(probe["logits"])
     logit_difference = (logits - ours_logits).abs().max().item()
     if not logit_difference <= 1e-3:
-        failures.append(f"final adapter logits differ by {logit_difference}")
+        failures.append(f"final {'model' if full else 'adapter'} logits differ by {logit_difference}")
     last = max(theirs)
     print(json.dumps({
+        "method": args["method"],
         "steps": len(theirs),
         "step1_loss": {"ours": ours[first], "torch": theirs[first], "relative": step_one},
         "last_loss": {"step": last, "ours": ours[last], "torch": theirs[last], "relative": relative(ours[last], theirs[last])},
         "worst_step_relative": {"step": worst_step, "relative": worst},
-        "peft_logits_max_abs_difference": logit_difference,
+        "logits_max_abs_difference": logit_difference,
         "versions": {"torch": torch.__version__, "peft": __import__("peft").__version__,
                      "transformers": __import__("transformers").__version__},
     }))

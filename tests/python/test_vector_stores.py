@@ -4,8 +4,8 @@ nstream-server serves examples/knowledge-base.yaml (the EmbeddingModel `minilm` 
 KnowledgeBase `docs`) with an API key and a throwaway data directory. The unmodified client
 uploads files, creates a store, attaches files with `create_and_poll` (in_progress -> completed),
 searches with and without OpenAI's filters and a score threshold, pages through lists, renames a
-store and changes a file's attributes (indexed again), deletes a
-file and sees it gone from results, attaches a file to the declared KnowledgeBase, gets its
+store and changes a file's attributes (indexed again), indexes a PDF (and fails a broken one
+clearly), deletes a file and sees it gone from results, attaches a file to the declared KnowledgeBase, gets its
 exception classes for bad requests, and finds everything again after a restart.
 """
 
@@ -181,6 +181,29 @@ def test_updates_rename_and_reindex_attributes(client: openai.OpenAI, store: dic
     with pytest.raises(openai.BadRequestError) as raised:
         client.vector_stores.update(store["id"], metadata={"embedding_model": "other"})
     assert raised.value.param == "metadata.embedding_model"
+
+
+def test_a_pdf_is_indexed_by_its_text_and_a_broken_one_fails_clearly(client: openai.OpenAI) -> None:
+    pdf = ROOT / "tests" / "fixtures" / "kb" / "pdf" / "policy.pdf"
+    store = client.vector_stores.create(name="pdfs")
+    with open(pdf, "rb") as handle:
+        attached = client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=handle, poll_interval_ms=50)
+    assert attached.status == "completed", attached.last_error
+    top = client.vector_stores.search(store.id, query="How long is a kettle covered against defects?").data[0]
+    assert top.filename == "policy.pdf"
+    assert top.attributes.get("format") in (None, "pdf")
+    assert "two-year warranty" in " ".join(part.text for part in top.content)
+    content = " ".join(part.text for part in client.vector_stores.files.content(attached.id, vector_store_id=store.id))
+    assert "Customers may return a teapot within 30 days" in content
+    # A PDF cut short: the file fails with a message naming it; the store keeps the good one.
+    broken = client.vector_stores.files.upload_and_poll(
+        vector_store_id=store.id, file=("broken.pdf", pdf.read_bytes()[:900]), poll_interval_ms=50
+    )
+    assert broken.status == "failed"
+    assert broken.last_error.code == "unsupported_file"
+    assert "broken.pdf" in broken.last_error.message and "PDF" in broken.last_error.message
+    assert client.vector_stores.retrieve(store.id).file_counts.completed == 1
+    assert client.vector_stores.delete(store.id).deleted
 
 
 def test_deleted_file_leaves_results_and_restart_keeps_the_rest(

@@ -1,7 +1,7 @@
 //! Knowledge bases: documents chunked by tokens of an EmbeddingModel's tokenizer, embedded through
 //! a `ModelBackend`, kept in a [`Store`] and searched by similarity with metadata filters.
 //!
-//! - [`source`]: files to documents (text, markdown, HTML, JSONL), unreadable ones reported.
+//! - [`source`]: files to documents (text, markdown, HTML, JSONL, PDF), unreadable ones reported.
 //! - [`chunk`]: token windows with overlap, split on paragraphs, headings and code blocks.
 //! - [`store`]: the [`Store`] trait; [`EmbeddedStore`] (hannoy's HNSW on LMDB, one transaction
 //!   per write) is the default.

@@ -1,6 +1,6 @@
-//! Reading files into documents: plain text, markdown, HTML (as markdown-like text) and JSONL
-//! (one document per line: a text field and metadata). A file that cannot be read is an error for
-//! that file only; the caller reports it and goes on.
+//! Reading files into documents: plain text, markdown, HTML (as markdown-like text), JSONL (one
+//! document per line: a text field and metadata) and PDF (its text layer, by `pdf-extract`). A
+//! file that cannot be read is an error for that file only; the caller reports it and goes on.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +25,8 @@ pub enum Format {
     Html,
     /// JSON lines, one document per line.
     Jsonl,
+    /// PDF: the text of its pages (no OCR: a scanned page has none).
+    Pdf,
 }
 
 impl Format {
@@ -36,8 +38,14 @@ impl Format {
             "md" | "markdown" | "mdx" => Some(Self::Markdown),
             "html" | "htm" | "xhtml" => Some(Self::Html),
             "jsonl" | "ndjson" => Some(Self::Jsonl),
+            "pdf" => Some(Self::Pdf),
             _ => None,
         }
+    }
+
+    /// The format of an upload: from its file name, else a PDF when the bytes say so, else text.
+    pub fn of_upload(filename: &str, bytes: &[u8]) -> Self {
+        Self::of(Path::new(filename)).unwrap_or(if bytes.starts_with(b"%PDF-") { Self::Pdf } else { Self::Text })
     }
 
     /// The name, as in metadata.
@@ -47,6 +55,7 @@ impl Format {
             Self::Markdown => "markdown",
             Self::Html => "html",
             Self::Jsonl => "jsonl",
+            Self::Pdf => "pdf",
         }
     }
 
@@ -120,12 +129,36 @@ pub struct ReadFile {
 pub fn read_file(path: &Path, id: &str, options: &JsonlOptions) -> Result<ReadFile> {
     let unreadable = |reason: String| Error::UnreadableFile { path: path.display().to_string(), reason };
     let format = Format::of(path)
-        .ok_or_else(|| unreadable("unsupported file type (expected .txt, .md, .html or .jsonl)".to_string()))?;
+        .ok_or_else(|| unreadable("unsupported file type (expected .txt, .md, .html, .jsonl or .pdf)".to_string()))?;
     let bytes = std::fs::read(path).map_err(|error| unreadable(format!("cannot read: {error}")))?;
-    let text = String::from_utf8(bytes).map_err(|error| {
-        unreadable(format!("not UTF-8 text (invalid byte at offset {})", error.utf8_error().valid_up_to()))
-    })?;
+    let text = file_text(bytes, path, format)?;
     parse_text(&text, path, id, format, options)
+}
+
+/// The text of a file's bytes: a PDF's extracted text, else the bytes as UTF-8. The error names
+/// `path` and what was wrong (not UTF-8 at some offset; not a readable PDF; a PDF without text).
+pub fn file_text(bytes: Vec<u8>, path: &Path, format: Format) -> Result<String> {
+    let unreadable = |reason: String| Error::UnreadableFile { path: path.display().to_string(), reason };
+    if format == Format::Pdf {
+        return pdf_text(&bytes).map_err(unreadable);
+    }
+    String::from_utf8(bytes).map_err(|error| {
+        unreadable(format!("not UTF-8 text (invalid byte at offset {})", error.utf8_error().valid_up_to()))
+    })
+}
+
+/// The text of a PDF's pages, one paragraph break between pages. `pdf-extract` reports malformed
+/// files as errors, but a font it does not expect can still make it panic: that is caught and
+/// reported as an unreadable file too (the panic's message goes to stderr).
+fn pdf_text(bytes: &[u8]) -> std::result::Result<String, String> {
+    let pages = std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem_by_pages(bytes))
+        .map_err(|_| "the PDF reader failed on this file (a PDF construct it does not handle)".to_string())?
+        .map_err(|error| format!("not a readable PDF: {error}"))?;
+    let pages: Vec<String> = pages.iter().map(|page| page.trim().to_string()).collect();
+    if pages.iter().all(String::is_empty) {
+        return Err(format!("the PDF's {} page(s) hold no text layer (a scan? nstream does not run OCR)", pages.len()));
+    }
+    Ok(pages.join("\n\n"))
 }
 
 /// Parses the text of a file that was already read (an upload).
@@ -138,7 +171,7 @@ pub fn parse_text(text: &str, path: &Path, id: &str, format: Format, options: &J
         metadata
     };
     match format {
-        Format::Text | Format::Markdown => Ok(ReadFile {
+        Format::Text | Format::Markdown | Format::Pdf => Ok(ReadFile {
             documents: vec![SourceDocument {
                 id: id.to_string(),
                 text: text.to_string(),
@@ -286,6 +319,43 @@ mod tests {
     fn formats_come_from_extensions() {
         assert_eq!(Format::of(Path::new("a/B.MD")), Some(Format::Markdown));
         assert_eq!(Format::of(Path::new("a.htm")), Some(Format::Html));
-        assert_eq!(Format::of(Path::new("a.pdf")), None);
+        assert_eq!(Format::of(Path::new("a.pdf")), Some(Format::Pdf));
+        assert_eq!(Format::of(Path::new("a.docx")), None);
+        assert_eq!(Format::of_upload("upload", b"%PDF-1.7\n"), Format::Pdf);
+        assert_eq!(Format::of_upload("notes.md", b"%PDF-1.7\n"), Format::Markdown);
+        assert_eq!(Format::of_upload("upload", b"plain words"), Format::Text);
+    }
+
+    fn fixture_pdf() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/kb/pdf/policy.pdf")
+    }
+
+    #[test]
+    fn a_pdf_is_read_as_the_text_of_its_pages() {
+        let path = fixture_pdf();
+        let read = read_file(&path, "policy.pdf", &JsonlOptions::default()).unwrap();
+        let [document] = read.documents.as_slice() else { panic!("{:?}", read.documents) };
+        assert_eq!(document.format, Format::Pdf);
+        assert_eq!(document.metadata["format"], "pdf");
+        let text = &document.text;
+        // Both pages, in order, the words intact.
+        let returns = text.find("Customers may return a teapot within 30 days of delivery").expect(text);
+        let warranty = text.find("Every kettle carries a two-year warranty").expect(text);
+        assert!(returns < warranty, "{text}");
+        assert!(text.contains("Express orders ship the same day"), "{text}");
+    }
+
+    #[test]
+    fn a_broken_pdf_is_an_error_for_that_file_only() {
+        let bytes = std::fs::read(fixture_pdf()).unwrap();
+        let cases: [(&[u8], &str); 3] = [
+            (&bytes[..900], "not a readable PDF"),
+            (b"plain words, not a PDF", "not a readable PDF"),
+            (b"%PDF-1.4\n%%EOF\n", "not a readable PDF"),
+        ];
+        for (content, expected) in cases {
+            let error = file_text(content.to_vec(), Path::new("broken.pdf"), Format::Pdf).unwrap_err().to_string();
+            assert!(error.contains("broken.pdf") && error.contains(expected), "{error}");
+        }
     }
 }

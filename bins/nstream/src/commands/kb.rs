@@ -20,7 +20,7 @@ pub struct KbArgs {
 /// The `kb` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum KbCommand {
-    /// Chunk, embed and store files (text, markdown, HTML, JSONL); unchanged files are skipped, so
+    /// Chunk, embed and store files (text, markdown, HTML, JSONL, PDF); unchanged files are skipped, so
     /// an interrupted run resumes when run again.
     Index(IndexArgs),
     /// The passages nearest to a query.
@@ -61,7 +61,7 @@ pub enum OutputFormat {
 pub struct IndexArgs {
     #[command(flatten)]
     pub target: KbTarget,
-    /// Files or folders (walked recursively for .txt, .md, .html and .jsonl files).
+    /// Files or folders (walked recursively for .txt, .md, .html, .jsonl and .pdf files).
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
     /// The field of JSONL lines that holds the text.

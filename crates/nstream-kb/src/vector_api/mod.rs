@@ -43,7 +43,7 @@ use crate::chunk::{Chunker, TokenOffsets};
 use crate::collection::{Collection, SearchRequest};
 use crate::embedder::Embed;
 use crate::error::{Error, Result};
-use crate::source::{Format, JsonlOptions, parse_text};
+use crate::source::{Format, JsonlOptions, file_text, parse_text};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, now_seconds};
 use catalog::{BatchRecord, Catalog, StoreRecord, new_id};
@@ -492,14 +492,16 @@ impl VectorStoreService {
             .await
             .map_err(|error| server_error(format!("cannot read the upload: {error}")))?;
         let invalid = |message: String| LastError { code: "invalid_file".to_string(), message };
-        let text = String::from_utf8(bytes).map_err(|error| LastError {
-            code: "unsupported_file".to_string(),
-            message: format!(
-                "{filename}: not UTF-8 text (invalid byte at offset {}); nstream reads text, markdown, HTML and JSONL",
-                error.utf8_error().valid_up_to()
-            ),
-        })?;
-        let format = Format::of(Path::new(&filename)).unwrap_or(Format::Text);
+        let format = Format::of_upload(&filename, &bytes);
+        let name = filename.clone();
+        // A PDF's text extraction is CPU work: off the async threads.
+        let text = tokio::task::spawn_blocking(move || file_text(bytes, Path::new(&name), format))
+            .await
+            .map_err(|error| server_error(format!("reading the upload stopped: {error}")))?
+            .map_err(|error| LastError {
+                code: "unsupported_file".to_string(),
+                message: format!("{error}; nstream reads text, markdown, HTML, JSONL and PDF"),
+            })?;
         let read = parse_text(&text, Path::new(&filename), file_id, format, &JsonlOptions::default())
             .map_err(|error| invalid(error.to_string()))?;
         if read.documents.is_empty() && !read.problems.is_empty() {
@@ -1245,12 +1247,12 @@ impl VectorStoreBackend for VectorStoreService {
         let bytes = tokio::fs::read(self.file_path(file))
             .await
             .map_err(|error| BackendError::Internal(format!("reading the upload {file}: {error}")))?;
-        let text = String::from_utf8(bytes).map_err(|_| {
-            BackendError::invalid_request(format!(
-                "file {file} ({filename}) is not UTF-8 text, so it has no parsed content"
-            ))
-        })?;
-        let format = Format::of(Path::new(&filename)).unwrap_or(Format::Text);
+        let format = Format::of_upload(&filename, &bytes);
+        let name = filename.clone();
+        let text = tokio::task::spawn_blocking(move || file_text(bytes, Path::new(&name), format))
+            .await
+            .map_err(|error| BackendError::Internal(format!("reading the upload {file} stopped: {error}")))?
+            .map_err(|error| BackendError::invalid_request(format!("file {file} has no parsed content: {error}")))?;
         let read = parse_text(&text, Path::new(&filename), file, format, &JsonlOptions::default())
             .map_err(|error| BackendError::invalid_request(format!("file {file} ({filename}): {error}")))?;
         let data = read
