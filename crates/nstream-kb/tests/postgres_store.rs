@@ -112,3 +112,39 @@ async fn an_unreachable_server_is_a_clear_error_without_the_password() {
     let error = PostgresStore::connect("postgres://x@127.0.0.1:1/db", "Bad-Name").await.unwrap_err().to_string();
     assert!(error.contains("not a table name"), "{error}");
 }
+
+/// Whether the session of a fresh connection to `url` runs over TLS (`pg_stat_ssl`).
+async fn session_uses_tls(url: &str) -> bool {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query_scalar::<_, bool>("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tls_is_verified_against_the_named_certificate_authority() {
+    let Some(url) = common::postgres_url() else { return };
+    let Ok(authority) = std::env::var("NSTREAM_TEST_PG_CA") else {
+        eprintln!("SKIPPED: NSTREAM_TEST_PG_CA is unset (scripts/pg-test-server.sh prints it)");
+        return;
+    };
+    let separator = if url.contains('?') { '&' } else { '?' };
+    // verify-full: the certificate chains to the CA and names the host.
+    let verified = format!("{url}{separator}sslmode=verify-full&sslrootcert={authority}");
+    assert!(session_uses_tls(&verified).await, "sslmode=verify-full did not give a TLS session");
+    let store = PostgresStore::connect(&verified, &common::unique_table("kb_tls")).await.unwrap();
+    store.write(vec![document("tls", &[1, 2], json!({}))]).await.unwrap();
+    assert_eq!(store.stats().await.unwrap().chunks, 2);
+    // The server's certificate is not signed by any system root: verification fails, clearly,
+    // and the URL (its password) stays out of the message.
+    let unverifiable = format!("{url}{separator}sslmode=verify-full").replace("postgres@", "postgres:s3cret@");
+    let error = PostgresStore::connect(&unverifiable, "chunks").await.unwrap_err().to_string();
+    assert!(error.contains("cannot connect to PostgreSQL at 127.0.0.1"), "{error}");
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    assert!(!error.contains("s3cret"), "{error}");
+    // Without sslmode the connection prefers TLS when the server offers it (libpq's default).
+    assert!(session_uses_tls(&url).await);
+    assert!(!session_uses_tls(&format!("{url}{separator}sslmode=disable")).await);
+}
