@@ -38,15 +38,7 @@ spec:
     hfModelId: nstream-test/tiny-llama-f32
     modelProvider: HUGGINGFACE
 YAML
-"$python" - "$work/train.jsonl" <<'PY'
-import json, sys
-with open(sys.argv[1], "w") as out:
-    for i in range(16):
-        messages = [{"role": "system", "content": "You add numbers."},
-                    {"role": "user", "content": f"What is {i} plus {i + 3}?"},
-                    {"role": "assistant", "content": f"{i} plus {i + 3} is {2 * i + 3}."}]
-        out.write(json.dumps({"messages": messages}) + "\n")
-PY
+"$python" tests/python/finetune_parity_data.py "$work/train.jsonl"
 HF_HUB_CACHE="$work/hub" HF_HUB_OFFLINE=1 RAYON_NUM_THREADS=2 "$nstream" finetune \
   --model "$work/base.yaml" --data "$work/train.jsonl" --validation-split 0.2 --out-dir "$work/out" \
   --max-steps 21 --batch-size 3 --gradient-accumulation 2 --learning-rate 3e-3 --warmup 2 \

@@ -16,15 +16,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 export HF_HUB_OFFLINE=1 RAYON_NUM_THREADS=2
 model=(--model examples/quickstart.yaml --name smollm2-135m-instruct)
-"$python" - "$work/train.jsonl" <<'PY'
-import json, sys
-with open(sys.argv[1], "w") as out:
-    for i in range(16):
-        messages = [{"role": "system", "content": "You add numbers."},
-                    {"role": "user", "content": f"What is {i} plus {i + 3}?"},
-                    {"role": "assistant", "content": f"{i} plus {i + 3} is {2 * i + 3}."}]
-        out.write(json.dumps({"messages": messages}) + "\n")
-PY
+"$python" tests/python/finetune_parity_data.py "$work/train.jsonl"
 "$nstream" finetune "${model[@]}" --data "$work/train.jsonl" --out-dir "$work/base" --method full \
   --max-steps 1 --batch-size 1 --learning-rate 1e-30 --progress quiet >&2
 common=(--data "$work/train.jsonl" --validation-split 0.2 --max-steps 21 --batch-size 3

@@ -54,7 +54,7 @@ impl GradientSink {
             slots.insert(name.to_owned(), Tensor::zeros(shape, gradient.dtype(), gradient.device())?);
         }
         let sum = &slots[name];
-        sum.inplace_op2(&gradient.contiguous()?, &AddRows { ids })
+        sum.inplace_op2(&gradient.contiguous()?, &Accumulate { rows: Some(ids) })
     }
 
     /// Takes every sum out of the sink (which is then empty, ready for the next step).
@@ -77,7 +77,7 @@ pub(crate) fn add_in_place(sum: &Tensor, gradient: &Tensor) -> candle_core::Resu
     if sum.shape() != gradient.shape() {
         return Err(error(format!("a gradient of shape {:?} added to a sum of {:?}", gradient.dims(), sum.dims())));
     }
-    sum.inplace_op2(&gradient.contiguous()?, &AddInPlace)
+    sum.inplace_op2(&gradient.contiguous()?, &Accumulate { rows: None })
 }
 
 /// The float types of the in-place sums, with their mutable view of a CPU storage.
@@ -114,61 +114,33 @@ fn contiguous<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> can
     Ok(&T::cpu_storage_as_slice(storage)?[start..end])
 }
 
-/// `dst += src` over contiguous tensors of the same shape, in parallel.
-struct AddInPlace;
+/// `dst += src` in place: element-wise over tensors of the same shape (in parallel), or, with
+/// `rows`, `dst[rows[i]] += src[i]` for the rows of `(vocab, width)` and `(rows.len(), width)`
+/// matrices (an embedding's gradient).
+struct Accumulate<'a> {
+    rows: Option<&'a [u32]>,
+}
 
-fn add_slices<T: Summed>(
+fn accumulate<T: Summed>(
+    rows: Option<&[u32]>,
     dst: &mut CpuStorage,
     dst_layout: &Layout,
     src: &CpuStorage,
     src_layout: &Layout,
 ) -> candle_core::Result<()> {
+    let shape = dst_layout.shape().clone();
     let dst = contiguous_mut::<T>(dst, dst_layout)?;
     let src = contiguous::<T>(src, src_layout)?;
-    if dst.len() != src.len() {
-        return Err(error("an in-place sum of tensors of different sizes"));
-    }
-    dst.par_chunks_mut(ELEMENTS_PER_TASK).zip(src.par_chunks(ELEMENTS_PER_TASK)).for_each(|(dst, src)| {
-        dst.iter_mut().zip(src).for_each(|(sum, &value)| *sum += value);
-    });
-    Ok(())
-}
-
-impl InplaceOp2 for AddInPlace {
-    fn name(&self) -> &'static str {
-        "add-in-place"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_layout: &Layout,
-        src: &CpuStorage,
-        src_layout: &Layout,
-    ) -> candle_core::Result<()> {
-        match dst {
-            CpuStorage::F32(_) => add_slices::<f32>(dst, dst_layout, src, src_layout),
-            CpuStorage::F64(_) => add_slices::<f64>(dst, dst_layout, src, src_layout),
-            _ => Err(error("in-place gradient sums run in f32 or f64")),
+    let Some(ids) = rows else {
+        if dst.len() != src.len() {
+            return Err(error("an in-place sum of tensors of different sizes"));
         }
-    }
-}
-
-/// `dst[ids[i]] += src[i]` for the rows of `(vocab, width)` and `(ids.len(), width)` matrices.
-struct AddRows<'a> {
-    ids: &'a [u32],
-}
-
-fn add_rows<T: Summed>(
-    ids: &[u32],
-    dst: &mut CpuStorage,
-    dst_layout: &Layout,
-    src: &CpuStorage,
-    src_layout: &Layout,
-) -> candle_core::Result<()> {
-    let (vocab, width) = dst_layout.shape().dims2()?;
-    let dst = contiguous_mut::<T>(dst, dst_layout)?;
-    let src = contiguous::<T>(src, src_layout)?;
+        dst.par_chunks_mut(ELEMENTS_PER_TASK).zip(src.par_chunks(ELEMENTS_PER_TASK)).for_each(|(dst, src)| {
+            dst.iter_mut().zip(src).for_each(|(sum, &value)| *sum += value);
+        });
+        return Ok(());
+    };
+    let (vocab, width) = shape.dims2()?;
     if src.len() != ids.len() * width {
         return Err(error("an embedding gradient with another row count than its ids"));
     }
@@ -182,9 +154,9 @@ fn add_rows<T: Summed>(
     Ok(())
 }
 
-impl InplaceOp2 for AddRows<'_> {
+impl InplaceOp2 for Accumulate<'_> {
     fn name(&self) -> &'static str {
-        "add-rows"
+        "accumulate"
     }
 
     fn cpu_fwd(
@@ -195,8 +167,8 @@ impl InplaceOp2 for AddRows<'_> {
         src_layout: &Layout,
     ) -> candle_core::Result<()> {
         match dst {
-            CpuStorage::F32(_) => add_rows::<f32>(self.ids, dst, dst_layout, src, src_layout),
-            CpuStorage::F64(_) => add_rows::<f64>(self.ids, dst, dst_layout, src, src_layout),
+            CpuStorage::F32(_) => accumulate::<f32>(self.rows, dst, dst_layout, src, src_layout),
+            CpuStorage::F64(_) => accumulate::<f64>(self.rows, dst, dst_layout, src, src_layout),
             _ => Err(error("in-place gradient sums run in f32 or f64")),
         }
     }
