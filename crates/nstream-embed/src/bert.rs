@@ -286,6 +286,7 @@ impl CandleBert {
             activation: activation_for(self.activation),
             heads: self.heads,
             head_dim: self.head_dim,
+            buffers: Default::default(),
         })
     }
 

@@ -15,11 +15,13 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::Tensor;
 use nstream_kernels::dense::{Activation, AttentionShape, PackedMatrix, add_layer_norm, encoder_attention};
 use nstream_kernels::dense_bf16::PackedMatrixBf16;
 use nstream_kernels::{KernelError, Parallel};
+use rayon::prelude::*;
 
 use crate::config::HiddenAct;
 use crate::error::{Error, Result};
@@ -68,11 +70,32 @@ pub(crate) struct Norm {
     pub(crate) epsilon: f32,
 }
 
+/// Rows of a layer norm per parallel work item.
+const NORM_ROWS: usize = 128;
+
 impl Norm {
-    /// `values = norm(values + residual)`, row by row.
+    /// `values = norm(values + residual)`, row by row, blocks of rows spread over rayon's threads.
     fn apply(&self, values: &mut [f32], residual: Option<&[f32]>) -> Result<()> {
-        add_layer_norm(values, residual, &self.weight, &self.bias, self.epsilon).map_err(kernel_error)
+        let block = NORM_ROWS * self.weight.len().max(1);
+        if residual.is_some_and(|residual| residual.len() != values.len()) {
+            return add_layer_norm(values, residual, &self.weight, &self.bias, self.epsilon).map_err(kernel_error);
+        }
+        values.par_chunks_mut(block).enumerate().try_for_each(|(index, part)| {
+            let residual = residual.map(|residual| &residual[index * block..][..part.len()]);
+            add_layer_norm(part, residual, &self.weight, &self.bias, self.epsilon).map_err(kernel_error)
+        })
     }
+}
+
+/// The activations of one forward pass, kept between passes: a buffer is zeroed only where it
+/// grows (every value is written before it is read), so a pass of the size of an earlier one
+/// neither clears nor page-faults tens of megabytes.
+#[derive(Default)]
+pub(crate) struct Buffers {
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    attention: Vec<f32>,
+    intermediate: Vec<f32>,
 }
 
 /// A linear layer packed for the kernels: f32 products, or bf16 products (`--dtype bf16` on a CPU
@@ -122,6 +145,8 @@ pub(crate) struct CpuBert {
     pub(crate) activation: Activation,
     pub(crate) heads: usize,
     pub(crate) head_dim: usize,
+    /// Reused by every forward pass (one at a time: a model has one worker).
+    pub(crate) buffers: Mutex<Buffers>,
 }
 
 /// The kernels' activation for a config's.
@@ -211,18 +236,20 @@ impl CpuBert {
         self.embeddings_norm.apply(&mut states, None)?;
 
         let intermediate_size = self.layers.first().map_or(0, |layer| layer.intermediate.rows());
-        let mut qkv = vec![0f32; rows * 3 * hidden];
-        let mut context = vec![0f32; rows * hidden];
-        let mut attention = vec![0f32; rows * hidden];
-        let mut intermediate = vec![0f32; rows * intermediate_size];
+        let mut buffers = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+        let Buffers { qkv, context, attention, intermediate } = &mut *buffers;
+        qkv.resize(rows * 3 * hidden, 0.0);
+        context.resize(rows * hidden, 0.0);
+        attention.resize(rows * hidden, 0.0);
+        intermediate.resize(rows * intermediate_size, 0.0);
         for layer in &self.layers {
-            layer.qkv.matmul(&states, rows, &mut qkv, Activation::Identity)?;
-            self.attention(&qkv, lengths, &mut context)?;
-            layer.attention_output.matmul(&context, rows, &mut attention, Activation::Identity)?;
-            layer.attention_norm.apply(&mut attention, Some(&states))?;
-            layer.intermediate.matmul(&attention, rows, &mut intermediate, self.activation)?;
-            layer.output.matmul(&intermediate, rows, &mut states, Activation::Identity)?;
-            layer.output_norm.apply(&mut states, Some(&attention))?;
+            layer.qkv.matmul(&states, rows, qkv, Activation::Identity)?;
+            self.attention(qkv, lengths, context)?;
+            layer.attention_output.matmul(context, rows, attention, Activation::Identity)?;
+            layer.attention_norm.apply(attention, Some(&states))?;
+            layer.intermediate.matmul(attention, rows, intermediate, self.activation)?;
+            layer.output.matmul(intermediate, rows, &mut states, Activation::Identity)?;
+            layer.output_norm.apply(&mut states, Some(attention))?;
         }
         Ok(states)
     }

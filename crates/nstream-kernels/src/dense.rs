@@ -27,14 +27,22 @@
 //! exponential and `erf` are polynomial approximations, within 3e-7 (relative) and 2e-6 of the
 //! true values (see [`exp_approx`] and [`erf_approx`]).
 
+use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 
 use crate::{CacheLine, CpuLevel, KernelError, Parallel, cpu_level};
 
 /// Output columns per packed panel (two 256-bit registers of f32).
 pub const PANEL: usize = 16;
-/// Input rows of the largest tile the kernels keep in registers.
+/// Input rows of the largest tile the AVX2 and portable kernels keep in registers.
 pub(crate) const TILE_ROWS: usize = 6;
+/// Input rows of the largest tile of the AVX-512 kernel (one 512-bit register per row).
+pub(crate) const WIDE_TILE_ROWS: usize = 12;
+
+/// The tallest tile the kernel of `level` takes.
+pub(crate) fn tile_height(level: CpuLevel) -> usize {
+    if level == CpuLevel::Avx512Vnni { WIDE_TILE_ROWS } else { TILE_ROWS }
+}
 /// Input rows walked together by one work item (their inputs stay in L2 across the panels).
 pub(crate) const ROW_BLOCK: usize = 64;
 /// Most work items of one product (fewer, wider ones cost less to hand out).
@@ -181,26 +189,20 @@ impl PackedMatrix {
                 let bias = &self.bias[panel];
                 let column = panel_offset * PANEL;
                 let valid = (width - column).min(PANEL);
-                // Tiles of even height (15 rows: 5 + 5 + 5, not 6 + 6 + 3): a short tile has
-                // too few independent sums to hide the FMA latency.
-                let block_rows = block_end - block_start;
-                let tiles = block_rows.div_ceil(TILE_ROWS);
-                let mut tile_start = block_start;
-                for tile_index in 0..tiles {
-                    let tile_rows = block_rows / tiles + usize::from(tile_index < block_rows % tiles);
-                    let inputs = &input[tile_start * cols..][..tile_rows * cols];
-                    let mut tile = [[0f32; PANEL]; TILE_ROWS];
-                    self.tile(inputs, steps, bias, &mut tile[..tile_rows], activation);
-                    for (row, values) in tile[..tile_rows].iter().enumerate() {
-                        output[tile_start + row][column..column + valid].copy_from_slice(&values[..valid]);
+                for tile_rows in tile_ranges(block_start, block_end, tile_height(self.level)) {
+                    let inputs = &input[tile_rows.start * cols..tile_rows.end * cols];
+                    let mut tile = [[0f32; PANEL]; WIDE_TILE_ROWS];
+                    self.tile(inputs, steps, bias, &mut tile[..tile_rows.len()], activation);
+                    for (row, values) in tile_rows.zip(&tile) {
+                        copy_panel(values, &mut output[row][column..column + valid]);
                     }
-                    tile_start += tile_rows;
                 }
             }
         }
     }
 
-    /// One tile: `out.len()` (1..=6) input rows (`inputs`, `out.len() × cols`) × one panel.
+    /// One tile: `out.len()` (1 up to the level's [`tile_height`]) input rows (`inputs`,
+    /// `out.len() × cols`) × one panel.
     fn tile(
         &self,
         inputs: &[f32],
@@ -211,7 +213,9 @@ impl PackedMatrix {
     ) {
         match self.level {
             #[cfg(target_arch = "x86_64")]
-            CpuLevel::Avx2 | CpuLevel::Avx512Vnni => crate::dense_avx2::tile(inputs, steps, bias, out, activation),
+            CpuLevel::Avx512Vnni => crate::dense_avx2::wide_tile(inputs, steps, bias, out, activation),
+            #[cfg(target_arch = "x86_64")]
+            CpuLevel::Avx2 => crate::dense_avx2::tile(inputs, steps, bias, out, activation),
             _ => {
                 tile_portable(inputs, steps, bias, out);
                 for row in out.iter_mut() {
@@ -219,6 +223,16 @@ impl PackedMatrix {
                 }
             }
         }
+    }
+}
+
+/// The first `target.len()` (at most [`PANEL`]) values of a tile row into `target`.
+#[inline(always)]
+pub(crate) fn copy_panel(values: &[f32; PANEL], target: &mut [f32]) {
+    if let Ok(whole) = <&mut [f32; PANEL]>::try_from(&mut *target) {
+        *whole = *values;
+    } else {
+        target.copy_from_slice(&values[..target.len()]);
     }
 }
 
@@ -481,7 +495,7 @@ pub struct AttentionShape {
 }
 
 /// Query rows handled by one work item of [`encoder_attention`].
-const ATTENTION_ROWS: usize = 16;
+const ATTENTION_ROWS: usize = 64;
 
 /// Bidirectional multi-head attention of an encoder over right-padded sequences.
 ///
@@ -490,7 +504,13 @@ const ATTENTION_ROWS: usize = 16;
 /// contiguous. Sequence `b` has `lengths[b]` real positions; padding keys get no weight (as
 /// a mask of `-inf`, or of `-1e4` once the exponential underflows). For every row (padding rows
 /// too) and head, `softmax(q · kᵀ) · v` goes to that row's head slot of `output`
-/// (`batch × sequence` rows of `heads · head_dim`). Rows are spread over `parallel`.
+/// (`batch × sequence` rows of `heads · head_dim`). Blocks of query rows are spread over
+/// `parallel`.
+///
+/// Both products of a head run on the matrix product's register tiles: the head's keys are
+/// packed as panels of 16 keys (so a tile of query rows × 16 scores is [`PANEL`]-wide sums
+/// over the head's dimensions) and its values as panels of 16 dimensions (a tile of rows × 16
+/// context values sums over the keys). Each sum runs in order.
 pub fn encoder_attention(
     qkv: &[f32],
     shape: AttentionShape,
@@ -522,8 +542,7 @@ pub fn encoder_attention(
     }
     let level = cpu_level().unwrap_or(CpuLevel::Portable);
     parallel.run(parts.len(), &|range| {
-        // The scores of one query row, then the transposed keys of one head.
-        let mut scratch = vec![0f32; sequence * (head_dim + 1)];
+        let mut scratch = AttentionScratch::default();
         for item in range {
             let mut part = parts[item].0.lock().unwrap_or_else(PoisonError::into_inner);
             let (sequence_index, first_row, ref mut block) = *part;
@@ -531,8 +550,10 @@ pub fn encoder_attention(
             let job = AttentionRows { rows, shape, length: lengths[sequence_index], first_row };
             match level {
                 #[cfg(target_arch = "x86_64")]
-                CpuLevel::Avx2 | CpuLevel::Avx512Vnni => crate::dense_avx2::attention(&job, block, &mut scratch),
-                _ => attention_portable(&job, block, &mut scratch),
+                CpuLevel::Avx2 | CpuLevel::Avx512Vnni => {
+                    crate::dense_avx2::attention(&job, block, &mut scratch, level == CpuLevel::Avx512Vnni);
+                }
+                _ => attention_rows(&job, block, &mut scratch, &PortableAttention),
             }
         }
     });
@@ -552,62 +573,197 @@ pub(crate) struct AttentionRows<'a> {
     first_row: usize,
 }
 
-/// [`encoder_attention`]'s body for one item, compiled into whichever features the caller has.
-/// `output` holds the item's rows; `scratch` at least `length · (head_dim + 1)` values.
-///
-/// Per head, the keys are first transposed into `scratch` (`head_dim` rows of `length`), so that
-/// a query's scores are `head_dim` multiply-adds of a broadcast query value into all `length`
-/// scores at once: vector-wide, with no horizontal sum per key. Each score sums over the head's
-/// values in order.
+/// One thread's buffers for [`encoder_attention`]'s items, grown to the largest item's needs.
+#[derive(Default)]
+pub(crate) struct AttentionScratch {
+    /// One head's queries of the item's rows, contiguous (`rows × head_dim`).
+    queries: Vec<f32>,
+    /// The keys as panels of 16 keys: panel `p`'s step `c` holds value `c` (of `heads · head_dim`)
+    /// of keys `16p..16p + 16` (zeros past the last key); `⌈length / 16⌉ × hidden` steps.
+    keys: Vec<PanelStep>,
+    /// Each head's values as panels of 16 dimensions: panel `q`'s step `j` holds key `j`'s
+    /// dimensions `16q..16q + 16` (zeros past `head_dim`); `heads × ⌈head_dim / 16⌉ × length` steps.
+    values: Vec<PanelStep>,
+    /// The rows' scores, then their softmax numerators (`rows × length`).
+    scores: Vec<f32>,
+    /// The softmax denominator of each row.
+    totals: Vec<f32>,
+    /// `heads · head_dim` zeros: the keys past the last one in a panel.
+    zeros: Vec<f32>,
+}
+
+/// The primitives [`attention_rows`] runs on, one implementation per kernel level.
+pub(crate) trait AttentionKernels {
+    /// The tallest tile [`Self::tile`] takes.
+    fn tile_height(&self) -> usize;
+    /// One bias-free tile of the product: `out.len()` rows of `inputs` × one panel of `steps`.
+    fn tile(&self, inputs: &[f32], steps: &[PanelStep], out: &mut [[f32; PANEL]]);
+    /// Transposes [`PANEL`] keys (each `steps.len()` values) into a panel: `steps[d][j] = keys[j][d]`.
+    fn pack_keys(&self, keys: &[&[f32]; PANEL], steps: &mut [PanelStep]);
+}
+
+/// [`AttentionKernels`] in plain Rust.
+pub(crate) struct PortableAttention;
+
+impl AttentionKernels for PortableAttention {
+    fn tile_height(&self) -> usize {
+        TILE_ROWS
+    }
+
+    fn tile(&self, inputs: &[f32], steps: &[PanelStep], out: &mut [[f32; PANEL]]) {
+        tile_portable(inputs, steps, &[0.0; PANEL], out);
+    }
+
+    #[inline(always)]
+    fn pack_keys(&self, keys: &[&[f32]; PANEL], steps: &mut [PanelStep]) {
+        pack_keys_portable(keys, steps);
+    }
+}
+
+/// [`AttentionKernels::pack_keys`] in plain Rust (also the AVX2 version's edges).
 #[inline(always)]
-pub(crate) fn attention_portable(job: &AttentionRows<'_>, output: &mut [f32], scratch: &mut [f32]) {
+pub(crate) fn pack_keys_portable(keys: &[&[f32]; PANEL], steps: &mut [PanelStep]) {
+    for (dimension, step) in steps.iter_mut().enumerate() {
+        for (lane, key) in step.as_flattened_mut().iter_mut().zip(keys) {
+            *lane = key[dimension];
+        }
+    }
+}
+
+/// The ranges of rows `start..end` cut into register tiles of at most `height` rows, of even
+/// height (15 rows in tiles of 6: 5 + 5 + 5, not 6 + 6 + 3): a short tile has too few
+/// independent sums to hide the FMA latency.
+pub(crate) fn tile_ranges(start: usize, end: usize, height: usize) -> impl Iterator<Item = Range<usize>> {
+    let rows = end - start;
+    let tiles = rows.div_ceil(height);
+    (0..tiles).scan(start, move |next, index| {
+        let height = rows / tiles + usize::from(index < rows % tiles);
+        let range = *next..*next + height;
+        *next += height;
+        Some(range)
+    })
+}
+
+/// [`encoder_attention`]'s body for one item, compiled into whichever features the caller has,
+/// on `kernels`' tiles and key packing.
+#[inline(always)]
+pub(crate) fn attention_rows(
+    job: &AttentionRows<'_>,
+    output: &mut [f32],
+    scratch: &mut AttentionScratch,
+    kernels: &impl AttentionKernels,
+) {
     let AttentionShape { heads, head_dim, .. } = job.shape;
     let hidden = heads * head_dim;
     let stride = 3 * hidden;
     let length = job.length;
-    let (scores, keys) = scratch.split_at_mut(length);
-    let keys = &mut keys[..head_dim * length];
-    for head in 0..heads {
-        for key_index in 0..length {
-            let key = &job.rows[key_index * stride + hidden + head * head_dim..][..head_dim];
-            for (dimension, &value) in key.iter().enumerate() {
-                keys[dimension * length + key_index] = value;
-            }
-        }
-        for (offset, output_row) in output.chunks_exact_mut(hidden).enumerate() {
-            let row = job.first_row + offset;
-            let query = &job.rows[row * stride + head * head_dim..][..head_dim];
-            scores.fill(0.0);
-            for (&value, key_row) in query.iter().zip(keys.chunks_exact(length)) {
-                for (score, &key) in scores.iter_mut().zip(key_row) {
-                    *score += value * key;
-                }
-            }
-            let mut largest = f32::NEG_INFINITY;
-            for &score in scores.iter() {
-                largest = largest.max(score);
-            }
-            let mut total = 0.0;
-            for score in scores.iter_mut() {
-                *score = exp_approx(*score - largest);
-            }
-            for &score in scores.iter() {
-                total += score;
-            }
-            let context = &mut output_row[head * head_dim..][..head_dim];
-            context.fill(0.0);
-            for (key_index, &weight) in scores.iter().enumerate() {
-                let value = &job.rows[key_index * stride + 2 * hidden + head * head_dim..][..head_dim];
-                for (sum, &v) in context.iter_mut().zip(value) {
-                    *sum += weight * v;
-                }
-            }
-            let inverse = 1.0 / total;
-            for sum in context.iter_mut() {
-                *sum *= inverse;
+    let rows = output.len() / hidden;
+    let value_panels = head_dim.div_ceil(PANEL);
+    let AttentionScratch { queries, keys, values, scores, totals, zeros } = scratch;
+    zeros.resize(hidden, 0.0);
+    let zeros: &[f32] = zeros;
+    queries.resize(rows * head_dim, 0.0);
+    keys.resize(length.div_ceil(PANEL) * hidden, [[0.0; 8]; 2]);
+    values.resize(heads * value_panels * length, [[0.0; 8]; 2]);
+    scores.resize(rows * length, 0.0);
+    totals.resize(rows, 0.0);
+    // Every head's keys and values are packed first, reading the rows in order: key panel `p`
+    // is `hidden` steps (head `h`'s at `h · head_dim`), value panel `q` of head `h` is the
+    // `length` steps from `(h · value_panels + q) · length`.
+    for (panel, steps) in keys.chunks_exact_mut(hidden).enumerate() {
+        let panel_keys: [&[f32]; PANEL] = std::array::from_fn(|lane| {
+            let key_index = panel * PANEL + lane;
+            if key_index < length { &job.rows[key_index * stride + hidden..][..hidden] } else { zeros }
+        });
+        kernels.pack_keys(&panel_keys, steps);
+    }
+    for key_index in 0..length {
+        let row = &job.rows[key_index * stride + 2 * hidden..][..hidden];
+        for (head, head_values) in row.chunks_exact(head_dim).enumerate() {
+            for (panel, part) in head_values.chunks(PANEL).enumerate() {
+                values[(head * value_panels + panel) * length + key_index] = panel_step(part);
             }
         }
     }
+    for head in 0..heads {
+        let offset = head * head_dim;
+        for (row, query) in queries.chunks_exact_mut(head_dim).enumerate() {
+            query.copy_from_slice(&job.rows[(job.first_row + row) * stride + offset..][..head_dim]);
+        }
+        let head_keys = keys.chunks_exact(hidden).map(|panel| &panel[offset..][..head_dim]);
+        let head_values = &values[head * value_panels * length..][..value_panels * length];
+        for tile_rows in tile_ranges(0, rows, kernels.tile_height()) {
+            let inputs = &queries[tile_rows.start * head_dim..tile_rows.end * head_dim];
+            for (panel, steps) in head_keys.clone().enumerate() {
+                let mut out = [[0f32; PANEL]; WIDE_TILE_ROWS];
+                kernels.tile(inputs, steps, &mut out[..tile_rows.len()]);
+                let first = panel * PANEL;
+                let width = (length - first).min(PANEL);
+                for (row, sums) in tile_rows.clone().zip(&out) {
+                    copy_panel(sums, &mut scores[row * length + first..][..width]);
+                }
+            }
+        }
+        for (row, total) in scores.chunks_exact_mut(length).zip(totals.iter_mut()) {
+            *total = softmax_numerators(row);
+        }
+        for tile_rows in tile_ranges(0, rows, kernels.tile_height()) {
+            let inputs = &scores[tile_rows.start * length..tile_rows.end * length];
+            for (panel, steps) in head_values.chunks_exact(length).enumerate() {
+                let mut out = [[0f32; PANEL]; WIDE_TILE_ROWS];
+                kernels.tile(inputs, steps, &mut out[..tile_rows.len()]);
+                let first = panel * PANEL;
+                let width = (head_dim - first).min(PANEL);
+                for (row, sums) in tile_rows.clone().zip(&out) {
+                    let inverse = 1.0 / totals[row];
+                    let context = &mut output[row * hidden + offset + first..][..width];
+                    for (value, &sum) in context.iter_mut().zip(sums) {
+                        *value = sum * inverse;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Up to [`PANEL`] values as one panel step, zeros after them.
+#[inline(always)]
+fn panel_step(values: &[f32]) -> PanelStep {
+    if let Ok(whole) = <&[f32; PANEL]>::try_from(values) {
+        let (halves, _) = whole.as_chunks::<8>();
+        return [halves[0], halves[1]];
+    }
+    let mut step = [[0.0; 8]; 2];
+    step.as_flattened_mut()[..values.len()].copy_from_slice(values);
+    step
+}
+
+/// Replaces `scores` by `e^(score − largest)` and returns their sum; eight running lanes so
+/// that the loops vectorise.
+#[inline(always)]
+fn softmax_numerators(scores: &mut [f32]) -> f32 {
+    let (chunks, rest) = scores.as_chunks::<8>();
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    for chunk in chunks {
+        for (lane, &score) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(score);
+        }
+    }
+    let largest = rest.iter().fold(lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b));
+    let (chunks, rest) = scores.as_chunks_mut::<8>();
+    let mut sums = [0f32; 8];
+    for chunk in chunks {
+        for (sum, score) in sums.iter_mut().zip(chunk.iter_mut()) {
+            *score = exp_approx(*score - largest);
+            *sum += *score;
+        }
+    }
+    let mut total: f32 = sums.iter().sum();
+    for score in rest {
+        *score = exp_approx(*score - largest);
+        total += *score;
+    }
+    total
 }
 
 #[cfg(test)]
@@ -789,6 +945,29 @@ mod tests {
     }
 
     #[test]
+    fn the_avx512_tile_gives_the_avx2_tiles_bits() {
+        if CpuLevel::detected() < CpuLevel::Avx512Vnni {
+            return;
+        }
+        let mut rng = fastrand::Rng::with_seed(5);
+        for (rows, cols, batch) in [(40, 384, 1), (1152, 384, 15), (384, 1536, 64), (17, 9, 13)] {
+            let weights = random(rows * cols, &mut rng);
+            let bias = random(rows, &mut rng);
+            let input = random(batch * cols, &mut rng);
+            let products: Vec<Vec<f32>> = [CpuLevel::Avx2, CpuLevel::Avx512Vnni]
+                .into_iter()
+                .map(|level| {
+                    let matrix = PackedMatrix::new_at(&weights, rows, cols, Some(&bias), level).expect("packs");
+                    let mut output = vec![0f32; batch * rows];
+                    matrix.matmul(&input, batch, &mut output, Activation::GeluErf, &TwoThreads).expect("multiplies");
+                    output
+                })
+                .collect();
+            assert_eq!(products[0], products[1], "{rows}x{cols} batch {batch}");
+        }
+    }
+
+    #[test]
     fn wrong_shapes_are_errors() {
         let error = PackedMatrix::new(&[1.0; 5], 2, 3, None).expect_err("refused").to_string();
         assert!(error.contains("expected 2 × 3 weights, got 5"), "{error}");
@@ -891,16 +1070,22 @@ mod tests {
                     );
                 }
             }
-            let mut portable = vec![0f32; sequence * hidden];
-            let mut scratch = vec![0f32; sequence * (head_dim + 1)];
+            // Each level's kernels on the first sequence, whatever NSTREAM_CPU_LEVEL says.
             let rows = &qkv[..sequence * 3 * hidden];
-            attention_portable(
-                &AttentionRows { rows, shape, length: lengths[0], first_row: 0 },
-                &mut portable,
-                &mut scratch,
-            );
-            for (&actual, &wanted) in portable.iter().zip(&expected) {
-                assert!((f64::from(actual) - wanted).abs() <= 1e-5, "portable: {actual} vs {wanted}");
+            let job = AttentionRows { rows, shape, length: lengths[0], first_row: 0 };
+            for level in runnable_levels() {
+                let mut output = vec![0f32; sequence * hidden];
+                let mut scratch = AttentionScratch::default();
+                match level {
+                    #[cfg(target_arch = "x86_64")]
+                    CpuLevel::Avx2 | CpuLevel::Avx512Vnni => {
+                        crate::dense_avx2::attention(&job, &mut output, &mut scratch, level == CpuLevel::Avx512Vnni);
+                    }
+                    _ => attention_rows(&job, &mut output, &mut scratch, &PortableAttention),
+                }
+                for (&actual, &wanted) in output.iter().zip(&expected) {
+                    assert!((f64::from(actual) - wanted).abs() <= 1e-5, "{level}: {actual} vs {wanted}");
+                }
             }
         }
     }

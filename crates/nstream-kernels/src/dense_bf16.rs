@@ -27,6 +27,11 @@ const TILE_ROWS: usize = 8;
 /// Input rows converted to bfloat16 per work item.
 const CONVERT_ROWS: usize = 32;
 
+thread_local! {
+    /// The last product's input as bfloat16 pairs, per calling thread (see `matmul`).
+    static CONVERTED: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// One packed step of a panel: 32 columns' bfloat16 pairs.
 type PairStep = [u32; BF16_PANEL];
 
@@ -151,8 +156,10 @@ impl PackedMatrixBf16 {
             return Ok(());
         }
         let pairs = self.cols.div_ceil(2);
-        // The input rounded to bfloat16 pairs once, in parallel blocks of rows.
-        let mut converted = vec![0u32; batch * pairs];
+        // The input rounded to bfloat16 pairs once, in parallel blocks of rows, into the calling
+        // thread's buffer (kept between products: zeroed only where it grows).
+        let mut converted = CONVERTED.take();
+        converted.resize(batch * pairs, 0);
         {
             let parts: Vec<CacheLine<Mutex<&mut [u32]>>> =
                 converted.chunks_mut(CONVERT_ROWS * pairs).map(|part| CacheLine(Mutex::new(part))).collect();
@@ -161,10 +168,7 @@ impl PackedMatrixBf16 {
                     let mut part = parts[item].0.lock().unwrap_or_else(PoisonError::into_inner);
                     let first_row = item * CONVERT_ROWS;
                     for (offset, row) in part.chunks_exact_mut(pairs).enumerate() {
-                        let values = &input[(first_row + offset) * self.cols..][..self.cols];
-                        for (lane, chunk) in row.iter_mut().zip(values.chunks(2)) {
-                            *lane = pair(chunk[0], chunk.get(1).copied().unwrap_or(0.0));
-                        }
+                        convert_row(&input[(first_row + offset) * self.cols..][..self.cols], row);
                     }
                 }
             });
@@ -172,6 +176,7 @@ impl PackedMatrixBf16 {
         spread_panels(output, self.rows, BF16_PANEL, parallel, &|first_panel, rows| {
             self.multiply_item(&converted, pairs, first_panel, rows, activation);
         });
+        CONVERTED.set(converted);
         Ok(())
     }
 
@@ -201,13 +206,46 @@ impl PackedMatrixBf16 {
                     let mut tile = [[0f32; BF16_PANEL]; TILE_ROWS];
                     tile_product(inputs, steps, bias, &mut tile[..tile_rows]);
                     for (row, values) in tile[..tile_rows].iter_mut().enumerate() {
-                        apply_activation(&mut values[..valid], activation);
-                        output[tile_start + row][column..column + valid].copy_from_slice(&values[..valid]);
+                        let target = &mut output[tile_start + row][column..column + valid];
+                        if let Ok(whole) = <&mut [f32; BF16_PANEL]>::try_from(&mut *target) {
+                            apply_activation(values, activation);
+                            *whole = *values;
+                        } else {
+                            apply_activation(&mut values[..valid], activation);
+                            target.copy_from_slice(&values[..valid]);
+                        }
                     }
                     tile_start += tile_rows;
                 }
             }
         }
+    }
+}
+
+/// `values` rounded to bfloat16 pairs (`row[k]` holds values `2k` and `2k + 1`, a zero after an
+/// odd last one): 32 values per instruction, the rest one pair at a time.
+#[allow(unsafe_code)]
+fn convert_row(values: &[f32], row: &mut [u32]) {
+    assert_eq!(row.len(), values.len().div_ceil(2), "a converted row holds the values' pairs");
+    let (whole, rest) = values.as_chunks::<32>();
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a `PackedMatrixBf16` exists only where `bf16_available` held (AVX-512 F and BF16).
+    unsafe {
+        avx512::convert(whole, &mut row[..whole.len() * 16]);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for (lanes, chunk) in row.chunks_exact_mut(16).zip(whole) {
+        for (lane, pair_values) in lanes.iter_mut().zip(chunk.as_chunks::<2>().0) {
+            *lane = pair(pair_values[0], pair_values[1]);
+        }
+    }
+    let (pairs, odd) = rest.as_chunks::<2>();
+    let tail = &mut row[whole.len() * 16..];
+    for (lane, &[even, next]) in tail.iter_mut().zip(pairs) {
+        *lane = pair(even, next);
+    }
+    if let (Some(&last), Some(lane)) = (odd.first(), tail.last_mut()) {
+        *lane = pair(last, 0.0);
     }
 }
 
@@ -242,11 +280,30 @@ fn tile_product(inputs: &[u32], steps: &[PairStep], bias: &[f32; BF16_PANEL], ou
 #[allow(unsafe_code)]
 mod avx512 {
     use std::arch::x86_64::{
-        __m512, __m512bh, __m512i, _mm512_dpbf16_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_set1_epi32,
-        _mm512_storeu_ps,
+        __m512, __m512bh, __m512i, _mm512_cvtne2ps_pbh, _mm512_dpbf16_ps, _mm512_loadu_ps, _mm512_loadu_si512,
+        _mm512_set1_epi32, _mm512_storeu_ps, _mm512_storeu_si512,
     };
 
     use super::{BF16_PANEL, PairStep};
+
+    /// Each chunk of 32 values rounded to bfloat16 (to nearest even, as `VCVTNE2PS2BF16` does;
+    /// it also reads a subnormal value as zero) into 16 pair lanes of `row`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BF16; `row` holds 16 lanes per chunk.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert(chunks: &[[f32; 32]], row: &mut [u32]) {
+        assert_eq!(row.len(), chunks.len() * 16, "16 lanes per chunk");
+        for (chunk, lanes) in chunks.iter().zip(row.chunks_exact_mut(16)) {
+            // SAFETY: a chunk is 32 f32 values (two 512-bit loads), a lane group 16 u32 values.
+            unsafe {
+                let low = _mm512_loadu_ps(chunk.as_ptr());
+                let high = _mm512_loadu_ps(chunk.as_ptr().add(16));
+                let converted = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(high, low));
+                _mm512_storeu_si512(lanes.as_mut_ptr().cast(), converted);
+            }
+        }
+    }
 
     /// One tile of `R` rows × 32 columns.
     ///
@@ -261,7 +318,7 @@ mod avx512 {
         out: &mut [[f32; BF16_PANEL]],
     ) {
         let pairs = steps.len();
-        debug_assert!(inputs.len() >= R * pairs && out.len() >= R);
+        assert!(inputs.len() >= R * pairs && out.len() >= R, "a tile's inputs match its rows");
         // SAFETY: the bias is 32 f32 values.
         let (low_bias, high_bias) = unsafe { (_mm512_loadu_ps(bias.as_ptr()), _mm512_loadu_ps(bias.as_ptr().add(16))) };
         let mut sums: [[__m512; 2]; R] = [[low_bias, high_bias]; R];
@@ -274,7 +331,8 @@ mod avx512 {
                 )
             };
             for (row, sum) in sums.iter_mut().enumerate() {
-                let value = inputs[row * pairs + step_index];
+                // SAFETY: `row < R` and `step_index < pairs`, inside the `R × pairs` inputs.
+                let value = unsafe { *inputs.as_ptr().add(row * pairs + step_index) };
                 // SAFETY: a broadcast of 32 bits, reinterpreted as 32 bfloat16 values.
                 let broadcast = unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(value as i32)) };
                 sum[0] = _mm512_dpbf16_ps(sum[0], broadcast, low);
@@ -331,6 +389,28 @@ mod tests {
 
     /// Every shape's product equals the f64 product of the bfloat16-rounded operands (the only
     /// rounding left is f32 summation), at every row count of a tile and across panel edges.
+    #[test]
+    fn rows_convert_as_the_scalar_rounding_does() {
+        if !bf16_available() {
+            return;
+        }
+        let mut rng = fastrand::Rng::with_seed(4);
+        for cols in [1, 2, 31, 32, 33, 64, 384, 1537] {
+            let mut values = random(cols, &mut rng);
+            // Ties, infinities and large values round as `bf16_bits` does.
+            values[0] = 1.0 + 2f32.powi(-8);
+            if cols > 3 {
+                values[1] = f32::INFINITY;
+                values[2] = -6.5e4;
+            }
+            let mut row = vec![0u32; cols.div_ceil(2)];
+            convert_row(&values, &mut row);
+            let expected: Vec<u32> =
+                values.chunks(2).map(|chunk| pair(chunk[0], chunk.get(1).copied().unwrap_or(0.0))).collect();
+            assert_eq!(row, expected, "{cols} values");
+        }
+    }
+
     #[test]
     fn products_equal_the_product_of_the_rounded_operands() {
         if !bf16_available() {
