@@ -181,6 +181,8 @@ impl PackedMatrix {
         let cols = self.cols;
         let width = output.first().map_or(0, |row| row.len());
         let batch = output.len();
+        // Each tile overwrites the rows it uses: cleared once here, not per tile.
+        let mut tile = [[0f32; PANEL]; WIDE_TILE_ROWS];
         for block_start in (0..batch).step_by(ROW_BLOCK) {
             let block_end = (block_start + ROW_BLOCK).min(batch);
             for panel_offset in 0..width.div_ceil(PANEL) {
@@ -191,7 +193,6 @@ impl PackedMatrix {
                 let valid = (width - column).min(PANEL);
                 for tile_rows in tile_ranges(block_start, block_end, tile_height(self.level)) {
                     let inputs = &input[tile_rows.start * cols..tile_rows.end * cols];
-                    let mut tile = [[0f32; PANEL]; WIDE_TILE_ROWS];
                     self.tile(inputs, steps, bias, &mut tile[..tile_rows.len()], activation);
                     for (row, values) in tile_rows.zip(&tile) {
                         copy_panel(values, &mut output[row][column..column + valid]);
@@ -662,6 +663,8 @@ pub(crate) fn attention_rows(
     let AttentionScratch { queries, keys, values, scores, totals, zeros } = scratch;
     zeros.resize(hidden, 0.0);
     let zeros: &[f32] = zeros;
+    // Each tile overwrites the rows it uses: cleared once here, not per tile.
+    let mut out = [[0f32; PANEL]; WIDE_TILE_ROWS];
     queries.resize(rows * head_dim, 0.0);
     keys.resize(length.div_ceil(PANEL) * hidden, [[0.0; 8]; 2]);
     values.resize(heads * value_panels * length, [[0.0; 8]; 2]);
@@ -695,7 +698,6 @@ pub(crate) fn attention_rows(
         for tile_rows in tile_ranges(0, rows, kernels.tile_height()) {
             let inputs = &queries[tile_rows.start * head_dim..tile_rows.end * head_dim];
             for (panel, steps) in head_keys.clone().enumerate() {
-                let mut out = [[0f32; PANEL]; WIDE_TILE_ROWS];
                 kernels.tile(inputs, steps, &mut out[..tile_rows.len()]);
                 let first = panel * PANEL;
                 let width = (length - first).min(PANEL);
@@ -710,7 +712,6 @@ pub(crate) fn attention_rows(
         for tile_rows in tile_ranges(0, rows, kernels.tile_height()) {
             let inputs = &scores[tile_rows.start * length..tile_rows.end * length];
             for (panel, steps) in head_values.chunks_exact(length).enumerate() {
-                let mut out = [[0f32; PANEL]; WIDE_TILE_ROWS];
                 kernels.tile(inputs, steps, &mut out[..tile_rows.len()]);
                 let first = panel * PANEL;
                 let width = (head_dim - first).min(PANEL);

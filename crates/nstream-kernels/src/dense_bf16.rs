@@ -191,6 +191,8 @@ impl PackedMatrixBf16 {
     ) {
         let width = output.first().map_or(0, |row| row.len());
         let batch = output.len();
+        // Each tile overwrites the rows it uses: cleared once here, not per tile.
+        let mut tile = [[0f32; BF16_PANEL]; TILE_ROWS];
         for block_start in (0..batch).step_by(ROW_BLOCK) {
             let block_end = (block_start + ROW_BLOCK).min(batch);
             for panel_offset in 0..width.div_ceil(BF16_PANEL) {
@@ -203,7 +205,6 @@ impl PackedMatrixBf16 {
                 while tile_start < block_end {
                     let tile_rows = (block_end - tile_start).min(TILE_ROWS);
                     let inputs = &input[tile_start * pairs..][..tile_rows * pairs];
-                    let mut tile = [[0f32; BF16_PANEL]; TILE_ROWS];
                     tile_product(inputs, steps, bias, &mut tile[..tile_rows]);
                     for (row, values) in tile[..tile_rows].iter_mut().enumerate() {
                         let target = &mut output[tile_start + row][column..column + valid];
