@@ -7,10 +7,11 @@
 //! `nn.Linear` layout) and optional bias, repacked into panels of 16 output columns: panel `p`
 //! holds, for each input index `k`, the 16 weights `W[16p..16p+16][k]` side by side (zeros past
 //! the last row). [`PackedMatrix::matmul`] computes `output = activation(input · Wᵀ + bias)` for a
-//! batch of row-major input rows. The AVX2 + FMA kernel (x86-64, also used on AVX-512 CPUs)
-//! keeps a tile of up to 6 input rows × 16 output columns in 12 registers and streams the panel
-//! through them once per tile (one FMA per 8 products); the portable kernel runs the same loops in
-//! plain Rust. Work items are ranges of panels over all input rows, spread over a [`Parallel`];
+//! batch of row-major input rows. The AVX2 + FMA kernel (x86-64) keeps a tile of up to 6 input
+//! rows × 16 output columns in 12 registers and streams the panel through them once per tile (one
+//! FMA per 8 products); at the AVX-512 level a tile is up to 12 rows, one 512-bit register each
+//! (a third of the instructions per product, the same bits); the portable kernel runs the same
+//! loops in plain Rust. Work items are ranges of panels over all input rows, spread over a [`Parallel`];
 //! each item walks the rows in blocks of 64 so that a block of input stays in the L2 cache while
 //! the item's panels stream past it.
 //!
@@ -22,10 +23,11 @@
 //!
 //! # Element-wise work
 //!
-//! [`add_layer_norm`], [`apply_activation`] and [`encoder_attention`] are plain loops that the
-//! compiler vectorises; at the AVX2 level they are compiled with AVX2 and FMA enabled. Their
-//! exponential and `erf` are polynomial approximations, within 3e-7 (relative) and 2e-6 of the
-//! true values (see [`exp_approx`] and [`erf_approx`]).
+//! [`add_layer_norm`] and [`apply_activation`] are plain loops that the compiler vectorises; at
+//! the AVX2 level they are compiled with AVX2 and FMA enabled. [`encoder_attention`] runs its two
+//! products on the tiles above and its softmax as such a loop. The exponential and `erf` are
+//! polynomial approximations, within 3e-7 (relative) and 2e-6 of the true values (see
+//! [`exp_approx`] and [`erf_approx`]).
 
 use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
@@ -621,7 +623,7 @@ impl AttentionKernels for PortableAttention {
     }
 }
 
-/// [`AttentionKernels::pack_keys`] in plain Rust (also the AVX2 version's edges).
+/// [`AttentionKernels::pack_keys`] in plain Rust.
 #[inline(always)]
 pub(crate) fn pack_keys_portable(keys: &[&[f32]; PANEL], steps: &mut [PanelStep]) {
     for (dimension, step) in steps.iter_mut().enumerate() {

@@ -1,7 +1,8 @@
 //! The AVX2 + FMA versions of [`crate::dense`]'s kernels: the f32 tile of the packed matrix
-//! product written with intrinsics, and the element-wise bodies compiled with the features on.
-//! Every function here is safe to call only where [`CpuLevel::detected`] is at least
-//! [`CpuLevel::Avx2`]; the callers pass levels that were lowered to it.
+//! product written with intrinsics (and its 12-row AVX-512 variant), the attention's key
+//! transposes, and the element-wise bodies compiled with the features on. Every function here is
+//! safe to call only where [`CpuLevel::detected`] is at least [`CpuLevel::Avx2`] (the AVX-512
+//! tile: [`CpuLevel::Avx512Vnni`]); the callers pass levels that were lowered to it.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
