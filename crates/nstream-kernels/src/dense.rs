@@ -229,10 +229,11 @@ impl PackedMatrix {
     }
 }
 
-/// The first `target.len()` (at most [`PANEL`]) values of a tile row into `target`.
+/// The first `target.len()` (at most `N`) values of a tile row into `target`: a whole row as one
+/// fixed-size copy (no `memmove` call), a shorter one element-wise.
 #[inline(always)]
-pub(crate) fn copy_panel(values: &[f32; PANEL], target: &mut [f32]) {
-    if let Ok(whole) = <&mut [f32; PANEL]>::try_from(&mut *target) {
+pub(crate) fn copy_panel<const N: usize>(values: &[f32; N], target: &mut [f32]) {
+    if let Ok(whole) = <&mut [f32; N]>::try_from(&mut *target) {
         *whole = *values;
     } else {
         target.copy_from_slice(&values[..target.len()]);

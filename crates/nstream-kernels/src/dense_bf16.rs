@@ -17,7 +17,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use crate::dense::{Activation, ROW_BLOCK, apply_activation, spread_panels};
+use crate::dense::{Activation, ROW_BLOCK, apply_activation, copy_panel, spread_panels};
 use crate::{CacheLine, CpuLevel, KernelError, Parallel, cpu_level};
 
 /// Output columns per panel (two 512-bit registers of f32).
@@ -207,14 +207,8 @@ impl PackedMatrixBf16 {
                     let inputs = &input[tile_start * pairs..][..tile_rows * pairs];
                     tile_product(inputs, steps, bias, &mut tile[..tile_rows]);
                     for (row, values) in tile[..tile_rows].iter_mut().enumerate() {
-                        let target = &mut output[tile_start + row][column..column + valid];
-                        if let Ok(whole) = <&mut [f32; BF16_PANEL]>::try_from(&mut *target) {
-                            apply_activation(values, activation);
-                            *whole = *values;
-                        } else {
-                            apply_activation(&mut values[..valid], activation);
-                            target.copy_from_slice(&values[..valid]);
-                        }
+                        apply_activation(&mut values[..valid], activation);
+                        copy_panel(values, &mut output[tile_start + row][column..column + valid]);
                     }
                     tile_start += tile_rows;
                 }
