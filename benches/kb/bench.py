@@ -85,9 +85,11 @@ def pg_model_file(folder: Path, table: str) -> Path:
     return path
 
 
-def nstream_run(binary: Path, passages: list[str], queries: list[str], pg_url: str | None = None) -> dict:
+def nstream_run(binary: Path, passages: list[str], queries: list[str], pg_url: str | None = None,
+                own_exact: list[list[str]] | None = None) -> dict:
     """Ours: a store made through the API (the embedded store), or with `pg_url` the YAML-declared
-    KnowledgeBase `bench-pg` in PostgreSQL + pgvector."""
+    KnowledgeBase `bench-pg` in PostgreSQL + pgvector. `own_exact`: the exact top-10 over the same
+    server's vectors when an earlier run of the same binary and flags computed it."""
     import openai
 
     with tempfile.TemporaryDirectory() as data_dir:
@@ -115,7 +117,7 @@ def nstream_run(binary: Path, passages: list[str], queries: list[str], pg_url: s
                 latencies.append(time.perf_counter() - began)
                 results.append([hit.content[0].text for hit in page.data])
             return {"ingest_s": ingest, "latencies": latencies, "results": results,
-                    "own_exact": own_exact_top10(client, passages, queries)}
+                    "own_exact": own_exact or own_exact_top10(client, passages, queries)}
         finally:
             process.terminate()
             process.wait(30)
@@ -140,15 +142,32 @@ def chroma_run(passages: list[str], queries: list[str], batch: int) -> dict:
             answer = collection.query(query_texts=[query], n_results=10)
             latencies.append(time.perf_counter() - began)
             results.append(answer["documents"][0])
-        return {"ingest_s": ingest, "latencies": latencies, "results": results}
+        return {"ingest_s": ingest, "latencies": latencies, "results": results,
+                "vectors": stored_vectors(collection, len(passages), batch)}
 
 
-def exact_top10(passages: list[str], queries: list[str]) -> list[list[str]]:
+def stored_vectors(collection, count: int, batch: int):
+    """The sentence-transformers vectors Chroma stored, in passage order (ids are positions)."""
+    import numpy
+
+    vectors = numpy.zeros((count, 0), dtype=numpy.float32)
+    for start in range(0, count, batch):
+        page = collection.get(ids=[str(index) for index in range(start, min(count, start + batch))], include=["embeddings"])
+        if vectors.shape[1] == 0:
+            vectors = numpy.zeros((count, len(page["embeddings"][0])), dtype=numpy.float32)
+        for identifier, vector in zip(page["ids"], page["embeddings"]):
+            vectors[int(identifier)] = vector
+    return vectors
+
+
+def exact_top10(passages: list[str], queries: list[str], vectors) -> list[list[str]]:
+    """Exact top-10 over sentence-transformers' passage vectors (`vectors`, the ones Chroma's
+    embedding function computed and stored: the same model, not encoded a second time)."""
     import numpy
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
-    vectors = model.encode(passages, batch_size=256, normalize_embeddings=True)
+    vectors = vectors / numpy.linalg.norm(vectors, axis=1, keepdims=True)
     query_vectors = model.encode(queries, normalize_embeddings=True)
     scores = query_vectors @ vectors.T
     return [[passages[index] for index in numpy.argsort(-row)[:10]] for row in scores]
@@ -195,7 +214,7 @@ def main() -> int:
         queries = [text.split(" (passage")[0][:120] for text in random.Random(1).sample(passages, arguments.queries)]
         ours = nstream_run(arguments.server_bin, passages, queries)
         theirs = chroma_run(passages, queries, arguments.chroma_batch)
-        exact = exact_top10(passages, queries)
+        exact = exact_top10(passages, queries, theirs["vectors"])
         row = {
             "chunks": size,
             "server_flags": arguments.server_flags,
@@ -213,7 +232,7 @@ def main() -> int:
         row["p50_ratio"] = row["nstream_p50_ms"] / row["chroma_p50_ms"]
         if arguments.pg_url:
             try:
-                pg = nstream_run(arguments.server_bin, passages, queries, arguments.pg_url)
+                pg = nstream_run(arguments.server_bin, passages, queries, arguments.pg_url, ours["own_exact"])
                 row["pgvector_chunks_per_s"] = size / pg["ingest_s"]
                 row["pgvector_p50_ms"] = 1000 * percentile(pg["latencies"], 0.5)
                 row["pgvector_p99_ms"] = 1000 * percentile(pg["latencies"], 0.99)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use nstream_core::knowledge_base::{DEFAULT_MAX_NUM_RESULTS, MAX_NUM_RESULTS_LIMIT};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
 
 use crate::chunk::Chunker;
 use crate::embedder::Embed;
@@ -17,6 +18,51 @@ use crate::store::{ChunkRecord, DocumentEntry, DocumentWrite, SearchHit, Store, 
 
 /// Chunks embedded and committed together when indexing.
 const DEFAULT_BATCH_CHUNKS: usize = 128;
+
+/// A document waiting for its vectors: its entry and its chunks.
+type PendingDocument = (DocumentEntry, Vec<crate::chunk::TextChunk>);
+
+/// A batch's vectors on their way.
+type Embedding = JoinHandle<Result<Vec<Vec<f32>>>>;
+
+/// An indexing run's batches in flight: one being embedded, one being written.
+#[derive(Default)]
+struct Pipeline {
+    /// Documents in the run.
+    total: usize,
+    /// Committed so far.
+    report: IndexReport,
+    /// The batch being embedded.
+    embedding: Option<(Embedding, Vec<PendingDocument>)>,
+    /// The write in progress, with its documents and chunks.
+    writing: Option<(JoinHandle<Result<()>>, usize, usize)>,
+}
+
+impl Pipeline {
+    /// Waits for the write in progress and reports it.
+    async fn commit(&mut self, progress: &mut (dyn FnMut(&IndexProgress) + Send)) -> Result<()> {
+        let Some((writing, documents, chunks)) = self.writing.take() else {
+            return Ok(());
+        };
+        writing.await.map_err(|error| Error::Task(error.to_string()))??;
+        self.report.indexed += documents;
+        self.report.chunks += chunks;
+        let done = self.report.indexed + self.report.unchanged;
+        progress(&IndexProgress { done, total: self.total, chunks: self.report.chunks });
+        Ok(())
+    }
+
+    /// After an error: drops the batch being embedded and lets the write in progress finish (it
+    /// commits or rolls back whole documents), so nothing is written after `index` returns.
+    async fn settle(&mut self) {
+        if let Some((embedding, _)) = self.embedding.take() {
+            embedding.abort();
+        }
+        if let Some((writing, _, _)) = self.writing.take() {
+            let _ = writing.await;
+        }
+    }
+}
 
 /// A search in words.
 #[derive(Clone, Debug, Default)]
@@ -186,21 +232,36 @@ impl Collection {
 
     /// Indexes documents: unchanged ones are skipped, others replaced whole. `progress` is called
     /// after each committed batch.
+    ///
+    /// Three stages overlap: chunking the next batch, embedding one and writing the one before
+    /// (at most one batch embedding and one writing, written in order). Each write commits whole
+    /// documents, so an interrupted run leaves every document either complete or absent; on an
+    /// error the batch being written is committed or rolled back before this returns.
     pub async fn index(
         &self,
         documents: Vec<SourceDocument>,
         progress: &mut (dyn FnMut(&IndexProgress) + Send),
     ) -> Result<IndexReport> {
-        let total = documents.len();
-        let mut report = IndexReport::default();
-        let mut pending: Vec<(DocumentEntry, Vec<crate::chunk::TextChunk>)> = Vec::new();
+        let mut pipeline = Pipeline { total: documents.len(), ..Pipeline::default() };
+        let outcome = self.run_pipeline(documents, &mut pipeline, progress).await;
+        if outcome.is_err() {
+            pipeline.settle().await;
+        }
+        outcome.map(|()| pipeline.report)
+    }
+
+    async fn run_pipeline(
+        &self,
+        documents: Vec<SourceDocument>,
+        pipeline: &mut Pipeline,
+        progress: &mut (dyn FnMut(&IndexProgress) + Send),
+    ) -> Result<()> {
+        let mut pending: Vec<PendingDocument> = Vec::new();
         let mut pending_chunks = 0;
-        let mut done = 0;
         for document in documents {
             let hash = self.content_hash(&document);
             if self.store.document(&document.id).await?.is_some_and(|entry| entry.content_hash == hash) {
-                report.unchanged += 1;
-                done += 1;
+                pipeline.report.unchanged += 1;
                 continue;
             }
             let chunks = self.chunker.chunk(&document.text, document.format)?;
@@ -215,28 +276,57 @@ impl Collection {
             };
             pending.push((entry, chunks));
             if pending_chunks >= self.batch_chunks {
-                done += pending.len();
-                self.flush(std::mem::take(&mut pending), &mut report).await?;
+                self.submit(pipeline, std::mem::take(&mut pending), progress).await?;
                 pending_chunks = 0;
-                progress(&IndexProgress { done, total, chunks: report.chunks });
             }
         }
-        done += pending.len();
         if !pending.is_empty() {
-            self.flush(pending, &mut report).await?;
+            self.submit(pipeline, pending, progress).await?;
         }
-        progress(&IndexProgress { done, total, chunks: report.chunks });
-        Ok(report)
+        // Drains the embedding stage, then the writing one.
+        self.submit(pipeline, Vec::new(), progress).await?;
+        pipeline.commit(progress).await?;
+        let report = &pipeline.report;
+        progress(&IndexProgress {
+            done: report.indexed + report.unchanged,
+            total: pipeline.total,
+            chunks: report.chunks,
+        });
+        Ok(())
     }
 
-    async fn flush(
+    /// Starts embedding `batch` (none when empty) after handing the batch embedded before it to
+    /// the store.
+    async fn submit(
         &self,
-        pending: Vec<(DocumentEntry, Vec<crate::chunk::TextChunk>)>,
-        report: &mut IndexReport,
+        pipeline: &mut Pipeline,
+        batch: Vec<PendingDocument>,
+        progress: &mut (dyn FnMut(&IndexProgress) + Send),
     ) -> Result<()> {
-        let texts: Vec<String> =
-            pending.iter().flat_map(|(_, chunks)| chunks.iter().map(|chunk| chunk.text.clone())).collect();
-        let vectors = if texts.is_empty() { Vec::new() } else { self.embedder.embed(texts).await? };
+        if let Some((embedding, embedded)) = pipeline.embedding.take() {
+            let vectors = embedding.await.map_err(|error| Error::Task(error.to_string()))??;
+            let writes = self.records(embedded, vectors).await?;
+            pipeline.commit(progress).await?;
+            let chunks = writes.iter().map(|write| write.chunks.len()).sum();
+            let count = writes.len();
+            let store = Arc::clone(&self.store);
+            pipeline.writing = Some((tokio::spawn(async move { store.write(writes).await }), count, chunks));
+        }
+        if !batch.is_empty() {
+            let texts: Vec<String> =
+                batch.iter().flat_map(|(_, chunks)| chunks.iter().map(|chunk| chunk.text.clone())).collect();
+            let embedder = Arc::clone(&self.embedder);
+            let embedding =
+                tokio::spawn(
+                    async move { if texts.is_empty() { Ok(Vec::new()) } else { embedder.embed(texts).await } },
+                );
+            pipeline.embedding = Some((embedding, batch));
+        }
+        Ok(())
+    }
+
+    /// The store's writes for embedded documents.
+    async fn records(&self, pending: Vec<PendingDocument>, vectors: Vec<Vec<f32>>) -> Result<Vec<DocumentWrite>> {
         if let (Some(vector), Some(store_dimension)) = (vectors.first(), self.store.dimension().await?) {
             self.check_dimension(vector.len(), store_dimension)?;
         }
@@ -253,11 +343,9 @@ impl Collection {
                     Ok(ChunkRecord { index: chunk.index, text: chunk.text, vector })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            report.indexed += 1;
-            report.chunks += records.len();
             writes.push(DocumentWrite { entry, chunks: records });
         }
-        self.store.write(writes).await
+        Ok(writes)
     }
 
     /// Deletes a document; whether it existed.
@@ -305,5 +393,115 @@ impl Collection {
             .with_filter(request.filter.clone())
             .with_score_threshold(threshold);
         self.store.search(&query).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use nstream_core::{Chunking, Splitting};
+
+    use super::*;
+    use crate::chunk::WhitespaceTokens;
+    use crate::source::Format;
+    use crate::store::embedded::EmbeddedStore;
+
+    /// Vectors from the text's length; fails on the call numbered `fail_on` (from 1).
+    struct Scripted {
+        calls: AtomicUsize,
+        fail_on: Option<usize>,
+    }
+
+    #[async_trait]
+    impl Embed for Scripted {
+        fn model(&self) -> &str {
+            "scripted"
+        }
+
+        fn dimension(&self) -> Option<usize> {
+            Some(2)
+        }
+
+        async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if Some(call) == self.fail_on {
+                return Err(Error::Embedding {
+                    model: "scripted".to_string(),
+                    cause: nstream_backend::BackendError::Internal("scripted failure".to_string()),
+                });
+            }
+            Ok(texts.iter().map(|text| vec![1.0, text.len() as f32]).collect())
+        }
+    }
+
+    async fn collection(folder: &std::path::Path, fail_on: Option<usize>) -> Collection {
+        let chunking = Chunking { max_tokens: 4, overlap_tokens: 0, splitting: Splitting::Tokens };
+        let chunker = Chunker::new(Arc::new(WhitespaceTokens), &chunking);
+        let embedder = Arc::new(Scripted { calls: AtomicUsize::new(0), fail_on });
+        let store = Arc::new(EmbeddedStore::open(folder).unwrap());
+        Collection::open("pipeline", chunker, embedder, store).await.unwrap().with_batch_chunks(3)
+    }
+
+    /// Documents of 1 to 3 chunks (4 words a chunk): 39 chunks in 20 documents.
+    fn documents(count: usize) -> Vec<SourceDocument> {
+        (0..count)
+            .map(|index| {
+                let words: Vec<String> = (0..4 * (1 + index % 3)).map(|word| format!("d{index}w{word}")).collect();
+                SourceDocument::new(format!("doc-{index}"), words.join(" "), Format::Text)
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_overlap_yet_every_document_is_written_once_and_progress_counts_commits() {
+        let folder = tempfile::tempdir().unwrap();
+        let collection = collection(folder.path(), None).await;
+        let seen = Mutex::new(Vec::new());
+        let report =
+            collection.index(documents(20), &mut |progress| seen.lock().unwrap().push(progress.clone())).await.unwrap();
+        assert_eq!(report, IndexReport { indexed: 20, unchanged: 0, chunks: 39 });
+        let seen = seen.into_inner().unwrap();
+        assert!(seen.windows(2).all(|pair| pair[0].done <= pair[1].done && pair[0].chunks <= pair[1].chunks));
+        assert_eq!(seen.last(), Some(&IndexProgress { done: 20, total: 20, chunks: 39 }));
+        let stats = collection.stats().await.unwrap();
+        assert_eq!((stats.documents, stats.chunks), (20, 39));
+
+        let again = collection.index(documents(20), &mut |_| {}).await.unwrap();
+        assert_eq!(again, IndexReport { indexed: 0, unchanged: 20, chunks: 0 });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_embedding_failure_leaves_whole_documents_and_nothing_written_after_the_error() {
+        let folder = tempfile::tempdir().unwrap();
+        let collection = collection(folder.path(), Some(3)).await;
+        let error = collection.index(documents(20), &mut |_| {}).await.unwrap_err();
+        assert!(error.to_string().contains("scripted failure"), "{error}");
+        let committed = collection.documents().await.unwrap();
+        // The first two batches were embedded; whatever was committed is whole, and it does not
+        // change once `index` has returned.
+        assert!(!committed.is_empty());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let later = collection.documents().await.unwrap();
+        assert_eq!(committed, later);
+        let stats = collection.stats().await.unwrap();
+        let expected: u64 = committed.iter().map(|entry| u64::from(entry.chunk_count)).sum();
+        assert_eq!(stats.chunks, expected);
+
+        // Resuming with a working embedder writes the rest, each document once.
+        let resumed = collection_after(folder.path(), collection).await;
+        let report = resumed.index(documents(20), &mut |_| {}).await.unwrap();
+        assert_eq!(report.indexed + report.unchanged, 20);
+        assert_eq!(report.unchanged, committed.len());
+        let stats = resumed.stats().await.unwrap();
+        assert_eq!((stats.documents, stats.chunks), (20, 39));
+    }
+
+    /// The same store folder with a working embedder (the failed collection closed first).
+    async fn collection_after(folder: &std::path::Path, failed: Collection) -> Collection {
+        drop(failed);
+        collection(folder, None).await
     }
 }
