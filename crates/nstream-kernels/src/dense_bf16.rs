@@ -12,12 +12,15 @@
 //! Layout: panels of 32 output columns; panel `p`'s step `k` holds, for each column `j`, the pair
 //! `(W[32p + j][2k], W[32p + j][2k + 1])` as one 32-bit lane (the even input in the low half), so
 //! a tile of up to 8 input rows × 32 columns lives in 16 registers and one step is 2 loads, 8
-//! broadcasts of an input pair and 16 `VDPBF16PS`. Work is split as for the f32 product: ranges
-//! of panels over all rows, rows walked in blocks that stay in the L2 cache.
+//! broadcasts of an input pair and 16 `VDPBF16PS`. The bias starts the sums; the activation is
+//! applied in the registers and the tile stored straight into the output rows (masked where a
+//! panel is partial), with the same bits as a separate `apply_activation` pass. Work is split as
+//! for the f32 product: ranges of panels over all rows, rows walked in blocks that stay in the L2
+//! cache.
 
 use std::sync::{Mutex, PoisonError};
 
-use crate::dense::{Activation, ROW_BLOCK, apply_activation, copy_panel, spread_panels};
+use crate::dense::{Activation, ROW_BLOCK, spread_panels};
 use crate::{CacheLine, CpuLevel, KernelError, Parallel, cpu_level};
 
 /// Output columns per panel (two 512-bit registers of f32).
@@ -191,30 +194,36 @@ impl PackedMatrixBf16 {
     ) {
         let width = output.first().map_or(0, |row| row.len());
         let batch = output.len();
-        // Each tile overwrites the rows it uses: cleared once here, not per tile.
-        let mut tile = [[0f32; BF16_PANEL]; TILE_ROWS];
         for block_start in (0..batch).step_by(ROW_BLOCK) {
             let block_end = (block_start + ROW_BLOCK).min(batch);
             for panel_offset in 0..width.div_ceil(BF16_PANEL) {
                 let panel = first_panel + panel_offset;
                 let steps = &self.panels[panel * pairs..][..pairs];
-                let bias = &self.bias[panel];
-                let column = panel_offset * BF16_PANEL;
-                let valid = (width - column).min(BF16_PANEL);
+                let columns = Columns {
+                    start: panel_offset * BF16_PANEL,
+                    count: (width - panel_offset * BF16_PANEL).min(BF16_PANEL),
+                    bias: &self.bias[panel],
+                    activation,
+                };
                 let mut tile_start = block_start;
                 while tile_start < block_end {
                     let tile_rows = (block_end - tile_start).min(TILE_ROWS);
                     let inputs = &input[tile_start * pairs..][..tile_rows * pairs];
-                    tile_product(inputs, steps, bias, &mut tile[..tile_rows]);
-                    for (row, values) in tile[..tile_rows].iter_mut().enumerate() {
-                        apply_activation(&mut values[..valid], activation);
-                        copy_panel(values, &mut output[tile_start + row][column..column + valid]);
-                    }
+                    tile_product(inputs, steps, &columns, &mut output[tile_start..tile_start + tile_rows]);
                     tile_start += tile_rows;
                 }
             }
         }
     }
+}
+
+/// Where a tile's results go: `count` (1..=32) output columns from `start` of each of its rows,
+/// after `bias` and `activation`.
+struct Columns<'a> {
+    start: usize,
+    count: usize,
+    bias: &'a [f32; BF16_PANEL],
+    activation: Activation,
 }
 
 /// `values` rounded to bfloat16 pairs (`row[k]` holds values `2k` and `2k + 1`, a zero after an
@@ -244,29 +253,29 @@ fn convert_row(values: &[f32], row: &mut [u32]) {
     }
 }
 
-/// `out[r][j] = bias[j] + Σ_k pair products`, for `out.len()` (1..=8) rows.
+/// `rows[r][columns] = activation(bias + Σ_k pair products)`, for `rows.len()` (1..=8) rows.
 #[allow(unsafe_code)]
-fn tile_product(inputs: &[u32], steps: &[PairStep], bias: &[f32; BF16_PANEL], out: &mut [[f32; BF16_PANEL]]) {
+fn tile_product(inputs: &[u32], steps: &[PairStep], columns: &Columns, rows: &mut [&mut [f32]]) {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: a `PackedMatrixBf16` exists only where `bf16_available` held (the CPU has
         // AVX-512 F, BW and BF16); `multiply_item` passes `R × steps.len()` inputs and `R` rows.
         unsafe {
-            match out.len() {
-                1 => avx512::tile::<1>(inputs, steps, bias, out),
-                2 => avx512::tile::<2>(inputs, steps, bias, out),
-                3 => avx512::tile::<3>(inputs, steps, bias, out),
-                4 => avx512::tile::<4>(inputs, steps, bias, out),
-                5 => avx512::tile::<5>(inputs, steps, bias, out),
-                6 => avx512::tile::<6>(inputs, steps, bias, out),
-                7 => avx512::tile::<7>(inputs, steps, bias, out),
-                _ => avx512::tile::<8>(inputs, steps, bias, out),
+            match rows.len() {
+                1 => avx512::tile::<1>(inputs, steps, columns, rows),
+                2 => avx512::tile::<2>(inputs, steps, columns, rows),
+                3 => avx512::tile::<3>(inputs, steps, columns, rows),
+                4 => avx512::tile::<4>(inputs, steps, columns, rows),
+                5 => avx512::tile::<5>(inputs, steps, columns, rows),
+                6 => avx512::tile::<6>(inputs, steps, columns, rows),
+                7 => avx512::tile::<7>(inputs, steps, columns, rows),
+                _ => avx512::tile::<8>(inputs, steps, columns, rows),
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (inputs, steps, bias, out);
+        let _ = (inputs, steps, columns, rows);
         unreachable!("PackedMatrixBf16 is only built on x86-64 with AVX-512 BF16");
     }
 }
@@ -275,11 +284,13 @@ fn tile_product(inputs: &[u32], steps: &[PairStep], bias: &[f32; BF16_PANEL], ou
 #[allow(unsafe_code)]
 mod avx512 {
     use std::arch::x86_64::{
-        __m512, __m512bh, __m512i, _mm512_cvtne2ps_pbh, _mm512_dpbf16_ps, _mm512_loadu_ps, _mm512_loadu_si512,
-        _mm512_set1_epi32, _mm512_storeu_ps, _mm512_storeu_si512,
+        __m512, __m512bh, __m512i, __mmask16, _mm512_add_ps, _mm512_cvtne2ps_pbh, _mm512_div_ps, _mm512_dpbf16_ps,
+        _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps,
+        _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps, _mm512_storeu_si512,
     };
 
-    use super::{BF16_PANEL, PairStep};
+    use super::{BF16_PANEL, Columns, PairStep};
+    use crate::dense::{Activation, apply_activation};
 
     /// Each chunk of 32 values rounded to bfloat16 (to nearest even, as `VCVTNE2PS2BF16` does;
     /// it also reads a subnormal value as zero) into 16 pair lanes of `row`.
@@ -300,20 +311,28 @@ mod avx512 {
         }
     }
 
-    /// One tile of `R` rows × 32 columns.
+    /// One tile of `R` rows × 32 columns, written to the rows' `columns` after the bias and the
+    /// activation (GELU-erf and ReLU in registers, GELU-tanh through
+    /// [`crate::dense::apply_activation`]): the same bits as the product followed by
+    /// `apply_activation` at the AVX2 level, without a pass over the output.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F and BF16; `inputs` holds `R × steps.len()` pairs and `out` `R`
+    /// The CPU must have AVX-512 F and BF16; `inputs` holds `R × steps.len()` pairs and `rows` `R`
     /// rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn tile<const R: usize>(
         inputs: &[u32],
         steps: &[PairStep],
-        bias: &[f32; BF16_PANEL],
-        out: &mut [[f32; BF16_PANEL]],
+        columns: &Columns,
+        rows: &mut [&mut [f32]],
     ) {
         let pairs = steps.len();
-        assert!(inputs.len() >= R * pairs && out.len() >= R, "a tile's inputs match its rows");
+        assert!(inputs.len() >= R * pairs && rows.len() >= R, "a tile's inputs match its rows");
+        assert!((1..=BF16_PANEL).contains(&columns.count), "a tile writes 1 to 32 columns");
+        for row in &rows[..R] {
+            assert!(row.len() >= columns.start + columns.count, "a tile's columns are in its rows");
+        }
+        let bias = columns.bias;
         // SAFETY: the bias is 32 f32 values.
         let (low_bias, high_bias) = unsafe { (_mm512_loadu_ps(bias.as_ptr()), _mm512_loadu_ps(bias.as_ptr().add(16))) };
         let mut sums: [[__m512; 2]; R] = [[low_bias, high_bias]; R];
@@ -334,13 +353,62 @@ mod avx512 {
                 sum[1] = _mm512_dpbf16_ps(sum[1], broadcast, high);
             }
         }
-        for (row, sum) in sums.iter().enumerate() {
-            // SAFETY: an output row is 32 f32 values.
+        let count = columns.count;
+        let low_mask: __mmask16 = if count >= 16 { u16::MAX } else { (1u16 << count) - 1 };
+        let high_mask: __mmask16 = if count >= 32 { u16::MAX } else { (1u16 << count.saturating_sub(16)) - 1 };
+        for (row, sum) in rows[..R].iter_mut().zip(&sums) {
+            let target = &mut row[columns.start..columns.start + count];
+            let (low, high) = match columns.activation {
+                Activation::Identity => (sum[0], sum[1]),
+                Activation::Relu => {
+                    (_mm512_max_ps(sum[0], _mm512_setzero_ps()), _mm512_max_ps(sum[1], _mm512_setzero_ps()))
+                }
+                Activation::GeluErf => (gelu_erf(sum[0]), gelu_erf(sum[1])),
+                Activation::GeluTanh => {
+                    let mut values = [0f32; BF16_PANEL];
+                    // SAFETY: `values` is 32 f32 values.
+                    unsafe {
+                        _mm512_storeu_ps(values.as_mut_ptr(), sum[0]);
+                        _mm512_storeu_ps(values.as_mut_ptr().add(16), sum[1]);
+                    }
+                    apply_activation(&mut values[..count], Activation::GeluTanh);
+                    target.copy_from_slice(&values[..count]);
+                    continue;
+                }
+            };
+            // SAFETY: `target` holds `count` values; the masks store lanes below `count` only
+            // (masked-off lanes are neither written nor touched).
             unsafe {
-                _mm512_storeu_ps(out[row].as_mut_ptr(), sum[0]);
-                _mm512_storeu_ps(out[row].as_mut_ptr().add(16), sum[1]);
+                _mm512_mask_storeu_ps(target.as_mut_ptr(), low_mask, low);
+                _mm512_mask_storeu_ps(target.as_mut_ptr().add(16.min(count)), high_mask, high);
             }
         }
+    }
+
+    /// `0.5·x·(1 + erf(x/√2))` on 16 lanes: [`crate::dense::erf_approx`]'s operations in its
+    /// order (no fused multiply-adds), so the same bits as the scalar and AVX2 code.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn gelu_erf(x: __m512) -> __m512 {
+        let constant = _mm512_set1_ps;
+        let half_x = _mm512_mul_ps(constant(0.5), x);
+        let scaled = _mm512_mul_ps(x, constant(std::f32::consts::FRAC_1_SQRT_2));
+        // `clamp(-4, 4)` with a NaN kept: each operation returns its second operand on a NaN.
+        let clamped = _mm512_min_ps(constant(4.0), _mm512_max_ps(constant(-4.0), scaled));
+        let x2 = _mm512_mul_ps(clamped, clamped);
+        let mut p = constant(-2.726_142_3e-10);
+        for coefficient in
+            [2.770_681_4e-8, -2.101_024e-6, -5.692_506_4e-5, -7.349_906_3e-4, -2.954_6e-3, -1.609_603_3e-2]
+        {
+            p = _mm512_add_ps(_mm512_mul_ps(p, x2), constant(coefficient));
+        }
+        p = _mm512_mul_ps(p, clamped);
+        let mut q = constant(-1.456_607_2e-5);
+        for coefficient in [-2.133_740_6e-4, -1.682_827e-3, -7.373_329_2e-3, -1.426_474e-2] {
+            q = _mm512_add_ps(_mm512_mul_ps(q, x2), constant(coefficient));
+        }
+        let erf = _mm512_div_ps(p, q);
+        _mm512_mul_ps(half_x, _mm512_add_ps(constant(1.0), erf))
     }
 }
 
@@ -350,6 +418,7 @@ mod tests {
 
     use super::*;
     use crate::Sequential;
+    use crate::dense::apply_activation;
 
     struct TwoThreads;
 
@@ -449,16 +518,23 @@ mod tests {
             return;
         }
         let mut rng = fastrand::Rng::with_seed(5);
-        let (rows, cols, batch) = (96, 130, 41);
+        // 70 outputs: two whole panels and one of 6 columns; 150 inputs spread values over GELU's
+        // whole curve, the clamped tails of its erf included.
+        let (rows, cols, batch) = (70, 150, 41);
         let weights = random(rows * cols, &mut rng);
         let matrix = PackedMatrixBf16::new(&weights, rows, cols, None).expect("packs");
         let input = random(batch * cols, &mut rng);
         let mut plain = vec![0f32; batch * rows];
         matrix.matmul(&input, batch, &mut plain, Activation::Identity, &Sequential).expect("multiplies");
-        let mut relu = vec![0f32; batch * rows];
-        matrix.matmul(&input, batch, &mut relu, Activation::Relu, &TwoThreads).expect("multiplies");
-        for (&plain, &relu) in plain.iter().zip(&relu) {
-            assert_eq!(relu, plain.max(0.0));
+        assert!(plain.iter().any(|&value| value > 6.0) && plain.iter().any(|&value| value < -6.0));
+        for activation in [Activation::Relu, Activation::GeluErf, Activation::GeluTanh] {
+            let mut expected = plain.clone();
+            apply_activation(&mut expected, activation);
+            let mut fused = vec![f32::NAN; batch * rows];
+            matrix.matmul(&input, batch, &mut fused, activation, &TwoThreads).expect("multiplies");
+            for (index, (&fused, &expected)) in fused.iter().zip(&expected).enumerate() {
+                assert_eq!(fused.to_bits(), expected.to_bits(), "{activation:?} at {index}: {fused} vs {expected}");
+            }
         }
     }
 

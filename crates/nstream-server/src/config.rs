@@ -45,6 +45,10 @@ pub struct ServerConfig {
     /// Largest accepted request body in bytes; larger bodies get a 413. Default 4 MiB, which
     /// holds 2048 inputs of about 2 KB each.
     pub max_body_bytes: usize,
+    /// Largest accepted `POST /v1/files` body (the uploaded file and its form fields); larger
+    /// uploads get a 413. Default 512 MiB, OpenAI's own limit per file. The file is held in
+    /// memory while it is received.
+    pub max_upload_bytes: usize,
     /// Most inputs in one `/v1/embeddings` request (OpenAI's own limit is 2048).
     pub max_embedding_inputs: usize,
     /// A static bearer key, named `default` in logs. When any key source (this,
@@ -92,6 +96,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 4 * 1024 * 1024,
+            max_upload_bytes: 512 * 1024 * 1024,
             max_embedding_inputs: 2048,
             api_key: None,
             api_key_file: None,
@@ -113,6 +118,12 @@ impl ServerConfig {
     /// Sets [`ServerConfig::max_body_bytes`].
     pub fn with_max_body_bytes(mut self, max_body_bytes: usize) -> Self {
         self.max_body_bytes = max_body_bytes;
+        self
+    }
+
+    /// Sets [`ServerConfig::max_upload_bytes`].
+    pub fn with_max_upload_bytes(mut self, max_upload_bytes: usize) -> Self {
+        self.max_upload_bytes = max_upload_bytes;
         self
     }
 

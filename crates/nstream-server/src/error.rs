@@ -122,6 +122,16 @@ impl ApiError {
         error
     }
 
+    /// 413 for a `POST /v1/files` upload over `limit_bytes`.
+    pub fn upload_too_large(limit_bytes: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("The uploaded file is larger than the server's upload limit of {limit_bytes} bytes; split it into smaller files"),
+        )
+        .with_code("request_too_large")
+    }
+
     /// 413 for a body over the configured limit.
     pub fn payload_too_large(limit_bytes: usize) -> Self {
         Self::new(

@@ -35,7 +35,8 @@
 //!   (429 `rate_limit_exceeded` with `Retry-After` and OpenAI's `x-ratelimit-*` headers). The
 //!   key's name is recorded on the request span. `/health` and `/ready` stay open; `/metrics`
 //!   too unless [`ServerConfig::metrics_require_key`].
-//! - Body limit [`ServerConfig::max_body_bytes`] (413), at most
+//! - Body limit [`ServerConfig::max_body_bytes`] (413; uploads to `/v1/files`
+//!   [`ServerConfig::max_upload_bytes`]), at most
 //!   [`ServerConfig::max_embedding_inputs`] inputs per embeddings request (400).
 //! - Overload control on `/v1/*`, before the key check and before the body is read: at most
 //!   [`ServerConfig::max_concurrent_requests`] at once (429 `server_overloaded`, `Retry-After`);
@@ -90,7 +91,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/load_lora_adapter", post(adapters::load))
         .route("/v1/unload_lora_adapter", post(adapters::unload))
         .route("/v1/models/{*id}", get(routes::get_model))
-        .merge(vector_stores::routes())
+        .merge(vector_stores::routes(state.config().max_upload_bytes))
         // `route_layer`: only matched routes need a key, so unknown paths still answer 404.
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         // Outside the key check: overload is shed before any other work.
@@ -154,7 +155,8 @@ const OVERSIZE_DRAIN_BYTES: usize = 64 * 1024 * 1024;
 /// bounded amount of it so the client gets to read the answer. Bodies without a length are
 /// limited while they are read ([`DefaultBodyLimit`]).
 async fn refuse_declared_oversize(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let limit = state.config().max_body_bytes;
+    let upload = vector_stores::is_upload(&request);
+    let limit = if upload { state.config().max_upload_bytes } else { state.config().max_body_bytes };
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -173,7 +175,7 @@ async fn refuse_declared_oversize(State(state): State<AppState>, request: Reques
             }
         }
     }
-    ApiError::payload_too_large(limit).into_response()
+    if upload { ApiError::upload_too_large(limit) } else { ApiError::payload_too_large(limit) }.into_response()
 }
 
 async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {

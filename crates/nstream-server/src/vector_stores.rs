@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,10 +20,11 @@ use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::state::AppState;
 
-/// The routes, merged into the API router (behind the API key like the others).
-pub(crate) fn routes() -> Router<AppState> {
+/// The routes, merged into the API router (behind the API key like the others). Uploads to
+/// `POST /v1/files` may be up to `upload_limit` bytes; every other body has the server's limit.
+pub(crate) fn routes(upload_limit: usize) -> Router<AppState> {
     Router::new()
-        .route("/v1/files", post(create_file).get(list_files))
+        .route("/v1/files", post(create_file).layer(DefaultBodyLimit::max(upload_limit)).get(list_files))
         .route("/v1/files/{file_id}", get(file).delete(delete_file))
         .route("/v1/files/{file_id}/content", get(file_content))
         .route("/v1/vector_stores", post(create_vector_store).get(list_vector_stores))
@@ -42,6 +43,11 @@ pub(crate) fn routes() -> Router<AppState> {
 }
 
 type Answer = Result<Response, ApiError>;
+
+/// Whether `request` is an upload (`POST /v1/files`), which has its own body limit.
+pub(crate) fn is_upload(request: &axum::extract::Request) -> bool {
+    request.method() == axum::http::Method::POST && request.uri().path() == "/v1/files"
+}
 
 fn backend(state: &AppState) -> Result<Arc<dyn VectorStoreBackend>, ApiError> {
     state.vector_stores().cloned().ok_or_else(|| {
@@ -77,7 +83,7 @@ async fn create_file(State(state): State<AppState>, multipart: Result<Multipart,
     loop {
         let field = multipart.next_field().await.map_err(|error| {
             if error.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::payload_too_large(state.config().max_body_bytes)
+                ApiError::upload_too_large(state.config().max_upload_bytes)
             } else {
                 ApiError::bad_request(format!("could not read the multipart body: {}", error.body_text()), None)
             }
@@ -88,7 +94,14 @@ async fn create_file(State(state): State<AppState>, multipart: Result<Multipart,
             "file" => {
                 let filename = field.file_name().unwrap_or("upload.txt").to_string();
                 let bytes = field.bytes().await.map_err(|error| {
-                    ApiError::bad_request(format!("could not read `file`: {}", error.body_text()), Some("file".into()))
+                    if error.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                        ApiError::upload_too_large(state.config().max_upload_bytes)
+                    } else {
+                        ApiError::bad_request(
+                            format!("could not read `file`: {}", error.body_text()),
+                            Some("file".into()),
+                        )
+                    }
                 })?;
                 upload = Some((filename, bytes.to_vec()));
             }

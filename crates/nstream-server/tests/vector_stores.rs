@@ -216,3 +216,37 @@ async fn batch_and_content_routes_reach_the_backend() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
+
+#[tokio::test]
+async fn uploads_have_their_own_body_limit() {
+    let config = ServerConfig::default().with_max_body_bytes(1024).with_max_upload_bytes(64 * 1024);
+    let router = router(config, Some(Arc::new(Recorder::default())));
+    // Past the 1 KiB request limit, within the 64 KiB upload limit.
+    let content = "word ".repeat(2_000);
+    let (status, body) =
+        send(&router, multipart(&[("purpose", None, "assistants"), ("file", Some("big.md"), &content)])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["bytes"], content.len());
+
+    // Past the upload limit: 413, read while streaming and declared up front alike.
+    let content = "word ".repeat(20_000);
+    let (status, body) =
+        send(&router, multipart(&[("purpose", None, "assistants"), ("file", Some("huge.md"), &content)])).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("upload limit of 65536 bytes"), "{body}");
+    let mut declared = multipart(&[("purpose", None, "assistants"), ("file", Some("huge.md"), &content)]);
+    declared.headers_mut().insert(header::CONTENT_LENGTH, (content.len() + 200).into());
+    let (status, body) = send(&router, declared).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("upload limit"), "{body}");
+
+    // Other routes keep the request limit.
+    let name = "n".repeat(2_000);
+    let request = Request::post("/v1/vector_stores")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::json!({ "name": name }).to_string()))
+        .unwrap();
+    let (status, body) = send(&router, request).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit of 1024 bytes"), "{body}");
+}
