@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger ones get a 413.
     #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_MAX_BODY_BYTES", default_value_t = ServeArgs::DEFAULT_MAX_BODY_BYTES))]
     pub max_body_bytes: usize,
+    /// Largest file upload (`POST /v1/files`) in bytes; larger ones get a 413. The file is held in
+    /// memory while it is received.
+    #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_MAX_UPLOAD_BYTES", default_value_t = ServeArgs::DEFAULT_MAX_UPLOAD_BYTES))]
+    pub max_upload_bytes: usize,
     /// Most inputs in one embeddings request.
     #[cfg_attr(feature = "clap", arg(long, env = "NSTREAM_MAX_EMBEDDING_INPUTS", default_value_t = ServeArgs::DEFAULT_MAX_EMBEDDING_INPUTS))]
     pub max_embedding_inputs: usize,
@@ -147,6 +151,7 @@ impl Default for ServeArgs {
             api_keys_file: None,
             metrics_require_key: false,
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            max_upload_bytes: Self::DEFAULT_MAX_UPLOAD_BYTES,
             max_embedding_inputs: Self::DEFAULT_MAX_EMBEDDING_INPUTS,
             http_limits: HttpLimits::default(),
             device: DeviceArg::Cpu,
@@ -172,6 +177,8 @@ impl ServeArgs {
     pub const DEFAULT_PORT: u16 = 8080;
     /// `--max-body-bytes` when not given.
     pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+    /// `--max-upload-bytes` when not given: 512 MiB, OpenAI's limit per file.
+    pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 512 * 1024 * 1024;
     /// `--max-embedding-inputs` when not given.
     pub const DEFAULT_MAX_EMBEDDING_INPUTS: usize = 2048;
 
@@ -262,6 +269,7 @@ impl ServeArgs {
             api_keys_file: self.api_keys_file.clone(),
             metrics_require_key: self.metrics_require_key,
             max_body_bytes: self.max_body_bytes,
+            max_upload_bytes: self.max_upload_bytes,
             max_embedding_inputs: self.max_embedding_inputs,
             http_limits: self.http_limits,
             load: LoadOptions { embed, llm },

@@ -37,6 +37,8 @@ pub struct ServeSettings {
     pub metrics_require_key: bool,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// Largest file upload (`POST /v1/files`) in bytes.
+    pub max_upload_bytes: usize,
     /// Most inputs in one embeddings request.
     pub max_embedding_inputs: usize,
     /// Time limits, the concurrency limit and the drain sequence.
@@ -59,6 +61,7 @@ impl Default for ServeSettings {
             api_keys_file: None,
             metrics_require_key: false,
             max_body_bytes: server.max_body_bytes,
+            max_upload_bytes: server.max_upload_bytes,
             max_embedding_inputs: server.max_embedding_inputs,
             http_limits: crate::HttpLimits::default(),
             load: LoadOptions::default(),
@@ -184,6 +187,7 @@ pub async fn serve_models_with(
     let mut config = settings.http_limits.apply(
         ServerConfig::default()
             .with_max_body_bytes(settings.max_body_bytes)
+            .with_max_upload_bytes(settings.max_upload_bytes)
             .with_max_embedding_inputs(settings.max_embedding_inputs),
     );
     if let Some(key) = &settings.api_key {
