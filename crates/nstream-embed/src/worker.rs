@@ -277,6 +277,7 @@ impl EmbeddingBackend {
         options: EmbedOptions,
         observer: Option<BatchObserver>,
     ) -> Result<Arc<Self>> {
+        let name = name.into();
         let device = match options.device {
             DeviceSpec::Cpu => Device::Cpu,
             DeviceSpec::Cuda(ordinal) => Device::new_cuda(ordinal)?,
@@ -293,7 +294,11 @@ impl EmbeddingBackend {
         // or spinning threads, measured 83% against 89% of the cores doing work while indexing.)
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads.map_or(0, |threads| threads.max(1)))
-            .thread_name(|index| format!("nstream-embed-{index}"))
+            .thread_name({
+                // `embed-<model>-<n>`: the worker runs on the first, so what it logs names the model.
+                let name = name.clone();
+                move |index| format!("embed-{name}-{index}")
+            })
             .build()
             .map_err(|error| Error::Inference(format!("cannot start the thread pool: {error}")))?;
         let embedder = pool.install(|| Embedder::load(hub, source, &device, dtype))?;
