@@ -43,6 +43,8 @@ pub struct RateLimiter {
     request_quota: Option<u64>,
     token_quota: Option<u64>,
     max_wait: Duration,
+    /// How much longer than `window` an admitted request keeps its slot.
+    margin: Duration,
     log: Mutex<Log>,
 }
 
@@ -71,6 +73,7 @@ impl RateLimiter {
             request_quota: requests_per_minute.map(|limit| per_window(limit, window)),
             token_quota: tokens_per_minute.map(|limit| per_window(limit, window)),
             max_wait: DEFAULT_MAX_WAIT,
+            margin: Duration::ZERO,
             log: Mutex::new(Log::default()),
         }
     }
@@ -80,6 +83,17 @@ impl RateLimiter {
     /// once; `Duration::MAX` never refuses).
     pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = max_wait;
+        self
+    }
+
+    /// Makes an admitted request hold its slot for `margin` longer than the window (none unless
+    /// set). The limiter times requests when they leave; the provider counts them when they
+    /// arrive, and the network and the scheduler delay some more than others. Requests paced
+    /// exactly at the quota can then land a little closer together than they left and, over the
+    /// provider's window, exceed it by one; a margin of 1% of the window absorbs that much jitter
+    /// at 1% of the rate.
+    pub fn with_jitter_margin(mut self, margin: Duration) -> Self {
+        self.margin = margin;
         self
     }
 
@@ -128,7 +142,7 @@ impl RateLimiter {
             let wake_at = {
                 let mut log = self.log.lock().await;
                 let now = Instant::now();
-                log.expire(now, self.window);
+                log.expire(now, self.window + self.margin);
                 match self.wait_needed(&log, tokens) {
                     None => {
                         log.tokens += tokens;
@@ -173,7 +187,7 @@ impl RateLimiter {
             return None;
         }
         let (started, _) = log.admitted.get(expire_count - 1)?;
-        Some(*started + self.window)
+        Some(*started + self.window + self.margin)
     }
 }
 
@@ -253,6 +267,20 @@ mod tests {
         let limiter = Arc::new(RateLimiter::new(Some(3), None, Duration::from_secs(10)));
         let times = admit_all(limiter, 7, 0).await;
         assert_eq!(times, [0, 0, 0, 60, 60, 60, 120].map(Duration::from_secs));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_jitter_margin_spaces_requests_so_late_ones_still_fit() {
+        let limiter = Arc::new(
+            RateLimiter::new(Some(600), None, Duration::from_millis(100)).with_jitter_margin(Duration::from_millis(1)),
+        );
+        let times = admit_all(limiter, 201, 0).await;
+        // One request per 101 ms: 101 consecutive requests span 10.1 s, so arrivals may bunch by
+        // up to 100 ms and a 10-second window still sees at most RPM/6.
+        assert_eq!(times[1], Duration::from_millis(101));
+        assert_eq!(times[100], Duration::from_millis(10_100));
+        assert_eq!(*times.last().unwrap(), Duration::from_millis(20_200));
+        assert!(max_in_any_window(&times, Duration::from_millis(10_100)) <= 100);
     }
 
     #[tokio::test(start_paused = true)]

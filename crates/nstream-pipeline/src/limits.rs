@@ -19,6 +19,10 @@ use tokio::time::Instant;
 /// respected too, even with network jitter. With a TPM limit the window must also hold whole
 /// requests of `request_tokens` at 95% of the TPM or better; when no window up to 10 s does, it is
 /// 10 seconds, like the gateway's.
+///
+/// Each request holds its slot 1% longer than the window (see
+/// [`RateLimiter::with_jitter_margin`]), so the provider, which counts arrivals rather than
+/// departures, still sees the limit kept when the network delays one request more than the next.
 pub fn rate_limiter(
     requests_per_minute: Option<u32>,
     tokens_per_minute: Option<u32>,
@@ -31,7 +35,9 @@ pub fn rate_limiter(
         None => pacing_window(requests_per_minute.unwrap_or(1)),
         Some(tpm) => token_window(requests_per_minute, tpm, request_tokens),
     };
-    Some(RateLimiter::new(requests_per_minute, tokens_per_minute, window))
+    let limiter = RateLimiter::new(requests_per_minute, tokens_per_minute, window);
+    let margin = limiter.window() / 100;
+    Some(limiter.with_jitter_margin(margin))
 }
 
 const MINUTE_MS: u64 = 60_000;
