@@ -17,7 +17,7 @@ use crate::source::SourceDocument;
 use crate::store::{ChunkRecord, DocumentEntry, DocumentWrite, SearchHit, Store, StoreStats, VectorQuery, now_seconds};
 
 /// Chunks embedded and committed together when indexing.
-const DEFAULT_BATCH_CHUNKS: usize = 128;
+const DEFAULT_BATCH_CHUNKS: usize = 512;
 
 /// A document waiting for its vectors: its entry and its chunks.
 type PendingDocument = (DocumentEntry, Vec<crate::chunk::TextChunk>);

@@ -68,7 +68,7 @@ pub struct IndexArgs {
     #[arg(long, default_value = "text")]
     pub text_field: String,
     /// Chunks embedded and committed together.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_chunks: u32,
     /// Threads of the embedding model (all cores when omitted).
     #[arg(long, env = "NSTREAM_THREADS")]
