@@ -16,8 +16,9 @@ use crate::filter::Filter;
 use crate::source::SourceDocument;
 use crate::store::{ChunkRecord, DocumentEntry, DocumentWrite, SearchHit, Store, StoreStats, VectorQuery, now_seconds};
 
-/// Chunks embedded and committed together when indexing.
-const DEFAULT_BATCH_CHUNKS: usize = 512;
+/// Chunks embedded and committed together when indexing, unless [`Collection::with_batch_chunks`]
+/// says otherwise.
+pub const DEFAULT_BATCH_CHUNKS: usize = 512;
 
 /// A document waiting for its vectors: its entry and its chunks.
 type PendingDocument = (DocumentEntry, Vec<crate::chunk::TextChunk>);

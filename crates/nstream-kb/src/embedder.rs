@@ -63,8 +63,7 @@ impl Embed for BackendEmbedder {
     /// has the next one queued (tokenised, batched with others) when it finishes one, instead of
     /// idling while each answer travels back and the next request is prepared.
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
-        let batches: Vec<Vec<String>> = texts.chunks(self.batch_size).map(<[String]>::to_vec).collect();
-        let requests: Vec<_> = batches.into_iter().map(|batch| self.embed_batch(batch)).collect();
+        let requests: Vec<_> = texts.chunks(self.batch_size).map(|batch| self.embed_batch(batch.to_vec())).collect();
         let answers: Vec<Vec<Vec<f32>>> =
             futures_util::stream::iter(requests).buffered(REQUESTS_IN_FLIGHT).try_collect().await?;
         Ok(answers.into_iter().flatten().collect())

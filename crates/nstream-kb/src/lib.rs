@@ -19,7 +19,7 @@ pub mod store;
 pub mod vector_api;
 
 pub use chunk::{Chunker, TextChunk, TokenOffsets, WhitespaceTokens, load_tokenizer};
-pub use collection::{Collection, IndexProgress, IndexReport, SearchRequest};
+pub use collection::{Collection, DEFAULT_BATCH_CHUNKS, IndexProgress, IndexReport, SearchRequest};
 pub use embedder::{BackendEmbedder, Embed};
 pub use error::{Error, Result};
 pub use filter::Filter;

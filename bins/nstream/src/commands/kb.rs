@@ -68,7 +68,7 @@ pub struct IndexArgs {
     #[arg(long, default_value = "text")]
     pub text_field: String,
     /// Chunks embedded and committed together.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, default_value_t = nstream_kb::DEFAULT_BATCH_CHUNKS as u32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_chunks: u32,
     /// Threads of the embedding model (all cores when omitted).
     #[arg(long, env = "NSTREAM_THREADS")]
